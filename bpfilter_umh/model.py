@@ -3,19 +3,40 @@ kernel's checks) and encode (model → blob, byte-identical to what the kernel r
 
 Shared contract (other stages rely on these names):
   - Table.decode(blob, family, hook_entry, underflow, valid_hooks, name="filter") -> Table
+  - decode_replace(buf, family) -> (hdr, Table)   an ipt_replace/ip6t_replace buffer, with every
+                                                 check of do_replace()+translate_table() that does
+                                                 not need the installed table; the Table is
+                                                 normalized (what GET_ENTRIES would then return)
+  - Table.empty(name, family)                    the table the kernel creates in a fresh netns
   - Table.encode() -> bytes                      the entries blob (ipt_get_entries.entrytable)
-  - Table.entries() -> list[Entry]               every entry in blob order; entry index == counter
+  - Table.entries() -> list[Rule]                every entry in blob order; entry index == counter
                                                  index used by the compiler and by GET_ENTRIES
-  - Table.chains: built-in chains in hook order, then user chains in blob order
+  - Table.hook_entry / underflow / size / num_entries / valid_hooks   what GET_INFO reports
+  - Table.encode(counters=[(pcnt, bcnt), ...])  GET_ENTRIES with live counters, no copy
+  - Table.with_counters([(pcnt, bcnt), ...]), Table.normalized(), Table.getinfo_bytes()
+  - check_against_installed(hdr, installed)      __do_replace()'s ENOENT / EINVAL / EAGAIN
+  - decode_add_counters(buf, num_entries)        IPT_SO_SET_ADD_COUNTERS → (name, counters)
+  - Table.unchecked_extensions()                 extensions kept opaque (not checked here)
+  - Table.chains: in blob order (for every table iptables writes: built-in chains in hook order,
+    then user chains)
   - Chain.rules (without the policy entry / the chain's RETURN entry), Chain.policy_entry
   - Rule.ip (IpHeader), Rule.matches (list[Match]), Rule.target (Verdict | Jump | ExtTarget),
     Rule.counters (pcnt, bcnt), Rule.index (entry index in the blob)
+
+Known gap: a kernel-accepted table whose underflow entry for a hook lies outside that hook's own
+chain (never written by iptables) is refused with EOPNOTSUPP.
 """
 from __future__ import annotations
 
+import copy
+import errno
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from . import extensions as ext
+from . import uapi
+from .errors import BpfilterError
 
 # netfilter hook numbers (include/uapi/linux/netfilter.h, enum nf_inet_hooks)
 NF_INET_PRE_ROUTING, NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = range(5)
@@ -31,6 +52,22 @@ VERDICT_NAMES = {-NF_DROP - 1: "DROP", -NF_ACCEPT - 1: "ACCEPT", -NF_QUEUE - 1: 
                  XT_RETURN: "RETURN"}
 
 AF_INET, AF_INET6 = 2, 10
+NO_HOOK = 0xFFFFFFFF      # translate_table() initialises hook_entry/underflow to this
+
+# valid hooks of the tables the kernel creates (iptable_*.c / ip6table_*.c)
+_IN_FWD_OUT = (1 << NF_INET_LOCAL_IN) | (1 << NF_INET_FORWARD) | (1 << NF_INET_LOCAL_OUT)
+TABLE_HOOKS = {
+    "filter": _IN_FWD_OUT,
+    "security": _IN_FWD_OUT,
+    "mangle": (1 << NF_INET_NUMHOOKS) - 1,
+    "raw": (1 << NF_INET_PRE_ROUTING) | (1 << NF_INET_LOCAL_OUT),
+    "nat": (1 << NF_INET_PRE_ROUTING) | (1 << NF_INET_POST_ROUTING) | (1 << NF_INET_LOCAL_OUT)
+    | (1 << NF_INET_LOCAL_IN),
+}
+
+
+def _err(code, off, what):
+    raise BpfilterError(code, f"entry at offset {off}: {what}" if off is not None else what)
 
 
 @dataclass
@@ -48,6 +85,20 @@ class IpHeader:
     flags: int = 0                     # IPT_F_* / IP6T_F_*
     invflags: int = 0                  # IPT_INV_* / IP6T_INV_*
     tos: int = 0                       # ip6t_ip6 only
+    pad: bytes = b""                   # ip6t_ip6 only: its 3 padding bytes, b"" when all zero
+
+    def __post_init__(self):
+        if self.pad and not any(self.pad):
+            self.pad = b""
+
+    @classmethod
+    def any(cls, family: int) -> "IpHeader":
+        z = ipaddress.IPv4Address(0) if family == AF_INET else ipaddress.IPv6Address(0)
+        return cls(z, z, z, z)
+
+    def unconditional(self, family: int) -> bool:
+        """memcmp(&e->ip, &uncond, sizeof(uncond)) == 0 in unconditional()."""
+        return self == IpHeader.any(family)
 
 
 @dataclass
@@ -55,12 +106,12 @@ class Match:
     """xt_entry_match: name, revision and payload.
 
     `data` is the payload decoded by the extension registry (a construct Container) or the raw
-    bytes when no codec is registered; `raw` is always the payload exactly as it was in the blob
-    (after the header, padding included) so encode can be byte-exact."""
+    bytes when no codec is registered; `raw` is the payload exactly as it was in the blob
+    (after the header, padding included). encode() writes `data`."""
     name: str
     revision: int
     data: Any
-    raw: bytes = b""
+    raw: bytes = field(default=b"", compare=False)   # informational: not compared
 
 
 @dataclass
@@ -76,10 +127,16 @@ class Verdict:
 @dataclass
 class Jump:
     """Standard target with a positive verdict: a jump (or a goto when ip.flags has *_F_GOTO) to
-    a user chain. `chain` is the target chain's name; `offset` the byte offset in the blob."""
+    a user chain. `chain` is the target chain's name; `offset` the byte offset in the blob.
+    `entry` is the position of the landing entry in that chain's body (rules + policy entry +
+    trailer; 0 = first rule, what iptables always writes; -1 = the chain's ERROR head), None when
+    the offset lands on no entry (only possible for an entry no hook reaches). `chain_pos` is the
+    chain's index in Table.chains (tells apart user chains with the same name)."""
     chain: str
     goto: bool = False
     offset: int = 0
+    entry: Optional[int] = 0
+    chain_pos: int = -1
 
 
 @dataclass
@@ -88,7 +145,7 @@ class ExtTarget:
     name: str
     revision: int
     data: Any
-    raw: bytes = b""
+    raw: bytes = field(default=b"", compare=False)   # informational: not compared
 
 
 Target = Union[Verdict, Jump, ExtTarget]
@@ -104,6 +161,13 @@ class Rule:
     offset: int = -1                              # byte offset in the blob
     nfcache: int = 0
     comefrom: int = 0
+    tail: int = 0                                 # bytes between the target's end and next_offset
+    pad: bytes = b""                              # ip6t_entry's 4 padding bytes after comefrom
+                                                  # (b"" when all zero); the kernel keeps them
+
+    def __post_init__(self):
+        if self.pad and not any(self.pad):
+            self.pad = b""
 
 
 @dataclass
@@ -114,22 +178,618 @@ class Chain:
     rules: list = field(default_factory=list)     # list[Rule], policy/RETURN entry excluded
     policy_entry: Optional[Rule] = None           # the underflow (built-in) or RETURN (user) entry
     head_entry: Optional[Rule] = None             # the ERROR entry naming a user chain
+    trailer: list = field(default_factory=list)   # entries after a built-in chain's underflow
+                                                  # entry (never written by iptables)
 
     @property
     def builtin(self) -> bool:
         return self.hook is not None
 
+    def body(self) -> list:
+        """The entries a jump can land on: rules, policy entry, trailer."""
+        return self.rules + ([self.policy_entry] if self.policy_entry is not None else []) \
+            + self.trailer
 
+    def entries(self) -> list:
+        return ([self.head_entry] if self.head_entry is not None else []) + self.body()
+
+
+# --- raw entry walk (one record per entry, with what the checks need) -----------------------
 @dataclass
+class _Raw:
+    off: int
+    hdr: Any                 # parsed ipt_entry/ip6t_entry
+    ip: IpHeader
+    matches: list            # [(name_bytes, revision, payload, match_off)]
+    tname: bytes
+    trev: int
+    tsize: int
+    tpayload: bytes
+    uncond: bool
+    std: bool
+    verdict: int
+
+
+def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
+    """translate_table()'s first loop: check_entry_size_and_hooks() on every entry."""
+    size, hsz, out = len(blob), lay.entry_size, []
+    off = 0
+    while off < size:
+        # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
+        if off % 8:
+            _err(errno.EINVAL, off, "entry not aligned to __alignof__(struct ipt_entry)")
+        if off + hsz >= size:
+            _err(errno.EINVAL, off, "entry header reaches the end of the table")
+        hdr = lay.entry.parse(blob[off:off + hsz])
+        nxt, toff = hdr.next_offset, hdr.target_offset
+        if off + nxt > size:
+            _err(errno.EINVAL, off, f"next_offset {nxt} runs past the table end ({size})")
+        if nxt < hsz + 32:
+            _err(errno.EINVAL, off, f"next_offset {nxt} < entry + xt_entry_target")
+        ipc = hdr[lay.ip_key]
+        if ipc.flags & ~lay.f_mask:       # ip_checkentry()/ip6_checkentry()
+            _err(errno.EINVAL, off, f"ip flags 0x{ipc.flags:x} outside the flag mask")
+        if ipc.invflags & ~lay.inv_mask:
+            _err(errno.EINVAL, off, f"ip invflags 0x{ipc.invflags:x} outside the inverse mask")
+        e = blob[off:off + nxt]
+        # xt_check_entry_offsets()
+        if toff < hsz:
+            _err(errno.EINVAL, off, f"target_offset {toff} inside the entry header")
+        if toff + 32 > nxt:
+            _err(errno.EINVAL, off, f"target_offset {toff} + xt_entry_target > next_offset {nxt}")
+        th = uapi.xt_entry_target.parse(e[toff:toff + 32])
+        if th.target_size < 32:
+            _err(errno.EINVAL, off, f"target_size {th.target_size} < sizeof(xt_entry_target)")
+        if toff + th.target_size > nxt:
+            _err(errno.EINVAL, off, f"target_size {th.target_size} runs past next_offset {nxt}")
+        tname = th.name.split(b"\0", 1)[0]
+        verdict = 0
+        if tname == b"":
+            if uapi.XT_ALIGN(toff + 36) != nxt:
+                _err(errno.EINVAL, off, f"standard target: next_offset {nxt} != "
+                     f"XT_ALIGN(target_offset + sizeof(xt_standard_target))")
+            verdict = int.from_bytes(e[toff + 32:toff + 36], "little", signed=True)
+            if not _verdict_ok(verdict):
+                _err(errno.EINVAL, off, f"standard target: bad verdict {verdict}")
+        elif tname == b"ERROR":
+            en = e[toff + 32:toff + 62]
+            if th.target_size != uapi.SIZEOF_XT_ERROR_TARGET or b"\0" not in en:
+                # error_tg_ok(): usersize == sizeof(struct xt_error_target), name terminated
+                _err(errno.EINVAL, off, "ERROR target: bad size or unterminated errorname")
+        # xt_check_entry_match(): matches tile [hdr, target_offset) exactly, 8-aligned
+        matches, pos, length = [], hsz, toff - hsz
+        while length > 0:
+            if pos % 8:
+                _err(errno.EINVAL, off, f"match at +{pos} not aligned")
+            if length < 32:
+                _err(errno.EINVAL, off, f"match at +{pos}: {length} bytes left < xt_entry_match")
+            mh = uapi.xt_entry_match.parse(e[pos:pos + 32])
+            if mh.match_size < 32:
+                _err(errno.EINVAL, off, f"match at +{pos}: match_size {mh.match_size} < 32")
+            if mh.match_size > length:
+                _err(errno.EINVAL, off, f"match at +{pos}: match_size {mh.match_size} past target")
+            matches.append((mh.name, mh.revision, e[pos + 32:pos + mh.match_size], pos))
+            length -= mh.match_size
+            pos += mh.match_size
+        ip = _ip_from(ipc, lay.family)
+        uncond = toff == hsz and ip.unconditional(lay.family)
+        r = _Raw(off, hdr, ip, matches, th.name, th.revision, th.target_size,
+                 e[toff + 32:toff + th.target_size], uncond, tname == b"", verdict)
+        # hooks and underflows on this entry
+        for h in range(NF_INET_NUMHOOKS):
+            if not valid_hooks & (1 << h):
+                continue
+            if off == underflow[h] and not (r.uncond and r.std and -verdict - 1 in (NF_DROP, NF_ACCEPT)):
+                # check_underflow()
+                _err(errno.EINVAL, off, f"underflow of hook {HOOK_NAMES[h]} is not an "
+                     "unconditional ACCEPT/DROP standard rule")
+        out.append(r)
+        off += nxt
+    return out
+
+
+def _verdict_ok(v: int) -> bool:
+    """x_tables.c verdict_ok()."""
+    if v > 0:
+        return True
+    if v < 0:
+        return v == XT_RETURN or -v - 1 in (NF_ACCEPT, NF_DROP, NF_QUEUE)
+    return False
+
+
+def _ip_from(c, family) -> IpHeader:
+    return IpHeader(c.src, c.dst, c.smsk, c.dmsk, c.iniface, c.outiface, c.iniface_mask,
+                    c.outiface_mask, c.proto, c.flags, c.invflags,
+                    c.tos if family == AF_INET6 else 0, c.pad if family == AF_INET6 else b"")
+
+
+def _check_table_hooks(raws, hook_entry, underflow, valid_hooks):
+    """xt_check_table_hooks() on what check_entry_size_and_hooks() found."""
+    offs = {r.off for r in raws}
+    max_e = max_u = 0
+    first = True
+    for h in range(NF_INET_NUMHOOKS):
+        if not valid_hooks & (1 << h):
+            continue
+        if hook_entry[h] not in offs:
+            _err(errno.EINVAL, None, f"hook {HOOK_NAMES[h]} entry {hook_entry[h]} is on no entry")
+        if underflow[h] not in offs:
+            _err(errno.EINVAL, None, f"hook {HOOK_NAMES[h]} underflow {underflow[h]} is on no entry")
+        if not first:
+            if max_u >= underflow[h]:
+                _err(errno.EINVAL, None, f"unsorted or duplicate underflow at hook {h}")
+            if max_e >= hook_entry[h]:
+                _err(errno.EINVAL, None, f"unsorted or duplicate entry at hook {h}")
+        max_e, max_u, first = hook_entry[h], underflow[h], False
+
+
+def _mark_source_chains(raws, size, hook_entry, valid_hooks) -> list:
+    """ip_tables.c mark_source_chains(), step for step: returns each entry's comefrom (hook
+    bitmask) or raises ELOOP for a loop, a jump onto no entry or a fall off the table end."""
+    idx = {r.off: i for i, r in enumerate(raws)}
+    n = len(raws)
+    comefrom, pcnt = [0] * n, [0] * n
+    LOOPBIT = 1 << NF_INET_NUMHOOKS
+    budget = 1000 * (n + 10)   # the kernel terminates; this only bounds a bug of ours
+
+    def eloop(off, why):
+        _err(errno.ELOOP, off, why)
+
+    for hook in range(NF_INET_NUMHOOKS):
+        if not valid_hooks & (1 << hook):
+            continue
+        pos = hook_entry[hook]
+        i = idx[pos]
+        pcnt[i] = pos
+        while True:
+            budget -= 1
+            if budget < 0:
+                eloop(pos, "chain walk does not terminate")
+            r = raws[i]
+            visited = comefrom[i] & (1 << hook)
+            if comefrom[i] & LOOPBIT:
+                eloop(pos, f"loop reached from hook {HOOK_NAMES[hook]}")
+            comefrom[i] |= (1 << hook) | LOOPBIT
+            if (r.uncond and r.std and r.verdict < 0) or visited:
+                while True:        # return: backtrack through the last big jump
+                    comefrom[i] ^= LOOPBIT
+                    oldpos = pos
+                    pos = pcnt[i]
+                    pcnt[i] = 0
+                    if pos == oldpos:
+                        break
+                    i = idx[pos]
+                    if oldpos != pos + raws[i].hdr.next_offset:
+                        break
+                if pos == oldpos:
+                    break          # back at the hook's first entry: next hook
+                step = raws[i].hdr.next_offset
+                if pos + step >= size:
+                    eloop(pos, "falls off the end of the table")
+                i = idx[pos + step]
+                pcnt[i] = pos
+                pos += step
+            else:
+                if r.std and r.verdict >= 0:
+                    newpos = r.verdict
+                    if newpos not in idx:     # xt_find_jump_offset()
+                        eloop(pos, f"jump to {newpos}, which is not an entry")
+                else:
+                    newpos = pos + r.hdr.next_offset
+                    if newpos >= size:
+                        eloop(pos, "falls off the end of the table")
+                i = idx[newpos]
+                pcnt[i] = pos
+                pos = newpos
+    return comefrom
+
+
+def _find_check(raws, family):
+    """find_check_entry() for each entry in order: extension lookup, xt_check_match()/
+    xt_check_target() size and protocol checks, and the extension's checkentry."""
+    lay = uapi.layout(family)
+    for r in raws:
+        items = [(ext.MATCH, n, rev, p, r.off + mo) for n, rev, p, mo in r.matches]
+        items.append((ext.TARGET, r.tname, r.trev, r.tpayload, r.off + r.hdr.target_offset))
+        for kind, nm, rev, payload, where in items:
+            if b"\0" not in nm:     # xt_find_match()/xt_find_target(): strnlen == MAXNAMELEN
+                _err(errno.EINVAL, r.off, f"{kind} name not NUL-terminated")
+            name = uapi.cstr(nm)
+            e = ext.lookup(kind, family, name, rev)
+            if e is None:
+                if ext.owned(kind, family, name):
+                    _err(errno.ENOENT, r.off, f"{kind} {name!r} revision {rev} does not exist")
+                continue            # opaque: the door decides about extensions we cannot check
+            if len(payload) != uapi.XT_ALIGN(e.size):
+                _err(errno.EINVAL, r.off, f"{kind} {name!r}: payload {len(payload)} bytes, kernel "
+                     f"size {uapi.XT_ALIGN(e.size)}")
+            if e.proto and (r.ip.proto != e.proto or r.ip.invflags & uapi.XT_INV_PROTO):
+                _err(errno.EINVAL, r.off, f"{kind} {name!r} only valid for protocol {e.proto}")
+            if e.check:
+                tmp = Rule(r.ip, offset=r.off)
+                e.check(tmp, family, e.decode(payload))
+    return lay
+
+
 class Table:
-    name: str
-    family: int
-    valid_hooks: int
-    chains: list = field(default_factory=list)    # list[Chain]
-    tail_entry: Optional[Rule] = None             # the final ERROR entry
+    """One xtables table (see the module docstring for the contract)."""
+
+    def __init__(self, name: str, family: int, valid_hooks: int, chains=None, tail_entry=None):
+        self.name = name
+        self.family = family
+        self.valid_hooks = valid_hooks
+        self.chains = chains if chains is not None else []
+        self.tail_entry = tail_entry
+
+    def __eq__(self, other):
+        return isinstance(other, Table) and (self.name, self.family, self.valid_hooks,
+                                             self.chains, self.tail_entry) == \
+            (other.name, other.family, other.valid_hooks, other.chains, other.tail_entry)
+
+    def __repr__(self):
+        return f"Table({self.name!r}, family={self.family}, chains={[c.name for c in self.chains]})"
 
     def chain(self, name: str) -> Chain:
         for c in self.chains:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    # --- decode -------------------------------------------------------------------------------
+    @classmethod
+    def decode(cls, blob: bytes, family: int, hook_entry, underflow, valid_hooks: int,
+               name: str = "filter", *, num_entries: Optional[int] = None,
+               normalize: bool = False) -> "Table":
+        """Entries blob → Table, with translate_table()'s checks. `normalize` gives what the
+        kernel keeps after SET_REPLACE: counters zeroed, comefrom from mark_source_chains(),
+        extension payloads as xt_data_to_user() shows them."""
+        try:
+            lay = uapi.layout(family)
+        except ValueError:
+            raise BpfilterError(errno.EAFNOSUPPORT, f"family {family}") from None
+        blob = bytes(blob)
+        hook_entry, underflow = list(hook_entry), list(underflow)
+        if len(hook_entry) != NF_INET_NUMHOOKS or len(underflow) != NF_INET_NUMHOOKS:
+            raise BpfilterError(errno.EINVAL, "hook_entry/underflow need 5 values")
+        valid_hooks &= 0xFFFFFFFF
+        raws = _walk(blob, lay, hook_entry, underflow, valid_hooks)
+        if num_entries is not None and len(raws) != num_entries:
+            _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {len(raws)}")
+        _check_table_hooks(raws, hook_entry, underflow, valid_hooks)
+        comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks)
+        _find_check(raws, family)
+        return cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
+                          comefrom if normalize else None)
+
+    @classmethod
+    def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom):
+        lay = uapi.layout(family)
+        rules = []
+        for i, r in enumerate(raws):
+            ms = []
+            for nm, rev, payload, _ in r.matches:
+                mname = uapi.cstr(nm)
+                e = ext.lookup(ext.MATCH, family, mname, rev)
+                if e is not None and comefrom is not None:
+                    payload = e.to_user(payload)
+                ms.append(Match(mname, rev, e.decode(payload) if e else payload, payload))
+            tname = uapi.cstr(r.tname)
+            if r.std:
+                tgt = Verdict(r.verdict) if r.verdict < 0 else \
+                    Jump("", bool(r.ip.flags & lay.f_goto), r.verdict, None)
+            else:
+                e = ext.lookup(ext.TARGET, family, tname, r.trev)
+                payload = r.tpayload
+                if e is not None and comefrom is not None:
+                    payload = e.to_user(payload)
+                tgt = ExtTarget(tname, r.trev, e.decode(payload) if e else payload, payload)
+            rule = Rule(r.ip, ms, tgt,
+                        (0, 0) if comefrom is not None else (r.hdr.counters.pcnt,
+                                                             r.hdr.counters.bcnt),
+                        i, r.off, r.hdr.nfcache,
+                        comefrom[i] if comefrom is not None else r.hdr.comefrom,
+                        r.hdr.next_offset - r.hdr.target_offset - r.tsize,
+                        r.hdr.pad if family == AF_INET6 else b"")
+            rules.append(rule)
+
+        # split into chains: a chain starts at a hook entry or at an ERROR entry
+        hook_at = {hook_entry[h]: h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)}
+        is_err = [isinstance(x.target, ExtTarget) and x.target.name == "ERROR" for x in rules]
+        chains, tail, cur = [], None, None
+        for i, rule in enumerate(rules):
+            if rule.offset in hook_at:
+                h = hook_at[rule.offset]
+                cur = Chain(HOOK_NAMES[h], hook=h)
+                chains.append(cur)
+            elif is_err[i]:
+                if i == len(rules) - 1:
+                    tail = rule
+                    break
+                cur = Chain(uapi.cstr(rule.target.data.errorname), head_entry=rule)
+                chains.append(cur)
+                continue
+            elif cur is None:
+                cur = Chain("")        # entries before any chain start: no hook reaches them
+                chains.append(cur)
+            cur.rules.append(rule)
+        # built-in chains: the underflow entry is the policy, what follows it the trailer
+        for c in chains:
+            if c.builtin:
+                pos = [k for k, x in enumerate(c.rules) if x.offset == underflow[c.hook]]
+                if not pos:
+                    raise BpfilterError(errno.EOPNOTSUPP, f"underflow {underflow[c.hook]} of "
+                                        f"{c.name} lies outside the chain (not supported)")
+                k = pos[0]
+                c.policy_entry, c.trailer, c.rules = c.rules[k], c.rules[k + 1:], c.rules[:k]
+                c.policy = c.policy_entry.target.verdict
+            elif c.head_entry is not None and c.rules:
+                last = c.rules[-1]
+                if isinstance(last.target, Verdict) and last.target.verdict == XT_RETURN \
+                        and not last.matches and last.ip.unconditional(family):
+                    c.policy_entry = c.rules.pop()
+        # resolve jumps to (chain, position)
+        where = {}
+        for ci, c in enumerate(chains):
+            if c.head_entry is not None:
+                where[c.head_entry.offset] = (ci, -1)
+            for k, x in enumerate(c.body()):
+                where[x.offset] = (ci, k)
+        for rule in rules:
+            t = rule.target
+            if isinstance(t, Jump) and t.offset in where:
+                ci, k = where[t.offset]
+                t.chain, t.entry, t.chain_pos = chains[ci].name, k, ci
+        return cls(name, family, valid_hooks, chains, tail)
+
+    # --- layout and encode --------------------------------------------------------------------
+    def entries(self) -> list:
+        out = [e for c in self.chains for e in c.entries()]
+        if self.tail_entry is not None:
+            out.append(self.tail_entry)
+        return out
+
+    def _entry_size(self, rule: Rule) -> int:
+        lay = uapi.layout(self.family)
+        n = lay.entry_size + sum(32 + len(self._payload(ext.MATCH, m)) for m in rule.matches)
+        return n + 32 + len(self._target_payload(rule)) + rule.tail
+
+    def _payload(self, kind, obj) -> bytes:
+        if isinstance(obj.data, (bytes, bytearray)):
+            return bytes(obj.data)
+        e = ext.lookup(kind, self.family, obj.name, obj.revision)
+        if e is None or e.codec is None:
+            raise BpfilterError(errno.EINVAL, f"{kind} {obj.name!r} rev {obj.revision}: no codec")
+        return e.encode(obj.data)
+
+    def _target_payload(self, rule: Rule) -> bytes:
+        t = rule.target
+        if isinstance(t, (Verdict, Jump)):
+            return b"\0" * 8
+        return self._payload(ext.TARGET, t)
+
+    def layout(self) -> None:
+        """Assign Rule.index/offset and Jump.offset/chain_pos for the current chains."""
+        off = 0
+        for i, r in enumerate(self.entries()):
+            r.index, r.offset = i, off
+            off += self._entry_size(r)
+        self._size = off
+        for r in self.entries():
+            t = r.target
+            if isinstance(t, Jump) and t.entry is not None:
+                ci = t.chain_pos
+                if not (0 <= ci < len(self.chains) and self.chains[ci].name == t.chain):
+                    ci = next((k for k, c in enumerate(self.chains) if c.name == t.chain), None)
+                    if ci is None:
+                        raise BpfilterError(errno.ENOENT, f"jump to unknown chain {t.chain!r}")
+                c = self.chains[ci]
+                target = c.head_entry if t.entry == -1 else c.body()[t.entry]
+                t.offset, t.chain_pos = target.offset, ci
+
+    def encode(self, counters=None) -> bytes:
+        """The entries blob, as GET_ENTRIES returns it (also lays the table out). `counters`,
+        if given, replaces each entry's counters: counters[i] = (pcnt, bcnt) of entry i."""
+        self.layout()
+        lay = uapi.layout(self.family)
+        out = bytearray()
+        ents = self.entries()
+        if counters is not None and len(counters) != len(ents):
+            raise BpfilterError(errno.EINVAL, f"{len(counters)} counters for {len(ents)} entries")
+        for i, r in enumerate(ents):
+            pcnt, bcnt = r.counters if counters is None else counters[i]
+            body = bytearray()
+            for m in r.matches:
+                p = self._payload(ext.MATCH, m)
+                body += uapi.xt_entry_match.build(dict(match_size=32 + len(p),
+                                                       name=_name29(m.name), revision=m.revision))
+                body += p
+            toff = lay.entry_size + len(body)
+            t = r.target
+            if isinstance(t, (Verdict, Jump)):
+                v = t.verdict if isinstance(t, Verdict) else t.offset
+                tb = uapi.xt_entry_target.build(dict(target_size=40, name=b"\0" * 29,
+                                                     revision=0))
+                tb += (v & 0xFFFFFFFF).to_bytes(4, "little") + b"\0" * 4
+            else:
+                p = self._payload(ext.TARGET, t)
+                tb = uapi.xt_entry_target.build(dict(target_size=32 + len(p),
+                                                     name=_name29(t.name), revision=t.revision))
+                tb += p
+            body += tb + b"\0" * r.tail
+            ipd = dict(vars(r.ip))
+            extra = {}
+            if self.family == AF_INET:
+                ipd.pop("tos")
+                ipd.pop("pad")
+            else:
+                ipd["pad"] = (ipd["pad"] + b"\0" * 3)[:3]
+                extra["pad"] = (r.pad + b"\0" * 4)[:4]
+            hdr = lay.entry.build({lay.ip_key: ipd, "nfcache": r.nfcache, "target_offset": toff, **extra,
+                                   "next_offset": lay.entry_size + len(body),
+                                   "comefrom": r.comefrom,
+                                   "counters": dict(pcnt=pcnt, bcnt=bcnt)})
+            out += hdr + body
+        return bytes(out)
+
+    # --- GET_INFO -----------------------------------------------------------------------------
+    def _hooks(self):
+        self.layout()
+        he, uf = [NO_HOOK] * NF_INET_NUMHOOKS, [NO_HOOK] * NF_INET_NUMHOOKS
+        for c in self.chains:
+            if c.builtin and self.valid_hooks & (1 << c.hook):
+                first = c.entries()[0]
+                he[c.hook] = first.offset
+                if c.policy_entry is not None:
+                    uf[c.hook] = c.policy_entry.offset
+        return he, uf
+
+    @property
+    def hook_entry(self) -> list:
+        return self._hooks()[0]
+
+    @property
+    def underflow(self) -> list:
+        return self._hooks()[1]
+
+    @property
+    def size(self) -> int:
+        self.layout()
+        return self._size
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.entries())
+
+    def getinfo_bytes(self) -> bytes:
+        """struct ipt_getinfo / ip6t_getinfo for this table."""
+        he, uf = self._hooks()
+        return uapi.ipt_getinfo.build(dict(
+            name=self.name.encode().ljust(uapi.XT_TABLE_MAXNAMELEN, b"\0")[:32],
+            valid_hooks=self.valid_hooks, hook_entry=he, underflow=uf,
+            num_entries=self.num_entries, size=self._size))
+
+    # --- derived tables -----------------------------------------------------------------------
+    def normalized(self) -> "Table":
+        """What the kernel would hold (and GET_ENTRIES return) after SET_REPLACE of this table."""
+        blob = self.encode()
+        he, uf = self._hooks()
+        return Table.decode(blob, self.family, he, uf, self.valid_hooks, self.name,
+                            normalize=True)
+
+    def with_counters(self, counters) -> "Table":
+        """A copy with entry i's counters set to counters[i] = (pcnt, bcnt)."""
+        t = copy.deepcopy(self)
+        ents = t.entries()
+        if len(counters) != len(ents):
+            raise BpfilterError(errno.EINVAL, f"{len(counters)} counters for {len(ents)} entries")
+        for e, c in zip(ents, counters):
+            e.counters = (int(c[0]), int(c[1]))
+        return t
+
+    def unchecked_extensions(self) -> list:
+        """(kind, name, revision) of every extension whose payload is opaque to the codec."""
+        out = []
+        for r in self.entries():
+            for m in r.matches:
+                e = ext.lookup(ext.MATCH, self.family, m.name, m.revision)
+                if e is None or e.codec is None:
+                    out.append((ext.MATCH, m.name, m.revision))
+            if isinstance(r.target, ExtTarget):
+                e = ext.lookup(ext.TARGET, self.family, r.target.name, r.target.revision)
+                if e is None or e.codec is None:
+                    out.append((ext.TARGET, r.target.name, r.target.revision))
+        return out
+
+    @classmethod
+    def empty(cls, name: str, family: int) -> "Table":
+        """The table as the kernel creates it in a fresh namespace (xt_alloc_initial_table():
+        one ACCEPT policy entry per valid hook, then the final ERROR entry)."""
+        if name not in TABLE_HOOKS:
+            raise BpfilterError(errno.ENOENT, f"no built-in table {name!r}")
+        hooks = TABLE_HOOKS[name]
+        chains = []
+        for h in range(NF_INET_NUMHOOKS):
+            if hooks & (1 << h):
+                pe = Rule(IpHeader.any(family), target=Verdict(-NF_ACCEPT - 1))
+                chains.append(Chain(HOOK_NAMES[h], hook=h, policy=pe.target.verdict,
+                                    policy_entry=pe))
+        tail = Rule(IpHeader.any(family),
+                    target=ExtTarget("ERROR", 0, ext.xt_error_payload.parse(_errname("ERROR"))))
+        return cls(name, family, hooks, chains, tail).normalized()
+
+
+def _name29(name: str) -> bytes:
+    b = name.encode("latin-1")
+    return (b + b"\0" * 29)[:29]
+
+
+def _errname(name: str) -> bytes:
+    return (name.encode("latin-1") + b"\0" * 30)[:30]
+
+
+def error_target(chain_name: str) -> ExtTarget:
+    """The ERROR target iptables puts at the head of a user chain (errorname = chain name)."""
+    return ExtTarget("ERROR", 0, ext.xt_error_payload.parse(_errname(chain_name)))
+
+
+def decode_replace(buf: bytes, family: int):
+    """Parse an ipt_replace/ip6t_replace buffer with do_replace()+translate_table()'s checks.
+    Returns (hdr, table): hdr a construct Container (name as str, counters = user address),
+    table normalized as the kernel would keep it. The caller checks num_counters against the
+    installed table (xt_replace_table(): EAGAIN) and that the table exists (ENOENT)."""
+    buf = memoryview(buf).cast("B")       # no copy: `size` may be large (XT_MAX_TABLE_SIZE)
+    if len(buf) < uapi.ipt_replace.sizeof():
+        raise BpfilterError(errno.EINVAL, f"replace buffer of {len(buf)} bytes < sizeof(ipt_replace)")
+    hdr = uapi.ipt_replace.parse(bytes(buf[:uapi.ipt_replace.sizeof()]))
+    if hdr.num_counters >= uapi.INT_MAX // 16:
+        raise BpfilterError(errno.ENOMEM, f"num_counters {hdr.num_counters} too large")
+    if hdr.num_counters == 0:
+        raise BpfilterError(errno.EINVAL, "num_counters is 0")
+    if len(buf) < hdr.size + uapi.ipt_replace.sizeof():
+        raise BpfilterError(errno.EINVAL, f"size {hdr.size} but only "
+                            f"{len(buf) - uapi.ipt_replace.sizeof()} bytes of entries")
+    name = uapi.cstr(hdr.name[:uapi.XT_TABLE_MAXNAMELEN - 1])
+    hdr.name = name
+    if uapi.SIZEOF_XT_TABLE_INFO + hdr.size >= uapi.XT_MAX_TABLE_SIZE:
+        raise BpfilterError(errno.ENOMEM, f"table size {hdr.size} >= XT_MAX_TABLE_SIZE")
+    if hdr.num_entries > uapi.XT_MAX_TABLE_SIZE // 4:     # xt_alloc_entry_offsets()
+        raise BpfilterError(errno.ENOMEM, f"num_entries {hdr.num_entries} too large")
+    blob = bytes(buf[uapi.ipt_replace.sizeof():uapi.ipt_replace.sizeof() + hdr.size])
+    table = Table.decode(blob, family, hdr.hook_entry, hdr.underflow, hdr.valid_hooks, name,
+                         num_entries=hdr.num_entries, normalize=True)
+    return hdr, table
+
+
+def check_against_installed(hdr, installed: Optional[Table]) -> None:
+    """The rest of do_replace() after translate_table(), in __do_replace()'s order: the table
+    must exist (ENOENT), valid_hooks must equal the installed table's ("You lied!": EINVAL) and
+    num_counters must equal its number of entries (xt_replace_table(): EAGAIN)."""
+    if installed is None:
+        raise BpfilterError(errno.ENOENT, f"table {hdr.name!r} does not exist")
+    if hdr.valid_hooks != installed.valid_hooks:
+        raise BpfilterError(errno.EINVAL, f"valid_hooks 0x{hdr.valid_hooks:x} but table "
+                            f"{installed.name!r} has 0x{installed.valid_hooks:x}")
+    if hdr.num_counters != installed.num_entries:
+        raise BpfilterError(errno.EAGAIN, f"num_counters {hdr.num_counters} but table "
+                            f"{installed.name!r} has {installed.num_entries} entries")
+
+
+def decode_add_counters(buf: bytes, num_entries: Optional[int] = None):
+    """An IPT_SO_SET_ADD_COUNTERS buffer (xt_counters_info + counters) → (table name,
+    [(pcnt, bcnt), ...]), with xt_copy_counters()'s length check (EINVAL) and, given the
+    installed table's entry count, do_add_counters()'s count check (EINVAL). The table lookup
+    (ENOENT) comes between the two in the kernel: callers check it before passing num_entries."""
+    buf = bytes(buf)
+    hsz = uapi.xt_counters_info.sizeof()
+    if len(buf) < hsz:
+        raise BpfilterError(errno.EINVAL, f"add-counters buffer of {len(buf)} bytes")
+    hdr = uapi.xt_counters_info.parse(buf[:hsz])
+    if 16 * hdr.num_counters != len(buf) - hsz:
+        raise BpfilterError(errno.EINVAL, f"{hdr.num_counters} counters but "
+                            f"{len(buf) - hsz} bytes of them")
+    name = uapi.cstr(hdr.name[:uapi.XT_TABLE_MAXNAMELEN - 1])
+    if num_entries is not None and hdr.num_counters != num_entries:
+        raise BpfilterError(errno.EINVAL, f"{hdr.num_counters} counters for {num_entries} entries")
+    cnt = [(int.from_bytes(buf[i:i + 8], "little"), int.from_bytes(buf[i + 8:i + 16], "little"))
+           for i in range(hsz, len(buf), 16)]
+    return name, cnt

@@ -1,0 +1,100 @@
+"""`bpfilter`: the control plane's command line.
+
+  bpfilter exec -- CMD [ARGS]   run CMD with its iptables/ip6tables socket options served by
+                                bpfilter (see door.py); exit status and output are CMD's own
+  bpfilter status [--json]      per chain: flavor, hook, program id, JIT size, rules, counters
+  bpfilter flush                remove this network namespace's bpfilter state
+  bpfilter helper [--listen]    the helper itself (same as python3 -m bpfilter_umh)
+"""
+import argparse
+import json
+import sys
+
+from .errors import BpfilterError
+
+FAMILIES = {"ipv4": 2, "ipv6": 10}
+
+
+def _engines():
+    from .engine import Engine
+    from .sockopt import use_host_bpffs
+    use_host_bpffs()
+    for fam_name, fam in FAMILIES.items():
+        yield fam_name, Engine.open(fam)
+
+
+def cmd_status(args) -> int:
+    out = {}
+    for fam_name, eng in _engines():
+        out[fam_name] = eng.status()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return 0
+    for fam_name, st in out.items():
+        print(format_status(fam_name, st))
+    return 0
+
+
+def format_status(fam_name: str, st) -> str:
+    """Human-readable status: one block per chain, one line per rule."""
+    if not isinstance(st, dict) or "chains" not in st:
+        return f"{fam_name}: {st}"
+    lines = [f"{fam_name} table {st.get('table', 'filter')}"]
+    for ch in st["chains"]:
+        lines.append(f"  chain {ch.get('name')}: flavor {ch.get('flavor', '-')} "
+                     f"hook {ch.get('hook', '-')} prog {ch.get('prog_id', '-')} "
+                     f"jited {ch.get('jited_size', '-')} bytes, {len(ch.get('rules', []))} rules"
+                     + (f", policy {ch['policy']}" if ch.get("policy") else ""))
+        for i, r in enumerate(ch.get("rules", []), 1):
+            lines.append(f"    {i:4} pkts {r.get('pcnt', 0):>10} bytes {r.get('bcnt', 0):>12}  "
+                         f"{r.get('text', '')}")
+    return "\n".join(lines)
+
+
+def cmd_flush(args) -> int:
+    for _fam, eng in _engines():
+        eng.flush()
+    return 0
+
+
+def cmd_exec(args) -> int:
+    argv = args.command
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("bpfilter exec: missing command", file=sys.stderr)
+        return 2
+    from .door import exec_command
+    return exec_command(argv)
+
+
+def cmd_helper(args) -> int:
+    from .__main__ import main as helper_main
+    return helper_main(["--listen"] if args.listen else [])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bpfilter", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("exec", help="run a command with iptables served by bpfilter")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_exec)
+    p = sub.add_parser("status", help="show programs, chains and counters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("flush", help="remove this netns's bpfilter state")
+    p.set_defaults(fn=cmd_flush)
+    p = sub.add_parser("helper", help="run the helper")
+    p.add_argument("--listen", action="store_true")
+    p.set_defaults(fn=cmd_helper)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except BpfilterError as e:
+        print(f"bpfilter: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

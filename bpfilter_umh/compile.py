@@ -1,0 +1,689 @@
+"""The compiler: a decoded xtables Table → one eBPF program per built-in chain, pure and deterministic.
+
+API (stable; engine.py and tests use it):
+  KernelFacts(...)                 BTF offsets and kfunc ids of the running kernel (engine fills it
+                                   from btf.py: KernelFacts.from_btf()); KernelFacts.fake() gives
+                                   fixed values for golden listings
+  compile_table(table, facts, flavor="nf") -> CompiledTable
+      .programs: list[CompiledProgram] (built-in chains in hook order)
+      .counters_entries: max_entries of the counters map (== number of entries in the blob)
+  CompiledProgram: .chain .hook .items (ebpf items) .listing() .assemble(map_fds) -> bytes
+      .prog_type .expected_attach_type .license .rule_count
+  COUNTERS_MAP = "counters"        BPF_MAP_TYPE_PERCPU_ARRAY, key u32 entry index,
+                                   value struct { u64 pcnt; u64 bcnt; }
+
+Semantics mirrored (net/ipv4/netfilter/ip_tables.c ipt_do_table / ip_packet_match,
+net/netfilter/xt_tcpudp.c tcp_mt/udp_mt/tcp_find_option, ip_tables.c icmp_match):
+  - an entry whose ip part and matches all match gets ADD_COUNTER(+1, skb->len) before its target
+    runs: rules, jump rules, the RETURN entry at a user chain's end and the underflow (policy)
+    entry of a built-in chain;
+  - user chains are inlined at every call site, which makes ipt_do_table's jump stack static:
+    a jump continues after the jump rule on RETURN, a goto (IPT_F_GOTO) pushes nothing so RETURN
+    resumes after the last *jump*; RETURN with an empty stack lands on the underflow entry;
+  - hotdrop (tcp fragment at offset 8 bytes, truncated TCP/UDP/ICMP header, bad TCP data offset,
+    unreadable TCP options) ends evaluation with NF_DROP and counts nothing for that rule;
+  - non-first fragments (fragoff != 0) never match tcp/udp/icmp; `-f` matches them.
+
+Flavor nf (BPF_PROG_TYPE_NETFILTER): ctx is struct bpf_nf_ctx { state; skb; }; the IP header and
+L4 header are read once per packet with the kfuncs bpf_dynptr_from_skb + bpf_dynptr_slice into
+stack slots; interface names from state->in/out->name (NULL device = all-zero name, like
+ipt_do_table's nulldevname); returns NF_DROP (0) or NF_ACCEPT (1).
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import ebpf as E
+from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
+from .errors import BpfilterError
+from .model import (AF_INET, HOOK_NAMES, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
+                    Rule, Table, Verdict)
+
+COUNTERS_MAP = "counters"
+BPF_PROG_TYPE_NETFILTER = 32
+BPF_NETFILTER = 45
+
+# ipt_ip flags/invflags (include/uapi/linux/netfilter_ipv4/ip_tables.h)
+IPT_F_FRAG, IPT_F_GOTO = 0x01, 0x02
+IPT_INV_VIA_IN, IPT_INV_VIA_OUT, IPT_INV_TOS, IPT_INV_SRCIP, IPT_INV_DSTIP, IPT_INV_FRAG, \
+    IPT_INV_PROTO = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40
+# xt_tcp / xt_udp / ipt_icmp invflags
+XT_TCP_INV_SRCPT, XT_TCP_INV_DSTPT, XT_TCP_INV_FLAGS, XT_TCP_INV_OPTION = 0x01, 0x02, 0x04, 0x08
+XT_UDP_INV_SRCPT, XT_UDP_INV_DSTPT = 0x01, 0x02
+IPT_ICMP_INV = 0x01
+
+# Stack layout (offsets from r10). Every slot the rules read is written by the prologue on every
+# path, so the verifier never sees an uninitialised read.
+S_DYNPTR = -16        # struct bpf_dynptr (16 bytes, 8-aligned as the verifier requires)
+S_KEY = -24           # u32 counters key
+S_LEN = -32           # skb->len (bytes added to bcnt)
+S_SADDR = -40         # u32, network order as loaded
+S_DADDR = -48
+S_PROTO = -56
+S_FRAGOFF = -64       # ntohs(frag_off) & IP_OFFSET, in 8-byte units
+S_THOFF = -72         # ihl * 4 (par->thoff)
+S_L4LEN = -80         # bytes of L4 header readable: 0, 8 (udp/icmp header) or 20 (tcp header)
+S_SPORT = -88         # host order
+S_DPORT = -96
+S_TCPFLAGS = -104     # byte 13 of the TCP header
+S_DOFF = -112         # th->doff
+S_ICMPTYPE = -120
+S_ICMPCODE = -128
+S_INNAME = -144       # 16 bytes of in->name (zero when state->in is NULL)
+S_OUTNAME = -160
+S_BUF = -200          # 40-byte bounce buffer for bpf_dynptr_slice
+S_OPT = -248          # 48-byte buffer for TCP options (tcp_find_option's _opt[40]), zeroed first
+
+IP_OFFSET = 0x1fff
+ACC = R5              # OR of the current rule's mismatch values (0 = everything matched so far)
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    """What the code depends on in the running kernel's BTF: struct offsets and kfunc ids."""
+    nf_ctx_state: int      # offsetof(struct bpf_nf_ctx, state)
+    nf_ctx_skb: int        # offsetof(struct bpf_nf_ctx, skb)
+    state_in: int          # offsetof(struct nf_hook_state, in)
+    state_out: int         # offsetof(struct nf_hook_state, out)
+    dev_name: int          # offsetof(struct net_device, name)
+    skb_len: int           # offsetof(struct sk_buff, len)
+    kfuncs: tuple = ()     # ((name, btf_id), ...)
+
+    KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_slice")
+
+    @classmethod
+    def fake(cls) -> "KernelFacts":
+        """Fixed values, so golden listings do not depend on the kernel build."""
+        return cls(0, 8, 16, 24, 0, 112, (("bpf_dynptr_from_skb", 1001),
+                                           ("bpf_dynptr_slice", 1002)))
+
+    @classmethod
+    def from_btf(cls) -> "KernelFacts":
+        from . import btf
+        return cls(nf_ctx_state=btf.member_offset("bpf_nf_ctx", "state"),
+                   nf_ctx_skb=btf.member_offset("bpf_nf_ctx", "skb"),
+                   state_in=btf.member_offset("nf_hook_state", "in"),
+                   state_out=btf.member_offset("nf_hook_state", "out"),
+                   dev_name=btf.member_offset("net_device", "name"),
+                   skb_len=btf.member_offset("sk_buff", "len"),
+                   kfuncs=tuple((k, btf.func_id(k)) for k in cls.KFUNCS))
+
+    @property
+    def kfunc_ids(self) -> dict:
+        return dict(self.kfuncs)
+
+
+@dataclass
+class CompiledProgram:
+    chain: str
+    hook: int
+    items: list
+    rule_count: int
+    where: dict = field(default_factory=dict)
+    prog_type: int = BPF_PROG_TYPE_NETFILTER
+    expected_attach_type: int = BPF_NETFILTER
+    license: str = "GPL"
+    facts: Optional[KernelFacts] = None
+
+    @property
+    def name(self) -> str:
+        return f"bpfilter_{self.chain.lower()}"[:15]
+
+    def listing(self) -> str:
+        return f"; program {self.chain} (hook {self.hook})\n" + E.listing(self.items)
+
+    def locate(self, slot: int) -> str:
+        """Which entry the instruction at `slot` belongs to, for verifier errors."""
+        cur, n = f"chain {self.chain} prologue", 0
+        for it in self.items:
+            if isinstance(it, Label):
+                if it.name in self.where:
+                    cur = self.where[it.name]
+                continue
+            if n >= slot:
+                break
+            n += it.slots
+        return cur
+
+    def assemble(self, map_fds: dict) -> bytes:
+        return E.assemble(self.items, map_fds, self.facts.kfunc_ids if self.facts else {})
+
+
+@dataclass
+class CompiledTable:
+    programs: list = field(default_factory=list)
+    counters_entries: int = 0
+
+    def listing(self) -> str:
+        return "\n".join(p.listing() for p in self.programs)
+
+
+def _unsupported(chain: str, pos: int, rule: Rule, what: str) -> BpfilterError:
+    return BpfilterError(errno.EOPNOTSUPP, f"chain {chain} rule {pos} (entry offset {rule.offset}): "
+                                           f"{what} is not supported by the compiler")
+
+
+def _field(data, name):
+    if isinstance(data, dict):
+        return data[name]
+    return getattr(data, name)
+
+
+# payload layouts for matches whose codec may not have decoded them (native endian, x86_64)
+_RAW_LAYOUTS = {
+    "tcp": ("=2H2H4B", lambda v: dict(spts=v[0:2], dpts=v[2:4], option=v[4], flg_mask=v[5],
+                                      flg_cmp=v[6], invflags=v[7])),
+    "udp": ("=2H2HB", lambda v: dict(spts=v[0:2], dpts=v[2:4], invflags=v[4])),
+    "icmp": ("=4B", lambda v: dict(type=v[0], code=v[1:3], invflags=v[3])),
+}
+
+
+def _payload(m) -> dict:
+    data = m.data
+    if isinstance(data, (bytes, bytearray)):
+        fmt, make = _RAW_LAYOUTS[m.name]
+        return make(struct.unpack_from(fmt, data))
+    names = {"tcp": ("spts", "dpts", "option", "flg_mask", "flg_cmp", "invflags"),
+             "udp": ("spts", "dpts", "invflags"),
+             "icmp": ("type", "code", "invflags")}[m.name]
+    return {n: _field(data, n) for n in names}
+
+
+def _le32(addr) -> int:
+    """An IPv4 address/mask as the u32 a BPF_W load of its network-order bytes yields (LE host)."""
+    return int.from_bytes(addr.packed, "little")
+
+
+class _ChainCompiler:
+    """Emits one program for one built-in chain, inlining user chains."""
+
+    MAX_DEPTH = 64          # deeper than any table the kernel accepts (it rejects loops)
+    MAX_INSNS = 1_000_000   # BPF_COMPLEXITY_LIMIT_INSNS: larger programs cannot load anyway
+
+    def __init__(self, table: Table, chain: Chain, facts: KernelFacts):
+        self.table, self.chain, self.facts = table, chain, facts
+        self.items: list = []
+        self.n = 0
+        self.rule_count = 0
+        self.needs_ifnames = False
+        self.needs_l4 = False
+        self.needs_ip = False
+        self.where = {}          # entry label -> "chain X rule N (entry offset O)"
+        self._scan(chain, set())
+
+    # ---- helpers ----
+    def label(self, stem: str) -> str:
+        self.n += 1
+        return f"{stem}_{self.n}"
+
+    def emit(self, *items):
+        self.items.extend(items)
+        if len(self.items) > self.MAX_INSNS:
+            raise BpfilterError(errno.E2BIG, f"chain {self.chain.name}: the compiled program "
+                                             f"exceeds {self.MAX_INSNS} instructions")
+
+    def _scan(self, chain: Chain, seen: set):
+        """What the prologue must parse: only what some reachable rule reads."""
+        if chain.name in seen:
+            return
+        seen.add(chain.name)
+        for r in chain.rules + ([chain.policy_entry] if chain.policy_entry else []):
+            ip = r.ip
+            if any(ip.iniface_mask) or any(ip.outiface_mask):
+                self.needs_ifnames = True
+            if any(m.name in ("tcp", "udp", "icmp") for m in r.matches):
+                self.needs_l4 = True
+            if r.matches or ip.proto or ip.flags & IPT_F_FRAG or ip.invflags or int(ip.smsk) \
+                    or int(ip.dmsk) or int(ip.src) or int(ip.dst):
+                self.needs_ip = True
+            if isinstance(r.target, Jump):
+                for c in self.table.chains:
+                    if c.name == r.target.chain:
+                        self._scan(c, seen)
+
+    # ---- program ----
+    def compile(self) -> list:
+        f = self.facts
+        drop = "drop_early"
+        self.emit(
+            E.mov(R6, R1, comment="r6 = struct bpf_nf_ctx *"),
+            E.ldx(E.DW, R7, R6, f.nf_ctx_skb, "r7 = ctx->skb"),
+            E.ldx(E.W, R1, R7, f.skb_len, "skb->len"),
+            E.stx(E.DW, FP, S_LEN, R1),
+        )
+        if self.needs_ifnames:
+            self.emit(E.ldx(E.DW, R8, R6, f.nf_ctx_state, "r8 = ctx->state"))
+            for off, slot, what in ((f.state_in, S_INNAME, "in"), (f.state_out, S_OUTNAME, "out")):
+                done = self.label(f"{what}dev_done")
+                self.emit(E.st(E.DW, FP, slot, 0, f"{what}dev name = nulldevname"),
+                          E.st(E.DW, FP, slot + 8, 0),
+                          E.ldx(E.DW, R1, R8, off, f"state->{what}"),
+                          E.jmp(E.JEQ, R1, 0, done),
+                          E.ldx(E.DW, R2, R1, f.dev_name, f"state->{what}->name[0..7]"),
+                          E.stx(E.DW, FP, slot, R2),
+                          E.ldx(E.DW, R2, R1, f.dev_name + 8, f"state->{what}->name[8..15]"),
+                          E.stx(E.DW, FP, slot + 8, R2),
+                          Label(done))
+        if self.needs_ip or self.needs_l4:
+            self._parse_ip(drop)
+        if self.needs_l4:
+            self._parse_l4()
+        # the fail-closed exit sits right after the parser: a conditional jump reaches only
+        # 32767 instructions, and the rules may be longer than that
+        parsed = "parsed"
+        self.emit(E.ja(parsed), Label(drop), E.mov(R0, NF_DROP), E.exit_(), Label(parsed))
+        top = self.chain
+        underflow = "underflow"
+        self._chain_body(top, underflow, [top.name], f"{top.name}")
+        self.emit(Label(underflow, f"policy of {top.name} (underflow)"))
+        self._entry(top.policy_entry, top.name, len(top.rules) + 1, None, underflow, "policy",
+                    [top.name], top.name)
+        return E.prune(self.items)
+
+    def _parse_ip(self, drop: str):
+        """The IPv4 header fields every rule may test, read once into stack slots."""
+        self.emit(
+            E.mov(R1, R7), E.mov(R2, 0), E.mov(R3, FP), E.alu(E.ADD, R3, S_DYNPTR),
+            E.kfunc("bpf_dynptr_from_skb"),
+            E.jmp(E.JNE, R0, 0, drop, comment="no dynptr: cannot inspect, fail closed"),
+            *self._slice(E.mov(R2, 0), 20),
+            E.jmp(E.JEQ, R0, 0, drop, comment="shorter than an IPv4 header"),
+            E.ldx(E.W, R1, R0, 12, "saddr"), E.stx(E.DW, FP, S_SADDR, R1),
+            E.ldx(E.W, R1, R0, 16, "daddr"), E.stx(E.DW, FP, S_DADDR, R1),
+            E.ldx(E.B, R1, R0, 9, "protocol"), E.stx(E.DW, FP, S_PROTO, R1),
+            E.ldx(E.H, R1, R0, 6, "frag_off"), E.be16(R1), E.alu(E.AND, R1, IP_OFFSET),
+            E.stx(E.DW, FP, S_FRAGOFF, R1),
+            E.ldx(E.B, R1, R0, 0, "version/ihl"), E.alu(E.AND, R1, 0xf), E.alu(E.LSH, R1, 2),
+            E.stx(E.DW, FP, S_THOFF, R1),
+        )
+
+    def _slice(self, set_offset: Insn, size: int) -> list:
+        """r0 = bpf_dynptr_slice(&dynptr, <offset set by set_offset in r2>, buf, size)."""
+        return [E.mov(R1, FP), E.alu(E.ADD, R1, S_DYNPTR), set_offset, E.mov(R3, FP),
+                E.alu(E.ADD, R3, S_BUF), E.mov(R4, size), E.kfunc("bpf_dynptr_slice")]
+
+    def _parse_l4(self):
+        """The first 20 (TCP) or 8 (UDP/ICMP) bytes at thoff, read once; S_L4LEN says how many
+        were there, so each match can hotdrop exactly where skb_header_pointer would fail."""
+        done, have8, common = "l4_done", "l4_try8", "l4_common"
+        for slot in (S_L4LEN, S_SPORT, S_DPORT, S_TCPFLAGS, S_DOFF, S_ICMPTYPE, S_ICMPCODE):
+            self.emit(E.st(E.DW, FP, slot, 0))
+        self.emit(
+            E.ldx(E.DW, R1, FP, S_FRAGOFF),
+            E.jmp(E.JNE, R1, 0, done, comment="non-first fragment: no L4 header"),
+            *self._slice(E.ldx(E.DW, R2, FP, S_THOFF), 20),
+            E.jmp(E.JEQ, R0, 0, have8),
+            E.st(E.DW, FP, S_L4LEN, 20, "a whole TCP header"),
+            E.ldx(E.B, R1, R0, 12), E.alu(E.RSH, R1, 4), E.stx(E.DW, FP, S_DOFF, R1),
+            E.ldx(E.B, R1, R0, 13), E.stx(E.DW, FP, S_TCPFLAGS, R1),
+            E.ja(common),
+            Label(have8),
+            *self._slice(E.ldx(E.DW, R2, FP, S_THOFF), 8),
+            E.jmp(E.JEQ, R0, 0, done),
+            E.st(E.DW, FP, S_L4LEN, 8, "a UDP/ICMP header"),
+            Label(common),
+            E.ldx(E.H, R1, R0, 0), E.be16(R1), E.stx(E.DW, FP, S_SPORT, R1),
+            E.ldx(E.H, R1, R0, 2), E.be16(R1), E.stx(E.DW, FP, S_DPORT, R1),
+            E.ldx(E.B, R1, R0, 0), E.stx(E.DW, FP, S_ICMPTYPE, R1),
+            E.ldx(E.B, R1, R0, 1), E.stx(E.DW, FP, S_ICMPCODE, R1),
+            Label(done))
+
+    # ---- chains and rules ----
+    def _chain_body(self, chain: Chain, ret: str, path: list, where: str, start: int = 0):
+        for pos, rule in enumerate(chain.rules[start:], start + 1):
+            self._entry(rule, chain.name, pos, None, ret, "rule", path, where)
+
+    def _entry(self, rule: Rule, chain: str, pos: int, _unused, ret: str, kind: str,
+               path: list, where: str):
+        """One entry: its conditions (failing → next entry), counter, target."""
+        if rule is None:
+            raise BpfilterError(errno.EINVAL, f"chain {chain}: no policy/RETURN entry")
+        self.rule_count += 1
+        nxt = self.label("next")
+        hot = self.label("hotdrop")
+        desc = f"{where} {kind} {pos} (entry {rule.index})" if kind == "rule" else \
+            f"{where} {kind} (entry {rule.index})"
+        name = self.label("entry")
+        self.where[name] = (f"chain {chain} rule {pos}" if kind == "rule" else
+                            f"chain {chain} {'policy' if kind == 'policy' else 'RETURN'} entry") \
+            + f" (entry offset {rule.offset})"
+        self.emit(Label(name, desc))
+        t = rule.target
+        # Check the target first so an unsupported rule is reported before emitting anything.
+        if isinstance(t, ExtTarget):
+            raise _unsupported(chain, pos, rule, f"target {t.name}")
+        if isinstance(t, Verdict) and t.verdict not in (-NF_ACCEPT - 1, -NF_DROP - 1, XT_RETURN):
+            raise _unsupported(chain, pos, rule, f"verdict {t.name}")
+        if not isinstance(t, (Verdict, Jump)):
+            raise _unsupported(chain, pos, rule, f"target {type(t).__name__}")
+        fail = nxt
+        if isinstance(t, Jump):
+            fail = self.label("skip")    # the inlined body may be too long for a 16-bit offset
+        self.acc_live = False
+        self._ip(rule, fail)
+        for m in rule.matches:
+            self._match(m, rule, chain, pos, fail, hot)
+        if self.acc_live:
+            self.emit(E.jmp(E.JNE, ACC, 0, fail, comment="the only way out of a non-matching rule"))
+        self._count(rule.index)
+        if isinstance(t, Verdict):
+            if t.verdict == XT_RETURN:
+                self.emit(E.ja(ret, "RETURN"))
+            else:
+                v = -t.verdict - 1
+                self.emit(E.mov(R0, v, comment="ACCEPT" if v == NF_ACCEPT else "DROP"),
+                          E.exit_())
+            self.emit(Label(hot), E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(nxt))
+            return
+        # jump / goto: inline the target chain from the landing entry on
+        target, start = self._landing(t, chain, pos, rule)
+        if target.name in path or len(path) >= self.MAX_DEPTH:
+            raise BpfilterError(errno.ELOOP, f"chain {chain} rule {pos} (entry offset "
+                                             f"{rule.offset}): loop through chain {t.chain}")
+        goto = bool(rule.ip.flags & IPT_F_GOTO) or t.goto
+        body = self.label("body")
+        self.emit(E.ja(body), Label(fail), E.ja(nxt),
+                  Label(hot), E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(),
+                  Label(body, f"{'goto' if goto else 'jump'} {t.chain}"))
+        inner_ret = ret if goto else nxt
+        inner_where = f"{where} > {t.chain}"
+        self._chain_body(target, inner_ret, path + [target.name], inner_where, start)
+        self._entry(target.policy_entry, t.chain, len(target.rules) + 1, None, inner_ret,
+                    "return", path + [target.name], inner_where)
+        self.emit(Label(nxt))
+
+    def _landing(self, t: Jump, chain: str, pos: int, rule: Rule):
+        """The user chain a jump lands in and the index of the landing rule (iptables always
+        lands on the first entry after the chain's ERROR head; other offsets are refused)."""
+        chains = self.table.chains
+        cp = getattr(t, "chain_pos", -1)
+        if cp is not None and 0 <= cp < len(chains) and chains[cp].name == t.chain:
+            target = chains[cp]
+        else:
+            try:
+                target = self.table.chain(t.chain)
+            except KeyError:
+                raise BpfilterError(errno.EINVAL, f"chain {chain} rule {pos} (entry offset "
+                                                  f"{rule.offset}): jump to unknown chain "
+                                                  f"{t.chain}") from None
+        if target.builtin:
+            raise _unsupported(chain, pos, rule, f"a jump into built-in chain {t.chain}")
+        start = getattr(t, "entry", 0)
+        if start is None or not 0 <= start <= len(target.rules):
+            raise _unsupported(chain, pos, rule, f"a jump to offset {t.offset} (not a rule of "
+                                                 f"chain {t.chain})")
+        return target, start
+
+    def _count(self, index: int):
+        """ADD_COUNTER(*counter, skb->len, 1) on this CPU's slot of entry `index`."""
+        skip = self.label("nocount")
+        self.emit(E.st(E.W, FP, S_KEY, index, f"count entry {index}"),
+                  E.ld_map_fd(R1, COUNTERS_MAP), E.mov(R2, FP), E.alu(E.ADD, R2, S_KEY),
+                  E.call(E.BPF_FUNC_map_lookup_elem),
+                  E.jmp(E.JEQ, R0, 0, skip),
+                  E.ldx(E.DW, R1, R0, 0), E.alu(E.ADD, R1, 1), E.stx(E.DW, R0, 0, R1),
+                  E.ldx(E.DW, R1, R0, 8), E.ldx(E.DW, R2, FP, S_LEN), E.alu(E.ADD, R1, R2),
+                  E.stx(E.DW, R0, 8, R1),
+                  Label(skip))
+
+    # ---- conditions ----
+    # Every condition of a rule computes a 0/1 (or zero/non-zero) "mismatch" value that is ORed
+    # into ACC; one branch at the end leaves for the next entry. The verifier explores the
+    # fall-through (the short matched path ending in exit) first and pushes the branch target,
+    # so one branch per rule keeps its pending-state stack flat; several failure branches per
+    # rule would pile up pending states for the rest of the program and hit "The sequence of
+    # 8193 jumps is too complex" (kernel/bpf/verifier.c push_stack) near 2000 rules.
+    # Hotdrop checks are gated on ACC == 0 (everything before matched) and have the drop as the
+    # fall-through for the same reason.
+
+    def _acc(self, reg=R1):
+        if self.acc_live:
+            self.emit(E.alu(E.OR, ACC, E.Reg(reg)))
+        else:
+            self.emit(E.mov(ACC, E.Reg(reg)))
+            self.acc_live = True
+
+    def _nz(self, reg=R1, invert: bool = False):
+        """reg = (reg != 0), or (reg == 0) when invert: (v | -v) >> 63 is 1 exactly for v != 0."""
+        self.emit(E.mov(R2, E.Reg(reg)), E.neg(R2), E.alu(E.OR, reg, R2), E.alu(E.RSH, reg, 63))
+        if invert:
+            self.emit(E.alu(E.XOR, reg, 1))
+
+    def _hotdrop_if_zero(self, why: str):
+        """Drop now when R1 == 0 and the rule matched so far (ACC == 0)."""
+        ok = self.label("nohot")
+        if self.acc_live:
+            self.emit(E.alu(E.OR, R1, ACC))
+        self.emit(E.jmp(E.JNE, R1, 0, ok), E.mov(R0, NF_DROP, comment=f"hotdrop: {why}"),
+                  E.exit_(), Label(ok))
+
+    def _load(self, slot: int, comment: str = "", mask: int = None):
+        self.emit(E.ldx(E.DW, R1, FP, slot, comment))
+        if mask is not None:
+            self.emit(E.alu(E.AND, R1, E._s32(mask), bits=32))
+
+    def _ip(self, rule: Rule, fail: str):
+        """ip_packet_match(): addresses, interfaces, protocol, fragment flag."""
+        ip = rule.ip
+        inv = ip.invflags
+        for slot, addr, msk, flag, what in ((S_SADDR, ip.src, ip.smsk, IPT_INV_SRCIP, "src"),
+                                            (S_DADDR, ip.dst, ip.dmsk, IPT_INV_DSTIP, "dst")):
+            a, m = _le32(addr), _le32(msk)
+            if m == 0 and a == 0:
+                if inv & flag:       # (x & 0) != 0 is false; inverted it is always true
+                    self.emit(E.ja(fail, f"! {what} 0/0 never matches"))
+                continue
+            self._load(slot, f"{'! ' if inv & flag else ''}{what} {addr}/{msk}",
+                       m if m != 0xffffffff else None)
+            self.emit(E.alu(E.XOR, R1, E._s32(a), bits=32))
+            if inv & flag:
+                self._nz(invert=True)
+            self._acc()
+        for slot, name, mask, flag, what in (
+                (S_INNAME, ip.iniface, ip.iniface_mask, IPT_INV_VIA_IN, "in"),
+                (S_OUTNAME, ip.outiface, ip.outiface_mask, IPT_INV_VIA_OUT, "out")):
+            self._ifname(slot, name, mask, bool(inv & flag), what, fail)
+        if ip.proto:
+            self._load(S_PROTO, f"{'! ' if inv & IPT_INV_PROTO else ''}proto {ip.proto}")
+            self.emit(E.alu(E.XOR, R1, ip.proto))
+            if inv & IPT_INV_PROTO:
+                self._nz(invert=True)
+            self._acc()
+        frag, finv = bool(ip.flags & IPT_F_FRAG), bool(inv & IPT_INV_FRAG)
+        if frag or finv:
+            if not frag:             # (0 && ..) ^ 1: never matches
+                self.emit(E.ja(fail, "! fragment flag without -f never matches"))
+            else:                    # -f: mismatch when fragoff == 0; ! -f: when != 0
+                self._load(S_FRAGOFF, f"{'! ' if finv else ''}-f")
+                if not finv:
+                    self._nz(invert=True)
+                self._acc()
+
+    def _ifname(self, slot, name: bytes, mask: bytes, inv: bool, what: str, fail: str):
+        """ifname_compare_aligned(): OR over the longs of (dev ^ name) & mask; != 0 = mismatch."""
+        words = []
+        for i in (0, 8):
+            m = int.from_bytes(mask[i:i + 8], "little")
+            if m:
+                words.append((i, int.from_bytes(name[i:i + 8], "little") & m, m))
+        if not words:
+            if inv:
+                self.emit(E.ja(fail, f"! {what}iface with empty mask never matches"))
+            return
+        text = f"{'! ' if inv else ''}{what}iface {name.rstrip(bytes(1)).decode('latin-1')}"
+        for k, (i, want, m) in enumerate(words):
+            self.emit(E.ldx(E.DW, R1, FP, slot + i, text if k == 0 else ""),
+                      E.ld_imm64(R2, m), E.alu(E.AND, R1, R2),
+                      E.ld_imm64(R3, want), E.alu(E.XOR, R1, R3))
+            if k == 0:
+                self.emit(E.mov(R4, R1))
+            else:
+                self.emit(E.alu(E.OR, R4, R1))
+        self.emit(E.mov(R1, R4))
+        if inv:
+            self._nz(invert=True)
+        self._acc()
+
+    # ---- matches ----
+    def _match(self, m, rule: Rule, chain: str, pos: int, fail: str, hot: str):
+        if m.name not in ("tcp", "udp", "icmp") or m.revision != 0:
+            raise _unsupported(chain, pos, rule, f"match {m.name} (revision {m.revision})")
+        d = _payload(m)
+        if m.name == "tcp":
+            self._tcp(d, fail, hot)
+        elif m.name == "udp":
+            self._udp(d, fail, hot)
+        else:
+            self._icmp(d, fail, hot)
+
+    def _frag_and_header(self, need: int, name: str, hotdrop_off1: bool):
+        """The start of tcp_mt/udp_mt/icmp_match: fragments never match (tcp hotdrops the one at
+        offset 8 bytes: it could rewrite the flags), a header shorter than `need` hotdrops."""
+        if hotdrop_off1:
+            self._load(S_FRAGOFF, f"-m {name}: fragment at offset 1?")
+            self.emit(E.alu(E.XOR, R1, 1))                        # 0 iff fragoff == 1
+            self._hotdrop_if_zero("tcp fragment at offset 1")
+        self._load(S_FRAGOFF, f"-m {name}: not a fragment")
+        self._acc()
+        self._load(S_L4LEN, f"-m {name}: {need}-byte header there?")
+        self.emit(E.alu(E.SUB, R1, need), E.alu(E.RSH, R1, 63),  # 1 iff l4len < need
+                  E.alu(E.XOR, R1, 1))                            # 0 iff truncated
+        self._hotdrop_if_zero(f"truncated {name} header")
+
+    def _ports(self, slot: int, lo: int, hi: int, inv: bool, what: str):
+        """port_match(): mismatch = ((p < lo) | (p > hi)) ^ inv."""
+        if not inv and lo == 0 and hi >= 0xffff:
+            return
+        self._load(slot, f"{'! ' if inv else ''}{what} {lo}:{hi}")
+        self._range_mismatch(lo, hi, 0xffff)
+        if inv:
+            self.emit(E.alu(E.XOR, R1, 1))
+        self._acc()
+
+    def _range_mismatch(self, lo: int, hi: int, top: int):
+        """R1 (a value in 0..top) becomes 1 when outside lo..hi, else 0 (signed 64-bit
+        differences of small values: the sign bit says which side)."""
+        self.emit(E.mov(R3, 0))
+        if lo > 0:
+            self.emit(E.mov(R2, R1), E.alu(E.SUB, R2, lo), E.alu(E.RSH, R2, 63),
+                      E.alu(E.OR, R3, R2))
+        if hi < top:
+            self.emit(E.mov(R2, hi), E.alu(E.SUB, R2, R1), E.alu(E.RSH, R2, 63),
+                      E.alu(E.OR, R3, R2))
+        self.emit(E.mov(R1, R3))
+
+    def _tcp(self, d: dict, fail: str, hot: str):
+        inv = d["invflags"]
+        self._frag_and_header(20, "tcp", True)
+        self._ports(S_SPORT, d["spts"][0], d["spts"][1], bool(inv & XT_TCP_INV_SRCPT), "sport")
+        self._ports(S_DPORT, d["dpts"][0], d["dpts"][1], bool(inv & XT_TCP_INV_DSTPT), "dport")
+        mask, cmp_, finv = d["flg_mask"], d["flg_cmp"], bool(inv & XT_TCP_INV_FLAGS)
+        if mask or cmp_ or finv:
+            self._load(S_TCPFLAGS, f"{'! ' if finv else ''}flags {mask:#x}/{cmp_:#x}", mask)
+            self.emit(E.alu(E.XOR, R1, cmp_))
+            if finv:
+                self._nz(invert=True)
+            self._acc()
+        if d["option"]:
+            if self.acc_live:         # the walk needs a helper call: leave now if not matching
+                self.emit(E.jmp(E.JNE, ACC, 0, fail))
+            self._tcp_option(d["option"], bool(inv & XT_TCP_INV_OPTION), fail, hot)
+            self.acc_live = False     # ACC (r5) was clobbered by the call; nothing pending
+
+    def _tcp_option(self, option: int, inv: bool, fail: str, hot: str):
+        """tcp_find_option(): walk the options (kinds 0 and 1 are one byte, others carry their
+        length, a zero length counts as 1). Unrolled over the 40 possible positions with static
+        stack offsets: r9 holds the position of the next option kind, r8 the options length."""
+        found, notfound, done = self.label("opt_found"), self.label("opt_none"), self.label("opt_done")
+        yes, no = (fail, done) if inv else (done, fail)
+        self.emit(E.ldx(E.DW, R8, FP, S_DOFF, f"{'! ' if inv else ''}--tcp-option {option}"),
+                  E.jmp(E.JLT, R8, 5, hot, comment="doff*4 < sizeof(struct tcphdr): hotdrop"),
+                  E.alu(E.LSH, R8, 2), E.alu(E.SUB, R8, 20),
+                  E.jmp(E.JEQ, R8, 0, notfound, comment="no options"))
+        for off in range(0, 48, 8):
+            self.emit(E.st(E.DW, FP, S_OPT + off, 0))
+        self.emit(E.mov(R1, FP), E.alu(E.ADD, R1, S_OPT), E.mov(R2, E.R8),
+                  E.mov(R3, FP), E.alu(E.ADD, R3, S_DYNPTR),
+                  E.ldx(E.DW, R4, FP, S_THOFF), E.alu(E.ADD, R4, 20), E.mov(E.R5, 0),
+                  E.call(E.BPF_FUNC_dynptr_read),
+                  E.jmp(E.JNE, R0, 0, hot, comment="options not all there: hotdrop"),
+                  E.mov(R9, 0))
+        for k in range(40):
+            skip, long_ = self.label("opt_skip"), self.label("opt_long")
+            nz = self.label("opt_len")
+            self.emit(E.jmp(E.JNE, R9, k, skip),
+                      E.jmp(E.JLE, R8, k, notfound),
+                      E.ldx(E.B, R1, FP, S_OPT + k),
+                      E.jmp(E.JEQ, R1, option, found),
+                      E.jmp(E.JGT, R1, 1, long_),
+                      E.mov(R9, k + 1), E.ja(skip),
+                      Label(long_),
+                      E.ldx(E.B, R1, FP, S_OPT + k + 1),
+                      E.jmp(E.JNE, R1, 0, nz), E.mov(R1, 1),
+                      Label(nz), E.mov(R9, E.R1), E.alu(E.ADD, R9, k),
+                      Label(skip))
+        self.emit(E.ja(notfound), Label(found), E.ja(yes), Label(notfound), E.ja(no),
+                  Label(done))
+
+    def _udp(self, d: dict, fail: str, hot: str):
+        inv = d["invflags"]
+        self._frag_and_header(8, "udp", False)
+        self._ports(S_SPORT, d["spts"][0], d["spts"][1], bool(inv & XT_UDP_INV_SRCPT), "sport")
+        self._ports(S_DPORT, d["dpts"][0], d["dpts"][1], bool(inv & XT_UDP_INV_DSTPT), "dport")
+
+    def _icmp(self, d: dict, fail: str, hot: str):
+        """icmp_type_code_match(): (type == 0xFF || (type == t && lo <= code <= hi)) ^ inv."""
+        inv = bool(d["invflags"] & IPT_ICMP_INV)
+        t, (lo, hi) = d["type"], d["code"]
+        self._frag_and_header(8, "icmp", False)
+        if t == 0xFF:
+            if inv:
+                self.emit(E.ja(fail, "! icmp any never matches"))
+            return
+        self._load(S_ICMPCODE, f"{'! ' if inv else ''}icmp {t} code {lo}:{hi}")
+        self._range_mismatch(lo, hi, 0xff)
+        self.emit(E.mov(R4, R1))
+        self._load(S_ICMPTYPE)
+        self.emit(E.alu(E.XOR, R1, t))
+        self._nz()
+        self.emit(E.alu(E.OR, R1, R4))
+        if inv:
+            self.emit(E.alu(E.XOR, R1, 1))
+        self._acc()
+
+
+def _entry_count(table: Table) -> int:
+    if hasattr(table, "entries"):
+        return len(table.entries())
+    idx = [-1]
+    for c in table.chains:
+        for r in c.rules + [c.policy_entry, c.head_entry]:
+            if r is not None:
+                idx.append(r.index)
+    if table.tail_entry is not None:
+        idx.append(table.tail_entry.index)
+    return max(idx) + 1
+
+
+def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf") -> CompiledTable:
+    """Compile every built-in chain of `table` for `flavor`. Raises BpfilterError naming the rule
+    when something cannot be translated."""
+    if flavor != "nf":
+        raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor!r} is not supported by the compiler")
+    if table.family != AF_INET:
+        raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
+                                              f"compiler (IPv4 only)")
+    out = CompiledTable(counters_entries=max(1, _entry_count(table)))
+    for chain in table.chains:
+        if not chain.builtin:
+            continue
+        if chain.policy_entry is None:
+            raise BpfilterError(errno.EINVAL, f"chain {chain.name}: no underflow entry")
+        cc = _ChainCompiler(table, chain, facts)
+        items = cc.compile()
+        out.programs.append(CompiledProgram(chain.name, chain.hook, items, len(chain.rules),
+                                            where=cc.where, facts=facts))
+    return out

@@ -1,0 +1,88 @@
+"""The request/reply frames a door exchanges with the helper: a mirror of kmod/bpfilter_msg.h.
+
+One request, one reply, in order, host byte order; tests/test_frames.py compiles the C header and
+checks sizes and offsets agree with the formats below.  The same frames travel over the helper's
+stdin/stdout (the kernel shim's channel) and over the per-netns abstract unix socket that
+`bpfilter exec` uses, so one dispatch function serves both transports.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from .errors import BpfilterError
+
+BPFILTER_MSG_MAGIC = 0x62706631  # "bpf1"
+
+# struct bpfilter_request: magic cmd is_set family pid len (u32) addr netns_cookie (u64)
+REQUEST = struct.Struct("=IIIIIIQQ")
+# struct bpfilter_reply: magic (u32) status (s32) len pad (u32)
+REPLY = struct.Struct("=IiII")
+
+REQUEST_FIELDS = ("magic", "cmd", "is_set", "family", "pid", "len", "addr", "netns_cookie")
+REPLY_FIELDS = ("magic", "status", "len", "pad")
+
+
+def field_offsets(st: struct.Struct, names) -> dict:
+    """Offset of each field of a '='-packed format (no implicit padding: the C structs have none)."""
+    out, off = {}, 0
+    for name, code in zip(names, st.format.lstrip("=")):
+        out[name] = off
+        off += struct.calcsize("=" + code)
+    return out
+
+
+@dataclass
+class Request:
+    cmd: int
+    is_set: int
+    family: int
+    pid: int
+    len: int
+    addr: int
+    netns_cookie: int = 0
+
+    def pack(self) -> bytes:
+        return REQUEST.pack(BPFILTER_MSG_MAGIC, self.cmd, self.is_set, self.family, self.pid,
+                            self.len, self.addr, self.netns_cookie)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> "Request":
+        if len(buf) != REQUEST.size:
+            raise BpfilterError(errno.EINVAL, f"request frame of {len(buf)} bytes, want {REQUEST.size}")
+        magic, *rest = REQUEST.unpack(buf)
+        if magic != BPFILTER_MSG_MAGIC:
+            raise BpfilterError(errno.EINVAL, f"bad request magic {magic:#x}")
+        return cls(*rest)
+
+
+@dataclass
+class Reply:
+    status: int          # 0 or -errno
+    len: int = 0         # getsockopt: optlen handed back to the caller
+
+    def pack(self) -> bytes:
+        return REPLY.pack(BPFILTER_MSG_MAGIC, self.status, self.len, 0)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> "Reply":
+        if len(buf) != REPLY.size:
+            raise BpfilterError(errno.EIO, f"reply frame of {len(buf)} bytes, want {REPLY.size}")
+        magic, status, length, _pad = REPLY.unpack(buf)
+        if magic != BPFILTER_MSG_MAGIC:
+            raise BpfilterError(errno.EIO, f"bad reply magic {magic:#x}")
+        return cls(status, length)
+
+
+def read_exact(read, n: int) -> bytes:
+    """Read exactly n bytes with `read(k)`; b"" at a clean end of stream, EIO on a torn frame."""
+    buf = b""
+    while len(buf) < n:
+        chunk = read(n - len(buf))
+        if not chunk:
+            if not buf:
+                return b""
+            raise BpfilterError(errno.EIO, f"stream ended inside a frame ({len(buf)}/{n} bytes)")
+        buf += chunk
+    return buf

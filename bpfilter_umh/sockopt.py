@@ -1,0 +1,448 @@
+"""The socket-option handlers: one request frame in, one reply frame out, answered as
+net/ipv4/netfilter/ip_tables.c (do_ipt_get_ctl / do_ipt_set_ctl) and ip6_tables.c answer.
+
+The caller's buffer lives in the caller's memory: CallerMemory reads and writes it with
+process_vm_readv/writev (fallback /proc/PID/mem), the way the kernel uses copy_from_user and
+copy_to_user.  Both transports (the helper's stdin/stdout for the kernel shim, the per-netns
+abstract socket for `bpfilter exec`) call Dispatcher.serve, which runs each request in the
+caller's network namespace and maps every failure to an errno in one place (errors.to_errno).
+
+Order of checks per command, as in the kernel (so the same bad request gets the same errno):
+  GET_INFO          *len != sizeof(ipt_getinfo) -> EINVAL; table lookup -> ENOENT
+  GET_ENTRIES       *len < sizeof(ipt_get_entries) -> EINVAL; *len != sizeof + get.size -> EINVAL;
+                    lookup -> ENOENT; get.size != current size -> EAGAIN
+  GET_REVISION_*    *len != sizeof(xt_get_revision) -> EINVAL; unknown name -> ENOENT; known
+                    name without that revision -> EPROTONOSUPPORT (x_tables.c xt_find_revision)
+  SET_REPLACE       do_replace: num_counters overflow -> ENOMEM, 0 -> EINVAL, translate_table
+                    checks (codec) -> their errno, lookup -> ENOENT, valid_hooks mismatch -> EINVAL,
+                    num_counters != current number -> EAGAIN (xt_replace_table); old counters
+                    written to tmp.counters, a failed write ignored as __do_replace does
+  SET_ADD_COUNTERS  xt_copy_counters: len - sizeof(info) != num_counters * 16 -> EINVAL;
+                    lookup -> ENOENT; num_counters != current number -> EINVAL
+Every command first checks CAP_NET_ADMIN of the caller (-> EPERM).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+
+from .errors import BpfilterError, to_errno
+from .frames import Reply, Request
+
+log = logging.getLogger("bpfilter")
+
+SOL_IP, SOL_IPV6 = 0, 41
+AF_INET, AF_INET6 = 2, 10
+
+# include/uapi/linux/netfilter_ipv4/ip_tables.h and netfilter_ipv6/ip6_tables.h
+SO_SET_REPLACE = 64
+SO_SET_ADD_COUNTERS = 65
+SO_GET_INFO = 64
+SO_GET_ENTRIES = 65
+REVISION_CMDS = {AF_INET: (66, 67), AF_INET6: (68, 69)}   # (MATCH, TARGET)
+
+# (is_set, optname) of the requests whose buffer starts with a table name
+FILTER_CMDS = {(False, SO_GET_INFO), (False, SO_GET_ENTRIES),
+               (True, SO_SET_REPLACE), (True, SO_SET_ADD_COUNTERS)}
+
+CMD_NAMES = {(True, 64): "SET_REPLACE", (True, 65): "SET_ADD_COUNTERS", (False, 64): "GET_INFO",
+             (False, 65): "GET_ENTRIES", (False, 66): "GET_REVISION_MATCH",
+             (False, 67): "GET_REVISION_TARGET", (False, 68): "GET_REVISION_MATCH",
+             (False, 69): "GET_REVISION_TARGET"}
+XT_TABLE_MAXNAMELEN = 32
+XT_EXTENSION_MAXNAMELEN = 29
+GETINFO = struct.Struct("=32sI5I5III")                 # ipt_getinfo / ip6t_getinfo: 84
+GET_ENTRIES_HDR = struct.Struct("=32sI4x")             # ipt_get_entries: 40 (entries 8-aligned)
+REPLACE_HDR = struct.Struct("=32sIII5I5IIQ")           # ipt_replace: 96
+COUNTERS_INFO_HDR = struct.Struct("=32sI4x")           # xt_counters_info: 40
+XT_COUNTERS = struct.Struct("=QQ")                     # xt_counters
+ENTRY_SIZE = {AF_INET: 112, AF_INET6: 168}             # sizeof(ipt_entry), sizeof(ip6t_entry)
+GET_REVISION = struct.Struct("=29sB")                  # xt_get_revision: 30
+INT_MAX = 2**31 - 1
+XT_TABLE_INFO_SIZE, XT_MAX_TABLE_SIZE = 64, 512 * 1024 * 1024
+CAP_NET_ADMIN = 12
+SO_NETNS_COOKIE = 71
+
+
+def cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("latin-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the caller's memory
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = _libc.process_vm_writev.argtypes = [
+    ctypes.c_int, ctypes.POINTER(_iovec), ctypes.c_ulong, ctypes.POINTER(_iovec), ctypes.c_ulong,
+    ctypes.c_ulong]
+
+
+class CallerMemory:
+    """copy_from_user/copy_to_user for another process. A short or failed access is EFAULT,
+    as for the kernel; process_vm_* unavailable (ENOSYS/EPERM) falls back to /proc/PID/mem."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def _vm(self, fn, addr: int, buf, n: int) -> bool:
+        local = _iovec(ctypes.cast(buf, ctypes.c_void_p), n)
+        remote = _iovec(addr, n)
+        got = fn(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got == n:
+            return True
+        e = ctypes.get_errno() if got < 0 else errno.EFAULT
+        if e in (errno.ENOSYS, errno.EPERM):
+            return False
+        if e == errno.ESRCH:
+            raise BpfilterError(errno.ESRCH, f"caller {self.pid} is gone")
+        raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n} in caller {self.pid}")
+
+    def read(self, addr: int, n: int) -> bytes:
+        if n == 0:
+            return b""
+        buf = ctypes.create_string_buffer(n)
+        if self._vm(_libc.process_vm_readv, addr, buf, n):
+            return buf.raw
+        return self._proc_mem(addr, n, None)
+
+    def write(self, addr: int, data: bytes):
+        if not data:
+            return
+        buf = ctypes.create_string_buffer(data, len(data))
+        if not self._vm(_libc.process_vm_writev, addr, buf, len(data)):
+            self._proc_mem(addr, len(data), data)
+
+    def _proc_mem(self, addr, n, data):
+        try:
+            fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR if data is not None else os.O_RDONLY)
+        except OSError as e:
+            raise BpfilterError(errno.EFAULT, f"cannot open memory of {self.pid}: {e}") from None
+        try:
+            if data is None:
+                out = os.pread(fd, n, addr)
+                if len(out) != n:
+                    raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n}")
+                return out
+            if os.pwrite(fd, data, addr) != n:
+                raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n}")
+        except OSError:
+            raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n}") from None
+        finally:
+            os.close(fd)
+
+    def read_cstring(self, addr: int, maxlen: int) -> str:
+        # read page-bounded chunks so a short string near the end of a mapping still reads
+        out = b""
+        while len(out) < maxlen:
+            chunk = min(maxlen - len(out), 4096 - ((addr + len(out)) & 4095))
+            part = self.read(addr + len(out), chunk)
+            if b"\0" in part:
+                return (out + part.split(b"\0", 1)[0]).decode("latin-1")
+            out += part
+        return out.decode("latin-1")
+
+
+def netns_cookie() -> int:
+    """The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, net/core/sock.c)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
+BPFFS = "/sys/fs/bpf"
+MS_BIND = 4096
+
+
+def use_host_bpffs():
+    """Make /sys/fs/bpf the host's bpf filesystem in this mount namespace.
+
+    `ip netns exec` unshares the mount namespace and mounts a fresh sysfs on /sys, which hides
+    the bpffs of /sys/fs/bpf; a bpffs mounted there afterwards would belong to that throwaway
+    mount namespace, and the engine's pins (links included) would vanish with it when the
+    helper exits, detaching the filter.  So the helper and the CLI bind the bpffs seen by the
+    first process up the parent chain (or init) that has one at /sys/fs/bpf, through
+    /proc/PID/root, onto /sys/fs/bpf, inside their own mount namespace only."""
+    from .kernel import is_bpffs
+    if is_bpffs(BPFFS):
+        return
+    for pid in _ancestors() + [1]:
+        host = f"/proc/{pid}/root{BPFFS}"
+        try:
+            if not is_bpffs(host):
+                continue
+        except OSError:
+            continue
+        if _libc.mount(host.encode(), BPFFS.encode(), None, MS_BIND, None) != 0:
+            e = ctypes.get_errno()
+            raise BpfilterError(e, f"bind-mounting {host} on {BPFFS}: {os.strerror(e)}")
+        return
+    # no bpffs anywhere: the engine mounts one where it needs it
+
+
+def _ancestors():
+    out, pid = [], os.getpid()
+    for _ in range(64):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 1:
+            break
+        out.append(pid)
+    return out
+
+
+def caller_has_net_admin(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables of one network namespace
+
+def setns_net(fd: int):
+    if _libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class Backend:
+    """The filter table of one family in one netns: the codec's model plus the engine that
+    installs it (counters live in the engine's BPF maps).
+
+    The engine class is bpfilter_umh.engine.Engine unless BPFILTER_ENGINE names another
+    ("module:Class"): the hook tests use to run the control plane against a stand-in."""
+    name = "filter"
+
+    def __init__(self, family: int):
+        spec = os.environ.get("BPFILTER_ENGINE")
+        if spec:
+            import importlib
+            mod, _, cls = spec.partition(":")
+            engine_cls = getattr(importlib.import_module(mod), cls)
+        else:
+            from .engine import Engine as engine_cls
+        self.family = family
+        self.engine = engine_cls.open(family)
+
+        self._snap = None
+
+    @property
+    def table(self):
+        return self.engine.table
+
+    def _snapshot(self):
+        """The installed table encoded once (encode costs ~0.15 ms per rule): GET_INFO, the
+        entry count and the GET_ENTRIES blob come from it, live counters patched in."""
+        t = self.table
+        if self._snap is None or self._snap[0] is not t:
+            blob = t.encode()                          # also lays out: Rule.offset is set
+            # xt_counters is the last member of ipt_entry / ip6t_entry
+            cofs = [r.offset + ENTRY_SIZE[self.family] - XT_COUNTERS.size for r in t.entries()]
+            self._snap = (t, blob, cofs, t.getinfo_bytes())
+        return self._snap
+
+    @property
+    def valid_hooks(self) -> int:
+        return self.table.valid_hooks
+
+    def getinfo(self) -> bytes:
+        return self._snapshot()[3]
+
+    def num_entries(self) -> int:
+        return len(self._snapshot()[2])
+
+    def entries_blob(self) -> bytes:
+        _t, blob, cofs, _info = self._snapshot()
+        out = bytearray(blob)
+        for off, (pcnt, bcnt) in zip(cofs, self.engine.counters()):
+            XT_COUNTERS.pack_into(out, off, pcnt, bcnt)
+        return bytes(out)
+
+    def replace(self, table):
+        """Install atomically; returns the counters of the replaced table at the swap."""
+        return self.engine.install(table)
+
+    def add_counters(self, counters):
+        self.engine.add_counters(counters)
+
+
+class Dispatcher:
+    """Serves requests; keeps one backend per (netns cookie, family)."""
+
+    def __init__(self):
+        use_host_bpffs()
+        self.home_cookie = netns_cookie()
+        self.backends = {}
+
+    def backend(self, cookie: int, family: int):
+        key = (cookie, family)
+        if key not in self.backends:
+            self.backends[key] = Backend(family)
+        return self.backends[key]
+
+    def serve(self, req: Request) -> Reply:
+        try:
+            if req.netns_cookie and req.netns_cookie != self.home_cookie:
+                return self._serve_in_netns(req)
+            return self._serve(req, self.home_cookie)
+        except Exception as e:  # the one place failures become errno
+            err = to_errno(e)
+            # a refused SET_REPLACE is what an administrator needs to see (which rule, why);
+            # failed reads are routine (iptables probes with GET_INFO, GET_REVISION)
+            level = logging.WARNING if req.is_set else logging.INFO
+            log.log(level, "netns %d pid %d %s%s: %s", req.netns_cookie or self.home_cookie,
+                    req.pid, "setsockopt " if req.is_set else "getsockopt ",
+                    CMD_NAMES.get((bool(req.is_set), req.cmd), req.cmd), e)
+            return Reply(-err, 0)
+
+    def _serve_in_netns(self, req: Request) -> Reply:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            try:
+                target = os.open(f"/proc/{req.pid}/ns/net", os.O_RDONLY)
+            except OSError:
+                raise BpfilterError(errno.ESRCH, f"caller {req.pid} is gone") from None
+            try:
+                setns_net(target)
+            finally:
+                os.close(target)
+            if netns_cookie() != req.netns_cookie:
+                raise BpfilterError(errno.ESRCH, f"caller {req.pid} changed namespace")
+            return self._serve(req, req.netns_cookie)
+        finally:
+            setns_net(home)
+            os.close(home)
+
+    def _serve(self, req: Request, cookie: int) -> Reply:
+        if req.family not in (AF_INET, AF_INET6):
+            raise BpfilterError(errno.EAFNOSUPPORT, f"family {req.family}")
+        if not caller_has_net_admin(req.pid):
+            raise BpfilterError(errno.EPERM, f"caller {req.pid} lacks CAP_NET_ADMIN")
+        mem = CallerMemory(req.pid)
+        be = lambda: self.backend(cookie, req.family)  # noqa: E731
+        rev_match, rev_target = REVISION_CMDS[req.family]
+        if req.is_set:
+            if req.cmd == SO_SET_REPLACE:
+                return do_replace(be(), mem, req)
+            if req.cmd == SO_SET_ADD_COUNTERS:
+                return do_add_counters(be(), mem, req)
+        else:
+            if req.cmd == SO_GET_INFO:
+                return get_info(be(), mem, req)
+            if req.cmd == SO_GET_ENTRIES:
+                return get_entries(be(), mem, req)
+            if req.cmd in (rev_match, rev_target):
+                return get_revision(mem, req, target=req.cmd == rev_target)
+        # nf_sockopt_find: no registered range holds this optname
+        raise BpfilterError(errno.ENOPROTOOPT, f"unknown socket option {req.cmd}")
+
+
+def _lookup(be, name: str):
+    if name != be.name:
+        raise BpfilterError(errno.ENOENT, f"table {name!r} does not exist")
+
+
+def get_info(be, mem: CallerMemory, req: Request) -> Reply:
+    if req.len != GETINFO.size:
+        raise BpfilterError(errno.EINVAL, f"GET_INFO length {req.len} != {GETINFO.size}")
+    name = cstr(mem.read(req.addr, XT_TABLE_MAXNAMELEN)[:XT_TABLE_MAXNAMELEN - 1])
+    _lookup(be, name)
+    mem.write(req.addr, be.getinfo())
+    return Reply(0, req.len)
+
+
+def get_entries(be, mem: CallerMemory, req: Request) -> Reply:
+    if req.len < GET_ENTRIES_HDR.size:
+        raise BpfilterError(errno.EINVAL, f"GET_ENTRIES length {req.len} too short")
+    raw_name, size = GET_ENTRIES_HDR.unpack(mem.read(req.addr, GET_ENTRIES_HDR.size))
+    if req.len != GET_ENTRIES_HDR.size + size:
+        raise BpfilterError(errno.EINVAL, f"GET_ENTRIES length {req.len} != "
+                                          f"{GET_ENTRIES_HDR.size} + size {size}")
+    _lookup(be, cstr(raw_name[:XT_TABLE_MAXNAMELEN - 1]))
+    blob = be.entries_blob()
+    if size != len(blob):
+        raise BpfilterError(errno.EAGAIN, f"GET_ENTRIES size {size}, table has {len(blob)}")
+    mem.write(req.addr + GET_ENTRIES_HDR.size, blob)
+    return Reply(0, req.len)
+
+
+def get_revision(mem: CallerMemory, req: Request, target: bool) -> Reply:
+    if req.len != GET_REVISION.size:
+        raise BpfilterError(errno.EINVAL, f"GET_REVISION length {req.len} != {GET_REVISION.size}")
+    raw, revision = GET_REVISION.unpack(mem.read(req.addr, GET_REVISION.size))
+    name = cstr(raw[:XT_EXTENSION_MAXNAMELEN - 1])
+    revs = supported_revisions(req.family, name, target)
+    if not revs:
+        raise BpfilterError(errno.ENOENT, f"{'target' if target else 'match'} {name!r} unsupported")
+    if revision not in revs:
+        raise BpfilterError(errno.EPROTONOSUPPORT, f"{name!r} revision {revision} unsupported")
+    return Reply(0, req.len)
+
+
+def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
+    hdr_raw = mem.read(req.addr, REPLACE_HDR.size)
+    (raw_name, valid_hooks, num_entries, size, *rest) = REPLACE_HDR.unpack(hdr_raw)
+    num_counters, counters_ptr = rest[10], rest[11]
+    if num_counters >= INT_MAX // XT_COUNTERS.size:
+        raise BpfilterError(errno.ENOMEM, f"num_counters {num_counters} overflows")
+    if num_counters == 0:
+        raise BpfilterError(errno.EINVAL, "num_counters is 0")
+    if XT_TABLE_INFO_SIZE + size >= XT_MAX_TABLE_SIZE:
+        raise BpfilterError(errno.ENOMEM, f"table size {size} too large")   # xt_alloc_table_info
+    buf = hdr_raw + mem.read(req.addr + REPLACE_HDR.size, size)
+    from .model import decode_replace
+    hdr, table = decode_replace(buf, req.family)   # translate_table's checks
+    _lookup(be, hdr.name)
+    if valid_hooks != be.valid_hooks:
+        raise BpfilterError(errno.EINVAL, f"valid_hooks {valid_hooks:#x} != {be.valid_hooks:#x}")
+    if num_counters != be.num_entries():
+        raise BpfilterError(errno.EAGAIN, f"num_counters {num_counters} != "
+                                          f"{be.num_entries()} entries in the running table")
+    old = be.replace(table)     # compile + atomic install; on failure nothing changed
+    try:
+        mem.write(counters_ptr, b"".join(XT_COUNTERS.pack(p, b) for p, b in old))
+    except BpfilterError as e:
+        # __do_replace: the new table is in place already, a failed copy is not an error
+        log.warning("could not return old counters to %d: %s", req.pid, e)
+    return Reply(0, 0)
+
+
+def do_add_counters(be, mem: CallerMemory, req: Request) -> Reply:
+    if req.len < COUNTERS_INFO_HDR.size:
+        raise BpfilterError(errno.EFAULT, f"ADD_COUNTERS length {req.len} too short")
+    raw_name, num = COUNTERS_INFO_HDR.unpack(mem.read(req.addr, COUNTERS_INFO_HDR.size))
+    if num * XT_COUNTERS.size != req.len - COUNTERS_INFO_HDR.size:
+        raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS: {num} counters in "
+                                          f"{req.len - COUNTERS_INFO_HDR.size} bytes")
+    data = mem.read(req.addr + COUNTERS_INFO_HDR.size, num * XT_COUNTERS.size)
+    _lookup(be, cstr(raw_name[:XT_TABLE_MAXNAMELEN - 1]))
+    if num != be.num_entries():
+        raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS: {num} counters for "
+                                          f"{be.num_entries()} entries")
+    be.add_counters([XT_COUNTERS.unpack_from(data, i * 16) for i in range(num)])
+    return Reply(0, 0)
+
+
+def supported_revisions(family: int, name: str, target: bool) -> set:
+    """Revisions of an extension the compiler translates: what GET_REVISION admits to."""
+    from . import extensions
+    kind = extensions.TARGET if target else extensions.MATCH
+    return {k[3] for k, e in extensions._registry.items()
+            if k[0] == kind and k[1] == family and k[2] == name and e.compiled}
