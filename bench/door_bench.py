@@ -82,10 +82,12 @@ def measure(mode: str, rules: int, n: int) -> float:
         load = outer + door + ["iptables-legacy-restore"]
         ns.run(load, input=ruleset(rules))
         times = ns.run(outer + [sys.executable, "-c", INNER, RULE, str(n), *door]).stdout.split()
-        if mode != "kernel":
-            ns.run([sys.executable, "-m", "bpfilter_umh.cli", "flush"], check=False)
         return statistics.median(float(t) for t in times)
     finally:
+        if mode != "kernel":     # remove pins and state before the namespace goes
+            p = ns.run([sys.executable, "-m", "bpfilter_umh.cli", "flush"], check=False)
+            if p.returncode:
+                print(f"bpfilter flush failed in {ns.name}: {p.stderr}", file=sys.stderr)
         ns.close()
 
 

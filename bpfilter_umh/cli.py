@@ -37,18 +37,27 @@ def cmd_status(args) -> int:
 
 
 def format_status(fam_name: str, st) -> str:
-    """Human-readable status: one block per chain, one line per rule."""
+    """Human-readable status: one block per chain, one line per rule with its counters."""
     if not isinstance(st, dict) or "chains" not in st:
         return f"{fam_name}: {st}"
-    lines = [f"{fam_name} table {st.get('table', 'filter')}"]
+    lines = [f"{fam_name} table {st.get('table', 'filter')} (flavor {st.get('flavor')}, "
+             f"generation {st.get('generation', '-')})"]
     for ch in st["chains"]:
-        lines.append(f"  chain {ch.get('name')}: flavor {ch.get('flavor', '-')} "
-                     f"hook {ch.get('hook', '-')} prog {ch.get('prog_id', '-')} "
-                     f"jited {ch.get('jited_size', '-')} bytes, {len(ch.get('rules', []))} rules"
+        where = (f"hook {ch['hook']}, prog id {ch.get('prog_id') or '-'}, JIT "
+                 f"{ch.get('jited_size') or '-'} bytes" if ch.get("hook") else "user chain")
+        if ch.get("hook") and not ch.get("prog_id"):
+            where = f"hook {ch['hook']}, not attached (nothing to enforce)"
+        lines.append(f"  {ch.get('name')}: {where}, {ch.get('rule_count', 0)} rules"
                      + (f", policy {ch['policy']}" if ch.get("policy") else ""))
-        for i, r in enumerate(ch.get("rules", []), 1):
-            lines.append(f"    {i:4} pkts {r.get('pcnt', 0):>10} bytes {r.get('bcnt', 0):>12}  "
-                         f"{r.get('text', '')}")
+        if ch.get("error"):
+            lines.append(f"    error: {ch['error']}")
+        rows = [(str(i), r.get("pcnt", 0), r.get("bcnt", 0), r.get("text", ""))
+                for i, r in enumerate(ch.get("rules", []), 1)]
+        pc = ch.get("policy_counters")
+        if pc and ch.get("policy"):
+            rows.append(("policy", pc["pcnt"], pc["bcnt"], ch["policy"]))
+        for num, p, b, text in rows:
+            lines.append(f"    {num:>6} {p:>10} pkts {b:>12} bytes  {text}")
     return "\n".join(lines)
 
 

@@ -362,12 +362,12 @@ class _ChainCompiler:
         fail = nxt
         if isinstance(t, Jump):
             fail = self.label("skip")    # the inlined body may be too long for a 16-bit offset
-        self.acc_live = False
+        self.acc_live, self.first_cond, self.fail = False, True, fail
         self._ip(rule, fail)
         for m in rule.matches:
             self._match(m, rule, chain, pos, fail, hot)
         if self.acc_live:
-            self.emit(E.jmp(E.JNE, ACC, 0, fail, comment="the only way out of a non-matching rule"))
+            self.emit(E.jmp(E.JNE, ACC, 0, fail, comment="a later condition failed"))
         self._count(rule.index)
         if isinstance(t, Verdict):
             if t.verdict == XT_RETURN:
@@ -437,9 +437,17 @@ class _ChainCompiler:
     # rule would pile up pending states for the rest of the program and hit "The sequence of
     # 8193 jumps is too complex" (kernel/bpf/verifier.c push_stack) near 2000 rules.
     # Hotdrop checks are gated on ACC == 0 (everything before matched) and have the drop as the
-    # fall-through for the same reason.
+    # fall-through for the same reason. The first condition of a rule is a branch of its own
+    # (short-circuit for speed), so a rule leaves at most one pending state: about 8000 rules
+    # per chain fit (measured: 6000 rules load).
 
     def _acc(self, reg=R1):
+        if self.first_cond:
+            # the rule's first condition short-circuits: most packets leave most rules here,
+            # which keeps linear chains fast; this is the rule's one other pending state
+            self.first_cond = False
+            self.emit(E.jmp(E.JNE, E.Reg(reg), 0, self.fail))
+            return
         if self.acc_live:
             self.emit(E.alu(E.OR, ACC, E.Reg(reg)))
         else:
@@ -558,9 +566,14 @@ class _ChainCompiler:
         if not inv and lo == 0 and hi >= 0xffff:
             return
         self._load(slot, f"{'! ' if inv else ''}{what} {lo}:{hi}")
-        self._range_mismatch(lo, hi, 0xffff)
-        if inv:
-            self.emit(E.alu(E.XOR, R1, 1))
+        if lo == hi:                   # one port: p ^ lo is the mismatch
+            self.emit(E.alu(E.XOR, R1, lo))
+            if inv:
+                self._nz(invert=True)
+        else:
+            self._range_mismatch(lo, hi, 0xffff)
+            if inv:
+                self.emit(E.alu(E.XOR, R1, 1))
         self._acc()
 
     def _range_mismatch(self, lo: int, hi: int, top: int):

@@ -19,17 +19,18 @@ counters back. The door and the tests use exactly these names:
   .flush()                    remove everything of this family in this netns: links, pins, files
 
 State of one (netns, family):
-  /sys/fs/bpf/bpfilter/<netns cookie>/<family>/g<generation>/{counters, link_<HOOK>}   bpffs pins
-  /run/bpfilter/<netns cookie>/<family>.table   JSON: the table blob + GET_INFO numbers, counter
-                                                base, generation and hook priorities
+  attach.py's pins under /sys/fs/bpf/bpfilter/<netns cookie>/<family>/ (prog array, dispatcher
+  links, the ruleset programs); the counters map is found again through the installed programs'
+  map ids (each program references exactly one map, the counters)
+  /run/bpfilter/<netns cookie>/<family>.table   JSON: the table blob + GET_INFO numbers and the
+                                                add_counters base
 The netns cookie (SO_NETNS_COOKIE) is never reused within a boot, unlike inode numbers.
 
-Atomic swap (nf flavor): a netfilter BPF link cannot change its program, so each generation's
-links sit at one of two priorities (NF_PRI_A/NF_PRI_B, just after iptables' filter at
-NF_IP_PRI_FILTER = 0). The new links are created while the old ones still run, then the old ones
-are detached: a packet crossing the hook during the swap sees the old program, the new one or
-both in sequence, never neither. Replacing within the same priority would give EBUSY
-(nf_bpf_link.c: nf_register_net_hook refuses a second BPF hook at one priority).
+Atomic swap: attach.NfAttachment (a dispatcher per hook tail-calls its slot of a prog array;
+replacing a ruleset is one map update per hook). The hooks are swapped one after the other, so
+for an instant INPUT may run the new ruleset while OUTPUT still runs the old one (the kernel swaps
+the whole table at once); no packet ever passes unfiltered. If a swap fails, the hooks already
+swapped get their old programs back.
 """
 from __future__ import annotations
 
@@ -37,20 +38,16 @@ import errno
 import json
 import os
 import re
-import shutil
 import struct
 
+from . import attach
 from . import kernel as K
 from .compile import COUNTERS_MAP, CompiledProgram, KernelFacts, compile_table
 from .errors import BpfilterError
 from .model import AF_INET, HOOK_NAMES, NF_ACCEPT, Table, Verdict
 
-BPFFS = "/sys/fs/bpf"
-PIN_ROOT = os.path.join(BPFFS, "bpfilter")
 STATE_ROOT = "/run/bpfilter"
-NF_PRI_A, NF_PRI_B = 1, 2
 FAMILY_NAMES = {2: "ipv4", 10: "ipv6"}
-NFPROTO = {2: 2, 10: 10}        # NFPROTO_IPV4 / NFPROTO_IPV6 have the AF_ values
 
 _facts = None
 
@@ -81,15 +78,12 @@ class Engine:
         fam = FAMILY_NAMES.get(family)
         if fam is None:
             raise BpfilterError(errno.EAFNOSUPPORT, f"family {family}")
-        self.pin_dir = os.path.join(PIN_ROOT, str(cookie), fam)
+        self.pin_dir = attach.NfAttachment.directory(attach.nfproto(family), cookie=cookie)
         self.state_path = os.path.join(STATE_ROOT, str(cookie), f"{fam}.table")
         self.table = Table.empty("filter", family)
         self.base = [(0, 0)] * self.table.num_entries
-        self.generation = 0
-        self.priority = None          # priority of the installed links (None: nothing attached)
-        self.hooks = {}               # chain name -> hook number of the attached programs
-        self._map = None
         self.state_error = None
+        self._map = None
 
     # ---- open / persist ----
     @classmethod
@@ -104,19 +98,13 @@ class Engine:
         try:
             with open(self.state_path) as f:
                 st = json.load(f)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            raise BpfilterError(errno.EIO, f"cannot read {self.state_path}: {e}")
-        try:
-            self.generation = st["generation"]
-            self.priority = st["priority"]
-            self.hooks = st["hooks"]
             table = Table.decode(bytes.fromhex(st["blob"]), st["family"], st["hook_entry"],
                                  st["underflow"], st["valid_hooks"], st["name"])
             base = [tuple(x) for x in st["base"]]
-        except (KeyError, TypeError, ValueError, BpfilterError) as e:
-            # keep what locates the pins so flush() still works; the model starts fresh
+        except FileNotFoundError:
+            return
+        except (OSError, KeyError, TypeError, ValueError, BpfilterError) as e:
+            # flush() still works (the pins are found by path); the model starts fresh
             self.state_error = f"unreadable state {self.state_path}: {e}"
             return
         self.table, self.base = table, base + [(0, 0)] * (table.num_entries - len(base))
@@ -124,23 +112,48 @@ class Engine:
     def _save_state(self):
         st = dict(name=self.table.name, family=self.family, valid_hooks=self.table.valid_hooks,
                   hook_entry=self.table.hook_entry, underflow=self.table.underflow,
-                  blob=self.table.encode().hex(), base=self.base, generation=self.generation,
-                  priority=self.priority, hooks=self.hooks, flavor=self.flavor)
+                  blob=self.table.encode().hex(), base=self.base, flavor=self.flavor)
         os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = self.state_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(st, f)
         os.replace(tmp, self.state_path)
 
-    def _gen_dir(self, gen: int) -> str:
-        return os.path.join(self.pin_dir, f"g{gen}")
+    def _attachment(self, create: bool = False):
+        """attach.py's state for this netns/family; None when nothing is installed (opening it
+        creates pins, so status/counters never do that)."""
+        if not create and not os.path.isdir(self.pin_dir):
+            return None
+        return attach.NfAttachment.open(self.family)
+
+    def _installed_programs(self) -> dict:
+        """{hook: Prog} of the ruleset programs in the slots."""
+        att = self._attachment()
+        if att is None:
+            return {}
+        try:
+            out = {}
+            for h in range(5):
+                p = att.program(h)
+                if p is not None:
+                    out[h] = p
+            return out
+        finally:
+            att.close()
 
     def _counters_map(self):
-        """The installed generation's counters map (None when nothing is installed)."""
-        if self.priority is None:
-            return None
+        """The installed ruleset's counters map, found through the programs' map ids."""
         if self._map is None:
-            self._map = K.Map.from_pin(os.path.join(self._gen_dir(self.generation), "counters"))
+            progs = self._installed_programs()
+            try:
+                for p in progs.values():
+                    ids = p.info()["map_ids"]
+                    if ids:
+                        self._map = K.Map.from_id(ids[0])
+                        break
+            finally:
+                for p in progs.values():
+                    p.close()
         return self._map
 
     # ---- install ----
@@ -151,50 +164,70 @@ class Engine:
                                               f"family {self.family} engine")
         if self.family != AF_INET and _accept_all(table):
             # nothing to enforce and no compiler for this family yet: keep the model only
-            old = self._detach_current()
+            old = self.counters()
+            self._retire()
             self.table, self.base = table, [(0, 0)] * table.num_entries
             self._save_state()
             return old
         compiled = compile_table(table, kernel_facts(), self.flavor)
-        K.ensure_bpffs(BPFFS)
         new_map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, compiled.counters_entries,
                                name="bpfilter_cnt")
-        progs, links = [], []
+        progs = {}
         try:
             for cp in compiled.programs:
-                progs.append(self._load(cp, new_map))
-            prio = NF_PRI_B if self.priority == NF_PRI_A else NF_PRI_A
-            for cp, prog in zip(compiled.programs, progs):
-                links.append(K.link_create_netfilter(prog, NFPROTO[self.family], cp.hook, prio))
-            gen = self.generation + 1
-            gdir = self._gen_dir(gen)
-            shutil.rmtree(gdir, ignore_errors=True)
-            new_map.pin(os.path.join(gdir, "counters"))
-            for cp, link in zip(compiled.programs, links):
-                link.pin(os.path.join(gdir, f"link_{cp.chain}"))
+                progs[cp.hook] = self._load(cp, new_map)
         except BaseException:
-            for link in links:
-                _quietly(link.detach)
-                link.close()
-            for p in progs:
+            for p in progs.values():
                 p.close()
             new_map.close()
-            if 'gdir' in locals():
-                shutil.rmtree(gdir, ignore_errors=True)
             raise
-        # the new programs filter now; retire the old ones
-        old = self._detach_current()
-        for p in progs:
+        old_counters = self.counters()
+        old_map = self._counters_map()
+        att = self._attachment(create=True)
+        old_progs = {}
+        swapped = []
+        try:
+            for h in progs:
+                old_progs[h] = att.program(h)
+            for h, p in progs.items():
+                att.swap(h, p)              # atomic per hook
+                swapped.append(h)
+        except BaseException:
+            for h in swapped:               # put the old programs back
+                if old_progs.get(h) is not None:
+                    _quietly(att.swap, h, old_progs[h])
+                else:
+                    _quietly(att.detach, h)
+            for p in list(progs.values()) + [p for p in old_progs.values() if p is not None]:
+                p.close()
+            new_map.close()
+            att.close()
+            raise
+        # hooks the new table does not serve any more
+        stale = {h for h in range(5) if h not in progs and att.program(h) is not None}
+        for h in stale:
+            _quietly(att.detach, h)
+        att.close()
+        for p in list(progs.values()) + [p for p in old_progs.values() if p is not None]:
             p.close()
-        for link in links:
-            link.close()
+        # the old programs are out of every slot: their counts are final
+        if old_map is not None:
+            old_counters = self._read(old_map, self.table.num_entries, self.base)
+            old_map.close()
+        self._map = new_map
         self.table = table
         self.base = [(0, 0)] * table.num_entries
-        self.generation, self.priority = gen, prio
-        self.hooks = {cp.chain: cp.hook for cp in compiled.programs}
-        self._map = new_map
         self._save_state()
-        return old
+        return old_counters
+
+    def _retire(self):
+        """Detach every hook of this family and drop the pins (attach.detach_all)."""
+        att = self._attachment()
+        if att is not None:
+            att.detach_all()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
     def _load(self, cp: CompiledProgram, counters_map) -> "K.Prog":
         code = cp.assemble({COUNTERS_MAP: counters_map.fd})
@@ -207,43 +240,22 @@ class Engine:
             raise BpfilterError(e.errno, f"{where}: the kernel refused the compiled program "
                                          f"({e.message})") from None
 
-    def _detach_current(self) -> list:
-        """Detach and unpin the installed generation; returns its final counters."""
-        old = self.counters()
-        if self.priority is not None:
-            gdir = self._gen_dir(self.generation)
-            for chain in self.hooks:
-                path = os.path.join(gdir, f"link_{chain}")
-                try:
-                    link = K.Link.from_pin(path)
-                except BpfilterError:
-                    continue
-                _quietly(link.detach)
-                link.close()
-            old = self.counters()          # after detach: nothing counts any more
-            if self._map is not None:
-                self._map.close()
-                self._map = None
-            shutil.rmtree(gdir, ignore_errors=True)
-            self.priority = None
-            self.hooks = {}
-        return old
-
     # ---- counters ----
-    def counters(self) -> list:
-        n = self.table.num_entries
-        out = list(self.base) + [(0, 0)] * (n - len(self.base))
-        m = self._counters_map()
+    @staticmethod
+    def _read(m, n: int, base: list) -> list:
+        out = list(base) + [(0, 0)] * (n - len(base))
         if m is None:
             return out[:n]
         for i in range(min(n, m.max_entries)):
-            vals = m.lookup_percpu(i) or []
             p = b = 0
-            for v in vals:
+            for v in m.lookup_percpu(i) or []:
                 vp, vb = struct.unpack("<QQ", v)
                 p, b = p + vp, b + vb
-            out[i] = (out[i][0] + p, out[i][1] + b)
+            out[i] = ((out[i][0] + p) & (2**64 - 1), (out[i][1] + b) & (2**64 - 1))
         return out[:n]
+
+    def counters(self) -> list:
+        return self._read(self._counters_map(), self.table.num_entries, self.base)
 
     def add_counters(self, counters):
         counters = list(counters)
@@ -257,45 +269,45 @@ class Engine:
     # ---- status / flush ----
     def status(self) -> dict:
         counts = self.counters()
+        progs = self._installed_programs()
+        att = self._attachment()
+        links = att.attached() if att is not None else {}
+        if att is not None:
+            att.close()
         chains = []
-        for c in self.table.chains:
-            ch = dict(name=c.name, hook=HOOK_NAMES.get(c.hook) if c.builtin else None,
-                      flavor=self.flavor if c.name in self.hooks else None, prog_id=None,
-                      jited_size=None, rule_count=len(c.rules),
-                      policy=Verdict(c.policy).name if c.builtin and c.policy is not None else None,
-                      rules=[dict(pcnt=counts[r.index][0], bcnt=counts[r.index][1],
-                                  text=_describe(r)) for r in c.rules])
-            if c.policy_entry is not None:
-                ch["policy_counters"] = dict(pcnt=counts[c.policy_entry.index][0],
-                                             bcnt=counts[c.policy_entry.index][1])
-            if c.name in self.hooks:
-                try:
-                    link = K.Link.from_pin(os.path.join(self._gen_dir(self.generation),
-                                                        f"link_{c.name}"))
-                    li = link.info()
-                    link.close()
-                    prog = K.Prog.from_id(li["prog_id"])
-                    pi = prog.info()
-                    prog.close()
-                    ch.update(prog_id=pi["id"], jited_size=pi["jited_prog_len"],
-                              priority=li.get("priority"))
-                except BpfilterError as e:
-                    ch["error"] = str(e)
-            chains.append(ch)
-        return dict(table=self.table.name, family=FAMILY_NAMES[self.family], flavor=self.flavor,
-                    generation=self.generation, chains=chains)
+        try:
+            for c in self.table.chains:
+                ch = dict(name=c.name, hook=HOOK_NAMES.get(c.hook) if c.builtin else None,
+                          flavor=None, prog_id=None, jited_size=None, rule_count=len(c.rules),
+                          policy=Verdict(c.policy).name if c.builtin and c.policy is not None
+                          else None,
+                          rules=[dict(pcnt=counts[r.index][0], bcnt=counts[r.index][1],
+                                      text=_describe(r)) for r in c.rules])
+                if c.policy_entry is not None:
+                    ch["policy_counters"] = dict(pcnt=counts[c.policy_entry.index][0],
+                                                 bcnt=counts[c.policy_entry.index][1])
+                if c.builtin and c.hook in progs:
+                    pi = progs[c.hook].info()
+                    ch.update(flavor=self.flavor, prog_id=pi["id"], jited_size=pi["jited_prog_len"],
+                              link=links.get(c.hook))
+                chains.append(ch)
+        finally:
+            for p in progs.values():
+                p.close()
+        out = dict(table=self.table.name, family=FAMILY_NAMES[self.family], flavor=self.flavor,
+                   chains=chains)
+        if self.state_error:
+            out["error"] = self.state_error
+        return out
 
     def flush(self):
         """Remove everything of this family in this netns; the model returns to the fresh table."""
-        self._detach_current()
-        shutil.rmtree(self.pin_dir, ignore_errors=True)
-        for d in (os.path.dirname(self.pin_dir),):
-            _quietly(os.rmdir, d)                 # only when no other family is left
+        self._retire()
         _quietly(os.unlink, self.state_path)
         _quietly(os.rmdir, os.path.dirname(self.state_path))
         self.table = Table.empty("filter", self.family)
         self.base = [(0, 0)] * self.table.num_entries
-        self.generation = 0
+        self.state_error = None
 
     def close(self):
         if self._map is not None:

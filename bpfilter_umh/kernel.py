@@ -89,6 +89,7 @@ BPF_PSEUDO_KFUNC_CALL = 2
 BPF_FS_MAGIC = 0xCAFE4A11
 BPF_OBJ_NAME_LEN = 16
 SO_NETNS_COOKIE = 71
+CLONE_NEWNET = 0x40000000
 
 NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
 NF_DROP, NF_ACCEPT = 0, 1
@@ -103,6 +104,8 @@ _ffi = cffi.FFI()
 _ffi.cdef("""
 long syscall(long number, ...);
 int statfs(const char *path, void *buf);
+int unshare(int flags);
+int setns(int fd, int nstype);
 int mount(const char *source, const char *target, const char *fstype, unsigned long flags,
           const void *data);
 
@@ -186,7 +189,7 @@ def _err(op: str, e: int, what: str = "") -> BpfilterError:
 def _check(ret: int, op: str, what: str = "") -> int:
     """libbpf 1.x returns -errno (and sets errno) on failure."""
     if ret < 0:
-        raise _err(op, -ret if ret != -1 else (_ffi.errno or errno.EINVAL), what)
+        raise _err(op, -ret, what)
     return ret
 
 
@@ -252,6 +255,12 @@ def unpin(path: str, missing_ok: bool = True):
             raise BpfilterError(errno.ENOENT, f"no pin at {path}")
     except OSError as e:
         raise BpfilterError(e.errno, f"cannot unpin {path}: {e.strerror}")
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET):
+    """Move the calling thread into the namespace `fd` refers to."""
+    if _libc.setns(fd, nstype) != 0:
+        raise _err("setns", _ffi.errno)
 
 
 def netns_cookie() -> int:
@@ -327,6 +336,23 @@ class _Obj:
         return self.info()["id"]
 
 
+def _check_kind(fd: int, kind: str, where: str = ""):
+    """Make sure fd is a bpf map/prog/link: OBJ_GET_INFO_BY_FD would happily fill a map-sized
+    buffer with a program's info. /proc/self/fdinfo names the kind (kernel/bpf/syscall.c
+    bpf_map_show_fdinfo: "map_type:", bpf_prog_show_fdinfo: "prog_type:", bpf_link_show_fdinfo:
+    "link_type:"). Closes fd when it is not."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            text = f.read()
+    except OSError as e:
+        _close(fd)
+        raise BpfilterError(e.errno or errno.EBADF, f"fd {fd}: {e.strerror}")
+    if f"\n{kind}_type:" not in "\n" + text:
+        _close(fd)
+        raise BpfilterError(errno.EINVAL, f"{where or f'fd {fd}'} is not a BPF {kind}")
+    return fd
+
+
 def _from_id(getter, id_: int, what: str) -> int:
     return _check(getter(id_), f"BPF_{what.upper()}_GET_FD_BY_ID", str(id_))
 
@@ -357,6 +383,7 @@ class Map(_Obj):
     @classmethod
     def from_fd(cls, fd: int) -> "Map":
         """Adopt fd (closed on error)."""
+        _check_kind(fd, "map")
         m = cls(fd, 0, 0, 0, 0)
         try:
             i = m.info()
@@ -369,7 +396,7 @@ class Map(_Obj):
 
     @classmethod
     def from_pin(cls, path: str) -> "Map":
-        return cls.from_fd(obj_get(path))
+        return cls.from_fd(_check_kind(obj_get(path), "map", path))
 
     @classmethod
     def from_id(cls, id_: int) -> "Map":
@@ -481,7 +508,7 @@ class Prog(_Obj):
         if not insns or len(insns) % 8:
             raise BpfilterError(errno.EINVAL, f"program {name!r}: {len(insns)} bytes is not a "
                                 "non-empty array of 8-byte instructions")
-        keep = []
+        keep = []          # cdata the attr points into must outlive the syscalls
         attr = _ffi.new("struct bpf_attr_prog_load *")
         attr.prog_type = prog_type
         attr.insn_cnt = len(insns) // 8
@@ -532,6 +559,7 @@ class Prog(_Obj):
 
     @classmethod
     def from_fd(cls, fd: int) -> "Prog":
+        _check_kind(fd, "prog")
         p = cls(fd)
         try:
             i = p.info()
@@ -543,7 +571,7 @@ class Prog(_Obj):
 
     @classmethod
     def from_pin(cls, path: str) -> "Prog":
-        return cls.from_fd(obj_get(path))
+        return cls.from_fd(_check_kind(obj_get(path), "prog", path))
 
     @classmethod
     def from_id(cls, id_: int) -> "Prog":
@@ -585,7 +613,11 @@ def test_run(prog_fd, data_in: bytes = b"", ctx_in: bytes = None, repeat: int = 
     """BPF_PROG_TEST_RUN -> (retval, duration_ns per run, data_out).
     Netfilter programs (net/bpf/test_run.c bpf_prog_test_run_nf): data_in is an Ethernet frame
     (eth_type_trans pulls the header; its EtherType must match pf), ctx_in a struct
-    nf_hook_state prefix with hook at byte 0 and pf at byte 1, everything else zero."""
+    nf_hook_state prefix with hook at byte 0 and pf at byte 1, everything else zero.
+    Measured on 6.18: at PRE_ROUTING/LOCAL_IN/FORWARD/POST_ROUTING data_in is an Ethernet frame
+    and the program sees the IP header at offset 0; at LOCAL_OUT -- also the default hook when
+    ctx_in is None -- data_in is used as is, so pass the bare IP packet (an Ethernet frame there
+    would put a MAC address where the program expects the IP header)."""
     fd = getattr(prog_fd, "fd", prog_fd)
     opts = _ffi.new("struct bpf_test_run_opts *")
     opts.sz = _ffi.sizeof("struct bpf_test_run_opts")
@@ -620,7 +652,7 @@ class Link(_Obj):
 
     @classmethod
     def from_pin(cls, path: str) -> "Link":
-        return cls(obj_get(path))
+        return cls(_check_kind(obj_get(path), "link", path))
 
     @classmethod
     def from_id(cls, id_: int) -> "Link":
@@ -645,7 +677,8 @@ class Link(_Obj):
 def link_create_netfilter(prog, pf: int, hooknum: int, priority: int, flags: int = 0) -> Link:
     """A BPF_LINK_TYPE_NETFILTER link in the calling thread's network namespace
     (net/netfilter/nf_bpf_link.c bpf_nf_link_attach). EBUSY: a BPF hook already sits at this
-    (pf, hooknum, priority); priorities NF_IP_PRI_FIRST/LAST are refused with EINVAL."""
+    (pf, hooknum, priority) is used by any other hook (measured: an instantiated iptables-legacy
+    filter table at 0 makes priority 0 busy); NF_IP_PRI_FIRST/LAST give ERANGE, a bad hook EPROTO."""
     pfd = getattr(prog, "fd", prog)
     attr = _ffi.new("struct bpf_attr_link_create_nf *")
     attr.prog_fd = pfd
@@ -656,7 +689,10 @@ def link_create_netfilter(prog, pf: int, hooknum: int, priority: int, flags: int
         e = -fd
         hint = ""
         if e == errno.EBUSY:
-            hint = " (another BPF program is attached at this priority)"
+            # net/netfilter/core.c nf_hook_entries_grow: a BPF hook may not share its priority
+            # with any other hook of (pf, hooknum): iptables' filter table, an nft chain, a link
+            hint = (" (another netfilter hook already uses this priority: iptables' table, an "
+                    "nft chain or another BPF link)")
         raise BpfilterError(e, f"BPF_LINK_CREATE netfilter pf={pf} hook={hooknum} "
                                f"priority={priority} flags={flags}: {os.strerror(e)}{hint}")
     return Link(fd)
@@ -705,7 +741,7 @@ class Features:
 
     def __init__(self):
         self._cache = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # probes require() other probes
 
     def report(self) -> dict:
         return {n: self._probe(n) for n in self.DESCRIPTIONS}
@@ -742,22 +778,45 @@ class Features:
     def _probe_netfilter_link(self):
         self.require("netfilter_prog")
         with self._nf_accept() as p:
-            # an accept-all program at an unused priority of LOCAL_OUT, removed at once
-            link_create_netfilter(p, NFPROTO_IPV4, 3, 0x7FFFFF00 - (os.getpid() & 0xFFFF)).close()
+            # attach an accept-all program in a throwaway network namespace, on a thread of its
+            # own, so that the caller's namespace never sees a hook appear (unshare affects only
+            # the calling thread's nsproxy: kernel/fork.c ksys_unshare)
+            result = []
+
+            def attempt():
+                try:
+                    if _libc.unshare(CLONE_NEWNET) != 0:
+                        raise _err("unshare(CLONE_NEWNET) for the netfilter link probe", _ffi.errno)
+                    link_create_netfilter(p, NFPROTO_IPV4, 3, 1).close()
+                    result.append(None)
+                except BpfilterError as e:
+                    result.append(e)
+
+            t = threading.Thread(target=attempt, name="bpfilter-probe")
+            t.start()
+            t.join()
+            if result[0] is not None:
+                raise result[0]
 
     def _probe_kfunc_dynptr(self):
         self.require("netfilter_prog")
         from . import btf
         try:
             from_skb = btf.func_id("bpf_dynptr_from_skb")
-            btf.func_id("bpf_dynptr_slice")
+            slice_ = btf.func_id("bpf_dynptr_slice")
             skb_off = btf.member_offset("bpf_nf_ctx", "skb")
         except BpfilterError as e:
             raise BpfilterError(errno.EOPNOTSUPP, e.message)
+        # both must be registered for BPF_PROG_TYPE_NETFILTER, not merely present in BTF
         body = (insn(0x79, 1, 1, skb_off)            # r1 = ctx->skb
                 + mov64_imm(2, 0)                   # flags
                 + mov64_reg(3, 10) + insn(0x07, 3, 0, 0, -16)   # r3 = fp - 16 (struct bpf_dynptr)
-                + call(from_skb, BPF_PSEUDO_KFUNC_CALL))
+                + call(from_skb, BPF_PSEUDO_KFUNC_CALL)
+                + mov64_reg(1, 10) + insn(0x07, 1, 0, 0, -16)   # r1 = the dynptr
+                + mov64_imm(2, 0)                               # offset
+                + mov64_reg(3, 10) + insn(0x07, 3, 0, 0, -24)   # 4-byte bounce buffer
+                + mov64_imm(4, 4)
+                + call(slice_, BPF_PSEUDO_KFUNC_CALL))
         self._nf_accept(body).close()
 
     def _probe_tail_call_netfilter(self):

@@ -159,31 +159,34 @@ def netns_cookie() -> int:
 
 
 BPFFS = "/sys/fs/bpf"
-MS_BIND = 4096
 
 
 def use_host_bpffs():
-    """Make /sys/fs/bpf the host's bpf filesystem in this mount namespace.
+    """Make /sys/fs/bpf the host's bpf filesystem for this process.
 
     `ip netns exec` unshares the mount namespace and mounts a fresh sysfs on /sys, which hides
     the bpffs of /sys/fs/bpf; a bpffs mounted there afterwards would belong to that throwaway
     mount namespace, and the engine's pins (links included) would vanish with it when the
-    helper exits, detaching the filter.  So the helper and the CLI bind the bpffs seen by the
-    first process up the parent chain (or init) that has one at /sys/fs/bpf, through
-    /proc/PID/root, onto /sys/fs/bpf, inside their own mount namespace only."""
+    helper exits, detaching the filter.  A bind mount cannot reach across mount namespaces
+    (fs/namespace.c do_loopback: EINVAL), so the helper and the CLI join the mount namespace of
+    the first process up the parent chain (or init) that has a bpffs at /sys/fs/bpf; the
+    network namespace, the one thing that matters for the request, is unchanged."""
     from .kernel import is_bpffs
     if is_bpffs(BPFFS):
         return
     for pid in _ancestors() + [1]:
-        host = f"/proc/{pid}/root{BPFFS}"
         try:
-            if not is_bpffs(host):
+            if not is_bpffs(f"/proc/{pid}/root{BPFFS}"):
                 continue
+            fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
         except OSError:
             continue
-        if _libc.mount(host.encode(), BPFFS.encode(), None, MS_BIND, None) != 0:
-            e = ctypes.get_errno()
-            raise BpfilterError(e, f"bind-mounting {host} on {BPFFS}: {os.strerror(e)}")
+        try:
+            if _libc.setns(fd, 0x00020000) != 0:      # CLONE_NEWNS
+                e = ctypes.get_errno()
+                raise BpfilterError(e, f"joining the mount namespace of {pid}: {os.strerror(e)}")
+        finally:
+            os.close(fd)
         return
     # no bpffs anywhere: the engine mounts one where it needs it
 
@@ -239,9 +242,30 @@ class Backend:
         else:
             from .engine import Engine as engine_cls
         self.family = family
-        self.engine = engine_cls.open(family)
-
+        self._open = lambda: engine_cls.open(family)  # noqa: E731
+        self.engine = self._open()
         self._snap = None
+        self._stamp = self._state_stamp()
+
+    def _state_stamp(self):
+        """Identity of the engine's state file: another process (`bpfilter flush`, a second
+        helper) that changes the state replaces or removes it (engine.py writes it with
+        os.replace), and the cached engine would then be stale."""
+        path = getattr(self.engine, "state_path", None)
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            return None
+        return st and (st.st_ino, st.st_mtime_ns)
+
+    def refresh(self):
+        """Re-adopt the installed state if someone else changed it since we last looked."""
+        if self._state_stamp() != self._stamp:
+            log.info("state of family %d changed outside this helper: re-adopting it",
+                     self.family)
+            self.engine = self._open()
+            self._snap = None
+            self._stamp = self._state_stamp()
 
     @property
     def table(self):
@@ -266,7 +290,9 @@ class Backend:
         return self._snapshot()[3]
 
     def num_entries(self) -> int:
-        return len(self._snapshot()[2])
+        if self._snap is not None and self._snap[0] is self.table:
+            return len(self._snap[2])
+        return self.table.num_entries      # no need to encode just to count
 
     def entries_blob(self) -> bytes:
         _t, blob, cofs, _info = self._snapshot()
@@ -277,10 +303,16 @@ class Backend:
 
     def replace(self, table):
         """Install atomically; returns the counters of the replaced table at the swap."""
-        return self.engine.install(table)
+        try:
+            return self.engine.install(table)
+        finally:
+            self._stamp = self._state_stamp()
 
     def add_counters(self, counters):
-        self.engine.add_counters(counters)
+        try:
+            self.engine.add_counters(counters)
+        finally:
+            self._stamp = self._state_stamp()
 
 
 class Dispatcher:
@@ -295,6 +327,8 @@ class Dispatcher:
         key = (cookie, family)
         if key not in self.backends:
             self.backends[key] = Backend(family)
+        else:
+            self.backends[key].refresh()
         return self.backends[key]
 
     def serve(self, req: Request) -> Reply:

@@ -197,6 +197,7 @@ static int helper_start(void)
 		NULL,	/* PYTHONPATH= */
 		NULL,
 	};
+	char *py = NULL, *path = NULL;
 	struct sock *sk;
 	int err = -ENOMEM;
 
@@ -204,11 +205,16 @@ static int helper_start(void)
 	if (!h)
 		return -ENOMEM;
 
+	/* strim(): a value written to /sys/module/bpfilter/parameters/ keeps echo's newline. */
 	kernel_param_lock(THIS_MODULE);
-	argv[0] = kstrdup(python, GFP_KERNEL);
-	envp[4] = kasprintf(GFP_KERNEL, "PYTHONPATH=%s", pythonpath);
+	py = kstrdup(python, GFP_KERNEL);
+	path = kstrdup(pythonpath, GFP_KERNEL);
 	kernel_param_unlock(THIS_MODULE);
-	if (!argv[0] || !envp[4])
+	if (!py || !path)
+		goto out;
+	argv[0] = strim(py);
+	envp[4] = kasprintf(GFP_KERNEL, "PYTHONPATH=%s", strim(path));
+	if (!envp[4])
 		goto out;
 
 	err = sock_create_kern(&init_net, AF_UNIX, SOCK_STREAM, 0, &h->sock);
@@ -247,7 +253,8 @@ out:
 		WRITE_ONCE(helper_pid, pid_nr(h->pid));
 		helper_starts++;
 	}
-	kfree(argv[0]);
+	kfree(py);
+	kfree(path);
 	kfree(envp[4]);
 	return err;
 }

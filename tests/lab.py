@@ -487,6 +487,14 @@ def run_case(lab: Lab, text: str, probes) -> tuple:
     return outcomes, lab.counters()
 
 
+def outcome_text(outcome) -> str:
+    """("c0", 0), ("c0", 8) -> "seen at c0 (offset 0), c0 (offset 8)"; () -> "dropped"."""
+    if not outcome:
+        return "dropped"
+    return "seen at " + ", ".join(f"{pt}" + (f" (fragment offset {off})" if off else "")
+                                  for pt, off in outcome)
+
+
 def differential(ref: Lab, cand: Lab, text: str, probes) -> list:
     """Run the same ruleset and probes in both labs; return the differences as readable lines
     (empty = same delivered/dropped outcome for every probe and same counters for every rule)."""
@@ -496,8 +504,8 @@ def differential(ref: Lab, cand: Lab, text: str, probes) -> list:
         o_cand, c_cand = run_case(cand, text, probes)
     except Exception as e:      # the oracle took it: any refusal is a difference
         return [f"{cn} refused a ruleset {rn} accepted: {type(e).__name__}: {e}"]
-    diffs = [f"probe {p.describe()}\n    {rn}: {o_ref[p.ident] or 'dropped'}  {cn}: "
-             f"{o_cand[p.ident] or 'dropped'}" for p in probes if o_ref[p.ident] != o_cand[p.ident]]
+    diffs = [f"probe {p.describe()}\n    {rn}: {outcome_text(o_ref[p.ident])}  {cn}: "
+             f"{outcome_text(o_cand[p.ident])}" for p in probes if o_ref[p.ident] != o_cand[p.ident]]
     for k in sorted(set(c_ref) | set(c_cand), key=str):
         if c_ref.get(k) != c_cand.get(k):
             diffs.append(f"counters {k[0]} {'policy' if k[1] == 'policy' else 'rule #%d' % (k[1] + 1)}"

@@ -20,13 +20,27 @@ PY = sys.executable
 
 def env_of(ns, **kw):
     path = ROOT + (":" + ns.env["PYTHONPATH"] if ns.env.get("PYTHONPATH") else "")
-    return dict(ns.env, PYTHONPATH=path, BPFILTER_IDLE_EXIT="1", **kw)
+    return dict(ns.env, **{"PYTHONPATH": path, "BPFILTER_IDLE_EXIT": "1", **kw})
 
 
-def bexec(ns, cmd, check=False, **kw):
+def bexec(ns, cmd, check=False, env=None, **kw):
     """Run a shell command under `bpfilter exec` in ns."""
     return ns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", "sh", "-c", cmd],
-                  check=check, env=env_of(ns), **kw)
+                  check=check, env=env or env_of(ns), **kw)
+
+
+def flush(ns):
+    """Remove the namespace's bpfilter state (pins, links, state files) before it goes."""
+    ns.run([PY, "-m", "bpfilter_umh.cli", "flush"], check=False, env=env_of(ns))
+
+
+@pytest.fixture
+def dns(netns):
+    """The netns fixture, whose bpfilter state is flushed at the end whatever happens."""
+    try:
+        yield netns
+    finally:
+        flush(netns)
 
 
 def wait_no_pids(ns, timeout=5.0):
@@ -38,75 +52,83 @@ def wait_no_pids(ns, timeout=5.0):
     return False
 
 
-def test_exit_status_and_signals(netns):
-    assert bexec(netns, "exit 7").returncode == 7
-    p = bexec(netns, "echo out; echo err >&2; exit 0")
+def test_exit_status_and_signals(dns):
+    assert bexec(dns, "exit 7").returncode == 7
+    p = bexec(dns, "echo out; echo err >&2; exit 0")
     assert (p.returncode, p.stdout, p.stderr) == (0, "out\n", "err\n")
-    p = bexec(netns, "kill -TERM $$")
+    p = bexec(dns, "kill -TERM $$")
     assert p.returncode in (-15, 143)
-    p = netns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", "/nonexistent/cmd"],
-                  check=False, env=env_of(netns))
+    p = dns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", "/nonexistent/cmd"],
+                  check=False, env=env_of(dns))
     assert p.returncode == 127
 
 
-def test_table_names_file(netns):
+def test_table_names_file(dns):
     # iptables-save reads the tables to dump from /proc/net/ip_tables_names
-    assert bexec(netns, "cat /proc/net/ip_tables_names").stdout == "filter\n"
-    assert bexec(netns, "cat /proc/net/ip6_tables_names").stdout == "filter\n"
+    assert bexec(dns, "cat /proc/net/ip_tables_names").stdout == "filter\n"
+    assert bexec(dns, "cat /proc/net/ip6_tables_names").stdout == "filter\n"
     # a table the kernel serves (nat) is instantiated by the kernel and listed before filter
-    assert bexec(netns, "iptables-legacy -t nat -L -n >/dev/null").returncode == 0
-    assert bexec(netns, "cat /proc/net/ip_tables_names").stdout == "nat\nfilter\n"
-    assert netns.run("cat /proc/net/ip_tables_names").stdout == "nat\n"
+    assert bexec(dns, "iptables-legacy -t nat -L -n >/dev/null").returncode == 0
+    assert bexec(dns, "cat /proc/net/ip_tables_names").stdout == "nat\nfilter\n"
+    assert dns.run("cat /proc/net/ip_tables_names").stdout == "nat\n"
     # other files open normally
-    assert bexec(netns, "head -c 4 /proc/self/status").stdout == "Name"
+    assert bexec(dns, "head -c 4 /proc/self/status").stdout == "Name"
 
 
-def test_list_empty_table_like_kernel(netns):
+def test_list_empty_table_like_kernel(dns):
     from nsutil import Netns
     for cmd in ("iptables-legacy -L -n", "ip6tables-legacy -L -n -v --line-numbers",
                 "iptables-legacy -S", "iptables-legacy-save -t filter | grep -v '^#'"):
         with Netns("k") as k:
             want = k.run(cmd, check=False)
-        got = bexec(netns, cmd)
+        got = bexec(dns, cmd)
         assert (got.returncode, got.stdout, got.stderr) == \
                (want.returncode, want.stdout, want.stderr), cmd
 
 
-def test_helper_goes_away(netns):
-    assert bexec(netns, "iptables-legacy -L -n >/dev/null").returncode == 0
-    assert wait_no_pids(netns), f"left running: {netns.pids()}"
+def test_helper_goes_away(dns):
+    assert bexec(dns, "iptables-legacy -L -n >/dev/null").returncode == 0
+    assert wait_no_pids(dns), f"left running: {dns.pids()}"
 
 
-def test_unsupported_extension_revision(netns):
-    # GET_REVISION_TARGET for a target the compiler lacks: ENOENT, so iptables refuses it the
-    # way it refuses a target the kernel lacks
-    p = bexec(netns, "iptables-legacy -A INPUT -j REJECT")
-    assert p.returncode != 0
-    assert "REJECT" in p.stderr
+def test_untranslatable_rule_refused_and_ruleset_untouched(dns):
+    """GET_REVISION_TARGET for a target the compiler lacks is ENOENT (iptables warns, as for a
+    target the kernel lacks); the SET_REPLACE that follows fails as a whole with the engine's
+    errno, the helper logs the rule and why, and the running ruleset stays as it was."""
+    assert bexec(dns, "iptables-legacy -A INPUT -s 192.0.2.1 -j DROP").returncode == 0
+    before = bexec(dns, "iptables-legacy -S").stdout
+    p = bexec(dns, "iptables-legacy -A INPUT -p tcp --dport 25 -j REJECT")
+    assert p.returncode == 1
+    assert "REJECT revision 0 not supported" in p.stderr
+    assert p.stderr.rstrip().endswith("iptables: Operation not supported.")
+    assert bexec(dns, "iptables-legacy -S").stdout == before
+    with open("/run/bpfilter/helper.log") as f:
+        log = f.read()
+    assert "SET_REPLACE: [ENOTSUP] chain INPUT rule 2" in log and "REJECT" in log
 
 
 ERRNO_PROBE = os.path.join(HERE, "test_door_errno.py")
 
 
-def test_errno_like_kernel(netns):
+def test_errno_like_kernel(dns):
     """Malformed requests (wrong lengths, bad sizes, bad counters) get the kernel's errno."""
     from nsutil import Netns
     with Netns("k") as k:
         want = json.loads(k.run([PY, ERRNO_PROBE], env=env_of(k)).stdout)
-    got = json.loads(netns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", PY, ERRNO_PROBE],
-                               env=env_of(netns)).stdout)
+    got = json.loads(dns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", PY, ERRNO_PROBE],
+                               env=env_of(dns)).stdout)
     assert got == want
 
 
-def test_stdio_helper_serves_the_callers_netns(netns):
+def test_stdio_helper_serves_the_callers_netns(dns):
     """`python3 -m bpfilter_umh` on stdin/stdout (the kernel shim's transport): the helper runs
-    outside the caller's namespace and serves each request in the netns named by its cookie,
+    outside the caller's namespace and serves each request in the dns named by its cookie,
     reading and writing the caller's buffer in the caller's memory."""
     import threading
     from bpfilter_umh import frames
     from bpfilter_umh.sockopt import netns_cookie
     helper = subprocess.Popen([PY, "-m", "bpfilter_umh"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env_of(netns), cwd=ROOT)
+                              stdout=subprocess.PIPE, env=env_of(dns), cwd=ROOT)
     try:
         from nsutil import Netns
         with Netns("k") as k:
@@ -119,7 +141,7 @@ def test_stdio_helper_serves_the_callers_netns(netns):
             helper.stdin.flush()
             return frames.Reply.unpack(helper.stdout.read(frames.REPLY.size))
 
-        with netns.inside():
+        with dns.inside():
             cookie, tid = netns_cookie(), threading.get_native_id()
             for family, fam in ((2, "ipv4"), (10, "ipv6")):
                 info = ctypes.create_string_buffer(b"filter".ljust(84, b"\0"), 84)
@@ -143,3 +165,87 @@ def test_stdio_helper_serves_the_callers_netns(netns):
     finally:
         helper.kill()
         helper.wait()
+
+
+RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:pings - [0:0]
+-A INPUT -i lo -p icmp --icmp-type echo-request -j pings
+-A INPUT -p tcp --dport 22 -j DROP
+-A pings -s 127.0.0.1 -j ACCEPT
+COMMIT
+"""
+
+
+def test_status_counters_and_flush(dns):
+    from bpfilter_umh.sockopt import netns_cookie
+    slow = env_of(dns, BPFILTER_IDLE_EXIT="30")
+    p = dns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", "iptables-legacy-restore"],
+                input=RULES, env=slow, check=False)
+    assert p.returncode == 0, p.stderr
+    dns.run("ping -c 3 -i 0.2 -W 1 127.0.0.1 >/dev/null")
+    st = json.loads(dns.run([PY, "-m", "bpfilter_umh.cli", "status", "--json"],
+                            env=env_of(dns)).stdout)["ipv4"]
+    chains = {c["name"]: c for c in st["chains"]}
+    assert st["flavor"] == "nf" and set(chains) == {"INPUT", "FORWARD", "OUTPUT", "pings"}
+    inp = chains["INPUT"]
+    assert inp["hook"] == "INPUT" and inp["prog_id"] > 0 and inp["jited_size"] > 0
+    assert inp["rule_count"] == 2 and chains["FORWARD"]["policy"] == "DROP"
+    assert (inp["rules"][0]["pcnt"], inp["rules"][0]["bcnt"]) == (3, 3 * 84)
+    assert chains["pings"]["rules"][0]["pcnt"] == 3
+    # the same counters through the door: GET_ENTRIES reads the BPF maps
+    out = bexec(dns, "iptables-legacy -L INPUT -v -x -n").stdout.splitlines()
+    assert out[2].split()[:3] == ["3", "252", "pings"]
+    text = dns.run([PY, "-m", "bpfilter_umh.cli", "status"], env=env_of(dns)).stdout
+    assert "INPUT: hook INPUT, prog id" in text and "252 bytes" in text
+    # flush: pins and state gone, the namespace is back to the empty table
+    with dns.inside():
+        cookie = netns_cookie()
+    assert os.path.isdir(f"/sys/fs/bpf/bpfilter/{cookie}")
+    dns.run([PY, "-m", "bpfilter_umh.cli", "flush"], env=env_of(dns))
+    assert not os.path.exists(f"/sys/fs/bpf/bpfilter/{cookie}")
+    assert not os.path.exists(f"/run/bpfilter/{cookie}")
+    # the helper still running notices the flush and re-adopts the (now empty) state
+    assert bexec(dns, "iptables-legacy -S", env=slow).stdout == \
+        "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
+    assert dns.pids(), "the helper should have stayed up (BPFILTER_IDLE_EXIT=30)"
+
+
+def test_namespaces_are_separate(dns):
+    """One helper per network namespace: rules of one are invisible in another."""
+    from nsutil import Netns
+    with Netns("o") as other:
+        try:
+            assert bexec(dns, "iptables-legacy -A INPUT -s 192.0.2.1 -j DROP").returncode == 0
+            assert bexec(other, "iptables-legacy -A OUTPUT -d 192.0.2.2 -j DROP").returncode == 0
+            assert "-A INPUT -s 192.0.2.1/32 -j DROP" in bexec(dns, "iptables-legacy -S").stdout
+            assert "-A OUTPUT" not in bexec(dns, "iptables-legacy -S").stdout
+            assert "-A INPUT" not in bexec(other, "iptables-legacy -S").stdout
+            # the kernel's own filter table of the namespace is untouched (never instantiated)
+            assert dns.run("cat /proc/net/ip_tables_names").stdout == ""
+        finally:
+            flush(other)
+
+
+def test_concurrent_doors_share_one_helper(dns):
+    """Eight doors started at once in a namespace without a helper: each may spawn one, exactly
+    one binds the abstract socket, and the xtables lock (-w) plus the helper's one-at-a-time
+    serving leave all eight rules in place."""
+    procs = [dns.popen([PY, "-m", "bpfilter_umh.cli", "exec", "--", "iptables-legacy", "-w",
+                        "-A", "INPUT", "-s", f"192.0.2.{i}", "-j", "DROP"], env=env_of(dns),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(1, 9)]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    rules = bexec(dns, "iptables-legacy -S INPUT").stdout.splitlines()[1:]
+    assert sorted(rules) == sorted(f"-A INPUT -s 192.0.2.{i}/32 -j DROP" for i in range(1, 9))
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+    assert len([pid for pid in dns.pids() if b"--listen" in cmdline(pid)]) <= 1

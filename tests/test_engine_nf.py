@@ -146,7 +146,41 @@ def test_fresh_namespace_engine_is_empty_and_accepting(pair):
     with b.inside():
         eng = Engine.open()
         assert [c.name for c in eng.table.chains] == ["INPUT", "FORWARD", "OUTPUT"]
-        assert eng.priority is None and all(c == (0, 0) for c in eng.counters())
+        assert eng._installed_programs() == {} and all(c == (0, 0) for c in eng.counters())
+        assert not os.path.exists(eng.pin_dir), "opening an engine must not create pins"
         assert {c["name"]: c["prog_id"] for c in eng.status()["chains"]} == \
             {"INPUT": None, "FORWARD": None, "OUTPUT": None}
     assert ping(a)
+
+
+def test_forward_chain_with_interfaces():
+    """A router namespace between two hosts: FORWARD sees both devices (-i/-o, '+' wildcard)."""
+    with Netns("h1") as h1, Netns("r") as r, Netns("h2") as h2:
+        veth(h1, "e0", r, "ra", "192.0.2.1/24", "192.0.2.254/24")
+        veth(h2, "e0", r, "rb", "198.51.100.1/24", "198.51.100.254/24")
+        r.run("sysctl -qw net.ipv4.ip_forward=1")
+        h1.run("ip route add default via 192.0.2.254")
+        h2.run("ip route add default via 198.51.100.254")
+        ping_h2 = lambda: h1.run("ping -n -q -c 1 -W 1 198.51.100.1", check=False).returncode == 0
+        assert ping_h2()
+        to_b = rule(DROP, icmp(8), proto=1, iniface="ra", outiface="r+")
+        from_b = rule(ACCEPT, iniface="rb", outiface="ra")
+        t = table({"FORWARD": (ACCEPT, [from_b, to_b])})
+        try:
+            with r.inside():
+                Engine.open().install(t)
+            assert not ping_h2()
+            with r.inside():
+                c = Engine.open().counters()
+            assert c[to_b.index] == (1, PING_LEN)
+            # h2 -> h1 passes: its request hits from_b, h1's echo reply (type 0) the policy
+            assert h2.run("ping -n -q -c 1 -W 1 192.0.2.1", check=False).returncode == 0
+            with r.inside():
+                eng = Engine.open()
+                c = eng.counters()
+            pol = eng.table.chain("FORWARD").policy_entry.index
+            assert (c[from_b.index], c[to_b.index], c[pol]) == \
+                ((1, PING_LEN), (1, PING_LEN), (1, PING_LEN))
+        finally:
+            with r.inside():
+                Engine.open().flush()
