@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULE = "INPUT -s 192.0.2.250 -p tcp --dport 9999 -j DROP"

@@ -39,7 +39,7 @@ from typing import Optional
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
-from .model import (AF_INET, HOOK_NAMES, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
+from .model import (AF_INET, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
                     Rule, Table, Verdict)
 
 COUNTERS_MAP = "counters"
@@ -279,7 +279,7 @@ class _ChainCompiler:
         underflow = "underflow"
         self._chain_body(top, underflow, [top.name], f"{top.name}")
         self.emit(Label(underflow, f"policy of {top.name} (underflow)"))
-        self._entry(top.policy_entry, top.name, len(top.rules) + 1, None, underflow, "policy",
+        self._entry(top.policy_entry, top.name, len(top.rules) + 1, underflow, "policy",
                     [top.name], top.name)
         return E.prune(self.items)
 
@@ -334,9 +334,9 @@ class _ChainCompiler:
     # ---- chains and rules ----
     def _chain_body(self, chain: Chain, ret: str, path: list, where: str, start: int = 0):
         for pos, rule in enumerate(chain.rules[start:], start + 1):
-            self._entry(rule, chain.name, pos, None, ret, "rule", path, where)
+            self._entry(rule, chain.name, pos, ret, "rule", path, where)
 
-    def _entry(self, rule: Rule, chain: str, pos: int, _unused, ret: str, kind: str,
+    def _entry(self, rule: Rule, chain: str, pos: int, ret: str, kind: str,
                path: list, where: str):
         """One entry: its conditions (failing → next entry), counter, target."""
         if rule is None:
@@ -391,7 +391,7 @@ class _ChainCompiler:
         inner_ret = ret if goto else nxt
         inner_where = f"{where} > {t.chain}"
         self._chain_body(target, inner_ret, path + [target.name], inner_where, start)
-        self._entry(target.policy_entry, t.chain, len(target.rules) + 1, None, inner_ret,
+        self._entry(target.policy_entry, t.chain, len(target.rules) + 1, inner_ret,
                     "return", path + [target.name], inner_where)
         self.emit(Label(nxt))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import array
 import os
 import select
 import signal
@@ -39,9 +38,9 @@ import subprocess
 import sys
 import time
 
-from .errors import BpfilterError
+from .errors import BpfilterError, to_errno
 from .frames import REPLY, Reply, Request, read_exact
-from .sockopt import CallerMemory, FILTER_CMDS, SOL_IP, SOL_IPV6
+from .sockopt import FILTER_CMDS, SOL_IP, SOL_IPV6, CallerMemory, netns_cookie, setns_net
 
 HELPER_SOCKET = b"\0bpfilter"
 
@@ -211,6 +210,13 @@ class HelperLink:
 # the notification loop
 
 
+def _netns_ino(pid) -> int:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        raise BpfilterError(errno.ESRCH, f"caller {pid} is gone") from None
+
+
 def _table_names_memfd(kernel_file: str) -> int:
     """A memfd listing the kernel's own tables of this netns plus "filter" (served by bpfilter),
     in the kernel's format: one name per line (net/netfilter/x_tables.c xt_table_seq_show)."""
@@ -228,10 +234,29 @@ def _table_names_memfd(kernel_file: str) -> int:
 
 
 class Door:
-    def __init__(self, listener: int, netns_cookie: int = 0):
+    def __init__(self, listener: int):
         self.listener = listener
         self.helper = HelperLink()
-        self.cookie = netns_cookie
+        self.cookies = {_netns_ino("self"): netns_cookie()}
+
+    def caller_cookie(self, pid: int) -> int:
+        """The caller's network namespace: usually the door's own, but CMD may have moved
+        (`bpfilter exec -- ip netns exec X iptables ...`); the helper then serves the request
+        in the caller's namespace (it setns()es to /proc/PID/ns/net and checks the cookie)."""
+        ino = _netns_ino(pid)
+        if ino not in self.cookies:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            try:
+                target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+                try:
+                    setns_net(target)
+                    self.cookies[ino] = netns_cookie()
+                finally:
+                    setns_net(home)
+                    os.close(target)
+            finally:
+                os.close(home)
+        return self.cookies[ino]
 
     def id_valid(self, nid: int) -> bool:
         try:
@@ -256,7 +281,7 @@ class Door:
             if e.errno in (errno.ENOENT, errno.EINTR):   # the caller died before we got it
                 return None
             raise
-        nid, pid, _flags, nr, arch, _ip, *args = NOTIF.unpack(buf.raw)
+        nid, pid, _flags, nr, _arch, _ip, *args = NOTIF.unpack(buf.raw)
         return nid, pid, nr, args
 
     def serve_one(self):
@@ -270,22 +295,22 @@ class Door:
             else:
                 self.sockopt(nid, pid, nr, args)
         except Exception as e:   # never leave the caller blocked
-            from .errors import to_errno
             self.respond(nid, error=-to_errno(e))
 
     def openat(self, nid, pid, args):
         mem = CallerMemory(pid)
         try:
             path = mem.read_cstring(args[1], 64)
-        except OSError:
-            path = None
+        except (OSError, BpfilterError):
+            path = None          # not ours to judge: let the kernel answer it
         if not self.id_valid(nid):
             return
         target = TABLE_NAMES_FILES.get(path) if path else None
         if target is None:
             self.respond(nid, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             return
-        fd = _table_names_memfd(target)
+        # the caller's own view: /proc/PID/net is the network namespace of PID
+        fd = _table_names_memfd(target.replace("/proc/net/", f"/proc/{pid}/net/"))
         try:
             flags = O_CLOEXEC if args[2] & O_CLOEXEC else 0
             buf = ctypes.create_string_buffer(
@@ -299,8 +324,10 @@ class Door:
             os.close(fd)
 
     def sockopt(self, nid, pid, nr, args):
-        fd, level, optname, optval, optlen = (args[0], args[1] & 0xFFFFFFFF,
-                                              args[2] & 0xFFFFFFFF, args[3], args[4])
+        # getsockopt/setsockopt(fd, level, optname, optval, optlen): int arguments use the
+        # low 32 bits only, as the kernel's int parameters do
+        level, optname, optval, optlen = args[1] & 0xFFFFFFFF, args[2] & 0xFFFFFFFF, \
+            args[3], args[4]
         is_set = nr == SYS_setsockopt
         family = socket.AF_INET if level == SOL_IP else socket.AF_INET6
         mem = CallerMemory(pid)
@@ -309,16 +336,16 @@ class Door:
         else:
             try:
                 length = struct.unpack("=i", mem.read(optlen, 4))[0]
-            except OSError:
-                return self.respond(nid, error=-errno.EFAULT) if self.id_valid(nid) else None
+            except BpfilterError as e:
+                return self.respond(nid, error=-e.errno) if self.id_valid(nid) else None
             if length < 0:
                 return self.respond(nid, error=-errno.EINVAL)
         if (is_set, optname) in FILTER_CMDS:
             # the requests naming a table: tables bpfilter does not serve go to the kernel
             try:
                 name = mem.read(optval, 32).split(b"\0", 1)[0]
-            except OSError:
-                name = None
+            except BpfilterError:
+                name = None      # the helper reports the EFAULT, as the kernel would
             if name is not None and name != b"filter":
                 if self.id_valid(nid):
                     self.respond(nid, flags=SECCOMP_USER_NOTIF_FLAG_CONTINUE)
@@ -326,14 +353,15 @@ class Door:
         if not self.id_valid(nid):
             return
         rep = self.helper.call(Request(cmd=optname, is_set=int(is_set), family=family, pid=pid,
-                                       len=length, addr=optval, netns_cookie=self.cookie))
+                                       len=length, addr=optval,
+                                       netns_cookie=self.caller_cookie(pid)))
         if rep.status < 0:
             return self.respond(nid, error=rep.status)
         if not is_set:
             try:
                 mem.write(optlen, struct.pack("=i", rep.len))
-            except OSError:
-                return self.respond(nid, error=-errno.EFAULT)
+            except BpfilterError as e:
+                return self.respond(nid, error=-e.errno)
         self.respond(nid, val=0)
 
     def run(self, child: int) -> int:
@@ -357,13 +385,10 @@ class Door:
 
 
 def _recv_fd(sock: socket.socket) -> int:
-    fds = array.array("i")
-    _msg, anc, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
-    for level, typ, data in anc:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            fds.frombytes(data[:fds.itemsize])
-            return fds[0]
-    raise BpfilterError(errno.EIO, "child did not pass the seccomp listener")
+    _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+    if not fds:
+        raise BpfilterError(errno.EIO, "child did not pass the seccomp listener")
+    return fds[0]
 
 
 def exec_command(argv) -> int:
@@ -399,8 +424,7 @@ def exec_command(argv) -> int:
         return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 126
     finally:
         parent_sock.close()
-    from .sockopt import netns_cookie
-    door = Door(listener, netns_cookie())
+    door = Door(listener)
     status = door.run(pid)
     os.close(listener)
     if os.WIFSIGNALED(status):

@@ -308,7 +308,7 @@ def decode(code: bytes) -> list:
 def decode_items(code: bytes) -> list:
     """Bytecode → items with Label("L<slot>") at every jump target, for listing()."""
     raw = [struct.unpack_from("<BBhi", code, o) for o in range(0, len(code) - len(code) % 8, 8)]
-    insns, slots, s = [], [], 0
+    insns, s = [], 0
     while s < len(raw):
         c, regs, off, imm = raw[s]
         dst, src = regs & 0xf, regs >> 4
@@ -343,7 +343,6 @@ def _r(n: int) -> str:
 def format_insn(ins: Insn) -> str:
     """One instruction in the kernel verifier log's syntax (kernel/bpf/disasm.c style)."""
     c, cls, op = ins.code, ins.cls, ins.code & 0xf0
-    srcop = _r(ins.src) if c & BPF_X else str(ins.imm)
     if cls in (BPF_ALU, BPF_ALU64):
         w = "w" if cls == BPF_ALU else "r"
         if op == END:

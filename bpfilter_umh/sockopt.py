@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 from .errors import BpfilterError, to_errno
 from .frames import Reply, Request
@@ -61,6 +62,7 @@ REPLACE_HDR = struct.Struct("=32sIII5I5IIQ")           # ipt_replace: 96
 COUNTERS_INFO_HDR = struct.Struct("=32sI4x")           # xt_counters_info: 40
 XT_COUNTERS = struct.Struct("=QQ")                     # xt_counters
 ENTRY_SIZE = {AF_INET: 112, AF_INET6: 168}             # sizeof(ipt_entry), sizeof(ip6t_entry)
+COMEFROM_OFFSET = {AF_INET: 92, AF_INET6: 144}         # offsetof(ipt_entry / ip6t_entry, comefrom)
 GET_REVISION = struct.Struct("=29sB")                  # xt_get_revision: 30
 INT_MAX = 2**31 - 1
 XT_TABLE_INFO_SIZE, XT_MAX_TABLE_SIZE = 64, 512 * 1024 * 1024
@@ -301,12 +303,28 @@ class Backend:
             XT_COUNTERS.pack_into(out, off, pcnt, bcnt)
         return bytes(out)
 
-    def replace(self, table):
-        """Install atomically; returns the counters of the replaced table at the swap."""
+    def replace(self, table, blob: bytes, getinfo: bytes):
+        """Install atomically; returns the counters of the replaced table at the swap.
+
+        What GET_ENTRIES will return is derived from the caller's own blob instead of encoding
+        the table again (~0.15 ms per rule): the kernel keeps the entries as given
+        (ip_tables.c do_replace copies them, translate_table checks them) except comefrom,
+        which mark_source_chains sets (the codec's normalized decode has it), and the counters,
+        which start from zero. Extension payloads the kernel shows differently
+        (xt_data_to_user) belong to extensions the compiler refuses, so none is installed."""
+        fam_entry = ENTRY_SIZE[self.family]
+        out = bytearray(blob)
+        cofs = []
+        for r in table.entries():
+            struct.pack_into("=I", out, r.offset + COMEFROM_OFFSET[self.family], r.comefrom)
+            cofs.append(r.offset + fam_entry - XT_COUNTERS.size)
+            XT_COUNTERS.pack_into(out, cofs[-1], 0, 0)
         try:
-            return self.engine.install(table)
+            old = self.engine.install(table)
         finally:
             self._stamp = self._state_stamp()
+        self._snap = (table, bytes(out), cofs, getinfo)
+        return old
 
     def add_counters(self, counters):
         try:
@@ -332,10 +350,16 @@ class Dispatcher:
         return self.backends[key]
 
     def serve(self, req: Request) -> Reply:
+        t0 = time.perf_counter()
         try:
             if req.netns_cookie and req.netns_cookie != self.home_cookie:
-                return self._serve_in_netns(req)
-            return self._serve(req, self.home_cookie)
+                rep = self._serve_in_netns(req)
+            else:
+                rep = self._serve(req, self.home_cookie)
+            log.debug("pid %d %s: %.1f ms", req.pid, CMD_NAMES.get((bool(req.is_set), req.cmd),
+                                                                    req.cmd),
+                      (time.perf_counter() - t0) * 1e3)
+            return rep
         except Exception as e:  # the one place failures become errno
             err = to_errno(e)
             # a refused SET_REPLACE is what an administrator needs to see (which rule, why);
@@ -449,7 +473,10 @@ def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
     if num_counters != be.num_entries():
         raise BpfilterError(errno.EAGAIN, f"num_counters {num_counters} != "
                                           f"{be.num_entries()} entries in the running table")
-    old = be.replace(table)     # compile + atomic install; on failure nothing changed
+    # translate_table: hook_entry/underflow of hooks outside valid_hooks stay 0xFFFFFFFF
+    hooks = [v if valid_hooks >> (i % 5) & 1 else 0xFFFFFFFF for i, v in enumerate(rest[:10])]
+    getinfo = GETINFO.pack(be.name.encode(), valid_hooks, *hooks, num_entries, size)
+    old = be.replace(table, buf[REPLACE_HDR.size:], getinfo)   # on failure nothing changed
     try:
         mem.write(counters_ptr, b"".join(XT_COUNTERS.pack(p, b) for p, b in old))
     except BpfilterError as e:

@@ -5,7 +5,8 @@ or bpfilter).
     client ns            host ns (the filter under test)            server ns
     c0 192.0.2.2    ──── eth0   192.0.2.1     (192.0.2.0/26)
     c1 192.0.2.66   ──── eth1   192.0.2.65    (192.0.2.64/26)
-    c2 192.0.2.130  ──── veth-a 192.0.2.129   (192.0.2.128/25, 203.0.113.0/25)
+    c2 192.0.2.130  ──── veth-a 192.0.2.129   (192.0.2.128/25, 203.0.113.0/26)
+    c3 203.0.113.66 ──── longifname12345 203.0.113.65 (203.0.113.64/26)
                          srv0   198.51.100.1  (default route) ──── s0 198.51.100.2
                          dmz0   203.0.113.1   (veth to nowhere: one more local address)
 
@@ -19,11 +20,23 @@ is off): the only packets in the lab are the probes and the host's own replies t
 
 Observation points: "host" = raw IPv4 sockets in the host (raw_local_deliver() runs after
 NF_INET_LOCAL_IN in ip_local_deliver_finish(), so they see exactly what INPUT let through);
-"c0".."c2", "s0" = AF_PACKET sockets on the client/server interfaces (what FORWARD or OUTPUT
+"c0".."c3", "s0" = AF_PACKET sockets on the client/server interfaces (what FORWARD or OUTPUT
 let out of the host).
 
 All sockets live in this process: a socket keeps the namespace it was created in, so a probe
 batch costs no process start.
+
+API (the differential suites, the demo and later issues use these names):
+    with Lab(installer=KernelInstaller) as lab:     creates everything, removes it on any exit
+        lab.load(text)                              iptables-restore text -> the host's filter
+        lab.send(number(probes)) -> {ident: outcome}   outcome: sorted ((point, frag offset), ..)
+        lab.counters() -> {(chain, n | "policy" | "return"): (pcnt, bcnt)}
+        lab.tcp_connect / lab.udp_exchange / lab.ping   real sockets through the same host
+    differential(ref_lab, cand_lab, text, probes) -> [difference lines]   (empty = identical)
+    INSTALLERS: "kernel" (oracle, GET_ENTRIES counters), "kernel-save" (iptables-save -c),
+                "bpfilter" (Engine.install of the blob iptables-legacy-restore builds),
+                "bpfilter-door" (`bpfilter exec -- iptables-legacy-restore` / `-save -c`)
+An installer is any class taking the host Netns with .name, .load(text), .counters(), .close().
 """
 from __future__ import annotations
 
@@ -46,11 +59,13 @@ ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
 SO_BINDTODEVICE = 25
 
-# host interface -> (host address, peer namespace, peer interface, peer address, MACs host/peer)
+# host interface -> (host address, peer namespace, peer interface, peer address, nets routed there)
 LINKS = {
     "eth0": ("192.0.2.1", "client", "c0", "192.0.2.2", ["192.0.2.0/26"]),
     "eth1": ("192.0.2.65", "client", "c1", "192.0.2.66", ["192.0.2.64/26"]),
-    "veth-a": ("192.0.2.129", "client", "c2", "192.0.2.130", ["192.0.2.128/25", "203.0.113.0/25"]),
+    "veth-a": ("192.0.2.129", "client", "c2", "192.0.2.130", ["192.0.2.128/25", "203.0.113.0/26"]),
+    # IFNAMSIZ - 1 characters: the name fills the whole 16-byte compare in ip_packet_match()
+    "longifname12345": ("203.0.113.65", "client", "c3", "203.0.113.66", ["203.0.113.64/26"]),
     "srv0": ("198.51.100.1", "server", "s0", "198.51.100.2", ["0.0.0.0/0"]),
 }
 DUMMY = ("dmz0", "203.0.113.1")
@@ -63,7 +78,8 @@ HOST_IFACES = list(LINKS) + [DUMMY[0]]
 EGRESS_POOLS = {
     "eth0": ["192.0.2.3", "192.0.2.10", "192.0.2.33", "192.0.2.62"],
     "eth1": ["192.0.2.67", "192.0.2.100", "192.0.2.126"],
-    "veth-a": ["192.0.2.131", "192.0.2.200", "192.0.2.254", "203.0.113.5", "203.0.113.100"],
+    "veth-a": ["192.0.2.131", "192.0.2.200", "192.0.2.254", "203.0.113.5", "203.0.113.60"],
+    "longifname12345": ["203.0.113.67", "203.0.113.100", "203.0.113.126"],
     "srv0": ["198.51.100.3", "198.51.100.77", "198.51.100.200", "203.0.113.129",
              "203.0.113.250"],
 }

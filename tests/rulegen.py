@@ -14,14 +14,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lab import EGRESS_POOLS, HOST_ADDRS, LINKS, PEER_ADDRS, SENDERS, egress_of, number
+from lab import EGRESS_POOLS, HOST_ADDRS, PEER_ADDRS, SENDERS, egress_of, number
 from probes import (ALL_FRAGS, COMPLETE_FRAGS, FRAG_BOTH, FRAG_FIRST, FRAG_LATER, FRAG_OFF1,
-                    FRAG_TINY, FRAG_WHOLE, IPPROTO_ICMP, IPPROTO_OTHER, IPPROTO_TCP, IPPROTO_UDP,
+                    FRAG_WHOLE, IPPROTO_ICMP, IPPROTO_OTHER, IPPROTO_TCP, IPPROTO_UDP,
                     TCP_OPTIONS, Probe)
 
 BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
 IFACE_PATTERNS = ["eth0", "eth1", "veth-a", "srv0", "dmz0", "eth+", "veth+", "e+", "s+", "+",
-                  "eth0+", "v+", "srv", "lo"]
+                  "eth0+", "v+", "srv", "lo", "longifname12345", "longifname1234+",
+                  "longifname1234", "l+"]
 PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "icmp": IPPROTO_ICMP, "253": IPPROTO_OTHER}
 TCP_FLAG_NAMES = ["FIN", "SYN", "RST", "PSH", "ACK", "URG"]
 PORTS = [0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 32768, 65534, 65535]

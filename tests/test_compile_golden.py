@@ -52,7 +52,6 @@ def test_compile_is_deterministic():
     a = compile_table(RULESETS["user_chains"](), KernelFacts.fake())
     b = compile_table(RULESETS["user_chains"](), KernelFacts.fake())
     assert a.listing() == b.listing()
-    fake = KernelFacts.fake()
     assert [p.assemble({"counters": 3}) for p in a.programs] == \
         [p.assemble({"counters": 3}) for p in b.programs]
     assert a.counters_entries == len(RULESETS["user_chains"]().entries())

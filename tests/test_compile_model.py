@@ -4,7 +4,6 @@ net/netfilter/xt_tcpudp.c. Verdicts and every entry's counters must agree.
 
 The reference is independent of the compiler's code (no shared helpers beyond the model), so a
 misreading of the kernel in one is likely to show as a disagreement."""
-import ipaddress
 import os
 import struct
 
@@ -13,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nsutil import Netns
-from test_compile_util import (ACCEPT, DROP, RETURN, NF_ACCEPT, NF_DROP, Runner, goto, icmp,
+from test_compile_util import (ACCEPT, DROP, RETURN, NF_DROP, Runner, goto, icmp,
                                icmp_hdr, ipv4, jump, rule, table, tcp, tcp_hdr, udp, udp_hdr)
 from bpfilter_umh.model import Jump, Verdict, XT_RETURN
 
@@ -159,14 +158,14 @@ def do_table(t, chain_name: str, pkt: bytes, counted: dict, outdev=b"lo", indev=
 def a_rule(draw, chains_after):
     proto = draw(st.sampled_from([0, 1, 6, 17]))
     ms = []
-    if proto == 6 and draw(st.booleans()):
+    if proto == 6 and draw(st.integers(0, 3)):
         ms.append(tcp(sport=draw(st.sampled_from(PORTS)), dport=draw(st.sampled_from(PORTS)),
                       flags=draw(st.sampled_from([(0, 0), (0x17, 0x02), (0x12, 0x12)])),
                       option=draw(st.sampled_from([0, 0, 2, 3, 8])), inv=draw(st.integers(0, 15))))
-    if proto == 17 and draw(st.booleans()):
+    if proto == 17 and draw(st.integers(0, 3)):
         ms.append(udp(sport=draw(st.sampled_from(PORTS)), dport=draw(st.sampled_from(PORTS)),
                       inv=draw(st.integers(0, 3))))
-    if proto == 1 and draw(st.booleans()):
+    if proto == 1 and draw(st.integers(0, 3)):
         ms.append(icmp(draw(st.sampled_from([0, 3, 8, 0xFF])),
                        draw(st.sampled_from([(0, 255), (0, 0), (1, 3)])), inv=draw(st.integers(0, 1))))
     targets = [ACCEPT, DROP, RETURN]
@@ -198,10 +197,10 @@ def a_packet(draw):
         l4 = icmp_hdr(draw(st.sampled_from([0, 3, 8])), draw(st.sampled_from([0, 1, 3, 4])))
     else:
         l4 = bytes(12)
-    cut = draw(st.sampled_from([None, None, None, 4, 12]))
+    cut = draw(st.sampled_from([None, None, 4, 12]))
     if cut is not None:
         l4 = l4[:cut]
-    frag = draw(st.sampled_from([0, 0, 0, 1, 2]))
+    frag = draw(st.sampled_from([0, 0, 1, 2]))
     return ipv4(src=draw(st.sampled_from(ADDRS)), dst=draw(st.sampled_from(ADDRS)), proto=proto,
                 payload=l4 if not frag else bytes(16), frag_off=frag,
                 mf=draw(st.booleans()))
@@ -213,7 +212,7 @@ def ns():
         yield n
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(t=a_table(), packets=st.lists(a_packet(), min_size=1, max_size=8))
 def test_compiled_matches_reference(ns, t, packets):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from bpfilter_umh import ebpf
 from bpfilter_umh.compile import COUNTERS_MAP, IPT_F_FRAG, IPT_F_GOTO
 from bpfilter_umh.model import error_target
 from bpfilter_umh.model import (AF_INET, NF_INET_FORWARD, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
-                                XT_RETURN, Chain, ExtTarget, IpHeader, Jump, Match, Rule, Table,
+                                XT_RETURN, Chain, IpHeader, Jump, Match, Rule, Table,
                                 Verdict)
 
 ACCEPT, DROP, RETURN, QUEUE = Verdict(-2), Verdict(-1), Verdict(XT_RETURN), Verdict(-4)

@@ -35,7 +35,7 @@ def every_hook(**kw):
 
 
 def table(rules: str, inp="ACCEPT", fwd="ACCEPT", out="ACCEPT", chains=()) -> str:
-    head = [f"*filter", f":INPUT {inp} [0:0]", f":FORWARD {fwd} [0:0]", f":OUTPUT {out} [0:0]"]
+    head = ["*filter", f":INPUT {inp} [0:0]", f":FORWARD {fwd} [0:0]", f":OUTPUT {out} [0:0]"]
     head += [f":{c} - [0:0]" for c in chains]
     return "\n".join(head + [r.strip() for r in rules.strip().splitlines()] + ["COMMIT", ""])
 
@@ -109,9 +109,13 @@ def input_interfaces_wildcards_and_inversion():
         -A INPUT ! -i s+ -p 253 -j DROP
         -A FORWARD -i veth+ -j DROP
         -A FORWARD ! -i eth1 -p tcp -j DROP
-        -A FORWARD -i eth0+ -p udp -j DROP""")
+        -A FORWARD -i eth0+ -p udp -j DROP
+        -A INPUT -i longifname12345 -p tcp -j DROP
+        -A INPUT ! -i longifname1234+ -p udp
+        -A FORWARD -i longifname1234 -j DROP
+        -A FORWARD -i longifname1234+ -p icmp -j DROP""")
     ps = []
-    for s in ("c0", "c1", "c2", "s0"):
+    for s in ("c0", "c1", "c2", "c3", "s0"):
         for proto in (TCP, UDP, ICMP, OTHER):
             ps.append(P("INPUT", sender=s, proto=proto))
             ps.append(P("FORWARD", sender=s, proto=proto,
@@ -129,8 +133,11 @@ def output_interfaces_wildcards_and_inversion():
         -A OUTPUT -o eth1 -j DROP
         -A OUTPUT ! -o e+ -p tcp -j DROP
         -A OUTPUT -o veth+ -p udp -j DROP
-        -A OUTPUT -o s+ -p icmp -j DROP""")
-    dsts = ["192.0.2.10", "192.0.2.67", "192.0.2.131", "203.0.113.5", "198.51.100.77"]
+        -A OUTPUT -o s+ -p icmp -j DROP
+        -A OUTPUT -o longifname12345 -p 253 -j DROP
+        -A FORWARD ! -o longifname1234+ -p 253 -j DROP""")
+    dsts = ["192.0.2.10", "192.0.2.67", "192.0.2.131", "203.0.113.5", "198.51.100.77",
+            "203.0.113.100"]
     ps = []
     for d in dsts:
         for proto in (TCP, UDP, ICMP, OTHER):

@@ -249,3 +249,62 @@ def test_concurrent_doors_share_one_helper(dns):
         except OSError:
             return b""
     assert len([pid for pid in dns.pids() if b"--listen" in cmdline(pid)]) <= 1
+
+
+DEMO_LIKE = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:services - [0:0]
+:empty - [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -p icmp --icmp-type echo-request -j ACCEPT
+-A INPUT -p tcp -j services
+-A INPUT -s 192.0.2.0/24 ! -d 198.51.100.0/26 -p udp --sport 53 -j ACCEPT
+-A services -p tcp --dport 22 -s 192.0.2.0/24 -j ACCEPT
+-A services -p tcp --tcp-flags SYN,ACK SYN --dport 23 -j DROP
+-A services -g empty
+-A FORWARD -i eth+ ! -o veth0 -p tcp --sport 80 -j ACCEPT
+-A FORWARD -f -j DROP
+-A OUTPUT -p tcp --tcp-option 2 -j services
+COMMIT
+"""
+
+SNAPSHOT = ("import sys; sys.path.insert(0, %r); import kernel_xt; info, blob = "
+            "kernel_xt.snapshot(2); print(kernel_xt.uapi.ipt_getinfo.build(info).hex()); "
+            "print(blob.hex())" % HERE)
+
+
+def test_get_entries_byte_identical_to_kernel(dns):
+    """After the same iptables-legacy-restore, GET_INFO and GET_ENTRIES through the door return
+    exactly the kernel's bytes (comefrom, counters, padding included), before and after an
+    `iptables -A` that goes through GET_ENTRIES/SET_REPLACE/ADD_COUNTERS again."""
+    from nsutil import Netns
+    steps = [("iptables-legacy-restore", DEMO_LIKE), ("iptables-legacy -A services -j RETURN", None)]
+    with Netns("k") as k:
+        want = []
+        for cmd, inp in steps:
+            k.run(cmd, input=inp)
+            want.append(k.run([PY, "-c", SNAPSHOT], env=env_of(k)).stdout)
+    got = []
+    for cmd, inp in steps:
+        assert bexec(dns, cmd, input=inp).returncode == 0
+        got.append(dns.run([PY, "-m", "bpfilter_umh.cli", "exec", "--", PY, "-c", SNAPSHOT],
+                           env=env_of(dns)).stdout)
+    assert got == want
+
+
+def test_caller_in_another_namespace(dns):
+    """CMD that moves to another network namespace (`ip netns exec OTHER iptables ...` under
+    one door) is served in the namespace it is in, not the door's."""
+    from nsutil import Netns
+    with Netns("m") as other:
+        try:
+            cmd = f"ip netns exec {other.name} iptables-legacy -A INPUT -s 192.0.2.7 -j DROP"
+            assert bexec(dns, cmd).returncode == 0
+            assert bexec(dns, f"ip netns exec {other.name} cat /proc/net/ip_tables_names"
+                         ).stdout == "filter\n"
+            assert "192.0.2.7" in bexec(other, "iptables-legacy -S").stdout
+            assert "192.0.2.7" not in bexec(dns, "iptables-legacy -S").stdout
+        finally:
+            flush(other)

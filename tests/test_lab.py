@@ -76,6 +76,14 @@ def test_ruleset_replacement_resets_counters(lab):
     assert lab.counters()[("INPUT", "policy")] == (0, 0)
 
 
+def test_every_generated_case_has_user_chains_jumps_gotos_returns():
+    for seed in range(300):
+        text = rulegen.generate(seed).text()
+        assert ":" in text and " -j u" in text or " -j web" in text or " -j LOG" in text \
+            or " -j chain" in text, text
+        assert " -g " in text and " -j RETURN" in text, text
+
+
 def test_generator_is_reproducible():
     a, b = rulegen.generate(1234), rulegen.generate(1234)
     assert a.text() == b.text() and a.probes == b.probes
