@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast demo clean
+.PHONY: deps test test-fast demo kmod test-kmod clean
 
 deps:
 	sh tools/install-deps.sh
@@ -16,6 +16,14 @@ test-fast: deps
 # The README's main job.
 demo: deps
 	$(PYTHON) -m bpfilter_umh.demo
+
+# bpfilter.ko against Debian's kernel (image + headers fetched into build/kmod on first use)
+kmod:
+	$(MAKE) -C kmod
+
+# boot that kernel under qemu (TCG) and drive the unmodified iptables binaries through the module
+test-kmod: deps
+	$(MAKE) -C kmod test PYTHON=$(PYTHON)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info

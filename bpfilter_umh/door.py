@@ -23,7 +23,12 @@ How (kernel/seccomp.c):
         ip_getsockopt does around nf_getsockopt.
 The helper is found through the abstract unix socket "\\0bpfilter" (abstract names are per network
 namespace) and started on demand if absent, the user-space equivalent of request_module.  It exits
-on its own when idle, so nothing stays running.
+on its own when idle (BPFILTER_IDLE_EXIT seconds, default 5), so nothing stays running; all state
+is pinned by the engine, and the next helper adopts it.  Each request carries the netns cookie of
+the *caller* (CMD may have moved to another namespace), and the helper serves it there.
+
+Limits: only x86_64 system calls are trapped (a 32-bit iptables binary would reach the kernel's
+xtables directly); CMD's descendants that outlive it keep the door open until they exit.
 """
 from __future__ import annotations
 

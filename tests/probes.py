@@ -67,6 +67,7 @@ class Probe:
     frag: str = FRAG_WHOLE
     ip_opts: bool = False       # add 4 bytes of IP options (NOP NOP NOP EOL): ihl = 6
     payload_len: int = 24
+    tcp_doff: int = 0           # TCP data offset to write (0: the true header length)
     ident: int = 0              # IP id, unique per probe in a batch; set by the lab
     note: str = field(default="", compare=False)
 
@@ -77,7 +78,7 @@ class Probe:
         if self.proto == IPPROTO_TCP:
             opts = b"".join(TCP_OPTIONS[k] for k in self.tcp_opts)
             opts += b"\x01" * (-len(opts) % 4)   # NOP padding to a 32-bit boundary
-            doff = (20 + len(opts)) // 4
+            doff = self.tcp_doff or (20 + len(opts)) // 4
             hdr = struct.pack("!HHIIBBHHH", self.sport, self.dport, 1000 + self.ident, 0,
                               doff << 4, self.tcp_flags, 8192, 0, 0) + opts
             return self._with_pseudo_csum(hdr + body, 16)
@@ -163,6 +164,8 @@ class Probe:
             s += f" {self.sport}->{self.dport}"
         if self.proto == IPPROTO_TCP:
             s += f" flags=0x{self.tcp_flags:02x} opts={list(self.tcp_opts)}"
+            if self.tcp_doff:
+                s += f" doff={self.tcp_doff}"
         if self.proto == IPPROTO_ICMP:
             s += f" type={self.icmp_type} code={self.icmp_code}"
         if self.frag != FRAG_WHOLE:

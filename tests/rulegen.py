@@ -350,6 +350,8 @@ def probe_for(rule: Rule, hook: str, rng, flip: Optional[str] = None) -> Probe:
         p.icmp_type, p.icmp_code = rng.choice(pool or ICMP_PROBES)
     else:
         p.icmp_type, p.icmp_code = rng.choice(ICMP_PROBES)
+    if p.proto == IPPROTO_TCP and rng.random() < 0.05:
+        p.tcp_doff = rng.choice([2, 4, 15])      # bad data offsets: hotdrop with --tcp-option
     p.ip_opts = rng.random() < 0.1
     p.payload_len = rng.choice([8, 24, 24, 100])
     p.note = f"{'hit' if flip is None else 'miss ' + flip} {rule.render()}"

@@ -253,6 +253,10 @@ def tcp_options_and_inversion():
     ps = [P(h, proto=TCP, tcp_opts=o) for h in DEFAULTS for o in sets]
     # options cut off by fragmentation: tcp_find_option cannot read them and hotdrops
     ps += [P("FORWARD", proto=TCP, tcp_opts=(2, 3, 4, 8), frag=FRAG_FIRST)]
+    # a data offset below 5 words, or past the end of the packet: tcp_mt hotdrops (only when
+    # it has an option to look for)
+    ps += [P(h, proto=TCP, tcp_opts=o, tcp_doff=d, payload_len=8) for h in DEFAULTS
+           for o, d in (((), 3), ((), 4), ((2,), 15), ((8,), 10), ((2, 3), 6))]
     return t, ps
 
 

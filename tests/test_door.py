@@ -308,3 +308,22 @@ def test_caller_in_another_namespace(dns):
             assert "192.0.2.7" not in bexec(dns, "iptables-legacy -S").stdout
         finally:
             flush(other)
+
+
+def test_demo_runs_and_cleans_up():
+    """`make demo`: the sample firewall loaded through the door lets through and drops what it
+    should, `iptables -L -v -n` and `bpfilter status` show it, and the demo's namespaces and
+    processes are gone afterwards."""
+    import re
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the demo creates network namespaces")
+    p = subprocess.run([PY, "-m", "bpfilter_umh.demo"], capture_output=True, text=True,
+                       timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "== all traffic as expected ==" in p.stdout
+    assert "DROPPED  tcp client -> host:23" in p.stdout
+    assert "Chain services (1 references)" in p.stdout
+    assert re.search(r"INPUT: hook INPUT, prog id \d+, JIT \d+ bytes", p.stdout)
+    names = re.search(r"client (\S+), host (\S+), server (\S+);", p.stdout).groups()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n.rstrip(",;") in listed for n in names)

@@ -1,14 +1,15 @@
 #!/bin/sh
 # Installs what bpfilter, its demo and its tests need on a fresh Debian machine (idempotent).
 set -eu
-APT_PKGS="iptables iproute2 libbpf-dev libbpf1 iputils-ping socat python3-dev gcc"
+APT_PKGS="iptables iproute2 libbpf-dev libbpf1 bpftool iputils-ping socat python3-dev gcc make
+          qemu-system-x86 busybox-static kmod xz-utils libelf1 libssl3 zlib1g"
 missing=""
 for p in $APT_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 PY=${PYTHON:-python3}
 $PY -c 'import construct, cffi, pyroute2, pytest, hypothesis' 2>/dev/null ||
