@@ -339,3 +339,423 @@ def gc(root: str = PIN_ROOT) -> list:
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
     return removed
+
+
+# ================================================================================================
+# Flavors `tc` and `xdp`: a fixed dispatcher per interface, the rulesets in a prog array.
+#
+# Per netns and family there is one directory <root>/<cookie>/<family>-<flavor>/ holding
+#     prog_array        slots NF_INET_LOCAL_IN / FORWARD / LOCAL_OUT: the chain programs
+#     ifnames           BPF_MAP_TYPE_HASH u32 ifindex -> char[16]: what -i/-o compare against
+#                       (tc/xdp programs cannot read dev->name; attach keeps this map current)
+#     disp_ingress      the ingress dispatcher (tc and xdp), disp_egress (tc only)
+#     link_<ifindex>_<ingress|egress|xdp>   one BPF link per interface and direction
+#     prog_<HOOK>       the chain program in the slot (for status)
+# The dispatcher never changes, so replacing a ruleset is again one prog-array update per hook
+# (atomic: kernel/bpf/arraymap.c bpf_fd_array_map_update_elem xchg()); the per-interface links
+# are created once (tcx: kernel/bpf/tcx.c tcx_link_attach, XDP: net/core/dev.c bpf_xdp_link_attach).
+#
+# Ingress dispatcher: not IPv4 -> pass; (tc) pkt_type OTHERHOST -> pass (ip_rcv_core drops it);
+# multicast or limited broadcast destination -> INPUT; otherwise bpf_fib_lookup as an input lookup
+# from this device (net/core/filter.c bpf_ipv4_fib_lookup): NOT_FWDED (local, broadcast) -> INPUT,
+# SUCCESS/NO_NEIGH -> FORWARD, FWD_DISABLED (forwarding off: nothing is forwarded) -> INPUT,
+# anything else (unreachable, blackhole...) -> pass: the kernel drops it before any filter hook.
+# Egress dispatcher (tc): not IPv4 -> pass; skb->skb_iif != 0 (received, i.e. forwarded) -> pass;
+# else OUTPUT. An empty slot makes bpf_tail_call fall through to pass.
+# ================================================================================================
+
+from . import ebpf as E  # noqa: E402
+from . import flavors as F  # noqa: E402
+
+L2_FLAVORS = ("tc", "xdp")
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_HW_MODE = 2, 4, 8
+IFNAMSIZ = 16
+IFNAMES_MAX = 4096
+ETH_P_IP = 0x0800
+_D_BUF, _D_FIB = -50, -112       # dispatcher stack: 34-byte frame head (IP header 4-aligned: the
+                                 # verifier demands aligned stack access), struct bpf_fib_lookup
+
+
+def _dispatch_ingress(flavor: str) -> list:
+    """The ingress dispatcher (see above) as ebpf items; the prog array is map "prog_array"."""
+    tc = flavor == "tc"
+    helper = F.BPF_FUNC_skb_load_bytes if tc else F.BPF_FUNC_xdp_load_bytes
+    pas = F.TCX_NEXT if tc else F.XDP_PASS
+    R0, R1, R2, R3, R4, R6, FP = E.R0, E.R1, E.R2, E.R3, E.R4, E.R6, E.FP
+    items = [E.mov(R6, R1, comment="r6 = ctx")]
+    if tc:
+        items += [E.ldx(E.W, R1, R6, F.SKB_PKT_TYPE, "skb->pkt_type"),
+                  E.jmp(E.JEQ, R1, F.PACKET_OTHERHOST, "pass", comment="not for this host")]
+    # Ethernet header + IPv4 header head (bytes 0..33)
+    items += [E.mov(R1, R6), E.mov(R2, 0), E.mov(R3, FP), E.alu(E.ADD, R3, _D_BUF),
+              E.mov(R4, 34), E.call(helper),
+              E.jmp(E.JNE, R0, 0, "pass", comment="shorter than Ethernet + IPv4 header"),
+              E.ldx(E.H, R1, FP, _D_BUF + 12, "h_proto"), E.be16(R1),
+              E.jmp(E.JNE, R1, ETH_P_IP, "pass", comment="not IPv4: another family's business"),
+              E.ldx(E.B, R1, FP, _D_BUF + 30, "daddr[0]"), E.alu(E.AND, R1, 0xf0),
+              E.jmp(E.JEQ, R1, 0xe0, "input", comment="multicast: local delivery or nothing"),
+              E.ldx(E.W, R1, FP, _D_BUF + 30, "daddr"),
+              E.jmp(E.JEQ, R1, -1, "input", bits=32, comment="limited broadcast")]
+    items += [E.st(E.DW, FP, _D_FIB + o, 0) for o in range(0, 64, 8)]
+    items += [E.st(E.B, FP, _D_FIB, 2, "params.family = AF_INET"),
+              E.ldx(E.B, R1, FP, _D_BUF + 23), E.stx(E.B, FP, _D_FIB + 1, R1, "l4_protocol"),
+              E.ldx(E.B, R1, FP, _D_BUF + 15), E.stx(E.B, FP, _D_FIB + 12, R1, "tos"),
+              E.ldx(E.W, R1, FP, _D_BUF + 26), E.stx(E.W, FP, _D_FIB + 16, R1, "ipv4_src"),
+              E.ldx(E.W, R1, FP, _D_BUF + 30), E.stx(E.W, FP, _D_FIB + 32, R1, "ipv4_dst"),
+              E.ldx(E.W, R1, R6, F.SKB_IFINDEX if tc else F.XDP_INGRESS_IFINDEX, "in ifindex"),
+              E.stx(E.W, FP, _D_FIB + 8, R1),
+              E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, _D_FIB), E.mov(R3, 64),
+              E.mov(R4, 0), E.call(F.BPF_FUNC_fib_lookup),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NOT_FWDED, "input"),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_FWD_DISABLED, "input"),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_SUCCESS, "forward"),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NO_NEIGH, "forward"),
+              E.ja("pass")]
+    for label, hook in (("input", F.NF_INET_LOCAL_IN), ("forward", F.NF_INET_FORWARD)):
+        items += [E.Label(label), E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, hook),
+                  E.call(F.BPF_FUNC_tail_call), E.ja("pass")]
+    items += [E.Label("pass"), E.mov(R0, pas), E.exit_()]
+    return items
+
+
+def _dispatch_egress() -> list:
+    R0, R1, R2, R3, R6 = E.R0, E.R1, E.R2, E.R3, E.R6
+    return [E.mov(R6, R1),
+            E.ldx(E.W, R1, R6, F.SKB_PROTOCOL, "skb->protocol"), E.be16(R1),
+            E.jmp(E.JNE, R1, ETH_P_IP, "pass", comment="not IPv4"),
+            E.ldx(E.W, R1, R6, F.SKB_INGRESS_IFINDEX, "skb->skb_iif"),
+            E.jmp(E.JNE, R1, 0, "pass", comment="received here: forwarded, not locally generated"),
+            E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, F.NF_INET_LOCAL_OUT),
+            E.call(F.BPF_FUNC_tail_call),
+            E.Label("pass"), E.mov(R0, F.TCX_NEXT), E.exit_()]
+
+
+def link_create_ifindex(prog, ifindex: int, attach_type: int, flags: int = 0) -> K.Link:
+    """BPF_LINK_CREATE for tcx (BPF_TCX_INGRESS/EGRESS) and XDP (BPF_XDP, flags = mode) links;
+    the attr prefix {prog_fd, target_ifindex, attach_type, flags} is the same for both."""
+    attr = K._ffi.new("struct bpf_attr_link_create_tcx *")
+    attr.prog_fd, attr.target_ifindex = getattr(prog, "fd", prog), ifindex
+    attr.attach_type, attr.flags = attach_type, flags
+    fd = K._bpf(K.BPF_LINK_CREATE, attr, K._ffi.sizeof(attr[0]))
+    if fd < 0:
+        raise BpfilterError(-fd, f"BPF_LINK_CREATE type {attach_type} ifindex {ifindex} "
+                                 f"flags {flags:#x}: {os.strerror(-fd)}")
+    return K.Link(fd)
+
+
+def interfaces() -> dict:
+    """{ifindex: name} of the calling thread's network namespace."""
+    return {i: n for i, n in socket.if_nameindex()}
+
+
+class L2Attachment:
+    """tc or xdp attachment of one family in one netns. Same API as NfAttachment (swap, program,
+    attached, detach, detach_all, close) plus sync() (attach to new interfaces, refresh names)."""
+
+    def __init__(self, flavor: str, directory: str, prog_array, ifnames, cookie: int,
+                 xdp_mode: str = "auto"):
+        self.flavor, self.dir, self.prog_array, self.ifnames = flavor, directory, prog_array, ifnames
+        self.cookie, self.xdp_mode = cookie, xdp_mode
+        self.hooks = F.get(flavor).hooks
+
+    @staticmethod
+    def directory(flavor: str, family="ipv4", root: str = PIN_ROOT, cookie: int = None) -> str:
+        cookie = K.netns_cookie() if cookie is None else cookie
+        return os.path.join(root, str(cookie), f"{FAMILY_DIRS[nfproto(family)]}-{flavor}")
+
+    @classmethod
+    def open(cls, flavor: str, family="ipv4", root: str = PIN_ROOT,
+             xdp_mode: str = "auto") -> "L2Attachment":
+        if flavor not in L2_FLAVORS:
+            raise BpfilterError(errno.EINVAL, f"L2Attachment serves tc and xdp, not {flavor!r}")
+        if nfproto(family) != K.NFPROTO_IPV4:
+            raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor}: only ipv4 dispatchers exist")
+        K.features.require("tcx" if flavor == "tc" else "xdp")
+        if root.startswith("/sys/fs/bpf"):
+            K.ensure_bpffs("/sys/fs/bpf")
+        d = cls.directory(flavor, family, root)
+        os.makedirs(d, exist_ok=True)
+        pa = ifn = None
+        try:
+            pa_pin, ifn_pin = os.path.join(d, "prog_array"), os.path.join(d, "ifnames")
+            if os.path.exists(pa_pin):
+                pa = K.Map.from_pin(pa_pin)
+            else:
+                pa = K.Map.create(K.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, NF_INET_NUMHOOKS,
+                                  f"bpfilter_{flavor}")
+                pa.pin(pa_pin)
+            if os.path.exists(ifn_pin):
+                ifn = K.Map.from_pin(ifn_pin)
+            else:
+                ifn = K.Map.create(K.BPF_MAP_TYPE_HASH, 4, IFNAMSIZ, IFNAMES_MAX, "bpfilter_ifn")
+                ifn.pin(ifn_pin)
+        except BaseException:
+            for m in (pa, ifn):
+                if m is not None:
+                    m.close()
+            raise
+        return cls(flavor, d, pa, ifn, K.netns_cookie(), xdp_mode)
+
+    # -- dispatchers and links --------------------------------------------------------------
+    def _dispatcher(self, direction: str) -> K.Prog:
+        pin = os.path.join(self.dir, f"disp_{direction}")
+        if os.path.exists(pin):
+            return K.Prog.from_pin(pin)
+        items = _dispatch_egress() if direction == "egress" else _dispatch_ingress(self.flavor)
+        code = E.assemble(E.prune(items), {"prog_array": self.prog_array.fd})
+        fl = F.get(self.flavor)
+        p = K.Prog.load(fl.prog_type, code, name=f"bpfilter_{self.flavor}_{direction[:3]}",
+                        expected_attach_type=fl.expected_attach_type)
+        try:
+            p.pin(pin)
+        except BaseException:
+            p.close()
+            raise
+        return p
+
+    def _directions(self):
+        return (("ingress", K.BPF_TCX_INGRESS), ("egress", K.BPF_TCX_EGRESS)) \
+            if self.flavor == "tc" else (("xdp", K.BPF_XDP),)
+
+    def _link_pin(self, ifindex: int, direction: str) -> str:
+        return os.path.join(self.dir, f"link_{ifindex}_{direction}")
+
+    def _attach_one(self, ifindex: int, direction: str, attach_type: int, disp) -> str:
+        """Attach the dispatcher; for XDP native mode first, generic (skb) mode as fallback."""
+        if self.flavor == "tc":
+            modes = [("tcx", 0)]
+        else:
+            modes = {"auto": [("native", XDP_FLAGS_DRV_MODE), ("generic", XDP_FLAGS_SKB_MODE)],
+                     "native": [("native", XDP_FLAGS_DRV_MODE)],
+                     "generic": [("generic", XDP_FLAGS_SKB_MODE)]}[self.xdp_mode]
+        err = None
+        for mode, flags in modes:
+            try:
+                link = link_create_ifindex(disp, ifindex, attach_type, flags)
+            except BpfilterError as e:
+                err = e
+                continue
+            try:
+                link.pin(self._link_pin(ifindex, direction))
+            except BaseException:
+                link.detach()
+                raise
+            finally:
+                link.close()
+            return mode
+        raise BpfilterError(err.errno, f"{self.flavor}: cannot attach to interface "
+                                       f"{ifindex}: {err.message}")
+
+    def sync(self) -> dict:
+        """Make every interface of the namespace filtered and its name known to -i/-o rules:
+        new interfaces get the dispatcher, renamed ones a new name, gone ones lose their pins.
+        Returns {ifindex: mode} for the interfaces attached by this call."""
+        if K.netns_cookie() != self.cookie:
+            raise BpfilterError(errno.ESTALE, "sync() must run in the attachment's namespace")
+        now = interfaces()
+        for i, name in now.items():
+            self.ifnames.update(i, name.encode()[:IFNAMSIZ - 1].ljust(IFNAMSIZ, b"\0"))
+        for k in list(self.ifnames.keys()):
+            i = int.from_bytes(k, "little") if isinstance(k, (bytes, bytearray)) else int(k)
+            if i not in now:
+                try:
+                    self.ifnames.delete(i)
+                except BpfilterError:
+                    pass
+        for f in os.listdir(self.dir):
+            if f.startswith("link_") and int(f.split("_")[1]) not in now:
+                K.unpin(os.path.join(self.dir, f))      # the device went: its link is defunct
+        done = {}
+        for direction, atype in self._directions():
+            with self._dispatcher(direction) as disp:
+                for i in sorted(now):
+                    if not os.path.exists(self._link_pin(i, direction)):
+                        done[(i, direction)] = self._attach_one(i, direction, atype, disp)
+        return done
+
+    # -- the NfAttachment API -----------------------------------------------------------------
+    def _prog_pin(self, hook):
+        return os.path.join(self.dir, f"prog_{HOOK_NAMES[hook]}")
+
+    def swap(self, hook: int, prog: K.Prog):
+        if hook not in self.hooks:
+            raise BpfilterError(errno.EINVAL, f"flavor {self.flavor} has no {HOOK_NAMES[hook]}")
+        self.prog_array.update(hook, prog)          # the atomic step
+        NfAttachment._repin(self, self._prog_pin(hook), prog)
+        self.sync()          # first install: attach everywhere; later: a no-op unless new devices
+
+    def program(self, hook: int):
+        path = self._prog_pin(hook)
+        return K.Prog.from_pin(path) if os.path.exists(path) else None
+
+    def attached(self) -> dict:
+        """{hook: {"links": {ifname: [direction...]}, ...}} for status."""
+        names = interfaces() if K.netns_cookie() == self.cookie else {}
+        per_if = {}
+        for f in sorted(os.listdir(self.dir)):
+            if f.startswith("link_"):
+                _, i, direction = f.split("_", 2)
+                per_if.setdefault(names.get(int(i), i), []).append(direction)
+        return {h: dict(flavor=self.flavor, interfaces=per_if)
+                for h in self.hooks if os.path.exists(self._prog_pin(h))}
+
+    def detach(self, hook: int):
+        """Empty the slot: the dispatchers pass that hook's packets unfiltered afterwards."""
+        try:
+            self.prog_array.delete(hook)
+        except BpfilterError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        K.unpin(self._prog_pin(hook))
+        K.unpin(self._prog_pin(hook) + "_new")
+
+    def detach_all(self):
+        """Detach every per-interface link first (no packet reaches a dispatcher afterwards), then
+        remove slots, maps and pins."""
+        for f in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, f)
+            if f.startswith("link_"):
+                try:
+                    with K.Link.from_pin(path) as link:
+                        link.detach()
+                except BpfilterError:
+                    pass            # defunct already (device deleted)
+        for h in range(NF_INET_NUMHOOKS):
+            self.detach(h)
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.dir))
+        except OSError:
+            pass
+
+    def close(self):
+        for m in (self.prog_array, self.ifnames):
+            m.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_attachment(flavor: str, family, **kw):
+    """The attachment of `flavor` for `family` in the calling thread's namespace."""
+    if flavor == "nf":
+        return NfAttachment.open(family, **kw)
+    return L2Attachment.open(flavor, family, **kw)
+
+
+def attachment_directory(flavor: str, family, cookie: int = None) -> str:
+    if flavor == "nf":
+        return NfAttachment.directory(nfproto(family), cookie=cookie)
+    return L2Attachment.directory(flavor, family, cookie=cookie)
+
+
+# ---- the interface watcher ---------------------------------------------------------------------
+# tcx and XDP attach per device, so a device created or renamed after the ruleset was installed
+# must be handled without any iptables command. The helper process is started on demand and may
+# not be running, so the first tc/xdp install starts one small watcher per (netns, flavor, family):
+# `python -m bpfilter_umh.attach watch FLAVOR FAMILY` subscribes to RTNLGRP_LINK and calls
+# L2Attachment.sync() on every link message. It stops when the pin directory goes (flush) and is
+# killed by flush through its pid file; a namespace being torn down kills it with its processes.
+WATCH_ROOT = "/run/bpfilter"
+WATCH_POLL = 0.5        # seconds between checks that the attachment still exists
+
+
+def _watch_pidfile(flavor: str, family, cookie: int = None) -> str:
+    cookie = K.netns_cookie() if cookie is None else cookie
+    return os.path.join(WATCH_ROOT, str(cookie), f"watch-{FAMILY_DIRS[nfproto(family)]}-{flavor}.pid")
+
+
+def _watcher_pid(pidfile: str):
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"bpfilter_umh.attach" not in f.read():
+                return None
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def start_watcher(flavor: str, family="ipv4") -> int:
+    """Start the watcher of the calling thread's namespace unless one runs; returns its pid."""
+    import subprocess
+    import sys
+    pidfile = _watch_pidfile(flavor, family)
+    pid = _watcher_pid(pidfile)
+    if pid is not None:
+        return pid
+    os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the child inherits the calling *thread's* network namespace (clone copies its nsproxy)
+    p = subprocess.Popen([sys.executable, "-m", "bpfilter_umh.attach", "watch", flavor,
+                          FAMILY_DIRS[nfproto(family)]], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, env=env, close_fds=True)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(p.pid))
+    os.replace(pidfile + ".tmp", pidfile)
+    return p.pid
+
+
+def stop_watcher(flavor: str, family="ipv4", cookie: int = None):
+    import signal
+    import time
+    pidfile = _watch_pidfile(flavor, family, cookie)
+    pid = _watcher_pid(pidfile)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(50):                  # bounded: 5 s
+            try:
+                # reap it if it is our child; otherwise wait for it to vanish
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+            time.sleep(0.1)
+    try:
+        os.unlink(pidfile)
+    except OSError:
+        pass
+
+
+def watcher_running(flavor: str, family="ipv4") -> bool:
+    return _watcher_pid(_watch_pidfile(flavor, family)) is not None
+
+
+def watch(flavor: str, family="ipv4"):
+    """The watcher's loop (runs in the namespace it was started in)."""
+    import select
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.rtnl import RTMGRP_LINK
+    d = L2Attachment.directory(flavor, family)
+    with IPRoute() as ipr:
+        ipr.bind(groups=RTMGRP_LINK)
+        while os.path.isdir(d):
+            try:
+                with L2Attachment.open(flavor, family) as att:
+                    att.sync()
+            except BpfilterError:
+                pass                 # a device vanished mid-sync: the next message retries
+            while os.path.isdir(d):
+                r, _, _ = select.select([ipr.fileno()], [], [], WATCH_POLL)
+                if r:
+                    ipr.get()        # drain; the content does not matter, sync() looks at all
+                    break
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 4 and sys.argv[1] == "watch":
+        watch(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m bpfilter_umh.attach watch tc|xdp ipv4")

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import ebpf as E
+from . import classify, family, flavors
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
-from .model import (AF_INET, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
+from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
                     Rule, Table, Verdict)
 
 COUNTERS_MAP = "counters"
@@ -127,6 +128,8 @@ class CompiledProgram:
     expected_attach_type: int = BPF_NETFILTER
     license: str = "GPL"
     facts: Optional[KernelFacts] = None
+    flavor: str = "nf"
+    maps: list = field(default_factory=list)   # classify.MapSpec: created and filled at load
 
     @property
     def name(self) -> str:
@@ -203,8 +206,10 @@ class _ChainCompiler:
     MAX_DEPTH = 64          # deeper than any table the kernel accepts (it rejects loops)
     MAX_INSNS = 1_000_000   # BPF_COMPLEXITY_LIMIT_INSNS: larger programs cannot load anyway
 
-    def __init__(self, table: Table, chain: Chain, facts: KernelFacts):
+    def __init__(self, table: Table, chain: Chain, facts: KernelFacts, flavor=None):
         self.table, self.chain, self.facts = table, chain, facts
+        self.fl = flavor if flavor is not None else flavors.get("nf")
+        self.v6 = table.family == AF_INET6     # the IPv6 family layer is in family.py
         self.items: list = []
         self.n = 0
         self.rule_count = 0
@@ -212,6 +217,10 @@ class _ChainCompiler:
         self.needs_l4 = False
         self.needs_ip = False
         self.where = {}          # entry label -> "chain X rule N (entry offset O)"
+        entries = table.entries()
+        # offset of the entry that follows each entry: a standard target whose verdict is that
+        # offset is how iptables writes a rule without -j (libiptc's fall-through jump)
+        self.next_offset = {a.offset: b.offset for a, b in zip(entries, entries[1:])}
         self._scan(chain, set())
 
     # ---- helpers ----
@@ -234,7 +243,7 @@ class _ChainCompiler:
             ip = r.ip
             if any(ip.iniface_mask) or any(ip.outiface_mask):
                 self.needs_ifnames = True
-            if any(m.name in ("tcp", "udp", "icmp") for m in r.matches):
+            if any(m.name in ("tcp", "udp", "icmp", "icmp6") for m in r.matches):
                 self.needs_l4 = True
             if r.matches or ip.proto or ip.flags & IPT_F_FRAG or ip.invflags or int(ip.smsk) \
                     or int(ip.dmsk) or int(ip.src) or int(ip.dst):
@@ -248,33 +257,18 @@ class _ChainCompiler:
     def compile(self) -> list:
         f = self.facts
         drop = "drop_early"
-        self.emit(
-            E.mov(R6, R1, comment="r6 = struct bpf_nf_ctx *"),
-            E.ldx(E.DW, R7, R6, f.nf_ctx_skb, "r7 = ctx->skb"),
-            E.ldx(E.W, R1, R7, f.skb_len, "skb->len"),
-            E.stx(E.DW, FP, S_LEN, R1),
-        )
-        if self.needs_ifnames:
-            self.emit(E.ldx(E.DW, R8, R6, f.nf_ctx_state, "r8 = ctx->state"))
-            for off, slot, what in ((f.state_in, S_INNAME, "in"), (f.state_out, S_OUTNAME, "out")):
-                done = self.label(f"{what}dev_done")
-                self.emit(E.st(E.DW, FP, slot, 0, f"{what}dev name = nulldevname"),
-                          E.st(E.DW, FP, slot + 8, 0),
-                          E.ldx(E.DW, R1, R8, off, f"state->{what}"),
-                          E.jmp(E.JEQ, R1, 0, done),
-                          E.ldx(E.DW, R2, R1, f.dev_name, f"state->{what}->name[0..7]"),
-                          E.stx(E.DW, FP, slot, R2),
-                          E.ldx(E.DW, R2, R1, f.dev_name + 8, f"state->{what}->name[8..15]"),
-                          E.stx(E.DW, FP, slot + 8, R2),
-                          Label(done))
+        # the flavor layer (flavors.py): ctx in r6, S_LEN, interface names where it knows them
+        self.needs_ip = self.needs_ip or self.fl.needs_ip
+        self.fl.prologue(self, drop)
         if self.needs_ip or self.needs_l4:
             self._parse_ip(drop)
+            self.fl.after_ip(self)
         if self.needs_l4:
             self._parse_l4()
         # the fail-closed exit sits right after the parser: a conditional jump reaches only
         # 32767 instructions, and the rules may be longer than that
         parsed = "parsed"
-        self.emit(E.ja(parsed), Label(drop), E.mov(R0, NF_DROP), E.exit_(), Label(parsed))
+        self.emit(E.ja(parsed), Label(drop), E.mov(R0, self.fl.DROP), E.exit_(), Label(parsed))
         top = self.chain
         underflow = "underflow"
         self._chain_body(top, underflow, [top.name], f"{top.name}")
@@ -285,10 +279,10 @@ class _ChainCompiler:
 
     def _parse_ip(self, drop: str):
         """The IPv4 header fields every rule may test, read once into stack slots."""
+        if self.v6:
+            return family.parse_ipv6(self, drop, S_PROTO, S_FRAGOFF, S_THOFF)
+        self.fl.open_packet(self, drop)
         self.emit(
-            E.mov(R1, R7), E.mov(R2, 0), E.mov(R3, FP), E.alu(E.ADD, R3, S_DYNPTR),
-            E.kfunc("bpf_dynptr_from_skb"),
-            E.jmp(E.JNE, R0, 0, drop, comment="no dynptr: cannot inspect, fail closed"),
             *self._slice(E.mov(R2, 0), 20),
             E.jmp(E.JEQ, R0, 0, drop, comment="shorter than an IPv4 header"),
             E.ldx(E.W, R1, R0, 12, "saddr"), E.stx(E.DW, FP, S_SADDR, R1),
@@ -301,9 +295,9 @@ class _ChainCompiler:
         )
 
     def _slice(self, set_offset: Insn, size: int) -> list:
-        """r0 = bpf_dynptr_slice(&dynptr, <offset set by set_offset in r2>, buf, size)."""
-        return [E.mov(R1, FP), E.alu(E.ADD, R1, S_DYNPTR), set_offset, E.mov(R3, FP),
-                E.alu(E.ADD, R3, S_BUF), E.mov(R4, size), E.kfunc("bpf_dynptr_slice")]
+        """r0 = pointer to `size` bytes at the network-header offset set_offset puts in r2, or
+        0 when the packet is shorter (the flavor's primitive: dynptr slice, load-bytes helper)."""
+        return self.fl.load_bytes(set_offset, size)
 
     def _parse_l4(self):
         """The first 20 (TCP) or 8 (UDP/ICMP) bytes at thoff, read once; S_L4LEN says how many
@@ -333,8 +327,17 @@ class _ChainCompiler:
 
     # ---- chains and rules ----
     def _chain_body(self, chain: Chain, ret: str, path: list, where: str, start: int = 0):
-        for pos, rule in enumerate(chain.rules[start:], start + 1):
-            self._entry(rule, chain.name, pos, ret, "rule", path, where)
+        # runs of same-shape rules become one map lookup (classify.py, issue #7)
+        runs = {r.start: r for r in classify.find_runs(chain.rules)
+                if r.start >= start} if self.table.family == AF_INET else {}
+        pos = start
+        while pos < len(chain.rules):
+            if pos in runs:
+                classify.emit_run(self, runs[pos], chain.name, ret, where)
+                pos = runs[pos].end
+                continue
+            self._entry(chain.rules[pos], chain.name, pos + 1, ret, "rule", path, where)
+            pos += 1
 
     def _entry(self, rule: Rule, chain: str, pos: int, ret: str, kind: str,
                path: list, where: str):
@@ -359,34 +362,46 @@ class _ChainCompiler:
             raise _unsupported(chain, pos, rule, f"verdict {t.name}")
         if not isinstance(t, (Verdict, Jump)):
             raise _unsupported(chain, pos, rule, f"target {type(t).__name__}")
+        if isinstance(t, Jump) and t.offset == self.next_offset.get(rule.offset):
+            # ipt_do_table: a verdict landing on the next entry pushes nothing and simply goes
+            # on there (goto or not): count the rule, then continue with the next entry
+            t = None
         fail = nxt
         if isinstance(t, Jump):
             fail = self.label("skip")    # the inlined body may be too long for a 16-bit offset
         self.acc_live, self.first_cond, self.fail = False, True, fail
-        self._ip(rule, fail)
+        if self.v6:
+            family.ip6_packet_match(self, rule, fail, S_PROTO)
+        else:
+            self._ip(rule, fail)
         for m in rule.matches:
             self._match(m, rule, chain, pos, fail, hot)
         if self.acc_live:
             self.emit(E.jmp(E.JNE, ACC, 0, fail, comment="a later condition failed"))
         self._count(rule.index)
+        if t is None:
+            self.emit(E.ja(nxt, "no target: continue"),
+                      Label(hot), E.mov(R0, self.fl.DROP, comment="hotdrop"), E.exit_(), Label(nxt))
+            return
         if isinstance(t, Verdict):
             if t.verdict == XT_RETURN:
                 self.emit(E.ja(ret, "RETURN"))
             else:
                 v = -t.verdict - 1
-                self.emit(E.mov(R0, v, comment="ACCEPT" if v == NF_ACCEPT else "DROP"),
+                self.emit(E.mov(R0, self.fl.ACCEPT if v == NF_ACCEPT else self.fl.DROP,
+                                comment="ACCEPT" if v == NF_ACCEPT else "DROP"),
                           E.exit_())
-            self.emit(Label(hot), E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(nxt))
+            self.emit(Label(hot), E.mov(R0, self.fl.DROP, comment="hotdrop"), E.exit_(), Label(nxt))
             return
         # jump / goto: inline the target chain from the landing entry on
         target, start = self._landing(t, chain, pos, rule)
         if target.name in path or len(path) >= self.MAX_DEPTH:
             raise BpfilterError(errno.ELOOP, f"chain {chain} rule {pos} (entry offset "
                                              f"{rule.offset}): loop through chain {t.chain}")
-        goto = bool(rule.ip.flags & IPT_F_GOTO) or t.goto
+        goto = bool(rule.ip.flags & (family.IP6T_F_GOTO if self.v6 else IPT_F_GOTO)) or t.goto
         body = self.label("body")
         self.emit(E.ja(body), Label(fail), E.ja(nxt),
-                  Label(hot), E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(),
+                  Label(hot), E.mov(R0, self.fl.DROP, comment="hotdrop"), E.exit_(),
                   Label(body, f"{'goto' if goto else 'jump'} {t.chain}"))
         inner_ret = ret if goto else nxt
         inner_where = f"{where} > {t.chain}"
@@ -465,7 +480,7 @@ class _ChainCompiler:
         ok = self.label("nohot")
         if self.acc_live:
             self.emit(E.alu(E.OR, R1, ACC))
-        self.emit(E.jmp(E.JNE, R1, 0, ok), E.mov(R0, NF_DROP, comment=f"hotdrop: {why}"),
+        self.emit(E.jmp(E.JNE, R1, 0, ok), E.mov(R0, self.fl.DROP, comment=f"hotdrop: {why}"),
                   E.exit_(), Label(ok))
 
     def _load(self, slot: int, comment: str = "", mask: int = None):
@@ -537,8 +552,13 @@ class _ChainCompiler:
 
     # ---- matches ----
     def _match(self, m, rule: Rule, chain: str, pos: int, fail: str, hot: str):
-        if m.name not in ("tcp", "udp", "icmp") or m.revision != 0:
+        known = ("tcp", "udp", "icmp6") if self.v6 else ("tcp", "udp", "icmp")
+        if m.name not in known or m.revision != 0:
             raise _unsupported(chain, pos, rule, f"match {m.name} (revision {m.revision})")
+        if self.v6:
+            family.check_l4_rule(rule, chain, pos, m)
+            if m.name == "icmp6":
+                return family.icmp6_match(self, m, fail, S_ICMPTYPE, S_ICMPCODE)
         d = _payload(m)
         if m.name == "tcp":
             self._tcp(d, fail, hot)
@@ -618,10 +638,8 @@ class _ChainCompiler:
                   E.jmp(E.JEQ, R8, 0, notfound, comment="no options"))
         for off in range(0, 48, 8):
             self.emit(E.st(E.DW, FP, S_OPT + off, 0))
-        self.emit(E.mov(R1, FP), E.alu(E.ADD, R1, S_OPT), E.mov(R2, E.R8),
-                  E.mov(R3, FP), E.alu(E.ADD, R3, S_DYNPTR),
-                  E.ldx(E.DW, R4, FP, S_THOFF), E.alu(E.ADD, R4, 20), E.mov(E.R5, 0),
-                  E.call(E.BPF_FUNC_dynptr_read),
+        self.emit(*self.fl.read_bytes(S_OPT, E.R8, [E.ldx(E.DW, R4, FP, S_THOFF),
+                                                     E.alu(E.ADD, R4, 20)]),
                   E.jmp(E.JNE, R0, 0, hot, comment="options not all there: hotdrop"),
                   E.mov(R9, 0))
         for k in range(40):
@@ -684,19 +702,29 @@ def _entry_count(table: Table) -> int:
 def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf") -> CompiledTable:
     """Compile every built-in chain of `table` for `flavor`. Raises BpfilterError naming the rule
     when something cannot be translated."""
-    if flavor != "nf":
-        raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor!r} is not supported by the compiler")
-    if table.family != AF_INET:
+    fl = flavors.get(flavor) if isinstance(flavor, str) else flavor
+    if table.family not in (AF_INET, AF_INET6):
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
-                                              f"compiler (IPv4 only)")
+                                              f"compiler")
+    if table.family == AF_INET6 and fl.name != "nf":
+        # tc/xdp dispatchers and their FIB lookup are IPv4-only so far (flavors.py)
+        raise BpfilterError(errno.EOPNOTSUPP, f"flavor {fl.name} does not serve IPv6 tables yet; "
+                                              f"use flavor nf")
     out = CompiledTable(counters_entries=max(1, _entry_count(table)))
     for chain in table.chains:
         if not chain.builtin:
             continue
         if chain.policy_entry is None:
             raise BpfilterError(errno.EINVAL, f"chain {chain.name}: no underflow entry")
-        cc = _ChainCompiler(table, chain, facts)
+        fl.check_chain(chain)           # refuses, naming the chain, what the flavor cannot serve
+        if not fl.serves(chain):
+            continue                    # empty ACCEPT chain at a hook the flavor has not
+        cc = _ChainCompiler(table, chain, facts, fl)
         items = cc.compile()
         out.programs.append(CompiledProgram(chain.name, chain.hook, items, len(chain.rules),
-                                            where=cc.where, facts=facts))
+                                            where=cc.where, facts=facts,
+                                            prog_type=fl.prog_type,
+                                            expected_attach_type=fl.expected_attach_type,
+                                            license=fl.license, flavor=fl.name,
+                                            maps=list(getattr(cc, "cls_maps", {}).values())))
     return out

@@ -41,6 +41,7 @@ import re
 import struct
 
 from . import attach
+from . import flavors
 from . import kernel as K
 from .compile import COUNTERS_MAP, CompiledProgram, KernelFacts, compile_table
 from .errors import BpfilterError
@@ -78,7 +79,7 @@ class Engine:
         fam = FAMILY_NAMES.get(family)
         if fam is None:
             raise BpfilterError(errno.EAFNOSUPPORT, f"family {family}")
-        self.pin_dir = attach.NfAttachment.directory(attach.nfproto(family), cookie=cookie)
+        self.pin_dir = attach.attachment_directory(flavor, family, cookie=cookie)
         self.state_path = os.path.join(STATE_ROOT, str(cookie), f"{fam}.table")
         self.table = Table.empty("filter", family)
         self.base = [(0, 0)] * self.table.num_entries
@@ -88,8 +89,10 @@ class Engine:
     # ---- open / persist ----
     @classmethod
     def open(cls, family: int = AF_INET, flavor: str = "nf") -> "Engine":
-        if flavor != "nf":
-            raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor!r} is not supported by the engine")
+        flavors.get(flavor)             # EINVAL for an unknown flavor
+        if flavor != "nf" and family != AF_INET:
+            raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor}: only ipv4 is served (the "
+                                                  f"tc/xdp dispatchers check EtherType IPv4)")
         eng = cls(family, flavor, K.netns_cookie())
         eng._load_state()
         return eng
@@ -124,7 +127,7 @@ class Engine:
         creates pins, so status/counters never do that)."""
         if not create and not os.path.isdir(self.pin_dir):
             return None
-        return attach.NfAttachment.open(self.family)
+        return attach.open_attachment(self.flavor, self.family)
 
     def _installed_programs(self) -> dict:
         """{hook: Prog} of the ruleset programs in the slots."""
@@ -147,9 +150,8 @@ class Engine:
             progs = self._installed_programs()
             try:
                 for p in progs.values():
-                    ids = p.info()["map_ids"]
-                    if ids:
-                        self._map = K.Map.from_id(ids[0])
+                    self._map = _find_counters(p.info()["map_ids"])
+                    if self._map is not None:
                         break
             finally:
                 for p in progs.values():
@@ -162,25 +164,27 @@ class Engine:
         if table.family != self.family:
             raise BpfilterError(errno.EINVAL, f"table of family {table.family} given to the "
                                               f"family {self.family} engine")
-        if self.family != AF_INET and _accept_all(table):
-            # nothing to enforce and no compiler for this family yet: keep the model only
-            old = self.counters()
-            self._retire()
-            self.table, self.base = table, [(0, 0)] * table.num_entries
-            self._save_state()
-            return old
+        # both families compile (IPv6: family.py); even an accept-all table gets programs, since
+        # the kernel counts the policy entries' packets
         compiled = compile_table(table, kernel_facts(), self.flavor)
         new_map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, compiled.counters_entries,
                                name="bpfilter_cnt")
         progs = {}
+        pre = self._attachment(create=True) if self.flavor != "nf" else None
         try:
+            # tc/xdp programs read interface names from the attachment's ifnames map
+            shared = {flavors.IFNAMES_MAP: pre.ifnames.fd} if pre is not None else {}
             for cp in compiled.programs:
-                progs[cp.hook] = self._load(cp, new_map)
+                progs[cp.hook] = self._load(cp, new_map, shared) if shared else \
+                    self._load(cp, new_map)
         except BaseException:
             for p in progs.values():
                 p.close()
             new_map.close()
             raise
+        finally:
+            if pre is not None:
+                pre.close()
         old_counters = self.counters()
         old_map = self._counters_map()
         att = self._attachment(create=True)
@@ -218,10 +222,15 @@ class Engine:
         self.table = table
         self.base = [(0, 0)] * table.num_entries
         self._save_state()
+        if self.flavor != "nf":
+            # devices created or renamed later are attached by the watcher (attach.py)
+            attach.start_watcher(self.flavor, self.family)
         return old_counters
 
     def _retire(self):
         """Detach every hook of this family and drop the pins (attach.detach_all)."""
+        if self.flavor != "nf":
+            attach.stop_watcher(self.flavor, self.family, self.cookie)
         att = self._attachment()
         if att is not None:
             att.detach_all()
@@ -229,9 +238,11 @@ class Engine:
             self._map.close()
             self._map = None
 
-    def _load(self, cp: CompiledProgram, counters_map) -> "K.Prog":
-        code = cp.assemble({COUNTERS_MAP: counters_map.fd})
+    def _load(self, cp: CompiledProgram, counters_map, shared: dict = None) -> "K.Prog":
+        extra = create_maps(cp)
         try:
+            code = cp.assemble({COUNTERS_MAP: counters_map.fd, **(shared or {}),
+                                **{name: m.fd for name, m in extra.items()}})
             return K.Prog.load(cp.prog_type, code, license=cp.license, name=cp.name,
                                expected_attach_type=cp.expected_attach_type)
         except BpfilterError as e:
@@ -239,6 +250,9 @@ class Engine:
             where = cp.locate(slot) if slot is not None else f"chain {cp.chain}"
             raise BpfilterError(e.errno, f"{where}: the kernel refused the compiled program "
                                          f"({e.message})") from None
+        finally:
+            for m in extra.values():        # the loaded program holds its own references
+                m.close()
 
     # ---- counters ----
     @staticmethod
@@ -313,6 +327,39 @@ class Engine:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+# ---- maps declared by compiled programs (classify.py's lookup maps, issue #7) ----
+
+COUNTERS_MAP_NAME = "bpfilter_cnt"
+
+
+def create_maps(cp: CompiledProgram) -> dict:
+    """{symbolic name: Map} for every MapSpec of `cp`, created and filled (closed on error).
+    Filled before load and never written again: a new ruleset gets new maps."""
+    out = {}
+    try:
+        for spec in getattr(cp, "maps", ()):
+            m = K.Map.create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
+                             name=spec.kname, flags=spec.flags)
+            out[spec.name] = m
+            for k, v in spec.entries:
+                m.update(k, v)
+    except BaseException:
+        for m in out.values():
+            m.close()
+        raise
+    return out
+
+
+def _find_counters(map_ids):
+    """The counters map among a program's maps (the one named bpfilter_cnt)."""
+    for i in map_ids:
+        m = K.Map.from_id(i)
+        if m.name == COUNTERS_MAP_NAME:
+            return m
+        m.close()
+    return None
 
 
 def _quietly(fn, *a):

@@ -13,11 +13,13 @@ Order of checks per command, as in the kernel (so the same bad request gets the 
                     lookup -> ENOENT; get.size != current size -> EAGAIN
   GET_REVISION_*    *len != sizeof(xt_get_revision) -> EINVAL; unknown name -> ENOENT; known
                     name without that revision -> EPROTONOSUPPORT (x_tables.c xt_find_revision)
-  SET_REPLACE       do_replace: num_counters overflow -> ENOMEM, 0 -> EINVAL, translate_table
+  SET_REPLACE       do_replace: len < sizeof(ipt_replace) -> EINVAL, num_counters overflow ->
+                    ENOMEM, 0 -> EINVAL, len < sizeof + size -> EINVAL, translate_table
                     checks (codec) -> their errno, lookup -> ENOENT, valid_hooks mismatch -> EINVAL,
                     num_counters != current number -> EAGAIN (xt_replace_table); old counters
                     written to tmp.counters, a failed write ignored as __do_replace does
-  SET_ADD_COUNTERS  xt_copy_counters: len - sizeof(info) != num_counters * 16 -> EINVAL;
+  SET_ADD_COUNTERS  xt_copy_counters: len < sizeof(info) or
+                    len - sizeof(info) != num_counters * 16 -> EINVAL;
                     lookup -> ENOENT; num_counters != current number -> EINVAL
 Every command first checks CAP_NET_ADMIN of the caller (-> EPERM).
 """
@@ -455,6 +457,8 @@ def get_revision(mem: CallerMemory, req: Request, target: bool) -> Reply:
 
 
 def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
+    if req.len < REPLACE_HDR.size:
+        raise BpfilterError(errno.EINVAL, f"SET_REPLACE length {req.len} < sizeof(ipt_replace)")
     hdr_raw = mem.read(req.addr, REPLACE_HDR.size)
     (raw_name, valid_hooks, num_entries, size, *rest) = REPLACE_HDR.unpack(hdr_raw)
     num_counters, counters_ptr = rest[10], rest[11]
@@ -462,6 +466,9 @@ def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
         raise BpfilterError(errno.ENOMEM, f"num_counters {num_counters} overflows")
     if num_counters == 0:
         raise BpfilterError(errno.EINVAL, "num_counters is 0")
+    if req.len < REPLACE_HDR.size + size:
+        raise BpfilterError(errno.EINVAL, f"SET_REPLACE length {req.len} < sizeof(ipt_replace)"
+                                          f" + size {size}")
     if XT_TABLE_INFO_SIZE + size >= XT_MAX_TABLE_SIZE:
         raise BpfilterError(errno.ENOMEM, f"table size {size} too large")   # xt_alloc_table_info
     buf = hdr_raw + mem.read(req.addr + REPLACE_HDR.size, size)
@@ -487,7 +494,7 @@ def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
 
 def do_add_counters(be, mem: CallerMemory, req: Request) -> Reply:
     if req.len < COUNTERS_INFO_HDR.size:
-        raise BpfilterError(errno.EFAULT, f"ADD_COUNTERS length {req.len} too short")
+        raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS length {req.len} too short")
     raw_name, num = COUNTERS_INFO_HDR.unpack(mem.read(req.addr, COUNTERS_INFO_HDR.size))
     if num * XT_COUNTERS.size != req.len - COUNTERS_INFO_HDR.size:
         raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS: {num} counters in "

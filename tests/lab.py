@@ -325,6 +325,11 @@ class Lab:
         return s
 
     def _open_sockets(self):
+        # /proc/net/snmp opened inside a namespace keeps showing that namespace's counters
+        self.snmp = {}
+        for name in ("client", "host", "server"):
+            with self.ns_named(name).inside():
+                self.snmp[name] = os.open("/proc/thread-self/net/snmp", os.O_RDONLY)
         self.senders = {}
         for hif, (_, peer_ns, pif, _, _) in LINKS.items():
             s = self._sock(self.ns_named(peer_ns), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -367,12 +372,36 @@ class Lab:
                 got.setdefault(point, []).append(data)
         return got
 
+    def _ip_mib(self) -> dict:
+        """{namespace: {"InReceives": n, "OutTransmits": n, ...}} from /proc/net/snmp."""
+        out = {}
+        for name, fd in self.snmp.items():
+            lines = [ln.split() for ln in os.pread(fd, 65536, 0).decode().splitlines()
+                     if ln.startswith("Ip:")]
+            out[name] = dict(zip(lines[0][1:], map(int, lines[1][1:])))
+        return out
+
+    def _barrier(self, before: dict, to_host: int, deadline: float):
+        """Wait (bounded) until ip_rcv() in the host has counted the `to_host` packets sent to
+        it, and the peers have counted as many packets as the host transmitted (InReceives is
+        counted in ip_rcv_core(), after the AF_PACKET taps; OutTransmits in ip_finish_output2())."""
+        while time.monotonic() < deadline:
+            now = self._ip_mib()
+            d = {ns: {k: now[ns][k] - before[ns][k] for k in now[ns]} for ns in now}
+            if (d["host"]["InReceives"] >= to_host and
+                    d["client"]["InReceives"] + d["server"]["InReceives"]
+                    >= d["host"].get("OutTransmits", 0)):
+                return
+            time.sleep(0.002)
+
     def send(self, probes, settle: float = 0.02, limit: float = 1.0) -> dict:
         """Send every probe (their `ident`s must be unique and non-zero), wait until the lab is
         quiet, and return {ident: sorted tuple of (point, fragment offset)} where each probe or
         fragment was seen (point "send:EPERM" etc. = the sender got that error); an empty tuple
         means dropped silently."""
         self._drain()
+        before = self._ip_mib()
+        to_host = sum(len(p.pieces()) for p in probes if p.sender != "host")
         errors = {}
         for p in probes:
             sender = self.senders[p.sender]
@@ -383,9 +412,12 @@ class Lab:
                     # a drop at NF_INET_LOCAL_OUT comes back to the sender: nf_hook_slow()
                     # turns NF_DROP into -EPERM; keep it as part of the outcome
                     errors.setdefault(p.ident, []).append((f"send:{errno.errorcode[e.errno]}", off))
-        # veth_xmit() hands the packet to the peer's backlog, processed on the way out of the
-        # sendto's softirq section, so most arrive before sendto returns; wait for quiet anyway.
-        got, deadline, quiet_since = {}, time.monotonic() + limit, time.monotonic()
+        # veth_xmit() hands each packet to a per-CPU backlog, usually processed before sendto
+        # returns, but ksoftirqd may defer it on a busy machine: wait until the host has taken
+        # in every packet sent to it and the peers every packet the host sent out, then for quiet.
+        got, deadline = {}, time.monotonic() + limit
+        self._barrier(before, to_host, deadline)
+        quiet_since = time.monotonic()
         while time.monotonic() < deadline:
             more = self._drain()
             for k, v in more.items():
@@ -475,6 +507,9 @@ class Lab:
         for s in self.socks:
             s.close()
         self.socks = []
+        for fd in getattr(self, "snmp", {}).values():
+            os.close(fd)
+        self.snmp = {}
         self._stack.close()
 
     def __enter__(self):
@@ -524,6 +559,34 @@ def differential(ref: Lab, cand: Lab, text: str, probes) -> list:
              f"{outcome_text(o_cand[p.ident])}" for p in probes if o_ref[p.ident] != o_cand[p.ident]]
     for k in sorted(set(c_ref) | set(c_cand), key=str):
         if c_ref.get(k) != c_cand.get(k):
-            diffs.append(f"counters {k[0]} {'policy' if k[1] == 'policy' else 'rule #%d' % (k[1] + 1)}"
+            where = f"rule #{k[1] + 1}" if isinstance(k[1], int) else f"{k[1]} entry"
+            diffs.append(f"counters {k[0]} {where}"
                          f": {rn} {c_ref.get(k)}  {cn} {c_cand.get(k)}")
     return diffs
+
+
+def shrink(ref: Lab, cand: Lab, text: str, probes, budget: int = 60) -> str:
+    """The ruleset with as few rules as still show a difference for these probes (greedy: drop
+    one "-A" line at a time, keep the drop when the difference stays; then drop user chains no
+    rule mentions). For bug reports: a minimal ruleset + one probe."""
+    lines = text.splitlines()
+
+    def still_differs(ls):
+        try:
+            return bool(differential(ref, cand, "\n".join(ls) + "\n", probes))
+        except LoadError:             # the oracle refuses it: not a smaller case
+            return False
+
+    i = len(lines) - 1
+    while i >= 0 and budget > 0:
+        if lines[i].startswith("-A "):
+            budget -= 1
+            trial = lines[:i] + lines[i + 1:]
+            if still_differs(trial):
+                lines = trial
+        i -= 1
+    used = " ".join(ln for ln in lines if ln.startswith("-A "))
+    lines = [ln for ln in lines if not (ln.startswith(":") and ln.split()[1] == "-"
+                                        and re.search(rf"[ ]{re.escape(ln[1:].split()[0])}( |$)",
+                                                      used) is None)]
+    return "\n".join(lines) + "\n"

@@ -266,11 +266,6 @@ def _in_prefix(a: int, spec) -> bool:
     return ((a & m) == net) != inv
 
 
-def _want(spec_inv: bool, flip: bool) -> bool:
-    """True when the probe should satisfy the positive form of a field."""
-    return not spec_inv if not flip else spec_inv
-
-
 def probe_for(rule: Rule, hook: str, rng, flip: Optional[str] = None) -> Probe:
     """A probe for `hook` that satisfies every field of `rule`, except `flip` which it misses."""
     def ok(name, cond):
@@ -449,15 +444,6 @@ def make_probes(case: Case, rng, n_random: int, tries: int = 6):
     return probes
 
 
-def probe_for_hook(hook: str, rng, **fields) -> Probe:
-    """A random probe for `hook` with some fields forced (for hand-written cases)."""
-    p = probe_for(Rule(hook), hook, rng)
-    p.note = ""
-    for k, v in fields.items():
-        setattr(p, k, v)
-    return p
-
-
-# Exposed so suites can print how to reproduce a case
 def describe_case(case: Case) -> str:
+    """How a failing case is printed: its seed, then its ruleset."""
     return f"seed {case.seed}:\n{case.text()}"

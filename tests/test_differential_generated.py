@@ -6,15 +6,16 @@ packet and byte counters on every entry.
     pytest tests/test_differential_generated.py                      200 seeds (0..199)
     BPFILTER_DIFF_SEEDS=1000 BPFILTER_DIFF_SEED_BASE=5000 pytest ...   other seeds
     BPFILTER_LAB_CANDIDATE=kernel pytest ...                          kernel vs kernel
-A failure prints the seed, the ruleset, each differing probe and counter, and each differing
-probe replayed alone (a minimal reproduction).
+A failure prints the seed, the ruleset, each differing probe and counter, each differing probe
+replayed alone, and (for the first BPFILTER_DIFF_SHRINK=3 failures) the smallest ruleset that
+still differs for one probe: a minimal reproduction to hand to whoever owns the bug.
 """
 import os
 
 import pytest
 
 import rulegen
-from lab import differential
+from lab import differential, shrink
 from labfixtures import labs  # noqa: F401  (fixture)
 
 N = int(os.environ.get("BPFILTER_DIFF_SEEDS", "200"))
@@ -44,4 +45,14 @@ def test_generated_ruleset(seed, labs):
         msg = [f"seed {seed} (rerun: BPFILTER_DIFF_SEED_BASE={seed} BPFILTER_DIFF_SEEDS=1 "
                f"pytest tests/test_differential_generated.py)", case.text()] + diffs
         msg += minimal_reproductions(ref, cand, case, diffs)
+        if _shrinks_left[0] > 0:          # shrinking costs seconds: only the first failures
+            _shrinks_left[0] -= 1
+            probes = [p for p in case.probes if any(d.startswith(f"probe {p.describe()}\n")
+                                                     for d in diffs)][:1]
+            msg += ["smallest ruleset still differing" + (f" for {probes[0].describe()}"
+                                                          if probes else "") + ":",
+                    shrink(ref, cand, case.text(), probes)]
         pytest.fail("\n".join(msg), pytrace=False)
+
+
+_shrinks_left = [int(os.environ.get("BPFILTER_DIFF_SHRINK", "3"))]

@@ -53,20 +53,25 @@ def probe(family):
     counters = ctypes.create_string_buffer(16 * num)
     cptr = ctypes.addressof(counters)
 
-    def replace(vh=valid_hooks, ncnt=num, body=blob, sz=None):
+    def replace(vh=valid_hooks, ncnt=num, body=blob, sz=None, dlen=0):
         hdr = struct.pack("=32sIII5I5IIQ", name, vh, num, len(body) if sz is None else sz,
                           *hook_entry, *underflow, ncnt, cptr)
-        return set_(fd, lvl, 64, hdr + body)[0]
+        return set_(fd, lvl, 64, hdr + body, len(hdr + body) + dlen)[0]
+    out["replace_len_below_header"] = replace(dlen=-len(blob) - 1)
+    out["replace_len_below_size"] = replace(dlen=-1)
     out["replace_zero_counters"] = replace(ncnt=0)
     out["replace_wrong_counters"] = replace(ncnt=num + 1)
     out["replace_wrong_hooks"] = replace(vh=valid_hooks | 1)
     out["replace_short_body"] = replace(body=blob[:-8])
     out["replace_ok"] = replace()
+    out["replace_len_above_size"] = replace(dlen=64)
     out["replace_old_counters"] = counters.raw.hex()
 
     def add(ncnt, nbytes):
         return set_(fd, lvl, 65, struct.pack("=32sI4x", name, ncnt) + b"\0" * nbytes)[0]
     out["add_counters_ok"] = add(num, 16 * num)
+    out["add_counters_len_below_header"] = set_(fd, lvl, 65, struct.pack(
+        "=32sI4x", name, num) + b"\0" * 16 * num, 20)[0]
     out["add_counters_len_mismatch"] = add(num, 16 * num - 1)
     out["add_counters_wrong_number"] = add(num + 1, 16 * (num + 1))
     e, info2, _ = get(fd, lvl, 64, name + b"\0" * 52)
