@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast demo kmod test-kmod clean
+.PHONY: deps test test-fast demo kmod test-kmod bench bench-door bench-flavors clean
 
 deps:
 	sh tools/install-deps.sh
@@ -24,6 +24,15 @@ kmod:
 # boot that kernel under qemu (TCG) and drive the unmodified iptables binaries through the module
 test-kmod: deps
 	$(MAKE) -C kmod test PYTHON=$(PYTHON)
+
+# Benchmarks (not tests): ratios measured side by side in one run
+bench: bench-door bench-flavors
+
+bench-door: deps
+	$(PYTHON) bench/door_bench.py
+
+bench-flavors: deps
+	$(PYTHON) bench/flavor_bench.py
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info

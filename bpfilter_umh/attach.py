@@ -396,6 +396,21 @@ def _dispatch_ingress(flavor: str) -> list:
               E.jmp(E.JEQ, R1, 0xe0, "input", comment="multicast: local delivery or nothing"),
               E.ldx(E.W, R1, FP, _D_BUF + 30, "daddr"),
               E.jmp(E.JEQ, R1, -1, "input", bits=32, comment="limited broadcast")]
+    # A source address of this namespace arriving from outside is a martian: ip_route_input_slow
+    # -> fib_validate_source (inet_lookup_ifaddr_rcu) drops it before any filter hook, so the
+    # chains must not see (or count) it. Loopback (ifindex 1 in every netns) carries the host's
+    # own packets, which keep their output route and are never validated.
+    items += [E.ldx(E.W, R1, R6, F.SKB_IFINDEX if tc else F.XDP_INGRESS_IFINDEX, "in ifindex"),
+              E.jmp(E.JEQ, R1, 1, "classify", comment="loopback: no source validation")]
+    items += [E.st(E.DW, FP, _D_FIB + o, 0) for o in range(0, 64, 8)]
+    items += [E.st(E.B, FP, _D_FIB, 2, "params.family = AF_INET"),
+              E.stx(E.W, FP, _D_FIB + 8, R1),
+              E.ldx(E.W, R1, FP, _D_BUF + 26), E.stx(E.W, FP, _D_FIB + 32, R1, "dst = saddr"),
+              E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, _D_FIB), E.mov(R3, 64),
+              E.mov(R4, 0), E.call(F.BPF_FUNC_fib_lookup),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NOT_FWDED, "pass",
+                    comment="source is local (or broadcast): a martian, the kernel drops it"),
+              E.Label("classify")]
     items += [E.st(E.DW, FP, _D_FIB + o, 0) for o in range(0, 64, 8)]
     items += [E.st(E.B, FP, _D_FIB, 2, "params.family = AF_INET"),
               E.ldx(E.B, R1, FP, _D_BUF + 23), E.stx(E.B, FP, _D_FIB + 1, R1, "l4_protocol"),
@@ -430,19 +445,6 @@ def _dispatch_egress() -> list:
             E.Label("pass"), E.mov(R0, F.TCX_NEXT), E.exit_()]
 
 
-def link_create_ifindex(prog, ifindex: int, attach_type: int, flags: int = 0) -> K.Link:
-    """BPF_LINK_CREATE for tcx (BPF_TCX_INGRESS/EGRESS) and XDP (BPF_XDP, flags = mode) links;
-    the attr prefix {prog_fd, target_ifindex, attach_type, flags} is the same for both."""
-    attr = K._ffi.new("struct bpf_attr_link_create_tcx *")
-    attr.prog_fd, attr.target_ifindex = getattr(prog, "fd", prog), ifindex
-    attr.attach_type, attr.flags = attach_type, flags
-    fd = K._bpf(K.BPF_LINK_CREATE, attr, K._ffi.sizeof(attr[0]))
-    if fd < 0:
-        raise BpfilterError(-fd, f"BPF_LINK_CREATE type {attach_type} ifindex {ifindex} "
-                                 f"flags {flags:#x}: {os.strerror(-fd)}")
-    return K.Link(fd)
-
-
 def interfaces() -> dict:
     """{ifindex: name} of the calling thread's network namespace."""
     return {i: n for i, n in socket.if_nameindex()}
@@ -465,7 +467,7 @@ class L2Attachment:
 
     @classmethod
     def open(cls, flavor: str, family="ipv4", root: str = PIN_ROOT,
-             xdp_mode: str = "auto") -> "L2Attachment":
+             xdp_mode: str = "auto", create: bool = True) -> "L2Attachment":
         if flavor not in L2_FLAVORS:
             raise BpfilterError(errno.EINVAL, f"L2Attachment serves tc and xdp, not {flavor!r}")
         if nfproto(family) != K.NFPROTO_IPV4:
@@ -474,6 +476,9 @@ class L2Attachment:
         if root.startswith("/sys/fs/bpf"):
             K.ensure_bpffs("/sys/fs/bpf")
         d = cls.directory(flavor, family, root)
+        if not create and not os.path.isdir(d):
+            # the watcher must never resurrect an attachment flush() just removed
+            raise BpfilterError(errno.ENOENT, f"no {flavor} attachment in this namespace")
         os.makedirs(d, exist_ok=True)
         pa = ifn = None
         try:
@@ -531,7 +536,7 @@ class L2Attachment:
         err = None
         for mode, flags in modes:
             try:
-                link = link_create_ifindex(disp, ifindex, attach_type, flags)
+                link = K.link_create_ifindex(disp, ifindex, attach_type, flags)
             except BpfilterError as e:
                 err = e
                 continue
@@ -742,7 +747,7 @@ def watch(flavor: str, family="ipv4"):
         ipr.bind(groups=RTMGRP_LINK)
         while os.path.isdir(d):
             try:
-                with L2Attachment.open(flavor, family) as att:
+                with L2Attachment.open(flavor, family, create=False) as att:
                     att.sync()
             except BpfilterError:
                 pass                 # a device vanished mid-sync: the next message retries
@@ -759,3 +764,28 @@ if __name__ == "__main__":
         watch(sys.argv[2], sys.argv[3])
     else:
         sys.exit("usage: python -m bpfilter_umh.attach watch tc|xdp ipv4")
+
+
+def offload_xdp(program_code: bytes, ifname: str, name: str = "bpfilter_hw") -> K.Link:
+    """Load an XDP program for the device `ifname` (prog_ifindex) and attach it in hardware mode
+    (XDP_FLAGS_HW_MODE). Run flavors.check_offload() on the compiled program first. A device
+    without an offload-capable driver gives a BpfilterError saying so, not a bare errno."""
+    try:
+        ifindex = socket.if_nametoindex(ifname)
+    except OSError:
+        raise BpfilterError(errno.ENODEV, f"--offload: no interface {ifname!r} in this namespace")
+    try:
+        prog = K.Prog.load(K.BPF_PROG_TYPE_XDP, program_code, name=name,
+                           expected_attach_type=K.BPF_XDP, prog_ifindex=ifindex)
+    except BpfilterError as e:
+        raise BpfilterError(e.errno, f"--offload: interface {ifname} cannot run offloaded BPF "
+                                     f"programs (its driver has no BPF offload engine, such as "
+                                     f"Netronome nfp; use flavor xdp without --offload): "
+                                     f"{os.strerror(e.errno)}") from None
+    try:
+        return K.link_create_ifindex(prog, ifindex, K.BPF_XDP, XDP_FLAGS_HW_MODE)
+    except BpfilterError as e:
+        raise BpfilterError(e.errno, f"--offload: interface {ifname} refused the hardware-mode "
+                                     f"XDP attach: {e.message}") from None
+    finally:
+        prog.close()

@@ -27,9 +27,17 @@ Shapes (decided per rule by rule_shape(); a run ends at the first rule of anothe
                       BPF_MAP_TYPE_HASH keyed by the packet's masked tuple; a packet matches a rule
                       exactly when its key is among the rule's keys, and keys are filled in rule
                       order keeping the first, so the value is the first match.
-Targets in a run: ACCEPT, DROP, RETURN (jump rules and extensions stay linear code).
-Map value: struct { u32 entry_index; u32 action; } (action 0 DROP, 1 ACCEPT, 2 RETURN): the
-counter increment uses the entry index from the map, so counters stay per rule.
+Targets in a run: ACCEPT, DROP, RETURN, gotos, and jumps (hash runs; extensions stay linear).
+Map value: struct { u32 entry_index; u32 action; } (action 0 DROP, 1 ACCEPT, 2 RETURN, 3 + k the
+k-th jump rule of the run): the counter increment uses the entry index from the map, so counters
+stay per rule. A jump's target chain is inlined once per jump rule behind a binary decision tree
+on k (kube-proxy / docker fan-out: one lookup picks the service chain). When the target chain
+RETURNs, ipt_do_table continues with the rule after the jump; within the run the next rule that
+can match is static: a jump rule has exactly one key (single ports, no ranges), the packet's key is
+that key, so the next match is the next rule of the run holding the same key (Run.next_same),
+whose counter and target are emitted as straight code; none left means the run is over. Gotos
+push nothing (IPT_F_GOTO): their chain returns to the caller of this chain, so LPM runs may hold
+gotos too.
 
 tcp/udp semantics kept (net/netfilter/xt_tcpudp.c tcp_mt/udp_mt): a rule `-p tcp -m tcp` tests
 the fragment offset and the header before its ports, so the first rule of the run whose protocol
@@ -52,7 +60,7 @@ from dataclasses import dataclass, field
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, Label
 from .errors import BpfilterError
-from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Rule, Verdict
+from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Jump, Rule, Verdict
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_LPM_TRIE = 11
@@ -64,6 +72,8 @@ LOOKUP_NS = {"lpm": 60.0, "hash": 40.0}
 MAX_KEYS = 1 << 20             # expanded port ranges of one run; beyond that the run stays linear
 
 ACT_DROP, ACT_ACCEPT, ACT_RETURN = 0, 1, 2
+ACT_CASE = 3                   # 3 + k: the k-th jump rule of the run (classify.Run.cases)
+IPT_F_GOTO = 0x02
 ACT_NAMES = {ACT_DROP: "DROP", ACT_ACCEPT: "ACCEPT", ACT_RETURN: "RETURN"}
 
 # stack slots below compile.py's (-8..-248), flavors.py's (S_FIB -312..-248) and family.py's
@@ -97,6 +107,8 @@ class Run:
     sig: tuple                 # the shape all rules share
     protos: tuple = ()         # protocols whose tcp/udp match the run tests (hash runs)
     chain: str = ""            # set by emit_run: names the run's map
+    cases: dict = field(default_factory=dict)       # position in run -> k (jump rules)
+    next_same: dict = field(default_factory=dict)   # position of a jump -> next position or None
 
     @property
     def end(self) -> int:
@@ -139,6 +151,8 @@ def _plen(mask) -> int:
 
 
 def _action(t) -> int:
+    if isinstance(t, Jump):
+        return ACT_CASE
     if isinstance(t, Verdict):
         if t.verdict == -NF_ACCEPT - 1:
             return ACT_ACCEPT
@@ -177,15 +191,20 @@ def _l4(rule: Rule):
 def rule_shape(rule: Rule):
     """The shape key of a rule the classifier can serve, or None (the rule stays linear)."""
     ip = rule.ip
-    if _action(rule.target) < 0 or ip.flags or ip.invflags or any(ip.iniface_mask) \
+    t = rule.target
+    if _action(t) < 0 or ip.flags & ~IPT_F_GOTO or ip.invflags or any(ip.iniface_mask) \
             or any(ip.outiface_mask) or getattr(ip, "tos", 0):
         return None
+    goto = bool(ip.flags & IPT_F_GOTO) or bool(getattr(t, "goto", False))
+    if goto and not isinstance(t, Jump):
+        return None
+    returns = isinstance(t, Jump) and not goto      # its chain may RETURN into the run
     if not isinstance(ip.src, ipaddress.IPv4Address):
         return None
     s, sm, d, dm = int(ip.src), int(ip.smsk), int(ip.dst), int(ip.dmsk)
     if s & ~sm or d & ~dm:            # (addr & msk) != src for every packet: never matches
         return None
-    if not ip.proto and not rule.matches:
+    if not ip.proto and not rule.matches and not returns:
         if dm == 0 and _plen(ip.smsk) >= 0:
             return ("lpm", "src")
         if sm == 0 and _plen(ip.dmsk) >= 0:
@@ -197,6 +216,8 @@ def rule_shape(rule: Rule):
             return None
     sp = _ports_kind(*l4[1]["spts"]) if l4 else "any"
     dp = _ports_kind(*l4[1]["dpts"]) if l4 else "any"
+    if returns and "range" in (sp, dp):
+        return None                                  # its continuation would depend on the port
     return ("hash", _le32(ip.smsk), _le32(ip.dmsk), bool(ip.proto), bool(l4),
             "any" if sp == "any" else "port", "any" if dp == "any" else "port")
 
@@ -223,6 +244,8 @@ def find_runs(rules: list, minimum: int = None) -> list:
                 run = Run(sig[0], i, rules[i:j], sig)
                 if run.kind == "hash" and sig[4]:
                     run.protos = tuple(sorted({r.ip.proto for r in run.rules}))
+                run.cases = {p: k for k, p in enumerate(
+                    p for p, r in enumerate(run.rules) if isinstance(r.target, Jump))}
                 if run.kind == "lpm" or _key_count(run) <= MAX_KEYS:
                     out.append(run)
         i = j
@@ -241,8 +264,9 @@ def describe(table) -> dict:
 
 # ------------------------------------------------------------------------------- map contents
 
-def _value(rule: Rule) -> bytes:
-    return struct.pack("<II", rule.index, _action(rule.target))
+def _value(run: Run, pos: int) -> bytes:
+    a = _action(run.rules[pos].target)
+    return struct.pack("<II", run.rules[pos].index, a + run.cases[pos] if a == ACT_CASE else a)
 
 
 def lpm_entries(run: Run) -> list:
@@ -259,7 +283,7 @@ def lpm_entries(run: Run) -> list:
             q = first.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))))
             if q is not None and q < best:
                 best = q
-        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), _value(run.rules[best])))
+        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), _value(run, best)))
     return out
 
 
@@ -289,22 +313,34 @@ def _needs_ippart(run: Run) -> bool:
     return bool(run.sig[4] and (run.sig[1] or run.sig[2]))
 
 
+def _rule_keys(run: Run, r: Rule) -> list:
+    ip = r.ip
+    s, d = _le32(ip.src), _le32(ip.dst)
+    proto = ip.proto if run.sig[3] else 0
+    l4 = _l4(r) if run.sig[4] else None
+    sports = _port_values(l4[1], "spts") if l4 and run.sig[5] != "any" else range(1)
+    dports = _port_values(l4[1], "dpts") if l4 and run.sig[6] != "any" else range(1)
+    return [_hash_key(s, d, proto, sp, dp) for sp in sports for dp in dports]
+
+
 def hash_entries(run: Run) -> list:
+    """[(key, value)] in rule order keeping the first; also fills run.next_same."""
     seen = {}
     ippart = _needs_ippart(run)
-    for r in run.rules:
-        ip = r.ip
-        s, d = _le32(ip.src), _le32(ip.dst)
-        proto = ip.proto if run.sig[3] else 0
-        l4 = _l4(r) if run.sig[4] else None
-        sports = _port_values(l4[1], "spts") if l4 and run.sig[5] != "any" else range(1)
-        dports = _port_values(l4[1], "dpts") if l4 and run.sig[6] != "any" else range(1)
-        v = _value(r)
-        for sp in sports:
-            for dp in dports:
-                seen.setdefault(_hash_key(s, d, proto, sp, dp), v)
+    keys = [_rule_keys(run, r) for r in run.rules]
+    for pos, r in enumerate(run.rules):
+        v = _value(run, pos)
+        for k in keys[pos]:
+            seen.setdefault(k, v)
         if ippart:
-            seen.setdefault(_hash_key(s, d, proto, 0, 0, 1), v)
+            ip = r.ip
+            seen.setdefault(_hash_key(_le32(ip.src), _le32(ip.dst), ip.proto, 0, 0, 1), v)
+    later = {}
+    for pos in range(len(run.rules) - 1, -1, -1):
+        if pos in run.cases:
+            run.next_same[pos] = later.get(keys[pos][0])
+        for k in keys[pos]:
+            later[k] = pos
     return list(seen.items())
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import ebpf as E
-from . import classify, family, flavors
+from . import classify, family, flavors, matchers
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
@@ -243,7 +243,8 @@ class _ChainCompiler:
             ip = r.ip
             if any(ip.iniface_mask) or any(ip.outiface_mask):
                 self.needs_ifnames = True
-            if any(m.name in ("tcp", "udp", "icmp", "icmp6") for m in r.matches):
+            if any(m.name in ("tcp", "udp", "icmp", "icmp6") or matchers.needs_l4(m)
+                   for m in r.matches):
                 self.needs_l4 = True
             if r.matches or ip.proto or ip.flags & IPT_F_FRAG or ip.invflags or int(ip.smsk) \
                     or int(ip.dmsk) or int(ip.src) or int(ip.dst):
@@ -552,6 +553,8 @@ class _ChainCompiler:
 
     # ---- matches ----
     def _match(self, m, rule: Rule, chain: str, pos: int, fail: str, hot: str):
+        if matchers.handles(m):    # issue #6 extensions: BPF code in matchers.py
+            return matchers.emit(self, m, rule, chain, pos, fail, hot)
         known = ("tcp", "udp", "icmp6") if self.v6 else ("tcp", "udp", "icmp")
         if m.name not in known or m.revision != 0:
             raise _unsupported(chain, pos, rule, f"match {m.name} (revision {m.revision})")

@@ -41,6 +41,7 @@ import re
 import struct
 
 from . import attach
+from . import faults
 from . import flavors
 from . import kernel as K
 from .compile import COUNTERS_MAP, CompiledProgram, KernelFacts, compile_table
@@ -85,6 +86,7 @@ class Engine:
         self.base = [(0, 0)] * self.table.num_entries
         self.state_error = None
         self._map = None
+        self.generation = 0
 
     # ---- open / persist ----
     @classmethod
@@ -97,36 +99,128 @@ class Engine:
         eng._load_state()
         return eng
 
+    @staticmethod
+    def _read_state(path: str):
+        with open(path) as f:
+            st = json.load(f)
+        table = Table.decode(bytes.fromhex(st["blob"]), st["family"], st["hook_entry"],
+                             st["underflow"], st["valid_hooks"], st["name"])
+        return st, table
+
     def _load_state(self):
+        # reliability (issue #9): a helper killed between swapping the programs and committing
+        # the state file left <fam>.table.pending behind; settle it first
+        self._settle_pending()
         try:
-            with open(self.state_path) as f:
-                st = json.load(f)
-            table = Table.decode(bytes.fromhex(st["blob"]), st["family"], st["hook_entry"],
-                                 st["underflow"], st["valid_hooks"], st["name"])
-            base = [tuple(x) for x in st["base"]]
+            st, table = self._read_state(self.state_path)
+            base = [tuple(x) for x in st.get("base", [])]
         except FileNotFoundError:
             return
         except (OSError, KeyError, TypeError, ValueError, BpfilterError) as e:
             # flush() still works (the pins are found by path); the model starts fresh
             self.state_error = f"unreadable state {self.state_path}: {e}"
             return
+        if not os.path.isdir(self.pin_dir):
+            # the pins went (bpffs unmounted, reboot with a persistent /run, rm -r): nothing of
+            # this table is enforced any more, so showing its rules would lie; start fresh and
+            # say so (flush and install both work from here)
+            self.state_error = (f"state {self.state_path} names a table whose pins under "
+                                f"{self.pin_dir} are gone: starting from the empty table")
+            return
+        self.generation = int(st.get("generation", 0))
+        stored = self._read_counters_file(self.generation, table.num_entries)
+        if stored is not None:
+            base = stored
         self.table, self.base = table, base + [(0, 0)] * (table.num_entries - len(base))
 
-    def _save_state(self):
-        st = dict(name=self.table.name, family=self.family, valid_hooks=self.table.valid_hooks,
-                  hook_entry=self.table.hook_entry, underflow=self.table.underflow,
-                  blob=self.table.encode().hex(), base=self.base, flavor=self.flavor)
-        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
-        tmp = self.state_path + ".tmp"
-        with open(tmp, "w") as f:
+    # ---- the two-step commit of install (reliability, issue #9) ----
+    @property
+    def _pending_path(self) -> str:
+        return self.state_path + ".pending"
+
+    @property
+    def _counters_path(self) -> str:
+        return self.state_path[:-len(".table")] + ".counters"
+
+    def _slot_ids(self) -> dict:
+        progs = self._installed_programs()
+        try:
+            return {h: p.info()["id"] for h, p in progs.items()}
+        finally:
+            for p in progs.values():
+                p.close()
+
+    def _settle_pending(self):
+        """install() writes the new table to <fam>.table.pending (with the ids of its programs)
+        before the first swap and renames it over <fam>.table after the last: if the pending file
+        is still there, a process died in between. If any slot runs one of its programs, the
+        new ruleset is (partly) live: it becomes the state, and a partly swapped table is
+        installed again so every hook runs the same generation. Otherwise the old state stands."""
+        if not os.path.exists(self._pending_path):
+            return
+        try:
+            st, table = self._read_state(self._pending_path)
+            want = {int(h): i for h, i in st.get("prog_ids", {}).items()}
+        except (OSError, KeyError, TypeError, ValueError, BpfilterError):
+            _quietly(os.unlink, self._pending_path)
+            return
+        have = self._slot_ids() if os.path.isdir(self.pin_dir) else {}
+        live = {h for h, i in want.items() if have.get(h) == i}
+        if not live:
+            _quietly(os.unlink, self._pending_path)
+            return
+        os.replace(self._pending_path, self.state_path)
+        if live != set(want):
+            self.table, self.generation = table, int(st.get("generation", 0))
+            self.base = [(0, 0)] * table.num_entries
+            self.install(table)         # roll forward: every hook the same ruleset again
+
+    def _read_counters_file(self, generation: int, n: int):
+        """add_counters' base, kept apart from the table so adding counters does not re-encode
+        the table; it belongs to one generation (a replaced table starts from zero)."""
+        try:
+            with open(self._counters_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        if len(data) < 8 or struct.unpack_from("<Q", data)[0] != generation:
+            return None
+        return [struct.unpack_from("<QQ", data, 8 + 16 * i)
+                for i in range(min(n, (len(data) - 8) // 16))]
+
+    def _write_counters_file(self):
+        tmp = self._counters_path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", self.generation)
+                    + b"".join(struct.pack("<QQ", p, b) for p, b in self.base))
+        os.replace(tmp, self._counters_path)
+
+    def _save_state(self, table: Table = None, path: str = None, generation: int = None,
+                    prog_ids: dict = None):
+        table = self.table if table is None else table
+        st = dict(name=table.name, family=self.family, valid_hooks=table.valid_hooks,
+                  hook_entry=table.hook_entry, underflow=table.underflow,
+                  blob=table.encode().hex(), flavor=self.flavor,
+                  generation=self.generation if generation is None else generation,
+                  prog_ids=prog_ids or {})
+        path = path or self.state_path
+        _private_dirs(os.path.dirname(path))
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # root-only
+        with open(fd, "w") as f:
             json.dump(st, f)
-        os.replace(tmp, self.state_path)
+        os.replace(tmp, path)
 
     def _attachment(self, create: bool = False):
         """attach.py's state for this netns/family; None when nothing is installed (opening it
         creates pins, so status/counters never do that)."""
         if not create and not os.path.isdir(self.pin_dir):
             return None
+        if K.netns_cookie() != self.cookie:
+            # attach.py serves the calling thread's namespace: never touch another one's
+            # (e.g. the host's) hooks and pins with this namespace's engine
+            raise BpfilterError(errno.EXDEV, f"engine of netns {self.cookie} used from netns "
+                                             f"{K.netns_cookie()}")
         return attach.open_attachment(self.flavor, self.family)
 
     def _installed_programs(self) -> dict:
@@ -166,7 +260,10 @@ class Engine:
                                               f"family {self.family} engine")
         # both families compile (IPv6: family.py); even an accept-all table gets programs, since
         # the kernel counts the policy entries' packets
+        faults.point("compile")
         compiled = compile_table(table, kernel_facts(), self.flavor)
+        _conntrack_for(table, self.table, self.family)
+        faults.point("map_create")
         new_map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, compiled.counters_entries,
                                name="bpfilter_cnt")
         progs = {}
@@ -185,6 +282,17 @@ class Engine:
         finally:
             if pre is not None:
                 pre.close()
+        try:
+            faults.point("after_load")
+            # step 1 of the commit: the new table and its program ids, before any swap
+            self._save_state(table, self._pending_path, self.generation + 1,
+                             {h: p.info()["id"] for h, p in progs.items()})
+        except BaseException:
+            for p in progs.values():
+                p.close()
+            new_map.close()
+            _quietly(os.unlink, self._pending_path)
+            raise
         old_counters = self.counters()
         old_map = self._counters_map()
         att = self._attachment(create=True)
@@ -194,9 +302,11 @@ class Engine:
             for h in progs:
                 old_progs[h] = att.program(h)
             for h, p in progs.items():
+                faults.point("swap")
                 att.swap(h, p)              # atomic per hook
                 swapped.append(h)
         except BaseException:
+            _quietly(os.unlink, self._pending_path)
             for h in swapped:               # put the old programs back
                 if old_progs.get(h) is not None:
                     _quietly(att.swap, h, old_progs[h])
@@ -214,14 +324,19 @@ class Engine:
         att.close()
         for p in list(progs.values()) + [p for p in old_progs.values() if p is not None]:
             p.close()
-        # the old programs are out of every slot: their counts are final
+        # the old programs are out of every slot: once every packet that entered one of them has
+        # left (an RCU grace period), their counts are final
         if old_map is not None:
+            _wait_for_readers()
             old_counters = self._read(old_map, self.table.num_entries, self.base)
             old_map.close()
         self._map = new_map
+        faults.point("after_swap")
+        # step 2 of the commit: the pending state becomes the state (one rename)
+        os.replace(self._pending_path, self.state_path)
         self.table = table
+        self.generation += 1
         self.base = [(0, 0)] * table.num_entries
-        self._save_state()
         if self.flavor != "nf":
             # devices created or renamed later are attached by the watcher (attach.py)
             attach.start_watcher(self.flavor, self.family)
@@ -243,6 +358,8 @@ class Engine:
         try:
             code = cp.assemble({COUNTERS_MAP: counters_map.fd, **(shared or {}),
                                 **{name: m.fd for name, m in extra.items()}})
+            if faults.point("verifier"):
+                code = code + _UNREACHABLE_EXIT     # the verifier refuses unreachable insns
             return K.Prog.load(cp.prog_type, code, license=cp.license, name=cp.name,
                                expected_attach_type=cp.expected_attach_type)
         except BpfilterError as e:
@@ -278,7 +395,7 @@ class Engine:
                                               f"{self.table.num_entries} entries")
         self.base = [((a + int(c[0])) & (2**64 - 1), (b + int(c[1])) & (2**64 - 1))
                      for (a, b), c in zip(self.base, counters)]
-        self._save_state()
+        self._write_counters_file()     # not the table: no re-encode per add_counters
 
     # ---- status / flush ----
     def status(self) -> dict:
@@ -309,7 +426,7 @@ class Engine:
             for p in progs.values():
                 p.close()
         out = dict(table=self.table.name, family=FAMILY_NAMES[self.family], flavor=self.flavor,
-                   chains=chains)
+                   generation=self.generation, chains=chains)
         if self.state_error:
             out["error"] = self.state_error
         return out
@@ -317,16 +434,32 @@ class Engine:
     def flush(self):
         """Remove everything of this family in this netns; the model returns to the fresh table."""
         self._retire()
-        _quietly(os.unlink, self.state_path)
+        _conntrack_for(None, self.table, self.family)
+        for path in (self._pending_path, self._counters_path, self.state_path):
+            _quietly(os.unlink, path)
         _quietly(os.rmdir, os.path.dirname(self.state_path))
         self.table = Table.empty("filter", self.family)
         self.base = [(0, 0)] * self.table.num_entries
         self.state_error = None
+        self.generation = 0
 
     def close(self):
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+# ---- conntrack for state/conntrack matches (issue #6, matchers.py) ----
+
+def _conntrack_for(new: Table, old: Table, family: int):
+    """Ask the kernel to track connections while the installed table has a state/conntrack
+    match, as xt_conntrack's checkentry does (nf_ct_netns_get); drop the request when the new
+    table has none. Done before the swap, so the new programs never see untracked packets."""
+    from . import matchers
+    want = new is not None and matchers.uses_conntrack(new)
+    had = old is not None and matchers.uses_conntrack(old)
+    if want or had:
+        matchers.conntrack_ref(want, "ip" if family == AF_INET else "ip6")
 
 
 # ---- maps declared by compiled programs (classify.py's lookup maps, issue #7) ----
@@ -360,6 +493,29 @@ def _find_counters(map_ids):
             return m
         m.close()
     return None
+
+
+# BPF_JMP | BPF_EXIT: appended after the program's last exit it can never be reached
+_UNREACHABLE_EXIT = struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+def _wait_for_readers():
+    """synchronize_rcu() from user space: membarrier(MEMBARRIER_CMD_GLOBAL) waits for an RCU
+    grace period (kernel/sched/membarrier.c), and netfilter runs every hook, so every BPF
+    program, inside rcu_read_lock (include/linux/netfilter.h nf_hook). Without it a packet that
+    entered the old program just before the swap could count after the old counters were read:
+    lost, as xt_replace_table's wait on xt_recseq prevents in the kernel. ~13 ms here."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(324, 1, 0, 0)      # SYS_membarrier, MEMBARRIER_CMD_GLOBAL; errors: best effort
+
+
+def _private_dirs(path: str):
+    """Create the state directories root-only (issue #9: the helper's files are root-only)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for d in (path, os.path.dirname(path)):
+        if d.startswith(STATE_ROOT):
+            _quietly(os.chmod, d, 0o700)
 
 
 def _quietly(fn, *a):

@@ -140,3 +140,6 @@ register(Extension(TARGET, XT_ERROR_TARGET, 0, BOTH, XT_FUNCTION_MAXNAMELEN, xt_
 register(Extension(MATCH, "limit", 0, BOTH, 40, usersize=8))        # xt_rateinfo: avg, burst
 register(Extension(MATCH, "quota", 0, BOTH, 24, usersize=16))       # xt_quota_info: master
 register(Extension(MATCH, "statistic", 0, BOTH, 24, usersize=16))   # xt_statistic_info: master
+
+# issue #6: the extensions people use (codecs, checkentry rules) live in xt_ext.py
+from . import xt_ext  # noqa: E402,F401

@@ -295,3 +295,41 @@ def get(name: str) -> Flavor:
     except KeyError:
         raise BpfilterError(errno.EINVAL, f"unknown flavor {name!r} (known: "
                                           f"{', '.join(FLAVORS)})") from None
+
+
+# ---- XDP hardware offload ------------------------------------------------------------------
+# What an offload engine accepts (drivers/net/ethernet/netronome/nfp/bpf/verifier.c
+# nfp_bpf_check_helper_call and offload.c nfp_bpf_map_alloc; kernel/bpf/offload.c): plain
+# array/hash maps, helpers map_lookup/update/delete, get_prandom_u32, xdp_adjust_head/tail,
+# perf_event_output; no kfuncs, no tail calls, no per-CPU maps.
+OFFLOAD_HELPERS = {1: "map_lookup_elem", 2: "map_update_elem", 3: "map_delete_elem",
+                   7: "get_prandom_u32", 25: "perf_event_output", 44: "xdp_adjust_head",
+                   65: "xdp_adjust_tail"}
+OFFLOAD_MAP_TYPES = {1: "hash", 2: "array"}
+HELPER_NAMES = {12: "tail_call", 26: "skb_load_bytes", 69: "fib_lookup",
+                189: "xdp_load_bytes", 201: "dynptr_read"}
+
+
+def check_offload(program, map_types: dict) -> None:
+    """Raise BpfilterError(EOPNOTSUPP) naming the first rule (or the prologue) of `program` (a
+    compile.CompiledProgram) that an offload engine cannot run. map_types: {map name: type}."""
+    if program.prog_type != BPF_PROG_TYPE_XDP:
+        raise BpfilterError(errno.EOPNOTSUPP, f"chain {program.chain}: only XDP programs can be "
+                                              f"offloaded, this one is flavor {program.flavor}")
+    slot = 0
+    for it in program.items:
+        if isinstance(it, Label):
+            continue
+        why = None
+        if it.map is not None and map_types.get(it.map) not in OFFLOAD_MAP_TYPES:
+            why = f"map {it.map!r} of type {map_types.get(it.map)} (offload engines hold only " \
+                  f"array and hash maps, no per-CPU maps)"
+        elif it.kfunc is not None:
+            why = f"kfunc {it.kfunc} (offloaded programs cannot call kernel functions)"
+        elif it.code == (E.BPF_JMP | E.CALL) and it.src == 0 and it.imm not in OFFLOAD_HELPERS:
+            why = f"helper {HELPER_NAMES.get(it.imm, it.imm)} (offload engines provide only " \
+                  f"{', '.join(sorted(OFFLOAD_HELPERS.values()))})"
+        if why:
+            raise BpfilterError(errno.EOPNOTSUPP, f"{program.locate(slot + 1)}: cannot be "
+                                                  f"offloaded: {why}")
+        slot += it.slots

@@ -698,6 +698,20 @@ def link_create_netfilter(prog, pf: int, hooknum: int, priority: int, flags: int
     return Link(fd)
 
 
+def link_create_ifindex(prog, ifindex: int, attach_type: int, flags: int = 0) -> Link:
+    """BPF_LINK_CREATE on an interface: tcx (BPF_TCX_INGRESS/EGRESS) and XDP (BPF_XDP, flags =
+    XDP mode) links share the attr prefix {prog_fd, target_ifindex, attach_type, flags}
+    (kernel/bpf/syscall.c link_create)."""
+    attr = _ffi.new("struct bpf_attr_link_create_tcx *")
+    attr.prog_fd, attr.target_ifindex = getattr(prog, "fd", prog), ifindex
+    attr.attach_type, attr.flags = attach_type, flags
+    fd = _bpf(BPF_LINK_CREATE, attr, _ffi.sizeof(attr[0]))
+    if fd < 0:
+        raise BpfilterError(-fd, f"BPF_LINK_CREATE type {attach_type} ifindex {ifindex} "
+                                 f"flags {flags:#x}: {os.strerror(-fd)}")
+    return Link(fd)
+
+
 # --- hand-encoded instructions used by probes and the attach dispatcher -------------------------
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
     """struct bpf_insn: code u8, dst_reg:4 | src_reg:4 (little-endian bitfield order), off s16,

@@ -256,11 +256,16 @@ class Backend:
         helper) that changes the state replaces or removes it (engine.py writes it with
         os.replace), and the cached engine would then be stale."""
         path = getattr(self.engine, "state_path", None)
-        try:
-            st = os.stat(path) if path else None
-        except OSError:
-            return None
-        return st and (st.st_ino, st.st_mtime_ns)
+        out = []
+        # the table file, and the add_counters base the engine keeps beside it (<fam>.counters)
+        for p in (path, path[:-len(".table")] + ".counters") if path else ():
+            try:
+                st = os.stat(p)
+            except OSError:
+                out.append(None)
+                continue
+            out.append((st.st_ino, st.st_mtime_ns))
+        return tuple(out) if path and out[0] is not None else None
 
     def refresh(self):
         """Re-adopt the installed state if someone else changed it since we last looked."""

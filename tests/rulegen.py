@@ -1,7 +1,7 @@
 """Seeded, reproducible generator of filter rulesets and of the probes that exercise them.
 
 `generate(seed)` gives a Case: the iptables-restore text of a filter table (built-in chains with
-random policies, 1-4 user chains reached by jumps and gotos, RETURNs, no loops: a user chain only
+random policies, 1-4 user chains (5-8 in one case out of ten) reached by jumps and gotos, RETURNs, no loops: a user chain only
 jumps to chains defined after it) restricted to what the differential suites cover (ipt_ip with
 every inversion, tcp, udp, icmp), and probes aimed at the rules: for each rule, a probe built to
 satisfy all of its fields and one that misses it by exactly one field, plus a few random probes.
@@ -205,18 +205,20 @@ def random_rule(rng, chain: str, targets: list) -> Rule:
 def generate(seed: int, n_random_probes: int = 8) -> Case:
     rng = random.Random(seed)
     policies = {c: rng.choice(["ACCEPT", "ACCEPT", "DROP"]) for c in BUILTINS}
-    n_user = rng.randint(1, 4)
+    big = rng.random() < 0.1           # now and then a larger, deeper table
+    n_user = rng.randint(5, 8) if big else rng.randint(1, 4)
+    most = 12 if big else 5
     users = [f"{CHAIN_BASES[(seed + i) % len(CHAIN_BASES)]}{i}" for i in range(n_user)]
     rules = []
     for c in BUILTINS:
         targets = ["ACCEPT", "DROP", "", "RETURN"] + [f"-j {u}" for u in users] * 2 + \
                   [f"-g {u}" for u in users]
-        rules += [random_rule(rng, c, targets) for _ in range(rng.randint(0, 5))]
+        rules += [random_rule(rng, c, targets) for _ in range(rng.randint(0, most))]
     for i, c in enumerate(users):
         later = users[i + 1:]
         targets = ["ACCEPT", "DROP", "RETURN", "RETURN", ""] + [f"-j {u}" for u in later] * 2 + \
                   [f"-g {u}" for u in later]
-        rules += [random_rule(rng, c, targets) for _ in range(rng.randint(0, 5))]
+        rules += [random_rule(rng, c, targets) for _ in range(rng.randint(0, most))]
     # every case has a jump from a built-in chain, a goto and a RETURN somewhere
     if not any(r.target.startswith("-j") and r.chain in BUILTINS for r in rules):
         rules.insert(0, random_rule(rng, rng.choice(BUILTINS), [f"-j {users[0]}"]))

@@ -98,5 +98,5 @@ def test_ipv6_and_other_flavors_are_refused():
     t = table({})
     t.family = 10
     assert _error(t).errno == errno.EOPNOTSUPP
-    with pytest.raises(BpfilterError, match="flavor 'xdp'"):
-        compile_table(table({}), KernelFacts.fake(), flavor="xdp")
+    with pytest.raises(BpfilterError, match="unknown flavor 'ebpf'"):
+        compile_table(table({}), KernelFacts.fake(), flavor="ebpf")

@@ -15,8 +15,8 @@ import pytest
 from test_compile_ipv6_util import (NH_DEST, NH_HOP, NH_ICMP6, NH_NONE, NH_TCP, NH_UDP, auth,
                                     frag, icmp6_hdr, ipv6, opts, routing, udp6)
 from test_compile_util import tcp_hdr
-from test_differential_ipv6_lab import (C0, H0, S0, BpfilterFilter, KernelFilter, Lab6, blob_of,
-                                        noise_entries, with_noise)
+from test_differential_ipv6_lab import (C0, H0, S0, BpfilterFilter, DoorFilter, KernelFilter,
+                                        Lab6, blob_of, noise_entries, with_noise)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF links")
 
@@ -115,10 +115,22 @@ def run_lab(installer):
     return outcomes, counters
 
 
-def test_differential_ipv6_against_kernel():
+_oracle = {}
+
+
+def oracle():
+    """The kernel lab's result, computed once for both candidates."""
+    if not _oracle:
+        _oracle["r"] = run_lab(KernelFilter)
+    return _oracle["r"]
+
+
+@pytest.mark.parametrize("candidate", [BpfilterFilter, DoorFilter], ids=["engine", "door"])
+def test_differential_ipv6_against_kernel(candidate):
     table = blob_of(RULESET)
-    want_out, want_cnt = run_lab(KernelFilter)
-    got_out, got_cnt = run_lab(BpfilterFilter)
+    want_out, want_cnt = oracle()
+    got_out, got_cnt = run_lab(candidate)
+    assert len(got_cnt) == len(want_cnt) == len(table.entries())
     diffs = [f"{n}: kernel {want_out[n]} bpfilter {got_out[n]}" for n, _, _ in PROBES
              if want_out[n] != got_out[n]]
     skip = noise_entries(table)

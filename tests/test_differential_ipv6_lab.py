@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
+import sys
 import time
 
 import kernel_xt
@@ -129,6 +131,42 @@ class BpfilterFilter:
         with self.host.inside():
             self.eng.flush()
             self.eng.close()
+
+
+class DoorFilter:
+    """The unmodified ip6tables-legacy-restore through bpfilter's user-space door
+    (`bpfilter exec -- ip6tables-legacy-restore`); counters read back with Engine.open(AF_INET6)
+    in the host namespace (the state the door's helper installed)."""
+    name = "bpfilter-door"
+
+    def __init__(self, host: Netns):
+        self.host = host
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.env = dict(host.env, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.cli = [sys.executable, "-m", "bpfilter_umh.cli"]
+
+    def load(self, text: str):
+        self.host.run(self.cli + ["exec", "--", "ip6tables-legacy-restore"], input=text,
+                      env=self.env)
+
+    def counters(self) -> list:
+        from bpfilter_umh.engine import Engine
+        from bpfilter_umh.sockopt import use_host_bpffs
+        use_host_bpffs()
+        with self.host.inside():
+            eng = Engine.open(AF_INET6)
+            try:
+                # served by bpfilter, not by the kernel's ip6_tables behind the door's back
+                assert all(c["prog_id"] for c in eng.status()["chains"] if c["hook"]), \
+                    "the door did not install programs"
+                names = self.host.run("cat /proc/net/ip6_tables_names").stdout.split()
+                assert "filter" not in names, "ip6tables reached the kernel's filter table"
+                return list(eng.counters())
+            finally:
+                eng.close()
+
+    def close(self):
+        self.host.run(self.cli + ["flush"], check=False, env=self.env)
 
 
 class Lab6:

@@ -1,0 +1,452 @@
+"""`make bench`: what large rulesets cost, kernel iptables-legacy against bpfilter, side by side.
+
+For every shape of bench/rulesets.py and N in 10, 100, 1000, 10 000:
+  test-run     BPF_PROG_TEST_RUN ns/packet of the compiled chain (flavor nf, classifier on) for
+               the flood packet (it matches no rule: the worst case, every rule is consulted),
+               the same with the classifier off (linear code, only N <= 1000: larger ones take
+               minutes in the verifier), and flavors tc/xdp where they compile
+  flood        a UDP flood through a veth pair into a namespace whose INPUT holds the ruleset
+               (the shape's rules moved to INPUT): ns/packet with no rules, with kernel
+               iptables-legacy, with bpfilter (Engine.install, nf links); "added" = minus no rules
+  control      wall time of iptables-legacy-restore of the ruleset (kernel) and of the same through
+               `bpfilter exec --` (the door), and of one `iptables-legacy -A` on the loaded table
+Printed as a table with the issue's ratios; --md writes bench/results.md, --plot the PNG.
+
+    python bench/ruleset_bench.py [--n 10,100,1000,10000] [--shapes blocklist,ports]
+                                  [--md bench/results.md] [--plot bench/cost_vs_n.png]
+Needs root. Runs only in namespaces it creates and removes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
+
+import rulesets  # noqa: E402
+from nsutil import Netns, veth  # noqa: E402
+
+from bpfilter_umh import classify  # noqa: E402
+from bpfilter_umh import kernel as K  # noqa: E402
+from bpfilter_umh.compile import COUNTERS_MAP, KernelFacts, compile_table  # noqa: E402
+from bpfilter_umh.model import AF_INET, Table  # noqa: E402
+
+SRC, DST, SPORT, DPORT = rulesets.FLOOD
+FLOOD_PACKETS = int(os.environ.get("BENCH_FLOOD_PACKETS", "50000"))
+TEST_RUN_REPEAT = 20000
+CLI = [sys.executable, "-m", "bpfilter_umh.cli"]
+
+
+def to_input(text: str) -> str:
+    """The ruleset with its built-in chain's rules on INPUT (what the flood traverses)."""
+    return text.replace("-A FORWARD ", "-A INPUT ")
+
+
+def table_of(text: str) -> Table:
+    """The blob iptables-legacy-restore builds for `text`, decoded (the kernel as the parser)."""
+    import lab
+    with Netns("bx") as ns:
+        lab.restore(ns, text)
+        return lab.kernel_snapshot(ns)
+
+
+# ---- BPF_PROG_TEST_RUN -------------------------------------------------------------------------
+
+def flood_frame() -> bytes:
+    from test_compile_util import ether, ipv4, udp_hdr
+    return ether(ipv4(SRC, DST, 17, udp_hdr(SPORT, DPORT, b"x" * 18)))
+
+
+def load_chain(table: Table, chain: str, flavor: str = "nf"):
+    """(prog, counters map, compiled program, load seconds) of one built-in chain."""
+    from bpfilter_umh.engine import create_maps
+    t0 = time.monotonic()
+    ct = compile_table(table, KernelFacts.from_btf(), flavor)
+    cp = next(p for p in ct.programs if p.chain == chain)
+    cnt = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, ct.counters_entries, name="bpfilter_cnt")
+    extra = create_maps(cp)
+    fds = {COUNTERS_MAP: cnt.fd, **{k: m.fd for k, m in extra.items()}}
+    other = []
+    for it in cp.items:                      # flavor maps kept by attach.py (ifnames): empty here
+        name = getattr(it, "map", None)
+        if name and name not in fds:
+            m = K.Map.create(K.BPF_MAP_TYPE_HASH, 4, 16, 64, name="bench_aux")
+            other.append(m)
+            fds[name] = m.fd
+    try:
+        prog = K.Prog.load(cp.prog_type, cp.assemble(fds), license=cp.license, name=cp.name,
+                           expected_attach_type=cp.expected_attach_type)
+    finally:
+        for m in list(extra.values()) + other:
+            m.close()
+    return prog, cnt, cp, time.monotonic() - t0
+
+
+def test_run_ns(prog, flavor: str) -> float:
+    frame = flood_frame()
+    ctx = bytes([1, 2]) + bytes(6) if flavor == "nf" else None
+    best = None
+    for _ in range(3):
+        ret, dur, _ = prog.test_run(frame, ctx, repeat=TEST_RUN_REPEAT)
+        best = dur if best is None else min(best, dur)
+    return float(best)
+
+
+def bench_test_run(table: Table, env_min_run=None, flavor="nf") -> dict:
+    old = os.environ.get("BPFILTER_CLASSIFY_MIN_RUN")
+    if env_min_run is not None:
+        os.environ["BPFILTER_CLASSIFY_MIN_RUN"] = str(env_min_run)
+    try:
+        prog, cnt, cp, secs = load_chain(table, "INPUT", flavor)
+    except Exception as e:                              # noqa: BLE001 (reported, not hidden)
+        return dict(error=f"{type(e).__name__}: {str(e)[:160]}")
+    finally:
+        if env_min_run is not None:
+            if old is None:
+                os.environ.pop("BPFILTER_CLASSIFY_MIN_RUN", None)
+            else:
+                os.environ["BPFILTER_CLASSIFY_MIN_RUN"] = old
+    try:
+        ns = test_run_ns(prog, flavor)
+        info = prog.info()
+        return dict(ns=ns, load_s=secs, insns=info["xlated_prog_len"] // 8,
+                    jited=info["jited_prog_len"], maps=len(cp.maps),
+                    runs=[m.name for m in cp.maps])
+    finally:
+        prog.close()
+        cnt.close()
+
+
+# ---- veth flood ---------------------------------------------------------------------------------
+
+def flood_ns_per_packet(install) -> float:
+    """ns per packet of a UDP flood from namespace a into b, after install(b) put a filter in b.
+    The receive path runs in the sender's context (veth_xmit -> backlog -> softirq on return), so
+    the sender's loop time is the per-packet cost; best of three rounds."""
+    with Netns("fa") as a, Netns("fb") as b:
+        veth(a, "fa0", b, "fb0", f"{SRC}/24", f"{DST}/24")
+        # a permanent neighbour: no ARP during the flood
+        mac = b.run("cat /sys/class/net/fb0/address").stdout.strip()
+        a.run(f"ip neigh replace {DST} lladdr {mac} dev fa0 nud permanent")
+        install(b)
+        with b.inside():
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            rx.bind((DST, DPORT))          # no ICMP port unreachable; overflow drops are fine
+        with a.inside():
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx.bind((SRC, SPORT))
+            tx.connect((DST, DPORT))
+        try:
+            best = None
+            for _ in range(5):
+                t0 = time.perf_counter_ns()
+                sent = _sendmmsg_flood(tx.fileno(), FLOOD_PACKETS)
+                dt = (time.perf_counter_ns() - t0) / max(1, sent)
+                best = dt if best is None else min(best, dt)
+                while True:
+                    try:
+                        rx.recv(64, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+            return best
+        finally:
+            tx.close()
+            rx.close()
+            if install is not _nothing:
+                _flush_bpfilter(b)
+
+
+_mm = None
+
+
+def _sendmmsg_flood(fd: int, count: int) -> int:
+    """Send `count` 18-byte datagrams on connected socket fd with sendmmsg(2), 64 per call (no
+    Python per packet: the loop measures the kernel's path, not the interpreter)."""
+    global _mm
+    if _mm is None:
+        import cffi
+        ffi = cffi.FFI()
+        ffi.cdef("""struct iovec { void *iov_base; size_t iov_len; };
+                    struct msghdr { void *msg_name; unsigned int msg_namelen; struct iovec *msg_iov;
+                                    size_t msg_iovlen; void *msg_control; size_t msg_controllen;
+                                    int msg_flags; };
+                    struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
+                    int sendmmsg(int sockfd, struct mmsghdr *msgvec, unsigned int vlen, int flags);""")
+        lib = ffi.dlopen(None)
+        buf = ffi.new("char[]", b"x" * 18)
+        iov = ffi.new("struct iovec *", {"iov_base": buf, "iov_len": 18})
+        vec = ffi.new("struct mmsghdr[64]")
+        for i in range(64):
+            vec[i].msg_hdr.msg_iov = iov
+            vec[i].msg_hdr.msg_iovlen = 1
+        _mm = (lib, vec, buf, iov)
+    lib, vec = _mm[0], _mm[1]
+    sent = 0
+    while sent < count:
+        r = lib.sendmmsg(fd, vec, min(64, count - sent), 0)
+        if r <= 0:
+            break
+        sent += r
+    return sent
+
+
+def _nothing(ns):
+    pass
+
+
+def _kernel(text):
+    def install(ns):
+        import lab
+        lab.restore(ns, text)
+    return install
+
+
+def _bpfilter(table):
+    def install(ns):
+        from bpfilter_umh.engine import Engine
+        with ns.inside():
+            Engine.open(AF_INET).install(table)
+    return install
+
+
+def _flush_bpfilter(ns):
+    from bpfilter_umh.engine import Engine
+    try:
+        with ns.inside():
+            Engine.open(AF_INET).flush()
+    except Exception:                                   # noqa: BLE001
+        pass
+
+
+# ---- control plane ------------------------------------------------------------------------------
+
+def control_plane(text: str) -> dict:
+    out = {}
+    env_root = dict(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    append = "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP"
+    for who in ("kernel", "bpfilter"):
+        with Netns("cp") as ns:
+            env = dict(ns.env, **env_root)
+            pre = [] if who == "kernel" else CLI + ["exec", "--"]
+            t0 = time.monotonic()
+            p = ns.run(pre + ["iptables-legacy-restore"], input=text, check=False, env=env,
+                       timeout=900)
+            out[f"{who}_restore_s"] = time.monotonic() - t0
+            if p.returncode:
+                out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
+                continue
+            t0 = time.monotonic()
+            p = ns.run(pre + ["iptables-legacy"] + append.split(), check=False, env=env,
+                       timeout=900)
+            out[f"{who}_append_s"] = time.monotonic() - t0
+            if p.returncode:
+                out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
+            if who == "bpfilter":
+                ns.run(CLI + ["flush"], check=False, env=env)
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def fmt(v, unit=""):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.0f}{unit}" if v >= 100 else f"{v:.1f}{unit}" if v >= 1 else f"{v:.3f}{unit}"
+    return f"{v}{unit}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", default="10,100,1000,10000")
+    ap.add_argument("--shapes", default=",".join(rulesets.SHAPES))
+    ap.add_argument("--flavors", default="nf,tc,xdp")
+    ap.add_argument("--no-flood", action="store_true")
+    ap.add_argument("--no-control", action="store_true")
+    ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("ruleset_bench: needs root (namespaces, BPF)")
+    ns_list = [int(x) for x in args.n.split(",")]
+    shapes = args.shapes.split(",")
+    flavors = args.flavors.split(",")
+    results = dict(machine=machine(), rows=[])
+    base_flood = None if args.no_flood else flood_ns_per_packet(_nothing)
+    results["flood_no_rules_ns"] = base_flood
+    print(f"flood, no rules: {fmt(base_flood, ' ns')}/packet", flush=True)
+    for shape in shapes:
+        for n in ns_list:
+            rs = rulesets.make(shape, n, seed=1)
+            text = to_input(rs.text)
+            table = table_of(text)
+            row = dict(shape=shape, n=n, runs=classify.describe(table).get("INPUT", []))
+            for fl in flavors:
+                row[f"tr_{fl}"] = bench_test_run(table, flavor=fl)
+            if n <= 1000:
+                row["tr_linear"] = bench_test_run(table, env_min_run=0)
+            if not args.no_flood:
+                row["flood_kernel"] = flood_ns_per_packet(_kernel(text))
+                try:
+                    row["flood_bpfilter"] = flood_ns_per_packet(_bpfilter(table))
+                except Exception as e:                  # noqa: BLE001
+                    row["flood_bpfilter_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if not args.no_control:
+                row.update(control_plane(text))
+            results["rows"].append(row)
+            print(line(row, base_flood), flush=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    if args.md:
+        write_md(results, args.md)
+    if args.plot:
+        plot(results, args.plot)
+
+
+def machine() -> dict:
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for ln in f:
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    return dict(kernel=platform.release(), cpu=cpu, cpus=os.cpu_count(),
+                python=platform.python_version(),
+                iptables=subprocess.run(["iptables-legacy", "--version"], capture_output=True,
+                                        text=True).stdout.strip(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+def _ns(row, key):
+    v = row.get(key)
+    return v.get("ns") if isinstance(v, dict) else None
+
+
+def line(row, base) -> str:
+    s = f"{row['shape']:9} N={row['n']:<6} test-run nf {fmt(_ns(row, 'tr_nf'), ' ns')}"
+    for fl in ("tc", "xdp", "linear"):
+        if f"tr_{fl}" in row:
+            v = row[f"tr_{fl}"]
+            s += f" | {fl} {fmt(v.get('ns'), ' ns') if 'ns' in v else 'n/a'}"
+    if "flood_kernel" in row:
+        k, b = row["flood_kernel"], row.get("flood_bpfilter")
+        s += f" | flood kernel +{fmt(k - base, ' ns')} bpfilter " + \
+             (f"+{fmt(b - base, ' ns')}" if b is not None else "n/a")
+    if "kernel_restore_s" in row:
+        s += (f" | restore kernel {fmt(row['kernel_restore_s'], ' s')} bpfilter "
+              f"{fmt(row.get('bpfilter_restore_s'), ' s')} | append kernel "
+              f"{fmt(row.get('kernel_append_s'), ' s')} bpfilter {fmt(row.get('bpfilter_append_s'), ' s')}")
+    nf = row.get("tr_nf", {})
+    if "error" in nf:
+        s += f" | nf: {nf['error']}"
+    if row.get("bpfilter_error"):
+        s += f" | door: {row['bpfilter_error'][-120:]!r}"
+    return s
+
+
+def write_md(results, path):
+    rows = results["rows"]
+    m = results["machine"]
+    base = results.get("flood_no_rules_ns")
+    out = ["# Large rulesets: kernel iptables-legacy vs bpfilter (issue #7)", "",
+           f"Measured {m['date']} by `make bench` (bench/ruleset_bench.py) on: kernel {m['kernel']}, "
+           f"{m['cpu']} ({m['cpus']} CPUs, shared with other work), Python {m['python']}, "
+           f"{m['iptables']}. Rulesets: bench/rulesets.py (seed 1); the flood packet matches no "
+           f"rule, so every rule is consulted (worst case).", "",
+           f"Flood with no rules at all: {fmt(base, ' ns')}/packet.", "",
+           "| shape | N | test-run nf ns | tc ns | xdp ns | linear ns | nf load s | flood kernel +ns | "
+           "flood bpfilter +ns | restore kernel s | restore bpfilter s | append kernel s | "
+           "append bpfilter s |", "|" + "---|" * 13]
+    for r in rows:
+        def tr(k):
+            v = r.get(k)
+            if v is None:
+                return "-"
+            return fmt(v.get("ns")) if "ns" in v else "fails"
+        fk = r.get("flood_kernel")
+        fb = r.get("flood_bpfilter")
+        out.append(f"| {r['shape']} | {r['n']} | {tr('tr_nf')} | {tr('tr_tc')} | {tr('tr_xdp')} | "
+                   f"{tr('tr_linear')} | {fmt(r.get('tr_nf', {}).get('load_s'))} | "
+                   f"{fmt(fk - base) if fk is not None and base else '-'} | "
+                   f"{fmt(fb - base) if fb is not None and base else 'fails' if r.get('flood_bpfilter_error') else '-'} | "
+                   f"{fmt(r.get('kernel_restore_s'))} | {fmt(r.get('bpfilter_restore_s'))} | "
+                   f"{fmt(r.get('kernel_append_s'))} | {fmt(r.get('bpfilter_append_s'))} |")
+    out += ["", "## Ratios against the issue's goals", ""]
+    for shape in sorted({r["shape"] for r in rows}, key=rulesets.SHAPES.index):
+        by_n = {r["n"]: r for r in rows if r["shape"] == shape}
+        lo, hi = by_n.get(min(by_n)), by_n.get(max(by_n))
+        a, b = _ns(lo, "tr_nf"), _ns(hi, "tr_nf")
+        parts = [f"**{shape}**:"]
+        if a and b:
+            parts.append(f"test-run N={hi['n']} / N={lo['n']} = {b / a:.2f} (goal <= 2)")
+        fk, fb = hi.get("flood_kernel"), hi.get("flood_bpfilter")
+        if fk is not None and fb is not None and base:
+            ak, ab = fk - base, fb - base
+            parts.append(f"flood added cost kernel/bpfilter at N={hi['n']} = "
+                         f"{ak:.0f}/{ab:.0f} ns" + (f" = {ak / ab:.0f}x" if ab > 0 else
+                                                    " (bpfilter within noise of no rules)")
+                         + " (goal >= 100x)")
+            if b:
+                parts.append(f"kernel added / (test-run nf - floor 30 ns) = "
+                             f"{ak / max(1.0, b - 30):.0f}x")
+        kr, br = hi.get("kernel_restore_s"), hi.get("bpfilter_restore_s")
+        if kr and br:
+            parts.append(f"restore bpfilter/kernel = {br / kr:.1f}x (goal <= 2)")
+        if hi.get("bpfilter_append_s") is not None:
+            parts.append(f"append through bpfilter = {hi['bpfilter_append_s'] * 1000:.0f} ms "
+                         f"(goal < 50 ms)")
+        out.append("- " + "; ".join(parts))
+    out += ["", "## Classified runs at the largest N", ""]
+    for r in rows:
+        if r["n"] == max(x["n"] for x in rows):
+            out.append(f"- {r['shape']}: " + ("; ".join(r["runs"]) or "none (linear code)"))
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["rows"]
+    base = results.get("flood_no_rules_ns") or 0
+    shapes = [s for s in rulesets.SHAPES if any(r["shape"] == s for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for s in shapes:
+        rr = sorted((r for r in rows if r["shape"] == s), key=lambda r: r["n"])
+        xs = [r["n"] for r in rr]
+        ys = [_ns(r, "tr_nf") for r in rr]
+        axes[0].plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], "o-",
+                     label=f"{s} bpfilter nf")
+        lin = [(r["n"], _ns(r, "tr_linear")) for r in rr if _ns(r, "tr_linear")]
+        if lin:
+            axes[0].plot(*zip(*lin), "x--", label=f"{s} linear code")
+        k = [(r["n"], r["flood_kernel"] - base) for r in rr if r.get("flood_kernel")]
+        b = [(r["n"], max(1.0, r["flood_bpfilter"] - base)) for r in rr if r.get("flood_bpfilter")]
+        if k:
+            axes[1].plot(*zip(*k), "s-", label=f"{s} kernel iptables")
+        if b:
+            axes[1].plot(*zip(*b), "o--", label=f"{s} bpfilter")
+    axes[0].set(xscale="log", yscale="log", xlabel="rules (N)", ylabel="ns/packet",
+                title="BPF_PROG_TEST_RUN, packet matching no rule")
+    axes[1].set(xscale="log", yscale="log", xlabel="rules (N)",
+                ylabel="added ns/packet over no rules", title="veth UDP flood")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Which flavor serves which family/chain: a config file, CLI flags, and the text `bpfilter
+status` prints. The default keeps iptables-exact behaviour: nf everywhere.
+
+File /etc/bpfilter/flavors.conf (override with BPFILTER_CONFIG), one setting per line, '#' starts
+a comment:
+    ipv4 = tc                       every built-in chain of the ipv4 filter table on tc
+    ipv4 = xdp mode=generic         xdp; mode native (default: native, generic fallback) | generic
+    ipv6 = nf
+    ipv4 INPUT = tc                 per chain: accepted only if every chain of the family agrees
+                                    (one attachment per family today; see docs/flavors.md)
+CLI flags (for the door/CLI engineer to wire): --flavor nf|tc|xdp [--xdp-mode auto|native|generic]
+[--offload IFNAME]; a flag wins over the file.
+
+API: load(path=None) -> Config; Config.flavor(family) -> str; Config.xdp_mode(family);
+     apply_flags(config, argv) -> (config, rest); status_text(status_dict) -> str
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+from .errors import BpfilterError
+from .flavors import FLAVORS
+
+CONFIG_PATH = "/etc/bpfilter/flavors.conf"
+FAMILIES = ("ipv4", "ipv6")
+CHAINS = ("INPUT", "FORWARD", "OUTPUT")
+XDP_MODES = ("auto", "native", "generic")
+
+
+@dataclass
+class Config:
+    flavors: dict = field(default_factory=lambda: {f: "nf" for f in FAMILIES})
+    xdp_modes: dict = field(default_factory=lambda: {f: "auto" for f in FAMILIES})
+    offload: dict = field(default_factory=dict)         # family -> interface name
+    source: str = "default"
+
+    def flavor(self, family: str) -> str:
+        return self.flavors[_family(family)]
+
+    def xdp_mode(self, family: str) -> str:
+        return self.xdp_modes[_family(family)]
+
+
+def _family(f) -> str:
+    names = {2: "ipv4", 10: "ipv6", "ipv4": "ipv4", "ipv6": "ipv6"}
+    if f not in names:
+        raise BpfilterError(errno.EINVAL, f"unknown family {f!r} (ipv4 or ipv6)")
+    return names[f]
+
+
+def _flavor(name: str, where: str) -> str:
+    if name not in FLAVORS:
+        raise BpfilterError(errno.EINVAL, f"{where}: unknown flavor {name!r} "
+                                          f"(one of {', '.join(FLAVORS)})")
+    return name
+
+
+def parse(text: str, source: str = "<text>") -> Config:
+    cfg = Config(source=source)
+    per_chain = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{n}"
+        if "=" not in line:
+            raise BpfilterError(errno.EINVAL, f"{where}: expected 'FAMILY [CHAIN] = FLAVOR'")
+        left, right = (x.split() for x in line.split("=", 1))
+        if not left or len(left) > 2 or not right:
+            raise BpfilterError(errno.EINVAL, f"{where}: expected 'FAMILY [CHAIN] = FLAVOR'")
+        fam = left[0]
+        if fam not in FAMILIES:
+            raise BpfilterError(errno.EINVAL, f"{where}: unknown family {fam!r}")
+        fl = _flavor(right[0], where)
+        for opt in right[1:]:
+            k, _, v = opt.partition("=")
+            if k == "mode" and v in XDP_MODES and fl == "xdp":
+                cfg.xdp_modes[fam] = v
+            elif k == "offload" and v and fl == "xdp":
+                cfg.offload[fam] = v
+            else:
+                raise BpfilterError(errno.EINVAL, f"{where}: unknown option {opt!r} for {fl}")
+        if fl != "nf" and fam != "ipv4":
+            raise BpfilterError(errno.EOPNOTSUPP, f"{where}: flavor {fl} serves ipv4 only")
+        if len(left) == 2:
+            if left[1] not in CHAINS:
+                raise BpfilterError(errno.EINVAL, f"{where}: unknown chain {left[1]!r}")
+            per_chain.setdefault(fam, {})[left[1]] = (fl, where)
+        else:
+            cfg.flavors[fam] = fl
+    for fam, chains in per_chain.items():
+        wanted = {fl for fl, _ in chains.values()}
+        if len(wanted) > 1:
+            raise BpfilterError(errno.EOPNOTSUPP, f"{source}: {fam} chains ask for different "
+                                f"flavors ({', '.join(f'{c}={fl}' for c, (fl, _) in chains.items())}); "
+                                "one flavor serves a whole family today")
+        cfg.flavors[fam] = wanted.pop()
+    return cfg
+
+
+def load(path: str = None) -> Config:
+    path = path or os.environ.get("BPFILTER_CONFIG", CONFIG_PATH)
+    try:
+        with open(path) as f:
+            return parse(f.read(), path)
+    except FileNotFoundError:
+        return Config()
+    except OSError as e:
+        raise BpfilterError(e.errno, f"cannot read {path}: {e.strerror}")
+
+
+def apply_flags(cfg: Config, argv: list, family: str = "ipv4"):
+    """Consume --flavor/--xdp-mode/--offload from argv; returns (cfg, remaining argv)."""
+    rest, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--flavor", "--xdp-mode", "--offload"):
+            if i + 1 >= len(argv):
+                raise BpfilterError(errno.EINVAL, f"{a} needs a value")
+            v = argv[i + 1]
+            if a == "--flavor":
+                cfg.flavors[family] = _flavor(v, a)
+            elif a == "--xdp-mode":
+                if v not in XDP_MODES:
+                    raise BpfilterError(errno.EINVAL, f"--xdp-mode: one of {', '.join(XDP_MODES)}")
+                cfg.xdp_modes[family] = v
+            else:
+                cfg.offload[family] = v
+            cfg.source = "command line"
+            i += 2
+            continue
+        rest.append(a)
+        i += 1
+    if cfg.offload.get(family) and cfg.flavors[family] != "xdp":
+        raise BpfilterError(errno.EINVAL, "--offload needs --flavor xdp")
+    return cfg, rest
+
+
+def status_text(st: dict) -> str:
+    """The flavor part of `bpfilter status` for one Engine.status() dict."""
+    out = [f"{st['family']} {st['table']}: flavor {st['flavor']}"]
+    for ch in st["chains"]:
+        if ch.get("hook") is None:
+            continue
+        link = ch.get("link") or {}
+        ifs = link.get("interfaces") if isinstance(link, dict) else None
+        where = " on " + ", ".join(f"{i}({'/'.join(d)})" for i, d in sorted(ifs.items())) \
+            if ifs else ""
+        out.append(f"  {ch['name']:8} {ch.get('flavor') or '-':4} prog {ch.get('prog_id') or '-'}"
+                   f" jited {ch.get('jited_size') or '-'} rules {ch['rule_count']}{where}")
+    return "\n".join(out)

@@ -1,0 +1,428 @@
+"""BPF code for the issue #6 matches (registry entries in xt_ext.py), called from compile.py's
+match dispatch: handles(m) says whether this module translates a match, emit(...) appends its
+instructions to the rule being compiled.
+
+Every matcher follows the compiler's convention (compile.py "conditions"): leave a mismatch value
+in r1 (non-zero = the rule does not match) and call cc._acc(); a helper call clobbers r1-r5, so
+the accumulated mismatch (r5) is flushed into a branch first. The netfilter flavor keeps the
+struct bpf_nf_ctx pointer in r6 and the BTF-typed (trusted) struct sk_buff pointer in r7, so
+skb->mark, skb->pkt_type and skb->_nfct are plain loads at offsets taken from vmlinux BTF.
+
+Conntrack is the kernel's own: an nf program at LOCAL_IN/FORWARD/LOCAL_OUT runs after
+nf_conntrack_in() (priority NF_IP_PRI_CONNTRACK = -200), so skb->_nfct holds (struct nf_conn * |
+enum ip_conntrack_info), exactly what nf_ct_get() gives xt_state/xt_conntrack. It is only filled
+once something in the namespace asked for conntrack (nf_ct_netns_get()); conntrack_ref() does
+that through nftables (see there).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import subprocess
+
+from . import ebpf as E
+from . import xt_ext as X
+from .ebpf import FP, R0, R1, R2, R3, R4, R7, Label
+from .errors import BpfilterError
+
+BPF_FUNC_probe_read_kernel = 113
+IP_CT_IS_REPLY, IP_CT_UNTRACKED = 3, 7
+NFCT_INFOMASK = 7
+IPS_SRC_NAT, IPS_DST_NAT = 1 << 4, 1 << 5
+XT_CONNTRACK_STATE_INVALID = 1 << 0
+XT_CONNTRACK_STATE_UNTRACKED, XT_CONNTRACK_STATE_SNAT, XT_CONNTRACK_STATE_DNAT = \
+    1 << 6, 1 << 7, 1 << 8
+PACKET_BROADCAST, PACKET_MULTICAST, PACKET_LOOPBACK = 1, 2, 5
+# XT_STATE_BIT(ctinfo) = 1 << (ctinfo % IP_CT_IS_REPLY + 1) for ctinfo 0..4, one nibble each
+_STATE_BITS = sum((1 << (c % IP_CT_IS_REPLY + 1)) << (4 * c) for c in range(5))
+# conntrack criteria this compiler translates; any other match_flags bit is refused by name
+_CT_DONE = X.XT_CONNTRACK_STATE | X.XT_CONNTRACK_DIRECTION | X.XT_CONNTRACK_STATUS \
+    | X.XT_CONNTRACK_STATE_ALIAS
+_CT_FLAG_NAMES = {X.XT_CONNTRACK_PROTO: "--ctproto", X.XT_CONNTRACK_ORIGSRC: "--ctorigsrc",
+                  X.XT_CONNTRACK_ORIGDST: "--ctorigdst", X.XT_CONNTRACK_REPLSRC: "--ctreplsrc",
+                  X.XT_CONNTRACK_REPLDST: "--ctrepldst", X.XT_CONNTRACK_EXPIRES: "--ctexpire",
+                  X.XT_CONNTRACK_ORIGSRC_PORT: "--ctorigsrcport",
+                  X.XT_CONNTRACK_ORIGDST_PORT: "--ctorigdstport",
+                  X.XT_CONNTRACK_REPLSRC_PORT: "--ctreplsrcport",
+                  X.XT_CONNTRACK_REPLDST_PORT: "--ctrepldstport"}
+
+V4_ONLY = X.COMPILED_V4_ONLY | {"ttl"}
+NEEDS_SKB = {"mark", "pkttype", "conntrack", "state"}
+CONNTRACK = {"conntrack", "state"}
+
+
+@functools.lru_cache(maxsize=None)
+def _skb_facts(fake: bool) -> dict:
+    """Offsets in struct sk_buff / nf_conn (vmlinux BTF); fixed values for golden listings."""
+    if fake:
+        return dict(mark=168, nfct=104, pkt_type=(128, 0, 7), status=128)
+    from . import btf
+    b = btf.vmlinux()
+    bitoff, _t, bits = b._member_in(b._composite("sk_buff"), "pkt_type")
+    return dict(mark=btf.member_offset("sk_buff", "mark"),
+                nfct=btf.member_offset("sk_buff", "_nfct"),
+                pkt_type=(bitoff // 8, bitoff % 8, (1 << bits) - 1),
+                status=btf.member_offset("nf_conn", "status"))
+
+
+def skb_facts(cc) -> dict:
+    from .compile import KernelFacts
+    return _skb_facts(cc.facts == KernelFacts.fake())
+
+
+def handles(m) -> bool:
+    """This module answers for the match: it compiles it, or refuses it after the kernel's
+    hook-dependent checks."""
+    return m.name in X.MATCH_NAMES
+
+
+def compiled(m) -> bool:
+    return (m.name, m.revision) in X.COMPILED
+
+
+def needs_l4(m) -> bool:
+    """The prologue must parse the transport header (ports) for this match."""
+    return m.name == "multiport"
+
+
+def uses_conntrack(table) -> bool:
+    return any(m.name in CONNTRACK for r in table.entries() for m in r.matches)
+
+
+def _refuse(chain, pos, rule, what):
+    return BpfilterError(errno.EOPNOTSUPP, f"chain {chain} rule {pos} (entry offset "
+                                           f"{rule.offset}): {what}")
+
+
+# xt_match.hooks of the extensions that have them (xt_mac.c, xt_owner.c)
+NF_INET_PRE_ROUTING, NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = \
+    range(5)
+_HOOKS = {"mac": (1 << NF_INET_PRE_ROUTING) | (1 << NF_INET_LOCAL_IN) | (1 << NF_INET_FORWARD),
+          "owner": (1 << NF_INET_LOCAL_OUT) | (1 << NF_INET_POST_ROUTING)}
+_HOOK_NAMES = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+
+
+def hook_check(m, hook: int, rule, chain: str, pos: int):
+    """The checks that depend on the hooks reaching the entry (its comefrom in the kernel):
+    xt_check_match()'s `hooks` mask and addrtype_mt_checkentry_v1()'s interface limits, both
+    EINVAL. The compiler emits every reachable entry once per hook that reaches it, so checking
+    here sees the same hooks translate_table() gives the kernel's checks."""
+    where = f"chain {chain} rule {pos} (entry offset {rule.offset})"
+    bad = m.name in _HOOKS and not _HOOKS[m.name] & (1 << hook)
+    if m.name == "addrtype" and m.revision == 1 and not isinstance(m.data, (bytes, bytearray)):
+        f = m.data.flags
+        bad = (f & X.XT_ADDRTYPE_LIMIT_IFACE_OUT and hook in (NF_INET_PRE_ROUTING,
+                                                              NF_INET_LOCAL_IN)) or \
+              (f & X.XT_ADDRTYPE_LIMIT_IFACE_IN and hook in (NF_INET_POST_ROUTING,
+                                                             NF_INET_LOCAL_OUT))
+    if bad:
+        raise BpfilterError(errno.EINVAL, f"{where}: match {m.name} is not valid in the "
+                                          f"{_HOOK_NAMES[hook]} hook")
+
+
+def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
+    hook_check(m, cc.chain.hook, rule, chain, pos)
+    if not compiled(m):
+        raise _refuse(chain, pos, rule, f"match {m.name} (revision {m.revision}) is not "
+                                        f"supported by the compiler")
+    if m.name in V4_ONLY and cc.v6:
+        raise _refuse(chain, pos, rule, f"match {m.name} is not supported for IPv6 yet")
+    if m.name in NEEDS_SKB and cc.fl.name != "nf":
+        raise _refuse(chain, pos, rule, f"match {m.name} needs the skb: flavor {cc.fl.name} "
+                                        f"cannot read it; use flavor nf")
+    d = m.data
+    if isinstance(d, (bytes, bytearray)):
+        raise _refuse(chain, pos, rule, f"match {m.name}: payload not decoded")
+    if m.name == "comment":
+        return
+    if m.name == "conntrack":
+        bad = d.match_flags & ~_CT_DONE
+        if bad:
+            names = [n for f, n in _CT_FLAG_NAMES.items() if bad & f] or [f"{bad:#x}"]
+            raise _refuse(chain, pos, rule, f"conntrack {', '.join(names)} is not supported "
+                                            f"by the compiler")
+    if m.name == "multiport":
+        return _multiport_any(cc, d, m.revision, fail, hot)
+    globals()["_" + m.name](cc, d, fail, hot)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _flush(cc, fail):
+    """Before a helper/kfunc call: leave now if an earlier condition already failed (r5 dies)."""
+    if cc.acc_live:
+        cc.emit(E.jmp(E.JNE, cc_acc(), 0, fail))
+        cc.acc_live = False
+
+
+def cc_acc():
+    from .compile import ACC
+    return ACC
+
+
+def _iphdr(cc, fail):
+    """r0 = the first 20 bytes of the IPv4 header (the prologue read them already, so the slice
+    cannot fail; the check is for the verifier)."""
+    _flush(cc, fail)
+    cc.emit(*cc._slice(E.mov(R2, 0), 20), E.jmp(E.JEQ, R0, 0, fail))
+
+
+def _nz(cc, reg, invert=False):
+    """reg = (reg != 0) [^ 1], through r2 when reg is not r1."""
+    tmp = R2 if reg != R2 else R3
+    cc.emit(E.mov(tmp, reg), E.neg(tmp), E.alu(E.OR, reg, tmp), E.alu(E.RSH, reg, 63))
+    if invert:
+        cc.emit(E.alu(E.XOR, reg, 1))
+
+
+def _outside(cc, dst, src, lo: int, hi: int):
+    """dst = 1 when the value in src (0 .. 2^32-1) is outside lo..hi, else 0 (64-bit signed
+    differences of values below 2^32: the sign bit says which side). Uses r3, r4."""
+    cc.emit(E.ld_imm64(R3, lo), E.mov(R4, src), E.alu(E.SUB, R4, R3), E.alu(E.RSH, R4, 63),
+            E.ld_imm64(R3, hi), E.alu(E.SUB, R3, src), E.alu(E.RSH, R3, 63),
+            E.alu(E.OR, R4, R3), E.mov(dst, R4))
+
+
+def _finish(cc, invert: bool):
+    if invert:
+        cc.emit(E.alu(E.XOR, R1, 1))
+    cc._acc()
+
+
+# ------------------------------------------------------------------------------ stateless
+def _mark(cc, d, fail, hot):
+    # xt_mark.c mark_mt(): ((skb->mark & mask) == mark) ^ invert
+    f = skb_facts(cc)
+    cc.emit(E.ldx(E.W, R1, R7, f["mark"], f"{'! ' if d.invert else ''}mark "
+                                          f"{d.mark:#x}/{d.mask:#x}"))
+    cc.emit(E.ld_imm64(R2, d.mask), E.alu(E.AND, R1, R2), E.ld_imm64(R2, d.mark),
+            E.alu(E.XOR, R1, R2))
+    if d.invert:
+        _nz(cc, R1, invert=True)
+    cc._acc()
+
+
+def _length(cc, d, fail, hot):
+    # xt_length.c length_mt(): ntohs(iph->tot_len) in min..max, ^ invert
+    _iphdr(cc, fail)
+    cc.emit(E.ldx(E.H, R1, R0, 2, f"length {d.min}:{d.max}"), E.be16(R1))
+    _outside(cc, R1, R1, d.min, d.max)
+    _finish(cc, bool(d.invert))
+
+
+def _ttl(cc, d, fail, hot):
+    # xt_hl.c ttl_mt(): EQ, NE, LT, GT; any other mode never matches
+    if d.mode not in (X.IPT_TTL_EQ, X.IPT_TTL_NE, X.IPT_TTL_LT, X.IPT_TTL_GT):
+        cc.emit(E.ja(fail, f"ttl mode {d.mode} never matches"))
+        return
+    _iphdr(cc, fail)
+    cc.emit(E.ldx(E.B, R1, R0, 8, f"ttl mode {d.mode} {d.ttl}"))
+    if d.mode in (X.IPT_TTL_EQ, X.IPT_TTL_NE):
+        cc.emit(E.alu(E.XOR, R1, d.ttl))
+        if d.mode == X.IPT_TTL_NE:
+            _nz(cc, R1, invert=True)
+    elif d.mode == X.IPT_TTL_LT:        # mismatch = !(ttl < v)
+        cc.emit(E.alu(E.SUB, R1, d.ttl), E.alu(E.RSH, R1, 63), E.alu(E.XOR, R1, 1))
+    else:                               # mismatch = !(ttl > v)
+        cc.emit(E.mov(R2, d.ttl), E.alu(E.SUB, R2, R1), E.alu(E.RSH, R2, 63),
+                E.alu(E.XOR, R2, 1), E.mov(R1, R2))
+    cc._acc()
+
+
+def _tos(cc, d, fail, hot):
+    # xt_dscp.c tos_mt(): ((iph->tos & tos_mask) == tos_value) ^ !!invert
+    _iphdr(cc, fail)
+    cc.emit(E.ldx(E.B, R1, R0, 1, f"tos {d.tos_value:#x}/{d.tos_mask:#x}"),
+            E.alu(E.AND, R1, d.tos_mask), E.alu(E.XOR, R1, d.tos_value))
+    if d.invert:
+        _nz(cc, R1, invert=True)
+    cc._acc()
+
+
+def _dscp(cc, d, fail, hot):
+    # xt_dscp.c dscp_mt(): (ipv4_get_dsfield(iph) >> XT_DSCP_SHIFT == dscp) ^ !!invert
+    _iphdr(cc, fail)
+    cc.emit(E.ldx(E.B, R1, R0, 1, f"dscp {d.dscp:#x}"), E.alu(E.RSH, R1, 2),
+            E.alu(E.XOR, R1, d.dscp))
+    if d.invert:
+        _nz(cc, R1, invert=True)
+    cc._acc()
+
+
+def _iprange(cc, d, fail, hot):
+    # xt_iprange.c iprange_mt4(): host-order comparisons, each side inverted on its own
+    from .compile import S_DADDR, S_SADDR
+    for flag, inv, slot, lo, hi, what in (
+            (X.IPRANGE_SRC, X.IPRANGE_SRC_INV, S_SADDR, d.src_min, d.src_max, "src"),
+            (X.IPRANGE_DST, X.IPRANGE_DST_INV, S_DADDR, d.dst_min, d.dst_max, "dst")):
+        if not d.flags & flag:
+            continue
+        lo4, hi4 = int.from_bytes(lo[:4], "big"), int.from_bytes(hi[:4], "big")
+        cc.emit(E.ldx(E.DW, R1, FP, slot, f"{what}-range {lo4:#x}-{hi4:#x}"), E.be32(R1))
+        _outside(cc, R1, R1, lo4, hi4)
+        _finish(cc, bool(d.flags & inv))
+
+
+def _multiport_ports(d, rev: int):
+    """[(lo, hi), ...] as ports_match()/ports_match_v1() walk them (v1: pflags[i] makes ports[i]
+    and ports[i + 1] a range; ports[15] would be read from pflags[0..1], as in the kernel)."""
+    if rev == 0:
+        return [(p, p) for p in d.ports[:d.count]]
+    words = list(d.ports) + [d.pflags[0] | d.pflags[1] << 8]
+    out, i = [], 0
+    while i < d.count:
+        if d.pflags[i] if i < 15 else 0:
+            out.append((words[i], words[i + 1]))
+            i += 2
+        else:
+            out.append((words[i], words[i]))
+            i += 1
+    return out
+
+
+def _multiport_any(cc, d, rev, fail, hot):
+    from .compile import S_DPORT, S_SPORT
+    cc._frag_and_header(8, "multiport", False)
+    slots = {X.XT_MULTIPORT_SOURCE: (S_SPORT,), X.XT_MULTIPORT_DESTINATION: (S_DPORT,),
+             X.XT_MULTIPORT_EITHER: (S_SPORT, S_DPORT)}[d.flags]
+    ranges = _multiport_ports(d, rev)
+    # r1 = AND over (port outside range): 1 = no port matched
+    cc.emit(E.mov(R1, 1, comment=f"multiport {ranges}"))
+    for lo, hi in ranges:
+        for slot in slots:
+            cc.emit(E.ldx(E.DW, R0, FP, slot))
+            _outside(cc, R0, R0, lo, hi)
+            cc.emit(E.alu(E.AND, R1, R0))
+    _finish(cc, rev == 1 and bool(d.invert))
+
+
+def _pkttype(cc, d, fail, hot):
+    # xt_pkttype.c pkttype_mt(): PACKET_LOOPBACK counts as multicast for a multicast
+    # destination, as broadcast otherwise (IPv4)
+    from .compile import S_DADDR
+    byte, shift, mask = skb_facts(cc)["pkt_type"]
+    cc.emit(E.ldx(E.B, R1, R7, byte, f"{'! ' if d.invert else ''}pkttype {d.pkttype}"))
+    if shift:
+        cc.emit(E.alu(E.RSH, R1, shift))
+    cc.emit(E.alu(E.AND, R1, mask),
+            # r3 = 1 when not loopback
+            E.mov(R3, R1), E.alu(E.XOR, R3, PACKET_LOOPBACK))
+    _nz(cc, R3)
+    # r4 = PACKET_BROADCAST + (daddr is 224.0.0.0/4): the type a looped-back packet gets
+    cc.emit(E.ldx(E.DW, R4, FP, S_DADDR), E.alu(E.AND, R4, 0xf0), E.alu(E.XOR, R4, 0xe0))
+    _nz(cc, R4, invert=True)
+    cc.emit(E.alu(E.ADD, R4, PACKET_BROADCAST),
+            # type = r3 ? pkt_type : r4  ==  r4 + r3 * (pkt_type - r4)
+            E.alu(E.SUB, R1, R4), E.alu(E.MUL, R1, R3), E.alu(E.ADD, R1, R4),
+            E.alu(E.XOR, R1, d.pkttype))
+    if d.invert:
+        _nz(cc, R1, invert=True)
+    cc._acc()
+
+
+# ------------------------------------------------------------------------------ conntrack
+def _statebit(cc, status: bool):
+    """r1 = the state bit xt_conntrack computes for this packet (XT_CONNTRACK_STATE_BIT of
+    ctinfo with a conntrack entry, UNTRACKED for the untracked template, INVALID without one;
+    with `status`, | SNAT/DNAT from ct->status read into the stack at S_BUF); r0 = 1 when the
+    packet has a conntrack entry; r4 = ctinfo."""
+    from .compile import S_BUF
+    f = skb_facts(cc)
+    cc.emit(E.ldx(E.DW, R1, R7, f["nfct"], "skb->_nfct"), E.mov(R4, R1),
+            E.alu(E.AND, R4, NFCT_INFOMASK), E.mov(R0, R1), E.alu(E.RSH, R0, 3))
+    _nz(cc, R0)                                    # r0 = has ct (ptr bits non-zero)
+    cc.emit(E.ld_imm64(R1, _STATE_BITS), E.mov(R2, R4), E.alu(E.LSH, R2, 2),
+            E.alu(E.RSH, R1, R2), E.alu(E.AND, R1, 0xf),        # r1 = ct state bit
+            E.mov(R3, R4), E.alu(E.XOR, R3, IP_CT_UNTRACKED))
+    _nz(cc, R3, invert=True)                       # r3 = untracked
+    cc.emit(E.alu(E.MUL, R3, 6), E.mov(R2, 1), E.alu(E.LSH, R2, R3),   # r2 = no-ct bit
+            # r1 = r2 + has_ct * (r1 - r2)
+            E.alu(E.SUB, R1, R2), E.alu(E.MUL, R1, R0), E.alu(E.ADD, R1, R2))
+    if status:
+        # test_bit(IPS_SRC_NAT_BIT / IPS_DST_NAT_BIT, &ct->status); zero without ct
+        cc.emit(E.ldx(E.DW, R2, FP, S_BUF), E.mov(R3, R2), E.alu(E.AND, R3, IPS_SRC_NAT),
+                E.alu(E.LSH, R3, 3),                             # bit 4 -> bit 7 (SNAT)
+                E.alu(E.AND, R2, IPS_DST_NAT), E.alu(E.LSH, R2, 3),  # bit 5 -> bit 8 (DNAT)
+                E.alu(E.OR, R1, R3), E.alu(E.OR, R1, R2))
+
+
+def _read_status(cc, fail):
+    """ct->status into S_BUF via bpf_probe_read_kernel (zeroed when there is no entry: the
+    helper zeroes the destination on a fault)."""
+    from .compile import S_BUF
+    f = skb_facts(cc)
+    _flush(cc, fail)
+    cc.emit(E.ldx(E.DW, R3, R7, f["nfct"]), E.ld_imm64(R1, ~NFCT_INFOMASK & (2**64 - 1)),
+            E.alu(E.AND, R3, R1), E.alu(E.ADD, R3, f["status"]),
+            E.mov(R1, FP), E.alu(E.ADD, R1, S_BUF), E.mov(R2, 8),
+            E.call(BPF_FUNC_probe_read_kernel, "ct->status"))
+
+
+def _state(cc, d, fail, hot):
+    # xt_state.c state_mt(): (statemask & statebit) != 0 (XT_STATE_* == XT_CONNTRACK_STATE_*
+    # for INVALID/UNTRACKED/ctinfo bits)
+    _statebit(cc, False)
+    cc.emit(E.alu(E.AND, R1, d.statemask))
+    _nz(cc, R1, invert=True)
+    cc._acc()
+
+
+def _conntrack(cc, d, fail, hot):
+    # xt_conntrack.c conntrack_mt(): state first (for every packet), then, only with a conntrack
+    # entry, direction and status; without an entry the result is (match_flags & STATE)
+    fl, inv = d.match_flags, d.invert_flags
+    if fl & (X.XT_CONNTRACK_STATE | X.XT_CONNTRACK_STATUS):
+        _read_status(cc, fail)
+    from .compile import S_BUF
+    _statebit(cc, bool(fl & X.XT_CONNTRACK_STATE))
+    # r2 = mismatch accumulated; r0 = has ct; r4 = ctinfo
+    cc.emit(E.mov(E.R8, R0, comment="r8 = has ct"), E.mov(E.R9, 0, comment="r9 = mismatch"))
+    if fl & X.XT_CONNTRACK_STATE:
+        cc.emit(E.ld_imm64(R2, d.state_mask), E.alu(E.AND, R1, R2))
+        _nz(cc, R1, invert=not (inv & X.XT_CONNTRACK_STATE))
+        cc.emit(E.alu(E.OR, E.R9, R1))
+    # without an entry: matched iff STATE was asked for (and its test passed above)
+    ct_only = E.R3
+    cc.emit(E.mov(ct_only, 0))
+    if fl & X.XT_CONNTRACK_DIRECTION:
+        # CTINFO2DIR(ctinfo) == IP_CT_DIR_ORIGINAL  <=>  ctinfo < IP_CT_IS_REPLY
+        cc.emit(E.mov(R1, R4), E.alu(E.SUB, R1, IP_CT_IS_REPLY), E.alu(E.RSH, R1, 63))
+        if inv & X.XT_CONNTRACK_DIRECTION:
+            cc.emit(E.alu(E.XOR, R1, 1))
+        cc.emit(E.alu(E.OR, ct_only, R1))
+    if fl & X.XT_CONNTRACK_STATUS:
+        cc.emit(E.ldx(E.DW, R1, FP, S_BUF), E.ld_imm64(R2, d.status_mask), E.alu(E.AND, R1, R2))
+        cc.emit(E.mov(E.R2, R1), E.neg(E.R2), E.alu(E.OR, R1, E.R2), E.alu(E.RSH, R1, 63))
+        if not inv & X.XT_CONNTRACK_STATUS:
+            cc.emit(E.alu(E.XOR, R1, 1))
+        cc.emit(E.alu(E.OR, ct_only, R1))
+    # mismatch = r9 | (has_ct ? ct_only : !(flags & STATE))
+    no_ct = 0 if fl & X.XT_CONNTRACK_STATE else 1
+    cc.emit(E.mov(R1, no_ct), E.alu(E.SUB, ct_only, R1), E.alu(E.MUL, ct_only, E.R8),
+            E.alu(E.ADD, ct_only, R1), E.alu(E.OR, E.R9, ct_only), E.mov(R1, E.R9))
+    cc._acc()
+
+
+# ------------------------------------------------------------------------------ conntrack on/off
+CT_TABLE = "bpfilter_conntrack"
+
+
+def conntrack_ref(enable: bool, family: str = "ip"):
+    """Make the kernel track this namespace's connections (or stop asking for it).
+
+    The kernel's xt_conntrack/xt_state checkentry calls nf_ct_netns_get(), which registers the
+    conntrack (and defrag) hooks of the netns. bpfilter asks the same way through the kernel's own
+    mechanism: an nftables table whose one non-base chain holds a `ct state` expression;
+    nft_ct_get_init() calls nf_ct_netns_get() and, having no hook, the chain never sees a
+    packet. Deleting the table puts the reference back (nf_ct_netns_put)."""
+    table = f"{family} {CT_TABLE}"
+    if enable:
+        # one transaction, idempotent: the new rule takes its reference before the old table's
+        # is put back, so tracking never stops in between
+        text = (f"table {table} {{}}\ndelete table {table}\n"
+                f"table {table} {{\n chain ct_ref {{\n  ct state established\n }}\n}}\n")
+        p = subprocess.run(["nft", "-f", "-"], input=text, text=True, capture_output=True)
+        if p.returncode != 0:
+            raise BpfilterError(errno.EOPNOTSUPP, f"cannot enable conntrack through nftables: "
+                                                  f"{p.stderr.strip()}")
+    else:
+        subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
