@@ -8,19 +8,64 @@ xt_find_table_lock holds xt[af].mutex).  In --listen mode the helper exits once 
 client for BPFILTER_IDLE_EXIT seconds (default 5): all state is pinned by the engine, so the next
 door simply starts a new helper, and nothing keeps running after a test.
 """
+import ctypes
 import errno
 import logging
 import os
 import selectors
 import socket
+import struct
 import sys
 import time
 
 from .errors import BpfilterError
-from .frames import REQUEST, Request, read_exact
+from .frames import REQUEST, Reply, Request, read_exact
 
 log = logging.getLogger("bpfilter")
 HELPER_SOCKET = b"\0bpfilter"
+
+# ---- least privilege (issue #9) -----------------------------------------------------------------
+# What the helper's work needs (include/uapi/linux/capability.h numbers):
+#   CAP_NET_ADMIN 12  netfilter BPF links, programs of type NETFILTER
+#   CAP_SYS_ADMIN 21  setns() into the caller's network namespace and the host mount namespace
+#   CAP_SYS_PTRACE 19 process_vm_readv/writev of callers with more capabilities than it has
+#   CAP_BPF 39, CAP_PERFMON 38   bpf(): maps, loads, pins, BTF
+# Everything else (module loading, raw I/O, setuid, kill, chown, DAC override, net raw ...) is
+# dropped from the effective, permitted, inheritable and bounding sets at start-up, so neither the
+# helper nor anything it runs can use it.
+NEEDED_CAPS = (12, 19, 21, 38, 39)
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP = 24
+SYS_capset = 126
+
+
+def drop_capabilities(keep=NEEDED_CAPS):
+    libc = ctypes.CDLL(None, use_errno=True)
+    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)      # EPERM without CAP_SETPCAP: fine
+    mask = sum(1 << c for c in keep)
+    with open("/proc/self/status") as f:
+        eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    mask &= eff                                         # cannot gain what we do not have
+    hdr = struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    data = struct.pack("=6I", mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0,
+                       mask >> 32, mask >> 32, 0)      # {effective, permitted, inheritable} x2
+    if libc.syscall(SYS_capset, hdr, data) != 0:
+        e = ctypes.get_errno()
+        log.warning("could not drop capabilities: %s", os.strerror(e))
+
+
+def peer_allowed(conn: socket.socket) -> bool:
+    """Only a peer with CAP_NET_ADMIN may speak to the helper: the abstract socket has no file
+    permissions, and a request names a pid and addresses whose memory the helper writes, so an
+    unprivileged process must not be able to forge one (the kernel shim's channel is the
+    helper's stdin, which only the kernel holds)."""
+    from .sockopt import caller_has_net_admin
+    pid, _uid, _gid = struct.unpack("=iII", conn.getsockopt(socket.SOL_SOCKET,
+                                                            socket.SO_PEERCRED, 12))
+    return caller_has_net_admin(pid)
 
 
 def serve_stdio(dispatcher) -> int:
@@ -68,14 +113,19 @@ def serve_listen(dispatcher, idle: float) -> int:
         for key, _ in events:
             if key.fileobj is srv:
                 conn, _addr = srv.accept()
-                sel.register(conn, selectors.EVENT_READ)
+                sel.register(conn, selectors.EVENT_READ, data=peer_allowed(conn))
                 clients += 1
                 continue
             conn = key.fileobj
             try:
                 buf = read_exact(conn.recv, REQUEST.size)
                 if buf:
-                    conn.sendall(dispatcher.serve(Request.unpack(buf)).pack())
+                    req = Request.unpack(buf)
+                    if not key.data:
+                        log.warning("refusing a request from a peer without CAP_NET_ADMIN")
+                        conn.sendall(Reply(-errno.EPERM, 0).pack())
+                        continue
+                    conn.sendall(dispatcher.serve(req).pack())
                     continue
             except (OSError, BpfilterError) as e:
                 log.warning("dropping a door connection: %s", e)
@@ -89,7 +139,10 @@ def main(argv=None) -> int:
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("BPFILTER_LOG", "INFO"),
                         format="bpfilter[%(process)d] %(levelname)s %(message)s")
     from .sockopt import Dispatcher
-    dispatcher = Dispatcher()
+    os.umask(0o077)                     # state files, logs and pins: root-only
+    dispatcher = Dispatcher()           # joins the host mount namespace first (CAP_SYS_ADMIN)
+    if os.environ.get("BPFILTER_KEEP_CAPS") != "1":
+        drop_capabilities()
     if argv[:1] == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
     if argv:

@@ -115,10 +115,15 @@ class Run:
         return self.start + len(self.rules)
 
     def text(self, chain: str = "") -> str:
+        if self.kind == "multi":
+            return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
+                    f"rules of mixed shapes): per-field lookups ANDed as rule bitmaps")
         what = f"saddr prefix" if self.sig == ("lpm", "src") else \
             "daddr prefix" if self.sig[0] == "lpm" else _hash_text(self.sig)
+        jumps = f", {len(self.cases)} of them jumps" if self.cases else ""
         return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
-                f"rules): one {'LPM trie' if self.kind == 'lpm' else 'hash'} lookup on {what}")
+                f"rules{jumps}): one {'LPM trie' if self.kind == 'lpm' else 'hash'} lookup on "
+                f"{what}")
 
 
 def _hash_text(sig) -> str:
@@ -231,8 +236,16 @@ def min_run() -> int:
 
 
 def find_runs(rules: list, minimum: int = None) -> list:
-    """Maximal runs of consecutive rules of one shape, at least `minimum` long, in order."""
+    """The runs to serve with lookups, in order: maximal runs of consecutive rules of one shape
+    (at least `minimum` long), or multi runs where rules of several shapes mix."""
     minimum = min_run() if minimum is None else minimum
+    plain = _plain_runs(rules, minimum)
+    if os.environ.get("BPFILTER_CLASSIFY_MULTI", "1") == "0":
+        return plain
+    return _with_multi(rules, plain, minimum)
+
+
+def _plain_runs(rules: list, minimum: int) -> list:
     out, i = [], 0
     while i < len(rules):
         sig = rule_shape(rules[i])
@@ -324,7 +337,7 @@ def _rule_keys(run: Run, r: Rule) -> list:
 
 
 def hash_entries(run: Run) -> list:
-    """[(key, value)] in rule order keeping the first; also fills run.next_same."""
+    """[(key, value)] in rule order keeping the first."""
     seen = {}
     ippart = _needs_ippart(run)
     keys = [_rule_keys(run, r) for r in run.rules]
@@ -335,13 +348,18 @@ def hash_entries(run: Run) -> list:
         if ippart:
             ip = r.ip
             seen.setdefault(_hash_key(_le32(ip.src), _le32(ip.dst), ip.proto, 0, 0, 1), v)
+    return list(seen.items())
+
+
+def _fill_next_same(run: Run):
+    """For each jump rule (one key), the next rule of the run holding that key, or None."""
     later = {}
     for pos in range(len(run.rules) - 1, -1, -1):
+        keys = _rule_keys(run, run.rules[pos])
         if pos in run.cases:
-            run.next_same[pos] = later.get(keys[pos][0])
-        for k in keys[pos]:
+            run.next_same[pos] = later.get(keys[0])
+        for k in keys:
             later[k] = pos
-    return list(seen.items())
 
 
 def map_spec(run: Run, name: str) -> MapSpec:
@@ -353,10 +371,12 @@ def map_spec(run: Run, name: str) -> MapSpec:
 
 # ------------------------------------------------------------------------------------- code
 
-def emit_run(cc, run: Run, chain: str, ret: str, where: str):
+def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
     """The run as one lookup: build the key from the parsed header slots, look it up, and on a hit
     count the entry the value names and apply its action; a miss continues after the run."""
     from . import compile as C
+    if run.kind == "multi":
+        return emit_multi(cc, run, chain, ret, where)
     after = cc.label("run_after")
     hot = cc.label("run_hotdrop")
     run.chain = chain
@@ -365,42 +385,169 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str):
     if name not in maps:                     # a user chain inlined twice shares its map
         maps[name] = map_spec(run, name)
     spec = maps[name]
+    if run.cases and run.kind == "hash":
+        _fill_next_same(run)
     cc.rule_count += len(run.rules)
     head = cc.label("run")
     first, last = run.rules[0], run.rules[-1]
     cc.where[head] = (f"chain {chain} rules {run.start + 1}..{run.end} (entry offsets "
                       f"{first.offset}..{last.offset}, classified)")
     cc.emit(Label(head, f"{where}: {run.text(chain)}, map {name} ({len(spec.entries)} keys)"))
+    # the exits first: conditional jumps reach 32767 instructions, and the inlined chains of
+    # the jump cases may put the run's end much farther (an unconditional ja can be gotol)
+    miss, key = cc.label("run_miss"), cc.label("run_key")
+    exit0 = cc.label("group_exit")            # with jump cases, the end of the run is far away
+    cc.emit(E.ja(key), Label(miss), E.ja(exit0 if run.cases else after), Label(hot),
+            E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(key))
     if run.kind == "lpm":
         slot = C.S_SADDR if run.sig[1] == "src" else C.S_DADDR
         cc.emit(E.st(E.W, FP, S_CLS_KEY, 32, "LPM key: prefixlen 32"),
                 E.ldx(E.DW, R1, FP, slot, f"{run.sig[1]} address"),
                 E.stx(E.W, FP, S_CLS_KEY + 4, R1))
     else:
-        _hash_key_code(cc, run, after, hot, C)
+        _hash_key_code(cc, run, miss, hot, C)
     cc.emit(E.ld_map_fd(R1, name), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
             E.call(E.BPF_FUNC_map_lookup_elem),
-            E.jmp(E.JEQ, R0, 0, after, comment="no rule of the run matches"),
+            E.jmp(E.JEQ, R0, 0, miss, comment="no rule of the run matches"),
             E.ldx(E.W, R1, R0, 0, "entry index of the first matching rule"),
             E.stx(E.W, FP, C.S_KEY, R1),
             E.ldx(E.W, R1, R0, 4, "its action"),
             E.stx(E.DW, FP, S_CLS_ACT, R1))
     _count_dynamic(cc, C)
-    acts = sorted({_action(r.target) for r in run.rules})
-    if len(acts) > 1:
+    _dispatch(cc, run, chain, ret, where, path, after, exit0)
+    cc.emit(Label(after))
+
+
+GROUP_SLOTS = 12000   # instructions of inlined jump cases between two hops (see _dispatch)
+
+
+def _slots(items) -> int:
+    return sum(it.slots for it in items if not isinstance(it, Label))
+
+
+def _capture(cc, fn) -> list:
+    """The items fn() emits, kept out of the program (to measure them)."""
+    saved, count = cc.items, cc.rule_count
+    cc.items = []
+    try:
+        fn()
+        return cc.items
+    finally:
+        cc.items, cc.rule_count = saved, count
+
+
+def _dispatch(cc, run: Run, chain: str, ret: str, where: str, path: list, after: str,
+              exit0: str):
+    """The action in S_CLS_ACT: verdicts, then the jump cases. The inlined chains of thousands of
+    jump rules (kube-proxy) make a long program, and a 16-bit jump offset that fits when we
+    assemble may not after the kernel patches instructions in (do_misc_fixups inlines map lookups
+    and fails with "cannot be patched due to 16-bit range"). So the cases are cut in groups of at
+    most GROUP_SLOTS instructions, each with its own decision tree, and every jump leaving a group
+    (end of run, RETURN of the run's chain, the next group) hops group by group: no jump spans
+    more than one group."""
+    verdicts = sorted({a for a in map(_action, (r.target for r in run.rules)) if a != ACT_CASE})
+    by_k = sorted(run.cases, key=run.cases.get)           # positions of the jump rules, by k
+    case_lbl = {pos: cc.label("case") for pos in by_k}
+    v_lbl = {a: cc.label(f"run_{ACT_NAMES[a].lower()}") for a in verdicts}
+    groups, size = [], 0
+    for pos in by_k:
+        n = _slots(_capture(cc, lambda: _case_body(cc, run, pos, chain, "x", where, path, "x",
+                                                   {})))
+        if not groups or size + n > GROUP_SLOTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(pos)
+        size += n + 16
+    G = len(groups)
+    check = [cc.label("group") for _ in range(G)]
+    exits = [exit0] + [cc.label("group_exit") for _ in range(G - 1)]
+    rets = [cc.label("group_ret") for _ in range(G)]
+    vret = rets[0] if G else ret
+    fall = None if G else verdicts[-1]
+    if len(verdicts) + len(by_k) > 1:
         cc.emit(E.ldx(E.DW, R1, FP, S_CLS_ACT))
-    labels = {a: cc.label(f"run_{ACT_NAMES[a].lower()}") for a in acts}
-    for a in acts[:-1]:
-        cc.emit(E.jmp(E.JEQ, R1, a, labels[a]))
-    for a in acts[-1:] + acts[:-1]:           # the last action is the fall-through
-        if a != acts[-1]:
-            cc.emit(Label(labels[a]))
-        if a == ACT_RETURN:
-            cc.emit(E.ja(ret, "RETURN"))
+    for a in verdicts:
+        if a != fall:
+            cc.emit(E.jmp(E.JEQ, R1, a, v_lbl[a]))
+    if G:
+        cc.emit(E.ja(check[0]))
+    for a in ([fall] if fall is not None else []) + [a for a in verdicts if a != fall]:
+        if a != fall:
+            cc.emit(Label(v_lbl[a]))
+        cc.emit(*_verdict_code(a, vret))
+    for g, members in enumerate(groups):
+        ks = [run.cases[p] + ACT_CASE for p in members]
+        cc.emit(Label(check[g], f"jump cases {ks[0] - ACT_CASE}..{ks[-1] - ACT_CASE}"))
+        if g < G - 1:
+            cc.emit(E.jmp(E.JGT, R1, ks[-1], check[g + 1]))
+        _tree(cc, ks[0], ks[-1], [case_lbl[p] for p in members])
+        statics = {}                                        # position -> label of a static hit
+        for pos in members:
+            cc.emit(Label(case_lbl[pos]))
+            _case_body(cc, run, pos, chain, rets[g], where, path, exits[g], statics)
+        for pos, lbl in statics.items():
+            r = run.rules[pos]
+            cc.emit(Label(lbl, f"the next rule of the run with this key: {chain} rule "
+                               f"{run.start + pos + 1}"))
+            cc._count(r.index)
+            a = _action(r.target)
+            if a == ACT_CASE:           # a later case: through this group's check, forward
+                cc.emit(E.mov(R1, ACT_CASE + run.cases[pos]), E.ja(check[g]))
+            else:
+                cc.emit(*_verdict_code(a, rets[g]))
+        cc.emit(Label(exits[g]), E.ja(exits[g + 1] if g < G - 1 else after),
+                Label(rets[g]), E.ja(rets[g + 1] if g < G - 1 else ret))
+
+
+def _verdict_code(a: int, ret: str) -> list:
+    if a == ACT_RETURN:
+        return [E.ja(ret, "RETURN")]
+    return [E.mov(R0, NF_ACCEPT if a == ACT_ACCEPT else NF_DROP, comment=ACT_NAMES[a]), E.exit_()]
+
+
+def _tree(cc, lo: int, hi: int, labels: list):
+    """Jump to labels[v - lo] for R1 == v (lo <= v <= hi), by halving (depth log2 of the
+    number of cases)."""
+    def node(a, b):
+        if a == b:
+            cc.emit(E.ja(labels[a - lo], f"case {a - ACT_CASE}"))
+            return
+        mid, right = (a + b) // 2, cc.label("case_gt")
+        cc.emit(E.jmp(E.JGT, R1, mid, right))
+        node(a, mid)
+        cc.emit(Label(right))
+        node(mid + 1, b)
+    node(lo, hi)
+
+
+def _case_body(cc, run: Run, pos: int, chain: str, ret: str, where: str, path: list, after: str,
+               statics: dict):
+    """The jump rule's chain inlined (as compile.py's _entry does); on RETURN, the next rule of
+    the run holding the same key, or the end of the run."""
+    r = run.rules[pos]
+    t = r.target
+    goto = bool(r.ip.flags & IPT_F_GOTO) or bool(t.goto)
+    target, start = cc._landing(t, chain, run.start + pos + 1, r)
+    if target.name in path or len(path) >= cc.MAX_DEPTH:
+        raise BpfilterError(errno.ELOOP, f"chain {chain} rule {run.start + pos + 1} (entry offset "
+                                         f"{r.offset}): loop through chain {t.chain}")
+    cont = cc.label("cont")
+    inner_ret = ret if goto else cont
+    inner_where = f"{where} > {t.chain}"
+    cc.emit(Label(cc.label("body"), f"{'goto' if goto else 'jump'} {t.chain} "
+                                    f"({chain} rule {run.start + pos + 1})"))
+    cc._chain_body(target, inner_ret, path + [target.name], inner_where, start)
+    cc._entry(target.policy_entry, t.chain, len(target.rules) + 1, inner_ret, "return",
+              path + [target.name], inner_where)
+    if not goto:
+        nxt = run.next_same.get(pos)
+        cc.emit(Label(cont))
+        if nxt is None:
+            cc.emit(E.ja(after, "no later rule of the run matches"))
         else:
-            cc.emit(E.mov(R0, NF_ACCEPT if a == ACT_ACCEPT else NF_DROP, comment=ACT_NAMES[a]),
-                    E.exit_())
-    cc.emit(Label(hot), E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(after))
+            if nxt not in statics:
+                statics[nxt] = cc.label("static")
+            cc.emit(E.ja(statics[nxt]))
 
 
 def _hash_key_code(cc, run: Run, after: str, hot: str, C):
@@ -466,3 +613,300 @@ def _count_dynamic(cc, C):
             E.stx(E.DW, R0, 8, R1),
             Label(skip))
 
+
+
+# --------------------------------------------------------------- multi-field runs (rule bitmaps)
+#
+# A stretch of rules of DIFFERENT shapes (hand-grown firewalls: source prefixes, destination
+# prefixes, ports, 5-tuples interleaved) is one "multi" run: one lookup per field gives the bitmap
+# of the run's rules whose condition on that field holds (bit i = i-th rule of the run), the AND
+# of the four bitmaps holds exactly the rules matching the packet, and its lowest set bit is the
+# first match. Fields: source prefix and destination prefix (LPM tries; every key's bitmap holds
+# the rules whose prefix contains the key, so the longest match carries all of them, and a /0
+# key holds the rules without that field), protocol + destination port and protocol + source
+# port (hashes; keys for the ports the rules name, a per-protocol default for the others, and a
+# protocol-0 default for protocols no rule names).
+# tcp/udp semantics (xt_tcpudp.c): a non-first fragment matches no rule with a tcp/udp match
+# (key kind NONL4: the protocol's rules without one); a tcp fragment at offset 8 bytes or a
+# truncated header is hotdropped by the first rule whose ip part matches if that rule has a
+# tcp/udp match (key kind IPPART: ports ignored; the rule table says whether the first one has).
+
+K_PORT, K_DEFAULT, K_NONL4, K_IPPART = 0, 1, 2, 3
+MULTI_NS_BASE, MULTI_NS_PER_WORD = 200.0, 3.0     # 4-5 lookups + the AND loop per 64 rules
+MAX_PORTS_PER_RULE = 1024
+S_M = (-400, -408, -416, -424)                      # the four bitmap pointers
+S_CLS_HOT = -432                                    # 1: a hotdrop candidate packet
+
+
+def multi_ok(rule: Rule) -> bool:
+    ip = rule.ip
+    if _action(rule.target) not in (ACT_DROP, ACT_ACCEPT, ACT_RETURN) or ip.flags \
+            or ip.invflags or any(ip.iniface_mask) or any(ip.outiface_mask) \
+            or getattr(ip, "tos", 0) or not isinstance(ip.src, ipaddress.IPv4Address):
+        return False
+    if _plen(ip.smsk) < 0 or _plen(ip.dmsk) < 0 or int(ip.src) & ~int(ip.smsk) \
+            or int(ip.dst) & ~int(ip.dmsk):
+        return False
+    if not rule.matches:
+        return True
+    l4 = _l4(rule)
+    if l4 is None:
+        return False
+    d = l4[1]
+    return all(len(_port_values(d, f)) <= MAX_PORTS_PER_RULE or
+               tuple(d[f]) == (0, 0xffff) or (d[f][0] == 0 and d[f][1] >= 0xffff)
+               for f in ("spts", "dpts"))
+
+
+def _multi_cost(n: int) -> float:
+    return MULTI_NS_BASE + MULTI_NS_PER_WORD * ((n + 63) // 64)
+
+
+def _with_multi(rules: list, plain: list, minimum: int) -> list:
+    """Plain runs, or multi runs over stretches of multi_ok rules where those are cheaper than the
+    plain runs and linear rules they replace."""
+    out, i, n = [], 0, len(rules)
+    by_start = {r.start: r for r in plain}
+    while i < n:
+        if not multi_ok(rules[i]):
+            if i in by_start:
+                out.append(by_start[i])
+                i = by_start[i].end
+            else:
+                i += 1
+            continue
+        j = i
+        while j < n and multi_ok(rules[j]):
+            j += 1
+        inside = [r for r in plain if i <= r.start < j]
+        if inside and inside[-1].end > j:         # a plain run reaching past the stretch
+            j = inside[-1].start
+            inside = inside[:-1]
+            if j == i:
+                out.append(by_start[i])
+                i = by_start[i].end
+                continue
+        covered = sum(len(r.rules) for r in inside)
+        plain_cost = min(LOOKUP_NS.values()) * len(inside) + LINEAR_NS * (j - i - covered)
+        if j - i >= minimum and _multi_cost(j - i) < plain_cost:
+            out.append(Run("multi", i, rules[i:j], ("multi",)))
+        else:
+            out.extend(inside)
+        i = j
+    return out
+
+
+def _prefix_bitmaps(run: Run, field: str) -> list:
+    """[(LPM key, bitmap int)] for the source or destination field."""
+    groups = {}
+    for i, r in enumerate(run.rules):
+        a, m = (r.ip.src, r.ip.smsk) if field == "src" else (r.ip.dst, r.ip.dmsk)
+        k = (_plen(m), int(a))
+        groups[k] = groups.get(k, 0) | (1 << i)
+    groups.setdefault((0, 0), 0)
+    out = []
+    for (plen, net) in groups:
+        bm = 0
+        for p in range(plen + 1):
+            bm |= groups.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))), 0)
+        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), bm))
+    return out
+
+
+def _pkey(proto: int, kind: int, port: int = 0) -> bytes:
+    """struct { u8 proto; u8 kind; u16 port; }"""
+    return struct.pack("<BBH", proto, kind, port)
+
+
+def _port_bitmaps(run: Run) -> tuple:
+    """([(key, bitmap)] for protocol + dport, the same for protocol + sport)."""
+    n = len(run.rules)
+    every = (1 << n) - 1
+    anyproto = 0
+    plain = {}                       # proto -> rules of that protocol without a tcp/udp match
+    l4 = {}                          # proto -> [(i, dports, sports)] (None = any)
+    for i, r in enumerate(run.rules):
+        p = r.ip.proto
+        if not p:
+            anyproto |= 1 << i
+            continue
+        m = _l4(r) if r.matches else None
+        if m is None:
+            plain[p] = plain.get(p, 0) | (1 << i)
+        else:
+            d = m[1]
+            rng = [None if (lo == 0 and hi >= 0xffff) else range(lo, hi + 1)
+                   for lo, hi in (d["dpts"], d["spts"])]
+            l4.setdefault(p, []).append((i, rng[0], rng[1]))
+    dmap, smap = [(_pkey(0, K_DEFAULT), anyproto)], [(_pkey(0, K_DEFAULT), every)]
+    for p in set(plain) | set(l4):
+        base = anyproto | plain.get(p, 0)
+        rules = l4.get(p, [])
+        allbits = 0
+        for i, _, _ in rules:
+            allbits |= 1 << i
+        dflt = base
+        sdflt = every
+        per_d, per_s = {}, {}
+        for i, dp, sp in rules:
+            if dp is None:
+                dflt |= 1 << i
+            else:
+                for x in dp:
+                    per_d[x] = per_d.get(x, 0) | (1 << i)
+            if sp is not None:
+                sdflt &= ~(1 << i)
+                for x in sp:
+                    per_s[x] = per_s.get(x, 0) | (1 << i)
+        dmap += [(_pkey(p, K_DEFAULT), dflt), (_pkey(p, K_NONL4), base),
+                 (_pkey(p, K_IPPART), base | allbits)]
+        dmap += [(_pkey(p, K_PORT, x), dflt | bm) for x, bm in per_d.items()]
+        if rules:
+            smap.append((_pkey(p, K_DEFAULT), sdflt))
+            smap += [(_pkey(p, K_PORT, x), sdflt | bm) for x, bm in per_s.items()]
+    return dmap, smap
+
+
+def multi_specs(run: Run, name: str) -> list:
+    words = (len(run.rules) + 63) // 64
+    vs = words * 8
+
+    def bm(entries):
+        return [(k, b.to_bytes(vs, "little")) for k, b in entries]
+    dmap, smap = _port_bitmaps(run)
+    table = [(struct.pack("<I", i), struct.pack("<IIII", r.index, _action(r.target),
+                                                 1 if r.matches else 0, 0))
+             for i, r in enumerate(run.rules)]
+    return [MapSpec(name + "_src", BPF_MAP_TYPE_LPM_TRIE, 8, vs, bm(_prefix_bitmaps(run, "src")),
+                    BPF_F_NO_PREALLOC, "bpfilter_msrc"),
+            MapSpec(name + "_dst", BPF_MAP_TYPE_LPM_TRIE, 8, vs, bm(_prefix_bitmaps(run, "dst")),
+                    BPF_F_NO_PREALLOC, "bpfilter_mdst"),
+            MapSpec(name + "_dport", BPF_MAP_TYPE_HASH, 4, vs, bm(dmap), 0, "bpfilter_mdpt"),
+            MapSpec(name + "_sport", BPF_MAP_TYPE_HASH, 4, vs, bm(smap), 0, "bpfilter_mspt"),
+            MapSpec(name + "_rules", BPF_MAP_TYPE_HASH, 4, 16, table, 0, "bpfilter_mrul")]
+
+
+def _pkey_code(cc, proto_slot_or_zero, kind: int, port_slot=None) -> list:
+    """Store the port-map key {proto, kind, port} at S_CLS_KEY."""
+    from . import compile as C
+    out = [E.mov(R1, 0) if proto_slot_or_zero is None else E.ldx(E.DW, R1, FP, C.S_PROTO)]
+    if port_slot is not None:
+        out += [E.ldx(E.DW, R2, FP, port_slot), E.alu(E.LSH, R2, 16), E.alu(E.OR, R1, R2)]
+    if kind:
+        out.append(E.alu(E.OR, R1, kind << 8))
+    out.append(E.stx(E.W, FP, S_CLS_KEY, R1))
+    return out
+
+
+def _lookup_chain(cc, mapname: str, keys: list, slot: int, miss: str):
+    """Try the keys in order (each a list of insns storing the key); the first hit's value
+    pointer goes to `slot`; none: `miss`."""
+    got = cc.label("m_got")
+    for n, key in enumerate(keys):
+        cc.emit(*key, E.ld_map_fd(R1, mapname), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
+                E.call(E.BPF_FUNC_map_lookup_elem))
+        if n < len(keys) - 1:
+            cc.emit(E.jmp(E.JNE, R0, 0, got))
+        else:
+            cc.emit(E.jmp(E.JEQ, R0, 0, miss))
+    cc.emit(Label(got), E.stx(E.DW, FP, slot, R0))
+
+
+def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
+    from . import compile as C
+    run.chain = chain
+    name = f"cls_{chain}_{run.start}"
+    maps = cc.__dict__.setdefault("cls_maps", {})
+    if name + "_src" not in maps:
+        for spec in multi_specs(run, name):
+            maps[spec.name] = spec
+    cc.rule_count += len(run.rules)
+    after, hot = cc.label("run_after"), cc.label("run_hotdrop")
+    miss, key = cc.label("run_miss"), cc.label("run_key")
+    head = cc.label("run")
+    first, last = run.rules[0], run.rules[-1]
+    cc.where[head] = (f"chain {chain} rules {run.start + 1}..{run.end} (entry offsets "
+                      f"{first.offset}..{last.offset}, classified)")
+    words = (len(run.rules) + 63) // 64
+    cc.emit(Label(head, f"{where}: rules {run.start + 1}..{run.end} of {chain} "
+                        f"({len(run.rules)} rules of mixed shapes): per-field lookups "
+                        f"(saddr, daddr, proto+dport, proto+sport) ANDed over {words} words"),
+            E.ja(key), Label(miss), E.ja(after), Label(hot),
+            E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(key))
+    for slot, what, mslot in ((C.S_SADDR, "src", S_M[0]), (C.S_DADDR, "dst", S_M[1])):
+        _lookup_chain(cc, f"{name}_{what}", [[
+            E.st(E.W, FP, S_CLS_KEY, 32, f"LPM key: {what} address"),
+            E.ldx(E.DW, R1, FP, slot), E.stx(E.W, FP, S_CLS_KEY + 4, R1)]], mslot, miss)
+    cc.emit(E.st(E.DW, FP, S_CLS_HOT, 0))
+    dmap, smap = f"{name}_dport", f"{name}_sport"
+    l4protos = sorted({r.ip.proto for r in run.rules if r.matches})
+    normal, other, hotc, nonl4, sall, loop = (cc.label(x) for x in (
+        "m_normal", "m_other", "m_hotcand", "m_nonl4", "m_sport_any", "m_loop"))
+    cc.emit(E.ldx(E.DW, R1, FP, C.S_PROTO))
+    for p in l4protos:
+        cc.emit(E.jmp(E.JEQ, R1, p, f"{head}_l4_{p}"))
+    cc.emit(E.ja(other))
+    for p in l4protos:
+        need = 20 if p == IPPROTO_TCP else 8
+        frag = cc.label("m_frag")
+        cc.emit(Label(f"{head}_l4_{p}"), E.ldx(E.DW, R2, FP, C.S_FRAGOFF),
+                E.jmp(E.JNE, R2, 0, frag), E.ldx(E.DW, R2, FP, C.S_L4LEN),
+                E.jmp(E.JLT, R2, need, hotc, comment="truncated header"), E.ja(normal),
+                Label(frag))
+        if p == IPPROTO_TCP:
+            cc.emit(E.jmp(E.JEQ, R2, 1, hotc, comment="tcp fragment at offset 8 bytes"))
+        cc.emit(E.ja(nonl4))
+    cc.emit(Label(hotc), E.st(E.DW, FP, S_CLS_HOT, 1))
+    _lookup_chain(cc, dmap, [_pkey_code(cc, 1, K_IPPART), _pkey_code(cc, None, K_DEFAULT)],
+                  S_M[2], miss)
+    cc.emit(E.ja(sall), Label(nonl4))
+    _lookup_chain(cc, dmap, [_pkey_code(cc, 1, K_NONL4), _pkey_code(cc, None, K_DEFAULT)],
+                  S_M[2], miss)
+    cc.emit(E.ja(sall), Label(other))
+    _lookup_chain(cc, dmap, [_pkey_code(cc, 1, K_DEFAULT), _pkey_code(cc, None, K_DEFAULT)],
+                  S_M[2], miss)
+    cc.emit(Label(sall))
+    _lookup_chain(cc, smap, [_pkey_code(cc, None, K_DEFAULT)], S_M[3], miss)
+    cc.emit(E.ja(loop), Label(normal))
+    _lookup_chain(cc, dmap, [_pkey_code(cc, 1, K_PORT, C.S_DPORT), _pkey_code(cc, 1, K_DEFAULT),
+                             _pkey_code(cc, None, K_DEFAULT)], S_M[2], miss)
+    _lookup_chain(cc, smap, [_pkey_code(cc, 1, K_PORT, C.S_SPORT), _pkey_code(cc, 1, K_DEFAULT),
+                             _pkey_code(cc, None, K_DEFAULT)], S_M[3], miss)
+    # the AND of the four bitmaps, word by word; the first non-zero word holds the first match
+    found = cc.label("m_found")
+    R3, R4, R8, R9 = E.R3, E.R4, E.R8, E.R9
+    cc.emit(Label(loop), *(E.ldx(E.DW, r, FP, s) for r, s in zip((R1, R2, R3, R4), S_M)),
+            E.mov(R9, 0, comment="word index"))
+    for w in range(words):
+        o = 8 * w
+        cc.emit(E.ldx(E.DW, R0, R1, o), E.ldx(E.DW, R8, R2, o), E.alu(E.AND, R0, R8),
+                E.ldx(E.DW, R8, R3, o), E.alu(E.AND, R0, R8),
+                E.ldx(E.DW, R8, R4, o), E.alu(E.AND, R0, R8),
+                E.jmp(E.JNE, R0, 0, found))
+        if w < words - 1:
+            cc.emit(E.alu(E.ADD, R9, 1))
+    cc.emit(E.ja(miss, "no rule of the run matches"), Label(found))
+    # lowest set bit of r0, without branches: halve the window six times
+    cc.emit(E.mov(E.R5, 0))
+    for s in (32, 16, 8, 4, 2, 1):
+        cc.emit(E.mov(R2, R0))
+        if s == 32:
+            cc.emit(E.alu(E.LSH, R2, 32))
+        else:
+            cc.emit(E.alu(E.AND, R2, (1 << s) - 1))
+        cc.emit(E.mov(R3, R2), E.neg(R3), E.alu(E.OR, R2, R3), E.alu(E.RSH, R2, 63),
+                E.alu(E.XOR, R2, 1, comment=f"1 when the low {s} bits are all zero"),
+                E.alu(E.MUL, R2, s), E.alu(E.ADD, E.R5, R2), E.alu(E.RSH, R0, R2))
+    cc.emit(E.alu(E.LSH, R9, 6), E.alu(E.ADD, R9, E.R5),
+            E.stx(E.W, FP, S_CLS_KEY, R9, "position of the first matching rule in the run"),
+            E.ld_map_fd(R1, f"{name}_rules"), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
+            E.call(E.BPF_FUNC_map_lookup_elem), E.jmp(E.JEQ, R0, 0, miss),
+            E.ldx(E.W, R1, R0, 0, "its entry index"), E.stx(E.W, FP, C.S_KEY, R1),
+            E.ldx(E.W, R1, R0, 4, "its action"), E.stx(E.DW, FP, S_CLS_ACT, R1),
+            E.ldx(E.W, R1, R0, 8, "has a tcp/udp match?"))
+    ok = cc.label("m_nohot")
+    cc.emit(E.jmp(E.JEQ, R1, 0, ok), E.ldx(E.DW, R1, FP, S_CLS_HOT),
+            E.jmp(E.JNE, R1, 0, hot, comment="its tcp/udp match would hotdrop"), Label(ok))
+    _count_dynamic(cc, C)
+    _dispatch(cc, run, chain, ret, where, (), after, after)
+    cc.emit(Label(after))

@@ -23,6 +23,9 @@ net/netfilter/xt_tcpudp.c tcp_mt/udp_mt/tcp_find_option, ip_tables.c icmp_match)
   - hotdrop (tcp fragment at offset 8 bytes, truncated TCP/UDP/ICMP header, bad TCP data offset,
     unreadable TCP options) ends evaluation with NF_DROP and counts nothing for that rule;
   - non-first fragments (fragoff != 0) never match tcp/udp/icmp; `-f` matches them.
+AF_INET6 tables (ip6t_do_table) use the same rule/chain logic; family.py walks the IPv6
+extension headers (ipv6_find_hdr) into the same S_PROTO/S_THOFF/S_FRAGOFF slots and emits
+ip6_packet_match and icmp6_match (nf flavor only so far).
 
 Flavor nf (BPF_PROG_TYPE_NETFILTER): ctx is struct bpf_nf_ctx { state; skb; }; the IP header and
 L4 header are read once per packet with the kfuncs bpf_dynptr_from_skb + bpf_dynptr_slice into
@@ -334,7 +337,7 @@ class _ChainCompiler:
         pos = start
         while pos < len(chain.rules):
             if pos in runs:
-                classify.emit_run(self, runs[pos], chain.name, ret, where)
+                classify.emit_run(self, runs[pos], chain.name, ret, where, path)
                 pos = runs[pos].end
                 continue
             self._entry(chain.rules[pos], chain.name, pos + 1, ret, "rule", path, where)

@@ -149,7 +149,8 @@ def helper_argv():
 
 def _log_path() -> str:
     d = "/run/bpfilter"
-    os.makedirs(d, exist_ok=True)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)          # the helper's state and log are root-only (issue #9)
     return os.path.join(d, "helper.log")
 
 
@@ -178,7 +179,8 @@ def spawn_helper():
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(_log_path(), "ab") as log:
+    with open(os.open(_log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
+        os.fchmod(log.fileno(), 0o600)      # also a log an older version created 0644
         subprocess.Popen(helper_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=log, env=env, start_new_session=True, close_fds=True)
 

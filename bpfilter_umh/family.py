@@ -76,6 +76,10 @@ def parse_ipv6(cc, drop: str, s_proto: int, s_fragoff: int, s_thoff: int):
     cc.emit(E.ldx(E.B, R8, R0, 6, "nexthdr"), E.mov(R9, 40, comment="start = sizeof(ipv6hdr)"),
             E.st(E.DW, FP, s_fragoff, 0), E.st(E.DW, FP, s_thoff, 0),
             E.st(E.DW, FP, S_WALKERR, 0))
+    if not needs_walk(cc.table):
+        # no rule reads protocol, thoff or fragoff: skip the walk (its slots stay 0)
+        cc.emit(E.st(E.DW, FP, s_proto, 0))
+        return
     for i in range(MAX_EXTHDRS):
         ext, need4, have = cc.label("exthdr"), cc.label("exthdr_need4"), cc.label("exthdr_have")
         notfrag, opt, adv, nxt = (cc.label("exthdr_notfrag"), cc.label("exthdr_opt"),
@@ -116,6 +120,13 @@ def parse_ipv6(cc, drop: str, s_proto: int, s_fragoff: int, s_thoff: int):
             Label(bad), E.st(E.DW, FP, S_WALKERR, 1, "ipv6_find_hdr() < 0"),
             E.st(E.DW, FP, s_proto, 0xff + 1, "no protocol (matches nothing)"),
             Label(done))
+
+
+def needs_walk(table) -> bool:
+    """ipv6_find_hdr() only runs for rules with IP6T_F_PROTO, and only those give matches a
+    thoff/fragoff; any rule with a match keeps the walk too (cheap insurance for matchers)."""
+    return any(r.ip.flags & IP6T_F_PROTO or r.matches
+               for c in table.chains for r in c.rules + [c.policy_entry] if r is not None)
 
 
 def _addr(cc, slot: int, addr, msk, inv: bool, what: str, fail: str):

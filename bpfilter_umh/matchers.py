@@ -72,8 +72,9 @@ def skb_facts(cc) -> dict:
 
 def handles(m) -> bool:
     """This module answers for the match: it compiles it, or refuses it after the kernel's
-    hook-dependent checks."""
-    return m.name in X.MATCH_NAMES
+    hook-dependent checks. A payload the codec could not decode (wrong size) is left to the
+    compiler's generic refusal."""
+    return m.name in X.MATCH_NAMES and not isinstance(m.data, (bytes, bytearray))
 
 
 def compiled(m) -> bool:
@@ -131,8 +132,6 @@ def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
         raise _refuse(chain, pos, rule, f"match {m.name} needs the skb: flavor {cc.fl.name} "
                                         f"cannot read it; use flavor nf")
     d = m.data
-    if isinstance(d, (bytes, bytearray)):
-        raise _refuse(chain, pos, rule, f"match {m.name}: payload not decoded")
     if m.name == "comment":
         return
     if m.name == "conntrack":
@@ -384,9 +383,10 @@ def _conntrack(cc, d, fail, hot):
     ct_only = E.R3
     cc.emit(E.mov(ct_only, 0))
     if fl & X.XT_CONNTRACK_DIRECTION:
-        # CTINFO2DIR(ctinfo) == IP_CT_DIR_ORIGINAL  <=>  ctinfo < IP_CT_IS_REPLY
+        # mismatch = (CTINFO2DIR(ctinfo) == IP_CT_DIR_ORIGINAL) ^ !(invert & DIRECTION), and
+        # the direction is ORIGINAL  <=>  ctinfo < IP_CT_IS_REPLY
         cc.emit(E.mov(R1, R4), E.alu(E.SUB, R1, IP_CT_IS_REPLY), E.alu(E.RSH, R1, 63))
-        if inv & X.XT_CONNTRACK_DIRECTION:
+        if not inv & X.XT_CONNTRACK_DIRECTION:
             cc.emit(E.alu(E.XOR, R1, 1))
         cc.emit(E.alu(E.OR, ct_only, R1))
     if fl & X.XT_CONNTRACK_STATUS:

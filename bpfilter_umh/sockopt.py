@@ -476,6 +476,11 @@ def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
                                           f" + size {size}")
     if XT_TABLE_INFO_SIZE + size >= XT_MAX_TABLE_SIZE:
         raise BpfilterError(errno.ENOMEM, f"table size {size} too large")   # xt_alloc_table_info
+    if size > max_table_size():
+        # the kernel's 512 MiB allows ~3.5 million entries: decoded into Python objects that
+        # would take gigabytes, so the helper refuses earlier, before reading the caller's buffer
+        raise BpfilterError(errno.ENOMEM, f"table size {size} exceeds the helper's limit "
+                                          f"{max_table_size()} (BPFILTER_MAX_TABLE_SIZE)")
     buf = hdr_raw + mem.read(req.addr + REPLACE_HDR.size, size)
     from .model import decode_replace
     hdr, table = decode_replace(buf, req.family)   # translate_table's checks
@@ -511,6 +516,16 @@ def do_add_counters(be, mem: CallerMemory, req: Request) -> Reply:
                                           f"{be.num_entries()} entries")
     be.add_counters([XT_COUNTERS.unpack_from(data, i * 16) for i in range(num)])
     return Reply(0, 0)
+
+
+def max_table_size() -> int:
+    """The helper's cap on a SET_REPLACE's entries (bytes): 32 MiB (~200 000 rules) unless
+    BPFILTER_MAX_TABLE_SIZE says otherwise; never above the kernel's XT_MAX_TABLE_SIZE."""
+    try:
+        cap = int(os.environ.get("BPFILTER_MAX_TABLE_SIZE", 32 << 20))
+    except ValueError:
+        cap = 32 << 20
+    return min(cap, XT_MAX_TABLE_SIZE - XT_TABLE_INFO_SIZE - 1)
 
 
 def supported_revisions(family: int, name: str, target: bool) -> set:

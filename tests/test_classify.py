@@ -13,9 +13,8 @@ import struct
 
 import pytest
 
-from test_compile_util import (ACCEPT, DROP, RETURN, HOOKS, NF_INET_LOCAL_OUT, ether, icmp,
-                               icmp_hdr, ipv4, jump, nf_ctx, rule, table, tcp, tcp_hdr, udp,
-                               udp_hdr)
+from test_compile_util import (ACCEPT, DROP, RETURN, HOOKS, ether, goto, icmp, icmp_hdr, ipv4,
+                               jump, nf_ctx, rule, table, tcp, tcp_hdr, udp, udp_hdr)
 from bpfilter_umh import classify
 from bpfilter_umh.compile import COUNTERS_MAP, KernelFacts, compile_table
 
@@ -43,7 +42,7 @@ def test_runs_split_at_other_shapes(monkeypatch):
     rule(DROP, tcp(option=2), proto=6),                      # --tcp-option
     rule(DROP, udp(dport=(53, 53), inv=0x02), proto=17),     # ! --dport
     rule(DROP, icmp(8), proto=1),                            # icmp match
-    rule(jump("X"), src="10.0.0.0/8"),                       # jumps stay linear
+    rule(jump("X"), tcp(dport=(80, 90)), proto=6),           # a jump with a port range
 ])
 def test_unservable_rules_stay_linear(r):
     assert classify.rule_shape(r) is None
@@ -144,7 +143,22 @@ def random_table(seed: int):
     user = _prefix_run(rnd, 30, "src", [ACCEPT, DROP, RETURN, RETURN]) + \
         _port_run(rnd, 20, [DROP, RETURN])
     rules.insert(rnd.randrange(len(rules)), rule(jump("USER"), proto=rnd.choice([0, 6])))
-    return table({"INPUT": (rnd.choice(va), rules)}, {"USER": user})
+    # kube-proxy style fan-out: jumps (and gotos) to small service chains that RETURN or decide,
+    # with repeated keys so a RETURN continues at the next rule holding the same key
+    svc = {f"SVC{k}": [rule(rnd.choice([ACCEPT, DROP, RETURN]), src=f"{_addr(rnd)}/23"),
+                       rule(rnd.choice([RETURN, DROP]), udp(sport=(2000, 2001)), proto=17)]
+           for k in range(6)}
+    fan = []
+    for _ in range(rnd.randrange(8, 30)):
+        p = rnd.choice([6, 17])
+        d = rnd.randrange(1000, 1006)
+        m = tcp(dport=(d, d)) if p == 6 else udp(dport=(d, d))
+        t = rnd.choice([jump(rnd.choice(list(svc))), jump(rnd.choice(list(svc))),
+                        goto(rnd.choice(list(svc))), ACCEPT, DROP])
+        fan.append(rule(t, m, proto=p, dst=f"{_addr(rnd, '10.1.0.0')}/22"))
+    at = rnd.randrange(len(rules))
+    rules[at:at] = fan
+    return table({"INPUT": (rnd.choice(va), rules)}, {"USER": user, **svc})
 
 
 def random_packets(seed: int, n: int):
@@ -224,6 +238,56 @@ def test_classified_equals_linear(seed, monkeypatch):
         diff = [(i, x, y) for i, (x, y) in enumerate(zip(lc, cc)) if x != y]
         assert not diff, f"seed {seed}: counters differ (entry, linear, classified): {diff[:10]}"
         assert sum(p for p, _ in cc) > 0
+    finally:
+        cls.close()
+        lin.close()
+
+
+def _mixed_run(rnd, n, act):
+    """Rules of every shape interleaved (a multi run): prefixes, ports, tuples, pairs, a bare
+    protocol, source ports with ranges."""
+    out = []
+    for _ in range(n):
+        k = rnd.randrange(7)
+        if k < 2:
+            out += _prefix_run(rnd, 1, "src" if k == 0 else "dst", act)
+        elif k == 2:
+            out += _port_run(rnd, 1, act)
+        elif k == 3:
+            out += _tuple_run(rnd, 1, act)
+        elif k == 4:
+            out += _masked_pair_run(rnd, 1, act)
+        elif k == 5:
+            out.append(rule(rnd.choice(act), proto=rnd.choice([1, 6, 17])))
+        else:
+            lo = rnd.randrange(2000, 2004)
+            out.append(rule(rnd.choice(act), udp(sport=(lo, lo + rnd.randrange(3))), proto=17,
+                            src=f"{_addr(rnd)}/{rnd.choice([20, 24, 32])}"))
+    return out
+
+
+@root
+@pytest.mark.parametrize("seed", range(int(os.environ.get("BPFILTER_CLASSIFY_SEEDS", "40"))))
+def test_multi_run_equals_linear(seed, monkeypatch):
+    """Rules of mixed shapes served by per-field bitmap lookups (multi runs; forced here by a zero
+    base cost) == linear code, verdicts and counters, in built-in and user chains."""
+    monkeypatch.setattr(classify, "MULTI_NS_BASE", 0.0)
+    rnd = random.Random(seed + 5000)
+    rules = _mixed_run(rnd, rnd.randrange(10, 140), [ACCEPT, DROP])
+    rules.insert(rnd.randrange(len(rules)), rule(ACCEPT, icmp(0), proto=1))     # stays linear
+    rules.insert(rnd.randrange(len(rules)), rule(jump("USER")))
+    user = _mixed_run(rnd, rnd.randrange(10, 80), [ACCEPT, DROP, RETURN])
+    tbl = table({"INPUT": (rnd.choice([ACCEPT, DROP]), rules)}, {"USER": user})
+    cls = Loaded(tbl, monkeypatch, 4)
+    lin = Loaded(tbl, monkeypatch, 0)
+    try:
+        assert any(m.name.endswith("_rules") for m in cls.cp.maps), cls.cp.maps
+        for i, pkt in enumerate(random_packets(seed, 400)):
+            a, b = lin.run(pkt), cls.run(pkt)
+            assert a == b, f"seed {seed} packet {i} {pkt.hex()}: linear {a} classified {b}"
+        lc, cc = lin.counters(), cls.counters()
+        diff = [(i, x, y) for i, (x, y) in enumerate(zip(lc, cc)) if x != y]
+        assert not diff, f"seed {seed}: counters differ (entry, linear, classified): {diff[:10]}"
     finally:
         cls.close()
         lin.close()

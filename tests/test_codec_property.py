@@ -215,12 +215,15 @@ hdr_mutation = st.one_of(st.none(), st.tuples(st.sampled_from(["hook_entry", "un
 def _field_pos(blob: bytes, family: int, k: int, name: str):
     """(position, width) of a field of entry k % n in a valid blob."""
     lay = uapi.layout(family)
+    at = 88 if family == V4 else 140      # offsetof(ipt_entry/ip6t_entry, target_offset)
     offs, off = [], 0
     while off < len(blob):
         offs.append(off)
-        off += int.from_bytes(blob[off + lay.entry_size - 22:off + lay.entry_size - 20], "little")
+        step = int.from_bytes(blob[off + at + 2:off + at + 4], "little")
+        assert step > 0, "corpus blob is not a valid table"
+        off += step
     e = offs[k % len(offs)]
-    toff_at = e + lay.entry_size - 24
+    toff_at = e + at
     toff = int.from_bytes(blob[toff_at:toff_at + 2], "little")
     if name == "next_offset":
         return toff_at + 2, 2

@@ -223,3 +223,12 @@ def test_all_three_chains_load(netns):
         assert run.run("FORWARD", PING) == NF_ACCEPT
         assert run.run("FORWARD", UDP) == NF_DROP
         assert run.run("INPUT", TCP_SYN) == NF_DROP
+
+
+def test_ipv6_needs_nf_flavor():
+    """tc/xdp dispatchers and their FIB lookup are IPv4-only so far: refused, not miscompiled."""
+    for fl in ("tc", "xdp"):
+        with pytest.raises(BpfilterError) as e:
+            compile_table(table6({"INPUT": (ACCEPT, [rule6(DROP, proto=NH_UDP)])}),
+                          KernelFacts.fake(), flavor=fl)
+        assert e.value.errno == 95 and "IPv6" in e.value.message

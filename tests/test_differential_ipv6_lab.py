@@ -4,9 +4,9 @@ and host -> client (OUTPUT), and the host's ip6tables filter installed either by
 (ip6tables-legacy-restore: the oracle) or by bpfilter_umh.engine (the blob the same restore text
 builds, read back with IP6T_SO_GET_ENTRIES in a scratch namespace).
 
-    client ns                     host ns (filter under test)                 server ns
+    client ns                     host ns (filter under test)  server ns
     c0 2001:db8:1::2/64  ──────── h0 2001:db8:1::1/64
-                                  h1 2001:db8:2::1/64  ──────────────── s0 2001:db8:2::2/64
+                                  h1 2001:db8:2::1/64  ─────── s0 2001:db8:2::2/64
 
 No background traffic: no link-local addresses (addr_gen_mode 1), no DAD, no router
 solicitations, static neighbour entries with fixed MACs (no neighbour discovery), ICMPv6 rate
@@ -56,15 +56,19 @@ def _mac(s: str) -> bytes:
 
 
 def with_noise(text: str) -> str:
-    """Insert the NOISE rules first in every built-in chain of an ip6tables-restore text."""
-    out = []
-    for line in text.splitlines():
-        out.append(line)
-    head = [ln for ln in out if ln.startswith(":")]
-    builtins = [ln[1:].split()[0] for ln in head if ln.split()[1] != "-"]
-    i = max(out.index(ln) for ln in head) + 1
+    """Insert the NOISE rules first in every built-in chain of an ip6tables-restore text (right
+    after the chain declarations)."""
+    lines = text.splitlines()
+    decl = [i for i, ln in enumerate(lines) if ln.startswith(":")]
+    builtins = [lines[i][1:].split()[0] for i in decl if lines[i].split()[1] != "-"]
     noise = [f"-A {c} {n}" for c in builtins for n in NOISE]
-    return "\n".join(out[:i] + noise + out[i:]) + "\n"
+    return "\n".join(lines[:decl[-1] + 1] + noise + lines[decl[-1] + 1:]) + "\n"
+
+
+def comparable_save(text: str) -> list:
+    """ip6tables-save -c output without comments and without the NOISE rules' lines."""
+    return [ln for ln in text.splitlines()
+            if not ln.startswith("#") and not any(ln.endswith(n) for n in NOISE)]
 
 
 def noise_entries(table: Table) -> set:
@@ -73,7 +77,8 @@ def noise_entries(table: Table) -> set:
 
 
 def blob_of(text: str):
-    """(Table, getinfo) of what ip6tables-legacy-restore builds from `text`, in a scratch netns."""
+    """The Table ip6tables-legacy-restore builds from `text` (its IP6T_SO_GET_ENTRIES blob read
+    back in a scratch netns and decoded)."""
     with Netns("s6") as ns:
         ns.run(["ip6tables-legacy-restore"], input=text)
         with ns.inside():
@@ -103,6 +108,9 @@ class KernelFilter:
         with self.host.inside():
             info, blob = kernel_xt.snapshot(AF_INET6)
         return _entry_counters(blob, info)
+
+    def save(self) -> str:
+        return self.host.run(["ip6tables-legacy-save", "-c", "-t", "filter"]).stdout
 
     def close(self):
         pass
@@ -164,6 +172,11 @@ class DoorFilter:
                 return list(eng.counters())
             finally:
                 eng.close()
+
+    def save(self) -> str:
+        """ip6tables-legacy-save -c through the door: GET_INFO + GET_ENTRIES with counters."""
+        return self.host.run(self.cli + ["exec", "--", "ip6tables-legacy-save", "-c", "-t",
+                                         "filter"], env=self.env).stdout
 
     def close(self):
         self.host.run(self.cli + ["flush"], check=False, env=self.env)
@@ -244,8 +257,10 @@ class Lab6:
                 self._pkt.send(_mac(MAC["h0"]) + _mac(MAC["c0"]) +
                                ETH_P_IPV6.to_bytes(2, "big") + p)
         last, stable = None, 0
-        for _ in range(40):                   # bounded: at most 40 * 5 ms
-            time.sleep(0.005)
+        # the stack handles a probe (and any ICMPv6 error about it) in softirq soon after the
+        # send; on a loaded machine that can lag, so wait until 3 polls 10 ms apart agree
+        for _ in range(60):                   # bounded: at most 60 * 10 ms
+            time.sleep(0.01)
             now = self.observed()
             stable = stable + 1 if now == last else 0
             last = now

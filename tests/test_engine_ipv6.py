@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from test_differential_ipv6_lab import C0, H0, BpfilterFilter, Lab6, blob_of, with_noise
+from test_differential_ipv6_lab import H0, BpfilterFilter, Lab6, blob_of, with_noise
 from bpfilter_umh.engine import Engine
 from bpfilter_umh.model import AF_INET6
 
