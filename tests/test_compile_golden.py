@@ -96,7 +96,7 @@ def test_loop_is_refused():
 
 def test_ipv6_and_other_flavors_are_refused():
     t = table({})
-    t.family = 10
+    t.family = 7    # neither AF_INET nor AF_INET6
     assert _error(t).errno == errno.EOPNOTSUPP
     with pytest.raises(BpfilterError, match="unknown flavor 'ebpf'"):
         compile_table(table({}), KernelFacts.fake(), flavor="ebpf")

@@ -268,3 +268,20 @@ def test_sequential_invocations_leak_nothing(lab):
     r = sequential_invocations(b, INVOCATIONS)
     assert not leaks(r), (leaks(r), r)
     assert probe.verdicts() == {P_BOTH_DROP: True, P_FLIP: True, P_BOTH_ACCEPT: True}
+
+
+def test_untranslatable_rule_policy_reject(lab):
+    """Policy `reject` (the default, and the only one implemented): a rule the compiler cannot
+    translate makes the whole replace fail atomically, with iptables' own message for
+    EOPNOTSUPP; the previous ruleset stays listed and filtering."""
+    a, b, probe = lab
+    bexec(b, "iptables-legacy-restore", input=RULES_A)
+    before = bexec(b, "iptables-legacy-save").stdout
+    for cmd in ("iptables-legacy -A INPUT -p tcp -j REJECT",
+                "iptables-legacy -A INPUT -m string --string x --algo bm -j DROP"):
+        p = bexec(b, cmd, check=False)
+        assert p.returncode == 1 and "iptables: Operation not supported." in p.stderr, p.stderr
+    after = bexec(b, "iptables-legacy-save").stdout
+    strip = lambda s: [ln for ln in s.splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert strip(after) == strip(before)
+    assert probe.verdicts() == A_VERDICTS
