@@ -196,7 +196,8 @@ def mixed(n: int, seed: int = 0) -> Ruleset:
         if k == 1:
             return f"-A FORWARD -d {pre()} -j {_verdict(rnd)}"
         if k == 2:
-            return f"-A FORWARD -p {p} -m {p} --dport {rnd.randrange(1000, 1100) if hot else rnd.randrange(2000, 65536)} -j {_verdict(rnd)}"
+            port = rnd.randrange(1000, 1100) if hot else rnd.randrange(2000, 65536)
+            return f"-A FORWARD -p {p} -m {p} --dport {port} -j {_verdict(rnd)}"
         if k == 3:
             return (f"-A FORWARD -s {addr()}/32 -d {addr()}/32 -p {p} -m {p} --sport "
                     f"{rnd.randrange(1024, 1030)} --dport {rnd.randrange(1000, 1100)} "

@@ -27,6 +27,11 @@ Shapes (decided per rule by rule_shape(); a run ends at the first rule of anothe
                       BPF_MAP_TYPE_HASH keyed by the packet's masked tuple; a packet matches a rule
                       exactly when its key is among the rule's keys, and keys are filled in rule
                       order keeping the first, so the value is the first match.
+  multi               a stretch of rules of several of those shapes interleaved (source prefix,
+                      destination prefix, protocol, tcp/udp ports, any combination; verdict
+                      targets): per-field lookups return rule bitmaps, their AND's lowest set bit
+                      is the first match (see "multi-field runs" below). Chosen when cheaper than
+                      the plain runs and linear rules it replaces (cost model below).
 Targets in a run: ACCEPT, DROP, RETURN, gotos, and jumps (hash runs; extensions stay linear).
 Map value: struct { u32 entry_index; u32 action; } (action 0 DROP, 1 ACCEPT, 2 RETURN, 3 + k the
 k-th jump rule of the run): the counter increment uses the entry index from the map, so counters
@@ -46,8 +51,11 @@ equals the packet's decides: a non-first fragment matches no rule of the run (an
 first, so the check runs once before the lookup; a hotdrop counts nothing, like ipt_do_table.
 
 Cost model (ns per packet, measured with BPF_PROG_TEST_RUN on this machine, see bench/results.md):
-linear code ≈ LINEAR_NS per rule, a lookup ≈ LOOKUP_NS[kind]; a run is classified when its
-linear cost is above its lookup cost.
+linear code ≈ LINEAR_NS per rule, a lookup ≈ LOOKUP_NS[kind], a multi run ≈ MULTI_NS_BASE +
+MULTI_NS_PER_WORD per 64 rules; a run is classified when its linear cost is above its lookup
+cost, a multi run replaces plain runs + linear rules when it is cheaper than them.
+Environment (tests, benchmarks): BPFILTER_CLASSIFY_MIN_RUN=N (0 = classifier off),
+BPFILTER_CLASSIFY_MULTI=0 (no multi runs).
 """
 from __future__ import annotations
 
@@ -118,7 +126,7 @@ class Run:
         if self.kind == "multi":
             return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
                     f"rules of mixed shapes): per-field lookups ANDed as rule bitmaps")
-        what = f"saddr prefix" if self.sig == ("lpm", "src") else \
+        what = "saddr prefix" if self.sig == ("lpm", "src") else \
             "daddr prefix" if self.sig[0] == "lpm" else _hash_text(self.sig)
         jumps = f", {len(self.cases)} of them jumps" if self.cases else ""
         return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
@@ -148,11 +156,12 @@ def _le32(addr) -> int:
     return int.from_bytes(addr.packed, "little")
 
 
+_PLEN = {((1 << 32) - 1) ^ ((1 << (32 - n)) - 1): n for n in range(33)}
+
+
 def _plen(mask) -> int:
     """The prefix length of a netmask, or -1 when it is not contiguous."""
-    m = int(mask)
-    n = bin(m).count("1")
-    return n if m == ((1 << 32) - 1) ^ ((1 << (32 - n)) - 1) else -1
+    return _PLEN.get(int(mask), -1)
 
 
 def _action(t) -> int:
@@ -290,9 +299,12 @@ def lpm_entries(run: Run) -> list:
         addr, msk = (r.ip.src, r.ip.smsk) if run.sig[1] == "src" else (r.ip.dst, r.ip.dmsk)
         first.setdefault((_plen(msk), int(addr)), pos)
     out = []
+    plens = sorted({p for p, _ in first})
     for (plen, net), pos in first.items():
         best = pos
-        for p in range(plen):               # every shorter prefix containing this one
+        for p in plens:                     # every shorter prefix containing this one
+            if p >= plen:
+                break
             q = first.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))))
             if q is not None and q < best:
                 best = q
@@ -570,7 +582,7 @@ def _hash_key_code(cc, run: Run, after: str, hot: str, C):
                 cc.emit(E.jmp(E.JEQ, R1, 1, abn, comment="tcp fragment at offset 8 bytes"))
             cc.emit(E.jmp(E.JNE, R1, 0, after, comment="fragments never match"),
                     E.ldx(E.DW, R1, FP, C.S_L4LEN),
-                    E.jmp(E.JLT, R1, need, abn, comment=f"truncated header"),
+                    E.jmp(E.JLT, R1, need, abn, comment="truncated header"),
                     E.ja(ok))
         cc.emit(Label(abn))
         if _needs_ippart(run):
@@ -705,9 +717,12 @@ def _prefix_bitmaps(run: Run, field: str) -> list:
         groups[k] = groups.get(k, 0) | (1 << i)
     groups.setdefault((0, 0), 0)
     out = []
+    plens = sorted({p for p, _ in groups})
     for (plen, net) in groups:
         bm = 0
-        for p in range(plen + 1):
+        for p in plens:
+            if p > plen:
+                break
             bm |= groups.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))), 0)
         out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), bm))
     return out

@@ -62,8 +62,10 @@ def format_status(fam_name: str, st) -> str:
 
 
 def cmd_flush(args) -> int:
-    for _fam, eng in _engines():
-        eng.flush()
+    from .sockopt import state_lock
+    with state_lock():          # not in the middle of a helper's replace
+        for _fam, eng in _engines():
+            eng.flush()
     return 0
 
 

@@ -427,6 +427,7 @@ class Engine:
                 p.close()
         out = dict(table=self.table.name, family=FAMILY_NAMES[self.family], flavor=self.flavor,
                    generation=self.generation, chains=chains)
+        _add_classified(self.table, chains)
         if self.state_error:
             out["error"] = self.state_error
         return out
@@ -483,6 +484,16 @@ def create_maps(cp: CompiledProgram) -> dict:
             m.close()
         raise
     return out
+
+
+def _add_classified(table, chains: list):
+    """status: each chain's runs served by map lookups (classify.py), as text."""
+    from . import classify
+    if table.family != AF_INET:
+        return
+    runs = classify.describe(table)
+    for ch in chains:
+        ch["classified"] = runs.get(ch["name"], [])
 
 
 def _find_counters(map_ids):

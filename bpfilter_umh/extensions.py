@@ -50,6 +50,8 @@ class Extension:
     proto: int = 0                  # required ip.proto (xt_check_match/xt_check_target)
     check: Optional[Callable] = None   # check(rule, family, data) -> None | raise BpfilterError
     compiled: bool = False          # the compiler can translate it
+    complete: bool = False          # every revision the kernel has of `name` is registered:
+                                    # any other revision fails lookup with ENOENT
 
     def decode(self, payload: bytes):
         """Payload bytes → construct Container (codec) or the bytes themselves (opaque)."""
@@ -86,9 +88,9 @@ def lookup(kind: str, family: int, name: str, revision: int) -> Optional[Extensi
 
 
 def owned(kind: str, family: int, name: str) -> bool:
-    """True when every revision the kernel has of `name` is registered here, so an unknown
-    revision is known to fail xt_find_match()/xt_find_target() with ENOENT."""
-    return any(k[0] == kind and k[1] == family and k[2] == name and e.codec is not None
+    """True when every revision the kernel has of `name` is registered here (complete=True), so
+    an unknown revision is known to fail xt_find_match()/xt_find_target() with ENOENT."""
+    return any(k[0] == kind and k[1] == family and k[2] == name and e.complete
                for k, e in _registry.items())
 
 
@@ -123,16 +125,17 @@ def _icmp6_check(rule, family, data):
 
 BOTH = (NFPROTO_IPV4, NFPROTO_IPV6)
 register(Extension(MATCH, "tcp", 0, BOTH, 12, xt_tcp, proto=IPPROTO_TCP, check=_tcp_check,
-                   compiled=True))
+                   compiled=True, complete=True))
 register(Extension(MATCH, "udp", 0, BOTH, 10, xt_udp, proto=IPPROTO_UDP, check=_udp_check,
-                   compiled=True))
+                   compiled=True, complete=True))
 register(Extension(MATCH, "icmp", 0, (NFPROTO_IPV4,), 4, ipt_icmp, proto=IPPROTO_ICMP,
-                   check=_icmp_check, compiled=True))
+                   check=_icmp_check, compiled=True, complete=True))
 register(Extension(MATCH, "icmp6", 0, (NFPROTO_IPV6,), 4, ip6t_icmp, proto=IPPROTO_ICMPV6,
-                   check=_icmp6_check, compiled=True))
-register(Extension(TARGET, XT_STANDARD_TARGET, 0, BOTH, 4, xt_standard_verdict, compiled=True))
+                   check=_icmp6_check, compiled=True, complete=True))
+register(Extension(TARGET, XT_STANDARD_TARGET, 0, BOTH, 4, xt_standard_verdict, compiled=True,
+                   complete=True))
 register(Extension(TARGET, XT_ERROR_TARGET, 0, BOTH, XT_FUNCTION_MAXNAMELEN, xt_error_payload,
-                   compiled=True))
+                   compiled=True, complete=True))
 
 # Opaque extensions whose kernel module keeps private state after `usersize` (struct members
 # marked "Used internally by the kernel"): their payload is kept as bytes but GET_ENTRIES shows

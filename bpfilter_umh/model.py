@@ -195,10 +195,29 @@ class Chain:
 
 
 # --- raw entry walk (one record per entry, with what the checks need) -----------------------
+class _Hdr:
+    """An ipt_entry/ip6t_entry header as unpacked by uapi.IPT_ENTRY_FAST/IP6T_ENTRY_FAST."""
+    __slots__ = ("ip", "nfcache", "target_offset", "next_offset", "comefrom", "pad", "pcnt",
+                 "bcnt")
+
+    def __init__(self, blob, off, family):
+        if family == AF_INET:
+            (s, d, sm, dm, i, o, im, om, proto, flags, inv, self.nfcache, self.target_offset,
+             self.next_offset, self.comefrom, self.pcnt, self.bcnt) = \
+                uapi.IPT_ENTRY_FAST.unpack_from(blob, off)
+            A, tos, ippad, self.pad = ipaddress.IPv4Address, 0, b"", b""
+        else:
+            (s, d, sm, dm, i, o, im, om, proto, tos, flags, inv, ippad, self.nfcache,
+             self.target_offset, self.next_offset, self.comefrom, self.pad, self.pcnt,
+             self.bcnt) = uapi.IP6T_ENTRY_FAST.unpack_from(blob, off)
+            A = ipaddress.IPv6Address
+        self.ip = IpHeader(A(s), A(d), A(sm), A(dm), i, o, im, om, proto, flags, inv, tos, ippad)
+
+
 @dataclass
 class _Raw:
     off: int
-    hdr: Any                 # parsed ipt_entry/ip6t_entry
+    hdr: Any                 # _Hdr
     ip: IpHeader
     matches: list            # [(name_bytes, revision, payload, match_off)]
     tname: bytes
@@ -208,6 +227,8 @@ class _Raw:
     uncond: bool
     std: bool
     verdict: int
+    mdata: list = None       # decoded match payloads (by _find_check), None = not decoded
+    tdata: Any = None
 
 
 def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
@@ -220,13 +241,13 @@ def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
             _err(errno.EINVAL, off, "entry not aligned to __alignof__(struct ipt_entry)")
         if off + hsz >= size:
             _err(errno.EINVAL, off, "entry header reaches the end of the table")
-        hdr = lay.entry.parse(blob[off:off + hsz])
+        hdr = _Hdr(blob, off, lay.family)
         nxt, toff = hdr.next_offset, hdr.target_offset
         if off + nxt > size:
             _err(errno.EINVAL, off, f"next_offset {nxt} runs past the table end ({size})")
         if nxt < hsz + 32:
             _err(errno.EINVAL, off, f"next_offset {nxt} < entry + xt_entry_target")
-        ipc = hdr[lay.ip_key]
+        ipc = hdr.ip
         if ipc.flags & ~lay.f_mask:       # ip_checkentry()/ip6_checkentry()
             _err(errno.EINVAL, off, f"ip flags 0x{ipc.flags:x} outside the flag mask")
         if ipc.invflags & ~lay.inv_mask:
@@ -237,12 +258,12 @@ def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
             _err(errno.EINVAL, off, f"target_offset {toff} inside the entry header")
         if toff + 32 > nxt:
             _err(errno.EINVAL, off, f"target_offset {toff} + xt_entry_target > next_offset {nxt}")
-        th = uapi.xt_entry_target.parse(e[toff:toff + 32])
-        if th.target_size < 32:
-            _err(errno.EINVAL, off, f"target_size {th.target_size} < sizeof(xt_entry_target)")
-        if toff + th.target_size > nxt:
-            _err(errno.EINVAL, off, f"target_size {th.target_size} runs past next_offset {nxt}")
-        tname = th.name.split(b"\0", 1)[0]
+        tsize, tname_raw, trev = uapi.XT_EXT_HDR_FAST.unpack_from(e, toff)
+        if tsize < 32:
+            _err(errno.EINVAL, off, f"target_size {tsize} < sizeof(xt_entry_target)")
+        if toff + tsize > nxt:
+            _err(errno.EINVAL, off, f"target_size {tsize} runs past next_offset {nxt}")
+        tname = tname_raw.split(b"\0", 1)[0]
         verdict = 0
         if tname == b"":
             if uapi.XT_ALIGN(toff + 36) != nxt:
@@ -253,7 +274,7 @@ def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
                 _err(errno.EINVAL, off, f"standard target: bad verdict {verdict}")
         elif tname == b"ERROR":
             en = e[toff + 32:toff + 62]
-            if th.target_size != uapi.SIZEOF_XT_ERROR_TARGET or b"\0" not in en:
+            if tsize != uapi.SIZEOF_XT_ERROR_TARGET or b"\0" not in en:
                 # error_tg_ok(): usersize == sizeof(struct xt_error_target), name terminated
                 _err(errno.EINVAL, off, "ERROR target: bad size or unterminated errorname")
         # xt_check_entry_match(): matches tile [hdr, target_offset) exactly, 8-aligned
@@ -263,18 +284,18 @@ def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
                 _err(errno.EINVAL, off, f"match at +{pos} not aligned")
             if length < 32:
                 _err(errno.EINVAL, off, f"match at +{pos}: {length} bytes left < xt_entry_match")
-            mh = uapi.xt_entry_match.parse(e[pos:pos + 32])
-            if mh.match_size < 32:
-                _err(errno.EINVAL, off, f"match at +{pos}: match_size {mh.match_size} < 32")
-            if mh.match_size > length:
-                _err(errno.EINVAL, off, f"match at +{pos}: match_size {mh.match_size} past target")
-            matches.append((mh.name, mh.revision, e[pos + 32:pos + mh.match_size], pos))
-            length -= mh.match_size
-            pos += mh.match_size
-        ip = _ip_from(ipc, lay.family)
+            msize, mname, mrev = uapi.XT_EXT_HDR_FAST.unpack_from(e, pos)
+            if msize < 32:
+                _err(errno.EINVAL, off, f"match at +{pos}: match_size {msize} < 32")
+            if msize > length:
+                _err(errno.EINVAL, off, f"match at +{pos}: match_size {msize} past target")
+            matches.append((mname, mrev, e[pos + 32:pos + msize], pos))
+            length -= msize
+            pos += msize
+        ip = ipc
         uncond = toff == hsz and ip.unconditional(lay.family)
-        r = _Raw(off, hdr, ip, matches, th.name, th.revision, th.target_size,
-                 e[toff + 32:toff + th.target_size], uncond, tname == b"", verdict)
+        r = _Raw(off, hdr, ip, matches, tname_raw, trev, tsize,
+                 e[toff + 32:toff + tsize], uncond, tname == b"", verdict)
         # hooks and underflows on this entry
         for h in range(NF_INET_NUMHOOKS):
             if not valid_hooks & (1 << h):
@@ -297,10 +318,16 @@ def _verdict_ok(v: int) -> bool:
     return False
 
 
-def _ip_from(c, family) -> IpHeader:
-    return IpHeader(c.src, c.dst, c.smsk, c.dmsk, c.iniface, c.outiface, c.iniface_mask,
-                    c.outiface_mask, c.proto, c.flags, c.invflags,
-                    c.tos if family == AF_INET6 else 0, c.pad if family == AF_INET6 else b"")
+def _payload_data(e, payload: bytes, decoded, to_user: bool):
+    """(data, raw) of one extension payload; `decoded` is what _find_check() already parsed.
+    With to_user, the payload as xt_data_to_user() shows it (zeros after usersize)."""
+    if e is None:
+        return payload, payload
+    if to_user:
+        shown = e.to_user(payload)
+        if shown != payload:
+            return e.decode(shown), shown
+    return (decoded if decoded is not None else e.decode(payload)), payload
 
 
 def _check_table_hooks(raws, hook_entry, underflow, valid_hooks):
@@ -391,7 +418,9 @@ def _find_check(raws, family):
     for r in raws:
         items = [(ext.MATCH, n, rev, p, r.off + mo) for n, rev, p, mo in r.matches]
         items.append((ext.TARGET, r.tname, r.trev, r.tpayload, r.off + r.hdr.target_offset))
+        decoded = []
         for kind, nm, rev, payload, where in items:
+            decoded.append(None)
             if b"\0" not in nm:     # xt_find_match()/xt_find_target(): strnlen == MAXNAMELEN
                 _err(errno.EINVAL, r.off, f"{kind} name not NUL-terminated")
             name = uapi.cstr(nm)
@@ -405,9 +434,10 @@ def _find_check(raws, family):
                      f"size {uapi.XT_ALIGN(e.size)}")
             if e.proto and (r.ip.proto != e.proto or r.ip.invflags & uapi.XT_INV_PROTO):
                 _err(errno.EINVAL, r.off, f"{kind} {name!r} only valid for protocol {e.proto}")
+            data = decoded[-1] = e.decode(payload)
             if e.check:
-                tmp = Rule(r.ip, offset=r.off)
-                e.check(tmp, family, e.decode(payload))
+                e.check(Rule(r.ip, offset=r.off), family, data)
+        r.mdata, r.tdata = decoded[:-1], decoded[-1]
     return lay
 
 
@@ -467,25 +497,21 @@ class Table:
         rules = []
         for i, r in enumerate(raws):
             ms = []
-            for nm, rev, payload, _ in r.matches:
+            for k, (nm, rev, payload, _) in enumerate(r.matches):
                 mname = uapi.cstr(nm)
                 e = ext.lookup(ext.MATCH, family, mname, rev)
-                if e is not None and comefrom is not None:
-                    payload = e.to_user(payload)
-                ms.append(Match(mname, rev, e.decode(payload) if e else payload, payload))
+                ms.append(Match(mname, rev, *_payload_data(e, payload, r.mdata[k],
+                                                            comefrom is not None)))
             tname = uapi.cstr(r.tname)
             if r.std:
                 tgt = Verdict(r.verdict) if r.verdict < 0 else \
                     Jump("", bool(r.ip.flags & lay.f_goto), r.verdict, None)
             else:
                 e = ext.lookup(ext.TARGET, family, tname, r.trev)
-                payload = r.tpayload
-                if e is not None and comefrom is not None:
-                    payload = e.to_user(payload)
-                tgt = ExtTarget(tname, r.trev, e.decode(payload) if e else payload, payload)
+                tgt = ExtTarget(tname, r.trev, *_payload_data(e, r.tpayload, r.tdata,
+                                                              comefrom is not None))
             rule = Rule(r.ip, ms, tgt,
-                        (0, 0) if comefrom is not None else (r.hdr.counters.pcnt,
-                                                             r.hdr.counters.bcnt),
+                        (0, 0) if comefrom is not None else (r.hdr.pcnt, r.hdr.bcnt),
                         i, r.off, r.hdr.nfcache,
                         comefrom[i] if comefrom is not None else r.hdr.comefrom,
                         r.hdr.next_offset - r.hdr.target_offset - r.tsize,
@@ -600,34 +626,18 @@ class Table:
             body = bytearray()
             for m in r.matches:
                 p = self._payload(ext.MATCH, m)
-                body += uapi.xt_entry_match.build(dict(match_size=32 + len(p),
-                                                       name=_name29(m.name), revision=m.revision))
+                body += uapi.XT_EXT_HDR_FAST.pack(32 + len(p), _name29(m.name), m.revision)
                 body += p
             toff = lay.entry_size + len(body)
             t = r.target
             if isinstance(t, (Verdict, Jump)):
                 v = t.verdict if isinstance(t, Verdict) else t.offset
-                tb = uapi.xt_entry_target.build(dict(target_size=40, name=b"\0" * 29,
-                                                     revision=0))
-                tb += (v & 0xFFFFFFFF).to_bytes(4, "little") + b"\0" * 4
+                body += _STD_HDR + (v & 0xFFFFFFFF).to_bytes(4, "little") + b"\0" * 4
             else:
                 p = self._payload(ext.TARGET, t)
-                tb = uapi.xt_entry_target.build(dict(target_size=32 + len(p),
-                                                     name=_name29(t.name), revision=t.revision))
-                tb += p
-            body += tb + b"\0" * r.tail
-            ipd = dict(vars(r.ip))
-            extra = {}
-            if self.family == AF_INET:
-                ipd.pop("tos")
-                ipd.pop("pad")
-            else:
-                ipd["pad"] = (ipd["pad"] + b"\0" * 3)[:3]
-                extra["pad"] = (r.pad + b"\0" * 4)[:4]
-            hdr = lay.entry.build({lay.ip_key: ipd, "nfcache": r.nfcache, "target_offset": toff, **extra,
-                                   "next_offset": lay.entry_size + len(body),
-                                   "comefrom": r.comefrom,
-                                   "counters": dict(pcnt=pcnt, bcnt=bcnt)})
+                body += uapi.XT_EXT_HDR_FAST.pack(32 + len(p), _name29(t.name), t.revision) + p
+            body += b"\0" * r.tail
+            hdr = _pack_hdr(self.family, r, toff, lay.entry_size + len(body), pcnt, bcnt)
             out += hdr + body
         return bytes(out)
 
@@ -716,6 +726,24 @@ class Table:
         tail = Rule(IpHeader.any(family),
                     target=ExtTarget("ERROR", 0, ext.xt_error_payload.parse(_errname("ERROR"))))
         return cls(name, family, hooks, chains, tail).normalized()
+
+
+_STD_HDR = uapi.XT_EXT_HDR_FAST.pack(uapi.SIZEOF_XT_STANDARD_TARGET, b"", 0)
+
+
+def _pack_hdr(family, r: Rule, toff: int, nxt: int, pcnt: int, bcnt: int) -> bytes:
+    ip = r.ip
+    if family == AF_INET:
+        A = ipaddress.IPv4Address
+        return uapi.IPT_ENTRY_FAST.pack(
+            A(ip.src).packed, A(ip.dst).packed, A(ip.smsk).packed, A(ip.dmsk).packed,
+            ip.iniface, ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto, ip.flags,
+            ip.invflags, r.nfcache, toff, nxt, r.comefrom, pcnt, bcnt)
+    A = ipaddress.IPv6Address
+    return uapi.IP6T_ENTRY_FAST.pack(
+        A(ip.src).packed, A(ip.dst).packed, A(ip.smsk).packed, A(ip.dmsk).packed,
+        ip.iniface, ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto, ip.tos, ip.flags,
+        ip.invflags, ip.pad, r.nfcache, toff, nxt, r.comefrom, r.pad, pcnt, bcnt)
 
 
 def _name29(name: str) -> bytes:

@@ -25,8 +25,10 @@ Every command first checks CAP_NET_ADMIN of the caller (-> EPERM).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -404,10 +406,14 @@ class Dispatcher:
         be = lambda: self.backend(cookie, req.family)  # noqa: E731
         rev_match, rev_target = REVISION_CMDS[req.family]
         if req.is_set:
-            if req.cmd == SO_SET_REPLACE:
-                return do_replace(be(), mem, req)
-            if req.cmd == SO_SET_ADD_COUNTERS:
-                return do_add_counters(be(), mem, req)
+            if req.cmd in (SO_SET_REPLACE, SO_SET_ADD_COUNTERS):
+                # one writer at a time across every helper process (the kernel shim's and the
+                # doors'), like xt[af].mutex in net/netfilter/x_tables.c: the backend re-adopts
+                # the state under the lock, so a replace never builds on a stale table
+                with state_lock():
+                    if req.cmd == SO_SET_REPLACE:
+                        return do_replace(be(), mem, req)
+                    return do_add_counters(be(), mem, req)
         else:
             if req.cmd == SO_GET_INFO:
                 return get_info(be(), mem, req)
@@ -417,6 +423,21 @@ class Dispatcher:
                 return get_revision(mem, req, target=req.cmd == rev_target)
         # nf_sockopt_find: no registered range holds this optname
         raise BpfilterError(errno.ENOPROTOOPT, f"unknown socket option {req.cmd}")
+
+
+STATE_ROOT = "/run/bpfilter"
+
+
+@contextlib.contextmanager
+def state_lock():
+    """flock on the state root directory (nothing to create or clean up per namespace)."""
+    os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
+    fd = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)            # releases the lock
 
 
 def _lookup(be, name: str):

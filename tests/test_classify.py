@@ -318,3 +318,33 @@ def test_ten_thousand_rule_chain_loads_fast_and_costs_one_lookup(monkeypatch):
         finally:
             ld.close()
     assert costs[10_000] < 2 * costs[10] + 40, costs
+
+
+@root
+def test_engine_status_names_the_runs_and_counters_come_back():
+    """Installed through the engine: status lists the classified runs, the counters map is found
+    among the program's maps (it is no longer the only one), a ping is counted on its rule."""
+    from nsutil import Netns, veth
+    from bpfilter_umh.engine import Engine
+    rules = [rule(DROP, src=f"10.9.{i}.0/24") for i in range(200)]
+    rules.append(rule(ACCEPT, src="192.0.2.1/32"))
+    rules += [rule(DROP, udp(dport=(p, p)), proto=17) for p in range(3000, 3100)]
+    tbl = table({"INPUT": (ACCEPT, rules)})
+    with Netns("a") as a, Netns("b") as b:
+        veth(a, "va", b, "vb", "192.0.2.1/24", "192.0.2.2/24")
+        with b.inside():
+            eng = Engine.open()
+        try:
+            with b.inside():
+                eng.install(tbl)
+                st = eng.status()
+            inp = next(c for c in st["chains"] if c["name"] == "INPUT")
+            assert len(inp["classified"]) == 2 and "LPM" in inp["classified"][0], inp["classified"]
+            assert a.run("ping -n -q -c 2 -W 1 192.0.2.2", check=False).returncode == 0
+            with b.inside():
+                c = Engine.open().counters()
+            assert c[rules[200].index][0] >= 2
+            assert all(c[r.index][0] == 0 for r in rules[:200])
+        finally:
+            with b.inside():
+                eng.flush()

@@ -76,11 +76,12 @@ def proto_match(family, proto):
                      u8, pair(8), st.integers(0, 1))
 
 
+# names no module registers, so their payloads stay opaque bytes whatever the registry holds
 opaque_match = st.builds(lambda n, r, k, b: Match(n, r, b[:8 * k]),
-                         st.sampled_from(["comment", "multiport", "mark", "conntrack"]),
+                         st.sampled_from(["xopaque", "x-m-2", "zz"]),
                          st.integers(0, 3), st.integers(0, 8), st.binary(min_size=64, max_size=64))
 opaque_target = st.builds(lambda n, r, k, b: ExtTarget(n, r, b[:8 * k]),
-                          st.sampled_from(["LOG", "REJECT", "MARK", "NFQUEUE"]),
+                          st.sampled_from(["XOPAQUE", "X-T-2"]),
                           st.integers(0, 2), st.integers(0, 6), st.binary(min_size=48, max_size=48))
 
 

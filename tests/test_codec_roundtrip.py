@@ -15,6 +15,7 @@ import random
 import pytest
 
 import kernel_xt as kx
+from bpfilter_umh import extensions as ext
 from bpfilter_umh import uapi
 from bpfilter_umh.model import Table, decode_replace
 from nsutil import Netns
@@ -196,22 +197,23 @@ def test_empty_table(netns, family, name):
 
 def _dirty(table: Table, rng: random.Random) -> bytes:
     """Encode `table` the way a careless caller could: random counters/comefrom, junk after the
-    NUL of match/target names and in limit's kernel-private state."""
+    NUL of match names and in the kernel-private part (after `usersize`) of payloads."""
     ents = table.entries()
     t = table.with_counters([(rng.getrandbits(40), rng.getrandbits(48)) for _ in ents])
     for e in t.entries():
         e.comefrom = rng.getrandbits(32)
-        for m in e.matches:
-            if m.name == "limit":
-                m.data = m.data[:8] + bytes(rng.getrandbits(8) for _ in range(len(m.data) - 8))
     blob = bytearray(t.encode())
     lay = uapi.layout(t.family)
-    for e in t.entries():          # junk in name bytes the kernel does not copy back
+    junk = lambda n: bytes(rng.getrandbits(8) for _ in range(n))   # noqa: E731
+    for e in t.entries():
         pos = e.offset + lay.entry_size
         for m in e.matches:
             size = int.from_bytes(blob[pos:pos + 2], "little")
             n = len(m.name) + 1
-            blob[pos + 2 + n:pos + 31] = bytes(rng.getrandbits(8) for _ in range(29 - n))
+            blob[pos + 2 + n:pos + 31] = junk(29 - n)      # xt_obj_to_user copies strlen + 1
+            x = ext.lookup(ext.MATCH, t.family, m.name, m.revision)
+            if x is not None and x.usersize and size - 32 == uapi.XT_ALIGN(x.size):
+                blob[pos + 32 + x.usersize:pos + 32 + x.size] = junk(x.size - x.usersize)
             pos += size
     return bytes(blob)
 
@@ -253,3 +255,29 @@ def test_encode_with_live_counters():
     assert [r.counters for r in Table.decode(t.encode(counters=live), V4, info.hook_entry,
                                              info.underflow, info.valid_hooks).entries()] == live
     assert t.encode() == blob      # the table itself is unchanged
+
+
+@pytest.mark.parametrize("family,key", [(V4, "tcp-udp-icmp-options"), (V6, "chains-inv-options")])
+def test_fast_structs_agree(family, key):
+    """The struct-module twins used on the hot path read every entry header exactly as the
+    construct definitions of ipt_entry/ip6t_entry and xt_entry_target do."""
+    info, blob = load(family, key)
+    lay = uapi.layout(family)
+    fast = uapi.IPT_ENTRY_FAST if family == V4 else uapi.IP6T_ENTRY_FAST
+    off = 0
+    while off < len(blob):
+        c = lay.entry.parse(blob[off:off + lay.entry_size])
+        f = fast.unpack_from(blob, off)
+        ip = c[lay.ip_key]
+        want = [ip.src.packed, ip.dst.packed, ip.smsk.packed, ip.dmsk.packed, ip.iniface,
+                ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto]
+        want += [ip.flags, ip.invflags] if family == V4 else [ip.tos, ip.flags, ip.invflags, ip.pad]
+        want += [c.nfcache, c.target_offset, c.next_offset, c.comefrom]
+        want += [] if family == V4 else [c.pad]
+        want += [c.counters.pcnt, c.counters.bcnt]
+        assert list(f) == want
+        t = uapi.xt_entry_target.parse(blob[off + c.target_offset:off + c.target_offset + 32])
+        assert uapi.XT_EXT_HDR_FAST.unpack_from(blob, off + c.target_offset) == \
+            (t.target_size, t.name, t.revision)
+        off += c.next_offset
+    assert off == len(blob)

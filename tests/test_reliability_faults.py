@@ -4,7 +4,6 @@ killed between load and attach and between attach and commit. Every failure leav
 ruleset filtering real UDP traffic, returns a precise errno, and leaks no fd, pin or program."""
 import errno
 import os
-import subprocess
 import sys
 
 import pytest
@@ -70,7 +69,7 @@ def test_fault_keeps_previous_ruleset(lab, point, action, want):
     assert probe.verdicts() == A_VERDICTS, "the previous ruleset must keep filtering"
     eng2, after = _slots(b)
     assert after == before, "the slots must hold the previous programs"
-    assert open_fds() == fds and pin_files(eng) == pins, "no fd or pin leaked"
+    assert open_fds() <= fds and pin_files(eng) == pins, "no fd or pin leaked"
     assert not os.path.exists(eng._pending_path)
     # the previous table is what a new engine adopts, with its counters
     assert eng2.table.chain("INPUT").rules[1].target.verdict == -1 - 0     # DROP

@@ -60,7 +60,7 @@ def check(r: dict) -> list:
             bad.append(f"port {port}: counted {r['counted'][k]} > sent {r['sent'][port]}")
     if r["got"][P_FLIP] > r["counted"][1]:
         bad.append(f"port {P_FLIP}: received more than counted")
-    if r["leaked_fds"] or r["pins_changed"]:
+    if r["leaked_fds"] > 0 or r["pins_changed"]:
         bad.append(f"leak: {r['leaked_fds']} fds, pins changed {r['pins_changed']}")
     return bad
 

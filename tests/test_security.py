@@ -5,7 +5,6 @@ request touches only the requested range of the requesting process's memory."""
 import ctypes
 import errno
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from nsutil import Netns
-from bpfilter_umh.frames import REPLY, REQUEST, Reply, Request
+from bpfilter_umh.frames import Request
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF links")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,6 @@ undone (flush) so every input starts from the fresh table. Violations raise Asse
 which libFuzzer reports as a crash and saves the input.
 """
 import ctypes
-import errno
 import os
 import sys
 
@@ -26,7 +25,7 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["bpfilter_umh"]):
     from bpfilter_umh import sockopt  # noqa: E402
-    from bpfilter_umh import model  # noqa: E402,F401
+    from bpfilter_umh import model  # noqa: E402,F401  (instrumented: the decoder)
 from bpfilter_umh.engine import Engine  # noqa: E402
 import test_fuzz_request as H  # noqa: E402
 

@@ -139,7 +139,7 @@ def step_swaps(n):
     return dict(replacements=r["swaps"], datagrams=sum(r["sent"].values()),
                 verdicts_wrong=r["got"][7001] + (r["sent"][7003] - r["got"][7003]),
                 counters_lost_or_double=abs(r["counted"][2] - r["got"][7003]),
-                leaked=r["leaked_fds"] + int(r["pins_changed"]), problems=bad)
+                leaked=max(0, r["leaked_fds"]) + int(r["pins_changed"]), problems=bad)
 
 
 def step_restore_flood(n):
@@ -203,6 +203,9 @@ def step_security(n):
 
 
 def _fuzz(tool, runs):
+    import importlib.util
+    if importlib.util.find_spec("atheris") is None:
+        return {"error": "atheris is not installed (pip install atheris)"}
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, os.path.join(HERE, tool), f"-runs={runs}",
                         "-timeout=10"], capture_output=True, text=True)
