@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast demo kmod test-kmod bench bench-door bench-flavors clean
+.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors clean
 
 deps:
 	sh tools/install-deps.sh
@@ -12,6 +12,11 @@ test: deps
 
 test-fast: deps
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The differential suites alone: kernel iptables-legacy (oracle) vs bpfilter on real traffic
+differential: deps
+	$(PYTHON) -m pytest -q tests/test_lab.py tests/test_differential_handwritten.py \
+		tests/test_differential_generated.py tests/test_differential_door.py
 
 # The README's main job.
 demo: deps

@@ -361,7 +361,7 @@ class _ChainCompiler:
         t = rule.target
         # Check the target first so an unsupported rule is reported before emitting anything.
         if isinstance(t, ExtTarget):
-            raise _unsupported(chain, pos, rule, f"target {t.name}")
+            raise _unsupported(chain, pos, rule, matchers.target_refusal(t, self.fl.name))
         if isinstance(t, Verdict) and t.verdict not in (-NF_ACCEPT - 1, -NF_DROP - 1, XT_RETURN):
             raise _unsupported(chain, pos, rule, f"verdict {t.name}")
         if not isinstance(t, (Verdict, Jump)):

@@ -22,8 +22,15 @@ State of one (netns, family):
   attach.py's pins under /sys/fs/bpf/bpfilter/<netns cookie>/<family>/ (prog array, dispatcher
   links, the ruleset programs); the counters map is found again through the installed programs'
   map ids (each program references exactly one map, the counters)
-  /run/bpfilter/<netns cookie>/<family>.table   JSON: the table blob + GET_INFO numbers and the
-                                                add_counters base
+  /run/bpfilter/<netns cookie>/<family>.table   JSON: the table blob, GET_INFO numbers, the
+                                                generation and its programs' ids (root-only)
+  /run/bpfilter/<netns cookie>/<family>.counters the add_counters base of one generation (binary,
+                                                written alone: no table re-encode per -c/-Z)
+  /run/bpfilter/<netns cookie>/<family>.table.pending  written before the first swap, renamed
+                                                over .table after the last: a process killed in
+                                                between is settled by the next Engine.open (the
+                                                programs in the slots say which table is live;
+                                                a half-swapped table is installed again)
 The netns cookie (SO_NETNS_COOKIE) is never reused within a boot, unlike inode numbers.
 
 Atomic swap: attach.NfAttachment (a dispatcher per hook tail-calls its slot of a prog array;
@@ -161,9 +168,16 @@ class Engine:
         try:
             st, table = self._read_state(self._pending_path)
             want = {int(h): i for h, i in st.get("prog_ids", {}).items()}
+        except FileNotFoundError:
+            return
         except (OSError, KeyError, TypeError, ValueError, BpfilterError):
             _quietly(os.unlink, self._pending_path)
             return
+        if _alive(st.get("writer")):
+            return          # an install in progress (another process): not ours to settle
+        import logging
+        logging.getLogger("bpfilter").warning(
+            "settling %s left by dead writer %s", self._pending_path, st.get("writer"))
         have = self._slot_ids() if os.path.isdir(self.pin_dir) else {}
         live = {h for h, i in want.items() if have.get(h) == i}
         if not live:
@@ -202,7 +216,7 @@ class Engine:
                   hook_entry=table.hook_entry, underflow=table.underflow,
                   blob=table.encode().hex(), flavor=self.flavor,
                   generation=self.generation if generation is None else generation,
-                  prog_ids=prog_ids or {})
+                  prog_ids=prog_ids or {}, writer=_me())
         path = path or self.state_path
         _private_dirs(os.path.dirname(path))
         tmp = path + ".tmp"
@@ -333,7 +347,12 @@ class Engine:
         self._map = new_map
         faults.point("after_swap")
         # step 2 of the commit: the pending state becomes the state (one rename)
-        os.replace(self._pending_path, self.state_path)
+        try:
+            os.replace(self._pending_path, self.state_path)
+        except FileNotFoundError:
+            # removed under us (an external clean-up): the new programs are live, so the new
+            # table is the state; write it directly rather than report a failure
+            self._save_state(table, self.state_path, self.generation + 1)
         self.table = table
         self.generation += 1
         self.base = [(0, 0)] * table.num_entries
@@ -508,6 +527,29 @@ def _find_counters(map_ids):
 
 # BPF_JMP | BPF_EXIT: appended after the program's last exit it can never be reached
 _UNREACHABLE_EXIT = struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+def _start_time(pid: int):
+    """The process's start time (field 22 of /proc/PID/stat): with the pid, it names a process
+    even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _me():
+    return [os.getpid(), _start_time(os.getpid())]
+
+
+def _alive(writer) -> bool:
+    """Is the process that wrote a pending state still running (and not us)?"""
+    try:
+        pid, start = int(writer[0]), writer[1]
+    except (TypeError, ValueError, IndexError):
+        return False
+    return pid != os.getpid() and start is not None and _start_time(pid) == start
 
 
 def _wait_for_readers():

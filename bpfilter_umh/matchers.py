@@ -22,7 +22,7 @@ import subprocess
 
 from . import ebpf as E
 from . import xt_ext as X
-from .ebpf import FP, R0, R1, R2, R3, R4, R7, Label
+from .ebpf import FP, R0, R1, R2, R3, R4, R6, R7, Label
 from .errors import BpfilterError
 
 BPF_FUNC_probe_read_kernel = 113
@@ -46,8 +46,6 @@ _CT_FLAG_NAMES = {X.XT_CONNTRACK_PROTO: "--ctproto", X.XT_CONNTRACK_ORIGSRC: "--
                   X.XT_CONNTRACK_REPLSRC_PORT: "--ctreplsrcport",
                   X.XT_CONNTRACK_REPLDST_PORT: "--ctrepldstport"}
 
-V4_ONLY = X.COMPILED_V4_ONLY | {"ttl"}
-NEEDS_SKB = {"mark", "pkttype", "conntrack", "state"}
 CONNTRACK = {"conntrack", "state"}
 
 
@@ -77,8 +75,8 @@ def handles(m) -> bool:
     return m.name in X.MATCH_NAMES and not isinstance(m.data, (bytes, bytearray))
 
 
-def compiled(m) -> bool:
-    return (m.name, m.revision) in X.COMPILED
+def compiled(m, v6: bool = False) -> bool:
+    return (m.name, m.revision) in X.COMPILED and not v6
 
 
 def needs_l4(m) -> bool:
@@ -123,14 +121,14 @@ def hook_check(m, hook: int, rule, chain: str, pos: int):
 
 def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
     hook_check(m, cc.chain.hook, rule, chain, pos)
-    if not compiled(m):
+    if not compiled(m, cc.v6):
         raise _refuse(chain, pos, rule, f"match {m.name} (revision {m.revision}) is not "
-                                        f"supported by the compiler")
-    if m.name in V4_ONLY and cc.v6:
-        raise _refuse(chain, pos, rule, f"match {m.name} is not supported for IPv6 yet")
-    if m.name in NEEDS_SKB and cc.fl.name != "nf":
-        raise _refuse(chain, pos, rule, f"match {m.name} needs the skb: flavor {cc.fl.name} "
-                                        f"cannot read it; use flavor nf")
+                                        f"supported by the compiler"
+                                        + (" for IPv6 yet" if cc.v6 and compiled(m) else ""))
+    if m.name != "comment" and cc.fl.name != "nf":
+        # the skb-reading matches need the nf context; the others are only tested there
+        raise _refuse(chain, pos, rule, f"match {m.name} is not supported by flavor "
+                                        f"{cc.fl.name}; use flavor nf")
     d = m.data
     if m.name == "comment":
         return
@@ -142,6 +140,8 @@ def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
                                             f"by the compiler")
     if m.name == "multiport":
         return _multiport_any(cc, d, m.revision, fail, hot)
+    if m.name == "limit":
+        return _limit(cc, d, fail, hot, rule.index)
     globals()["_" + m.name](cc, d, fail, hot)
 
 
@@ -400,6 +400,213 @@ def _conntrack(cc, d, fail, hot):
     cc.emit(E.mov(R1, no_ct), E.alu(E.SUB, ct_only, R1), E.alu(E.MUL, ct_only, E.R8),
             E.alu(E.ADD, ct_only, R1), E.alu(E.OR, E.R9, ct_only), E.mov(R1, E.R9))
     cc._acc()
+
+
+# ------------------------------------------------------------------------------ owner
+TCP_NEW_SYN_RECV = 12
+_OWNER_PATHS = {"sk": ("sk_buff", "sk"), "state": ("sock", "__sk_common.skc_state"),
+                "listener": ("request_sock", "__req_common.skc_listener"),
+                "socket": ("sock", "sk_socket"), "sknet": ("sock", "__sk_common.skc_net"),
+                "file": ("socket", "file"), "cred": ("file", "f_cred"),
+                "fsuid": ("cred", "fsuid"), "fsgid": ("cred", "fsgid"),
+                "net": ("nf_hook_state", "net")}
+_OWNER_FAKE = dict(sk=24, state=18, listener=96, socket=288, sknet=48, file=16, cred=48,
+                   fsuid=32, fsgid=36, net=32)
+
+
+@functools.lru_cache(maxsize=None)
+def _owner_facts(fake: bool) -> dict:
+    if fake:
+        return _OWNER_FAKE
+    from . import btf
+    return {k: btf.member_offset(*v) for k, v in _OWNER_PATHS.items()}
+
+
+def _peek(cc, dst: int, size: int, base_slot: int = None, base_reg=None, off: int = 0):
+    """fp[dst] = size bytes at (base + off) via bpf_probe_read_kernel (zeros on a fault, so a
+    NULL base reads as 0); the slot is zeroed first so a short read leaves a clean u64."""
+    cc.emit(E.st(E.DW, FP, dst, 0))
+    if base_slot is not None:
+        cc.emit(E.ldx(E.DW, R3, FP, base_slot))
+    else:
+        cc.emit(E.mov(R3, base_reg))
+    cc.emit(E.alu(E.ADD, R3, off), E.mov(R1, FP), E.alu(E.ADD, R1, dst), E.mov(R2, size),
+            E.call(BPF_FUNC_probe_read_kernel))
+
+
+def _owner(cc, d, fail, hot):
+    """xt_owner.c owner_mt() on the skb's full socket (skb_to_full_sk: a request socket stands
+    for its listener): without a socket (or one of another netns) it matches iff
+    (match ^ invert) == 0; ! --socket-exists fails on a socket; without a file it matches iff
+    no uid/gid test is asked for; then fsuid/fsgid of the file's credentials in uid_min..uid_max
+    / gid_min..gid_max, each ^ !invert. Ids are compared as given: the netns belongs to the
+    initial user namespace, where make_kuid() is the identity (owner_check() refuses the rest)."""
+    from .compile import KernelFacts, S_BUF
+    if d.match & X.XT_OWNER_SUPPL_GROUPS:
+        raise BpfilterError(errno.EOPNOTSUPP, "owner --suppl-groups is not supported by the "
+                                              "compiler")
+    f = _owner_facts(cc.facts == KernelFacts.fake())
+    SK, SOCK, TMP, NET, FILP = S_BUF, S_BUF + 8, S_BUF + 16, S_BUF + 24, S_BUF + 32
+    _flush(cc, fail)
+    nosock, nofile, done = cc.label("owner_nosock"), cc.label("owner_nofile"), \
+        cc.label("owner_done")
+    full = cc.label("owner_full")
+    _peek(cc, SK, 8, base_reg=R7, off=f["sk"])                    # skb->sk
+    _peek(cc, TMP, 1, base_slot=SK, off=f["state"])               # sk->sk_state
+    cc.emit(E.ldx(E.DW, R1, FP, TMP), E.jmp(E.JNE, R1, TCP_NEW_SYN_RECV, full))
+    _peek(cc, SK, 8, base_slot=SK, off=f["listener"])             # inet_reqsk(sk)->rsk_listener
+    cc.emit(Label(full), E.ldx(E.DW, R1, FP, SK), E.jmp(E.JEQ, R1, 0, nosock))
+    _peek(cc, SOCK, 8, base_slot=SK, off=f["socket"])             # sk->sk_socket
+    cc.emit(E.ldx(E.DW, R1, FP, SOCK), E.jmp(E.JEQ, R1, 0, nosock))
+    cc.emit(E.ldx(E.DW, R4, R6, cc.facts.nf_ctx_state, "ctx->state"))
+    _peek(cc, NET, 8, base_reg=R4, off=f["net"])                  # state->net
+    _peek(cc, TMP, 8, base_slot=SK, off=f["sknet"])               # sock_net(sk)
+    cc.emit(E.ldx(E.DW, R1, FP, NET), E.ldx(E.DW, R2, FP, TMP), E.jmp(E.JNE, R1, R2, nosock))
+    if d.match & d.invert & X.XT_OWNER_SOCKET:
+        cc.emit(E.mov(E.R9, 1, comment="! --socket-exists with a socket"), E.ja(done))
+    _peek(cc, FILP, 8, base_slot=SOCK, off=f["file"])             # sk->sk_socket->file
+    cc.emit(E.ldx(E.DW, R1, FP, FILP), E.jmp(E.JEQ, R1, 0, nofile))
+    _peek(cc, TMP, 8, base_slot=FILP, off=f["cred"])              # filp->f_cred
+    _peek(cc, NET, 4, base_slot=TMP, off=f["fsuid"])              # (reuses the slot)
+    _peek(cc, FILP, 4, base_slot=TMP, off=f["fsgid"])
+    cc.emit(E.mov(E.R9, 0))
+    for flag, lo, hi, slot in ((X.XT_OWNER_UID, d.uid_min, d.uid_max, NET),
+                               (X.XT_OWNER_GID, d.gid_min, d.gid_max, FILP)):
+        if d.match & flag:
+            # mismatch = in_range ^ !(invert & flag) = outside ^ !!(invert & flag)
+            cc.emit(E.ldx(E.DW, R1, FP, slot))
+            _outside(cc, R1, R1, lo, hi)
+            if d.invert & flag:
+                cc.emit(E.alu(E.XOR, R1, 1))
+            cc.emit(E.alu(E.OR, E.R9, R1))
+    cc.emit(E.ja(done),
+            Label(nosock), E.mov(E.R9, int((d.match ^ d.invert) != 0), comment="no socket"),
+            E.ja(done),
+            Label(nofile), E.mov(E.R9, int(((d.match ^ d.invert)
+                                            & (X.XT_OWNER_UID | X.XT_OWNER_GID)) != 0),
+                                 comment="no file"),
+            Label(done), E.mov(R1, E.R9))
+    cc._acc()
+
+
+# ------------------------------------------------------------------------------ mac
+ARPHRD_ETHER, ETH_HLEN = 1, 14
+_MAC_PATHS = {"dev": ("sk_buff", "dev"), "head": ("sk_buff", "head"),
+              "data": ("sk_buff", "data"), "mac_header": ("sk_buff", "mac_header"),
+              "type": ("net_device", "type")}
+_MAC_FAKE = dict(dev=16, head=192, data=200, mac_header=182, type=536)
+
+
+@functools.lru_cache(maxsize=None)
+def _mac_facts(fake: bool) -> dict:
+    if fake:
+        return _MAC_FAKE
+    from . import btf
+    return {k: btf.member_offset(*v) for k, v in _MAC_PATHS.items()}
+
+
+def _mac(cc, d, fail, hot):
+    """xt_mac.c mac_mt(): an Ethernet device, a MAC header that lies between skb->head and
+    skb->data - ETH_HLEN, and eth_hdr(skb)->h_source equal to srcaddr, ^ invert. The header
+    bytes are read with bpf_probe_read_kernel (the dynptr starts at the network header)."""
+    from .compile import KernelFacts, S_BUF
+    f = _mac_facts(cc.facts == KernelFacts.fake())
+    DEV, MAC = S_BUF, S_BUF + 8
+    _flush(cc, fail)
+    out, done = cc.label("mac_no"), cc.label("mac_done")
+    cc.emit(E.ldx(E.DW, R4, R7, f["dev"], "skb->dev"))
+    _peek(cc, DEV, 2, base_reg=R4, off=f["type"])                 # skb->dev->type (0: no dev)
+    cc.emit(E.ldx(E.DW, R1, FP, DEV), E.jmp(E.JNE, R1, ARPHRD_ETHER, out),
+            E.ldx(E.DW, R3, R7, f["head"], "skb->head"),
+            E.ldx(E.H, R1, R7, f["mac_header"], "skb->mac_header"),
+            E.alu(E.ADD, R3, R1, comment="skb_mac_header()"),
+            E.mov(R1, R3), E.alu(E.ADD, R1, ETH_HLEN),
+            E.ldx(E.DW, R2, R7, f["data"], "skb->data"),
+            E.jmp(E.JGT, R1, R2, out, comment="mac header + ETH_HLEN > data"),
+            E.alu(E.ADD, R3, 6, comment="h_source"))
+    _peek(cc, MAC, 6, base_reg=R3)
+    want = int.from_bytes(d.srcaddr, "little")
+    cc.emit(E.ldx(E.DW, R1, FP, MAC), E.ld_imm64(R2, want), E.alu(E.XOR, R1, R2))
+    _nz(cc, R1, invert=bool(d.invert))
+    cc.emit(E.ja(done), Label(out), E.mov(R1, 1, comment="not Ethernet: no match"),
+            Label(done))
+    cc._acc()
+
+
+# ------------------------------------------------------------------------------ limit
+BPF_FUNC_jiffies64 = 118
+BPF_MAP_TYPE_ARRAY = 2
+BPF_CMPXCHG = 0xf0 | 0x01          # BPF_CMPXCHG includes BPF_FETCH: r0 gets the old value
+LIMIT_TRIES = 4
+
+
+def _cmpxchg(dst, src, off=0):
+    return E.Insn(E.BPF_STX | E.DW | E.BPF_ATOMIC, dst, src, off, BPF_CMPXCHG,
+                  comment="r0 = cmpxchg(*(u64 *)(dst + off), r0, src)")
+
+
+def _limit(cc, d, fail, hot, index: int):
+    """xt_limit.c limit_mt(): a token bucket per rule, credit += elapsed jiffies *
+    CREDITS_PER_JIFFY (u32 arithmetic), capped at credit_cap; a packet matches when it can pay
+    `cost`. The kernel holds a spin lock; here the state is one u64 (prev jiffies in the high
+    half, credit in the low half) updated with cmpxchg, retried LIMIT_TRIES times (a packet that
+    loses every race is treated as over the limit). prev == 0 means "no packet yet": the bucket
+    starts full, as limit_mt_check() fills it. Elapsed time is taken modulo 2^32 jiffies."""
+    from .compile import S_BUF, S_KEY
+    from .classify import MapSpec
+    hz = X.kernel_hz()
+    cap, cost = X.limit_params(d.avg, d.burst, hz)
+    cpj = X.credits_per_jiffy(hz)
+    name = f"limit_{index}"
+    maps = cc.__dict__.setdefault("cls_maps", {})
+    maps[name] = MapSpec(name, BPF_MAP_TYPE_ARRAY, 4, 8, [(bytes(4), cap.to_bytes(8, "little"))],
+                         kname="bpfilter_limit")
+    _flush(cc, fail)
+    done = cc.label("limit_done")
+    cc.emit(E.st(E.W, FP, S_KEY, 0, f"limit avg {d.avg} burst {d.burst}: cap {cap} cost {cost}"),
+            E.ld_map_fd(R1, name), E.mov(R2, FP), E.alu(E.ADD, R2, S_KEY),
+            E.call(E.BPF_FUNC_map_lookup_elem), E.jmp(E.JEQ, R0, 0, fail),
+            E.mov(E.R8, R0, comment="r8 = the rule's bucket"),
+            E.call(BPF_FUNC_jiffies64), E.mov(R0, R0, bits=32), E.stx(E.DW, FP, S_BUF, R0))
+    for k in range(LIMIT_TRIES):
+        noadd, nocap = cc.label("limit_noadd"), cc.label("limit_nocap")
+        over, build = cc.label("limit_short"), cc.label("limit_build")
+        cc.emit(E.ldx(E.DW, E.R9, E.R8, 0, f"try {k + 1}: r9 = old state"),
+                E.ldx(E.DW, R3, FP, S_BUF, "r3 = now (low 32 bits)"),
+                E.mov(R1, E.R9), E.alu(E.RSH, R1, 32, comment="r1 = prev"),
+                E.mov(R2, E.R9, bits=32, comment="r2 = credit"),
+                E.jmp(E.JEQ, R1, 0, noadd),
+                E.mov(R4, R3), E.alu(E.SUB, R4, R1), E.alu(E.MUL, R4, cpj),
+                E.alu(E.ADD, R2, R4), E.mov(R2, R2, bits=32, comment="u32 credit"),
+                Label(noadd),
+                E.ld_imm64(R4, cap), E.jmp(E.JLE, R2, R4, nocap), E.mov(R2, R4),
+                Label(nocap),
+                E.ld_imm64(R4, cost), E.jmp(E.JLT, R2, R4, over),
+                E.alu(E.SUB, R2, R4), E.mov(E.R5, 0), E.ja(build),
+                Label(over), E.mov(E.R5, 1),
+                Label(build), E.alu(E.LSH, R3, 32), E.alu(E.OR, R3, R2),
+                E.mov(R0, E.R9), _cmpxchg(E.R8, R3),
+                E.jmp(E.JEQ, R0, E.R9, done))
+    cc.emit(E.mov(E.R5, 1, comment="lost every race: over the limit"),
+            Label(done), E.mov(R1, E.R5))
+    cc._acc()
+
+
+# ------------------------------------------------------------------------------ targets
+_TARGET_WHY = {
+    "REJECT": "a netfilter BPF program can only return NF_ACCEPT or NF_DROP; it cannot send "
+              "the TCP reset or ICMP error",
+    "LOG": "a netfilter BPF program cannot write the kernel log",
+    "MARK": "a netfilter BPF program cannot write skb->mark (the skb is read-only to it)",
+}
+
+
+def target_refusal(t, flavor: str) -> str:
+    """What compile.py says about a target it does not translate (the decoded ones get why)."""
+    why = _TARGET_WHY.get(t.name)
+    if why is None or isinstance(t.data, (bytes, bytearray)):
+        return f"target {t.name}"
+    return f"target {t.name} (flavor {flavor}: {why})"
 
 
 # ------------------------------------------------------------------------------ conntrack on/off

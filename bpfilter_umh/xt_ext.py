@@ -18,6 +18,8 @@ exactly; GET_REVISION (sockopt.supported_revisions) answers from that flag.
 from __future__ import annotations
 
 import errno
+import functools
+import gzip
 
 from construct import Array, Bytes, Int8ul, Int16ub, Int16ul, Int32sl, Int32ul, Padding, Struct
 
@@ -112,6 +114,19 @@ xt_rateinfo = Struct("avg" / Int32ul, "burst" / Int32ul, "prev" / Bytes(8), "cre
                      "master" / Bytes(8))                                            # 40
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_hz() -> int:
+    """CONFIG_HZ of the running kernel: xt_limit's arithmetic depends on it (HZ if unknown)."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            for line in f:
+                if line.startswith("CONFIG_HZ="):
+                    return int(line.split("=")[1])
+    except OSError:
+        pass
+    return HZ
+
+
 def credits_per_jiffy(hz: int = HZ) -> int:
     """xt_limit.c CREDITS_PER_JIFFY: the power of two below MAX_CPJ = 0xFFFFFFFF/(HZ*60*60*24)."""
     max_cpj = 0xFFFFFFFF // (hz * 60 * 60 * 24)
@@ -134,8 +149,9 @@ def limit_params(avg: int, burst: int, hz: int = HZ) -> tuple:
 def _limit_check(rule, family, data):
     # xt_limit.c limit_mt_check(): avg * burst is u32 arithmetic, so an overflow shows as fewer
     # credits for the bucket than for one packet
-    if data.burst == 0 or user2credits((data.avg * data.burst) & 0xFFFFFFFF) \
-            < user2credits(data.avg):
+    hz = kernel_hz()
+    if data.burst == 0 or user2credits((data.avg * data.burst) & 0xFFFFFFFF, hz) \
+            < user2credits(data.avg, hz):
         _fail(errno.ERANGE, rule, f"limit: overflow, try lower: {data.avg}/{data.burst}")
 
 
@@ -236,7 +252,8 @@ MATCH_NAMES = set()      # every match registered here (matchers.py answers for 
 def _reg(kind, name, rev, fams, size, codec, **kw):
     if kind == MATCH:
         MATCH_NAMES.add(name)
-    register(Extension(kind, name, rev, fams, size, codec, **kw))
+    for fam in fams:      # one entry per family: `compiled` may differ between them
+        register(Extension(kind, name, rev, (fam,), size, codec, **kw))
 
 
 _reg(MATCH, "multiport", 0, BOTH, 32, xt_multiport, check=_multiport_check)
@@ -264,20 +281,19 @@ _reg(TARGET, "REJECT", 0, V4, 4, ipt_reject_info, check=_reject_check)
 _reg(TARGET, "LOG", 0, BOTH, 32, xt_log_info, check=_log_check)
 _reg(TARGET, "MARK", 2, BOTH, 8, xt_mark_tginfo2)
 
-# (name, revision) of the matches the compiler translates exactly (matchers.py); GET_REVISION
-# admits to these revisions only
+# (name, revision) of the matches the compiler translates exactly (matchers.py), for IPv4 (the
+# IPv6 side of issue #6 is part 4); GET_REVISION admits to these revisions only
 COMPILED = {("multiport", 0), ("multiport", 1), ("iprange", 1), ("mark", 1), ("length", 0),
             ("ttl", 0), ("comment", 0), ("pkttype", 0), ("tos", 1), ("dscp", 0),
-            ("conntrack", 1), ("conntrack", 2), ("conntrack", 3), ("state", 0)}
+            ("conntrack", 1), ("conntrack", 2), ("conntrack", 3), ("state", 0), ("limit", 0),
+            ("owner", 1), ("mac", 0)}
 
-COMPILED_V4_ONLY = {"multiport", "iprange", "length", "tos", "dscp", "pkttype"}
 
 
 def _mark_compiled():
     from .extensions import _registry
     for (kind, _fam, name, rev), e in _registry.items():
-        if kind == MATCH and (name, rev) in COMPILED \
-                and not (_fam == NFPROTO_IPV6 and name in COMPILED_V4_ONLY):
+        if kind == MATCH and (name, rev) in COMPILED and _fam == NFPROTO_IPV4:
             e.compiled = True
 
 

@@ -1,7 +1,7 @@
 """Seeded, reproducible generator of filter rulesets and of the probes that exercise them.
 
 `generate(seed)` gives a Case: the iptables-restore text of a filter table (built-in chains with
-random policies, 1-4 user chains (5-8 in one case out of ten) reached by jumps and gotos, RETURNs, no loops: a user chain only
+random policies, 1-4 user chains (5-8 with big=True) reached by jumps and gotos, RETURNs, no loops: a user chain only
 jumps to chains defined after it) restricted to what the differential suites cover (ipt_ip with
 every inversion, tcp, udp, icmp), and probes aimed at the rules: for each rule, a probe built to
 satisfy all of its fields and one that misses it by exactly one field, plus a few random probes.
@@ -202,10 +202,11 @@ def random_rule(rng, chain: str, targets: list) -> Rule:
     return r
 
 
-def generate(seed: int, n_random_probes: int = 8) -> Case:
+def generate(seed: int, n_random_probes: int = 8, big: bool = False) -> Case:
+    """The case of `seed`; `big` gives larger, deeper tables (5-8 user chains, up to 12 rules
+    per chain) from the same seeds."""
     rng = random.Random(seed)
     policies = {c: rng.choice(["ACCEPT", "ACCEPT", "DROP"]) for c in BUILTINS}
-    big = rng.random() < 0.1           # now and then a larger, deeper table
     n_user = rng.randint(5, 8) if big else rng.randint(1, 4)
     most = 12 if big else 5
     users = [f"{CHAIN_BASES[(seed + i) % len(CHAIN_BASES)]}{i}" for i in range(n_user)]

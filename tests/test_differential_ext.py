@@ -5,9 +5,11 @@ probe alike and end with equal packet and byte counters on every entry. Stateful
 kernel's own sockets: a NEW connection allowed, its ESTABLISHED replies allowed, unsolicited
 packets dropped, RELATED ICMP errors let through (or not)."""
 import ipaddress
+import shutil
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -181,6 +183,23 @@ def conntrack_states_on_probes():
     return t, ps
 
 
+# ----------------------------------------------------------------------------- limit
+@case
+def limit_bursts():
+    # slow rates: after the burst nothing refills within the test, so the outcome is exact
+    t = table("""
+        -A INPUT -p udp -m limit --limit 1/hour --limit-burst 3 -j ACCEPT
+        -A INPUT -p udp -j DROP
+        -A FORWARD -p tcp -m limit --limit 2/min -j ACCEPT
+        -A FORWARD -p tcp -j DROP
+        -A OUTPUT -m limit --limit 1/day --limit-burst 1 -j ACCEPT
+        -A OUTPUT -j DROP""")
+    ps = [P("INPUT", dport=1000 + i) for i in range(6)]
+    ps += [P("FORWARD", proto=TCP, dport=80 + i) for i in range(8)]
+    ps += [P("OUTPUT", dport=2000 + i) for i in range(3)]
+    return t, ps
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ext_differential(name, labs):
     ref, cand = labs
@@ -269,3 +288,83 @@ def test_related_icmp_dropped_without_related_rule(labs):
         res.append((udp_refused(lab, "198.51.100.2", 9), lab.counters()))
     assert res[0][0] == "timeout"
     assert res[0] == res[1]
+
+
+
+def test_limit_counts_bursts_like_the_kernel(labs):
+    """Not vacuous: both sides let exactly the burst through, then the bucket is empty."""
+    text, probes = CASES["limit_bursts"]()
+    for lab in labs:
+        lab.load(text)
+        lab.send(number(probes, start=500))
+        c = lab.counters()
+        assert (c[("INPUT", 0)][0], c[("INPUT", 1)][0]) == (3, 3), lab.installer.name
+        assert (c[("FORWARD", 0)][0], c[("FORWARD", 1)][0]) == (5, 3), lab.installer.name
+        assert c[("OUTPUT", 0)][0] == 1, lab.installer.name
+
+
+# ----------------------------------------------------------------------------- owner
+OWNER = table("""
+    -A OUTPUT -p udp -m udp --dport 9 -m owner --uid-owner 1000 -j DROP
+    -A OUTPUT -p udp -m udp --dport 9 -m owner --gid-owner 2000-2010 -j DROP
+    -A OUTPUT -p udp -m udp --dport 9 -m owner ! --uid-owner 0-10
+    -A OUTPUT -p udp -m udp --dport 9 -m owner --uid-owner 0 --gid-owner 0
+    -A OUTPUT -p udp -m owner --socket-exists
+    -A OUTPUT -p icmp -m owner ! --socket-exists
+    -A OUTPUT -p icmp -m owner --uid-owner 0
+    -A OUTPUT -p tcp -m owner --uid-owner 0
+    -A OUTPUT -p tcp -m owner ! --socket-exists""")
+
+SEND = ("import socket,sys\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        "try:\n s.sendto(b'x',('192.0.2.10',9)); print('sent')\n"
+        "except PermissionError: print('EPERM')\n")
+
+
+def owner_traffic(lab):
+    out = {}
+    for uid, gid in ((0, 0), (1000, 1000), (1500, 2005), (5, 3000), (20, 20)):
+        p = lab.host.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                          sys.executable, "-c", SEND], check=False)
+        out[f"udp from uid {uid} gid {gid}"] = p.stdout.strip() or p.stderr.strip()
+    # the host's own replies: a TCP RST (no listener) and an echo reply go through OUTPUT
+    got = lab.send(number([P("INPUT", proto=TCP, dport=23), P("INPUT", proto=ICMP)], start=950))
+    out["probes"] = sorted(got.items())
+    out["ping"] = lab.ping("192.0.2.1")
+    return out
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_owner_on_output(labs):
+    results = []
+    for lab in labs:
+        lab.load(OWNER)
+        results.append((owner_traffic(lab), lab.counters()))
+    assert results[0] == results[1]
+    r = results[0][0]
+    assert r["udp from uid 1000 gid 1000"] == "EPERM" and r["udp from uid 0 gid 0"] == "sent"
+    assert r["udp from uid 1500 gid 2005"] == "EPERM"
+
+
+# ----------------------------------------------------------------------------- mac
+def test_mac_source(labs):
+    from lab import _mac
+    c0, c1, s0 = _mac(0, 2), _mac(1, 2), _mac(4, 2)
+    text = table(f"""
+        -A INPUT -m mac --mac-source {c0} -p udp -j DROP
+        -A INPUT -m mac ! --mac-source {c1} -p tcp -j DROP
+        -A FORWARD -m mac --mac-source {s0} -j DROP
+        -A FORWARD -m mac ! --mac-source {c0} -p icmp -j DROP""")
+    ps = []
+    for sender, fwd_dst in (("c0", "198.51.100.77"), ("c1", "198.51.100.77"),
+                            ("c2", "198.51.100.77"), ("s0", "192.0.2.10")):
+        src = {"c0": "192.0.2.2", "c1": "192.0.2.66", "c2": "192.0.2.130",
+               "s0": "198.51.100.2"}[sender]
+        for proto in (TCP, UDP, ICMP):
+            ps.append(P("INPUT", sender=sender, src=src, dst="192.0.2.1", proto=proto))
+            ps.append(P("FORWARD", sender=sender, src=src, dst=fwd_dst, proto=proto))
+    ref, cand = labs
+    diffs = differential(ref, cand, text, number(ps))
+    assert not diffs, "\n".join(diffs[:20])
+    c = ref.counters()
+    assert c[("INPUT", 0)][0] == 1 and c[("FORWARD", 0)][0] == 3     # not vacuous

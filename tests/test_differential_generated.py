@@ -56,3 +56,31 @@ def test_generated_ruleset(seed, labs):
 
 
 _shrinks_left = [int(os.environ.get("BPFILTER_DIFF_SHRINK", "3"))]
+
+
+BIG_N = int(os.environ.get("BPFILTER_DIFF_BIG_SEEDS", "10"))
+BIG_LIMIT = 45       # seconds per case: the kernel's own iptables takes well under one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(BIG_N))
+def test_generated_big_ruleset(seed, labs):
+    """Larger tables (40-90 rules, 5-8 user chains, nested jumps and gotos): same outcome and
+    counters, within BIG_LIMIT seconds for the whole case."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError(f"case took more than {BIG_LIMIT} s")
+    ref, cand = labs
+    case = rulegen.generate(seed, big=True)
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(BIG_LIMIT)
+    try:
+        diffs = differential(ref, cand, case.text(), case.probes)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    if diffs:
+        pytest.fail("\n".join([f"big seed {seed} (rerun: pytest -m slow "
+                                f"'tests/test_differential_generated.py::test_generated_big_ruleset[{seed}]')",
+                                case.text()] + diffs[:20]), pytrace=False)

@@ -136,3 +136,25 @@ def test_helper_killed_during_install(lab, fault, adopted):
         maps.add(tuple(p.info()["map_ids"]))
         p.close()
     assert len(maps) == 1
+
+
+def test_state_without_pins_starts_fresh_and_flushes(lab):
+    """The pins went (bpffs remounted, rm -r) but the state file stayed: nothing of that table
+    is enforced, so the engine starts from the empty table and says why; flush and install
+    work (before, Engine.open failed and even `bpfilter flush` could not clean up)."""
+    import shutil
+    a, b, probe = lab
+    ta, tb = two_rulesets()
+    with b.inside():
+        eng = Engine.open()
+        eng.install(ta)
+    assert probe.verdicts() == A_VERDICTS
+    shutil.rmtree(eng.pin_dir)              # links unpinned: the kernel detaches them
+    with b.inside():
+        eng2 = Engine.open()
+        assert "pins" in eng2.status()["error"] and eng2.table.num_entries == 4
+        eng2.install(tb)
+    assert probe.verdicts() == B_VERDICTS
+    with b.inside():
+        Engine.open().flush()
+        assert not os.path.exists(eng.state_path) and not os.path.exists(eng.pin_dir)

@@ -1,0 +1,53 @@
+"""Issue #6 part 2, what is there so far: REJECT, LOG and MARK are decoded with the kernel's
+checkentry rules (tests/test_ext_checkentry.py) but the nf flavor cannot carry them out (a
+netfilter BPF program only returns NF_ACCEPT/NF_DROP and cannot emit packets, write the kernel
+log or write skb->mark), so a ruleset using them is refused with EOPNOTSUPP naming the rule, the
+flavor and the reason, and the previous ruleset stays in force."""
+import errno
+import os
+
+import pytest
+
+from lab import kernel_snapshot, restore
+from nsutil import Netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
+
+RULES = {
+    "REJECT": "-A INPUT -p tcp -m tcp --dport 23 -j REJECT --reject-with tcp-reset",
+    "LOG": "-A INPUT -p udp -j LOG --log-prefix \"udp: \" --log-level 6 --log-uid",
+    "MARK": "-A FORWARD -j MARK --set-xmark 0x5/0xff",
+}
+
+
+@pytest.mark.parametrize("target", sorted(RULES))
+def test_target_refused_naming_rule_and_flavor(target):
+    from bpfilter_umh.compile import KernelFacts, compile_table
+    from bpfilter_umh.errors import BpfilterError
+    text = "*filter\n-A INPUT -p icmp -j ACCEPT\n" + RULES[target] + "\nCOMMIT\n"
+    with Netns("tg") as ns:
+        restore(ns, text)
+        table = kernel_snapshot(ns)
+    with pytest.raises(BpfilterError) as ei:
+        compile_table(table, KernelFacts.fake())
+    e = ei.value
+    assert e.errno == errno.EOPNOTSUPP
+    chain = "FORWARD rule 1" if target == "MARK" else "INPUT rule 2"
+    assert e.message.startswith(f"chain {chain} (entry offset ")
+    assert f"target {target} (flavor nf: a netfilter BPF program" in e.message
+
+
+def test_door_refuses_and_keeps_the_old_ruleset(netns):
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(netns.env, PYTHONPATH=root, BPFILTER_IDLE_EXIT="1")
+    cli = [sys.executable, "-m", "bpfilter_umh.cli", "exec", "--"]
+    try:
+        netns.run(cli + ["iptables-legacy", "-A", "INPUT", "-p", "icmp", "-j", "ACCEPT"], env=env)
+        p = netns.run(cli + ["iptables-legacy", "-A", "INPUT", "-p", "tcp", "-j", "REJECT",
+                             "--reject-with", "tcp-reset"], env=env, check=False)
+        assert p.returncode == 1 and "Operation not supported" in p.stderr
+        s = netns.run(cli + ["iptables-legacy", "-S", "INPUT"], env=env).stdout
+        assert s == "-P INPUT ACCEPT\n-A INPUT -p icmp -j ACCEPT\n"
+    finally:
+        netns.run([sys.executable, "-m", "bpfilter_umh.cli", "flush"], env=env, check=False)
