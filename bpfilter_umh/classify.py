@@ -410,7 +410,7 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
     miss, key = cc.label("run_miss"), cc.label("run_key")
     exit0 = cc.label("group_exit")            # with jump cases, the end of the run is far away
     cc.emit(E.ja(key), Label(miss), E.ja(exit0 if run.cases else after), Label(hot),
-            E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(key))
+            E.mov(R0, _rc(cc, ACT_DROP), comment="hotdrop"), E.exit_(), Label(key))
     if run.kind == "lpm":
         slot = C.S_SADDR if run.sig[1] == "src" else C.S_DADDR
         cc.emit(E.st(E.W, FP, S_CLS_KEY, 32, "LPM key: prefixlen 32"),
@@ -486,7 +486,7 @@ def _dispatch(cc, run: Run, chain: str, ret: str, where: str, path: list, after:
     for a in ([fall] if fall is not None else []) + [a for a in verdicts if a != fall]:
         if a != fall:
             cc.emit(Label(v_lbl[a]))
-        cc.emit(*_verdict_code(a, vret))
+        cc.emit(*_verdict_code(cc, a, vret))
     for g, members in enumerate(groups):
         ks = [run.cases[p] + ACT_CASE for p in members]
         cc.emit(Label(check[g], f"jump cases {ks[0] - ACT_CASE}..{ks[-1] - ACT_CASE}"))
@@ -506,15 +506,23 @@ def _dispatch(cc, run: Run, chain: str, ret: str, where: str, path: list, after:
             if a == ACT_CASE:           # a later case: through this group's check, forward
                 cc.emit(E.mov(R1, ACT_CASE + run.cases[pos]), E.ja(check[g]))
             else:
-                cc.emit(*_verdict_code(a, rets[g]))
+                cc.emit(*_verdict_code(cc, a, rets[g]))
         cc.emit(Label(exits[g]), E.ja(exits[g + 1] if g < G - 1 else after),
                 Label(rets[g]), E.ja(rets[g + 1] if g < G - 1 else ret))
 
 
-def _verdict_code(a: int, ret: str) -> list:
+def _rc(cc, a: int) -> int:
+    """The flavor's return code for ACCEPT / DROP (nf: NF_ACCEPT/NF_DROP; tc, xdp: theirs)."""
+    fl = getattr(cc, "fl", None)
+    if fl is None:
+        return NF_ACCEPT if a == ACT_ACCEPT else NF_DROP
+    return fl.ACCEPT if a == ACT_ACCEPT else fl.DROP
+
+
+def _verdict_code(cc, a: int, ret: str) -> list:
     if a == ACT_RETURN:
         return [E.ja(ret, "RETURN")]
-    return [E.mov(R0, NF_ACCEPT if a == ACT_ACCEPT else NF_DROP, comment=ACT_NAMES[a]), E.exit_()]
+    return [E.mov(R0, _rc(cc, a), comment=ACT_NAMES[a]), E.exit_()]
 
 
 def _tree(cc, lo: int, hi: int, labels: list):
@@ -847,7 +855,7 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
                         f"({len(run.rules)} rules of mixed shapes): per-field lookups "
                         f"(saddr, daddr, proto+dport, proto+sport) ANDed over {words} words"),
             E.ja(key), Label(miss), E.ja(after), Label(hot),
-            E.mov(R0, NF_DROP, comment="hotdrop"), E.exit_(), Label(key))
+            E.mov(R0, _rc(cc, ACT_DROP), comment="hotdrop"), E.exit_(), Label(key))
     for slot, what, mslot in ((C.S_SADDR, "src", S_M[0]), (C.S_DADDR, "dst", S_M[1])):
         _lookup_chain(cc, f"{name}_{what}", [[
             E.st(E.W, FP, S_CLS_KEY, 32, f"LPM key: {what} address"),

@@ -84,6 +84,29 @@ S_OPT = -248          # 48-byte buffer for TCP options (tcp_find_option's _opt[4
 IP_OFFSET = 0x1fff
 ACC = R5              # OR of the current rule's mismatch values (0 = everything matched so far)
 
+# ---- user chains as BPF subprograms (bpf-to-bpf calls) ----
+# Inlining a user chain at every call site is exact but multiplies: chains reached from many
+# sites, nested, grow a 90-rule table to 276 000 instructions, which the kernel refuses
+# (bpf_patch_insn_data: "insn N cannot be patched due to 16-bit range"). Past SUBPROG_ABOVE
+# instructions, the chains reached from more than one site become subprograms, each emitted
+# once. A subprogram returns the flavor's ACCEPT/DROP verdict (a final verdict or a hotdrop:
+# the caller returns it as is) or SUB_RETURN (the chain RETURNed, or fell off its end onto its
+# RETURN entry): after a jump the caller goes on with its next entry, after a goto it returns
+# in turn (a goto pushes nothing in ipt_do_table, so RETURN resumes after the last *jump*); the
+# built-in chain turns SUB_RETURN after a goto into its underflow (policy) entry.
+SUBPROG_ABOVE = 16384       # instructions of the inlined program; chosen from measurements
+SUB_RETURN = 0x7e7e         # no flavor's verdict (NF 0/1, TC -1/0/2, XDP 1/2)
+# The packet fields live in the main program's stack slots. A subprogram gets a pointer to the
+# main frame in r1 (the verifier allows loads, stores, helper and kfunc arguments through a
+# PTR_TO_STACK of a caller frame: kernel/bpf/verifier.c func(env, reg)); every r10-relative
+# access of rule code is rewritten to go through it (_via_main_frame). All of r6-r9 are taken
+# (r6 ctx, r7 skb, r8/r9 rule scratch), so the pointer lives in the subprogram's own frame:
+S_SUB_MAIN = -8             # in a subprogram frame: the main frame pointer
+S_SUB_SPILL = -16           # in a subprogram frame: a register saved around a rewritten store
+MAX_CALL_FRAMES = 8         # kernel/bpf/verifier.c MAX_CALL_FRAMES (main program included)
+MAX_BPF_STACK = 512         # combined stack of the frames of one call chain (check_max_stack_depth)
+SUB_FRAME = 32              # a subprogram frame: 16 bytes, rounded up like the interpreter does
+
 
 @dataclass(frozen=True)
 class KernelFacts:
@@ -209,8 +232,14 @@ class _ChainCompiler:
     MAX_DEPTH = 64          # deeper than any table the kernel accepts (it rejects loops)
     MAX_INSNS = 1_000_000   # BPF_COMPLEXITY_LIMIT_INSNS: larger programs cannot load anyway
 
-    def __init__(self, table: Table, chain: Chain, facts: KernelFacts, flavor=None):
+    def __init__(self, table: Table, chain: Chain, facts: KernelFacts, flavor=None,
+                 subprogs=frozenset(), cap: Optional[int] = None):
         self.table, self.chain, self.facts = table, chain, facts
+        self.subprogs = frozenset(subprogs)   # user chains called, not inlined
+        self.cap = cap                         # give up (_Oversize) past this many items
+        self.sub_labels = {}                   # (chain, start) -> label of its subprogram
+        self.sub_queue = []                    # subprograms still to emit
+        self.in_sub = False
         self.fl = flavor if flavor is not None else flavors.get("nf")
         self.v6 = table.family == AF_INET6     # the IPv6 family layer is in family.py
         self.items: list = []
@@ -233,6 +262,8 @@ class _ChainCompiler:
 
     def emit(self, *items):
         self.items.extend(items)
+        if self.cap is not None and len(self.items) > self.cap:
+            raise _Oversize()
         if len(self.items) > self.MAX_INSNS:
             raise BpfilterError(errno.E2BIG, f"chain {self.chain.name}: the compiled program "
                                              f"exceeds {self.MAX_INSNS} instructions")
@@ -264,6 +295,9 @@ class _ChainCompiler:
         # the flavor layer (flavors.py): ctx in r6, S_LEN, interface names where it knows them
         self.needs_ip = self.needs_ip or self.fl.needs_ip
         self.fl.prologue(self, drop)
+        # the flavor keeps ctx in r6 and maybe the skb in r7: subprograms get them as arguments
+        self.r7_live = any(isinstance(i, Insn) and i.dst == 7 and i.cls in (E.BPF_LDX, E.BPF_ALU64)
+                           for i in self.items)
         if self.needs_ip or self.needs_l4:
             self._parse_ip(drop)
             self.fl.after_ip(self)
@@ -279,6 +313,7 @@ class _ChainCompiler:
         self.emit(Label(underflow, f"policy of {top.name} (underflow)"))
         self._entry(top.policy_entry, top.name, len(top.rules) + 1, underflow, "policy",
                     [top.name], top.name)
+        self._subprograms()
         return E.prune(self.items)
 
     def _parse_ip(self, drop: str):
@@ -404,15 +439,70 @@ class _ChainCompiler:
                                              f"{rule.offset}): loop through chain {t.chain}")
         goto = bool(rule.ip.flags & (family.IP6T_F_GOTO if self.v6 else IPT_F_GOTO)) or t.goto
         body = self.label("body")
+        called = target.name in self.subprogs
         self.emit(E.ja(body), Label(fail), E.ja(nxt),
                   Label(hot), E.mov(R0, self.fl.DROP, comment="hotdrop"), E.exit_(),
-                  Label(body, f"{'goto' if goto else 'jump'} {t.chain}"))
+                  Label(body, f"{'goto' if goto else 'jump'} {t.chain}"
+                              + (" (subprogram)" if called else "")))
         inner_ret = ret if goto else nxt
+        if called:
+            self._call(target, start, inner_ret, goto)
+            self.emit(Label(nxt))
+            return
         inner_where = f"{where} > {t.chain}"
         self._chain_body(target, inner_ret, path + [target.name], inner_where, start)
         self._entry(target.policy_entry, t.chain, len(target.rules) + 1, inner_ret,
                     "return", path + [target.name], inner_where)
         self.emit(Label(nxt))
+
+    # ---- subprograms ----
+    def _call(self, target: Chain, start: int, on_return: str, goto: bool):
+        """Call the subprogram of `target`; SUB_RETURN goes on at on_return, a verdict ends."""
+        key = (target.name, start)
+        if key not in self.sub_labels:
+            self.sub_labels[key] = f"sub_{target.name}" + (f"_{start}" if start else "")
+            self.sub_queue.append((target, start))
+        self.emit(E.mov(R1, FP, comment="r1 = the main frame (packet fields, counters key)"),
+                  E.mov(R2, R6, comment="r2 = ctx"),
+                  E.mov(R3, R7 if self.r7_live else 0),
+                  E.call_local(self.sub_labels[key], f"chain {target.name}"),
+                  E.jmp(E.JEQ, R0, SUB_RETURN, on_return,
+                        comment="RETURN: " + ("the goto's caller returns" if goto else
+                                              "continue after the jump")))
+        if self.in_sub:
+            self.emit(E.exit_("a verdict: pass it up"))
+            return
+        # the main program returns constants only (check_return_code wants a known range)
+        other = self.label("verdict")
+        self.emit(E.jmp(E.JNE, R0, self.fl.ACCEPT, other), E.exit_("ACCEPT"),
+                  Label(other), E.mov(R0, self.fl.DROP), E.exit_("DROP"))
+
+    def _subprograms(self):
+        """Emit each called chain once, after the main program (a subprogram starts where a
+        call lands and must end in exit or ja: check_subprogs)."""
+        if not self.sub_queue:
+            return
+        self.in_sub = True
+        while self.sub_queue:
+            target, start = self.sub_queue.pop(0)
+            label = self.sub_labels[(target.name, start)]
+            saved, self.items = self.items, []
+            ret = self.label("sub_return")
+            where = f"sub {target.name}"
+            self._chain_body(target, ret, [target.name], where, start)
+            self._entry(target.policy_entry, target.name, len(target.rules) + 1, ret,
+                        "return", [target.name], where)
+            self.emit(Label(ret), E.mov(R0, SUB_RETURN), E.exit_("RETURN"))
+            body = _via_main_frame(self.items)
+            self.items = saved
+            self.emit(Label(label, f"subprogram: chain {target.name}"
+                                   + (f" from rule {start + 1}" if start else "")),
+                      E.stx(E.DW, FP, S_SUB_MAIN, R1, "keep the main frame pointer"),
+                      E.mov(R6, R2, comment="r6 = ctx"),
+                      *([E.mov(R7, R3, comment="r7 = ctx->skb")] if self.r7_live else []),
+                      # r8/r9 must be readable: rewritten stores save one of them
+                      E.mov(E.R8, 0), E.mov(R9, 0),
+                      *body)
 
     def _landing(self, t: Jump, chain: str, pos: int, rule: Rule):
         """The user chain a jump lands in and the index of the landing rule (iptables always
@@ -692,6 +782,147 @@ class _ChainCompiler:
         self._acc()
 
 
+class _Oversize(Exception):
+    """The inlined program passed the cap: compile again with subprograms."""
+
+
+def _via_main_frame(items: list) -> list:
+    """Rewrite a subprogram's r10-relative accesses (rule code addresses the packet fields as
+    fp-offsets) to go through the main frame pointer kept at S_SUB_MAIN of its own frame."""
+    out = []
+    for it in items:
+        if not isinstance(it, Insn) or FP not in (it.dst, it.src) or it.is_jump or it.is_exit:
+            out.append(it)
+            continue
+        cls, c = it.cls, it.comment
+        if cls == E.BPF_LDX and it.src == FP:
+            # the destination is overwritten anyway: use it to hold the pointer
+            out += [E.ldx(E.DW, it.dst, FP, S_SUB_MAIN, c), Insn(it.code, it.dst, it.dst, it.off)]
+        elif cls == E.BPF_ALU64 and it.code == (E.BPF_ALU64 | E.MOV | E.BPF_X) and it.src == FP:
+            out.append(E.ldx(E.DW, it.dst, FP, S_SUB_MAIN, c or "the main frame"))
+        elif cls in (E.BPF_ST, E.BPF_STX) and it.dst == FP and it.code & 0xe0 == E.BPF_MEM:
+            # no register is free here: borrow r9 (r8 when storing r9) and restore it
+            tmp = E.R8 if cls == E.BPF_STX and it.src == 9 else R9
+            out += [E.stx(E.DW, FP, S_SUB_SPILL, tmp, c), E.ldx(E.DW, tmp, FP, S_SUB_MAIN),
+                    Insn(it.code, tmp, it.src, it.off, it.imm),
+                    E.ldx(E.DW, tmp, FP, S_SUB_SPILL)]
+        else:
+            raise BpfilterError(errno.EOPNOTSUPP, f"compile: cannot move {E.format_insn(it)!r} "
+                                                  f"into a subprogram")
+    return out
+
+
+def _jumps(table: Table):
+    """A predicate: does this rule jump into a chain (not libiptc's fall-through to the next
+    entry, which _entry treats as "no target")?"""
+    entries = table.entries()
+    nxt = {a.offset: b.offset for a, b in zip(entries, entries[1:])}
+    return lambda r: isinstance(r.target, Jump) and r.target.offset != nxt.get(r.offset)
+
+
+def _jump_sites(table: Table, top: Chain) -> dict:
+    """How many jump/goto rules reachable from `top` target each user chain."""
+    by_name = {c.name: c for c in table.chains}
+    jumps = _jumps(table)
+    sites, seen, todo = {}, {top.name}, [top]
+    while todo:
+        for r in todo.pop().rules:
+            if jumps(r) and r.target.chain in by_name:
+                name = r.target.chain
+                sites[name] = sites.get(name, 0) + 1
+                if name not in seen:
+                    seen.add(name)
+                    todo.append(by_name[name])
+    return sites
+
+
+def _nesting(table: Table, top: Chain, subs: frozenset) -> dict:
+    """The deepest subprogram nesting at which each subprogram chain runs (1 = called by the
+    main program)."""
+    by_name = {c.name: c for c in table.chains}
+    jumps = _jumps(table)
+    deepest, seen = {}, set()
+
+    def walk(chain: Chain, depth: int, path: tuple):
+        if (chain.name, depth) in seen:
+            return
+        seen.add((chain.name, depth))
+        for r in chain.rules:
+            t = r.target
+            if not jumps(r) or t.chain not in by_name or by_name[t.chain].builtin:
+                continue                  # the compiler reports these, naming the rule
+            if t.chain in path:
+                raise BpfilterError(errno.ELOOP, f"chain {chain.name}: loop through chain "
+                                                 f"{t.chain}")
+            d = depth + (t.chain in subs)
+            if t.chain in subs:
+                deepest[t.chain] = max(deepest.get(t.chain, 0), d)
+            walk(by_name[t.chain], d, path + (t.chain,))
+    walk(top, 0, (top.name,))
+    return deepest
+
+
+def _main_stack(items: list, subprogram_labels) -> int:
+    """Bytes of stack the main program uses (deepest fp offset it touches or points at)."""
+    depth, prev = 0, None
+    for it in items:
+        if isinstance(it, Label):
+            if it.name in subprogram_labels:
+                break
+            continue
+        if it.cls in (E.BPF_LDX,) and it.src == FP or it.cls in (E.BPF_ST, E.BPF_STX) \
+                and it.dst == FP:
+            depth = max(depth, -it.off)
+        elif prev is not None and it.code == (E.BPF_ALU64 | E.ADD | E.BPF_K) \
+                and prev.code == (E.BPF_ALU64 | E.MOV | E.BPF_X) and prev.src == FP \
+                and it.dst == prev.dst:
+            depth = max(depth, -it.imm)
+        prev = it
+    return depth
+
+
+def _compile_chain(table: Table, chain: Chain, facts: KernelFacts, fl, subprog_above: int,
+                   subprogs) -> "_ChainCompiler":
+    """Inline every user chain (exact, the default) unless the program would pass
+    `subprog_above` items; then call the chains reached from more than one site (or the chains
+    named in `subprogs`) as subprograms, within the verifier's call depth and stack limits."""
+    sites = _jump_sites(table, chain)
+    if subprogs is None:
+        subs = frozenset(n for n, k in sites.items() if k > 1)
+        if not subs:
+            return _compile_ready(table, chain, facts, fl)
+        try:       # dead code after unconditional rules is pruned: allow for it while emitting
+            cc = _compile_ready(table, chain, facts, fl, cap=8 * subprog_above)
+            if sum(it.slots for it in cc.items if isinstance(it, Insn)) <= subprog_above:
+                return cc
+        except _Oversize:
+            pass
+    else:
+        subs = frozenset(subprogs) & frozenset(sites)
+    frames = MAX_CALL_FRAMES - 1
+    while True:
+        deepest = _nesting(table, chain, subs)
+        too_deep = {n for n, d in deepest.items() if d > frames}
+        if too_deep:            # inline the deepest ones: their copies stay bounded
+            subs -= too_deep
+            continue
+        cc = _compile_ready(table, chain, facts, fl, subs)
+        main = (_main_stack(cc.items, set(cc.sub_labels.values())) + 31) // 32 * 32
+        fit = min(MAX_CALL_FRAMES - 1, (MAX_BPF_STACK - main) // SUB_FRAME)
+        if fit >= max(deepest.values(), default=0):
+            return cc
+        frames = fit
+        if fit < 1:
+            raise BpfilterError(errno.E2BIG, f"chain {chain.name}: the main program uses {main} "
+                                             f"bytes of stack, no room for subprogram frames")
+
+
+def _compile_ready(table, chain, facts, fl, subs=frozenset(), cap=None) -> "_ChainCompiler":
+    cc = _ChainCompiler(table, chain, facts, fl, subprogs=subs, cap=cap)
+    cc.items = cc.compile()
+    return cc
+
+
 def _entry_count(table: Table) -> int:
     if hasattr(table, "entries"):
         return len(table.entries())
@@ -705,9 +936,12 @@ def _entry_count(table: Table) -> int:
     return max(idx) + 1
 
 
-def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf") -> CompiledTable:
+def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
+                  subprog_above: int = SUBPROG_ABOVE, subprogs=None) -> CompiledTable:
     """Compile every built-in chain of `table` for `flavor`. Raises BpfilterError naming the rule
-    when something cannot be translated."""
+    when something cannot be translated. User chains are inlined unless the program would pass
+    `subprog_above` items (0 forces subprograms for chains reached from several sites);
+    `subprogs` (a set of chain names) forces exactly those chains to be subprograms."""
     fl = flavors.get(flavor) if isinstance(flavor, str) else flavor
     if table.family not in (AF_INET, AF_INET6):
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
@@ -725,8 +959,8 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf") -> Compi
         fl.check_chain(chain)           # refuses, naming the chain, what the flavor cannot serve
         if not fl.serves(chain):
             continue                    # empty ACCEPT chain at a hook the flavor has not
-        cc = _ChainCompiler(table, chain, facts, fl)
-        items = cc.compile()
+        cc = _compile_chain(table, chain, facts, fl, subprog_above, subprogs)
+        items = cc.items
         out.programs.append(CompiledProgram(chain.name, chain.hook, items, len(chain.rules),
                                             where=cc.where, facts=facts,
                                             prog_type=fl.prog_type,

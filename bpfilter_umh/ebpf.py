@@ -7,7 +7,7 @@ API (stable; other modules and tests use it):
                             BPF_PSEUDO_KFUNC_CALL) and `comment` (shown in listings)
   Label(name, comment="")   a position marker in an instruction list
   builders                  mov, alu, neg, be16/be32/be64, ldx, stx, st, jmp, ja, call, kfunc,
-                            exit_, ld_imm64, ld_map_fd
+                            call_local (bpf-to-bpf call of a label), exit_, ld_imm64, ld_map_fd
   prune(items)              drop instructions no path from insn 0 reaches (the verifier rejects
                             unreachable code: kernel/bpf/verifier.c check_cfg "unreachable insn")
   assemble(items, maps={}, kfuncs={}) -> bytes
@@ -53,6 +53,7 @@ JMP_NEGATE = {JEQ: JNE, JNE: JEQ, JGT: JLE, JLE: JGT, JGE: JLT, JLT: JGE,
               JSGT: JSLE, JSLE: JSGT, JSGE: JSLT, JSLT: JSGE}
 
 BPF_PSEUDO_MAP_FD = 1
+BPF_PSEUDO_CALL = 1          # call src: a bpf-to-bpf call, imm = slots from the next insn
 BPF_PSEUDO_KFUNC_CALL = 2
 
 
@@ -99,6 +100,11 @@ class Insn:
     @property
     def is_jump(self) -> bool:
         return self.cls in (BPF_JMP, BPF_JMP32) and self.code & 0xf0 not in (CALL, EXIT)
+
+    @property
+    def is_local_call(self) -> bool:
+        """A bpf-to-bpf call of a subprogram in the same program (src=BPF_PSEUDO_CALL)."""
+        return self.code == (BPF_JMP | CALL) and self.src == BPF_PSEUDO_CALL
 
     @property
     def is_exit(self) -> bool:
@@ -191,6 +197,13 @@ def kfunc(name: str, comment: str = "") -> Insn:
     return Insn(BPF_JMP | CALL, src=BPF_PSEUDO_KFUNC_CALL, kfunc=name, comment=comment)
 
 
+def call_local(label: str, comment: str = "") -> Insn:
+    """Call the subprogram starting at `label` (kernel/bpf/verifier.c add_subprog: a call with
+    src=BPF_PSEUDO_CALL starts a subprogram at insn + imm + 1; r1-r5 are its arguments, r0 its
+    result, r6-r9 and the caller's stack survive the call)."""
+    return Insn(BPF_JMP | CALL, src=BPF_PSEUDO_CALL, target=label, comment=comment)
+
+
 def exit_(comment: str = "") -> Insn:
     return Insn(BPF_JMP | EXIT, comment=comment)
 
@@ -235,6 +248,10 @@ def prune(items: list) -> list:
         ins = insns[i]
         if ins.is_exit:
             continue
+        if ins.is_local_call:          # the callee is reachable, and so is the return point
+            if ins.target not in where:
+                raise BpfilterError(errno.EINVAL, f"ebpf: call of undefined label {ins.target!r}")
+            todo.append(where[ins.target])
         if ins.is_jump:
             if ins.target not in where:
                 raise BpfilterError(errno.EINVAL, f"ebpf: jump to undefined label {ins.target!r}")
@@ -271,7 +288,9 @@ def assemble(items: Iterable[Item], maps: Optional[dict] = None,
             if ins.target not in where:
                 raise BpfilterError(errno.EINVAL, f"ebpf: jump to undefined label {ins.target!r}")
             delta = slot_of[where[ins.target]] - slot_of[i] - 1
-            if -32768 <= delta <= 32767:
+            if ins.is_local_call:
+                imm = delta
+            elif -32768 <= delta <= 32767:
                 off = delta
             elif ins.is_goto:
                 code, off, imm = BPF_JMP32 | JA, 0, delta
@@ -321,8 +340,9 @@ def decode_items(code: bytes) -> list:
             s += 1
     targets, out = {}, []
     for s, ins in insns:
-        if ins.is_jump:
-            delta = ins.imm if (ins.cls == BPF_JMP32 and ins.code & 0xf0 == JA) else ins.off
+        if ins.is_jump or ins.is_local_call:
+            delta = ins.imm if (ins.cls == BPF_JMP32 and ins.code & 0xf0 == JA) \
+                or ins.is_local_call else ins.off
             targets[s] = s + 1 + delta
     wanted = set(targets.values())
     for s, ins in insns:
@@ -368,6 +388,8 @@ def format_insn(ins: Insn) -> str:
         if op == CALL:
             if ins.src == BPF_PSEUDO_KFUNC_CALL:
                 return f"call kfunc {ins.kfunc or 'btf_id:%d' % ins.imm}"
+            if ins.src == BPF_PSEUDO_CALL:
+                return f"call {ins.target if ins.target is not None else 'pc%+d' % ins.imm}"
             return f"call {HELPER_NAMES.get(ins.imm, ins.imm)}#{ins.imm}"
         if op == JA:
             return f"{'gotol' if cls == BPF_JMP32 else 'goto'} {tgt}"

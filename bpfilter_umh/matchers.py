@@ -1,6 +1,15 @@
 """BPF code for the issue #6 matches (registry entries in xt_ext.py), called from compile.py's
-match dispatch: handles(m) says whether this module translates a match, emit(...) appends its
-instructions to the rule being compiled.
+match dispatch: handles(m) says this module answers for a match (every match xt_ext.py
+registers), emit(...) applies the hook-dependent kernel checks, then appends the match's
+instructions to the rule being compiled or refuses it (EOPNOTSUPP naming the rule) when the
+revision is not in xt_ext.COMPILED. Translated (IPv4, flavor nf): multiport 0/1, iprange 1,
+mac 0, mark 1, length 0, ttl 0, comment 0, pkttype 0, tos 1, dscp 0, limit 0, owner 1,
+conntrack 1/2/3 (all criteria but --ctexpire), state 0.
+
+Fields the packet does not carry are read from the kernel's own objects: skb->mark, pkt_type,
+_nfct, head/data/mac_header directly through the trusted skb pointer; the socket, file and
+credentials (owner), the MAC header bytes and the nf_conn status and tuples through
+bpf_probe_read_kernel, which reads zeros on a fault (so a NULL pointer behaves as "absent").
 
 Every matcher follows the compiler's convention (compile.py "conditions"): leave a mismatch value
 in r1 (non-zero = the rule does not match) and call cc._acc(); a helper call clobbers r1-r5, so
@@ -36,8 +45,7 @@ PACKET_BROADCAST, PACKET_MULTICAST, PACKET_LOOPBACK = 1, 2, 5
 # XT_STATE_BIT(ctinfo) = 1 << (ctinfo % IP_CT_IS_REPLY + 1) for ctinfo 0..4, one nibble each
 _STATE_BITS = sum((1 << (c % IP_CT_IS_REPLY + 1)) << (4 * c) for c in range(5))
 # conntrack criteria this compiler translates; any other match_flags bit is refused by name
-_CT_DONE = X.XT_CONNTRACK_STATE | X.XT_CONNTRACK_DIRECTION | X.XT_CONNTRACK_STATUS \
-    | X.XT_CONNTRACK_STATE_ALIAS
+_CT_DONE = 0x3fff & ~X.XT_CONNTRACK_EXPIRES
 _CT_FLAG_NAMES = {X.XT_CONNTRACK_PROTO: "--ctproto", X.XT_CONNTRACK_ORIGSRC: "--ctorigsrc",
                   X.XT_CONNTRACK_ORIGDST: "--ctorigdst", X.XT_CONNTRACK_REPLSRC: "--ctreplsrc",
                   X.XT_CONNTRACK_REPLDST: "--ctrepldst", X.XT_CONNTRACK_EXPIRES: "--ctexpire",
@@ -141,7 +149,15 @@ def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
     if m.name == "multiport":
         return _multiport_any(cc, d, m.revision, fail, hot)
     if m.name == "limit":
+        hooks = _hooks_reaching(cc.table, chain)
+        if len(hooks) > 1:
+            # the kernel has one bucket per rule; here each hook's program gets its own map
+            raise _refuse(chain, pos, rule, f"match limit in chain {chain}, which is reached "
+                                            f"from {', '.join(hooks)}, is not supported (one "
+                                            f"token bucket per hook, not per rule)")
         return _limit(cc, d, fail, hot, rule.index)
+    if m.name == "conntrack":
+        return _conntrack(cc, d, fail, hot, m.revision)
     globals()["_" + m.name](cc, d, fail, hot)
 
 
@@ -149,13 +165,9 @@ def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
 def _flush(cc, fail):
     """Before a helper/kfunc call: leave now if an earlier condition already failed (r5 dies)."""
     if cc.acc_live:
-        cc.emit(E.jmp(E.JNE, cc_acc(), 0, fail))
+        from .compile import ACC
+        cc.emit(E.jmp(E.JNE, ACC, 0, fail))
         cc.acc_live = False
-
-
-def cc_acc():
-    from .compile import ACC
-    return ACC
 
 
 def _iphdr(cc, fail):
@@ -365,40 +377,124 @@ def _state(cc, d, fail, hot):
     cc._acc()
 
 
-def _conntrack(cc, d, fail, hot):
-    # xt_conntrack.c conntrack_mt(): state first (for every packet), then, only with a conntrack
-    # entry, direction and status; without an entry the result is (match_flags & STATE)
+_TUPLE_PATHS = {"tuplehash": ("nf_conn", "tuplehash"), "hash": None,
+                "tuple": ("nf_conntrack_tuple_hash", "tuple"),
+                "src_ip": ("nf_conntrack_tuple_hash", "tuple.src.u3"),
+                "src_port": ("nf_conntrack_tuple_hash", "tuple.src.u.all"),
+                "dst_ip": ("nf_conntrack_tuple_hash", "tuple.dst.u3"),
+                "dst_port": ("nf_conntrack_tuple_hash", "tuple.dst.u.all"),
+                "protonum": ("nf_conntrack_tuple_hash", "tuple.dst.protonum")}
+_TUPLE_FAKE = dict(tuplehash=16, hash=56, tuple=16, src_ip=16, src_port=32, dst_ip=36,
+                   dst_port=52, protonum=54)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuple_facts(fake: bool) -> dict:
+    if fake:
+        return _TUPLE_FAKE
+    from . import btf
+    out = {k: btf.member_offset(*v) for k, v in _TUPLE_PATHS.items() if v}
+    out["hash"] = btf.struct_size("nf_conntrack_tuple_hash")
+    return out
+
+
+def _swap16(v: int) -> int:
+    return ((v & 0xff) << 8) | (v >> 8)
+
+
+def _ct_tuple_checks(cc, d, rev: int, direction: int):
+    """Read ct->tuplehash[direction].tuple's addresses, ports and protocol (40 bytes at S_BUF,
+    through bpf_probe_read_kernel: zeros without an entry) and OR the mismatches of the criteria
+    on that direction into r8 (they only count for packets with an entry)."""
+    from .compile import KernelFacts, S_BUF
+    f = skb_facts(cc)
+    t = _tuple_facts(cc.facts == KernelFacts.fake())
     fl, inv = d.match_flags, d.invert_flags
+    base = t["tuplehash"] + direction * t["hash"] + t["tuple"]
+    cc.emit(E.ldx(E.DW, R3, R7, f["nfct"]), E.ld_imm64(R1, ~NFCT_INFOMASK & (2**64 - 1)),
+            E.alu(E.AND, R3, R1), E.alu(E.ADD, R3, base),
+            E.mov(R1, FP), E.alu(E.ADD, R1, S_BUF), E.mov(R2, 40),
+            E.call(BPF_FUNC_probe_read_kernel, f"ct->tuplehash[{direction}].tuple"))
+    rel = lambda k: S_BUF + t[k] - t["tuple"]       # noqa: E731
+
+    def acc(flag):
+        if inv & flag:
+            cc.emit(E.alu(E.XOR, R1, 1))
+        cc.emit(E.alu(E.OR, E.R8, R1))
+
+    pre = "orig" if direction == 0 else "repl"
+    for side, key in (("src", "src_ip"), ("dst", "dst_ip")):
+        flag = getattr(X, f"XT_CONNTRACK_{pre.upper()}{side.upper()}")
+        if fl & flag:
+            # conntrack_addrcmp(): ((kaddr ^ uaddr) & umask) == 0, the whole ^ !invert
+            addr, mask = getattr(d, f"{pre}{side}_addr"), getattr(d, f"{pre}{side}_mask")
+            cc.emit(E.ldx(E.W, R1, FP, rel(key), f"ct{pre}{side}"),
+                    E.ld_imm64(R2, int.from_bytes(addr[:4], "little")), E.alu(E.XOR, R1, R2),
+                    E.ld_imm64(R2, int.from_bytes(mask[:4], "little")), E.alu(E.AND, R1, R2))
+            _nz(cc, R1)
+            acc(flag)
+    if direction == 0 and fl & X.XT_CONNTRACK_PROTO:
+        # (nf_ct_protonum(ct) == l4proto) ^ !invert
+        cc.emit(E.ldx(E.B, R1, FP, rel("protonum"), "ctproto"), E.alu(E.XOR, R1, d.l4proto))
+        _nz(cc, R1)
+        acc(X.XT_CONNTRACK_PROTO)
+    for side, key in (("src", "src_port"), ("dst", "dst_port")):
+        flag = getattr(X, f"XT_CONNTRACK_{pre.upper()}{side.upper()}_PORT")
+        if not fl & flag:
+            continue
+        lo = getattr(d, f"{pre}{side}_port")
+        cc.emit(E.ldx(E.H, R1, FP, rel(key), f"ct{pre}{side}port"))
+        if rev < 3:     # tuple->X.u.all == port (both network order) ^ !invert
+            cc.emit(E.alu(E.XOR, R1, _swap16(lo)))
+            _nz(cc, R1)
+        else:           # !port_match(lo, high, ntohs(u.all), invert)
+            cc.emit(E.be16(R1))
+            _outside(cc, R1, R1, lo, getattr(d, f"{pre}{side}_port_high"))
+        acc(flag)
+
+
+def _conntrack(cc, d, fail, hot, rev: int):
+    # xt_conntrack.c conntrack_mt(): state first (for every packet), then, only with a conntrack
+    # entry, direction, addresses, protocol and ports, status; without an entry the result is
+    # (match_flags & STATE). r9 = mismatch for every packet, r8 = mismatch with an entry.
+    fl, inv = d.match_flags, d.invert_flags
+    _flush(cc, fail)
+    cc.emit(E.mov(E.R8, 0), E.mov(E.R9, 0))
     if fl & (X.XT_CONNTRACK_STATE | X.XT_CONNTRACK_STATUS):
         _read_status(cc, fail)
     from .compile import S_BUF
-    _statebit(cc, bool(fl & X.XT_CONNTRACK_STATE))
-    # r2 = mismatch accumulated; r0 = has ct; r4 = ctinfo
-    cc.emit(E.mov(E.R8, R0, comment="r8 = has ct"), E.mov(E.R9, 0, comment="r9 = mismatch"))
+    _statebit(cc, bool(fl & X.XT_CONNTRACK_STATE))        # r1 statebit, r4 ctinfo
     if fl & X.XT_CONNTRACK_STATE:
+        # !!(state_mask & statebit) ^ !(invert & STATE)
         cc.emit(E.ld_imm64(R2, d.state_mask), E.alu(E.AND, R1, R2))
         _nz(cc, R1, invert=not (inv & X.XT_CONNTRACK_STATE))
         cc.emit(E.alu(E.OR, E.R9, R1))
-    # without an entry: matched iff STATE was asked for (and its test passed above)
-    ct_only = E.R3
-    cc.emit(E.mov(ct_only, 0))
     if fl & X.XT_CONNTRACK_DIRECTION:
-        # mismatch = (CTINFO2DIR(ctinfo) == IP_CT_DIR_ORIGINAL) ^ !(invert & DIRECTION), and
-        # the direction is ORIGINAL  <=>  ctinfo < IP_CT_IS_REPLY
+        # (CTINFO2DIR(ctinfo) == IP_CT_DIR_ORIGINAL) ^ !(invert & DIRECTION); ORIGINAL is
+        # ctinfo < IP_CT_IS_REPLY
         cc.emit(E.mov(R1, R4), E.alu(E.SUB, R1, IP_CT_IS_REPLY), E.alu(E.RSH, R1, 63))
         if not inv & X.XT_CONNTRACK_DIRECTION:
             cc.emit(E.alu(E.XOR, R1, 1))
-        cc.emit(E.alu(E.OR, ct_only, R1))
+        cc.emit(E.alu(E.OR, E.R8, R1))
     if fl & X.XT_CONNTRACK_STATUS:
+        # !!(status_mask & ct->status) ^ !(invert & STATUS)
         cc.emit(E.ldx(E.DW, R1, FP, S_BUF), E.ld_imm64(R2, d.status_mask), E.alu(E.AND, R1, R2))
-        cc.emit(E.mov(E.R2, R1), E.neg(E.R2), E.alu(E.OR, R1, E.R2), E.alu(E.RSH, R1, 63))
-        if not inv & X.XT_CONNTRACK_STATUS:
-            cc.emit(E.alu(E.XOR, R1, 1))
-        cc.emit(E.alu(E.OR, ct_only, R1))
-    # mismatch = r9 | (has_ct ? ct_only : !(flags & STATE))
+        _nz(cc, R1, invert=not (inv & X.XT_CONNTRACK_STATUS))
+        cc.emit(E.alu(E.OR, E.R8, R1))
+    orig = X.XT_CONNTRACK_ORIGSRC | X.XT_CONNTRACK_ORIGDST | X.XT_CONNTRACK_PROTO \
+        | X.XT_CONNTRACK_ORIGSRC_PORT | X.XT_CONNTRACK_ORIGDST_PORT
+    repl = X.XT_CONNTRACK_REPLSRC | X.XT_CONNTRACK_REPLDST | X.XT_CONNTRACK_REPLSRC_PORT \
+        | X.XT_CONNTRACK_REPLDST_PORT
+    for direction, flags in ((0, orig), (1, repl)):
+        if fl & flags:
+            _ct_tuple_checks(cc, d, rev, direction)
+    # mismatch = r9 | (has_ct ? r8 : !(match_flags & STATE))
     no_ct = 0 if fl & X.XT_CONNTRACK_STATE else 1
-    cc.emit(E.mov(R1, no_ct), E.alu(E.SUB, ct_only, R1), E.alu(E.MUL, ct_only, E.R8),
-            E.alu(E.ADD, ct_only, R1), E.alu(E.OR, E.R9, ct_only), E.mov(R1, E.R9))
+    f = skb_facts(cc)
+    cc.emit(E.ldx(E.DW, R3, R7, f["nfct"]), E.alu(E.RSH, R3, 3))
+    _nz(cc, R3)                                           # r3 = has ct
+    cc.emit(E.mov(R1, no_ct), E.alu(E.SUB, E.R8, R1), E.alu(E.MUL, E.R8, R3),
+            E.alu(E.ADD, E.R8, R1), E.alu(E.OR, E.R9, E.R8), E.mov(R1, E.R9))
     cc._acc()
 
 
@@ -538,6 +634,28 @@ BPF_FUNC_jiffies64 = 118
 BPF_MAP_TYPE_ARRAY = 2
 BPF_CMPXCHG = 0xf0 | 0x01          # BPF_CMPXCHG includes BPF_FETCH: r0 gets the old value
 LIMIT_TRIES = 4
+
+
+def _hooks_reaching(table, chain_name: str) -> list:
+    """Names of the built-in chains from which `chain_name` is reached (through jumps/gotos)."""
+    from .model import Jump
+    by_name = {c.name: c for c in table.chains}
+    out = []
+    for top in table.chains:
+        if not top.builtin:
+            continue
+        seen, todo = set(), [top.name]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in by_name:
+                continue
+            seen.add(name)
+            for r in by_name[name].rules:
+                if isinstance(r.target, Jump):
+                    todo.append(r.target.chain)
+        if chain_name in seen:
+            out.append(top.name)
+    return out
 
 
 def _cmpxchg(dst, src, off=0):

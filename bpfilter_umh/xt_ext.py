@@ -198,20 +198,27 @@ XT_CONNTRACK_ORIGSRC_PORT, XT_CONNTRACK_ORIGDST_PORT = 1 << 8, 1 << 9
 XT_CONNTRACK_REPLSRC_PORT, XT_CONNTRACK_REPLDST_PORT = 1 << 10, 1 << 11
 XT_CONNTRACK_DIRECTION, XT_CONNTRACK_STATE_ALIAS = 1 << 12, 1 << 13
 
-_ct_addrs = ("origsrc_addr" / Bytes(16), "origsrc_mask" / Bytes(16),
-             "origdst_addr" / Bytes(16), "origdst_mask" / Bytes(16),
-             "replsrc_addr" / Bytes(16), "replsrc_mask" / Bytes(16),
-             "repldst_addr" / Bytes(16), "repldst_mask" / Bytes(16),
-             "expires_min" / Int32ul, "expires_max" / Int32ul, "l4proto" / Int16ul,
-             "origsrc_port" / Int16ub, "origdst_port" / Int16ub,
-             "replsrc_port" / Int16ub, "repldst_port" / Int16ub,
-             "match_flags" / Int16ul, "invert_flags" / Int16ul)
-xt_conntrack_mtinfo1 = Struct(*_ct_addrs, "state_mask" / Int8ul, "status_mask" / Int8ul)  # 152
-xt_conntrack_mtinfo2 = Struct(*_ct_addrs, "state_mask" / Int16ul, "status_mask" / Int16ul,
-                              Padding(2))                                                # 156
-xt_conntrack_mtinfo3 = Struct(*_ct_addrs, "state_mask" / Int16ul, "status_mask" / Int16ul,
-                              "origsrc_port_high" / Int16ub, "origdst_port_high" / Int16ub,
-                              "replsrc_port_high" / Int16ub, "repldst_port_high" / Int16ub,
+def _ct_head(port):
+    # ports: __be16 (network order) in revisions 1 and 2; revision 3 keeps them, and the *_high
+    # ends, in host order (libxt_conntrack conntrack3_mt_parse; xt_conntrack.c port_match())
+    return ("origsrc_addr" / Bytes(16), "origsrc_mask" / Bytes(16),
+            "origdst_addr" / Bytes(16), "origdst_mask" / Bytes(16),
+            "replsrc_addr" / Bytes(16), "replsrc_mask" / Bytes(16),
+            "repldst_addr" / Bytes(16), "repldst_mask" / Bytes(16),
+            "expires_min" / Int32ul, "expires_max" / Int32ul, "l4proto" / Int16ul,
+            "origsrc_port" / port, "origdst_port" / port,
+            "replsrc_port" / port, "repldst_port" / port,
+            "match_flags" / Int16ul, "invert_flags" / Int16ul)
+
+
+xt_conntrack_mtinfo1 = Struct(*_ct_head(Int16ub), "state_mask" / Int8ul,
+                              "status_mask" / Int8ul)                                    # 152
+xt_conntrack_mtinfo2 = Struct(*_ct_head(Int16ub), "state_mask" / Int16ul,
+                              "status_mask" / Int16ul, Padding(2))                       # 156
+xt_conntrack_mtinfo3 = Struct(*_ct_head(Int16ul), "state_mask" / Int16ul,
+                              "status_mask" / Int16ul,
+                              "origsrc_port_high" / Int16ul, "origdst_port_high" / Int16ul,
+                              "replsrc_port_high" / Int16ul, "repldst_port_high" / Int16ul,
                               Padding(2))                                                # 164
 xt_state_info = Struct("statemask" / Int32ul)                                            # 4
 

@@ -348,3 +348,47 @@ def test_engine_status_names_the_runs_and_counters_come_back():
         finally:
             with b.inside():
                 eng.flush()
+
+
+@root
+@pytest.mark.parametrize("flavor", ["tc", "xdp"])
+def test_other_flavors_return_their_own_codes(flavor, monkeypatch):
+    """A classified run answers with the flavor's ACCEPT/DROP codes, like the linear code."""
+    from bpfilter_umh import kernel as K
+    from bpfilter_umh.engine import create_maps
+    rnd = random.Random(3)
+    rules = _prefix_run(rnd, 40, "src", [ACCEPT, DROP]) + _port_run(rnd, 40, [ACCEPT, DROP])
+    tbl = table({"INPUT": (DROP, rules)})
+
+    def load(min_run):
+        monkeypatch.setenv("BPFILTER_CLASSIFY_MIN_RUN", str(min_run))
+        ct = compile_table(tbl, KernelFacts.from_btf(), flavor)
+        cp = next(p for p in ct.programs if p.chain == "INPUT")
+        cnt = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, ct.counters_entries,
+                           name="bpfilter_cnt")
+        extra = create_maps(cp)
+        fds = {COUNTERS_MAP: cnt.fd, **{k: m.fd for k, m in extra.items()}}
+        for it in cp.items:              # the ifnames map attach.py keeps: empty is enough here
+            if getattr(it, "map", None) and it.map not in fds:
+                extra[it.map] = K.Map.create(K.BPF_MAP_TYPE_HASH, 4, 16, 8, name="aux")
+                fds[it.map] = extra[it.map].fd
+        try:
+            return cp, cnt, K.Prog.load(cp.prog_type, cp.assemble(fds), license=cp.license,
+                                        expected_attach_type=cp.expected_attach_type)
+        finally:
+            for m in extra.values():
+                m.close()
+    cls, lin = load(4), load(0)
+    try:
+        from bpfilter_umh import flavors
+        fl = flavors.get(flavor)
+        assert cls[0].maps and not lin[0].maps
+        movs = {(it.comment, it.imm) for it in cls[0].items
+                if getattr(it, "comment", "") in ("ACCEPT", "DROP", "hotdrop")}
+        assert movs and movs <= {("ACCEPT", fl.ACCEPT), ("DROP", fl.DROP), ("hotdrop", fl.DROP)}, movs
+        for pkt in random_packets(3, 200):      # (test-run here: same answer, whichever it is)
+            assert lin[2].test_run(ether(pkt))[0] == cls[2].test_run(ether(pkt))[0]
+    finally:
+        for _, cnt, prog in (cls, lin):
+            prog.close()
+            cnt.close()

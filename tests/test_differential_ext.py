@@ -368,3 +368,32 @@ def test_mac_source(labs):
     assert not diffs, "\n".join(diffs[:20])
     c = ref.counters()
     assert c[("INPUT", 0)][0] == 1 and c[("FORWARD", 0)][0] == 3     # not vacuous
+
+
+# ----------------------------------------------------------------------------- conntrack tuples
+TUPLES = table("""
+    -A INPUT -m conntrack --ctstate ESTABLISHED --ctproto tcp --ctorigdstport 22 -j ACCEPT
+    -A INPUT -m conntrack --ctstate NEW --ctorigsrc 192.0.2.0/24 --ctorigdst 192.0.2.1 -p tcp -m tcp --dport 22 -j ACCEPT
+    -A INPUT -m conntrack --ctproto udp --ctorigdstport 50:60 --ctreplsrcport 53 -j ACCEPT
+    -A FORWARD -m conntrack --ctstate ESTABLISHED --ctproto tcp --ctreplsrc 198.51.100.2 --ctrepldstport 1024:65535 -j ACCEPT
+    -A FORWARD -m conntrack ! --ctorigsrc 203.0.113.0/24 --ctorigdst 198.51.100.0/24 ! --ctproto icmp --ctorigsrcport 1:1023 -j DROP
+    -A FORWARD -m conntrack --ctrepldst 192.0.2.0/255.255.255.0 ! --ctorigdstport 443 -j ACCEPT
+    -A OUTPUT -m conntrack --ctproto tcp ! --ctreplsrc 192.0.2.1 -j DROP
+    -A OUTPUT -m conntrack --ctorigsrcport 22 --ctorigdst 192.0.2.1 -j ACCEPT""", inp="DROP",
+    fwd="DROP")
+
+
+def test_conntrack_tuples(labs):
+    results = []
+    for lab in labs:
+        lab.load(TUPLES)
+        out = {f"tcp host:{p}": lab.tcp_connect("host", "192.0.2.1", p) for p in (22, 23)}
+        out.update({f"tcp server:{p}": lab.tcp_connect("server", "198.51.100.2", p)
+                    for p in (80, 443)})
+        out.update({f"udp host:{p}": lab.udp_exchange("host", "192.0.2.1", p) for p in (53, 55)})
+        out["udp server:53"] = lab.udp_exchange("server", "198.51.100.2", 53)
+        results.append((out, lab.counters()))
+    assert results[0] == results[1]
+    r = results[0][0]
+    assert r["tcp host:22"] == "connected" and r["tcp host:23"] == "timeout"
+    assert r["tcp server:80"] == "connected"

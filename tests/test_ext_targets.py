@@ -51,3 +51,18 @@ def test_door_refuses_and_keeps_the_old_ruleset(netns):
         assert s == "-P INPUT ACCEPT\n-A INPUT -p icmp -j ACCEPT\n"
     finally:
         netns.run([sys.executable, "-m", "bpfilter_umh.cli", "flush"], env=env, check=False)
+
+
+def test_limit_in_a_chain_shared_by_two_hooks_is_refused():
+    """One token bucket per rule in the kernel; one map per hook program here: refused."""
+    from bpfilter_umh.compile import KernelFacts, compile_table
+    from bpfilter_umh.errors import BpfilterError
+    text = ("*filter\n:lim - [0:0]\n-A INPUT -j lim\n-A OUTPUT -j lim\n"
+            "-A lim -m limit --limit 1/s -j ACCEPT\nCOMMIT\n")
+    with Netns("lm") as ns:
+        restore(ns, text)
+        table = kernel_snapshot(ns)
+    with pytest.raises(BpfilterError) as ei:
+        compile_table(table, KernelFacts.fake())
+    assert ei.value.errno == errno.EOPNOTSUPP
+    assert "reached from INPUT, OUTPUT" in ei.value.message

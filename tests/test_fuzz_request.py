@@ -45,6 +45,10 @@ def replace_payload(which: int, num_counters: int, counters_addr: int, muts) -> 
                                     t.hook_entry, t.underflow, num_counters, counters_addr, blob))
     for pos, val in muts:
         b[pos % len(b)] = val
+    # ipt_replace.counters (bytes 88..95) is where the caller asks the old counters to go
+    # (__do_replace's copy_to_user writes there, whatever it points at): kept on the guarded
+    # array, or the harness would have the helper write into random places of this process
+    b[88:96] = struct.pack("=Q", counters_addr)
     return bytes(b)
 
 

@@ -2,7 +2,7 @@
 # Installs what bpfilter, its demo and its tests need on a fresh Debian machine (idempotent).
 set -eu
 APT_PKGS="iptables iproute2 libbpf-dev libbpf1 bpftool iputils-ping socat python3-dev gcc make
-          qemu-system-x86 busybox-static kmod xz-utils libelf1 libssl3 zlib1g"
+          qemu-system-x86 busybox-static kmod xz-utils libelf1 libssl3 zlib1g nftables util-linux"
 missing=""
 for p in $APT_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

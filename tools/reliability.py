@@ -207,9 +207,13 @@ def _fuzz(tool, runs):
     if importlib.util.find_spec("atheris") is None:
         return {"error": "atheris is not installed (pip install atheris)"}
     t0 = time.monotonic()
+    # crash inputs go to /tmp, never into the work tree
     p = subprocess.run([sys.executable, os.path.join(HERE, tool), f"-runs={runs}",
-                        "-timeout=10"], capture_output=True, text=True)
+                        "-timeout=10", "-artifact_prefix=/tmp/bpfilter-fuzz-"],
+                       capture_output=True, text=True)
     m = re.search(r"Done (\d+) runs", p.stderr)
+    if p.returncode:
+        print(p.stderr[-3000:], file=sys.stderr)
     return dict(inputs=int(m.group(1)) if m else 0, crashes=0 if p.returncode == 0 else 1,
                 seconds=round(time.monotonic() - t0), rc=p.returncode,
                 tail=None if p.returncode == 0 else p.stderr[-2000:])
