@@ -84,10 +84,11 @@ ACT_CASE = 3                   # 3 + k: the k-th jump rule of the run (classify.
 IPT_F_GOTO = 0x02
 ACT_NAMES = {ACT_DROP: "DROP", ACT_ACCEPT: "ACCEPT", ACT_RETURN: "RETURN"}
 
-# stack slots below compile.py's (-8..-248), flavors.py's (S_FIB -312..-248) and family.py's
-# (down to S_WALKERR = -360)
-S_CLS_KEY = -384               # 16-byte lookup key
-S_CLS_ACT = -392               # the action read from the map value
+# Stack slots. Runs are classified in IPv4 tables only, so they reuse family.py's IPv6-only slots
+# (S_SADDR6/S_DADDR6, -352..-320) rather than deepen the main frame: the frames of a call chain
+# share 512 bytes (check_max_stack_depth), and compile.py calls user chains as subprograms.
+S_CLS_KEY = -336               # 16-byte lookup key
+S_CLS_ACT = -344               # the action read from the map value
 
 
 @dataclass
@@ -183,12 +184,19 @@ def _ports_kind(lo: int, hi: int) -> str:
     return "exact" if lo == hi else "range"
 
 
+def _matches(rule: Rule) -> list:
+    """The rule's matches that test something: `-m comment` always matches (xt_comment has no
+    match function worth the name; kube-proxy and docker put one on nearly every rule)."""
+    return [m for m in rule.matches if not (m.name == "comment" and m.revision == 0)]
+
+
 def _l4(rule: Rule):
     """(name, payload) of the rule's one tcp/udp match when the classifier can serve it."""
     from .compile import _payload
-    if len(rule.matches) != 1:
+    ms = _matches(rule)
+    if len(ms) != 1:
         return None
-    m = rule.matches[0]
+    m = ms[0]
     if m.revision != 0 or m.name not in ("tcp", "udp"):
         return None
     want = IPPROTO_TCP if m.name == "tcp" else IPPROTO_UDP
@@ -218,13 +226,13 @@ def rule_shape(rule: Rule):
     s, sm, d, dm = int(ip.src), int(ip.smsk), int(ip.dst), int(ip.dmsk)
     if s & ~sm or d & ~dm:            # (addr & msk) != src for every packet: never matches
         return None
-    if not ip.proto and not rule.matches and not returns:
+    if not ip.proto and not _matches(rule) and not returns:
         if dm == 0 and _plen(ip.smsk) >= 0:
             return ("lpm", "src")
         if sm == 0 and _plen(ip.dmsk) >= 0:
             return ("lpm", "dst")
     l4 = None
-    if rule.matches:
+    if _matches(rule):
         l4 = _l4(rule)
         if l4 is None:
             return None
@@ -654,8 +662,10 @@ def _count_dynamic(cc, C):
 K_PORT, K_DEFAULT, K_NONL4, K_IPPART = 0, 1, 2, 3
 MULTI_NS_BASE, MULTI_NS_PER_WORD = 200.0, 3.0     # 4-5 lookups + the AND loop per 64 rules
 MAX_PORTS_PER_RULE = 1024
-S_M = (-400, -408, -416, -424)                      # the four bitmap pointers
-S_CLS_HOT = -432                                    # 1: a hotdrop candidate packet
+# compile.py's S_OPT (-248..-200) holds TCP options only while one rule tests --tcp-option;
+# between rules (where a run is) it is free
+S_M = (-248, -240, -232, -224)                      # the four bitmap pointers
+S_CLS_HOT = -352                                    # 1: a hotdrop candidate packet
 
 
 def multi_ok(rule: Rule) -> bool:
@@ -667,7 +677,7 @@ def multi_ok(rule: Rule) -> bool:
     if _plen(ip.smsk) < 0 or _plen(ip.dmsk) < 0 or int(ip.src) & ~int(ip.smsk) \
             or int(ip.dst) & ~int(ip.dmsk):
         return False
-    if not rule.matches:
+    if not _matches(rule):
         return True
     l4 = _l4(rule)
     if l4 is None:
@@ -753,7 +763,7 @@ def _port_bitmaps(run: Run) -> tuple:
         if not p:
             anyproto |= 1 << i
             continue
-        m = _l4(r) if r.matches else None
+        m = _l4(r) if _matches(r) else None
         if m is None:
             plain[p] = plain.get(p, 0) | (1 << i)
         else:
@@ -798,7 +808,7 @@ def multi_specs(run: Run, name: str) -> list:
         return [(k, b.to_bytes(vs, "little")) for k, b in entries]
     dmap, smap = _port_bitmaps(run)
     table = [(struct.pack("<I", i), struct.pack("<IIII", r.index, _action(r.target),
-                                                 1 if r.matches else 0, 0))
+                                                 1 if _matches(r) else 0, 0))
              for i, r in enumerate(run.rules)]
     return [MapSpec(name + "_src", BPF_MAP_TYPE_LPM_TRIE, 8, vs, bm(_prefix_bitmaps(run, "src")),
                     BPF_F_NO_PREALLOC, "bpfilter_msrc"),
@@ -862,7 +872,7 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
             E.ldx(E.DW, R1, FP, slot), E.stx(E.W, FP, S_CLS_KEY + 4, R1)]], mslot, miss)
     cc.emit(E.st(E.DW, FP, S_CLS_HOT, 0))
     dmap, smap = f"{name}_dport", f"{name}_sport"
-    l4protos = sorted({r.ip.proto for r in run.rules if r.matches})
+    l4protos = sorted({r.ip.proto for r in run.rules if _matches(r)})
     normal, other, hotc, nonl4, sall, loop = (cc.label(x) for x in (
         "m_normal", "m_other", "m_hotcand", "m_nonl4", "m_sport_any", "m_loop"))
     cc.emit(E.ldx(E.DW, R1, FP, C.S_PROTO))

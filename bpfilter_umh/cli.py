@@ -62,9 +62,10 @@ def format_status(fam_name: str, st) -> str:
 
 
 def cmd_flush(args) -> int:
-    from .sockopt import state_lock
-    with state_lock():          # not in the middle of a helper's replace
-        for _fam, eng in _engines():
+    from .sockopt import netns_cookie, state_lock
+    engines = list(_engines())
+    with state_lock(netns_cookie()):        # not in the middle of a helper's replace
+        for _fam, eng in engines:
             eng.flush()
     return 0
 

@@ -53,6 +53,11 @@ JMP_NEGATE = {JEQ: JNE, JNE: JEQ, JGT: JLE, JLE: JGT, JGE: JLT, JLT: JGE,
               JSGT: JSLE, JSLE: JSGT, JSGE: JSLT, JSLT: JSGE}
 
 BPF_PSEUDO_MAP_FD = 1
+# An unconditional jump longer than this is encoded as gotol: the kernel grows the program when
+# it rewrites helper calls (kernel/bpf/verifier.c do_misc_fixups inlines map lookups) and
+# bpf_patch_insn_data refuses to stretch a 16-bit offset past 32767 ("insn N cannot be patched
+# due to 16-bit range"); gotol's offset is the 32-bit imm. Half the range leaves room for growth.
+GOTO_SHORT = 16383
 BPF_PSEUDO_CALL = 1          # call src: a bpf-to-bpf call, imm = slots from the next insn
 BPF_PSEUDO_KFUNC_CALL = 2
 
@@ -271,8 +276,8 @@ def assemble(items: Iterable[Item], maps: Optional[dict] = None,
              kfuncs: Optional[dict] = None) -> bytes:
     """Encode to bytecode: jump offsets in slots relative to the next slot, map names → fds
     (lddw src=BPF_PSEUDO_MAP_FD), kfunc names → vmlinux BTF ids (call src=BPF_PSEUDO_KFUNC_CALL,
-    off=0 meaning vmlinux BTF). An unconditional jump too far for the 16-bit `off` becomes
-    `gotol` (BPF_JMP32|BPF_JA with a 32-bit imm, kernel ≥ 6.4)."""
+    off=0 meaning vmlinux BTF). An unconditional jump longer than GOTO_SHORT becomes `gotol`
+    (BPF_JMP32|BPF_JA with a 32-bit imm, kernel ≥ 6.4)."""
     maps = maps or {}
     kfuncs = kfuncs or {}
     insns, where, _ = _insns_and_labels(items)
@@ -290,7 +295,7 @@ def assemble(items: Iterable[Item], maps: Optional[dict] = None,
             delta = slot_of[where[ins.target]] - slot_of[i] - 1
             if ins.is_local_call:
                 imm = delta
-            elif -32768 <= delta <= 32767:
+            elif -32768 <= delta <= 32767 and not (ins.is_goto and abs(delta) > GOTO_SHORT):
                 off = delta
             elif ins.is_goto:
                 code, off, imm = BPF_JMP32 | JA, 0, delta

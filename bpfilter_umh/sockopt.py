@@ -410,7 +410,7 @@ class Dispatcher:
                 # one writer at a time across every helper process (the kernel shim's and the
                 # doors'), like xt[af].mutex in net/netfilter/x_tables.c: the backend re-adopts
                 # the state under the lock, so a replace never builds on a stale table
-                with state_lock():
+                with state_lock(cookie):
                     if req.cmd == SO_SET_REPLACE:
                         return do_replace(be(), mem, req)
                     return do_add_counters(be(), mem, req)
@@ -429,14 +429,35 @@ STATE_ROOT = "/run/bpfilter"
 
 
 @contextlib.contextmanager
-def state_lock():
-    """flock on the state root directory (nothing to create or clean up per namespace)."""
-    os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
-    fd = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+def state_lock(cookie: int):
+    """flock on the namespace's state directory /run/bpfilter/<cookie> (the engine keeps its
+    files there). Per namespace, not global like xt[af].mutex: a Python install takes
+    milliseconds to seconds, and namespaces do not share tables. The directory is removed again
+    if it is left empty (a refused request, a flush), so a waiter checks after locking that the
+    directory it locked is still the one at that path, and otherwise locks again."""
+    d = os.path.join(STATE_ROOT, str(cookie))
+    for _ in range(1000):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(d).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise BpfilterError(errno.EBUSY, f"cannot lock {d}")
+    try:
         yield
     finally:
+        try:
+            os.rmdir(d)         # only succeeds when empty: nothing left behind
+        except OSError:
+            pass
         os.close(fd)            # releases the lock
 
 

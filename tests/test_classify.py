@@ -188,11 +188,11 @@ def random_packets(seed: int, n: int):
 class Loaded:
     """One table compiled (classified or not), INPUT loaded with its own counters + lookup maps."""
 
-    def __init__(self, tbl, monkeypatch, min_run: int):
+    def __init__(self, tbl, monkeypatch, min_run: int, **compile_kw):
         from bpfilter_umh import kernel as K
         from bpfilter_umh.engine import create_maps
         monkeypatch.setenv("BPFILTER_CLASSIFY_MIN_RUN", str(min_run))
-        self.compiled = compile_table(tbl, KernelFacts.from_btf())
+        self.compiled = compile_table(tbl, KernelFacts.from_btf(), **compile_kw)
         monkeypatch.delenv("BPFILTER_CLASSIFY_MIN_RUN")
         self.cp = next(p for p in self.compiled.programs if p.chain == "INPUT")
         self.map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16,
@@ -392,3 +392,55 @@ def test_other_flavors_return_their_own_codes(flavor, monkeypatch):
         for _, cnt, prog in (cls, lin):
             prog.close()
             cnt.close()
+
+
+@root
+@pytest.mark.parametrize("seed", range(8))
+def test_comments_do_not_break_runs(seed, monkeypatch):
+    """`-m comment` (kube-proxy and docker put one on every rule) is ignored by the shapes."""
+    from bpfilter_umh.model import Match
+    tbl = random_table(seed)
+    rnd = random.Random(seed)
+    for c in tbl.chains:
+        for r in c.rules:
+            if rnd.random() < 0.5:
+                r.matches.insert(rnd.randrange(len(r.matches) + 1),
+                                 Match("comment", 0, {"comment": b"svc/x: a comment"}))
+    cls = Loaded(tbl, monkeypatch, 4)
+    lin = Loaded(tbl, monkeypatch, 0)
+    try:
+        assert len(cls.cp.maps) >= 3
+        for i, pkt in enumerate(random_packets(seed, 300)):
+            assert lin.run(pkt) == cls.run(pkt), f"seed {seed} packet {i}"
+        assert lin.counters() == cls.counters()
+    finally:
+        cls.close()
+        lin.close()
+
+
+@root
+@pytest.mark.parametrize("seed", range(10))
+def test_runs_inside_subprograms(seed, monkeypatch):
+    """User chains called as BPF subprograms (compile.py, when inlining is too big): their runs
+    (plain, jump cases, multi) reach the packet fields and their scratch slots through the main
+    frame, and give what the inlined linear code gives."""
+    monkeypatch.setattr(classify, "MULTI_NS_BASE", 0.0)
+    if seed % 2:
+        tbl = random_table(seed)
+    else:                                   # a multi run and a plain run, each in a subprogram
+        rnd = random.Random(seed)
+        tbl = table({"INPUT": (ACCEPT, [rule(jump("USER")), rule(jump("SVC"), proto=17)]
+                               + _mixed_run(rnd, 30, [ACCEPT, DROP]))},
+                    {"USER": _mixed_run(rnd, 60, [ACCEPT, DROP, RETURN]),
+                     "SVC": _port_run(rnd, 40, [RETURN, DROP])})
+    subs = {c.name for c in tbl.chains if not c.builtin}
+    cls = Loaded(tbl, monkeypatch, 4, subprogs=subs)
+    lin = Loaded(tbl, monkeypatch, 0)
+    try:
+        assert cls.cp.maps and "subprogram: chain USER" in cls.cp.listing()
+        for i, pkt in enumerate(random_packets(seed, 300)):
+            assert lin.run(pkt) == cls.run(pkt), f"seed {seed} packet {i}"
+        assert lin.counters() == cls.counters()
+    finally:
+        cls.close()
+        lin.close()

@@ -138,8 +138,8 @@ def serve_one(d: Dispatcher, r: dict):
     t0 = time.monotonic()
     rep = d.serve(Request(cmd=r["cmd"], is_set=r["is_set"], family=r["family"], pid=os.getpid(),
                           len=length, addr=addr, netns_cookie=0))
-    if time.monotonic() - t0 > 5:
-        bad.append("slow: more than 5 s for one request")
+    if time.monotonic() - t0 > 10:        # a hang (wall clock: the machine may be loaded)
+        bad.append("slow: more than 10 s for one request")
     if rep.status > 0 or (rep.status < 0 and -rep.status not in errno.errorcode):
         bad.append(f"status {rep.status}")
     if rep.status == -errno.EIO:

@@ -6,7 +6,7 @@ exception is a crash, a slow input (> -timeout) a hang; libFuzzer stops and save
     python3 tools/fuzz_decode.py -runs=1000000 [-max_len=4096] [CORPUS_DIR ...]
 
 Input: byte 0 picks the family (odd: IPv4, even: IPv6), the rest is the ipt_replace buffer. The
-seed corpus (written to a temporary directory when none is given) holds the replace buffers of
+seed corpus (written to /tmp/bpfilter-fuzz-decode-corpus when none is given) holds the replace buffers of
 real tables, so mutations start from valid structures. The decoder is pure: no state to check.
 """
 import os
@@ -50,7 +50,9 @@ def one_input(data: bytes):
 def main():
     argv = list(sys.argv)
     if not any(not a.startswith("-") for a in argv[1:]):
-        corpus = tempfile.mkdtemp(prefix="bpfilter-fuzz-decode-")
+        # one fixed directory, reused: the corpus grows across runs (and nothing piles up)
+        corpus = os.path.join(tempfile.gettempdir(), "bpfilter-fuzz-decode-corpus")
+        os.makedirs(corpus, exist_ok=True)
         for i, b in enumerate(seed_buffers()):
             with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
                 f.write(b)

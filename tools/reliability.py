@@ -209,7 +209,7 @@ def _fuzz(tool, runs):
     t0 = time.monotonic()
     # crash inputs go to /tmp, never into the work tree
     p = subprocess.run([sys.executable, os.path.join(HERE, tool), f"-runs={runs}",
-                        "-timeout=10", "-artifact_prefix=/tmp/bpfilter-fuzz-"],
+                        "-timeout=30", "-artifact_prefix=/tmp/bpfilter-fuzz-"],
                        capture_output=True, text=True)
     m = re.search(r"Done (\d+) runs", p.stderr)
     if p.returncode:
