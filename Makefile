@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors clean
+.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets clean
 
 deps:
 	sh tools/install-deps.sh
@@ -31,13 +31,18 @@ test-kmod: deps
 	$(MAKE) -C kmod test PYTHON=$(PYTHON)
 
 # Benchmarks (not tests): ratios measured side by side in one run
-bench: bench-door bench-flavors
+bench: bench-door bench-flavors bench-rulesets
 
 bench-door: deps
 	$(PYTHON) bench/door_bench.py
 
 bench-flavors: deps
 	$(PYTHON) bench/flavor_bench.py
+
+# N = 10..10 000 per ruleset shape, kernel vs each flavor; writes bench/results.md and the plot
+bench-rulesets: deps
+	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
+	$(PYTHON) bench/ruleset_bench.py --md bench/results.md --plot bench/cost_vs_n.png
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
