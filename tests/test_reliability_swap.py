@@ -19,6 +19,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespace
 SWAPS = int(os.environ.get("BPFILTER_SWAPS", "1000"))
 
 
+def udp_rcvbuf_errors() -> int:
+    """Udp RcvbufErrors of the calling thread's namespace: datagrams the filter accepted (and
+    counted) that a full socket buffer then dropped (a starved receiver thread on a busy
+    machine), so they are received by nobody without being lost by the firewall."""
+    with open("/proc/thread-self/net/snmp") as f:
+        rows = [ln.split() for ln in f if ln.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
 def replace_under_flood(a, b, swaps: int) -> dict:
     """Returns the tally (also used by tools/reliability.py)."""
     ta, tb = two_rulesets()
@@ -29,6 +38,7 @@ def replace_under_flood(a, b, swaps: int) -> dict:
             eng = Engine.open()
             eng.install(ta)
             fds, pins = open_fds(), pin_files(eng)
+            rcvbuf0 = udp_rcvbuf_errors()
             with Flood(probe):
                 for i in range(swaps):
                     old = eng.install(tb if i % 2 == 0 else ta)
@@ -39,8 +49,10 @@ def replace_under_flood(a, b, swaps: int) -> dict:
             for k in range(3):
                 totals[k] += live[k][0]
             leaked_fds, pins_after = open_fds() - fds, pin_files(eng)
+            rcvbuf = udp_rcvbuf_errors() - rcvbuf0
         return dict(swaps=swaps, sent=dict(probe.sent), got=dict(probe.got), counted=totals,
-                    leaked_fds=leaked_fds, pins_changed=pins != pins_after)
+                    leaked_fds=leaked_fds, pins_changed=pins != pins_after,
+                    rcvbuf_drops=rcvbuf)
     finally:
         probe.close()
         with b.inside():
@@ -52,9 +64,13 @@ def check(r: dict) -> list:
     bad = []
     if r["got"][P_BOTH_DROP]:
         bad.append(f"{r['got'][P_BOTH_DROP]} datagrams to {P_BOTH_DROP} passed (both drop)")
-    if r["counted"][2] != r["got"][P_BOTH_ACCEPT]:
+    # every datagram to 7003 the filter accepted was counted once: received, or dropped by a
+    # full socket buffer after the filter (those can only be 7002/7003 datagrams)
+    if not r["got"][P_BOTH_ACCEPT] <= r["counted"][2] <= \
+            r["got"][P_BOTH_ACCEPT] + r.get("rcvbuf_drops", 0):
         bad.append(f"port {P_BOTH_ACCEPT}: counted {r['counted'][2]}, received "
-                   f"{r['got'][P_BOTH_ACCEPT]} (lost or double-counted)")
+                   f"{r['got'][P_BOTH_ACCEPT]}, socket-buffer drops {r.get('rcvbuf_drops')} "
+                   f"(lost or double-counted)")
     for k, port in enumerate((P_BOTH_DROP, P_FLIP, P_BOTH_ACCEPT)):
         if r["counted"][k] > r["sent"][port]:
             bad.append(f"port {port}: counted {r['counted'][k]} > sent {r['sent'][port]}")
