@@ -73,6 +73,18 @@ def dispatcher_insns(prog_array_fd: int, hooknum: int) -> bytes:
             + K.exit_())
 
 
+def _empty_slot(prog_array, hook: int, prog_pin: str):
+    """Empty `hook`'s prog-array slot (already empty is fine) and remove the pins of the program
+    that was in it, including a half-made "_new" pin of an interrupted swap."""
+    try:
+        prog_array.delete(hook)
+    except BpfilterError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    K.unpin(prog_pin)
+    K.unpin(prog_pin + "_new")
+
+
 class NfAttachment:
     def __init__(self, pf: int, directory: str, prog_array: K.Map, hooks, priority: int,
                  netns_fd: int = -1, cookie: int = 0):
@@ -235,13 +247,7 @@ class NfAttachment:
             finally:
                 link.close()
         K.unpin(self._link_pin(hook))
-        try:
-            self.prog_array.delete(hook)
-        except BpfilterError as e:
-            if e.errno != errno.ENOENT:
-                raise
-        K.unpin(self._prog_pin(hook))
-        K.unpin(self._prog_pin(hook) + "_new")
+        _empty_slot(self.prog_array, hook, self._prog_pin(hook))
 
     def detach_all(self):
         """Remove every link, slot and pin of this family in this namespace, adopted or not."""
@@ -606,13 +612,7 @@ class L2Attachment:
 
     def detach(self, hook: int):
         """Empty the slot: the dispatchers pass that hook's packets unfiltered afterwards."""
-        try:
-            self.prog_array.delete(hook)
-        except BpfilterError as e:
-            if e.errno != errno.ENOENT:
-                raise
-        K.unpin(self._prog_pin(hook))
-        K.unpin(self._prog_pin(hook) + "_new")
+        _empty_slot(self.prog_array, hook, self._prog_pin(hook))
 
     def detach_all(self):
         """Detach every per-interface link first (no packet reaches a dispatcher afterwards), then

@@ -293,7 +293,6 @@ class _ChainCompiler:
 
     # ---- program ----
     def compile(self) -> list:
-        f = self.facts
         drop = "drop_early"
         # the flavor layer (flavors.py): ctx in r6, S_LEN, interface names where it knows them
         self.needs_ip = self.needs_ip or self.fl.needs_ip
@@ -778,10 +777,16 @@ class _ChainCompiler:
             if inv:
                 self.emit(E.ja(fail, "! icmp any never matches"))
             return
-        self._load(S_ICMPCODE, f"{'! ' if inv else ''}icmp {t} code {lo}:{hi}")
+        self._type_code(S_ICMPTYPE, S_ICMPCODE, t, lo, hi, inv, "icmp")
+
+    def _type_code(self, s_type: int, s_code: int, t: int, lo: int, hi: int, inv: bool,
+                   what: str):
+        """(type == t && lo <= code <= hi) ^ inv, branch-free into the accumulator: the common
+        part of icmp_type_code_match() (ip_tables.c) and icmp6_type_code_match() (ip6_tables.c)."""
+        self._load(s_code, f"{'! ' if inv else ''}{what} {t} code {lo}:{hi}")
         self._range_mismatch(lo, hi, 0xff)
         self.emit(E.mov(R4, R1))
-        self._load(S_ICMPTYPE)
+        self._load(s_type)
         self.emit(E.alu(E.XOR, R1, t))
         self._nz()
         self.emit(E.alu(E.OR, R1, R4))

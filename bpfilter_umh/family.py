@@ -206,13 +206,4 @@ def icmp6_match(cc, m, fail: str, s_icmptype: int, s_icmpcode: int):
     inv = bool(d["invflags"] & IP6T_ICMP_INV)
     t, (lo, hi) = d["type"], d["code"]
     cc._frag_and_header(8, "icmp6", False)
-    cc._load(s_icmpcode, f"{'! ' if inv else ''}icmp6 {t} code {lo}:{hi}")
-    cc._range_mismatch(lo, hi, 0xff)
-    cc.emit(E.mov(R4, R1))
-    cc._load(s_icmptype)
-    cc.emit(E.alu(E.XOR, R1, t))
-    cc._nz()
-    cc.emit(E.alu(E.OR, R1, R4))
-    if inv:
-        cc.emit(E.alu(E.XOR, R1, 1))
-    cc._acc()
+    cc._type_code(s_icmptype, s_icmpcode, t, lo, hi, inv, "icmp6")
