@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets clean
+.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets reliability reliability-long clean
 
 deps:
 	sh tools/install-deps.sh
@@ -29,6 +29,15 @@ kmod:
 # boot that kernel under qemu (TCG) and drive the unmodified iptables binaries through the module
 test-kmod: deps
 	$(MAKE) -C kmod test PYTHON=$(PYTHON)
+
+# issue #9: kills, replacements under load, injected faults, fuzzing, invocations; counts survivors
+reliability: deps
+	$(PYTHON) tools/reliability.py
+
+# the long form: 1000 swaps, 10 000 invocations, 1M fuzz inputs (atheris)
+reliability-long: deps
+	$(PYTHON) -c 'import atheris' 2>/dev/null || $(PYTHON) -m pip install -q atheris
+	$(PYTHON) tools/reliability.py --long
 
 # Benchmarks (not tests): ratios measured side by side in one run
 bench: bench-door bench-flavors bench-rulesets

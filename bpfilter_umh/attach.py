@@ -122,7 +122,7 @@ class NfAttachment:
         cookie = K.netns_cookie()
         d = cls.directory(pf, root, cookie)
         try:
-            os.makedirs(d, exist_ok=True)
+            os.makedirs(d, mode=0o700, exist_ok=True)   # pins are root-only
         except OSError as e:
             raise BpfilterError(e.errno, f"cannot create pin directory {d}: {e.strerror}")
         pa_pin = os.path.join(d, "prog_array")
@@ -485,7 +485,7 @@ class L2Attachment:
         if not create and not os.path.isdir(d):
             # the watcher must never resurrect an attachment flush() just removed
             raise BpfilterError(errno.ENOENT, f"no {flavor} attachment in this namespace")
-        os.makedirs(d, exist_ok=True)
+        os.makedirs(d, mode=0o700, exist_ok=True)   # pins are root-only
         pa = ifn = None
         try:
             pa_pin, ifn_pin = os.path.join(d, "prog_array"), os.path.join(d, "ifnames")

@@ -16,11 +16,15 @@ FAMILIES = {"ipv4": 2, "ipv6": 10}
 
 
 def _engines():
+    """Each family's engine, opened with the flavor its table is installed with (so status and
+    flush see what really filters), else the configured one."""
+    from . import config
     from .engine import Engine
     from .sockopt import use_host_bpffs
     use_host_bpffs()
+    cfg = config.load()
     for fam_name, fam in FAMILIES.items():
-        yield fam_name, Engine.open(fam)
+        yield fam_name, Engine.open(fam, Engine.installed_flavor(fam) or cfg.flavor(fam))
 
 
 def cmd_status(args) -> int:
@@ -51,6 +55,8 @@ def format_status(fam_name: str, st) -> str:
                      + (f", policy {ch['policy']}" if ch.get("policy") else ""))
         if ch.get("error"):
             lines.append(f"    error: {ch['error']}")
+        for run in ch.get("classified") or ():
+            lines.append(f"    classified: {run}")
         rows = [(str(i), r.get("pcnt", 0), r.get("bcnt", 0), r.get("text", ""))
                 for i, r in enumerate(ch.get("rules", []), 1)]
         pc = ch.get("policy_counters")

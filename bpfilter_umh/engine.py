@@ -107,6 +107,17 @@ class Engine:
         return eng
 
     @staticmethod
+    def installed_flavor(family: int = AF_INET):
+        """The flavor this netns's table of `family` is installed with, None when none is."""
+        path = os.path.join(STATE_ROOT, str(K.netns_cookie()),
+                            f"{FAMILY_NAMES[family]}.table")
+        try:
+            with open(path) as f:
+                return json.load(f).get("flavor", "nf")
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
     def _read_state(path: str):
         with open(path) as f:
             st = json.load(f)
@@ -127,6 +138,13 @@ class Engine:
             # flush() still works (the pins are found by path); the model starts fresh
             self.state_error = f"unreadable state {self.state_path}: {e}"
             return
+        if st.get("flavor", "nf") != self.flavor:
+            # the pins of each flavor live in their own directory: adopting nothing here would
+            # attach a second ruleset beside the one still filtering
+            raise BpfilterError(errno.EBUSY, f"the {FAMILY_NAMES[self.family]} filter table is "
+                                             f"installed with flavor {st.get('flavor', 'nf')}; "
+                                             f"run `bpfilter flush` before serving it with "
+                                             f"flavor {self.flavor}")
         if not os.path.isdir(self.pin_dir):
             # the pins went (bpffs unmounted, reboot with a persistent /run, rm -r): nothing of
             # this table is enforced any more, so showing its rules would lie; start fresh and

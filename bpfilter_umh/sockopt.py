@@ -245,10 +245,14 @@ class Backend:
             import importlib
             mod, _, cls = spec.partition(":")
             engine_cls = getattr(importlib.import_module(mod), cls)
+            self._open = lambda: engine_cls.open(family)  # noqa: E731
         else:
-            from .engine import Engine as engine_cls
+            from . import config
+            from .engine import Engine
+            # the flavor comes from /etc/bpfilter/flavors.conf (or BPFILTER_CONFIG); nf when unset
+            self._open = lambda: Engine.open(  # noqa: E731
+                family, flavor=config.load().flavor(family))
         self.family = family
-        self._open = lambda: engine_cls.open(family)  # noqa: E731
         self.engine = self._open()
         self._snap = None
         self._stamp = self._state_stamp()
