@@ -6,10 +6,9 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from test_compile_util import ACCEPT, DROP, HOOKS, RETURN, Runner, _iface  # noqa: F401
+from test_compile_util import ACCEPT, DROP, HOOKS, RETURN, Runner, _iface, table  # noqa: F401
 from bpfilter_umh.family import IP6T_F_GOTO, IP6T_F_PROTO
-from bpfilter_umh.model import AF_INET6, NF_INET_LOCAL_OUT, Chain, IpHeader, Jump, Match, Rule, \
-    Table, error_target
+from bpfilter_umh.model import AF_INET6, NF_INET_LOCAL_OUT, IpHeader, Jump, Match, Rule, Table
 
 NFPROTO_IPV6 = 10
 ETH_P_IPV6 = 0x86dd
@@ -38,30 +37,7 @@ def icmp6(type_, code=(0, 0xFF), inv=0) -> Match:
 
 
 def table6(builtin: dict, user: dict = None) -> Table:
-    t = Table("filter", AF_INET6, 0)
-    idx = 0
-
-    def place(r: Rule) -> Rule:
-        nonlocal idx
-        r.index, r.offset = idx, idx * 200
-        idx += 1
-        return r
-
-    for name in ("INPUT", "FORWARD", "OUTPUT"):
-        policy, rules = builtin.get(name, (ACCEPT, []))
-        c = Chain(name, hook=HOOKS[name], policy=policy.verdict)
-        c.rules = [place(r) for r in rules]
-        c.policy_entry = place(Rule(ip=ip6(), target=policy))
-        t.valid_hooks |= 1 << c.hook
-        t.chains.append(c)
-    for name, rules in (user or {}).items():
-        c = Chain(name)
-        c.head_entry = place(Rule(ip=ip6(), target=error_target(name)))
-        c.rules = [place(r) for r in rules]
-        c.policy_entry = place(Rule(ip=ip6(), target=RETURN))
-        t.chains.append(c)
-    t.tail_entry = place(Rule(ip=ip6(), target=error_target("ERROR")))
-    return t
+    return table(builtin, user, AF_INET6, ip6, stride=200)
 
 
 # ---- packets ---------------------------------------------------------------------------------

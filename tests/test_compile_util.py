@@ -66,15 +66,17 @@ def icmp(type_=0xFF, code=(0, 0xFF), inv=0) -> Match:
     return Match("icmp", 0, dict(type=type_, code=list(code), invflags=inv))
 
 
-def table(builtin: dict, user: dict = None) -> Table:
+def table(builtin: dict, user: dict = None, family: int = AF_INET, ip=ip,
+          stride: int = 100) -> Table:
     """builtin: {"INPUT": (policy Verdict, [rules])}, user: {"name": [rules]}.
-    Entries are numbered in blob order; offsets are index * 100 (fake but unique)."""
-    t = Table("filter", AF_INET, 0)
+    Entries are numbered in blob order; offsets are index * stride (fake but unique); `ip`
+    builds the family's empty ipt_ip / ip6t_ip6."""
+    t = Table("filter", family, 0)
     idx = 0
 
     def place(r: Rule) -> Rule:
         nonlocal idx
-        r.index, r.offset = idx, idx * 100
+        r.index, r.offset = idx, idx * stride
         idx += 1
         return r
 
