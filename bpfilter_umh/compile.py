@@ -628,24 +628,31 @@ class _ChainCompiler:
 
     def _ifname(self, slot, name: bytes, mask: bytes, inv: bool, what: str, fail: str):
         """ifname_compare_aligned(): OR over the longs of (dev ^ name) & mask; != 0 = mismatch."""
+        self._masked16(slot, name, mask, inv, fail,
+                       f"{'! ' if inv else ''}{what}iface "
+                       f"{name.rstrip(bytes(1)).decode('latin-1')}",
+                       f"! {what}iface with empty mask never matches")
+
+    def _masked16(self, slot: int, value: bytes, mask: bytes, inv: bool, fail: str, text: str,
+                  empty_text: str):
+        """A 16-byte stack field compared under a mask, as the kernel does it for interface names
+        (ifname_compare_aligned) and IPv6 addresses (ipv6_masked_addr_cmp): OR over the two
+        8-byte words of (field & mask) ^ (value & mask), != 0 = mismatch; into the accumulator.
+        An all-zero mask always matches, so inverted it never does."""
         words = []
         for i in (0, 8):
             m = int.from_bytes(mask[i:i + 8], "little")
             if m:
-                words.append((i, int.from_bytes(name[i:i + 8], "little") & m, m))
+                words.append((i, int.from_bytes(value[i:i + 8], "little") & m, m))
         if not words:
             if inv:
-                self.emit(E.ja(fail, f"! {what}iface with empty mask never matches"))
+                self.emit(E.ja(fail, empty_text))
             return
-        text = f"{'! ' if inv else ''}{what}iface {name.rstrip(bytes(1)).decode('latin-1')}"
         for k, (i, want, m) in enumerate(words):
             self.emit(E.ldx(E.DW, R1, FP, slot + i, text if k == 0 else ""),
                       E.ld_imm64(R2, m), E.alu(E.AND, R1, R2),
                       E.ld_imm64(R3, want), E.alu(E.XOR, R1, R3))
-            if k == 0:
-                self.emit(E.mov(R4, R1))
-            else:
-                self.emit(E.alu(E.OR, R4, R1))
+            self.emit(E.mov(R4, R1) if k == 0 else E.alu(E.OR, R4, R1))
         self.emit(E.mov(R1, R4))
         if inv:
             self._nz(invert=True)

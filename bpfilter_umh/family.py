@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 
 from . import ebpf as E
-from .ebpf import FP, R0, R1, R2, R3, R4, R8, R9, Label
+from .ebpf import FP, R0, R1, R2, R3, R8, R9, Label
 from .errors import BpfilterError
 
 AF_INET6 = 10
@@ -131,26 +131,8 @@ def needs_walk(table) -> bool:
 
 def _addr(cc, slot: int, addr, msk, inv: bool, what: str, fail: str):
     """NF_INVF(inv, ipv6_masked_addr_cmp(addr, msk, rule addr)) as a mismatch value."""
-    a, m = addr.packed, msk.packed
-    halves = []
-    for i in (0, 8):
-        mm = int.from_bytes(m[i:i + 8], "little")
-        if mm:
-            halves.append((i, int.from_bytes(a[i:i + 8], "little") & mm, mm))
-    if not halves:
-        if inv:                    # (x ^ a) & 0 == 0; inverted it never matches
-            cc.emit(E.ja(fail, f"! {what} ::/0 never matches"))
-        return
-    text = f"{'! ' if inv else ''}{what} {addr}/{msk}"
-    for k, (i, want, mm) in enumerate(halves):
-        cc.emit(E.ldx(E.DW, R1, FP, slot + i, text if k == 0 else ""),
-                E.ld_imm64(R2, mm), E.alu(E.AND, R1, R2),
-                E.ld_imm64(R3, want), E.alu(E.XOR, R1, R3))
-        cc.emit(E.mov(R4, R1) if k == 0 else E.alu(E.OR, R4, R1))
-    cc.emit(E.mov(R1, R4))
-    if inv:
-        cc._nz(invert=True)
-    cc._acc()
+    cc._masked16(slot, addr.packed, msk.packed, inv, fail,
+                 f"{'! ' if inv else ''}{what} {addr}/{msk}", f"! {what} ::/0 never matches")
 
 
 def ip6_packet_match(cc, rule, fail: str, s_proto: int):
