@@ -70,15 +70,16 @@ class UdpProbe:
                     self.got[port] += 1
                 end = time.monotonic() + wait
 
-    def passes(self, port: int) -> bool:
-        """One datagram: delivered (True) or dropped (False)."""
+    def passes(self, port: int, wait: float = 0.05) -> bool:
+        """One datagram: delivered (True) or dropped (False). `wait` bounds how late a delivered
+        datagram may arrive (a loaded machine delays it; a dropped one never arrives)."""
         before = self.got[port]
         self.send(port)
-        self.drain()
+        self.drain(wait)
         return self.got[port] > before
 
-    def verdicts(self) -> dict:
-        return {p: self.passes(p) for p in self.rx}
+    def verdicts(self, wait: float = 0.05) -> dict:
+        return {p: self.passes(p, wait) for p in self.rx}
 
     def close(self):
         for s in self.rx.values():
