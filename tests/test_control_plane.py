@@ -45,9 +45,10 @@ def bpfilter_cmd(*argv):
     return [sys.executable, "-m", "bpfilter_umh.cli", *argv]
 
 
-def fidelity(netns, script, minimum):
+def run_both(netns, runner) -> tuple:
+    """The command runner's JSON results against the kernel (a fresh namespace of its own) and
+    under `bpfilter exec` in `netns`, whose bpfilter state is flushed afterwards."""
     from nsutil import Netns
-    runner = [sys.executable, os.path.abspath(__file__), script]
     path = ROOT + (":" + netns.env["PYTHONPATH"] if netns.env.get("PYTHONPATH") else "")
     env = dict(netns.env, PYTHONPATH=path, BPFILTER_IDLE_EXIT="1")
     with Netns("k") as kern:
@@ -56,7 +57,11 @@ def fidelity(netns, script, minimum):
         b = netns.run(bpfilter_cmd("exec", "--", *runner), timeout=600, env=env)
     finally:
         netns.run(bpfilter_cmd("flush"), env=env, check=False)
-    kres, bres = json.loads(k.stdout), json.loads(b.stdout)
+    return json.loads(k.stdout), json.loads(b.stdout)
+
+
+def fidelity(netns, script, minimum):
+    kres, bres = run_both(netns, [sys.executable, os.path.abspath(__file__), script])
     assert len(kres) == len(bres) >= minimum
     bad = []
     for kr, br in zip(kres, bres):

@@ -12,14 +12,13 @@ missing kernel module?" before the kernel's own error; that line alone is droppe
 comparing, and only for those extensions.
 
 Also: GET_REVISION answers come from the registry (the revisions the compiler translates)."""
-import json
 import os
 import re
 import sys
 
 import pytest
 
-from test_control_plane import ROOT, bpfilter_cmd
+from test_control_plane import run_both
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "ext_cp_script.txt")
@@ -44,17 +43,7 @@ def _strip(stderr: str, allowed: set) -> str:
 
 
 def test_extension_commands_match_kernel(netns):
-    from nsutil import Netns
-    runner = [sys.executable, RUNNER, SCRIPT]
-    path = ROOT + (":" + netns.env["PYTHONPATH"] if netns.env.get("PYTHONPATH") else "")
-    env = dict(netns.env, PYTHONPATH=path, BPFILTER_IDLE_EXIT="1")
-    with Netns("k") as kern:
-        k = kern.run(runner, timeout=600, env=env)
-    try:
-        b = netns.run(bpfilter_cmd("exec", "--", *runner), timeout=600, env=env)
-    finally:
-        netns.run(bpfilter_cmd("flush"), env=env, check=False)
-    kres, bres = json.loads(k.stdout), json.loads(b.stdout)
+    kres, bres = run_both(netns, [sys.executable, RUNNER, SCRIPT])
     assert len(kres) == len(bres) >= 40
     allowed = _checked_only()
     bad = []
