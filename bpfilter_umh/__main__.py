@@ -1,6 +1,15 @@
 """The helper: `python3 -m bpfilter_umh` serves request frames on stdin and answers on stdout (the
 channel the kernel shim starts it with); `python3 -m bpfilter_umh --listen` serves the doors of its
-own network namespace (`bpfilter exec`) on the abstract unix socket "\\0bpfilter".
+own network namespace (`bpfilter exec`) on the abstract unix socket "\\0bpfilter";
+`python3 -m bpfilter_umh --door` serves one door on stdin/stdout (a door given flags starts its own
+helper this way, so the flags hold for exactly its command).
+
+Flags (config.py; a flag wins over /etc/bpfilter/flavors.conf): --flavor nf|tc|xdp,
+--xdp-mode auto|native|generic, --offload IFNAME, --policy reject|xtables. Policy xtables needs a
+door (--listen or --door): the kernel shim's helper always rejects (docs/policy.md).
+
+`python3 -m bpfilter_umh exec [FLAGS] [--] CMD ARGS` runs CMD under the door (door.exec_main);
+`status`, `flush` and `helper` are the `bpfilter` command's (cli.py).
 
 Both transports hand each frame to the same Dispatcher, one request at a time: requests are
 serialized like the xtables lock serializes the kernel's replace (net/netfilter/x_tables.c
@@ -134,21 +143,41 @@ def serve_listen(dispatcher, idle: float) -> int:
             clients -= 1
 
 
+USAGE = ("usage: python3 -m bpfilter_umh [--listen | --door] [--flavor nf|tc|xdp] "
+         "[--xdp-mode MODE] [--offload IFNAME] [--policy reject|xtables]\n"
+         "       python3 -m bpfilter_umh exec [FLAGS] [--] CMD [ARGS]\n"
+         "       python3 -m bpfilter_umh status|flush ...")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["exec"]:
+        from .door import exec_main
+        return exec_main(argv[1:])
+    if argv[:1] and argv[0] in ("status", "flush", "helper"):
+        from .cli import main as cli_main
+        return cli_main(argv)
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("BPFILTER_LOG", "INFO"),
                         format="bpfilter[%(process)d] %(levelname)s %(message)s")
+    from . import config
+    try:
+        mode = config.set_flags(argv)   # every config.load() of this helper applies them
+    except BpfilterError as e:
+        print(f"bpfilter: {e.message}\n{USAGE}", file=sys.stderr)
+        return 2
+    if mode not in ([], ["--listen"], ["--door"]):
+        print(USAGE, file=sys.stderr)
+        return 2
     from .sockopt import Dispatcher
     os.umask(0o077)                     # state files, logs and pins: root-only
-    dispatcher = Dispatcher()           # joins the host mount namespace first (CAP_SYS_ADMIN)
+    # joins the host mount namespace first (CAP_SYS_ADMIN); only a door's helper may hand a
+    # table to the kernel's xtables (policy xtables): under the kernel shim they are not there
+    dispatcher = Dispatcher(door=bool(mode))
     if os.environ.get("BPFILTER_KEEP_CAPS") != "1":
         drop_capabilities()
-    if argv[:1] == ["--listen"]:
+    if mode == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
-    if argv:
-        print("usage: python3 -m bpfilter_umh [--listen]", file=sys.stderr)
-        return 2
-    return serve_stdio(dispatcher)
+    return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)
 
 
 if __name__ == "__main__":

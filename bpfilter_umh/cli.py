@@ -5,6 +5,8 @@
   bpfilter status [--json]      per chain: flavor, hook, program id, JIT size, rules, counters
   bpfilter flush                remove this network namespace's bpfilter state
   bpfilter helper [--listen]    the helper itself (same as python3 -m bpfilter_umh)
+  bpfilter gc [--dry-run]       remove pins and state left by network namespaces that are gone
+  exec and helper take --flavor nf|tc|xdp, --xdp-mode, --offload IFNAME, --policy reject|xtables
 """
 import argparse
 import json
@@ -45,7 +47,10 @@ def format_status(fam_name: str, st) -> str:
     if not isinstance(st, dict) or "chains" not in st:
         return f"{fam_name}: {st}"
     lines = [f"{fam_name} table {st.get('table', 'filter')} (flavor {st.get('flavor')}, "
-             f"generation {st.get('generation', '-')})"]
+             f"generation {st.get('generation', '-')}, policy {st.get('policy', 'reject')})"]
+    if st.get("delegated"):
+        lines.append(f"  served by the kernel's xtables (policy xtables): "
+                     f"{st.get('delegated_reason')}")
     for ch in st["chains"]:
         where = (f"hook {ch['hook']}, prog id {ch.get('prog_id') or '-'}, JIT "
                  f"{ch.get('jited_size') or '-'} bytes" if ch.get("hook") else "user chain")
@@ -80,22 +85,44 @@ def cmd_exec(args) -> int:
     argv = args.command
     if argv and argv[0] == "--":
         argv = argv[1:]
-    if not argv:
-        print("bpfilter exec: missing command", file=sys.stderr)
-        return 2
-    from .door import exec_command
-    return exec_command(argv)
+    from .door import exec_main         # checks the flags, then runs CMD under the door
+    return exec_main(_flags(args) + ["--"] + argv)
 
 
 def cmd_helper(args) -> int:
     from .__main__ import main as helper_main
-    return helper_main(["--listen"] if args.listen else [])
+    return helper_main((["--listen"] if args.listen else []) + _flags(args))
+
+
+def cmd_gc(args) -> int:
+    from . import gc
+    removed = gc.collect(dry_run=args.dry_run)
+    for path in removed:
+        print(("would remove " if args.dry_run else "removed ") + path)
+    return 0
+
+
+def _add_flags(p):
+    """config.py's flags: they win over /etc/bpfilter/flavors.conf (docs/policy.md)."""
+    p.add_argument("--flavor", help="nf | tc | xdp")
+    p.add_argument("--xdp-mode", help="auto | native | generic")
+    p.add_argument("--offload", metavar="IFNAME", help="XDP hardware offload device")
+    p.add_argument("--policy", help="reject | xtables: tables the compiler cannot translate")
+
+
+def _flags(args) -> list:
+    out = []
+    for name in ("flavor", "xdp_mode", "offload", "policy"):
+        if getattr(args, name, None) is not None:
+            out += ["--" + name.replace("_", "-"), getattr(args, name)]
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bpfilter", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("exec", help="run a command with iptables served by bpfilter")
+    _add_flags(p)
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_exec)
     p = sub.add_parser("status", help="show programs, chains and counters")
@@ -105,7 +132,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_flush)
     p = sub.add_parser("helper", help="run the helper")
     p.add_argument("--listen", action="store_true")
+    _add_flags(p)
     p.set_defaults(fn=cmd_helper)
+    p = sub.add_parser("gc", help="remove the pins and state of network namespaces that are gone")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(fn=cmd_gc)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

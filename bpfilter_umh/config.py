@@ -1,5 +1,6 @@
-"""Which flavor serves which family/chain: a config file, CLI flags, and the text `bpfilter
-status` prints. The default keeps iptables-exact behaviour: nf everywhere.
+"""Which flavor serves which family/chain, and what happens to a table the compiler cannot
+translate: a config file, CLI flags, and the text `bpfilter status` prints. The default keeps
+iptables-exact behaviour: nf everywhere, untranslatable tables refused (policy reject).
 
 File /etc/bpfilter/flavors.conf (override with BPFILTER_CONFIG), one setting per line, '#' starts
 a comment:
@@ -8,11 +9,17 @@ a comment:
     ipv6 = nf
     ipv4 INPUT = tc                 per chain: accepted only if every chain of the family agrees
                                     (one attachment per family today; see docs/flavors.md)
-CLI flags (for the door/CLI engineer to wire): --flavor nf|tc|xdp [--xdp-mode auto|native|generic]
-[--offload IFNAME]; a flag wins over the file.
+    policy = xtables                a table the compiler cannot translate is handed to the
+                                    kernel's own xtables (door only; default: reject)
+    ipv6 policy = reject            the same per family (see docs/policy.md)
+CLI flags: --flavor nf|tc|xdp [--xdp-mode auto|native|generic] [--offload IFNAME]
+[--policy reject|xtables]; a flag wins over the file. The helper takes them on its command line
+(`python3 -m bpfilter_umh [--listen] FLAGS`, `bpfilter exec FLAGS -- CMD`) and set_flags() makes
+every load() in that process apply them.
 
 API: load(path=None) -> Config; Config.flavor(family) -> str; Config.xdp_mode(family);
-     apply_flags(config, argv) -> (config, rest); status_text(status_dict) -> str
+     Config.policy(family) -> "reject" | "xtables";
+     apply_flags(config, argv) -> (config, rest); set_flags(argv); status_text(status_dict) -> str
 """
 from __future__ import annotations
 
@@ -27,6 +34,10 @@ CONFIG_PATH = "/etc/bpfilter/flavors.conf"
 FAMILIES = ("ipv4", "ipv6")
 CHAINS = ("INPUT", "FORWARD", "OUTPUT")
 XDP_MODES = ("auto", "native", "generic")
+POLICIES = ("reject", "xtables")
+FLAGS = ("--flavor", "--xdp-mode", "--offload", "--policy")      # each takes one value
+
+_process_flags = []         # set_flags(): applied by every load() of this process
 
 
 @dataclass
@@ -34,7 +45,13 @@ class Config:
     flavors: dict = field(default_factory=lambda: {f: "nf" for f in FAMILIES})
     xdp_modes: dict = field(default_factory=lambda: {f: "auto" for f in FAMILIES})
     offload: dict = field(default_factory=dict)         # family -> interface name
+    policies: dict = field(default_factory=lambda: {f: "reject" for f in FAMILIES})
     source: str = "default"
+
+    def policy(self, family) -> str:
+        """What a SET_REPLACE the compiler cannot translate does: "reject" (EOPNOTSUPP, nothing
+        changes) or "xtables" (the door hands the table to the kernel's own xtables)."""
+        return self.policies[_family(family)]
 
     def flavor(self, family: str) -> str:
         return self.flavors[_family(family)]
@@ -57,6 +74,13 @@ def _flavor(name: str, where: str) -> str:
     return name
 
 
+def _policy(name: str, where: str) -> str:
+    if name not in POLICIES:
+        raise BpfilterError(errno.EINVAL, f"{where}: unknown policy {name!r} "
+                                          f"(one of {', '.join(POLICIES)})")
+    return name
+
+
 def parse(text: str, source: str = "<text>") -> Config:
     cfg = Config(source=source)
     per_chain = {}
@@ -68,6 +92,14 @@ def parse(text: str, source: str = "<text>") -> Config:
         if "=" not in line:
             raise BpfilterError(errno.EINVAL, f"{where}: expected 'FAMILY [CHAIN] = FLAVOR'")
         left, right = (x.split() for x in line.split("=", 1))
+        if left and left[-1] == "policy":
+            # "policy = P" (every family) or "FAMILY policy = P"
+            if len(left) > 2 or len(right) != 1 or (len(left) == 2 and left[0] not in FAMILIES):
+                raise BpfilterError(errno.EINVAL, f"{where}: expected '[FAMILY] policy = "
+                                                  f"{'|'.join(POLICIES)}'")
+            for fam in left[:-1] or FAMILIES:
+                cfg.policies[fam] = _policy(right[0], where)
+            continue
         if not left or len(left) > 2 or not right:
             raise BpfilterError(errno.EINVAL, f"{where}: expected 'FAMILY [CHAIN] = FLAVOR'")
         fam = left[0]
@@ -82,8 +114,9 @@ def parse(text: str, source: str = "<text>") -> Config:
                 cfg.offload[fam] = v
             else:
                 raise BpfilterError(errno.EINVAL, f"{where}: unknown option {opt!r} for {fl}")
-        if fl != "nf" and fam != "ipv4":
-            raise BpfilterError(errno.EOPNOTSUPP, f"{where}: flavor {fl} serves ipv4 only")
+        if fam in cfg.offload and fam != "ipv4":
+            # offload.py runs INPUT of ipv4 only (no IPv6 header walk without helpers)
+            raise BpfilterError(errno.EOPNOTSUPP, f"{where}: offload serves ipv4 only")
         if len(left) == 2:
             if left[1] not in CHAINS:
                 raise BpfilterError(errno.EINVAL, f"{where}: unknown chain {left[1]!r}")
@@ -104,19 +137,50 @@ def load(path: str = None) -> Config:
     path = path or os.environ.get("BPFILTER_CONFIG", CONFIG_PATH)
     try:
         with open(path) as f:
-            return parse(f.read(), path)
+            cfg = parse(f.read(), path)
     except FileNotFoundError:
-        return Config()
+        cfg = Config()
     except OSError as e:
         raise BpfilterError(e.errno, f"cannot read {path}: {e.strerror}")
+    if _process_flags:
+        cfg, _rest = apply_flags(cfg, _process_flags)
+    return cfg
+
+
+def set_flags(argv: list) -> list:
+    """Remember this process's command-line flags (checked now: a bad flag is an error before
+    anything is served); every later load() applies them over the file. Returns the argv
+    without them."""
+    global _process_flags
+    _cfg, rest = apply_flags(Config(), list(argv))
+    _process_flags = [a for i, a in enumerate(argv)
+                      if a in FLAGS or (i > 0 and argv[i - 1] in FLAGS)]
+    return rest
+
+
+def split_flags(argv: list):
+    """(flags, rest) for a command line `[FLAGS] [--] CMD ARGS`: the flags stop at the first
+    word that is not one (or at "--"), so CMD's own options are never taken."""
+    flags, i = [], 0
+    while i < len(argv) and argv[i] in FLAGS:
+        if i + 1 >= len(argv):
+            raise BpfilterError(errno.EINVAL, f"{argv[i]} needs a value")
+        flags += argv[i:i + 2]
+        i += 2
+    if i < len(argv) and argv[i] == "--":
+        i += 1
+    apply_flags(Config(), flags)            # checked before anything runs
+    return flags, argv[i:]
 
 
 def apply_flags(cfg: Config, argv: list, family: str = "ipv4"):
-    """Consume --flavor/--xdp-mode/--offload from argv; returns (cfg, remaining argv)."""
+    """Consume --flavor/--xdp-mode/--offload/--policy from argv; returns (cfg, remaining argv).
+    --policy sets every family; the flavor flags set `family` (other flavors than nf serve
+    ipv4 only)."""
     rest, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a in ("--flavor", "--xdp-mode", "--offload"):
+        if a in FLAGS:
             if i + 1 >= len(argv):
                 raise BpfilterError(errno.EINVAL, f"{a} needs a value")
             v = argv[i + 1]
@@ -126,6 +190,9 @@ def apply_flags(cfg: Config, argv: list, family: str = "ipv4"):
                 if v not in XDP_MODES:
                     raise BpfilterError(errno.EINVAL, f"--xdp-mode: one of {', '.join(XDP_MODES)}")
                 cfg.xdp_modes[family] = v
+            elif a == "--policy":
+                for fam in FAMILIES:
+                    cfg.policies[fam] = _policy(v, a)
             else:
                 cfg.offload[family] = v
             cfg.source = "command line"
@@ -140,7 +207,9 @@ def apply_flags(cfg: Config, argv: list, family: str = "ipv4"):
 
 def status_text(st: dict) -> str:
     """The flavor part of `bpfilter status` for one Engine.status() dict."""
-    out = [f"{st['family']} {st['table']}: flavor {st['flavor']}"]
+    out = [f"{st['family']} {st['table']}: flavor {st['flavor']}"
+           + (f", policy {st['policy']}" if st.get("policy") else "")
+           + (", served by the kernel's xtables (delegated)" if st.get("delegated") else "")]
     for ch in st["chains"]:
         if ch.get("hook") is None:
             continue

@@ -27,6 +27,11 @@ on its own when idle (BPFILTER_IDLE_EXIT seconds, default 5), so nothing stays r
 is pinned by the engine, and the next helper adopts it.  Each request carries the netns cookie of
 the *caller* (CMD may have moved to another namespace), and the helper serves it there.
 
+A door given flags (`bpfilter exec --flavor tc --policy xtables -- CMD`, config.py) does not use
+the shared helper, which may be running with other settings: it starts a helper of its own
+(`python3 -m bpfilter_umh --door FLAGS`) on a socketpair, which exits when the door closes it.
+The state lock and the state files keep both helpers consistent (sockopt.state_lock).
+
 Limits: only x86_64 system calls are trapped (a 32-bit iptables binary would reach the kernel's
 xtables directly); CMD's descendants that outlive it keep the door open until they exit.
 """
@@ -185,17 +190,55 @@ def spawn_helper():
                          stderr=log, env=env, start_new_session=True, close_fds=True)
 
 
+def spawn_private_helper(flags) -> tuple:
+    """A helper serving only this door, with `flags` over the config file: its stdin and
+    stdout are one end of a socketpair. Returns (our end, the process)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = pkg_root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        with open(os.open(_log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+                  "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "bpfilter_umh", "--door", *flags],
+                                    stdin=theirs, stdout=theirs, stderr=log, env=env,
+                                    start_new_session=True, close_fds=True)
+    finally:
+        theirs.close()
+    ours.set_inheritable(False)
+    return ours, proc
+
+
 class HelperLink:
     """The door's side of the frame stream to the helper; reconnects once if the helper left
-    (it exits when idle, possibly between two requests of one long CMD)."""
+    (it exits when idle, possibly between two requests of one long CMD). With flags, the
+    helper is this door's own (spawn_private_helper)."""
 
-    def __init__(self):
+    def __init__(self, flags=()):
         self.sock = None
+        self.flags = list(flags)
+        self.proc = None
+
+    def _connect(self) -> socket.socket:
+        if not self.flags:
+            return connect_helper()
+        self._reap()
+        sock, self.proc = spawn_private_helper(self.flags)
+        return sock
+
+    def _reap(self):
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)      # it exits on EOF of its stdin
+            except subprocess.TimeoutExpired:
+                self.proc.kill()                # our own child, by its pid
+                self.proc.wait()
+            self.proc = None
 
     def call(self, req: Request) -> Reply:
         for attempt in (0, 1):
             if self.sock is None:
-                self.sock = connect_helper()
+                self.sock = self._connect()
             try:
                 self.sock.sendall(req.pack())
                 buf = read_exact(self.sock.recv, REPLY.size)
@@ -211,6 +254,7 @@ class HelperLink:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self._reap()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +285,9 @@ def _table_names_memfd(kernel_file: str) -> int:
 
 
 class Door:
-    def __init__(self, listener: int):
+    def __init__(self, listener: int, flags=()):
         self.listener = listener
-        self.helper = HelperLink()
+        self.helper = HelperLink(flags)
         self.cookies = {_netns_ino("self"): netns_cookie()}
 
     def caller_cookie(self, pid: int) -> int:
@@ -398,9 +442,25 @@ def _recv_fd(sock: socket.socket) -> int:
     return fds[0]
 
 
-def exec_command(argv) -> int:
+def exec_main(argv) -> int:
+    """`exec [FLAGS] [--] CMD ARGS` (python3 -m bpfilter_umh exec ...): the flags are config.py's
+    (--flavor, --xdp-mode, --offload, --policy) and hold for this command's requests only."""
+    from .config import split_flags
+    try:
+        flags, cmd = split_flags(argv)
+    except BpfilterError as e:
+        print(f"bpfilter exec: {e.message}", file=sys.stderr)
+        return 2
+    if not cmd:
+        print("bpfilter exec: missing command", file=sys.stderr)
+        return 2
+    return exec_command(cmd, flags)
+
+
+def exec_command(argv, flags=()) -> int:
     """Run argv under the door; returns an exit code for sys.exit (128+signal like a shell when
-    the command was killed, after re-raising the signal on ourselves if possible)."""
+    the command was killed, after re-raising the signal on ourselves if possible). `flags`
+    (config.py's) give the door a helper of its own that applies them."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
@@ -431,7 +491,7 @@ def exec_command(argv) -> int:
         return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 126
     finally:
         parent_sock.close()
-    door = Door(listener)
+    door = Door(listener, flags)
     status = door.run(pid)
     os.close(listener)
     if os.WIFSIGNALED(status):

@@ -22,6 +22,12 @@ Order of checks per command, as in the kernel (so the same bad request gets the 
                     len - sizeof(info) != num_counters * 16 -> EINVAL;
                     lookup -> ENOENT; num_counters != current number -> EINVAL
 Every command first checks CAP_NET_ADMIN of the caller (-> EPERM).
+
+A SET_REPLACE the compiler cannot translate (EOPNOTSUPP naming the rule) is refused under the
+default policy `reject`, and nothing changes. Under policy `xtables` (config.py, door helpers
+only) the table is handed to the kernel's own xtables of the caller's namespace instead, and
+while it is "delegated" GET_INFO, GET_ENTRIES and SET_ADD_COUNTERS are answered by the kernel's
+table (passthrough.py, docs/policy.md).
 """
 from __future__ import annotations
 
@@ -251,8 +257,10 @@ class Backend:
             from .engine import Engine
             # the flavor comes from /etc/bpfilter/flavors.conf (or BPFILTER_CONFIG); nf when unset
             self._open = lambda: Engine.open(  # noqa: E731
-                family, flavor=config.load().flavor(family))
+                family, flavor=config.load().flavor(family),
+                xdp_mode=config.load().xdp_mode(family))
         self.family = family
+        self.delegation = None          # passthrough.Delegation in a door's helper
         self.engine = self._open()
         self._snap = None
         self._stamp = self._state_stamp()
@@ -285,6 +293,11 @@ class Backend:
     @property
     def table(self):
         return self.engine.table
+
+    @property
+    def delegated(self) -> bool:
+        """The kernel's own xtables serve this table (policy xtables, passthrough.py)."""
+        return self.delegation is not None and self.delegation.active
 
     def _snapshot(self):
         """The installed table encoded once (encode costs ~0.15 ms per rule): GET_INFO, the
@@ -347,20 +360,35 @@ class Backend:
 
 
 class Dispatcher:
-    """Serves requests; keeps one backend per (netns cookie, family)."""
+    """Serves requests; keeps one backend per (netns cookie, family).
 
-    def __init__(self):
+    door=True: this helper serves `bpfilter exec` doors, so the kernel's own xtables are
+    reachable from the caller's namespace and policy `xtables` may hand a table to them. The
+    kernel shim's helper (door=False) must never do that: bpfilter.ko owns the socket-option
+    range there, so the helper's own setsockopt would come back to itself."""
+
+    def __init__(self, door: bool = False):
         use_host_bpffs()
         self.home_cookie = netns_cookie()
         self.backends = {}
+        self.door = door
 
     def backend(self, cookie: int, family: int):
         key = (cookie, family)
         if key not in self.backends:
-            self.backends[key] = Backend(family)
+            be = self.backends[key] = Backend(family)
+            if self.door:
+                from .passthrough import Delegation
+                be.delegation = Delegation(cookie, family)
         else:
             self.backends[key].refresh()
         return self.backends[key]
+
+    def policy(self, family: int) -> str:
+        if not self.door:
+            return "reject"
+        from . import config
+        return config.load().policy(family)
 
     def serve(self, req: Request) -> Reply:
         t0 = time.perf_counter()
@@ -416,7 +444,7 @@ class Dispatcher:
                 # the state under the lock, so a replace never builds on a stale table
                 with state_lock(cookie):
                     if req.cmd == SO_SET_REPLACE:
-                        return do_replace(be(), mem, req)
+                        return do_replace(be(), mem, req, self.policy(req.family))
                     return do_add_counters(be(), mem, req)
         else:
             if req.cmd == SO_GET_INFO:
@@ -424,7 +452,14 @@ class Dispatcher:
             if req.cmd == SO_GET_ENTRIES:
                 return get_entries(be(), mem, req)
             if req.cmd in (rev_match, rev_target):
-                return get_revision(mem, req, target=req.cmd == rev_target)
+                # while the kernel holds the table (whatever the policy is now), iptables must
+                # learn the kernel's revisions to print and rebuild the kernel's rules
+                policy = self.policy(req.family)
+                if self.door and policy != "xtables":
+                    from .passthrough import Delegation     # no engine needed to know that
+                    if Delegation(cookie, req.family).active:
+                        policy = "xtables"
+                return get_revision(mem, req, target=req.cmd == rev_target, policy=policy)
         # nf_sockopt_find: no registered range holds this optname
         raise BpfilterError(errno.ENOPROTOOPT, f"unknown socket option {req.cmd}")
 
@@ -473,8 +508,11 @@ def _lookup(be, name: str):
 def get_info(be, mem: CallerMemory, req: Request) -> Reply:
     if req.len != GETINFO.size:
         raise BpfilterError(errno.EINVAL, f"GET_INFO length {req.len} != {GETINFO.size}")
-    name = cstr(mem.read(req.addr, XT_TABLE_MAXNAMELEN)[:XT_TABLE_MAXNAMELEN - 1])
-    _lookup(be, name)
+    raw = mem.read(req.addr, XT_TABLE_MAXNAMELEN)
+    _lookup(be, cstr(raw[:XT_TABLE_MAXNAMELEN - 1]))
+    if be.delegated:
+        mem.write(req.addr, be.delegation.kernel.getsockopt(SO_GET_INFO, raw, GETINFO.size))
+        return Reply(0, req.len)
     mem.write(req.addr, be.getinfo())
     return Reply(0, req.len)
 
@@ -487,6 +525,14 @@ def get_entries(be, mem: CallerMemory, req: Request) -> Reply:
         raise BpfilterError(errno.EINVAL, f"GET_ENTRIES length {req.len} != "
                                           f"{GET_ENTRIES_HDR.size} + size {size}")
     _lookup(be, cstr(raw_name[:XT_TABLE_MAXNAMELEN - 1]))
+    if be.delegated:
+        # the kernel checks size against its table (EAGAIN) before copying anything
+        k = be.delegation.kernel
+        if size != GETINFO.unpack(k.getinfo(be.name))[13]:
+            raise BpfilterError(errno.EAGAIN, f"GET_ENTRIES size {size} != the kernel table's")
+        out = k.getsockopt(SO_GET_ENTRIES, GET_ENTRIES_HDR.pack(raw_name, size), req.len)
+        mem.write(req.addr + GET_ENTRIES_HDR.size, out[GET_ENTRIES_HDR.size:])
+        return Reply(0, req.len)
     blob = be.entries_blob()
     if size != len(blob):
         raise BpfilterError(errno.EAGAIN, f"GET_ENTRIES size {size}, table has {len(blob)}")
@@ -494,12 +540,20 @@ def get_entries(be, mem: CallerMemory, req: Request) -> Reply:
     return Reply(0, req.len)
 
 
-def get_revision(mem: CallerMemory, req: Request, target: bool) -> Reply:
+def get_revision(mem: CallerMemory, req: Request, target: bool, policy: str = "reject") -> Reply:
     if req.len != GET_REVISION.size:
         raise BpfilterError(errno.EINVAL, f"GET_REVISION length {req.len} != {GET_REVISION.size}")
     raw, revision = GET_REVISION.unpack(mem.read(req.addr, GET_REVISION.size))
     name = cstr(raw[:XT_EXTENSION_MAXNAMELEN - 1])
     revs = supported_revisions(req.family, name, target)
+    if not revs and policy == "xtables":
+        # an extension the compiler has no revision of can only be enforced by the kernel's
+        # xtables: its answer (x_tables.c xt_find_revision) lets iptables pick the revision the
+        # kernel has. One the compiler has keeps the compiler's answer, so iptables picks a
+        # revision bpfilter translates.
+        from .passthrough import KernelXt
+        KernelXt(req.family).revision(raw, revision, target)
+        return Reply(0, req.len)
     if not revs:
         raise BpfilterError(errno.ENOENT, f"{'target' if target else 'match'} {name!r} unsupported")
     if revision not in revs:
@@ -507,7 +561,7 @@ def get_revision(mem: CallerMemory, req: Request, target: bool) -> Reply:
     return Reply(0, req.len)
 
 
-def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
+def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> Reply:
     if req.len < REPLACE_HDR.size:
         raise BpfilterError(errno.EINVAL, f"SET_REPLACE length {req.len} < sizeof(ipt_replace)")
     hdr_raw = mem.read(req.addr, REPLACE_HDR.size)
@@ -533,13 +587,30 @@ def do_replace(be, mem: CallerMemory, req: Request) -> Reply:
     _lookup(be, hdr.name)
     if valid_hooks != be.valid_hooks:
         raise BpfilterError(errno.EINVAL, f"valid_hooks {valid_hooks:#x} != {be.valid_hooks:#x}")
-    if num_counters != be.num_entries():
-        raise BpfilterError(errno.EAGAIN, f"num_counters {num_counters} != "
-                                          f"{be.num_entries()} entries in the running table")
+    delegated = be.delegated
+    running = be.delegation.kernel.num_entries(be.name) if delegated else be.num_entries()
+    if num_counters != running:
+        raise BpfilterError(errno.EAGAIN, f"num_counters {num_counters} != {running} entries "
+                                          f"in the running table"
+                                          + (" (the kernel's xtables)" if delegated else ""))
     # translate_table: hook_entry/underflow of hooks outside valid_hooks stay 0xFFFFFFFF
     hooks = [v if valid_hooks >> (i % 5) & 1 else 0xFFFFFFFF for i, v in enumerate(rest[:10])]
     getinfo = GETINFO.pack(be.name.encode(), valid_hooks, *hooks, num_entries, size)
-    old = be.replace(table, buf[REPLACE_HDR.size:], getinfo)   # on failure nothing changed
+    try:
+        old = be.replace(table, buf[REPLACE_HDR.size:], getinfo)   # on failure nothing changed
+    except BpfilterError as e:
+        if e.errno != errno.EOPNOTSUPP or be.delegation is None or policy != "xtables":
+            if e.errno == errno.EOPNOTSUPP:
+                raise BpfilterError(e.errno, f"{e.message} (policy reject: nothing changed; "
+                                             f"see docs/policy.md for policy xtables)") from None
+            if delegated:
+                raise BpfilterError(e.errno, f"{e.message} (the table stays with the kernel's "
+                                             f"xtables)") from None
+            raise
+        old = be.delegation.hand_over(be, buf, e)
+    else:
+        if delegated:
+            old = be.delegation.take_back(be)
     try:
         mem.write(counters_ptr, b"".join(XT_COUNTERS.pack(p, b) for p, b in old))
     except BpfilterError as e:
@@ -557,6 +628,10 @@ def do_add_counters(be, mem: CallerMemory, req: Request) -> Reply:
                                           f"{req.len - COUNTERS_INFO_HDR.size} bytes")
     data = mem.read(req.addr + COUNTERS_INFO_HDR.size, num * XT_COUNTERS.size)
     _lookup(be, cstr(raw_name[:XT_TABLE_MAXNAMELEN - 1]))
+    if be.delegated:
+        be.delegation.kernel.setsockopt(SO_SET_ADD_COUNTERS,
+                                        COUNTERS_INFO_HDR.pack(raw_name, num) + data)
+        return Reply(0, 0)
     if num != be.num_entries():
         raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS: {num} counters for "
                                           f"{be.num_entries()} entries")
