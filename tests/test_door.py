@@ -97,14 +97,15 @@ def test_untranslatable_rule_refused_and_ruleset_untouched(dns):
     errno, the helper logs the rule and why, and the running ruleset stays as it was."""
     assert bexec(dns, "iptables-legacy -A INPUT -s 192.0.2.1 -j DROP").returncode == 0
     before = bexec(dns, "iptables-legacy -S").stdout
-    p = bexec(dns, "iptables-legacy -A INPUT -p tcp --dport 25 -j REJECT")
+    p = bexec(dns, "iptables-legacy -A INPUT -p tcp --tcp-flags SYN,RST SYN -j TCPMSS "
+                   "--set-mss 1000")
     assert p.returncode == 1
-    assert "REJECT revision 0 not supported" in p.stderr
+    assert "TCPMSS revision 0 not supported" in p.stderr
     assert p.stderr.rstrip().endswith("iptables: Operation not supported.")
     assert bexec(dns, "iptables-legacy -S").stdout == before
     with open("/run/bpfilter/helper.log") as f:
         log = f.read()
-    assert "SET_REPLACE: [ENOTSUP] chain INPUT rule 2" in log and "REJECT" in log
+    assert "SET_REPLACE: [ENOTSUP] chain INPUT rule 2" in log and "TCPMSS" in log
 
 
 ERRNO_PROBE = os.path.join(HERE, "test_door_errno.py")
