@@ -355,8 +355,11 @@ def gc(root: str = PIN_ROOT) -> list:
 #     ifnames           BPF_MAP_TYPE_HASH u32 ifindex -> char[16]: what -i/-o compare against
 #                       (tc/xdp programs cannot read dev->name; attach keeps this map current)
 #     disp_ingress      the ingress dispatcher (tc and xdp), disp_egress (tc only)
-#     link_<ifindex>_<ingress|egress|xdp>   one BPF link per interface and direction
+#     link_<ifindex>_<ingress|egress>   tc: one BPF link per interface and direction
 #     prog_<HOOK>       the chain program in the slot (for status)
+# xdp's links are per netns, shared by both families (a device runs one XDP program):
+# <root>/<cookie>/xdp/ families (prog array: slot 0 IPv4, 1 IPv6 ingress dispatcher), disp_xdp
+# (tail-calls by EtherType), link_<ifindex>_xdp.
 # The dispatcher never changes, so replacing a ruleset is again one prog-array update per hook
 # (atomic: kernel/bpf/arraymap.c bpf_fd_array_map_update_elem xchg()); the per-interface links
 # are created once (tcx: kernel/bpf/tcx.c tcx_link_attach, XDP: net/core/dev.c bpf_xdp_link_attach).
@@ -366,8 +369,9 @@ def gc(root: str = PIN_ROOT) -> list:
 # from this device (net/core/filter.c bpf_ipv4_fib_lookup): NOT_FWDED (local, broadcast) -> INPUT,
 # SUCCESS/NO_NEIGH -> FORWARD, FWD_DISABLED (forwarding off: nothing is forwarded) -> INPUT,
 # anything else (unreachable, blackhole...) -> pass: the kernel drops it before any filter hook.
-# Egress dispatcher (tc): not IPv4 -> pass; skb->skb_iif != 0 (received, i.e. forwarded) -> pass;
-# else OUTPUT. An empty slot makes bpf_tail_call fall through to pass.
+# IPv6 (_dispatch_ingress6): the same with EtherType 0x86DD and an AF_INET6 lookup.
+# Egress dispatcher (tc): not this family's EtherType -> pass; skb->skb_iif != 0 (received, i.e.
+# forwarded) -> pass; else OUTPUT. An empty slot makes bpf_tail_call fall through to pass.
 # ================================================================================================
 
 from . import ebpf as E  # noqa: E402
@@ -377,13 +381,17 @@ L2_FLAVORS = ("tc", "xdp")
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_HW_MODE = 2, 4, 8
 IFNAMSIZ = 16
 IFNAMES_MAX = 4096
-ETH_P_IP = 0x0800
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 _D_BUF, _D_FIB = -50, -112       # dispatcher stack: 34-byte frame head (IP header 4-aligned: the
                                  # verifier demands aligned stack access), struct bpf_fib_lookup
+_D_BUF6, _D_FIB6 = -70, -136     # IPv6: 54-byte frame head (IPv6 header at -56, 8-aligned for the
+                                 # 8-byte address copies), struct bpf_fib_lookup
 
 
-def _dispatch_ingress(flavor: str) -> list:
+def _dispatch_ingress(flavor: str, pf: int = K.NFPROTO_IPV4) -> list:
     """The ingress dispatcher (see above) as ebpf items; the prog array is map "prog_array"."""
+    if pf == K.NFPROTO_IPV6:
+        return _dispatch_ingress6(flavor)
     tc = flavor == "tc"
     helper = F.BPF_FUNC_skb_load_bytes if tc else F.BPF_FUNC_xdp_load_bytes
     pas = F.TCX_NEXT if tc else F.XDP_PASS
@@ -431,6 +439,8 @@ def _dispatch_ingress(flavor: str) -> list:
               E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_FWD_DISABLED, "input"),
               E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_SUCCESS, "forward"),
               E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NO_NEIGH, "forward"),
+              # a route with a lightweight-tunnel encap is forwarded by the kernel: filter it
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_UNSUPP_LWT, "forward"),
               E.ja("pass")]
     for label, hook in (("input", F.NF_INET_LOCAL_IN), ("forward", F.NF_INET_FORWARD)):
         items += [E.Label(label), E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, hook),
@@ -439,16 +449,105 @@ def _dispatch_ingress(flavor: str) -> list:
     return items
 
 
-def _dispatch_egress() -> list:
+def _dispatch_ingress6(flavor: str) -> list:
+    """The IPv6 ingress dispatcher. ip6_rcv_core drops multicast sources before any hook;
+    bpf_ipv6_fib_lookup (net/core/filter.c) answers NOT_FWDED for local destinations and for
+    link-local/multicast addresses (rt6_need_strict: never forwarded), FWD_DISABLED when the
+    input device does not forward, SUCCESS/NO_NEIGH for a forwarding route. IPv6 has no
+    fib_validate_source, so a local source arriving from outside is not a martian here."""
+    tc = flavor == "tc"
+    helper = F.BPF_FUNC_skb_load_bytes if tc else F.BPF_FUNC_xdp_load_bytes
+    pas = F.TCX_NEXT if tc else F.XDP_PASS
+    R0, R1, R2, R3, R4, R6, FP = E.R0, E.R1, E.R2, E.R3, E.R4, E.R6, E.FP
+    ip = _D_BUF6 + F.ETH_HLEN          # the IPv6 header in the stack, 8-aligned
+    items = [E.mov(R6, R1, comment="r6 = ctx")]
+    if tc:
+        items += [E.ldx(E.W, R1, R6, F.SKB_PKT_TYPE, "skb->pkt_type"),
+                  E.jmp(E.JEQ, R1, F.PACKET_OTHERHOST, "pass", comment="not for this host")]
+    items += [E.mov(R1, R6), E.mov(R2, 0), E.mov(R3, FP), E.alu(E.ADD, R3, _D_BUF6),
+              E.mov(R4, F.ETH_HLEN + 40), E.call(helper),
+              E.jmp(E.JNE, R0, 0, "pass", comment="shorter than Ethernet + IPv6 header"),
+              E.ldx(E.H, R1, FP, _D_BUF6 + 12, "h_proto"), E.be16(R1),
+              E.jmp(E.JNE, R1, ETH_P_IPV6, "pass", comment="not IPv6: another family's business"),
+              E.ldx(E.B, R1, FP, ip + 8, "saddr[0]"),
+              E.jmp(E.JEQ, R1, 0xff, "pass", comment="multicast source: ip6_rcv_core drops it"),
+              E.ldx(E.B, R1, FP, ip + 24, "daddr[0]"),
+              E.jmp(E.JEQ, R1, 0xff, "input", comment="multicast: local delivery or nothing")]
+    items += [E.st(E.DW, FP, _D_FIB6 + o, 0) for o in range(0, 64, 8)]
+    items += [E.st(E.B, FP, _D_FIB6, socket.AF_INET6, "params.family = AF_INET6"),
+              E.ldx(E.B, R1, FP, ip + 6), E.stx(E.B, FP, _D_FIB6 + 1, R1, "l4_protocol (nexthdr)")]
+    for src, dst in ((ip + 8, _D_FIB6 + 16), (ip + 24, _D_FIB6 + 32)):
+        items += [E.ldx(E.DW, R1, FP, src), E.stx(E.DW, FP, dst, R1),
+                  E.ldx(E.DW, R1, FP, src + 8), E.stx(E.DW, FP, dst + 8, R1)]
+    items += [E.ldx(E.W, R1, R6, F.SKB_IFINDEX if tc else F.XDP_INGRESS_IFINDEX, "in ifindex"),
+              E.stx(E.W, FP, _D_FIB6 + 8, R1),
+              E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, _D_FIB6), E.mov(R3, 64),
+              E.mov(R4, 0), E.call(F.BPF_FUNC_fib_lookup),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NOT_FWDED, "input"),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_FWD_DISABLED, "input"),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_SUCCESS, "forward"),
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NO_NEIGH, "forward"),
+              # a route with a lightweight-tunnel encap is forwarded by the kernel: filter it
+              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_UNSUPP_LWT, "forward"),
+              E.ja("pass")]
+    for label, hook in (("input", F.NF_INET_LOCAL_IN), ("forward", F.NF_INET_FORWARD)):
+        items += [E.Label(label), E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, hook),
+                  E.call(F.BPF_FUNC_tail_call), E.ja("pass")]
+    items += [E.Label("pass"), E.mov(R0, pas), E.exit_()]
+    return items
+
+
+def _dispatch_egress(pf: int = K.NFPROTO_IPV4) -> list:
     R0, R1, R2, R3, R6 = E.R0, E.R1, E.R2, E.R3, E.R6
+    proto = ETH_P_IPV6 if pf == K.NFPROTO_IPV6 else ETH_P_IP
     return [E.mov(R6, R1),
             E.ldx(E.W, R1, R6, F.SKB_PROTOCOL, "skb->protocol"), E.be16(R1),
-            E.jmp(E.JNE, R1, ETH_P_IP, "pass", comment="not IPv4"),
+            E.jmp(E.JNE, R1, proto, "pass", comment="another family's packet"),
             E.ldx(E.W, R1, R6, F.SKB_INGRESS_IFINDEX, "skb->skb_iif"),
             E.jmp(E.JNE, R1, 0, "pass", comment="received here: forwarded, not locally generated"),
             E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, F.NF_INET_LOCAL_OUT),
             E.call(F.BPF_FUNC_tail_call),
             E.Label("pass"), E.mov(R0, F.TCX_NEXT), E.exit_()]
+
+
+XDP_ROOT_DIR = "xdp"                 # <root>/<cookie>/xdp: families, disp_xdp, link_<ifindex>_xdp
+XDP_FAMILY_SLOT = {K.NFPROTO_IPV4: 0, K.NFPROTO_IPV6: 1}
+
+
+def _xdp_root_insns() -> list:
+    """The XDP program on every device: tail-call the family's ingress dispatcher by EtherType
+    (map "families", slot 0 IPv4, 1 IPv6); an empty slot or another EtherType passes."""
+    R0, R1, R2, R3, R4, R6, FP = E.R0, E.R1, E.R2, E.R3, E.R4, E.R6, E.FP
+    items = [E.mov(R6, R1, comment="r6 = ctx"),
+             E.mov(R1, R6), E.mov(R2, 12), E.mov(R3, FP), E.alu(E.ADD, R3, -8),
+             E.mov(R4, 2), E.call(F.BPF_FUNC_xdp_load_bytes),
+             E.jmp(E.JNE, R0, 0, "pass", comment="no EtherType"),
+             E.ldx(E.H, R1, FP, -8, "h_proto"), E.be16(R1),
+             E.mov(R3, XDP_FAMILY_SLOT[K.NFPROTO_IPV4]),
+             E.jmp(E.JEQ, R1, ETH_P_IP, "family"),
+             E.mov(R3, XDP_FAMILY_SLOT[K.NFPROTO_IPV6]),
+             E.jmp(E.JEQ, R1, ETH_P_IPV6, "family"),
+             E.ja("pass"),
+             E.Label("family"), E.mov(R1, R6), E.ld_map_fd(R2, "families"),
+             E.call(F.BPF_FUNC_tail_call),
+             E.Label("pass"), E.mov(R0, F.XDP_PASS), E.exit_()]
+    return items
+
+
+def _xdp_families(cookie_dir: str) -> K.Map:
+    """The shared XDP root's prog array (created and pinned on first use)."""
+    d = os.path.join(cookie_dir, XDP_ROOT_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    pin = os.path.join(d, "families")
+    if os.path.exists(pin):
+        return K.Map.from_pin(pin)
+    m = K.Map.create(K.BPF_MAP_TYPE_PROG_ARRAY, 4, 4, len(XDP_FAMILY_SLOT), "bpfilter_xdpfam")
+    try:
+        m.pin(pin)
+    except BaseException:
+        m.close()
+        raise
+    return m
 
 
 def interfaces() -> dict:
@@ -461,9 +560,15 @@ class L2Attachment:
     attached, detach, detach_all, close) plus sync() (attach to new interfaces, refresh names)."""
 
     def __init__(self, flavor: str, directory: str, prog_array, ifnames, cookie: int,
-                 xdp_mode: str = "auto"):
+                 xdp_mode: str = "auto", pf: int = K.NFPROTO_IPV4):
         self.flavor, self.dir, self.prog_array, self.ifnames = flavor, directory, prog_array, ifnames
-        self.cookie, self.xdp_mode = cookie, xdp_mode
+        self.cookie, self.xdp_mode, self.pf = cookie, xdp_mode, pf
+        self.families = None        # xdp: the shared root's prog array, one slot per family
+        # tcx keeps a list of programs per device and direction, so each family attaches its own
+        # dispatchers; a device runs one XDP program (net/core/dev.c dev_xdp_attach: EBUSY for a
+        # second link), so the XDP links belong to the namespace's shared root (_xdp_root_insns)
+        self.link_dir = directory if flavor == "tc" else \
+            os.path.join(os.path.dirname(directory), XDP_ROOT_DIR)
         self.hooks = F.get(flavor).hooks
 
     @staticmethod
@@ -476,8 +581,7 @@ class L2Attachment:
              xdp_mode: str = "auto", create: bool = True) -> "L2Attachment":
         if flavor not in L2_FLAVORS:
             raise BpfilterError(errno.EINVAL, f"L2Attachment serves tc and xdp, not {flavor!r}")
-        if nfproto(family) != K.NFPROTO_IPV4:
-            raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor}: only ipv4 dispatchers exist")
+        pf = nfproto(family)
         K.features.require("tcx" if flavor == "tc" else "xdp")
         if root.startswith("/sys/fs/bpf"):
             K.ensure_bpffs("/sys/fs/bpf")
@@ -486,8 +590,10 @@ class L2Attachment:
             # the watcher must never resurrect an attachment flush() just removed
             raise BpfilterError(errno.ENOENT, f"no {flavor} attachment in this namespace")
         os.makedirs(d, mode=0o700, exist_ok=True)   # pins are root-only
-        pa = ifn = None
+        pa = ifn = fam = None
         try:
+            if flavor == "xdp":
+                fam = _xdp_families(os.path.dirname(d))
             pa_pin, ifn_pin = os.path.join(d, "prog_array"), os.path.join(d, "ifnames")
             if os.path.exists(pa_pin):
                 pa = K.Map.from_pin(pa_pin)
@@ -501,19 +607,27 @@ class L2Attachment:
                 ifn = K.Map.create(K.BPF_MAP_TYPE_HASH, 4, IFNAMSIZ, IFNAMES_MAX, "bpfilter_ifn")
                 ifn.pin(ifn_pin)
         except BaseException:
-            for m in (pa, ifn):
+            for m in (pa, ifn, fam):
                 if m is not None:
                     m.close()
             raise
-        return cls(flavor, d, pa, ifn, K.netns_cookie(), xdp_mode)
+        self = cls(flavor, d, pa, ifn, K.netns_cookie(), xdp_mode, pf)
+        self.families = fam
+        return self
 
     # -- dispatchers and links --------------------------------------------------------------
     def _dispatcher(self, direction: str) -> K.Prog:
-        pin = os.path.join(self.dir, f"disp_{direction}")
+        """disp_ingress / disp_egress of this family; "xdp": the namespace's shared XDP root."""
+        where = self.link_dir if direction == "xdp" else self.dir
+        pin = os.path.join(where, f"disp_{direction}")
         if os.path.exists(pin):
             return K.Prog.from_pin(pin)
-        items = _dispatch_egress() if direction == "egress" else _dispatch_ingress(self.flavor)
-        code = E.assemble(E.prune(items), {"prog_array": self.prog_array.fd})
+        if direction == "xdp":
+            code = E.assemble(E.prune(_xdp_root_insns()), {"families": self.families.fd})
+        else:
+            items = _dispatch_egress(self.pf) if direction == "egress" else \
+                _dispatch_ingress(self.flavor, self.pf)
+            code = E.assemble(E.prune(items), {"prog_array": self.prog_array.fd})
         fl = F.get(self.flavor)
         p = K.Prog.load(fl.prog_type, code, name=f"bpfilter_{self.flavor}_{direction[:3]}",
                         expected_attach_type=fl.expected_attach_type)
@@ -529,7 +643,7 @@ class L2Attachment:
             if self.flavor == "tc" else (("xdp", K.BPF_XDP),)
 
     def _link_pin(self, ifindex: int, direction: str) -> str:
-        return os.path.join(self.dir, f"link_{ifindex}_{direction}")
+        return os.path.join(self.link_dir, f"link_{ifindex}_{direction}")
 
     def _attach_one(self, ifindex: int, direction: str, attach_type: int, disp) -> str:
         """Attach the dispatcher; for XDP native mode first, generic (skb) mode as fallback."""
@@ -544,6 +658,8 @@ class L2Attachment:
             try:
                 link = K.link_create_ifindex(disp, ifindex, attach_type, flags)
             except BpfilterError as e:
+                if e.errno == errno.EBUSY and os.path.exists(self._link_pin(ifindex, direction)):
+                    return "attached by the other family's watcher"      # the shared XDP root
                 err = e
                 continue
             try:
@@ -573,9 +689,14 @@ class L2Attachment:
                     self.ifnames.delete(i)
                 except BpfilterError:
                     pass
-        for f in os.listdir(self.dir):
-            if f.startswith("link_") and int(f.split("_")[1]) not in now:
-                K.unpin(os.path.join(self.dir, f))      # the device went: its link is defunct
+        for d in {self.dir, self.link_dir}:
+            for f in os.listdir(d):
+                if f.startswith("link_") and int(f.split("_")[1]) not in now:
+                    K.unpin(os.path.join(d, f))         # the device went: its link is defunct
+        if self.families is not None:
+            # this family's dispatcher in its slot of the shared root (idempotent)
+            with self._dispatcher("ingress") as mine:
+                self.families.update(XDP_FAMILY_SLOT[self.pf], mine)
         done = {}
         for direction, atype in self._directions():
             with self._dispatcher(direction) as disp:
@@ -603,7 +724,7 @@ class L2Attachment:
         """{hook: {"links": {ifname: [direction...]}, ...}} for status."""
         names = interfaces() if K.netns_cookie() == self.cookie else {}
         per_if = {}
-        for f in sorted(os.listdir(self.dir)):
+        for f in sorted(os.listdir(self.link_dir)):
             if f.startswith("link_"):
                 _, i, direction = f.split("_", 2)
                 per_if.setdefault(names.get(int(i), i), []).append(direction)
@@ -616,27 +737,41 @@ class L2Attachment:
 
     def detach_all(self):
         """Detach every per-interface link first (no packet reaches a dispatcher afterwards), then
-        remove slots, maps and pins."""
-        for f in sorted(os.listdir(self.dir)):
-            path = os.path.join(self.dir, f)
-            if f.startswith("link_"):
-                try:
-                    with K.Link.from_pin(path) as link:
-                        link.detach()
-                except BpfilterError:
-                    pass            # defunct already (device deleted)
+        remove slots, maps and pins. xdp: this family leaves the shared root (its slot emptied:
+        the root passes its packets); the root's links go with the last family."""
+        dirs = [self.dir]
+        if self.families is not None:
+            try:
+                self.families.delete(XDP_FAMILY_SLOT[self.pf])
+            except BpfilterError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            other = [p for p in XDP_FAMILY_SLOT if p != self.pf][0]
+            if not os.path.isdir(os.path.join(os.path.dirname(self.dir),
+                                              f"{FAMILY_DIRS[other]}-{self.flavor}")):
+                dirs.append(self.link_dir)
+        for d in dirs:
+            for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+                if f.startswith("link_"):
+                    try:
+                        with K.Link.from_pin(os.path.join(d, f)) as link:
+                            link.detach()
+                    except BpfilterError:
+                        pass            # defunct already (device deleted)
         for h in range(NF_INET_NUMHOOKS):
             self.detach(h)
         self.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
         try:
             os.rmdir(os.path.dirname(self.dir))
         except OSError:
             pass
 
     def close(self):
-        for m in (self.prog_array, self.ifnames):
-            m.close()
+        for m in (self.prog_array, self.ifnames, self.families):
+            if m is not None:
+                m.close()
 
     def __enter__(self):
         return self
@@ -763,7 +898,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "watch":
         watch(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python -m bpfilter_umh.attach watch tc|xdp ipv4")
+        sys.exit("usage: python -m bpfilter_umh.attach watch tc|xdp ipv4|ipv6")
 
 
 def offload_xdp(program_code: bytes, ifname: str, name: str = "bpfilter_hw") -> K.Link:

@@ -36,7 +36,7 @@ BPF_FUNC_fib_lookup = 69
 BPF_FUNC_xdp_load_bytes = 189
 BPF_FUNC_dynptr_read = 201
 BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_FWD_DISABLED, \
-    BPF_FIB_LKUP_RET_NO_NEIGH = 0, 4, 5, 7
+    BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LKUP_RET_NO_NEIGH = 0, 4, 5, 6, 7
 TCX_NEXT, TCX_PASS, TCX_DROP = -1, 0, 2          # == TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT
 XDP_DROP, XDP_PASS = 1, 2
 ETH_HLEN = 14
@@ -144,8 +144,9 @@ class NfFlavor(Flavor):
 
 class _L2Flavor(Flavor):
     """tc and xdp: the program sees the Ethernet frame; a dispatcher (attach.py) has already
-    checked EtherType IPv4 and decided which chain the packet belongs to, and tail-calls the chain
-    program. Bytes are copied with a load-bytes helper into the bounce buffer."""
+    checked the EtherType (IPv4 or IPv6, one dispatcher per family) and decided which chain the
+    packet belongs to, and tail-calls the chain program. Bytes are copied with a load-bytes helper
+    into the bounce buffer."""
     needs_ip = True
     maps = (IFNAMES_MAP,)
     load_helper = 0
@@ -222,13 +223,21 @@ def load_bytes_branchy(helper: int, set_offset, size: int, tag: str) -> list:
 
 def fib_lookup_insns(fl, cc) -> list:
     """bpf_fib_lookup(ctx, &params, 64, 0) on the packet's addresses and protocol, as an input
-    lookup from this device (net/core/filter.c bpf_ipv4_fib_lookup). tot_len 0: no MTU check."""
+    lookup from this device (net/core/filter.c bpf_ipv4_fib_lookup / bpf_ipv6_fib_lookup).
+    tot_len 0: no MTU check."""
     from .compile import S_DADDR, S_PROTO, S_SADDR
     out = [E.st(E.DW, FP, S_FIB + o, 0) for o in range(0, 64, 8)]
-    out += [E.st(E.B, FP, S_FIB, 2, "params.family = AF_INET"),
-            E.ldx(E.DW, R1, FP, S_PROTO), E.stx(E.B, FP, S_FIB + 1, R1),
-            E.ldx(E.DW, R1, FP, S_SADDR), E.stx(E.W, FP, S_FIB + 16, R1),
-            E.ldx(E.DW, R1, FP, S_DADDR), E.stx(E.W, FP, S_FIB + 32, R1)]
+    out += [E.ldx(E.DW, R1, FP, S_PROTO), E.stx(E.B, FP, S_FIB + 1, R1, "l4_protocol")]
+    if cc.v6:
+        from .family import AF_INET6, S_DADDR6, S_SADDR6
+        out += [E.st(E.B, FP, S_FIB, AF_INET6, "params.family = AF_INET6")]
+        for src, dst in ((S_SADDR6, S_FIB + 16), (S_DADDR6, S_FIB + 32)):
+            out += [E.ldx(E.DW, R1, FP, src), E.stx(E.DW, FP, dst, R1),
+                    E.ldx(E.DW, R1, FP, src + 8), E.stx(E.DW, FP, dst + 8, R1)]
+    else:
+        out += [E.st(E.B, FP, S_FIB, 2, "params.family = AF_INET"),
+                E.ldx(E.DW, R1, FP, S_SADDR), E.stx(E.W, FP, S_FIB + 16, R1),
+                E.ldx(E.DW, R1, FP, S_DADDR), E.stx(E.W, FP, S_FIB + 32, R1)]
     out += fl.ifindex_insns(R1)
     out += [E.stx(E.W, FP, S_FIB + 8, R1, "params.ifindex = input device"),
             E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, S_FIB), E.mov(R3, 64), E.mov(R4, 0),

@@ -225,10 +225,12 @@ def test_all_three_chains_load(netns):
         assert run.run("INPUT", TCP_SYN) == NF_DROP
 
 
-def test_ipv6_needs_nf_flavor():
-    """tc/xdp dispatchers and their FIB lookup are IPv4-only so far: refused, not miscompiled."""
-    for fl in ("tc", "xdp"):
-        with pytest.raises(BpfilterError) as e:
-            compile_table(table6({"INPUT": (ACCEPT, [rule6(DROP, proto=NH_UDP)])}),
-                          KernelFacts.fake(), flavor=fl)
-        assert e.value.errno == 95 and "IPv6" in e.value.message
+def test_ipv6_compiles_for_tc_and_xdp():
+    """tc/xdp serve ip6tables tables too (IPv6 dispatchers in attach.py; traffic differential in
+    tests/test_flavor_ipv6.py): SCHED_CLS for every hook on tc, XDP for INPUT/FORWARD."""
+    want = {"tc": [("INPUT", 3), ("FORWARD", 3), ("OUTPUT", 3)],
+            "xdp": [("INPUT", 6), ("FORWARD", 6)]}
+    for fl, progs in want.items():
+        got = compile_table(table6({"INPUT": (ACCEPT, [rule6(DROP, proto=NH_UDP)])}),
+                            KernelFacts.fake(), flavor=fl).programs
+        assert [(p.chain, p.prog_type) for p in got] == progs

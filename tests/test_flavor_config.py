@@ -24,7 +24,7 @@ def test_file_family_and_chain_settings(tmp_path):
 @pytest.mark.parametrize("text,err,msg", [
     ("ipv4 = ebpf", errno.EINVAL, r"<text>:1: unknown flavor 'ebpf'"),
     ("ipv4 INPUT = tc\nipv4 OUTPUT = nf", errno.EOPNOTSUPP, "ask for different flavors"),
-    ("ipv6 = tc", errno.EOPNOTSUPP, "serves ipv4 only"),
+    ("ipv6 = xdp offload=eth0", errno.EOPNOTSUPP, "ipv4 only"),
     ("ipv4 PREROUTING = tc", errno.EINVAL, "unknown chain"),
     ("ipv4 tc", errno.EINVAL, "expected 'FAMILY"),
     ("ipv4 = tc mode=native", errno.EINVAL, "unknown option"),

@@ -37,7 +37,7 @@ def test_kmod_guest():
         pytest.skip(why)
     env = dict(os.environ, PYTHON=sys.executable)
     # fetch (first run only) + build + boot + guest run; the guest itself is bounded by
-    # KMOD_TEST_TIMEOUT (170 s) inside run-guest.sh.
+    # KMOD_TEST_TIMEOUT (230 s) inside run-guest.sh.
     r = subprocess.run(["make", "-C", os.path.join(ROOT, "kmod"), "test"], env=env,
                        capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr

@@ -245,5 +245,8 @@ check "while bpfilter is loaded, the real ip_tables is refused (no kernel warnin
     ! modprobe iptable_filter; ! grep -qE "^(ip_tables|iptable_filter) " /proc/modules &&
     dmesg | grep -q "refusing to load ip_tables"'
 check "bpfilter and the helper left no kernel warning" sh -c '! dmesg | grep -E "WARNING:|BUG:|Call Trace"'
+
+# 10. XDP hardware offload on netdevsim (tests/kmod/guest-offload.sh)
+. "$REPO/tests/kmod/guest-offload.sh"
 ip netns del kmt_a
 ip netns del kmt_b

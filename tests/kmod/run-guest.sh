@@ -7,9 +7,10 @@ set -eu
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=$(cd "${1:-$REPO/build/kmod}" && pwd)
 ABI=$(cat "$BUILD/abi")
-TIMEOUT=${KMOD_TEST_TIMEOUT:-170}
+TIMEOUT=${KMOD_TEST_TIMEOUT:-230}
 # The interpreter that has the project's dependencies (construct, cffi, pyroute2): the helper's.
 PY=$(${PYTHON:-python3} -c 'import sys; print(sys.executable)')
+sh "$REPO/tests/kmod/build-netdevsim.sh" "$BUILD"
 sh "$REPO/tests/kmod/mkinitramfs.sh" "$BUILD"
 LOG="$BUILD/guest.log"
 ACCEL=tcg
