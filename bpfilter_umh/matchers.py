@@ -2,9 +2,24 @@
 match dispatch: handles(m) says this module answers for a match (every match xt_ext.py
 registers), emit(...) applies the hook-dependent kernel checks, then appends the match's
 instructions to the rule being compiled or refuses it (EOPNOTSUPP naming the rule) when the
-revision is not in xt_ext.COMPILED. Translated (IPv4, flavor nf): multiport 0/1, iprange 1,
-mac 0, mark 1, length 0, ttl 0, comment 0, pkttype 0, tos 1, dscp 0, limit 0, owner 1,
-conntrack 1/2/3 (all criteria but --ctexpire), state 0.
+revision is not in xt_ext.COMPILED (IPv4) / COMPILED_V6. Translated: multiport 0/1,
+iprange 1, mac 0, mark 1, length 0, ttl 0 (IPv4) / hl 0 (IPv6), comment 0, pkttype 0, tos 1,
+dscp 0, limit 0, owner 1, conntrack 1/2/3 (all criteria but --ctexpire), state 0; for IPv6
+also frag, hbh, dst, rt (not --rt-0-addrs) and ah, whose header walk is family.py's
+(exthdr_match). IPv6 differs where the kernel's *_mt6 functions do: length is the u16
+payload_len + 40, tos/dscp read the traffic class (ipv6_get_dsfield), iprange compares 128-bit
+big-endian addresses, pkttype counts a looped-back packet as multicast, conntrack compares the
+16-byte tuple addresses under the mask (ipv6_masked_addr_cmp).
+
+Flavors: the packet-reading matches go through the flavor's primitives (cc._slice), so they
+run on tc and xdp as on nf; mark and pkttype read struct __sk_buff on tc (at tc ingress the mark
+is the one the packet arrived with: a mark set in PREROUTING by mangle/nft is not seen yet, as
+INPUT/FORWARD would see it); mac reads the frame's
+h_source on tc/xdp; ttl/hl at FORWARD subtract the decrement ip_forward()/ip6_forward() makes
+before NF_INET_FORWARD (tc/xdp see the packet as received). On tc egress (OUTPUT), owner,
+conntrack and state read the kernel's struct sk_buff through bpf_cast_to_kern_ctx(), with the
+nf flavor's code. What a flavor cannot see is refused naming the rule and the reason
+(_FLAVOR_LACKS, _flavor_check).
 
 Fields the packet does not carry are read from the kernel's own objects: skb->mark, pkt_type,
 _nfct, head/data/mac_header directly through the trusted skb pointer; the socket, file and
@@ -39,13 +54,16 @@ IP_CT_IS_REPLY, IP_CT_UNTRACKED = 3, 7
 NFCT_INFOMASK = 7
 IPS_SRC_NAT, IPS_DST_NAT = 1 << 4, 1 << 5
 XT_CONNTRACK_STATE_INVALID = 1 << 0
-XT_CONNTRACK_STATE_UNTRACKED, XT_CONNTRACK_STATE_SNAT, XT_CONNTRACK_STATE_DNAT = \
+# xt_conntrack.h: 1 << (IP_CT_NUMBER + 1, + 2, + 3) with IP_CT_NUMBER = 5; xt_state.h has its
+# own XT_STATE_UNTRACKED = 1 << (IP_CT_IS_REPLY + 1)
+XT_CONNTRACK_STATE_SNAT, XT_CONNTRACK_STATE_DNAT, XT_CONNTRACK_STATE_UNTRACKED = \
     1 << 6, 1 << 7, 1 << 8
+XT_STATE_UNTRACKED = 1 << 4
 PACKET_BROADCAST, PACKET_MULTICAST, PACKET_LOOPBACK = 1, 2, 5
 # XT_STATE_BIT(ctinfo) = 1 << (ctinfo % IP_CT_IS_REPLY + 1) for ctinfo 0..4, one nibble each
 _STATE_BITS = sum((1 << (c % IP_CT_IS_REPLY + 1)) << (4 * c) for c in range(5))
 # conntrack criteria this compiler translates; any other match_flags bit is refused by name
-_CT_DONE = 0x3fff & ~X.XT_CONNTRACK_EXPIRES
+_CT_DONE = 0x3fff
 _CT_FLAG_NAMES = {X.XT_CONNTRACK_PROTO: "--ctproto", X.XT_CONNTRACK_ORIGSRC: "--ctorigsrc",
                   X.XT_CONNTRACK_ORIGDST: "--ctorigdst", X.XT_CONNTRACK_REPLSRC: "--ctreplsrc",
                   X.XT_CONNTRACK_REPLDST: "--ctrepldst", X.XT_CONNTRACK_EXPIRES: "--ctexpire",
@@ -61,14 +79,15 @@ CONNTRACK = {"conntrack", "state"}
 def _skb_facts(fake: bool) -> dict:
     """Offsets in struct sk_buff / nf_conn (vmlinux BTF); fixed values for golden listings."""
     if fake:
-        return dict(mark=168, nfct=104, pkt_type=(128, 0, 7), status=128)
+        return dict(mark=168, nfct=104, pkt_type=(128, 0, 7), status=128, timeout=8)
     from . import btf
     b = btf.vmlinux()
     bitoff, _t, bits = b._member_in(b._composite("sk_buff"), "pkt_type")
     return dict(mark=btf.member_offset("sk_buff", "mark"),
                 nfct=btf.member_offset("sk_buff", "_nfct"),
                 pkt_type=(bitoff // 8, bitoff % 8, (1 << bits) - 1),
-                status=btf.member_offset("nf_conn", "status"))
+                status=btf.member_offset("nf_conn", "status"),
+                timeout=btf.member_offset("nf_conn", "timeout"))
 
 
 def skb_facts(cc) -> dict:
@@ -84,7 +103,7 @@ def handles(m) -> bool:
 
 
 def compiled(m, v6: bool = False) -> bool:
-    return (m.name, m.revision) in X.COMPILED and not v6
+    return (m.name, m.revision) in (X.COMPILED_V6 if v6 else X.COMPILED)
 
 
 def needs_l4(m) -> bool:
@@ -127,19 +146,82 @@ def hook_check(m, hook: int, rule, chain: str, pos: int):
                                           f"{_HOOK_NAMES[hook]} hook")
 
 
+# Why a registered match is not compiled at all (appended to the refusal).
+_WHY_NOT = {
+    "addrtype": " (xt_addrtype asks the routing tables for the address type: "
+                "inet_dev_addr_type() / a FIB lookup per packet, which a netfilter BPF program "
+                "cannot do, and a copy of the address list kept by the helper would lag behind "
+                "address and route changes)",
+}
+
+# What a match reads that a flavor does not have. Everything else reads the packet through the
+# flavor's primitives (load_bytes), so it runs on tc and xdp as on nf.
+_FLAVOR_LACKS = {
+    ("conntrack", "xdp"): "XDP runs before conntrack: no connection state exists yet",
+    ("state", "xdp"): "XDP runs before conntrack: no connection state exists yet",
+    ("owner", "xdp"): "XDP sees received packets only; owner is for locally sent ones",
+    ("mark", "xdp"): "an XDP frame has no skb, hence no skb->mark",
+    ("pkttype", "xdp"): "an XDP frame has no skb, hence no skb->pkt_type",
+}
+SKB_MARK, SKB_PKT_TYPE, SKB_IFINDEX, XDP_INGRESS_IFINDEX = 8, 4, 40, 12    # __sk_buff, xdp_md
+LOOPBACK_IFINDEX = 1
+# tc ingress (INPUT, FORWARD) runs before nf_conntrack_in() at PREROUTING; tc egress (OUTPUT)
+# after the whole netfilter output path, POSTROUTING included: the entry OUTPUT saw has been
+# confirmed there (IPS_CONFIRMED) and maybe source-NATed (status SRC_NAT, reply tuple's dst)
+_TC_INGRESS_NO_CT = "tc ingress runs before conntrack (PREROUTING): the packet has no " \
+                    "conntrack entry yet"
+_TC_EGRESS_CT = "at tc egress the entry has been through POSTROUTING (confirmed, maybe " \
+                "source-NATed), unlike at OUTPUT"
+
+
+def _flavor_check(cc, m, chain, pos, rule):
+    """Refusals that depend on flavor and hook, naming the rule, the match and why."""
+    why = _FLAVOR_LACKS.get((m.name, cc.fl.name))
+    if not why and cc.fl.name == "tc" and m.name in CONNTRACK:
+        if cc.chain.hook != NF_INET_LOCAL_OUT:
+            why = _TC_INGRESS_NO_CT
+        elif m.name == "conntrack":
+            d = m.data
+            bad = [n for f, n in ((X.XT_CONNTRACK_STATUS, "--ctstatus"),
+                                  (X.XT_CONNTRACK_REPLDST, "--ctrepldst"),
+                                  (X.XT_CONNTRACK_REPLDST_PORT, "--ctrepldstport"))
+                   if d.match_flags & f]
+            if d.match_flags & X.XT_CONNTRACK_STATE and d.state_mask & XT_CONNTRACK_STATE_SNAT:
+                bad.append("--ctstate SNAT")
+            if bad:
+                why = f"{', '.join(bad)}: {_TC_EGRESS_CT}"
+    if why:
+        raise _refuse(chain, pos, rule, f"match {m.name} is not supported by flavor "
+                                        f"{cc.fl.name} ({why}); use flavor nf")
+
+
+def _kern_skb(cc, fail):
+    """r7 = the kernel's struct sk_buff (trusted BTF pointer): the nf flavor keeps ctx->skb
+    there; a tc program gets it from bpf_cast_to_kern_ctx(ctx) (a kfunc call: r1-r5 die, so the
+    accumulated mismatch is flushed first)."""
+    if cc.fl.name == "tc":
+        _flush(cc, fail)
+        cc.emit(E.mov(R1, R6), E.kfunc("bpf_cast_to_kern_ctx"),
+                E.mov(R7, R0, comment="r7 = (struct sk_buff *)ctx"))
+
+
 def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
     hook_check(m, cc.chain.hook, rule, chain, pos)
     if not compiled(m, cc.v6):
         raise _refuse(chain, pos, rule, f"match {m.name} (revision {m.revision}) is not "
                                         f"supported by the compiler"
-                                        + (" for IPv6 yet" if cc.v6 and compiled(m) else ""))
-    if m.name != "comment" and cc.fl.name != "nf":
-        # the skb-reading matches need the nf context; the others are only tested there
-        raise _refuse(chain, pos, rule, f"match {m.name} is not supported by flavor "
-                                        f"{cc.fl.name}; use flavor nf")
+                                        + (" for IPv6" if cc.v6 and compiled(m) else "")
+                                        + _WHY_NOT.get(m.name, ""))
+    _flavor_check(cc, m, chain, pos, rule)
     d = m.data
     if m.name == "comment":
         return
+    if cc.v6 and needs_l4(m):
+        from . import family
+        family.check_l4_rule(rule, chain, pos, m)
+    if m.name in ("frag", "hbh", "dst", "rt", "ah"):
+        from . import family
+        return family.exthdr_match(cc, m, rule, chain, pos, fail, hot)
     if m.name == "conntrack":
         bad = d.match_flags & ~_CT_DONE
         if bad:
@@ -171,10 +253,20 @@ def _flush(cc, fail):
 
 
 def _iphdr(cc, fail):
-    """r0 = the first 20 bytes of the IPv4 header (the prologue read them already, so the slice
-    cannot fail; the check is for the verifier)."""
+    """r0 = the first 20 bytes of the IPv4 header, or the 40 of the IPv6 header (the prologue
+    read them already, so the slice cannot fail; the check is for the verifier)."""
     _flush(cc, fail)
-    cc.emit(*cc._slice(E.mov(R2, 0), 20), E.jmp(E.JEQ, R0, 0, fail))
+    cc.emit(*cc._slice(E.mov(R2, 0), 40 if cc.v6 else 20), E.jmp(E.JEQ, R0, 0, fail))
+
+
+def _dsfield(cc):
+    """r1 = the DS field (TOS byte): iph->tos, or ipv6_get_dsfield() = ntohs(first 16 bits) >> 4
+    for IPv6 (the traffic class straddles the version nibble); r0 from _iphdr."""
+    if cc.v6:
+        cc.emit(E.ldx(E.H, R1, R0, 0, "ipv6_get_dsfield()"), E.be16(R1), E.alu(E.RSH, R1, 4),
+                E.alu(E.AND, R1, 0xff))
+    else:
+        cc.emit(E.ldx(E.B, R1, R0, 1, "iph->tos"))
 
 
 def _nz(cc, reg, invert=False):
@@ -202,9 +294,11 @@ def _finish(cc, invert: bool):
 # ------------------------------------------------------------------------------ stateless
 def _mark(cc, d, fail, hot):
     # xt_mark.c mark_mt(): ((skb->mark & mask) == mark) ^ invert
-    f = skb_facts(cc)
-    cc.emit(E.ldx(E.W, R1, R7, f["mark"], f"{'! ' if d.invert else ''}mark "
-                                          f"{d.mark:#x}/{d.mask:#x}"))
+    what = f"{'! ' if d.invert else ''}mark {d.mark:#x}/{d.mask:#x}"
+    if cc.fl.name == "tc":
+        cc.emit(E.ldx(E.W, R1, R6, SKB_MARK, f"__sk_buff->mark: {what}"))
+    else:
+        cc.emit(E.ldx(E.W, R1, R7, skb_facts(cc)["mark"], what))
     cc.emit(E.ld_imm64(R2, d.mask), E.alu(E.AND, R1, R2), E.ld_imm64(R2, d.mark),
             E.alu(E.XOR, R1, R2))
     if d.invert:
@@ -213,55 +307,107 @@ def _mark(cc, d, fail, hot):
 
 
 def _length(cc, d, fail, hot):
-    # xt_length.c length_mt(): ntohs(iph->tot_len) in min..max, ^ invert
+    # xt_length.c length_mt(): ntohs(iph->tot_len) in min..max, ^ invert; length_mt6(): the
+    # u16 ntohs(payload_len) + sizeof(struct ipv6hdr), which wraps past 65535
     _iphdr(cc, fail)
-    cc.emit(E.ldx(E.H, R1, R0, 2, f"length {d.min}:{d.max}"), E.be16(R1))
+    if cc.v6:
+        cc.emit(E.ldx(E.H, R1, R0, 4, f"length {d.min}:{d.max}: payload_len + 40"), E.be16(R1),
+                E.alu(E.ADD, R1, 40), E.alu(E.AND, R1, 0xffff, comment="u16 pktlen"))
+    else:
+        cc.emit(E.ldx(E.H, R1, R0, 2, f"length {d.min}:{d.max}"), E.be16(R1))
     _outside(cc, R1, R1, d.min, d.max)
     _finish(cc, bool(d.invert))
 
 
-def _ttl(cc, d, fail, hot):
-    # xt_hl.c ttl_mt(): EQ, NE, LT, GT; any other mode never matches
-    if d.mode not in (X.IPT_TTL_EQ, X.IPT_TTL_NE, X.IPT_TTL_LT, X.IPT_TTL_GT):
-        cc.emit(E.ja(fail, f"ttl mode {d.mode} never matches"))
+def _ttl_like(cc, mode: int, value: int, off: int, what: str, fail):
+    # xt_hl.c ttl_mt() / hl_mt6(): EQ, NE, LT, GT (same numbers for ttl and hl); any other
+    # mode never matches
+    if mode not in (X.IPT_TTL_EQ, X.IPT_TTL_NE, X.IPT_TTL_LT, X.IPT_TTL_GT):
+        cc.emit(E.ja(fail, f"{what} mode {mode} never matches"))
         return
     _iphdr(cc, fail)
-    cc.emit(E.ldx(E.B, R1, R0, 8, f"ttl mode {d.mode} {d.ttl}"))
-    if d.mode in (X.IPT_TTL_EQ, X.IPT_TTL_NE):
-        cc.emit(E.alu(E.XOR, R1, d.ttl))
-        if d.mode == X.IPT_TTL_NE:
+    cc.emit(E.ldx(E.B, R1, R0, off, f"{what} mode {mode} {value}"))
+    if cc.fl.name != "nf" and cc.chain.hook == NF_INET_FORWARD:
+        # ip_forward() / ip6_forward() decrement the TTL / hop limit before NF_INET_FORWARD;
+        # tc and xdp see the packet as received
+        cc.emit(E.alu(E.SUB, R1, 1, comment="as the FORWARD hook sees it"))
+    if mode in (X.IPT_TTL_EQ, X.IPT_TTL_NE):
+        cc.emit(E.alu(E.XOR, R1, value))
+        if mode == X.IPT_TTL_NE:
             _nz(cc, R1, invert=True)
-    elif d.mode == X.IPT_TTL_LT:        # mismatch = !(ttl < v)
-        cc.emit(E.alu(E.SUB, R1, d.ttl), E.alu(E.RSH, R1, 63), E.alu(E.XOR, R1, 1))
+    elif mode == X.IPT_TTL_LT:          # mismatch = !(ttl < v)
+        cc.emit(E.alu(E.SUB, R1, value), E.alu(E.RSH, R1, 63), E.alu(E.XOR, R1, 1))
     else:                               # mismatch = !(ttl > v)
-        cc.emit(E.mov(R2, d.ttl), E.alu(E.SUB, R2, R1), E.alu(E.RSH, R2, 63),
+        cc.emit(E.mov(R2, value), E.alu(E.SUB, R2, R1), E.alu(E.RSH, R2, 63),
                 E.alu(E.XOR, R2, 1), E.mov(R1, R2))
     cc._acc()
 
 
+def _ttl(cc, d, fail, hot):
+    _ttl_like(cc, d.mode, d.ttl, 8, "ttl", fail)
+
+
+def _hl(cc, d, fail, hot):
+    _ttl_like(cc, d.mode, d.hop_limit, 7, "hl", fail)
+
+
 def _tos(cc, d, fail, hot):
-    # xt_dscp.c tos_mt(): ((iph->tos & tos_mask) == tos_value) ^ !!invert
+    # xt_dscp.c tos_mt(): ((dsfield & tos_mask) == tos_value) ^ !!invert, for both families
     _iphdr(cc, fail)
-    cc.emit(E.ldx(E.B, R1, R0, 1, f"tos {d.tos_value:#x}/{d.tos_mask:#x}"),
-            E.alu(E.AND, R1, d.tos_mask), E.alu(E.XOR, R1, d.tos_value))
+    _dsfield(cc)
+    cc.emit(E.alu(E.AND, R1, d.tos_mask, comment=f"tos {d.tos_value:#x}/{d.tos_mask:#x}"),
+            E.alu(E.XOR, R1, d.tos_value))
     if d.invert:
         _nz(cc, R1, invert=True)
     cc._acc()
 
 
 def _dscp(cc, d, fail, hot):
-    # xt_dscp.c dscp_mt(): (ipv4_get_dsfield(iph) >> XT_DSCP_SHIFT == dscp) ^ !!invert
+    # xt_dscp.c dscp_mt() / dscp_mt6(): (dsfield >> XT_DSCP_SHIFT == dscp) ^ !!invert
     _iphdr(cc, fail)
-    cc.emit(E.ldx(E.B, R1, R0, 1, f"dscp {d.dscp:#x}"), E.alu(E.RSH, R1, 2),
-            E.alu(E.XOR, R1, d.dscp))
+    _dsfield(cc)
+    cc.emit(E.alu(E.RSH, R1, 2, comment=f"dscp {d.dscp:#x}"), E.alu(E.XOR, R1, d.dscp))
     if d.invert:
         _nz(cc, R1, invert=True)
     cc._acc()
 
 
+def _lt128(cc, slot: int, const: bytes, reverse: bool, out: str):
+    """Jump to `out` when the 16-byte address at fp+slot (packet order) is below `const`
+    (reverse: above it): xt_iprange.c iprange_ipv6_lt(), a big-endian 128-bit compare, done as
+    two unsigned 64-bit halves. Uses r1-r3."""
+    hi, lo = int.from_bytes(const[:8], "big"), int.from_bytes(const[8:], "big")
+    jlt = E.JGT if reverse else E.JLT
+    nxt = cc.label("lt128_no")
+    cc.emit(E.ldx(E.DW, R1, FP, slot), E.be64(R1), E.ld_imm64(R3, hi),
+            E.jmp(jlt, R1, R3, out), E.jmp(E.JNE, R1, R3, nxt),
+            E.ldx(E.DW, R2, FP, slot + 8), E.be64(R2), E.ld_imm64(R3, lo),
+            E.jmp(jlt, R2, R3, out), Label(nxt))
+
+
+def _iprange6(cc, d, fail, hot):
+    # xt_iprange.c iprange_mt6(): m = saddr < min | max < saddr, ^ the side's invert
+    from .family import S_DADDR6, S_SADDR6
+    import ipaddress
+    for flag, inv, slot, lo, hi, what in (
+            (X.IPRANGE_SRC, X.IPRANGE_SRC_INV, S_SADDR6, d.src_min, d.src_max, "src"),
+            (X.IPRANGE_DST, X.IPRANGE_DST_INV, S_DADDR6, d.dst_min, d.dst_max, "dst")):
+        if not d.flags & flag:
+            continue
+        out, done = cc.label("iprange6_out"), cc.label("iprange6_done")
+        cc.emit(E.mov(R4, 0, comment=f"{what}-range {ipaddress.IPv6Address(lo)}-"
+                                     f"{ipaddress.IPv6Address(hi)}"))
+        _lt128(cc, slot, lo, False, out)
+        _lt128(cc, slot, hi, True, out)
+        cc.emit(E.ja(done), Label(out), E.mov(R4, 1), Label(done), E.mov(R1, R4))
+        _finish(cc, bool(d.flags & inv))
+
+
 def _iprange(cc, d, fail, hot):
     # xt_iprange.c iprange_mt4(): host-order comparisons, each side inverted on its own
     from .compile import S_DADDR, S_SADDR
+    if cc.v6:
+        return _iprange6(cc, d, fail, hot)
     for flag, inv, slot, lo, hi, what in (
             (X.IPRANGE_SRC, X.IPRANGE_SRC_INV, S_SADDR, d.src_min, d.src_max, "src"),
             (X.IPRANGE_DST, X.IPRANGE_DST_INV, S_DADDR, d.dst_min, d.dst_max, "dst")):
@@ -291,8 +437,21 @@ def _multiport_ports(d, rev: int):
 
 
 def _multiport_any(cc, d, rev, fail, hot):
-    from .compile import S_DPORT, S_SPORT
-    cc._frag_and_header(8, "multiport", False)
+    # xt_multiport.c multiport_mt(): fragments never match; it reads only the 4 bytes of ports
+    # (skb_header_pointer(skb, par->thoff, 4)) and hotdrops when they are not there. The
+    # prologue filled S_SPORT/S_DPORT when 8 bytes were readable (S_L4LEN != 0); otherwise the
+    # 4 bytes are read here (a later udp/tcp match still hotdrops on such a packet).
+    from .compile import S_DPORT, S_FRAGOFF, S_L4LEN, S_SPORT, S_THOFF
+    _flush(cc, fail)
+    have = cc.label("multiport_ports")
+    cc.emit(E.ldx(E.DW, R1, FP, S_FRAGOFF, "multiport: not a fragment"),
+            E.jmp(E.JNE, R1, 0, fail),
+            E.ldx(E.DW, R1, FP, S_L4LEN), E.jmp(E.JNE, R1, 0, have),
+            *cc._slice(E.ldx(E.DW, R2, FP, S_THOFF), 4),
+            E.jmp(E.JEQ, R0, 0, hot, comment="no 4 bytes of ports: hotdrop"),
+            E.ldx(E.H, R1, R0, 0), E.be16(R1), E.stx(E.DW, FP, S_SPORT, R1),
+            E.ldx(E.H, R1, R0, 2), E.be16(R1), E.stx(E.DW, FP, S_DPORT, R1),
+            Label(have))
     slots = {X.XT_MULTIPORT_SOURCE: (S_SPORT,), X.XT_MULTIPORT_DESTINATION: (S_DPORT,),
              X.XT_MULTIPORT_EITHER: (S_SPORT, S_DPORT)}[d.flags]
     ranges = _multiport_ports(d, rev)
@@ -307,21 +466,30 @@ def _multiport_any(cc, d, rev, fail, hot):
 
 
 def _pkttype(cc, d, fail, hot):
-    # xt_pkttype.c pkttype_mt(): PACKET_LOOPBACK counts as multicast for a multicast
-    # destination, as broadcast otherwise (IPv4)
+    # xt_pkttype.c pkttype_mt(): PACKET_LOOPBACK counts as multicast for a multicast IPv4
+    # destination, as broadcast for another IPv4 one, and always as multicast for IPv6
     from .compile import S_DADDR
-    byte, shift, mask = skb_facts(cc)["pkt_type"]
-    cc.emit(E.ldx(E.B, R1, R7, byte, f"{'! ' if d.invert else ''}pkttype {d.pkttype}"))
-    if shift:
-        cc.emit(E.alu(E.RSH, R1, shift))
-    cc.emit(E.alu(E.AND, R1, mask),
+    what = f"{'! ' if d.invert else ''}pkttype {d.pkttype}"
+    if cc.fl.name == "tc":
+        cc.emit(E.ldx(E.W, R1, R6, SKB_PKT_TYPE, f"__sk_buff->pkt_type: {what}"))
+    else:
+        byte, shift, mask = skb_facts(cc)["pkt_type"]
+        cc.emit(E.ldx(E.B, R1, R7, byte, what))
+        if shift:
+            cc.emit(E.alu(E.RSH, R1, shift))
+        cc.emit(E.alu(E.AND, R1, mask))
+    cc.emit(
             # r3 = 1 when not loopback
             E.mov(R3, R1), E.alu(E.XOR, R3, PACKET_LOOPBACK))
     _nz(cc, R3)
-    # r4 = PACKET_BROADCAST + (daddr is 224.0.0.0/4): the type a looped-back packet gets
-    cc.emit(E.ldx(E.DW, R4, FP, S_DADDR), E.alu(E.AND, R4, 0xf0), E.alu(E.XOR, R4, 0xe0))
-    _nz(cc, R4, invert=True)
-    cc.emit(E.alu(E.ADD, R4, PACKET_BROADCAST),
+    if cc.v6:
+        cc.emit(E.mov(R4, PACKET_MULTICAST))
+    else:
+        # r4 = PACKET_BROADCAST + (daddr is 224.0.0.0/4): the type a looped-back packet gets
+        cc.emit(E.ldx(E.DW, R4, FP, S_DADDR), E.alu(E.AND, R4, 0xf0), E.alu(E.XOR, R4, 0xe0))
+        _nz(cc, R4, invert=True)
+        cc.emit(E.alu(E.ADD, R4, PACKET_BROADCAST))
+    cc.emit(
             # type = r3 ? pkt_type : r4  ==  r4 + r3 * (pkt_type - r4)
             E.alu(E.SUB, R1, R4), E.alu(E.MUL, R1, R3), E.alu(E.ADD, R1, R4),
             E.alu(E.XOR, R1, d.pkttype))
@@ -331,7 +499,7 @@ def _pkttype(cc, d, fail, hot):
 
 
 # ------------------------------------------------------------------------------ conntrack
-def _statebit(cc, status: bool):
+def _statebit(cc, status: bool, untracked_bit: int = XT_CONNTRACK_STATE_UNTRACKED):
     """r1 = the state bit xt_conntrack computes for this packet (XT_CONNTRACK_STATE_BIT of
     ctinfo with a conntrack entry, UNTRACKED for the untracked template, INVALID without one;
     with `status`, | SNAT/DNAT from ct->status read into the stack at S_BUF); r0 = 1 when the
@@ -345,14 +513,15 @@ def _statebit(cc, status: bool):
             E.alu(E.RSH, R1, R2), E.alu(E.AND, R1, 0xf),        # r1 = ct state bit
             E.mov(R3, R4), E.alu(E.XOR, R3, IP_CT_UNTRACKED))
     _nz(cc, R3, invert=True)                       # r3 = untracked
-    cc.emit(E.alu(E.MUL, R3, 6), E.mov(R2, 1), E.alu(E.LSH, R2, R3),   # r2 = no-ct bit
+    # r2 = the no-ct bit: untracked_bit for the untracked template, INVALID (1) otherwise
+    cc.emit(E.mov(R2, R3), E.alu(E.MUL, R2, untracked_bit - 1), E.alu(E.ADD, R2, 1),
             # r1 = r2 + has_ct * (r1 - r2)
             E.alu(E.SUB, R1, R2), E.alu(E.MUL, R1, R0), E.alu(E.ADD, R1, R2))
     if status:
         # test_bit(IPS_SRC_NAT_BIT / IPS_DST_NAT_BIT, &ct->status); zero without ct
         cc.emit(E.ldx(E.DW, R2, FP, S_BUF), E.mov(R3, R2), E.alu(E.AND, R3, IPS_SRC_NAT),
-                E.alu(E.LSH, R3, 3),                             # bit 4 -> bit 7 (SNAT)
-                E.alu(E.AND, R2, IPS_DST_NAT), E.alu(E.LSH, R2, 3),  # bit 5 -> bit 8 (DNAT)
+                E.alu(E.LSH, R3, 2),                             # bit 4 -> bit 6 (SNAT)
+                E.alu(E.AND, R2, IPS_DST_NAT), E.alu(E.LSH, R2, 2),  # bit 5 -> bit 7 (DNAT)
                 E.alu(E.OR, R1, R3), E.alu(E.OR, R1, R2))
 
 
@@ -370,8 +539,9 @@ def _read_status(cc, fail):
 
 def _state(cc, d, fail, hot):
     # xt_state.c state_mt(): (statemask & statebit) != 0 (XT_STATE_* == XT_CONNTRACK_STATE_*
-    # for INVALID/UNTRACKED/ctinfo bits)
-    _statebit(cc, False)
+    # for INVALID and the ctinfo bits; XT_STATE_UNTRACKED is its own)
+    _kern_skb(cc, fail)
+    _statebit(cc, False, XT_STATE_UNTRACKED)
     cc.emit(E.alu(E.AND, R1, d.statemask))
     _nz(cc, R1, invert=True)
     cc._acc()
@@ -427,10 +597,17 @@ def _ct_tuple_checks(cc, d, rev: int, direction: int):
         flag = getattr(X, f"XT_CONNTRACK_{pre.upper()}{side.upper()}")
         if fl & flag:
             # conntrack_addrcmp(): ((kaddr ^ uaddr) & umask) == 0, the whole ^ !invert
+            # (IPv6: ipv6_masked_addr_cmp() over the 16 bytes)
             addr, mask = getattr(d, f"{pre}{side}_addr"), getattr(d, f"{pre}{side}_mask")
-            cc.emit(E.ldx(E.W, R1, FP, rel(key), f"ct{pre}{side}"),
-                    E.ld_imm64(R2, int.from_bytes(addr[:4], "little")), E.alu(E.XOR, R1, R2),
-                    E.ld_imm64(R2, int.from_bytes(mask[:4], "little")), E.alu(E.AND, R1, R2))
+            # (the reply tuple's dst.u3 is only 4-byte aligned in the buffer: 32-bit loads)
+            cc.emit(E.mov(R4, 0, comment=f"ct{pre}{side}"))
+            for w in ((0, 4, 8, 12) if cc.v6 else (0,)):
+                cc.emit(E.ldx(E.W, R1, FP, rel(key) + w),
+                        E.ld_imm64(R2, int.from_bytes(addr[w:w + 4], "little")),
+                        E.alu(E.XOR, R1, R2),
+                        E.ld_imm64(R2, int.from_bytes(mask[w:w + 4], "little")),
+                        E.alu(E.AND, R1, R2), E.alu(E.OR, R4, R1))
+            cc.emit(E.mov(R1, R4))
             _nz(cc, R1)
             acc(flag)
     if direction == 0 and fl & X.XT_CONNTRACK_PROTO:
@@ -453,12 +630,38 @@ def _ct_tuple_checks(cc, d, rev: int, direction: int):
         acc(flag)
 
 
+def _ct_expires(cc, d):
+    """--ctexpire: r8 |= !((min <= nf_ct_expires(ct) / HZ <= max) ^ !invert), where
+    nf_ct_expires() = max((s32)(ct->timeout - (u32)jiffies), 0) (nfct_time_stamp is the low
+    32 bits of jiffies). ct->timeout is read with bpf_probe_read_kernel into S_BUF (0 without
+    an entry; the result only counts with one)."""
+    from .compile import S_BUF
+    f = skb_facts(cc)
+    pos = cc.label("ctexpire_pos")
+    cc.emit(E.st(E.DW, FP, S_BUF, 0),
+            E.ldx(E.DW, R3, R7, f["nfct"]), E.ld_imm64(R1, ~NFCT_INFOMASK & (2**64 - 1)),
+            E.alu(E.AND, R3, R1), E.alu(E.ADD, R3, f["timeout"]),
+            E.mov(R1, FP), E.alu(E.ADD, R1, S_BUF), E.mov(R2, 4),
+            E.call(BPF_FUNC_probe_read_kernel, "ct->timeout"),
+            E.call(BPF_FUNC_jiffies64),
+            E.ldx(E.W, R1, FP, S_BUF), E.alu(E.SUB, R1, R0, bits=32, comment="u32 difference"),
+            E.jmp(E.JSET, R1, 0x80000000, pos, comment="negative as s32: expired"),
+            E.ja(pos + "_div"), Label(pos), E.mov(R1, 0), Label(pos + "_div"),
+            E.alu(E.DIV, R1, X.kernel_hz(), comment=f"seconds: / HZ "
+                                                    f"({d.expires_min}:{d.expires_max})"))
+    _outside(cc, R1, R1, d.expires_min, d.expires_max)
+    if d.invert_flags & X.XT_CONNTRACK_EXPIRES:
+        cc.emit(E.alu(E.XOR, R1, 1))
+    cc.emit(E.alu(E.OR, E.R8, R1))
+
+
 def _conntrack(cc, d, fail, hot, rev: int):
     # xt_conntrack.c conntrack_mt(): state first (for every packet), then, only with a conntrack
     # entry, direction, addresses, protocol and ports, status; without an entry the result is
     # (match_flags & STATE). r9 = mismatch for every packet, r8 = mismatch with an entry.
     fl, inv = d.match_flags, d.invert_flags
     _flush(cc, fail)
+    _kern_skb(cc, fail)
     cc.emit(E.mov(E.R8, 0), E.mov(E.R9, 0))
     if fl & (X.XT_CONNTRACK_STATE | X.XT_CONNTRACK_STATUS):
         _read_status(cc, fail)
@@ -488,6 +691,8 @@ def _conntrack(cc, d, fail, hot, rev: int):
     for direction, flags in ((0, orig), (1, repl)):
         if fl & flags:
             _ct_tuple_checks(cc, d, rev, direction)
+    if fl & X.XT_CONNTRACK_EXPIRES:
+        _ct_expires(cc, d)
     # mismatch = r9 | (has_ct ? r8 : !(match_flags & STATE))
     no_ct = 0 if fl & X.XT_CONNTRACK_STATE else 1
     f = skb_facts(cc)
@@ -505,9 +710,10 @@ _OWNER_PATHS = {"sk": ("sk_buff", "sk"), "state": ("sock", "__sk_common.skc_stat
                 "socket": ("sock", "sk_socket"), "sknet": ("sock", "__sk_common.skc_net"),
                 "file": ("socket", "file"), "cred": ("file", "f_cred"),
                 "fsuid": ("cred", "fsuid"), "fsgid": ("cred", "fsgid"),
-                "net": ("nf_hook_state", "net")}
+                "net": ("nf_hook_state", "net"), "dev": ("sk_buff", "dev"),
+                "devnet": ("net_device", "nd_net")}
 _OWNER_FAKE = dict(sk=24, state=18, listener=96, socket=288, sknet=48, file=16, cred=48,
-                   fsuid=32, fsgid=36, net=32)
+                   fsuid=32, fsgid=36, net=32, dev=16, devnet=264)
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,6 +750,7 @@ def _owner(cc, d, fail, hot):
     f = _owner_facts(cc.facts == KernelFacts.fake())
     SK, SOCK, TMP, NET, FILP = S_BUF, S_BUF + 8, S_BUF + 16, S_BUF + 24, S_BUF + 32
     _flush(cc, fail)
+    _kern_skb(cc, fail)
     nosock, nofile, done = cc.label("owner_nosock"), cc.label("owner_nofile"), \
         cc.label("owner_done")
     full = cc.label("owner_full")
@@ -554,8 +761,13 @@ def _owner(cc, d, fail, hot):
     cc.emit(Label(full), E.ldx(E.DW, R1, FP, SK), E.jmp(E.JEQ, R1, 0, nosock))
     _peek(cc, SOCK, 8, base_slot=SK, off=f["socket"])             # sk->sk_socket
     cc.emit(E.ldx(E.DW, R1, FP, SOCK), E.jmp(E.JEQ, R1, 0, nosock))
-    cc.emit(E.ldx(E.DW, R4, R6, cc.facts.nf_ctx_state, "ctx->state"))
-    _peek(cc, NET, 8, base_reg=R4, off=f["net"])                  # state->net
+    if cc.fl.name == "tc":
+        # xt_net(par) is the hook's netns: at tc egress, the device's (dev_net(skb->dev))
+        cc.emit(E.ldx(E.DW, R4, R7, f["dev"], "skb->dev"))
+        _peek(cc, NET, 8, base_reg=R4, off=f["devnet"])           # dev->nd_net.net
+    else:
+        cc.emit(E.ldx(E.DW, R4, R6, cc.facts.nf_ctx_state, "ctx->state"))
+        _peek(cc, NET, 8, base_reg=R4, off=f["net"])              # state->net
     _peek(cc, TMP, 8, base_slot=SK, off=f["sknet"])               # sock_net(sk)
     cc.emit(E.ldx(E.DW, R1, FP, NET), E.ldx(E.DW, R2, FP, TMP), E.jmp(E.JNE, R1, R2, nosock))
     if d.match & d.invert & X.XT_OWNER_SOCKET:
@@ -606,6 +818,8 @@ def _mac(cc, d, fail, hot):
     skb->data - ETH_HLEN, and eth_hdr(skb)->h_source equal to srcaddr, ^ invert. The header
     bytes are read with bpf_probe_read_kernel (the dynptr starts at the network header)."""
     from .compile import KernelFacts, S_BUF
+    if cc.fl.name != "nf":
+        return _mac_l2(cc, d, fail)
     f = _mac_facts(cc.facts == KernelFacts.fake())
     DEV, MAC = S_BUF, S_BUF + 8
     _flush(cc, fail)
@@ -623,6 +837,25 @@ def _mac(cc, d, fail, hot):
     _peek(cc, MAC, 6, base_reg=R3)
     want = int.from_bytes(d.srcaddr, "little")
     cc.emit(E.ldx(E.DW, R1, FP, MAC), E.ld_imm64(R2, want), E.alu(E.XOR, R1, R2))
+    _nz(cc, R1, invert=bool(d.invert))
+    cc.emit(E.ja(done), Label(out), E.mov(R1, 1, comment="not Ethernet: no match"),
+            Label(done))
+    cc._acc()
+
+
+def _mac_l2(cc, d, fail):
+    """mac_mt() on tc/xdp, which see the Ethernet frame: h_source is the 6 bytes 8 before the
+    network header. Loopback (ifindex 1 in every netns; ARPHRD_LOOPBACK, not ARPHRD_ETHER)
+    never matches, as in the kernel."""
+    _flush(cc, fail)
+    out, done = cc.label("mac_no"), cc.label("mac_done")
+    idx = SKB_IFINDEX if cc.fl.name == "tc" else XDP_INGRESS_IFINDEX
+    cc.emit(E.ldx(E.W, R1, R6, idx, "ingress ifindex"),
+            E.jmp(E.JEQ, R1, LOOPBACK_IFINDEX, out, comment="loopback is not Ethernet"),
+            *cc._slice(E.mov(R2, -8), 6), E.jmp(E.JEQ, R0, 0, out),
+            E.ldx(E.W, R1, R0, 0, "h_source[0..3]"), E.ldx(E.H, R2, R0, 4, "h_source[4..5]"),
+            E.alu(E.LSH, R2, 32), E.alu(E.OR, R1, R2),
+            E.ld_imm64(R2, int.from_bytes(d.srcaddr, "little")), E.alu(E.XOR, R1, R2))
     _nz(cc, R1, invert=bool(d.invert))
     cc.emit(E.ja(done), Label(out), E.mov(R1, 1, comment="not Ethernet: no match"),
             Label(done))
@@ -708,23 +941,6 @@ def _limit(cc, d, fail, hot, index: int):
     cc.emit(E.mov(E.R5, 1, comment="lost every race: over the limit"),
             Label(done), E.mov(R1, E.R5))
     cc._acc()
-
-
-# ------------------------------------------------------------------------------ targets
-_TARGET_WHY = {
-    "REJECT": "a netfilter BPF program can only return NF_ACCEPT or NF_DROP; it cannot send "
-              "the TCP reset or ICMP error",
-    "LOG": "a netfilter BPF program cannot write the kernel log",
-    "MARK": "a netfilter BPF program cannot write skb->mark (the skb is read-only to it)",
-}
-
-
-def target_refusal(t, flavor: str) -> str:
-    """What compile.py says about a target it does not translate (the decoded ones get why)."""
-    why = _TARGET_WHY.get(t.name)
-    if why is None or isinstance(t.data, (bytes, bytearray)):
-        return f"target {t.name}"
-    return f"target {t.name} (flavor {flavor}: {why})"
 
 
 # ------------------------------------------------------------------------------ conntrack on/off

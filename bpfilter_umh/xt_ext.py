@@ -1,6 +1,7 @@
 """The xtables extensions people use (issue #6): payload codecs, the kernel's checkentry rules and
 registry entries for the matches multiport, iprange, mac, mark, length, ttl, hl, comment,
-addrtype, limit, pkttype, tos, dscp, owner, conntrack, state and the targets REJECT, LOG, MARK.
+addrtype, limit, pkttype, tos, dscp, owner, conntrack, state, the IPv6 extension-header matches
+frag, hbh, dst, rt, ah (netfilter_ipv6/ip6t_*.h) and the targets REJECT, LOG, MARK.
 
 Struct layouts are include/uapi/linux/netfilter/xt_*.h (and netfilter_ipv4/ipt_*.h) on x86_64
 (native byte order, unsigned long = 8 bytes); `size` is the kernel's matchsize/targetsize, whose
@@ -222,6 +223,62 @@ xt_conntrack_mtinfo3 = Struct(*_ct_head(Int16ul), "state_mask" / Int16ul,
                               Padding(2))                                                # 164
 xt_state_info = Struct("statemask" / Int32ul)                                            # 4
 
+# ------------------------------------------- IPv6 extension headers (netfilter_ipv6/ip6t_*.h)
+IP6T_FRAG_IDS, IP6T_FRAG_LEN, IP6T_FRAG_RES, IP6T_FRAG_FST, IP6T_FRAG_MF, IP6T_FRAG_NMF = \
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+IP6T_FRAG_INV_IDS, IP6T_FRAG_INV_LEN, IP6T_FRAG_INV_MASK = 0x01, 0x02, 0x03
+ip6t_frag = Struct("ids" / Array(2, Int32ul), "hdrlen" / Int32ul, "flags" / Int8ul,
+                   "invflags" / Int8ul, Padding(2))                                  # 16
+
+IP6T_OPTS_LEN, IP6T_OPTS_OPTS, IP6T_OPTS_NSTRICT = 0x01, 0x02, 0x04
+IP6T_OPTS_INV_LEN, IP6T_OPTS_INV_MASK = 0x01, 0x01
+IP6T_OPTS_OPTSNR = 16
+ip6t_opts = Struct("hdrlen" / Int32ul, "flags" / Int8ul, "invflags" / Int8ul,
+                   "opts" / Array(IP6T_OPTS_OPTSNR, Int16ul), "optsnr" / Int8ul,
+                   Padding(1))                                                       # 40
+
+IP6T_RT_TYP, IP6T_RT_SGS, IP6T_RT_LEN, IP6T_RT_RES = 0x01, 0x02, 0x04, 0x08
+IP6T_RT_FST_MASK, IP6T_RT_FST, IP6T_RT_FST_NSTRICT = 0x30, 0x10, 0x20
+IP6T_RT_INV_TYP, IP6T_RT_INV_SGS, IP6T_RT_INV_LEN, IP6T_RT_INV_MASK = 0x01, 0x02, 0x04, 0x07
+IP6T_RT_HOPS = 16
+ip6t_rt = Struct("rt_type" / Int32ul, "segsleft" / Array(2, Int32ul), "hdrlen" / Int32ul,
+                 "flags" / Int8ul, "invflags" / Int8ul, Padding(2),
+                 "addrs" / Array(IP6T_RT_HOPS, Bytes(16)), "addrnr" / Int8ul,
+                 Padding(3))                                                         # 280
+
+IP6T_AH_SPI, IP6T_AH_LEN, IP6T_AH_RES = 0x01, 0x02, 0x04
+IP6T_AH_INV_SPI, IP6T_AH_INV_LEN, IP6T_AH_INV_MASK = 0x01, 0x02, 0x03
+ip6t_ah = Struct("spis" / Array(2, Int32ul), "hdrlen" / Int32ul, "hdrres" / Int8ul,
+                 "invflags" / Int8ul, Padding(2))                                    # 16
+
+
+def _invmask_check(what, mask):
+    # frag_mt6_check(), ah_mt6_check(): unknown inversion flags are -EINVAL
+    def check(rule, family, data):
+        if data.invflags & ~mask:
+            _fail(errno.EINVAL, rule, f"{what}: unknown invflags {data.invflags:#x}")
+    return check
+
+
+def _opts_check(rule, family, data):
+    # ip6t_hbh.c hbh_mt6_check() (hbh and dst)
+    if data.invflags & ~IP6T_OPTS_INV_MASK:
+        _fail(errno.EINVAL, rule, f"hbh/dst: unknown invflags {data.invflags:#x}")
+    if data.flags & IP6T_OPTS_NSTRICT:
+        _fail(errno.EINVAL, rule, "hbh/dst: non-strict option matching is not implemented "
+                                  "by the kernel")
+
+
+def _rt_check(rule, family, data):
+    # ip6t_rt.c rt_mt6_check(): --rt-0-* needs `--rt-type 0` (not inverted)
+    if data.invflags & ~IP6T_RT_INV_MASK:
+        _fail(errno.EINVAL, rule, f"rt: unknown invflags {data.invflags:#x}")
+    if data.flags & (IP6T_RT_RES | IP6T_RT_FST_MASK) and (
+            not data.flags & IP6T_RT_TYP or data.rt_type != 0
+            or data.invflags & IP6T_RT_INV_TYP):
+        _fail(errno.EINVAL, rule, "rt: `--rt-type 0' required before `--rt-0-*'")
+
+
 # ---------------------------------------------------------------- REJECT (ipt_REJECT.h)
 IPT_REJECT_WITH = ("icmp-net-unreachable", "icmp-host-unreachable", "icmp-proto-unreachable",
                    "icmp-port-unreachable", "icmp-echo-reply", "icmp-net-prohibited",
@@ -237,6 +294,22 @@ def _reject_check(rule, family, data):
     if data["with"] == IPT_TCP_RESET and (rule.ip.proto != IPPROTO_TCP
                                            or rule.ip.invflags & XT_INV_PROTO):
         _fail(errno.EINVAL, rule, "REJECT: TCP_RESET invalid for non-tcp")
+
+
+# ip6t_REJECT.h: the same struct, enum ip6t_reject_with
+IP6T_ICMP6_ECHOREPLY, IP6T_TCP_RESET = 5, 6
+IP6T_F_PROTO = 0x01
+
+
+def _reject6_check(rule, family, data):
+    # net/ipv6/netfilter/ip6t_REJECT.c reject_tg6_check(): the protocol counts only with
+    # IP6T_F_PROTO (ip6t_ip6.flags)
+    if data["with"] == IP6T_ICMP6_ECHOREPLY:
+        _fail(errno.EINVAL, rule, "REJECT: ECHOREPLY is not supported")
+    if data["with"] == IP6T_TCP_RESET and (not rule.ip.flags & IP6T_F_PROTO
+                                            or rule.ip.proto != IPPROTO_TCP
+                                            or rule.ip.invflags & XT_INV_PROTO):
+        _fail(errno.EINVAL, rule, "REJECT: TCP_RESET illegal for non-tcp")
 
 
 # ---------------------------------------------------------------- LOG (xt_LOG.h)
@@ -284,24 +357,49 @@ _reg(MATCH, "conntrack", 1, BOTH, 152, xt_conntrack_mtinfo1)
 _reg(MATCH, "conntrack", 2, BOTH, 156, xt_conntrack_mtinfo2)
 _reg(MATCH, "conntrack", 3, BOTH, 164, xt_conntrack_mtinfo3)
 _reg(MATCH, "state", 0, BOTH, 4, xt_state_info)
+_reg(MATCH, "frag", 0, V6, 16, ip6t_frag, check=_invmask_check("frag", IP6T_FRAG_INV_MASK))
+_reg(MATCH, "hbh", 0, V6, 40, ip6t_opts, check=_opts_check)
+_reg(MATCH, "dst", 0, V6, 40, ip6t_opts, check=_opts_check)
+_reg(MATCH, "rt", 0, V6, 280, ip6t_rt, check=_rt_check)
+_reg(MATCH, "ah", 0, V6, 16, ip6t_ah, check=_invmask_check("ah", IP6T_AH_INV_MASK))
 _reg(TARGET, "REJECT", 0, V4, 4, ipt_reject_info, check=_reject_check)
+_reg(TARGET, "REJECT", 0, V6, 4, ipt_reject_info, check=_reject6_check)
 _reg(TARGET, "LOG", 0, BOTH, 32, xt_log_info, check=_log_check)
 _reg(TARGET, "MARK", 2, BOTH, 8, xt_mark_tginfo2)
 
-# (name, revision) of the matches the compiler translates exactly (matchers.py), for IPv4 (the
-# IPv6 side of issue #6 is part 4); GET_REVISION admits to these revisions only
+# (name, revision) of the matches the compiler translates exactly (matchers.py), per family;
+# GET_REVISION admits to these revisions only
 COMPILED = {("multiport", 0), ("multiport", 1), ("iprange", 1), ("mark", 1), ("length", 0),
             ("ttl", 0), ("comment", 0), ("pkttype", 0), ("tos", 1), ("dscp", 0),
             ("conntrack", 1), ("conntrack", 2), ("conntrack", 3), ("state", 0), ("limit", 0),
             ("owner", 1), ("mac", 0)}
-
+# IPv6: the same ones (hl instead of ttl), plus the extension-header matches of ip6tables
+COMPILED_V6 = (COMPILED - {("ttl", 0)}) | {("hl", 0), ("frag", 0), ("hbh", 0), ("dst", 0),
+                                          ("rt", 0), ("ah", 0)}
 
 
 def _mark_compiled():
     from .extensions import _registry
-    for (kind, _fam, name, rev), e in _registry.items():
-        if kind == MATCH and (name, rev) in COMPILED and _fam == NFPROTO_IPV4:
+    for (kind, fam, name, rev), e in _registry.items():
+        want = COMPILED if fam == NFPROTO_IPV4 else COMPILED_V6
+        if kind == MATCH and (name, rev) in want:
             e.compiled = True
 
 
 _mark_compiled()
+
+# targets the compiler translates (targets.py: REJECT and LOG on flavor nf, MARK on flavor tc).
+# GET_REVISION admits to them, or iptables warns "revision 0 not supported" (REJECT, LOG) or gives
+# up before SET_REPLACE (MARK's revision 2); on a flavor that cannot carry one out, SET_REPLACE
+# refuses naming the rule.
+TARGETS_COMPILED = {("REJECT", 0), ("LOG", 0), ("MARK", 2)}
+
+
+def _mark_targets_compiled():
+    from .extensions import _registry
+    for (kind, _fam, name, rev), e in _registry.items():
+        if kind == TARGET and (name, rev) in TARGETS_COMPILED:
+            e.compiled = True
+
+
+_mark_targets_compiled()

@@ -397,3 +397,77 @@ def test_conntrack_tuples(labs):
     r = results[0][0]
     assert r["tcp host:22"] == "connected" and r["tcp host:23"] == "timeout"
     assert r["tcp server:80"] == "connected"
+
+
+# ----------------------------------------------------------------------------- untracked and NAT
+# The kernel's own raw and nat tables (iptables-legacy, in both labs' host) make packets
+# UNTRACKED and connections SNAT/DNAT; the filter rules only count, on every hook.
+NAT_RAW = ["-t raw -A PREROUTING -p udp --dport 7001 -j CT --notrack",
+           "-t raw -A OUTPUT -p udp --dport 7001 -j CT --notrack",
+           "-t nat -A OUTPUT -p udp --dport 7002 -j DNAT --to-destination 192.0.2.11",
+           "-t nat -A PREROUTING -p udp --dport 7004 -j DNAT --to-destination 198.51.100.78",
+           "-t nat -A POSTROUTING -o srv0 -p udp --dport 7003 -j SNAT --to-source 203.0.113.1"]
+CT_SPECIAL = table("\n".join(f"-A {c} {r}" for c in ("INPUT", "FORWARD", "OUTPUT")
+                             for r in ("-m conntrack --ctstate UNTRACKED",
+                                       "-m conntrack --ctstate INVALID",
+                                       "-m conntrack --ctstate SNAT",
+                                       "-m conntrack --ctstate DNAT",
+                                       "-m conntrack --ctstate NEW,ESTABLISHED",
+                                       "-m conntrack ! --ctstate UNTRACKED,SNAT")))
+
+
+def test_conntrack_untracked_snat_dnat(labs):
+    """XT_CONNTRACK_STATE_SNAT/DNAT/UNTRACKED are 1 << 6, 7, 8 (xt_conntrack.h), from
+    ct->status IPS_SRC_NAT/IPS_DST_NAT and the untracked template."""
+    ps = []
+    for port in (7001, 7001, 7002, 7002, 7003, 7003, 7004, 7004, 53):
+        ps.append(P("INPUT", dport=port, sport=5000))
+        ps.append(P("FORWARD", dport=port, sport=5001))
+        ps.append(P("OUTPUT", dport=port, sport=5002))
+    counters = []
+    for lab in labs:
+        for r in NAT_RAW:
+            lab.host.run(["iptables-legacy", *r.split()])
+        try:
+            lab.load(CT_SPECIAL)
+            lab.send(number(ps, start=700))
+            counters.append(lab.counters())
+        finally:
+            for t in ("raw", "nat"):
+                lab.host.run(["iptables-legacy", "-t", t, "-F"])
+    assert counters[0] == counters[1], "\n".join(
+        f"{k}: kernel {v} bpfilter {counters[1].get(k)}" for k, v in counters[0].items()
+        if counters[1].get(k) != v)
+    c = counters[0]
+    for chain in ("INPUT", "FORWARD", "OUTPUT"):     # not vacuous: each state was seen
+        assert c[(chain, 0)][0] >= 2, (chain, c)    # UNTRACKED
+    assert c[("FORWARD", 2)][0] >= 1 and c[("FORWARD", 3)][0] >= 1, c   # SNAT, DNAT
+    assert c[("OUTPUT", 3)][0] >= 1, c                                  # DNAT
+
+
+# ----------------------------------------------------------------------------- --ctexpire
+# Conntrack timeouts (seconds left when the packet is seen) sit far from these bounds: UDP 30
+# (unreplied) / 120 (replied), TCP SYN_SENT 120 / SYN_RECV 60 / ESTABLISHED 432000, ICMP 30.
+CT_EXPIRE = table("\n".join(f"-A {c} {r}" for c in ("INPUT", "FORWARD", "OUTPUT")
+                            for r in ("-m conntrack --ctexpire 20:40",
+                                      "-m conntrack --ctexpire 50:70",
+                                      "-m conntrack --ctexpire 100:130",
+                                      "-m conntrack ! --ctexpire 0:1000",
+                                      "-m conntrack --ctexpire 0:5 --ctstate NEW",
+                                      "-p udp -m conntrack --ctexpire 0:4294967295")))
+
+
+def test_conntrack_expire(labs):
+    """xt_conntrack's --ctexpire: nf_ct_expires(ct) / HZ within the range, with real flows."""
+    results = []
+    for lab in labs:
+        lab.load(CT_EXPIRE)
+        results.append((stateful_traffic(lab), lab.counters()))
+    assert results[0] == results[1], "\n".join(
+        f"{k}: kernel {v} bpfilter {results[1][1].get(k)}" for k, v in results[0][1].items()
+        if results[1][1].get(k) != v)
+    c = results[0][1]
+    # not vacuous: unconfirmed entries (first packets: ct->timeout is still relative, so
+    # expires is 0), UDP/ICMP at 30, SYN_RECV at 60, ESTABLISHED TCP beyond 1000 were all seen
+    for n in (0, 1, 3, 4):
+        assert sum(c[(ch, n)][0] for ch in ("INPUT", "FORWARD", "OUTPUT")), (n, c)

@@ -16,9 +16,11 @@ def test_generated_list_names_every_registered_extension():
     text = gen_ext_table.text()
     for name in ("multiport", "iprange", "mark", "length", "ttl", "comment", "pkttype", "tos",
                  "dscp", "conntrack", "state", "limit", "owner", "mac", "addrtype", "REJECT",
-                 "LOG", "MARK"):
+                 "LOG", "MARK", "hl", "frag", "hbh", "dst", "rt", "ah"):
         assert f"| {name} |" in text
-    assert "| match | multiport | 1 | compiled |" in text
+    assert "| match | multiport | 1 | compiled | compiled |" in text
+    assert "| match | frag | 0 | — | compiled |" in text
+    assert "| match | addrtype | 1 | checked | checked |" in text
 
 
 def test_readme_list_is_current():

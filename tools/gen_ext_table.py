@@ -44,10 +44,26 @@ def rows():
     return out
 
 
+def flavor_notes():
+    """What the compiled matches cannot do on flavors tc and xdp (matchers._FLAVOR_LACKS): they
+    are refused there, naming the rule and the reason."""
+    from bpfilter_umh import matchers
+    by = {}
+    for (name, flavor), why in sorted(matchers._FLAVOR_LACKS.items()):
+        by.setdefault(name, []).append(f"{flavor} ({why})")
+    out = [f"- {name}: not on " + "; ".join(v) for name, v in sorted(by.items())]
+    out.append(f"- conntrack, state on tc: OUTPUT only (INPUT/FORWARD: "
+               f"{matchers._TC_INGRESS_NO_CT}); there --ctstatus, --ctstate SNAT, --ctrepldst "
+               f"and --ctrepldstport are refused ({matchers._TC_EGRESS_CT})")
+    return out
+
+
 def text() -> str:
     head = ["| kind | name | revision | iptables | ip6tables |",
             "|---|---|---|---|---|"]
-    return "\n".join([BEGIN, *head, *rows(), END]) + "\n"
+    notes = ["", "Every compiled match runs on flavor nf; on tc and xdp too, except:", "",
+             *flavor_notes()]
+    return "\n".join([BEGIN, *head, *rows(), *notes, END]) + "\n"
 
 
 def current(readme: str):
