@@ -278,13 +278,13 @@ def test_sequential_invocations_leak_nothing(lab):
 
 
 def test_untranslatable_rule_policy_reject(lab):
-    """Policy `reject` (the default, and the only one implemented): a rule the compiler cannot
+    """Policy `reject` (the default; `xtables` is tests/test_policy_xtables.py): a rule the compiler cannot
     translate makes the whole replace fail atomically, with iptables' own message for
     EOPNOTSUPP; the previous ruleset stays listed and filtering."""
     a, b, probe = lab
     bexec(b, "iptables-legacy-restore", input=RULES_A)
     before = bexec(b, "iptables-legacy-save").stdout
-    for cmd in ("iptables-legacy -A INPUT -p tcp -j REJECT",
+    for cmd in ("iptables-legacy -A INPUT -m statistic --mode random --probability 0.5 -j DROP",
                 "iptables-legacy -A INPUT -m string --string x --algo bm -j DROP"):
         p = bexec(b, cmd, check=False)
         assert p.returncode == 1 and "iptables: Operation not supported." in p.stderr, p.stderr
