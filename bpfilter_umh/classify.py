@@ -33,10 +33,13 @@ Shapes (decided per rule by rule_shape(); a run ends at the first rule of anothe
                       is the first match (see "multi-field runs" below). Chosen when cheaper than
                       the plain runs and linear rules it replaces (cost model below).
 Targets in a run: ACCEPT, DROP, RETURN, gotos, and jumps (hash runs; extensions stay linear).
-Map value: struct { u32 entry_index; u32 action; } (action 0 DROP, 1 ACCEPT, 2 RETURN, 3 + k the
-k-th jump rule of the run): the counter increment uses the entry index from the map, so counters
-stay per rule. A jump's target chain is inlined once per jump rule behind a binary decision tree
-on k (kube-proxy / docker fan-out: one lookup picks the service chain). When the target chain
+Map value: struct { u32 position; u32 action; } (action 0 DROP, 1 ACCEPT, 2 RETURN, 3 + k the
+k-th jump rule of the run): the counter increment uses the run's first entry index + the position
+from the map, so counters stay per rule, and the map's contents do not depend on where the run
+sits in the table (an unchanged run keeps its map across SET_REPLACE: map_spec, engine
+create_maps). A jump's target chain is inlined once per jump rule behind a binary decision tree
+on k (kube-proxy / docker fan-out: one lookup picks the service chain; past GLOBAL_ABOVE
+instructions the cases become BPF global functions, see _global_cases). When the target chain
 RETURNs, ipt_do_table continues with the rule after the jump; within the run the next rule that
 can match is static: a jump rule has exactly one key (single ports, no ranges), the packet's key is
 that key, so the next match is the next rule of the run holding the same key (Run.next_same),
@@ -210,8 +213,33 @@ def _l4(rule: Rule):
     return m.name, d
 
 
+# Per-rule answers memoized on the entry's bytes (model.py sets Rule.cache_key on decoded rules:
+# the bytes without comefrom and counters), so a table that changed in one rule does not
+# re-derive the other 9 999 (issue #7). Bounded: cleared when full.
+_MEMO: dict = {}
+MEMO_MAX = 1 << 19
+
+
+def _memo(kind: str, rule: Rule, fn):
+    key = getattr(rule, "cache_key", None)
+    if key is None:
+        return fn(rule)
+    k = (kind, key)
+    try:
+        return _MEMO[k]
+    except KeyError:
+        if len(_MEMO) >= MEMO_MAX:
+            _MEMO.clear()
+        v = _MEMO[k] = fn(rule)
+        return v
+
+
 def rule_shape(rule: Rule):
     """The shape key of a rule the classifier can serve, or None (the rule stays linear)."""
+    return _memo("shape", rule, _rule_shape)
+
+
+def _rule_shape(rule: Rule):
     ip = rule.ip
     t = rule.target
     if _action(t) < 0 or ip.flags & ~IPT_F_GOTO or ip.invflags or any(ip.iniface_mask) \
@@ -295,8 +323,11 @@ def describe(table) -> dict:
 # ------------------------------------------------------------------------------- map contents
 
 def _value(run: Run, pos: int) -> bytes:
+    """{u32 position in the run; u32 action}: the program adds the run's first entry index (the
+    run's rules are consecutive entries), so the map's contents do not change when entries
+    before the run come or go, and an unchanged run keeps its map (_RUN_SPECS, engine reuse)."""
     a = _action(run.rules[pos].target)
-    return struct.pack("<II", run.rules[pos].index, a + run.cases[pos] if a == ACT_CASE else a)
+    return struct.pack("<II", pos, a + run.cases[pos] if a == ACT_CASE else a)
 
 
 def lpm_entries(run: Run) -> list:
@@ -382,7 +413,52 @@ def _fill_next_same(run: Run):
             later[k] = pos
 
 
+# MapSpecs of the runs seen last, by (name, kind, signature, the rules' cache keys): an
+# unchanged run gets the very same MapSpec object back, so the engine reuses the map it
+# already created and filled for it (engine.create_maps) instead of a new one.
+_RUN_SPECS: dict = {}
+RUN_SPECS_MAX = 256
+
+
+def _run_key(run: Run, name: str):
+    keys = [getattr(r, "cache_key", None) for r in run.rules]
+    if None in keys:
+        return None
+    return (name, run.kind, run.sig, run.protos, hash(tuple(keys)), len(keys), keys[0], keys[-1])
+
+
 def map_spec(run: Run, name: str) -> MapSpec:
+    key = _run_key(run, name)
+    if key is not None:
+        spec = _RUN_SPECS.get(key)
+        if spec is not None and spec.rules_keys == tuple(r.cache_key for r in run.rules):
+            return spec
+    spec = _map_spec(run, name)
+    if key is not None:
+        if len(_RUN_SPECS) >= RUN_SPECS_MAX:
+            _RUN_SPECS.clear()
+        spec.rules_keys = tuple(r.cache_key for r in run.rules)
+        _RUN_SPECS[key] = spec
+    return spec
+
+
+def _cached_multi_specs(run: Run, name: str) -> list:
+    """multi_specs, the same MapSpec objects for an unchanged run (see map_spec)."""
+    key = _run_key(run, name)
+    if key is None:
+        return multi_specs(run, name)
+    keys = tuple(r.cache_key for r in run.rules)
+    hit = _RUN_SPECS.get(("multi",) + key)
+    if hit is not None and hit[0] == keys:
+        return hit[1]
+    specs = multi_specs(run, name)
+    if len(_RUN_SPECS) >= RUN_SPECS_MAX:
+        _RUN_SPECS.clear()
+    _RUN_SPECS[("multi",) + key] = (keys, specs)
+    return specs
+
+
+def _map_spec(run: Run, name: str) -> MapSpec:
     if run.kind == "lpm":
         return MapSpec(name, BPF_MAP_TYPE_LPM_TRIE, 8, 8, lpm_entries(run), BPF_F_NO_PREALLOC,
                        "bpfilter_lpm")
@@ -429,7 +505,8 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
     cc.emit(E.ld_map_fd(R1, name), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
             E.call(E.BPF_FUNC_map_lookup_elem),
             E.jmp(E.JEQ, R0, 0, miss, comment="no rule of the run matches"),
-            E.ldx(E.W, R1, R0, 0, "entry index of the first matching rule"),
+            E.ldx(E.W, R1, R0, 0, "position of the first matching rule in the run"),
+            E.alu(E.ADD, R1, first.index, comment="+ the run's first entry: its entry index"),
             E.stx(E.W, FP, C.S_KEY, R1),
             E.ldx(E.W, R1, R0, 4, "its action"),
             E.stx(E.DW, FP, S_CLS_ACT, R1))
@@ -439,6 +516,183 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
 
 
 GROUP_SLOTS = 12000   # instructions of inlined jump cases between two hops (see _dispatch)
+
+# ---- jump cases as BPF global functions (issue #7: the verifier must not see a giant program)
+# Inlined, the chains of thousands of jump rules (kube-proxy fan-out) make one program the
+# verifier needs superlinear time for (measured on 6.18: 12 000 insns 0.13 s, 36 000 insns 1.2 s,
+# 120 000 insns 16 s). A global function is verified once, on its own (kernel/bpf/verifier.c
+# do_check_subprogs), and a call site only checks its arguments (btf_check_subprog_call), so
+# the cost becomes the sum of small independent walks. A program holds at most 256 subprograms
+# (BPF_MAX_SUBPROGS), so the cases are cut into at most GLOBAL_GROUPS functions, each taking
+# the case number as its second argument and choosing the case with its own decision tree.
+# The function returns a verdict (the flavor's ACCEPT/DROP, hotdrops included), FN_RETURN (the
+# run's chain returns: a goto's chain RETURNed, or a later rule of the run holding the same key
+# RETURNs), FN_CONTINUE (no rule of the run left: go on after the run) or FN_CASE + k (the next
+# rule of the run holding the same key is jump case k: the caller dispatches it, always to a
+# later group, so the main program only jumps forward).
+# Only the nf flavor, and only case bodies that read nothing but the packet-field slots (no
+# ctx/skb, no kfunc, no other helper than map lookups, no static subprogram): the callee sees
+# the slots through a pointer (PTR_TO_MEM), not the packet.
+GLOBAL_ABOVE = 8192        # instructions of inlined cases from which they become functions
+GLOBAL_GROUPS = 192        # functions per program (BPF_MAX_SUBPROGS 256, room for static ones)
+GLOBAL_GROUP_SLOTS = 1024  # smallest function worth its call
+FRAME_LO = 352             # the slots a function sees: [fp - FRAME_LO, fp - 16) of the main
+                           # frame (S_DYNPTR at fp-16 is not memory a callee may touch)
+FN_CONTINUE, FN_RETURN, FN_CASE = 0x7e7d, 0x7e7e, 0x10000
+
+
+def _uses_context(items) -> bool:
+    """Does this code need more than the packet-field slots (ctx r6, skb r7, kfuncs, helpers
+    other than map_lookup_elem, calls of static subprograms)?"""
+    from . import compile as C
+    for it in items:
+        if isinstance(it, Label):
+            continue
+        if it.code == (E.BPF_JMP | E.CALL):
+            if it.is_local_call and it.target == C.COUNT_SUB:
+                continue                    # counting reads r1 + S_KEY/S_LEN only
+            if it.src != 0 or it.imm != E.BPF_FUNC_map_lookup_elem:
+                return True
+            continue
+        if it.dst in (6, 7):
+            return True
+        reads_src = it.cls in (E.BPF_LDX, E.BPF_STX) or \
+            (it.cls in (E.BPF_ALU, E.BPF_ALU64, E.BPF_JMP, E.BPF_JMP32) and it.code & E.BPF_X)
+        if reads_src and it.src in (6, 7):
+            return True
+    return False
+
+
+def _global_cases(cc, run: Run, chain: str, ret: str, where: str, path: list, after: str,
+                  exit0: str, verdicts: list, by_k: list) -> bool:
+    """Emit the jump cases of `run` as global functions when they are big enough and can be;
+    False: nothing emitted (the caller inlines them)."""
+    from . import compile as C
+    fl = getattr(cc, "fl", None)
+    if not by_k or getattr(fl, "name", "nf") != "nf" or cc.in_sub or \
+            getattr(cc, "in_global", False) or os.environ.get("BPFILTER_GLOBAL_FUNCS") == "0":
+        return False
+    labels = cc.__dict__.setdefault("global_labels", [])
+    budget = GLOBAL_GROUPS - len(labels)
+    if budget < 2:
+        return False
+    count = cc.rule_count
+    cc.in_global = True
+    bodies, total = [], 0
+    try:
+        for pos in by_k:
+            fret, fafter = cc.label("fn_return"), cc.label("fn_continue")
+            statics = {}
+            body = _capture(cc, lambda: _case_body(cc, run, pos, chain, fret, where, path,
+                                                   fafter, statics))
+            tail = [Label(fret), E.mov(R0, FN_RETURN), E.exit_("RETURN"),
+                    Label(fafter), E.mov(R0, FN_CONTINUE), E.exit_("continue after the run")]
+            for nxt, lbl in statics.items():
+                r = run.rules[nxt]
+                tail.append(Label(lbl, f"the next rule of the run with this key: {chain} rule "
+                                       f"{run.start + nxt + 1}"))
+                tail += _capture(cc, lambda: cc._count(r.index))
+                a = _action(r.target)
+                if a == ACT_CASE:
+                    tail += [E.mov(R0, FN_CASE + run.cases[nxt]), E.exit_("a later jump case")]
+                else:
+                    tail += _verdict_code(cc, a, fret)
+            body += tail
+            if _uses_context(body):
+                return False
+            bodies.append((pos, body))
+            total += _slots(body)
+    finally:
+        cc.in_global = False
+        cc.rule_count = count
+    if total <= GLOBAL_ABOVE:
+        return False
+    per = max(GLOBAL_GROUP_SLOTS, -(-total // budget))
+    sizes = [_slots(body) for _, body in bodies]
+    for _ in range(64):                 # greedy packing may overshoot the budget: widen
+        groups, size = [], 0
+        for (pos, body), n in zip(bodies, sizes):
+            if not groups or size + n > per:
+                groups.append([])
+                size = 0
+            groups[-1].append((pos, body))
+            size += n
+        if len(groups) <= budget:
+            break
+        per += max(sizes)
+    else:
+        return False
+    G = len(groups)
+    ncases = len(by_k)
+    fn = [cc.label(f"fn_{chain}_{run.start}") for _ in range(G)]
+    site = [cc.label("fn_call") for _ in range(G)]
+    again = [cc.label("fn_dispatch") for _ in range(G + 1)]
+    hi = [ACT_CASE + run.cases[members[-1][0]] for members in groups]
+    lo = [ACT_CASE + run.cases[members[0][0]] for members in groups]
+    v_lbl = {a: cc.label(f"run_{ACT_NAMES[a].lower()}") for a in verdicts}
+    # main side: verdicts, then a decision tree over the groups
+    cc.emit(E.ldx(E.DW, R1, FP, S_CLS_ACT))
+    for a in verdicts:
+        cc.emit(E.jmp(E.JEQ, R1, a, v_lbl[a]))
+    _tree_ranges(cc, lo, hi, site)
+    for a in verdicts:
+        cc.emit(Label(v_lbl[a]), *_verdict_code(cc, a, ret))
+    acc, drop = fl.ACCEPT if fl else NF_ACCEPT, fl.DROP if fl else NF_DROP
+    for g in range(G):
+        nc, nr, case, vd = (cc.label(x) for x in ("fn_nc", "fn_nr", "fn_case", "fn_drop"))
+        cc.emit(Label(again[g], f"jump cases {lo[g] - ACT_CASE}..{hi[g] - ACT_CASE}"),
+                E.jmp(E.JGT, R1, hi[g], again[g + 1]),
+                Label(site[g]),
+                E.mov(R2, R1, comment="arg: the case"),
+                E.mov(R1, FP), E.alu(E.ADD, R1, -FRAME_LO, comment="arg: the packet-field slots"),
+                E.call_local(fn[g], f"global function: jump cases {lo[g] - ACT_CASE}.."
+                                    f"{hi[g] - ACT_CASE}"),
+                E.jmp(E.JNE, R0, FN_CONTINUE, nc), E.ja(after, "no rule of the run left"),
+                Label(nc), E.jmp(E.JNE, R0, FN_RETURN, nr), E.ja(ret, "RETURN"),
+                Label(nr), E.mov(R1, R0), E.alu(E.SUB, R1, FN_CASE),
+                E.jmp(E.JLT, R1, ncases, case),
+                E.jmp(E.JNE, R0, acc, vd), E.mov(R0, acc, comment="ACCEPT"), E.exit_(),
+                Label(vd), E.mov(R0, drop, comment="DROP"), E.exit_(),
+                Label(case), E.alu(E.ADD, R1, ACT_CASE, comment="a later jump case"),
+                E.ja(again[g + 1]))
+    cc.emit(Label(again[G]), E.ja(after), Label(exit0))
+    # the functions, emitted after the main program by compile.py
+    funcs = cc.__dict__.setdefault("global_funcs", [])
+    for g, members in enumerate(groups):
+        ok, case_lbl = cc.label("fn_frame"), [cc.label("fn_case") for _ in members]
+        items = []
+        saved, cc.items = cc.items, items
+        try:
+            cc.emit(E.mov(R1, R2))
+            _tree(cc, lo[g], hi[g], case_lbl)
+            for lbl, (pos, body) in zip(case_lbl, members):
+                cc.emit(Label(lbl), *body)
+        finally:
+            cc.items = saved
+        head = [Label(fn[g], f"global function: {chain} jump cases {lo[g] - ACT_CASE}.."
+                             f"{hi[g] - ACT_CASE}"),
+                E.jmp(E.JNE, R1, 0, ok), E.mov(R0, drop), E.exit_(), Label(ok),
+                E.alu(E.ADD, R1, FRAME_LO, comment="r1 = the caller's frame pointer"),
+                E.stx(E.DW, FP, C.S_SUB_MAIN, R1, "keep it"),
+                # r8/r9 must be readable: rewritten stores save one of them
+                E.mov(E.R8, 0), E.mov(E.R9, 0)]
+        funcs.append(head + C._via_main_frame(items))
+        labels.append(fn[g])
+    return True
+
+
+def _tree_ranges(cc, lo: list, hi: list, labels: list):
+    """Jump to labels[g] for lo[g] <= R1 <= hi[g] (contiguous ranges, by halving)."""
+    def node(a, b):
+        if a == b:
+            cc.emit(E.ja(labels[a]))
+            return
+        mid, right = (a + b) // 2, cc.label("fn_gt")
+        cc.emit(E.jmp(E.JGT, R1, hi[mid], right))
+        node(a, mid)
+        cc.emit(Label(right))
+        node(mid + 1, b)
+    node(0, len(labels) - 1)
 
 
 def _slots(items) -> int:
@@ -467,6 +721,8 @@ def _dispatch(cc, run: Run, chain: str, ret: str, where: str, path: list, after:
     more than one group."""
     verdicts = sorted({a for a in map(_action, (r.target for r in run.rules)) if a != ACT_CASE})
     by_k = sorted(run.cases, key=run.cases.get)           # positions of the jump rules, by k
+    if _global_cases(cc, run, chain, ret, where, path, after, exit0, verdicts, by_k):
+        return
     case_lbl = {pos: cc.label("case") for pos in by_k}
     v_lbl = {a: cc.label(f"run_{ACT_NAMES[a].lower()}") for a in verdicts}
     groups, size = [], 0
@@ -669,6 +925,10 @@ S_CLS_HOT = -352                                    # 1: a hotdrop candidate pac
 
 
 def multi_ok(rule: Rule) -> bool:
+    return _memo("multi", rule, _multi_ok)
+
+
+def _multi_ok(rule: Rule) -> bool:
     ip = rule.ip
     if _action(rule.target) not in (ACT_DROP, ACT_ACCEPT, ACT_RETURN) or ip.flags \
             or ip.invflags or any(ip.iniface_mask) or any(ip.outiface_mask) \
@@ -807,7 +1067,7 @@ def multi_specs(run: Run, name: str) -> list:
     def bm(entries):
         return [(k, b.to_bytes(vs, "little")) for k, b in entries]
     dmap, smap = _port_bitmaps(run)
-    table = [(struct.pack("<I", i), struct.pack("<IIII", r.index, _action(r.target),
+    table = [(struct.pack("<I", i), struct.pack("<IIII", i, _action(r.target),
                                                  1 if _matches(r) else 0, 0))
              for i, r in enumerate(run.rules)]
     return [MapSpec(name + "_src", BPF_MAP_TYPE_LPM_TRIE, 8, vs, bm(_prefix_bitmaps(run, "src")),
@@ -851,7 +1111,7 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
     name = f"cls_{chain}_{run.start}"
     maps = cc.__dict__.setdefault("cls_maps", {})
     if name + "_src" not in maps:
-        for spec in multi_specs(run, name):
+        for spec in _cached_multi_specs(run, name):
             maps[spec.name] = spec
     cc.rule_count += len(run.rules)
     after, hot = cc.label("run_after"), cc.label("run_hotdrop")
@@ -934,7 +1194,9 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
             E.stx(E.W, FP, S_CLS_KEY, R9, "position of the first matching rule in the run"),
             E.ld_map_fd(R1, f"{name}_rules"), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
             E.call(E.BPF_FUNC_map_lookup_elem), E.jmp(E.JEQ, R0, 0, miss),
-            E.ldx(E.W, R1, R0, 0, "its entry index"), E.stx(E.W, FP, C.S_KEY, R1),
+            E.ldx(E.W, R1, R0, 0, "its position"),
+            E.alu(E.ADD, R1, run.rules[0].index, comment="+ the run's first entry: its index"),
+            E.stx(E.W, FP, C.S_KEY, R1),
             E.ldx(E.W, R1, R0, 4, "its action"), E.stx(E.DW, FP, S_CLS_ACT, R1),
             E.ldx(E.W, R1, R0, 8, "has a tcp/udp match?"))
     ok = cc.label("m_nohot")

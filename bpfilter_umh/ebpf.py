@@ -15,6 +15,9 @@ API (stable; other modules and tests use it):
                             and kfunc BTF ids; raises BpfilterError on an unresolvable reference
   decode(bytes) -> list[Insn]   raw bytecode back to values (for listing what the kernel holds)
   listing(items) -> str     annotated text: one line per instruction, label lines, comments
+  subprogram_starts(items) -> [(slot, label)]   where each bpf-to-bpf callee starts
+  func_btf(frame_size, funcs) -> (btf, func_info)   BTF + func_info records making some
+                            subprograms BTF_FUNC_GLOBAL (verified once each, issue #7)
 
 Register names: R0..R10 (R10 = frame pointer). Sizes: W, H, B, DW.
 """
@@ -417,3 +420,66 @@ def listing(items: Iterable[Item]) -> str:
         lines.append(text)
         slot += it.slots
     return "\n".join(lines) + "\n"
+
+
+# ---- BTF for global functions ---------------------------------------------------------------
+# A subprogram whose BTF func_info says BTF_FUNC_GLOBAL is verified once, on its own, from the
+# argument types its BTF prototype declares (kernel/bpf/verifier.c do_check_subprogs,
+# btf_prepare_func_args); a call site only checks the arguments against that prototype
+# (btf_check_subprog_call). A static subprogram is walked again at every call site. Once any
+# func_info is given, every subprogram needs a record (check_btf_func: "number of funcs in
+# func_info doesn't match number of subprogs"), the first at instruction 0.
+# Every global function here has the prototype `int f(struct bpfilter_frame *frame, int arg)`:
+# `frame` points at the caller's packet-field slots (a sized struct: the callee sees it as
+# PTR_TO_MEM_OR_NULL of that size), `arg` is a plain scalar.
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_STRUCT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO = 1, 2, 4, 12, 13
+BTF_FUNC_STATIC, BTF_FUNC_GLOBAL = 0, 1
+BTF_INT_SIGNED = 1
+MAX_SUBPROGS = 256            # kernel/bpf/verifier.c BPF_MAX_SUBPROGS (the main program included)
+
+
+def subprogram_starts(items: Iterable[Item]) -> list:
+    """[(slot, label)] of every subprogram (the targets of bpf-to-bpf calls), in slot order;
+    the main program (slot 0) is not listed."""
+    insns, where, _ = _insns_and_labels(items)
+    slot_of, n = [], 0
+    for ins in insns:
+        slot_of.append(n)
+        n += ins.slots
+    found = {}
+    for ins in insns:
+        if ins.is_local_call:
+            found[slot_of[where[ins.target]]] = ins.target
+    return sorted(found.items())
+
+
+def func_btf(frame_size: int, funcs: list) -> tuple:
+    """(BTF blob, func_info bytes) for funcs = [(slot, name, is_global)] in slot order, the
+    first at slot 0 (include/uapi/linux/btf.h: header, type section, string section;
+    struct bpf_func_info {u32 insn_off; u32 type_id;})."""
+    strs = bytearray(b"\0")
+
+    def name(s: str) -> int:
+        off = len(strs)
+        strs.extend(s.encode() + b"\0")
+        return off
+    types = bytearray()
+    int_t = 1
+    types.extend(struct.pack("<IIII", name("int"), BTF_KIND_INT << 24, 4,
+                             BTF_INT_SIGNED << 24 | 32))
+    frame_t = 2
+    types.extend(struct.pack("<III", name("bpfilter_frame"), BTF_KIND_STRUCT << 24, frame_size))
+    ptr_t = 3
+    types.extend(struct.pack("<III", 0, BTF_KIND_PTR << 24, frame_t))
+    proto_t = 4
+    types.extend(struct.pack("<III", 0, BTF_KIND_FUNC_PROTO << 24 | 2, int_t)
+                 + struct.pack("<II", name("frame"), ptr_t)
+                 + struct.pack("<II", name("arg"), int_t))
+    info = bytearray()
+    for k, (slot, fname, is_global) in enumerate(funcs):
+        ident = "".join(c if c.isalnum() or c == "_" else "_" for c in fname) or "f"
+        types.extend(struct.pack("<III", name(ident), BTF_KIND_FUNC << 24 |
+                                 (BTF_FUNC_GLOBAL if is_global else BTF_FUNC_STATIC), proto_t))
+        info += struct.pack("<II", slot, 5 + k)
+    hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strs))
+    return hdr + bytes(types) + bytes(strs), bytes(info)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import gc
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -229,18 +230,124 @@ class _Raw:
     verdict: int
     mdata: list = None       # decoded match payloads (by _find_check), None = not decoded
     tdata: Any = None
+    key: bytes = None        # the entry's bytes without comefrom and counters (_ENTRY_CACHE)
+
+
+# ---- decode cache (issue #7: an append on a 10 000-rule table decodes one entry) -------------
+# iptables sends the whole table on every change. An entry whose bytes, comefrom and counters
+# aside, were decoded and checked before needs neither again: every check of one entry is a
+# function of those bytes, except the ones on its offset (alignment, room in the blob, hook and
+# underflow positions), which run for every entry. Key: the entry without comefrom (set by
+# mark_source_chains) and the counters (zeroed by the kernel); value: everything _walk and
+# _find_check derived from it. Match/target payloads are shared between tables; IpHeader, the
+# one part callers edit, is rebuilt each time. Bounded: cleared when full.
+_ENTRY_CACHE: dict = {}
+ENTRY_CACHE_MAX = 1 << 18
+# (comefrom offset, counters offset, entry size) of ipt_entry / ip6t_entry
+_VOLATILE = {AF_INET: (92, 96, 112), AF_INET6: (144, 152, 168)}
+
+
+def _entry_key(e: bytes, family: int) -> bytes:
+    """The entry without comefrom and counters, and without the offset a jump names (a rule
+    inserted earlier in the table moves every chain behind it: its jumps stay the same rules);
+    _walk reads that offset from the blob again on every hit (_jump_verdict)."""
+    cf, cnt, end = _VOLATILE[family]
+    v = _jump_verdict(e, family)
+    if v is not None:
+        return e[:cf] + e[cf + 4:cnt] + e[end:-8] + b"\xff\xff\xff\x7f" + e[-4:]
+    return e[:cf] + e[cf + 4:cnt] + e[end:]
+
+
+def _jump_verdict(e: bytes, family: int):
+    """The verdict of a standard target that is a jump (an offset > 0), else None."""
+    cf = _VOLATILE[family][0]
+    toff = int.from_bytes(e[cf - 4:cf - 2], "little")
+    if len(e) != toff + 40 or e[toff + 2] != 0 or e[toff:toff + 2] != b"\x28\x00":
+        return None
+    v = int.from_bytes(e[toff + 32:toff + 36], "little", signed=True)
+    return v if v > 0 else None
+
+
+class _CachedHdr:
+    __slots__ = _Hdr.__slots__
+
+    def __init__(self, c, blob, off, family):
+        self.nfcache, self.target_offset, self.next_offset, self.pad = c.hdr_fields
+        self.ip = IpHeader(*c.ip_args)
+        cf, cnt, _ = _VOLATILE[family]
+        self.comefrom = int.from_bytes(blob[off + cf:off + cf + 4], "little")
+        self.pcnt = int.from_bytes(blob[off + cnt:off + cnt + 8], "little")
+        self.bcnt = int.from_bytes(blob[off + cnt + 8:off + cnt + 16], "little")
+
+
+@dataclass
+class _Cached:
+    hdr_fields: tuple        # (nfcache, target_offset, next_offset, pad)
+    ip_args: tuple
+    matches: list
+    tname: bytes
+    trev: int
+    tsize: int
+    tpayload: bytes
+    uncond: bool
+    std: bool
+    verdict: int
+    mdata: list
+    tdata: Any
+    built_norm: tuple = None     # (matches, ExtTarget or None) as _build makes them
+    built_raw: tuple = None
+
+
+def _remember(raws, family):
+    """Put the entries decoded and checked just now into _ENTRY_CACHE."""
+    if len(_ENTRY_CACHE) + len(raws) > ENTRY_CACHE_MAX:
+        _ENTRY_CACHE.clear()
+    for r in raws:
+        if r.key is None or r.key in _ENTRY_CACHE:
+            continue
+        h, ip = r.hdr, r.ip
+        _ENTRY_CACHE[r.key] = _Cached(
+            (h.nfcache, h.target_offset, h.next_offset, h.pad),
+            (ip.src, ip.dst, ip.smsk, ip.dmsk, ip.iniface, ip.outiface, ip.iniface_mask,
+             ip.outiface_mask, ip.proto, ip.flags, ip.invflags, ip.tos, ip.pad),
+            r.matches, r.tname, r.trev, r.tsize, r.tpayload, r.uncond, r.std, r.verdict,
+            r.mdata, r.tdata)
+
+
+def _underflow_check(r, off, valid_hooks, underflow):
+    for h in range(NF_INET_NUMHOOKS):
+        if valid_hooks & (1 << h) and off == underflow[h] and \
+                not (r.uncond and r.std and -r.verdict - 1 in (NF_DROP, NF_ACCEPT)):
+            # check_underflow()
+            _err(errno.EINVAL, off, f"underflow of hook {HOOK_NAMES[h]} is not an "
+                 "unconditional ACCEPT/DROP standard rule")
 
 
 def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
     """translate_table()'s first loop: check_entry_size_and_hooks() on every entry."""
     size, hsz, out = len(blob), lay.entry_size, []
     off = 0
+    cache, family = _ENTRY_CACHE, lay.family
     while off < size:
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
         if off % 8:
             _err(errno.EINVAL, off, "entry not aligned to __alignof__(struct ipt_entry)")
         if off + hsz >= size:
             _err(errno.EINVAL, off, "entry header reaches the end of the table")
+        nf = _VOLATILE[family][0] - 2           # next_offset sits right before comefrom
+        nxt = int.from_bytes(blob[off + nf:off + nf + 2], "little")
+        key = _entry_key(blob[off:off + nxt], family) if off + nxt <= size else None
+        c = cache.get(key) if key is not None else None
+        if c is not None:
+            # every check of the entry's own bytes passed when it was cached
+            v = c.verdict if c.verdict <= 0 else _jump_verdict(blob[off:off + nxt], family)
+            r = _Raw(off, _CachedHdr(c, blob, off, family), None, c.matches, c.tname, c.trev,
+                     c.tsize, c.tpayload, c.uncond, c.std, v, c.mdata, c.tdata, key)
+            r.ip = r.hdr.ip
+            _underflow_check(r, off, valid_hooks, underflow)
+            out.append(r)
+            off += nxt
+            continue
         hdr = _Hdr(blob, off, lay.family)
         nxt, toff = hdr.next_offset, hdr.target_offset
         if off + nxt > size:
@@ -295,15 +402,9 @@ def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
         ip = ipc
         uncond = toff == hsz and ip.unconditional(lay.family)
         r = _Raw(off, hdr, ip, matches, tname_raw, trev, tsize,
-                 e[toff + 32:toff + tsize], uncond, tname == b"", verdict)
+                 e[toff + 32:toff + tsize], uncond, tname == b"", verdict, key=key)
         # hooks and underflows on this entry
-        for h in range(NF_INET_NUMHOOKS):
-            if not valid_hooks & (1 << h):
-                continue
-            if off == underflow[h] and not (r.uncond and r.std and -verdict - 1 in (NF_DROP, NF_ACCEPT)):
-                # check_underflow()
-                _err(errno.EINVAL, off, f"underflow of hook {HOOK_NAMES[h]} is not an "
-                     "unconditional ACCEPT/DROP standard rule")
+        _underflow_check(r, off, valid_hooks, underflow)
         out.append(r)
         off += nxt
     return out
@@ -416,6 +517,8 @@ def _find_check(raws, family):
     xt_check_target() size and protocol checks, and the extension's checkentry."""
     lay = uapi.layout(family)
     for r in raws:
+        if r.mdata is not None:
+            continue                # from _ENTRY_CACHE: checked when it was cached
         items = [(ext.MATCH, n, rev, p, r.off + mo) for n, rev, p, mo in r.matches]
         items.append((ext.TARGET, r.tname, r.trev, r.tpayload, r.off + r.hdr.target_offset))
         decoded = []
@@ -474,9 +577,25 @@ class Table:
         kernel keeps after SET_REPLACE: counters zeroed, comefrom from mark_source_chains(),
         extension payloads as xt_data_to_user() shows them."""
         try:
-            lay = uapi.layout(family)
+            uapi.layout(family)
         except ValueError:
             raise BpfilterError(errno.EAFNOSUPPORT, f"family {family}") from None
+        # tens of thousands of objects per decode set off the cyclic GC, whose full passes walk
+        # every live object (the installed table, _ENTRY_CACHE): 100-400 ms of a 10 000-entry
+        # decode. Nothing made here forms a cycle, so collect later, not in the middle.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return cls._decode(blob, family, hook_entry, underflow, valid_hooks, name,
+                               num_entries, normalize)
+        finally:
+            if enabled:
+                gc.enable()
+
+    @classmethod
+    def _decode(cls, blob, family, hook_entry, underflow, valid_hooks, name, num_entries,
+                normalize):
+        lay = uapi.layout(family)
         blob = bytes(blob)
         hook_entry, underflow = list(hook_entry), list(underflow)
         if len(hook_entry) != NF_INET_NUMHOOKS or len(underflow) != NF_INET_NUMHOOKS:
@@ -488,6 +607,7 @@ class Table:
         _check_table_hooks(raws, hook_entry, underflow, valid_hooks)
         comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks)
         _find_check(raws, family)
+        _remember(raws, family)
         return cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
                           comefrom if normalize else None)
 
@@ -495,27 +615,40 @@ class Table:
     def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom):
         lay = uapi.layout(family)
         rules = []
+        slot = "built_norm" if comefrom is not None else "built_raw"
         for i, r in enumerate(raws):
-            ms = []
-            for k, (nm, rev, payload, _) in enumerate(r.matches):
-                mname = uapi.cstr(nm)
-                e = ext.lookup(ext.MATCH, family, mname, rev)
-                ms.append(Match(mname, rev, *_payload_data(e, payload, r.mdata[k],
-                                                            comefrom is not None)))
-            tname = uapi.cstr(r.tname)
+            # the matches and extension target of an entry seen before: the same objects
+            # (_ENTRY_CACHE); a standard target is made anew (jumps are resolved in place)
+            c = _ENTRY_CACHE.get(r.key) if r.key is not None else None
+            built = getattr(c, slot, None) if c is not None else None
+            if built is not None:
+                ms, tgt = list(built[0]), built[1]
+            else:
+                ms, tgt = [], None
+                for k, (nm, rev, payload, _) in enumerate(r.matches):
+                    mname = uapi.cstr(nm)
+                    e = ext.lookup(ext.MATCH, family, mname, rev)
+                    ms.append(Match(mname, rev, *_payload_data(e, payload, r.mdata[k],
+                                                                comefrom is not None)))
+                if not r.std:
+                    tname = uapi.cstr(r.tname)
+                    e = ext.lookup(ext.TARGET, family, tname, r.trev)
+                    tgt = ExtTarget(tname, r.trev, *_payload_data(e, r.tpayload, r.tdata,
+                                                                  comefrom is not None))
+                if c is not None:
+                    setattr(c, slot, (tuple(ms), tgt))
             if r.std:
                 tgt = Verdict(r.verdict) if r.verdict < 0 else \
                     Jump("", bool(r.ip.flags & lay.f_goto), r.verdict, None)
-            else:
-                e = ext.lookup(ext.TARGET, family, tname, r.trev)
-                tgt = ExtTarget(tname, r.trev, *_payload_data(e, r.tpayload, r.tdata,
-                                                              comefrom is not None))
             rule = Rule(r.ip, ms, tgt,
                         (0, 0) if comefrom is not None else (r.hdr.pcnt, r.hdr.bcnt),
                         i, r.off, r.hdr.nfcache,
                         comefrom[i] if comefrom is not None else r.hdr.comefrom,
                         r.hdr.next_offset - r.hdr.target_offset - r.tsize,
                         r.hdr.pad if family == AF_INET6 else b"")
+            # the entry's bytes without comefrom and counters: classify.py memoizes per rule
+            # on it (not a field: it does not take part in comparisons)
+            rule.cache_key = r.key
             rules.append(rule)
 
         # split into chains: a chain starts at a hook entry or at an ERROR entry
@@ -785,6 +918,10 @@ def decode_replace(buf: bytes, family: int):
     blob = bytes(buf[uapi.ipt_replace.sizeof():uapi.ipt_replace.sizeof() + hdr.size])
     table = Table.decode(blob, family, hdr.hook_entry, hdr.underflow, hdr.valid_hooks, name,
                          num_entries=hdr.num_entries, normalize=True)
+    # the entries as the caller sent them: the engine's state file patches comefrom and the
+    # counters in instead of encoding the table again (engine._state_blob); whoever edits this
+    # table afterwards must drop it
+    table.source_blob = blob
     return hdr, table
 
 
