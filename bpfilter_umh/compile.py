@@ -25,7 +25,7 @@ net/netfilter/xt_tcpudp.c tcp_mt/udp_mt/tcp_find_option, ip_tables.c icmp_match)
   - non-first fragments (fragoff != 0) never match tcp/udp/icmp; `-f` matches them.
 AF_INET6 tables (ip6t_do_table) use the same rule/chain logic; family.py walks the IPv6
 extension headers (ipv6_find_hdr) into the same S_PROTO/S_THOFF/S_FRAGOFF slots and emits
-ip6_packet_match and icmp6_match (nf flavor only so far).
+ip6_packet_match and icmp6_match (every flavor: the walk reads through the flavor's primitives).
 
 Flavor nf (BPF_PROG_TYPE_NETFILTER): ctx is struct bpf_nf_ctx { state; skb; }; the IP header and
 L4 header are read once per packet with the kfuncs bpf_dynptr_from_skb + bpf_dynptr_slice into
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import ebpf as E
-from . import classify, family, flavors, matchers
+from . import classify, family, flavors, matchers, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
@@ -112,6 +112,15 @@ S_SUB_SPILL = -16           # in a subprogram frame: a register saved around a r
 MAX_CALL_FRAMES = 8         # kernel/bpf/verifier.c MAX_CALL_FRAMES (main program included)
 MAX_BPF_STACK = 512         # combined stack of the frames of one call chain (check_max_stack_depth)
 SUB_FRAME = 32              # a subprogram frame: 16 bytes, rounded up like the interpreter does
+# Counting through one subprogram (issue #7). The kernel inlines every bpf_map_lookup_elem of
+# an array map (kernel/bpf/verifier.c do_misc_fixups -> map_gen_lookup), and each inlining is a
+# bpf_patch_insn_data that moves the whole program and walks every branch (bpf_adj_branches):
+# one counter lookup per rule made loading quadratic in the program size (measured on 6.18:
+# 120 000 instructions, 16 s, 85% of it in those fixups). Past SHARED_COUNT_ABOVE entries every
+# rule calls COUNT_SUB instead: one lookup, one patch; a static call costs the packet a few ns
+# and only on the rules that match.
+SHARED_COUNT_ABOVE = 1024
+COUNT_SUB = "count_entry"
 
 
 @dataclass(frozen=True)
@@ -125,13 +134,15 @@ class KernelFacts:
     skb_len: int           # offsetof(struct sk_buff, len)
     kfuncs: tuple = ()     # ((name, btf_id), ...)
 
-    KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_slice")
+    # bpf_cast_to_kern_ctx: tc programs reach the kernel's struct sk_buff (matchers.py)
+    KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_slice", "bpf_cast_to_kern_ctx")
 
     @classmethod
     def fake(cls) -> "KernelFacts":
         """Fixed values, so golden listings do not depend on the kernel build."""
         return cls(0, 8, 16, 24, 0, 112, (("bpf_dynptr_from_skb", 1001),
-                                           ("bpf_dynptr_slice", 1002)))
+                                           ("bpf_dynptr_slice", 1002),
+                                           ("bpf_cast_to_kern_ctx", 1003)))
 
     @classmethod
     def from_btf(cls) -> "KernelFacts":
@@ -162,6 +173,16 @@ class CompiledProgram:
     facts: Optional[KernelFacts] = None
     flavor: str = "nf"
     maps: list = field(default_factory=list)   # classify.MapSpec: created and filled at load
+    global_labels: frozenset = frozenset()     # subprograms that are BTF global functions
+
+    def func_btf(self):
+        """(BTF blob, func_info bytes) when the program has global functions, else None (a
+        program of static subprograms only loads without BTF, as it always did)."""
+        if not self.global_labels:
+            return None
+        funcs = [(0, self.name, False)] + [(slot, label, label in self.global_labels)
+                                            for slot, label in E.subprogram_starts(self.items)]
+        return E.func_btf(classify.FRAME_LO - 16, funcs)
 
     @property
     def name(self) -> str:
@@ -255,6 +276,8 @@ class _ChainCompiler:
         self.needs_ip = False
         self.where = {}          # entry label -> "chain X rule N (entry offset O)"
         entries = table.entries()
+        # large tables count through one subprogram (see COUNT_SUB)
+        self.shared_count = len(entries) > SHARED_COUNT_ABOVE
         # offset of the entry that follows each entry: a standard target whose verdict is that
         # offset is how iptables writes a rule without -j (libiptc's fall-through jump)
         self.next_offset = {a.offset: b.offset for a, b in zip(entries, entries[1:])}
@@ -284,12 +307,22 @@ class _ChainCompiler:
                    for m in r.matches):
                 self.needs_l4 = True
             if r.matches or ip.proto or ip.flags & IPT_F_FRAG or ip.invflags or int(ip.smsk) \
-                    or int(ip.dmsk) or int(ip.src) or int(ip.dst):
+                    or int(ip.dmsk) or int(ip.src) or int(ip.dst) or targets.needs_packet(r.target):
                 self.needs_ip = True
             if isinstance(r.target, Jump):
-                for c in self.table.chains:
-                    if c.name == r.target.chain:
-                        self._scan(c, seen)
+                c = self._chains_by_name().get(r.target.chain)
+                if c is not None:
+                    self._scan(c, seen)
+
+    def _chains_by_name(self) -> dict:
+        """{name: first chain of that name} (a scan over the chains per jump was quadratic at
+        kube-proxy sizes: 3 333 jumps x 3 336 chains)."""
+        by = getattr(self, "_by_name", None)
+        if by is None:
+            by = self._by_name = {}
+            for c in self.table.chains:
+                by.setdefault(c.name, c)
+        return by
 
     # ---- program ----
     def compile(self) -> list:
@@ -316,7 +349,38 @@ class _ChainCompiler:
         self._entry(top.policy_entry, top.name, len(top.rules) + 1, underflow, "policy",
                     [top.name], top.name)
         self._subprograms()
+        self._global_functions()
+        if self.shared_count:
+            self._count_subprogram()
         return E.prune(self.items)
+
+    def _count_subprogram(self):
+        """COUNT_SUB: ADD_COUNTER on the entry whose index is at r1 + S_KEY, skb->len at
+        r1 + S_LEN (r1: the main frame, or the pointer a subprogram or global function holds)."""
+        skip = self.label("nocount")
+        self.emit(Label(COUNT_SUB, "subprogram: ADD_COUNTER(+1, skb->len) on entry *(r1 + S_KEY)"),
+                  E.stx(E.DW, FP, -8, R1),
+                  E.mov(R2, R1), E.alu(E.ADD, R2, S_KEY),
+                  E.ld_map_fd(R1, COUNTERS_MAP), E.call(E.BPF_FUNC_map_lookup_elem),
+                  E.jmp(E.JEQ, R0, 0, skip),
+                  E.ldx(E.DW, R1, R0, 0), E.alu(E.ADD, R1, 1), E.stx(E.DW, R0, 0, R1),
+                  E.ldx(E.DW, R2, FP, -8), E.ldx(E.DW, R2, R2, S_LEN),
+                  E.ldx(E.DW, R1, R0, 8), E.alu(E.ADD, R1, R2), E.stx(E.DW, R0, 8, R1),
+                  Label(skip), E.mov(R0, 0), E.exit_())
+
+    def _global_functions(self):
+        """The global functions classify.py cut jump cases into, after everything else. A call
+        site passes a pointer to the slots [fp - FRAME_LO, fp - 16): the verifier wants every
+        byte of memory passed to a global function initialized (btf_check_subprog_call ->
+        check_mem_reg), so the program starts by zeroing what the prologue may not write."""
+        funcs = getattr(self, "global_funcs", [])
+        if not funcs:
+            return
+        for body in funcs:
+            self.emit(*body)
+        self.items[0:0] = [E.st(E.DW, FP, off, 0, "slots a global function reads: initialized"
+                                if off == -classify.FRAME_LO else "")
+                           for off in range(-classify.FRAME_LO, S_DYNPTR, 8)]
 
     def _parse_ip(self, drop: str):
         """The IPv4 header fields every rule may test, read once into stack slots."""
@@ -397,11 +461,11 @@ class _ChainCompiler:
         self.emit(Label(name, desc))
         t = rule.target
         # Check the target first so an unsupported rule is reported before emitting anything.
-        if isinstance(t, ExtTarget):
-            raise _unsupported(chain, pos, rule, matchers.target_refusal(t, self.fl.name))
+        if isinstance(t, ExtTarget) and not targets.handles(t, self.fl.name):
+            raise _unsupported(chain, pos, rule, targets.refusal(t, self.fl.name))
         if isinstance(t, Verdict) and t.verdict not in (-NF_ACCEPT - 1, -NF_DROP - 1, XT_RETURN):
             raise _unsupported(chain, pos, rule, f"verdict {t.name}")
-        if not isinstance(t, (Verdict, Jump)):
+        if not isinstance(t, (Verdict, Jump, ExtTarget)):
             raise _unsupported(chain, pos, rule, f"target {type(t).__name__}")
         if isinstance(t, Jump) and t.offset == self.next_offset.get(rule.offset):
             # ipt_do_table: a verdict landing on the next entry pushes nothing and simply goes
@@ -423,6 +487,10 @@ class _ChainCompiler:
         if t is None:
             self.emit(E.ja(nxt, "no target: continue"),
                       Label(hot), E.mov(R0, self.fl.DROP, comment="hotdrop"), E.exit_(), Label(nxt))
+            return
+        if isinstance(t, ExtTarget):        # REJECT, LOG: targets.py (event for the responder)
+            targets.emit(self, t, rule, nxt)
+            self.emit(Label(hot), E.mov(R0, self.fl.DROP, comment="hotdrop"), E.exit_(), Label(nxt))
             return
         if isinstance(t, Verdict):
             if t.verdict == XT_RETURN:
@@ -535,6 +603,11 @@ class _ChainCompiler:
 
     def _count(self, index: int):
         """ADD_COUNTER(*counter, skb->len, 1) on this CPU's slot of entry `index`."""
+        if self.shared_count:
+            self.emit(E.st(E.W, FP, S_KEY, index, f"count entry {index}"),
+                      E.mov(R1, FP, comment="r1 = the frame holding S_KEY and S_LEN"),
+                      E.call_local(COUNT_SUB, "ADD_COUNTER"))
+            return
         skip = self.label("nocount")
         self.emit(E.st(E.W, FP, S_KEY, index, f"count entry {index}"),
                   E.ld_map_fd(R1, COUNTERS_MAP), E.mov(R2, FP), E.alu(E.ADD, R2, S_KEY),
@@ -1009,7 +1082,9 @@ def _compile_chain(table: Table, chain: Chain, facts: KernelFacts, fl, subprog_a
                 raise
     else:
         subs = frozenset(subprogs) & frozenset(sites)
-    frames = MAX_CALL_FRAMES - 1
+    # counting through COUNT_SUB (large tables) is one more frame under the deepest subprogram
+    counting = 1 if _entry_count(table) > SHARED_COUNT_ABOVE else 0
+    frames = MAX_CALL_FRAMES - 1 - counting
     while True:
         deepest = _nesting(table, chain, subs)
         too_deep = {n for n, d in deepest.items() if d > frames}
@@ -1018,7 +1093,8 @@ def _compile_chain(table: Table, chain: Chain, facts: KernelFacts, fl, subprog_a
             continue
         cc = _compile_ready(table, chain, facts, fl, subs)
         main = (_main_stack(cc.items, set(cc.sub_labels.values())) + 31) // 32 * 32
-        fit = min(MAX_CALL_FRAMES - 1, (MAX_BPF_STACK - main) // SUB_FRAME)
+        fit = min(MAX_CALL_FRAMES - 1 - counting,
+                  (MAX_BPF_STACK - main) // SUB_FRAME - counting)
         if fit >= max(deepest.values(), default=0):
             return cc
         frames = fit
@@ -1056,10 +1132,6 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
     if table.family not in (AF_INET, AF_INET6):
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
-    if table.family == AF_INET6 and fl.name != "nf":
-        # tc/xdp dispatchers and their FIB lookup are IPv4-only so far (flavors.py)
-        raise BpfilterError(errno.EOPNOTSUPP, f"flavor {fl.name} does not serve IPv6 tables yet; "
-                                              f"use flavor nf")
     out = CompiledTable(counters_entries=max(1, _entry_count(table)))
     for chain in table.chains:
         if not chain.builtin:
@@ -1076,5 +1148,7 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
                                             prog_type=fl.prog_type,
                                             expected_attach_type=fl.expected_attach_type,
                                             license=fl.license, flavor=fl.name,
-                                            maps=list(getattr(cc, "cls_maps", {}).values())))
+                                            maps=list(getattr(cc, "cls_maps", {}).values()),
+                                            global_labels=frozenset(getattr(cc, "global_labels",
+                                                                            ()))))
     return out

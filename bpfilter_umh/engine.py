@@ -42,6 +42,7 @@ swapped get their old programs back.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -50,6 +51,7 @@ import struct
 from . import attach
 from . import faults
 from . import flavors
+from . import responder, targets
 from . import kernel as K
 from .compile import COUNTERS_MAP, CompiledProgram, KernelFacts, compile_table
 from .errors import BpfilterError
@@ -61,10 +63,41 @@ FAMILY_NAMES = {2: "ipv4", 10: "ipv6"}
 _facts = None
 
 
+FACTS_CACHE = os.path.join(STATE_ROOT, "kernel_facts.json")
+
+
 def kernel_facts() -> KernelFacts:
+    """The running kernel's BTF offsets and kfunc ids. Parsing vmlinux BTF costs a new helper
+    0.2-0.6 s on its first install, so the result is kept in /run/bpfilter (tmpfs: gone at
+    reboot) under this boot's id; another boot, or an unreadable file, parses again."""
     global _facts
     if _facts is None:
-        _facts = KernelFacts.from_btf()
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        except OSError:
+            boot = None
+        try:
+            with open(FACTS_CACHE) as f:
+                st = json.load(f)
+            if boot and st.pop("boot_id") == boot:
+                st["kfuncs"] = tuple(tuple(k) for k in st["kfuncs"])
+                if tuple(k for k, _ in st["kfuncs"]) == tuple(KernelFacts.KFUNCS):
+                    _facts = KernelFacts(**st)      # else: the compiler wants other kfuncs
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if _facts is None:
+            _facts = KernelFacts.from_btf()
+            if boot:
+                try:
+                    _private_dirs(STATE_ROOT)
+                    tmp = f"{FACTS_CACHE}.{os.getpid()}.tmp"
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with open(fd, "w") as f:
+                        json.dump(dict(_facts.__dict__, boot_id=boot), f)
+                    os.replace(tmp, FACTS_CACHE)
+                except OSError:
+                    pass
     return _facts
 
 
@@ -94,15 +127,17 @@ class Engine:
         self.state_error = None
         self._map = None
         self.generation = 0
+        self.xdp_mode = "auto"          # flavor xdp: native, generic, or native with fallback
+        # classifier maps of the installed programs, kept open for reuse by the next install:
+        # {id(MapSpec): (MapSpec, Map)}; _cls_next collects the ones an install in progress uses
+        self._cls_maps, self._cls_next = {}, {}
 
     # ---- open / persist ----
     @classmethod
-    def open(cls, family: int = AF_INET, flavor: str = "nf") -> "Engine":
+    def open(cls, family: int = AF_INET, flavor: str = "nf", xdp_mode: str = "auto") -> "Engine":
         flavors.get(flavor)             # EINVAL for an unknown flavor
-        if flavor != "nf" and family != AF_INET:
-            raise BpfilterError(errno.EOPNOTSUPP, f"flavor {flavor}: only ipv4 is served (the "
-                                                  f"tc/xdp dispatchers check EtherType IPv4)")
         eng = cls(family, flavor, K.netns_cookie())
+        eng.xdp_mode = xdp_mode
         eng._load_state()
         return eng
 
@@ -180,9 +215,28 @@ class Engine:
         before the first swap and renames it over <fam>.table after the last: if the pending file
         is still there, a process died in between. If any slot runs one of its programs, the
         new ruleset is (partly) live: it becomes the state, and a partly swapped table is
-        installed again so every hook runs the same generation. Otherwise the old state stands."""
-        if not os.path.exists(self._pending_path):
+        installed again so every hook runs the same generation. Otherwise the old state stands.
+
+        Every process opening the engine at that moment (two helpers, `bpfilter status`) sees the
+        dead writer's file: they settle one at a time, holding flock on the pending file, and a
+        process that waited finds it renamed or removed and reads the settled state (without
+        this, all but the first failed in os.replace with ENOENT)."""
+        try:
+            fd = os.open(self._pending_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
             return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self._pending_path).st_ino != os.fstat(fd).st_ino:
+                    return      # settled by the process we waited for; a newer install's file
+            except FileNotFoundError:
+                return          # settled by the process we waited for
+            self._settle_locked()
+        finally:
+            os.close(fd)        # releases the flock
+
+    def _settle_locked(self):
         try:
             st, table = self._read_state(self._pending_path)
             want = {int(h): i for h, i in st.get("prog_ids", {}).items()}
@@ -230,9 +284,10 @@ class Engine:
     def _save_state(self, table: Table = None, path: str = None, generation: int = None,
                     prog_ids: dict = None):
         table = self.table if table is None else table
+        he, uf = _hooks_of(table)
         st = dict(name=table.name, family=self.family, valid_hooks=table.valid_hooks,
-                  hook_entry=table.hook_entry, underflow=table.underflow,
-                  blob=table.encode().hex(), flavor=self.flavor,
+                  hook_entry=he, underflow=uf,
+                  blob=_state_blob(table).hex(), flavor=self.flavor,
                   generation=self.generation if generation is None else generation,
                   prog_ids=prog_ids or {}, writer=_me())
         path = path or self.state_path
@@ -253,6 +308,9 @@ class Engine:
             # (e.g. the host's) hooks and pins with this namespace's engine
             raise BpfilterError(errno.EXDEV, f"engine of netns {self.cookie} used from netns "
                                              f"{K.netns_cookie()}")
+        if self.flavor == "xdp":
+            return attach.open_attachment(self.flavor, self.family,
+                                          xdp_mode=self.xdp_mode)
         return attach.open_attachment(self.flavor, self.family)
 
     def _installed_programs(self) -> dict:
@@ -294,15 +352,21 @@ class Engine:
         # the kernel counts the policy entries' packets
         faults.point("compile")
         compiled = compile_table(table, kernel_facts(), self.flavor)
+        self._cls_next = {}
         _conntrack_for(table, self.table, self.family)
         faults.point("map_create")
         new_map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, compiled.counters_entries,
                                name="bpfilter_cnt")
         progs = {}
         pre = self._attachment(create=True) if self.flavor != "nf" else None
+        events = None
         try:
             # tc/xdp programs read interface names from the attachment's ifnames map
             shared = {flavors.IFNAMES_MAP: pre.ifnames.fd} if pre is not None else {}
+            if targets.uses_events(table):
+                # REJECT/LOG rules record events in the netns's ring (targets.py, responder.py)
+                events = responder.open_events(FAMILY_NAMES[self.family])
+                shared[targets.EVENTS_MAP] = events.fd
             for cp in compiled.programs:
                 progs[cp.hook] = self._load(cp, new_map, shared) if shared else \
                     self._load(cp, new_map)
@@ -310,10 +374,13 @@ class Engine:
             for p in progs.values():
                 p.close()
             new_map.close()
+            self._drop_next_maps()
             raise
         finally:
             if pre is not None:
                 pre.close()
+            if events is not None:
+                events.close()          # the programs and the pin hold it
         try:
             faults.point("after_load")
             # step 1 of the commit: the new table and its program ids, before any swap
@@ -323,10 +390,13 @@ class Engine:
             for p in progs.values():
                 p.close()
             new_map.close()
+            self._drop_next_maps()
             _quietly(os.unlink, self._pending_path)
             raise
-        old_counters = self.counters()
         old_map = self._counters_map()
+        # without a map (nothing installed yet) the counters are the add_counters base; with
+        # one they are read after the swap, once no packet can enter the old programs
+        old_counters = self._read(None, self.table.num_entries, self.base)
         att = self._attachment(create=True)
         old_progs = {}
         swapped = []
@@ -335,8 +405,11 @@ class Engine:
                 old_progs[h] = att.program(h)
             for h, p in progs.items():
                 faults.point("swap")
-                att.swap(h, p)              # atomic per hook
+                # counted before the call: a swap can fail after its atomic step (L2Attachment
+                # updates the slot, then attaches new devices, which a full tcx list refuses
+                # with ERANGE), and that hook must get its old program back too
                 swapped.append(h)
+                att.swap(h, p)              # atomic per hook
         except BaseException:
             _quietly(os.unlink, self._pending_path)
             for h in swapped:               # put the old programs back
@@ -347,6 +420,7 @@ class Engine:
             for p in list(progs.values()) + [p for p in old_progs.values() if p is not None]:
                 p.close()
             new_map.close()
+            self._drop_next_maps()
             att.close()
             raise
         # hooks the new table does not serve any more
@@ -363,6 +437,11 @@ class Engine:
             old_counters = self._read(old_map, self.table.num_entries, self.base)
             old_map.close()
         self._map = new_map
+        # the new programs' classifier maps are the ones to reuse next time; the old ones
+        # no program uses any more go (their programs hold their own references)
+        for _spec, m in self._cls_maps.values():     # _cls_next holds its own fds (dups)
+            m.close()
+        self._cls_maps, self._cls_next = self._cls_next, {}
         faults.point("after_swap")
         # step 2 of the commit: the pending state becomes the state (one rename)
         try:
@@ -374,29 +453,56 @@ class Engine:
         self.table = table
         self.generation += 1
         self.base = [(0, 0)] * table.num_entries
+        # the installed table and the decode/classify caches live until the next install: keep
+        # the cyclic GC from walking them again on every collection (gc.freeze). Collect first,
+        # so no garbage cycle is frozen; frozen objects are not walked, so this pass costs
+        # what was made since the last install, not the whole heap.
+        import gc
+        gc.collect()
+        gc.freeze()
         if self.flavor != "nf":
             # devices created or renamed later are attached by the watcher (attach.py)
             attach.start_watcher(self.flavor, self.family)
+        if targets.uses_events(table):
+            responder.start(FAMILY_NAMES[self.family])
+        else:
+            responder.stop(FAMILY_NAMES[self.family], self.cookie)
         return old_counters
+
+    def _drop_next_maps(self):
+        """A failed install: close its fds (dups; the installed ones stay in _cls_maps)."""
+        for _spec, m in self._cls_next.values():
+            m.close()
+        self._cls_next = {}
 
     def _retire(self):
         """Detach every hook of this family and drop the pins (attach.detach_all)."""
         if self.flavor != "nf":
             attach.stop_watcher(self.flavor, self.family, self.cookie)
+        responder.stop(FAMILY_NAMES[self.family], self.cookie)    # before the pin directory goes
         att = self._attachment()
         if att is not None:
             att.detach_all()
         if self._map is not None:
             self._map.close()
             self._map = None
+        self._close_cls_maps()
+
+    def _close_cls_maps(self):
+        for _spec, m in list(self._cls_maps.values()) + list(self._cls_next.values()):
+            m.close()
+        self._cls_maps, self._cls_next = {}, {}
 
     def _load(self, cp: CompiledProgram, counters_map, shared: dict = None) -> "K.Prog":
-        extra = create_maps(cp)
+        extra = create_maps(cp, self._cls_maps, self._cls_next)
         try:
             code = cp.assemble({COUNTERS_MAP: counters_map.fd, **(shared or {}),
                                 **{name: m.fd for name, m in extra.items()}})
             if faults.point("verifier"):
                 code = code + _UNREACHABLE_EXIT     # the verifier refuses unreachable insns
+            btf = cp.func_btf() if hasattr(cp, "func_btf") else None
+            if btf is not None:
+                return load_with_func_info(cp, code, *btf)
             return K.Prog.load(cp.prog_type, code, license=cp.license, name=cp.name,
                                expected_attach_type=cp.expected_attach_type)
         except BpfilterError as e:
@@ -405,8 +511,8 @@ class Engine:
             raise BpfilterError(e.errno, f"{where}: the kernel refused the compiled program "
                                          f"({e.message})") from None
         finally:
-            for m in extra.values():        # the loaded program holds its own references
-                m.close()
+            for m in extra.values():        # the loaded program holds its own references;
+                m.close()                   # the engine keeps its own (create_maps, reuse)
 
     # ---- counters ----
     @staticmethod
@@ -414,12 +520,20 @@ class Engine:
         out = list(base) + [(0, 0)] * (n - len(base))
         if m is None:
             return out[:n]
-        for i in range(min(n, m.max_entries)):
-            p = b = 0
-            for v in m.lookup_percpu(i) or []:
-                vp, vb = struct.unpack("<QQ", v)
-                p, b = p + vp, b + vb
-            out[i] = ((out[i][0] + p) & (2**64 - 1), (out[i][1] + b) & (2**64 - 1))
+        k = min(n, m.max_entries)
+        sums = _percpu_sums(m, k)
+        if sums is None:                # no batch lookup: one syscall per entry
+            sums = []
+            for i in range(k):
+                p = b = 0
+                for v in m.lookup_percpu(i) or []:
+                    vp, vb = struct.unpack("<QQ", v)
+                    p, b = p + vp, b + vb
+                sums.append((p, b))
+        M = 2**64 - 1
+        for i, (p, b) in enumerate(sums):
+            if p or b:
+                out[i] = ((out[i][0] + p) & M, (out[i][1] + b) & M)
         return out[:n]
 
     def counters(self) -> list:
@@ -467,6 +581,9 @@ class Engine:
         _add_classified(self.table, chains)
         if self.state_error:
             out["error"] = self.state_error
+        # policy for untranslatable tables, and whether the kernel's xtables serve this one
+        from .passthrough import status_fields
+        out.update(status_fields(self.cookie, self.family))
         return out
 
     def flush(self):
@@ -485,6 +602,75 @@ class Engine:
         if self._map is not None:
             self._map.close()
             self._map = None
+        self._close_cls_maps()
+
+
+# ---- control plane at 10 000 rules (issue #7) ----
+
+def _state_blob(table: Table) -> bytes:
+    """The table as GET_ENTRIES shows it, counters zero. A table decode_replace made carries
+    the caller's blob (source_blob): the kernel keeps those entries as given except comefrom
+    (mark_source_chains) and the counters (ip_tables.c translate_table), so patching those two
+    gives the same bytes as encode() at a fraction of the cost (~0.5 s at 10 000 rules)."""
+    from .model import _VOLATILE
+    src = getattr(table, "source_blob", None)
+    if src is None:
+        return table.encode()
+    cf, cnt, _end = _VOLATILE[table.family]
+    out = bytearray(src)
+    zero = bytes(16)
+    pack = struct.Struct("=I").pack_into
+    for r in table.entries():
+        pack(out, r.offset + cf, r.comefrom)
+        out[r.offset + cnt:r.offset + cnt + 16] = zero
+    return bytes(out)
+
+
+def _hooks_of(table: Table):
+    """(hook_entry, underflow): from the offsets decode gave a decode_replace table (no second
+    layout pass over 10 000 entries), else Table's own (which lays the table out)."""
+    if getattr(table, "source_blob", None) is None:
+        return table.hook_entry, table.underflow
+    he, uf = [0xFFFFFFFF] * 5, [0xFFFFFFFF] * 5
+    for c in table.chains:
+        if c.builtin and table.valid_hooks & (1 << c.hook):
+            he[c.hook] = c.entries()[0].offset
+            if c.policy_entry is not None:
+                uf[c.hook] = c.policy_entry.offset
+    return he, uf
+
+
+BPF_MAP_LOOKUP_BATCH = 24
+
+
+def _percpu_sums(m, n: int):
+    """[(pcnt, bcnt)] of entries 0..n-1 of a per-CPU counters map, summed over CPUs, with
+    BPF_MAP_LOOKUP_BATCH (kernel/bpf/syscall.c generic_map_lookup_batch: one syscall instead
+    of one per entry, ~150 ms at 10 000 entries); None when the kernel refuses it."""
+    if n <= 0:
+        return []
+    ffi = K._ffi
+    ncpu = K.possible_cpus()
+    keys = ffi.new("char[]", 4 * n)
+    vals = ffi.new("char[]", 16 * ncpu * n)
+    out_batch = ffi.new("uint32_t *")
+    attr = ffi.new("char[]", 56)
+    struct.pack_into("<QQQQIIQQ", ffi.buffer(attr), 0, 0, int(ffi.cast("uintptr_t", out_batch)),
+                     int(ffi.cast("uintptr_t", keys)), int(ffi.cast("uintptr_t", vals)), n,
+                     m.fd, 0, 0)
+    ret = K._bpf(BPF_MAP_LOOKUP_BATCH, attr, 56)
+    count = struct.unpack_from("<I", ffi.buffer(attr), 32)[0]
+    if (ret < 0 and ret != -errno.ENOENT) or count != n:
+        return None
+    raw = ffi.buffer(vals)
+    got = [struct.unpack_from("<I", ffi.buffer(keys), 4 * i)[0] for i in range(0, n, max(1, n - 1))]
+    if got[0] != 0 or got[-1] != n - 1:          # an array batch returns keys in order
+        return None
+    per = struct.Struct("<" + "QQ" * ncpu)
+    sums = []
+    for vals_ in per.iter_unpack(raw):
+        sums.append((sum(vals_[0::2]), sum(vals_[1::2])))
+    return sums
 
 
 # ---- conntrack for state/conntrack matches (issue #6, matchers.py) ----
@@ -505,22 +691,55 @@ def _conntrack_for(new: Table, old: Table, family: int):
 COUNTERS_MAP_NAME = "bpfilter_cnt"
 
 
-def create_maps(cp: CompiledProgram) -> dict:
+def create_maps(cp: CompiledProgram, live: dict = None, keep: dict = None) -> dict:
     """{symbolic name: Map} for every MapSpec of `cp`, created and filled (closed on error).
-    Filled before load and never written again: a new ruleset gets new maps."""
+    Filled before load and never written again: a new ruleset gets new maps, except that a
+    MapSpec found in `live` ({id(spec): (spec, Map)}, the installed programs' maps) is the same
+    object classify.py returned for an unchanged run (classify._RUN_SPECS), so its map, whose
+    contents are exactly the spec's and never change, is shared with the new program instead
+    (a packet sees the same contents through either program). Every map used is recorded in
+    `keep` with its own fd (a dup), so the engine can offer it to the next install."""
     out = {}
     try:
         for spec in getattr(cp, "maps", ()):
-            m = K.Map.create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
-                             name=spec.kname, flags=spec.flags)
+            if live is not None and id(spec) in live and live[id(spec)][0] is spec:
+                m = K.Map.from_fd(os.dup(live[id(spec)][1].fd))
+            else:
+                m = K.Map.create(spec.map_type, spec.key_size, spec.value_size,
+                                 spec.max_entries, name=spec.kname, flags=spec.flags)
+                _fill(m, spec.entries)
             out[spec.name] = m
-            for k, v in spec.entries:
-                m.update(k, v)
+            if keep is not None and id(spec) not in keep:
+                keep[id(spec)] = (spec, K.Map.from_fd(os.dup(m.fd)))
     except BaseException:
         for m in out.values():
             m.close()
         raise
     return out
+
+
+BPF_MAP_UPDATE_BATCH = 26
+
+
+def _fill(m, entries: list):
+    """All (key, value) pairs into a new map: one BPF_MAP_UPDATE_BATCH (kernel/bpf/syscall.c
+    generic_map_update_batch), or one update per key where the kernel refuses the batch (LPM
+    tries have no batch ops)."""
+    if not entries:
+        return
+    ks, vs = len(entries[0][0]), len(entries[0][1])
+    if m.map_type == 1 and all(len(k) == ks and len(v) == vs for k, v in entries):  # HASH
+        ffi = K._ffi
+        keys = ffi.from_buffer(b"".join(k for k, _ in entries))
+        vals = ffi.from_buffer(b"".join(v for _, v in entries))
+        attr = ffi.new("char[]", 56)
+        struct.pack_into("<QQQQIIQQ", ffi.buffer(attr), 0, 0, 0, int(ffi.cast("uintptr_t", keys)),
+                         int(ffi.cast("uintptr_t", vals)), len(entries), m.fd, 0, 0)
+        if K._bpf(BPF_MAP_UPDATE_BATCH, attr, 56) == 0 and \
+                struct.unpack_from("<I", ffi.buffer(attr), 32)[0] == len(entries):
+            return
+    for k, v in entries:
+        m.update(k, v)
 
 
 def _add_classified(table, chains: list):
@@ -541,6 +760,62 @@ def _find_counters(map_ids):
             return m
         m.close()
     return None
+
+
+# ---- programs with global functions (compile.py / classify.py, issue #7) ----
+
+BPF_PROG_LOAD, BPF_BTF_LOAD = 5, 18
+
+
+def btf_load(blob: bytes) -> int:
+    """BPF_BTF_LOAD: the fd of the program's own BTF (union bpf_attr: btf, btf_log_buf,
+    btf_size, btf_log_size, btf_log_level). A refusal quotes the kernel's BTF log."""
+    ffi = K._ffi
+    data = ffi.from_buffer(blob)
+    log = ffi.new("char[]", 1 << 16)
+    attr = ffi.new("char[]", 32)
+    struct.pack_into("<QQIII", ffi.buffer(attr), 0, int(ffi.cast("uintptr_t", data)),
+                     int(ffi.cast("uintptr_t", log)), len(blob), 1 << 16, 1)
+    fd = K._bpf(BPF_BTF_LOAD, attr, 32)
+    if fd < 0:
+        raise BpfilterError(-fd, f"BPF_BTF_LOAD: {os.strerror(-fd)}: "
+                                 f"{ffi.string(log).decode(errors='replace')[-400:]}")
+    return fd
+
+
+def load_with_func_info(cp, code: bytes, btf: bytes, func_info: bytes) -> "K.Prog":
+    """BPF_PROG_LOAD with prog_btf_fd and func_info, so the functions BTF calls global are
+    verified once each (kernel.Prog.load has no BTF arguments). A refusal is retried once with
+    a level-1 log so the error quotes the verifier, like Prog.load."""
+    ffi = K._ffi
+    btf_fd = btf_load(btf)
+    try:
+        attr = ffi.new("struct bpf_attr_prog_load *")
+        ins, lic, fi = ffi.from_buffer(code), ffi.new("char[]", cp.license.encode()), \
+            ffi.from_buffer(func_info)
+        attr.prog_type, attr.insn_cnt = cp.prog_type, len(code) // 8
+        attr.insns, attr.license = int(ffi.cast("uintptr_t", ins)), int(ffi.cast("uintptr_t", lic))
+        attr.prog_name = K._cstr(cp.name)
+        attr.expected_attach_type = cp.expected_attach_type
+        attr.prog_btf_fd, attr.func_info_rec_size = btf_fd, 8
+        attr.func_info, attr.func_info_cnt = int(ffi.cast("uintptr_t", fi)), len(func_info) // 8
+        size = ffi.sizeof("struct bpf_attr_prog_load")
+        log, e = "", 0
+        for level, log_size in ((0, 0), (1, 1 << 24), (1, 1 << 27)):
+            buf = ffi.new("char[]", log_size) if log_size else ffi.NULL
+            attr.log_level, attr.log_size = level, log_size
+            attr.log_buf = int(ffi.cast("uintptr_t", buf)) if log_size else 0
+            fd = K._bpf(BPF_PROG_LOAD, attr, size)
+            if log_size:
+                log = ffi.string(buf, log_size).decode(errors="replace")
+            if fd >= 0:
+                return K.Prog(fd, cp.prog_type, cp.name, log)
+            e = -fd
+            if e in (errno.EPERM, errno.EFAULT) or (level and e != errno.ENOSPC):
+                break
+        raise BpfilterError(e, K._load_message(cp.name, e, log))
+    finally:
+        K._close(btf_fd)
 
 
 # BPF_JMP | BPF_EXIT: appended after the program's last exit it can never be reached

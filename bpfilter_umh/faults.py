@@ -8,6 +8,7 @@ environment of a helper process:
     BPFILTER_FAULTS="after_load=kill"            SIGKILL the helper between load and attach
     BPFILTER_FAULTS="swap=error:EIO@1"           fail the 2nd hook swap (after 1 succeeded)
     BPFILTER_FAULTS="map_create=error:ENOMEM"    as if the memory cgroup refused the map
+                                       (the real refusal: tests/test_reliability_kernel_faults.py)
 
 Actions:
     error:ERRNO   raise BpfilterError(ERRNO, "injected fault at NAME")
