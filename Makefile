@@ -34,7 +34,7 @@ test-kmod: deps
 reliability: deps
 	$(PYTHON) tools/reliability.py
 
-# the long form: 1000 swaps, 10 000 invocations, 1M fuzz inputs (atheris)
+# the long form: 1000 swaps, 10 000 invocations, 1M decoder + 1M request fuzz inputs (atheris)
 reliability-long: deps
 	$(PYTHON) -c 'import atheris' 2>/dev/null || $(PYTHON) -m pip install -q atheris
 	$(PYTHON) tools/reliability.py --long

@@ -19,9 +19,7 @@ door simply starts a new helper, and nothing keeps running after a test.
 """
 import ctypes
 import errno
-import logging
 import os
-import selectors
 import socket
 import struct
 import sys
@@ -29,8 +27,8 @@ import time
 
 from .errors import BpfilterError
 from .frames import REQUEST, Reply, Request, read_exact
+from .sockopt import log        # logging imported on first use: `exec` runs through here too
 
-log = logging.getLogger("bpfilter")
 HELPER_SOCKET = b"\0bpfilter"
 
 # ---- least privilege (issue #9) -----------------------------------------------------------------
@@ -96,6 +94,7 @@ def serve_stdio(dispatcher) -> int:
 
 
 def serve_listen(dispatcher, idle: float) -> int:
+    import selectors
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         srv.bind(HELPER_SOCKET)
@@ -143,6 +142,18 @@ def serve_listen(dispatcher, idle: float) -> int:
             clients -= 1
 
 
+def preload():
+    """Import what serving a request imports lazily (the engine, compiler, model and codec:
+    100-200 ms), now instead of inside the first request: the request-serving modules import
+    lazily so that `bpfilter exec` and the CLI stay light, but the helper needs them all."""
+    import importlib
+    try:
+        for name in ("config", "engine", "passthrough"):
+            importlib.import_module("." + name, __package__)
+    except Exception as e:     # noqa: BLE001 - the request that needs it reports the error
+        log.warning("preloading the request handlers failed: %s", e)
+
+
 USAGE = ("usage: python3 -m bpfilter_umh [--listen | --door] [--flavor nf|tc|xdp] "
          "[--xdp-mode MODE] [--offload IFNAME] [--policy reject|xtables]\n"
          "       python3 -m bpfilter_umh exec [FLAGS] [--] CMD [ARGS]\n"
@@ -157,6 +168,7 @@ def main(argv=None) -> int:
     if argv[:1] and argv[0] in ("status", "flush", "helper"):
         from .cli import main as cli_main
         return cli_main(argv)
+    import logging
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("BPFILTER_LOG", "INFO"),
                         format="bpfilter[%(process)d] %(levelname)s %(message)s")
     from . import config
@@ -175,10 +187,18 @@ def main(argv=None) -> int:
     dispatcher = Dispatcher(door=bool(mode))
     if os.environ.get("BPFILTER_KEEP_CAPS") != "1":
         drop_capabilities()
+    preload()
     if mode == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
     return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if sys.argv[1:2] == ["exec"]:
+        # the door holds nothing that needs the interpreter's teardown (module and object
+        # finalization, several ms per iptables command): flush and leave
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -31,18 +31,17 @@ API:
   .swap(hook, prog)          install or atomically replace the program of `hook`
   .program(hook) -> Prog|None  .attached() -> {hook: link info}
   .detach(hook)  .detach_all()   (removes links, slots and pins)   .close() (fds only)
-  gc(root=PIN_ROOT) -> [dirs]     removes the pins of namespaces that no longer exist
+  (gc.py removes the pins and state of namespaces that no longer exist)
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import os
 import shutil
 import socket
-import threading
 
+from . import daemons
 from . import kernel as K
 from .errors import BpfilterError
 
@@ -279,72 +278,6 @@ class NfAttachment:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def live_netns_cookies() -> set:
-    """Cookies of every network namespace reachable through a task (/proc/*/task/*/ns/net) or a
-    bind mount under /run/netns. A namespace kept alive only by an open fd or a socket elsewhere
-    is not seen: gc() would treat it as dead."""
-    paths = glob.glob("/proc/[0-9]*/task/[0-9]*/ns/net") + glob.glob("/run/netns/*")
-    seen, fds = set(), []
-    try:
-        for p in paths:
-            try:
-                st = os.stat(p)
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
-                seen.add((st.st_dev, st.st_ino))
-            except OSError:
-                continue        # the task exited meanwhile
-        cookies, failed = set(), []
-
-        def visit():            # a throwaway thread: setns changes only this thread
-            for fd in fds:
-                try:
-                    K.setns(fd, K.CLONE_NEWNET)
-                    cookies.add(K.netns_cookie())
-                except BpfilterError as e:
-                    failed.append(e)
-
-        t = threading.Thread(target=visit, name="bpfilter-netns-scan")
-        t.start()
-        t.join()
-        if failed:
-            # an unknown cookie might be one of ours: better keep stale pins than cut a live
-            # namespace's filtering
-            raise BpfilterError(failed[0].errno, f"cannot read the cookie of {len(failed)} "
-                                f"network namespace(s): {failed[0].message}")
-        return cookies
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def gc(root: str = PIN_ROOT) -> list:
-    """Remove the pinned state (detaching its links) of network namespaces that no longer exist,
-    e.g. deleted without `bpfilter flush`. Returns the directories removed."""
-    try:
-        entries = [e for e in os.listdir(root) if e.isdigit()]
-    except FileNotFoundError:
-        return []
-    live = live_netns_cookies()
-    removed = []
-    for e in entries:
-        if int(e) in live:
-            continue
-        d = os.path.join(root, e)
-        for dirpath, _dirs, files in os.walk(d):
-            for f in files:
-                if f.startswith("link_"):
-                    try:
-                        with K.Link.from_pin(os.path.join(dirpath, f)) as link:
-                            link.detach()
-                    except BpfilterError:
-                        pass    # already defunct
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-    return removed
 
 
 # ================================================================================================
@@ -809,67 +742,18 @@ def _watch_pidfile(flavor: str, family, cookie: int = None) -> str:
     return os.path.join(WATCH_ROOT, str(cookie), f"watch-{FAMILY_DIRS[nfproto(family)]}-{flavor}.pid")
 
 
-def _watcher_pid(pidfile: str):
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"bpfilter_umh.attach" not in f.read():
-                return None
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
 def start_watcher(flavor: str, family="ipv4") -> int:
     """Start the watcher of the calling thread's namespace unless one runs; returns its pid."""
-    import subprocess
-    import sys
-    pidfile = _watch_pidfile(flavor, family)
-    pid = _watcher_pid(pidfile)
-    if pid is not None:
-        return pid
-    os.makedirs(os.path.dirname(pidfile), exist_ok=True)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # the child inherits the calling *thread's* network namespace (clone copies its nsproxy)
-    p = subprocess.Popen([sys.executable, "-m", "bpfilter_umh.attach", "watch", flavor,
-                          FAMILY_DIRS[nfproto(family)]], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, env=env, close_fds=True)
-    with open(pidfile + ".tmp", "w") as f:
-        f.write(str(p.pid))
-    os.replace(pidfile + ".tmp", pidfile)
-    return p.pid
+    return daemons.start(_watch_pidfile(flavor, family), "bpfilter_umh.attach",
+                         ["watch", flavor, FAMILY_DIRS[nfproto(family)]])
 
 
 def stop_watcher(flavor: str, family="ipv4", cookie: int = None):
-    import signal
-    import time
-    pidfile = _watch_pidfile(flavor, family, cookie)
-    pid = _watcher_pid(pidfile)
-    if pid is not None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(50):                  # bounded: 5 s
-            try:
-                # reap it if it is our child; otherwise wait for it to vanish
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-            time.sleep(0.1)
-    try:
-        os.unlink(pidfile)
-    except OSError:
-        pass
+    daemons.stop(_watch_pidfile(flavor, family, cookie))
 
 
 def watcher_running(flavor: str, family="ipv4") -> bool:
-    return _watcher_pid(_watch_pidfile(flavor, family)) is not None
+    return daemons.running(_watch_pidfile(flavor, family)) is not None
 
 
 def watch(flavor: str, family="ipv4"):
@@ -899,28 +783,3 @@ if __name__ == "__main__":
         watch(sys.argv[2], sys.argv[3])
     else:
         sys.exit("usage: python -m bpfilter_umh.attach watch tc|xdp ipv4|ipv6")
-
-
-def offload_xdp(program_code: bytes, ifname: str, name: str = "bpfilter_hw") -> K.Link:
-    """Load an XDP program for the device `ifname` (prog_ifindex) and attach it in hardware mode
-    (XDP_FLAGS_HW_MODE). Run flavors.check_offload() on the compiled program first. A device
-    without an offload-capable driver gives a BpfilterError saying so, not a bare errno."""
-    try:
-        ifindex = socket.if_nametoindex(ifname)
-    except OSError:
-        raise BpfilterError(errno.ENODEV, f"--offload: no interface {ifname!r} in this namespace")
-    try:
-        prog = K.Prog.load(K.BPF_PROG_TYPE_XDP, program_code, name=name,
-                           expected_attach_type=K.BPF_XDP, prog_ifindex=ifindex)
-    except BpfilterError as e:
-        raise BpfilterError(e.errno, f"--offload: interface {ifname} cannot run offloaded BPF "
-                                     f"programs (its driver has no BPF offload engine, such as "
-                                     f"Netronome nfp; use flavor xdp without --offload): "
-                                     f"{os.strerror(e.errno)}") from None
-    try:
-        return K.link_create_ifindex(prog, ifindex, K.BPF_XDP, XDP_FLAGS_HW_MODE)
-    except BpfilterError as e:
-        raise BpfilterError(e.errno, f"--offload: interface {ifname} refused the hardware-mode "
-                                     f"XDP attach: {e.message}") from None
-    finally:
-        prog.close()

@@ -286,8 +286,54 @@ def find_runs(rules: list, minimum: int = None) -> list:
     minimum = min_run() if minimum is None else minimum
     plain = _plain_runs(rules, minimum)
     if os.environ.get("BPFILTER_CLASSIFY_MULTI", "1") == "0":
-        return plain
-    return _with_multi(rules, plain, minimum)
+        return _keep_seen_runs(plain, minimum)
+    return _keep_seen_runs(_with_multi(rules, plain, minimum), minimum)
+
+
+# ---- appends to a classified run (issue #7: one `iptables -A` on a 10 000-rule table) ----------
+# A rule appended where a run ends makes the run one rule longer, and a longer run is a new map
+# (an LPM trie has no batch update: 10 000 BPF_MAP_UPDATE_ELEMs). A run that is a run compiled
+# before plus at most TAIL_MAX rules after it is served as that run (its MapSpec, so its map, is
+# reused: map_spec/_RUN_SPECS) followed by the new rules as linear code. Same verdicts and
+# counters: a run is first-match over its rules, so "the first match among A + T" is "the first
+# match among A, else the first among T", which is what the run A followed by T's linear code
+# does (each part keeps ipt_do_table's per-rule semantics on its own, the tcp/udp hotdrop
+# included). Past TAIL_MAX such rules the whole run is built again (and becomes the one seen).
+# _SEEN_RUNS: {(kind, signature, first rule's cache key, length): the rules' cache keys}.
+TAIL_MAX = 32
+_SEEN_RUNS: dict = {}
+
+
+def _keep_seen_runs(runs: list, minimum: int) -> list:
+    out = []
+    for run in runs:
+        keys = [getattr(r, "cache_key", None) for r in run.rules]
+        if None in keys:
+            out.append(run)
+            continue
+        n = len(keys)
+        for t in range(1, min(TAIL_MAX, n - minimum) + 1):
+            seen = _SEEN_RUNS.get((run.kind, run.sig, keys[0], n - t))
+            if seen is not None and seen == tuple(keys[:n - t]):
+                run, keys = _run_prefix(run, n - t), keys[:n - t]
+                break
+        if len(_SEEN_RUNS) >= RUN_SPECS_MAX:
+            _SEEN_RUNS.clear()
+        _SEEN_RUNS[(run.kind, run.sig, keys[0], len(keys))] = tuple(keys)
+        out.append(run)
+    return out
+
+
+def _run_prefix(run: Run, m: int) -> Run:
+    """The run of the first m rules of `run`, as _plain_runs/_with_multi would have made it."""
+    out = Run(run.kind, run.start, run.rules[:m], run.sig)
+    if run.kind == "multi":
+        return out
+    if run.kind == "hash" and run.sig[4]:
+        out.protos = tuple(sorted({r.ip.proto for r in out.rules}))
+    out.cases = {p: k for k, p in enumerate(
+        p for p, r in enumerate(out.rules) if isinstance(r.target, Jump))}
+    return out
 
 
 def _plain_runs(rules: list, minimum: int) -> list:
@@ -357,11 +403,16 @@ def _port_values(d, name) -> range:
 
 
 def _key_count(run: Run) -> int:
-    n = 0
-    for r in run.rules:
-        l4 = _l4(r) if run.sig[4] else None
-        n += len(_port_values(l4[1], "spts")) * len(_port_values(l4[1], "dpts")) if l4 else 1
-    return n
+    if not run.sig[4]:
+        return len(run.rules)
+    return sum(_memo("nkeys", r, _rule_key_count) for r in run.rules)
+
+
+def _rule_key_count(r: Rule) -> int:
+    """Hash keys one rule expands to (its port ranges): memoized, a run of 10 000 rules is
+    counted on every compile."""
+    l4 = _l4(r)
+    return len(_port_values(l4[1], "spts")) * len(_port_values(l4[1], "dpts")) if l4 else 1
 
 
 def _hash_key(saddr: int, daddr: int, proto: int, sport: int, dport: int, ippart: int = 0) -> bytes:

@@ -2,14 +2,13 @@
 
   bpfilter exec -- CMD [ARGS]   run CMD with its iptables/ip6tables socket options served by
                                 bpfilter (see door.py); exit status and output are CMD's own
-  bpfilter status [--json]      per chain: flavor, hook, program id, JIT size, rules, counters
+  bpfilter status [--json]      per chain: flavor, hook, program id, JIT size, rules, counters;
+                                the offload device and program id
   bpfilter flush                remove this network namespace's bpfilter state
   bpfilter helper [--listen]    the helper itself (same as python3 -m bpfilter_umh)
-  bpfilter gc [--dry-run]       remove pins and state left by network namespaces that are gone
+  bpfilter gc [--dry-run] [--json]  remove pins and state left by network namespaces that are gone
   exec and helper take --flavor nf|tc|xdp, --xdp-mode, --offload IFNAME, --policy reject|xtables
 """
-import argparse
-import json
 import sys
 
 from .errors import BpfilterError
@@ -34,6 +33,7 @@ def cmd_status(args) -> int:
     for fam_name, eng in _engines():
         out[fam_name] = eng.status()
     if args.json:
+        import json
         json.dump(out, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
         return 0
@@ -48,6 +48,11 @@ def format_status(fam_name: str, st) -> str:
         return f"{fam_name}: {st}"
     lines = [f"{fam_name} table {st.get('table', 'filter')} (flavor {st.get('flavor')}, "
              f"generation {st.get('generation', '-')}, policy {st.get('policy', 'reject')})"]
+    off = st.get("offload")
+    if off:
+        lines.append(f"  offloaded INPUT on {off.get('device')}: "
+                     + (f"error: {off['error']}" if off.get("error") else
+                        f"prog id {off.get('prog_id')}, counters map id {off.get('map_id')}"))
     if st.get("delegated"):
         lines.append(f"  served by the kernel's xtables (policy xtables): "
                      f"{st.get('delegated_reason')}")
@@ -96,10 +101,7 @@ def cmd_helper(args) -> int:
 
 def cmd_gc(args) -> int:
     from . import gc
-    removed = gc.collect(dry_run=args.dry_run)
-    for path in removed:
-        print(("would remove " if args.dry_run else "removed ") + path)
-    return 0
+    return gc.main((["--dry-run"] if args.dry_run else []) + (["--json"] if args.json else []))
 
 
 def _add_flags(p):
@@ -119,6 +121,17 @@ def _flags(args) -> list:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["exec"] and argv[1:2] and (argv[1] == "--" or not argv[1].startswith("-")):
+        # `exec [--] CMD`, the per-iptables-command path, without argparse (and json): with
+        # no flag there is nothing for argparse to parse, and the door imports only what it uses
+        from .door import exec_main
+        try:
+            return exec_main(argv[1:])
+        except BpfilterError as e:
+            print(f"bpfilter: {e}", file=sys.stderr)
+            return 1
+    import argparse
     ap = argparse.ArgumentParser(prog="bpfilter", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("exec", help="run a command with iptables served by bpfilter")
@@ -136,6 +149,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_helper)
     p = sub.add_parser("gc", help="remove the pins and state of network namespaces that are gone")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_gc)
     args = ap.parse_args(argv)
     try:
@@ -146,4 +160,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if sys.argv[1:2] == ["exec"]:
+        # the door holds nothing that needs the interpreter's teardown (module and object
+        # finalization, several ms per iptables command): flush and leave
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+        os._exit(code)
+    sys.exit(code)

@@ -253,6 +253,16 @@ def _le32(addr) -> int:
     return int.from_bytes(addr.packed, "little")
 
 
+def _reads(r) -> tuple:
+    """(interface names, layer 4, IP header): what the prologue must parse for rule r."""
+    ip = r.ip
+    return (bool(any(ip.iniface_mask) or any(ip.outiface_mask)),
+            any(m.name in ("tcp", "udp", "icmp", "icmp6") or matchers.needs_l4(m)
+                for m in r.matches),
+            bool(r.matches or ip.proto or ip.flags & IPT_F_FRAG or ip.invflags or int(ip.smsk)
+                 or int(ip.dmsk) or int(ip.src) or int(ip.dst) or targets.needs_packet(r.target)))
+
+
 class _ChainCompiler:
     """Emits one program for one built-in chain, inlining user chains."""
 
@@ -300,15 +310,11 @@ class _ChainCompiler:
             return
         seen.add(chain.name)
         for r in chain.rules + ([chain.policy_entry] if chain.policy_entry else []):
-            ip = r.ip
-            if any(ip.iniface_mask) or any(ip.outiface_mask):
-                self.needs_ifnames = True
-            if any(m.name in ("tcp", "udp", "icmp", "icmp6") or matchers.needs_l4(m)
-                   for m in r.matches):
-                self.needs_l4 = True
-            if r.matches or ip.proto or ip.flags & IPT_F_FRAG or ip.invflags or int(ip.smsk) \
-                    or int(ip.dmsk) or int(ip.src) or int(ip.dst) or targets.needs_packet(r.target):
-                self.needs_ip = True
+            # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
+            ifn, l4, ip = classify._memo("scan", r, _reads)
+            self.needs_ifnames |= ifn
+            self.needs_l4 |= l4
+            self.needs_ip |= ip
             if isinstance(r.target, Jump):
                 c = self._chains_by_name().get(r.target.chain)
                 if c is not None:

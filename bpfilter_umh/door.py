@@ -32,6 +32,15 @@ the shared helper, which may be running with other settings: it starts a helper 
 (`python3 -m bpfilter_umh --door FLAGS`) on a socketpair, which exits when the door closes it.
 The state lock and the state files keep both helpers consistent (sockopt.state_lock).
 
+Cost (issue #8): a door runs once per iptables command, so what it pays is interpreter start-up
+and imports, not the requests (each trapped call is a ~20 us round trip, a helper reply of an
+empty table ~1 ms). It imports the standard library and errors, frames, sockopt only (config.py
+only when flags are given; tests/test_door_lean.py holds it to that), so `python3 -S -m
+bpfilter_umh exec -- CMD` runs from the checkout without site-packages. The helper imports
+everything a request needs before it serves (__main__.preload) and stays between commands.
+openat is trapped for every path (a filter cannot read one), but iptables opens ~7 files (ld.so,
+its libraries, the table names): ~0.15 ms per command.
+
 Limits: only x86_64 system calls are trapped (a 32-bit iptables binary would reach the kernel's
 xtables directly); CMD's descendants that outlive it keep the door open until they exit.
 """
@@ -44,7 +53,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 
@@ -181,6 +189,7 @@ def connect_helper(timeout: float = 10.0) -> socket.socket:
 def spawn_helper():
     """Start a detached helper in this netns; it binds the abstract socket or exits if another
     helper already did (two doors racing both spawn, one wins)."""
+    import subprocess       # only when a helper must be started: not on every command's path
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -193,6 +202,7 @@ def spawn_helper():
 def spawn_private_helper(flags) -> tuple:
     """A helper serving only this door, with `flags` over the config file: its stdin and
     stdout are one end of a socketpair. Returns (our end, the process)."""
+    import subprocess
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +238,7 @@ class HelperLink:
 
     def _reap(self):
         if self.proc is not None:
+            import subprocess       # already imported by spawn_private_helper
             try:
                 self.proc.wait(timeout=10)      # it exits on EOF of its stdin
             except subprocess.TimeoutExpired:
@@ -445,12 +456,17 @@ def _recv_fd(sock: socket.socket) -> int:
 def exec_main(argv) -> int:
     """`exec [FLAGS] [--] CMD ARGS` (python3 -m bpfilter_umh exec ...): the flags are config.py's
     (--flavor, --xdp-mode, --offload, --policy) and hold for this command's requests only."""
-    from .config import split_flags
-    try:
-        flags, cmd = split_flags(argv)
-    except BpfilterError as e:
-        print(f"bpfilter exec: {e.message}", file=sys.stderr)
-        return 2
+    if argv[:1] == ["--"] or (argv and not argv[0].startswith("-")):
+        flags, cmd = [], argv[1:] if argv[0] == "--" else argv
+    else:
+        # flags to check: config.py (and the flavor table behind it) only then, not for
+        # every plain `exec -- CMD`
+        from .config import split_flags
+        try:
+            flags, cmd = split_flags(argv)
+        except BpfilterError as e:
+            print(f"bpfilter exec: {e.message}", file=sys.stderr)
+            return 2
     if not cmd:
         print("bpfilter exec: missing command", file=sys.stderr)
         return 2

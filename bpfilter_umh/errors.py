@@ -6,9 +6,6 @@ prints the message users already know (iptables turns EINVAL into "Invalid argum
 "Too many levels of symbolic links", ENOENT on a table into "Table does not exist", ...).
 """
 import errno as _errno
-import logging
-
-log = logging.getLogger("bpfilter")
 
 
 class BpfilterError(Exception):
@@ -35,5 +32,6 @@ def to_errno(exc: BaseException) -> int:
         return exc.errno
     if isinstance(exc, MemoryError):
         return _errno.ENOMEM
-    log.exception("internal error while serving a request")
+    import logging      # here, not at import: every `bpfilter exec` imports this module
+    logging.getLogger("bpfilter").exception("internal error while serving a request")
     return _errno.EIO

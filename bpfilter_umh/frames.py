@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass
 
 from .errors import BpfilterError
 
@@ -33,15 +32,27 @@ def field_offsets(st: struct.Struct, names) -> dict:
     return out
 
 
-@dataclass
-class Request:
-    cmd: int
-    is_set: int
-    family: int
-    pid: int
-    len: int
-    addr: int
-    netns_cookie: int = 0
+class _Frame:
+    """Plain classes, not dataclasses: every `bpfilter exec` imports this module, and
+    dataclasses (with inspect and re behind it) would cost it more than the frames do."""
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return type(other) is type(self) and all(
+            getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    def __repr__(self):
+        args = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"{type(self).__name__}({args})"
+
+
+class Request(_Frame):
+    __slots__ = ("cmd", "is_set", "family", "pid", "len", "addr", "netns_cookie")
+
+    def __init__(self, cmd: int, is_set: int, family: int, pid: int, len: int, addr: int,
+                 netns_cookie: int = 0):
+        self.cmd, self.is_set, self.family, self.pid = cmd, is_set, family, pid
+        self.len, self.addr, self.netns_cookie = len, addr, netns_cookie
 
     def pack(self) -> bytes:
         return REQUEST.pack(BPFILTER_MSG_MAGIC, self.cmd, self.is_set, self.family, self.pid,
@@ -57,10 +68,12 @@ class Request:
         return cls(*rest)
 
 
-@dataclass
-class Reply:
-    status: int          # 0 or -errno
-    len: int = 0         # getsockopt: optlen handed back to the caller
+class Reply(_Frame):
+    __slots__ = ("status", "len")
+
+    def __init__(self, status: int, len: int = 0):
+        self.status = status      # 0 or -errno
+        self.len = len            # getsockopt: optlen handed back to the caller
 
     def pack(self) -> bytes:
         return REPLY.pack(BPFILTER_MSG_MAGIC, self.status, self.len, 0)

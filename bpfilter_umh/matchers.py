@@ -4,7 +4,8 @@ registers), emit(...) applies the hook-dependent kernel checks, then appends the
 instructions to the rule being compiled or refuses it (EOPNOTSUPP naming the rule) when the
 revision is not in xt_ext.COMPILED (IPv4) / COMPILED_V6. Translated: multiport 0/1,
 iprange 1, mac 0, mark 1, length 0, ttl 0 (IPv4) / hl 0 (IPv6), comment 0, pkttype 0, tos 1,
-dscp 0, limit 0, owner 1, conntrack 1/2/3 (all criteria but --ctexpire), state 0; for IPv6
+dscp 0, limit 0, owner 1, conntrack 1/2/3 (all criteria but --ctexpire), state 0, addrtype
+0/1 (addrtype.py: a trie mirroring the local routing table; IPv6 the address classes); for IPv6
 also frag, hbh, dst, rt (not --rt-0-addrs) and ah, whose header walk is family.py's
 (exthdr_match). IPv6 differs where the kernel's *_mt6 functions do: length is the u16
 payload_len + 40, tos/dscp read the traffic class (ipv6_get_dsfield), iprange compares 128-bit
@@ -147,12 +148,7 @@ def hook_check(m, hook: int, rule, chain: str, pos: int):
 
 
 # Why a registered match is not compiled at all (appended to the refusal).
-_WHY_NOT = {
-    "addrtype": " (xt_addrtype asks the routing tables for the address type: "
-                "inet_dev_addr_type() / a FIB lookup per packet, which a netfilter BPF program "
-                "cannot do, and a copy of the address list kept by the helper would lag behind "
-                "address and route changes)",
-}
+_WHY_NOT = {}
 
 # What a match reads that a flavor does not have. Everything else reads the packet through the
 # flavor's primitives (load_bytes), so it runs on tc and xdp as on nf.
@@ -230,6 +226,10 @@ def emit(cc, m, rule, chain: str, pos: int, fail: str, hot: str):
                                             f"by the compiler")
     if m.name == "multiport":
         return _multiport_any(cc, d, m.revision, fail, hot)
+    if m.name == "addrtype":
+        from . import addrtype
+        return addrtype.emit(cc, m, rule, chain, pos, fail,
+                             lambda what: _refuse(chain, pos, rule, what))
     if m.name == "limit":
         hooks = _hooks_reaching(cc.table, chain)
         if len(hooks) > 1:

@@ -323,12 +323,115 @@ def _underflow_check(r, off, valid_hooks, underflow):
                  "unconditional ACCEPT/DROP standard rule")
 
 
-def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks) -> list:
-    """translate_table()'s first loop: check_entry_size_and_hooks() on every entry."""
+# ---- the previous table's walk (issue #7: one append walks the entries that changed) ---------
+# iptables sends the whole table on every change; what changed is a few entries in one place.
+# {family: (blob, raws, ends)} of the last table decoded without error: an entry of the new blob
+# whose bytes equal an entry of the old one at the same offset (before the change) or at the
+# same distance from the end (after it; a jump there may name an offset moved by the change)
+# passed every check of its own bytes then; of the offset-dependent checks of
+# check_entry_size_and_hooks, alignment and room in the blob hold where the distance to the
+# blob's start (prefix) or end (suffix, moved by a multiple of 8) is the same, and the underflow
+# check is run again on every hook's underflow entry.
+_LAST_WALK: dict = {}
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Length of the longest common prefix of a and b (bisection on slices: memcmp in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _moved(r, off: int, verdict: int):
+    n = object.__new__(_Raw)
+    n.__dict__.update(r.__dict__)
+    n.off, n.verdict = off, verdict
+    return n
+
+
+def _with_volatile(hdr, e: bytes, family: int):
+    """A copy of an entry header with comefrom and the counters read from entry bytes e."""
+    n = object.__new__(_CachedHdr)
+    n.ip, n.nfcache, n.target_offset, n.next_offset, n.pad = \
+        hdr.ip, hdr.nfcache, hdr.target_offset, hdr.next_offset, hdr.pad
+    cf, cnt, _ = _VOLATILE[family]
+    n.comefrom = int.from_bytes(e[cf:cf + 4], "little")
+    n.pcnt = int.from_bytes(e[cnt:cnt + 8], "little")
+    n.bcnt = int.from_bytes(e[cnt + 8:cnt + 16], "little")
+    return n
+
+
+def _reusable(prev, blob: bytes, family: int):
+    """(head, tail): the old entries at the start of `blob` (same offsets) and at its end
+    (offsets moved by the size change; a jump entry whose only difference is its verdict
+    carries the new one), with nothing in between reused twice."""
+    import bisect
+    old, raws, ends = prev
+    delta = len(blob) - len(old)
+    if delta % 8:
+        return [], []
+    nhead = bisect.bisect_right(ends, _common_prefix(old, blob))
+    head = raws[:nhead]
+    floor = ends[nhead - 1] if nhead else 0     # the first offset the head does not cover
+    cf, cnt, _ = _VOLATILE[family]
+    tail = []
+    for j in range(len(raws) - 1, nhead - 1, -1):
+        r = raws[j]
+        nxt, noff = r.hdr.next_offset, r.off + delta
+        if noff < floor:
+            break
+        e_old, e_new = old[r.off:r.off + nxt], blob[noff:noff + nxt]
+        if e_old == e_new:
+            tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
+            continue
+        # the same entry but for comefrom, the counters or the offset a jump names (_entry_key:
+        # iptables-restore sends comefrom 0, libiptc what GET_ENTRIES showed)
+        if r.key is None or len(e_new) != nxt or _entry_key(e_new, family) != r.key:
+            break
+        v = _jump_verdict(e_new, family) if r.std and r.verdict > 0 else r.verdict
+        if v is None:
+            break
+        n = _moved(r, noff, v)
+        if e_new[cf:cnt + 16] != e_old[cf:cnt + 16]:
+            n.hdr = _with_volatile(r.hdr, e_new, family)
+        tail.append(n)
+    tail.reverse()
+    return head, tail
+
+
+def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None) -> list:
+    """translate_table()'s first loop: check_entry_size_and_hooks() on every entry, on the
+    entries the previous table (`prev`, from _LAST_WALK) did not have."""
+    if prev is None:
+        return _walk_range(blob, lay, underflow, valid_hooks, 0, None)
+    head, tail = _reusable(prev, blob, lay.family)
+    start = head[-1].off + head[-1].hdr.next_offset if head else 0
+    stop = tail[0].off if tail else None
+    mid = _walk_range(blob, lay, underflow, valid_hooks, start, stop)
+    end = mid[-1].off + mid[-1].hdr.next_offset if mid else start
+    if stop is not None and end != stop:
+        # the new entries did not end where the reused ones begin: walk on from there
+        tail = _walk_range(blob, lay, underflow, valid_hooks, end, None)
+    raws = head + mid + tail
+    if head or tail:
+        at = {r.off: r for r in raws}
+        for h in range(NF_INET_NUMHOOKS):
+            r = at.get(underflow[h]) if valid_hooks & (1 << h) else None
+            if r is not None:
+                _underflow_check(r, r.off, valid_hooks, underflow)
+    return raws
+
+
+def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> list:
+    """The walk from offset `off` up to `stop` (None: the blob's end)."""
     size, hsz, out = len(blob), lay.entry_size, []
-    off = 0
     cache, family = _ENTRY_CACHE, lay.family
-    while off < size:
+    while off < size and (stop is None or off < stop):
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
         if off % 8:
             _err(errno.EINVAL, off, "entry not aligned to __alignof__(struct ipt_entry)")
@@ -601,13 +704,15 @@ class Table:
         if len(hook_entry) != NF_INET_NUMHOOKS or len(underflow) != NF_INET_NUMHOOKS:
             raise BpfilterError(errno.EINVAL, "hook_entry/underflow need 5 values")
         valid_hooks &= 0xFFFFFFFF
-        raws = _walk(blob, lay, hook_entry, underflow, valid_hooks)
+        prev = _LAST_WALK.pop(family, None)     # kept only for a table that passed every check
+        raws = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev)
         if num_entries is not None and len(raws) != num_entries:
             _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {len(raws)}")
         _check_table_hooks(raws, hook_entry, underflow, valid_hooks)
         comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks)
         _find_check(raws, family)
         _remember(raws, family)
+        _LAST_WALK[family] = (blob, raws, [r.off + r.hdr.next_offset for r in raws])
         return cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
                           comefrom if normalize else None)
 
@@ -616,6 +721,7 @@ class Table:
         lay = uapi.layout(family)
         rules = []
         slot = "built_norm" if comefrom is not None else "built_raw"
+        new = object.__new__
         for i, r in enumerate(raws):
             # the matches and extension target of an entry seen before: the same objects
             # (_ENTRY_CACHE); a standard target is made anew (jumps are resolved in place)
@@ -640,15 +746,22 @@ class Table:
             if r.std:
                 tgt = Verdict(r.verdict) if r.verdict < 0 else \
                     Jump("", bool(r.ip.flags & lay.f_goto), r.verdict, None)
-            rule = Rule(r.ip, ms, tgt,
-                        (0, 0) if comefrom is not None else (r.hdr.pcnt, r.hdr.bcnt),
-                        i, r.off, r.hdr.nfcache,
-                        comefrom[i] if comefrom is not None else r.hdr.comefrom,
-                        r.hdr.next_offset - r.hdr.target_offset - r.tsize,
-                        r.hdr.pad if family == AF_INET6 else b"")
-            # the entry's bytes without comefrom and counters: classify.py memoizes per rule
-            # on it (not a field: it does not take part in comparisons)
-            rule.cache_key = r.key
+            # a copy: callers may edit a rule's IpHeader, and the raw is kept for the next
+            # decode (_LAST_WALK)
+            ip = new(IpHeader)
+            ip.__dict__.update(r.ip.__dict__)
+            h = r.hdr
+            pad = h.pad if family == AF_INET6 and any(h.pad) else b""   # Rule.__post_init__
+            # Rule's fields set directly (its __init__ costs ~10 ms per 10 000 entries), plus
+            # the entry's bytes without comefrom and counters: classify.py memoizes per rule on
+            # it (cache_key, not a field: it does not take part in comparisons)
+            rule = new(Rule)
+            rule.__dict__.update(
+                ip=ip, matches=ms, target=tgt,
+                counters=(0, 0) if comefrom is not None else (h.pcnt, h.bcnt),
+                index=i, offset=r.off, nfcache=h.nfcache,
+                comefrom=comefrom[i] if comefrom is not None else h.comefrom,
+                tail=h.next_offset - h.target_offset - r.tsize, pad=pad, cache_key=r.key)
             rules.append(rule)
 
         # split into chains: a chain starts at a hook entry or at an ERROR entry

@@ -39,6 +39,7 @@ from . import ebpf as E
 from . import flavors as F
 from . import kernel as K
 from .ebpf import FP, R0, R1, R2, R3, R6, Label
+from .attach import XDP_FLAGS_HW_MODE
 from .errors import BpfilterError
 
 ETH_P_IP = 0x0800
@@ -209,9 +210,31 @@ class Offloaded:
         self.counters_map.close()
 
 
-def install(table, ifname: str, local_addrs=None) -> Offloaded:
-    """Compile, check, and load `table`'s INPUT chain onto `ifname`'s offload engine."""
-    from . import attach
+def no_engine_message(ifname: str, err: int) -> str:
+    return (f"--offload: device {ifname} has no BPF offload engine (its driver offers none; "
+            f"Netronome nfp and netdevsim do): serve it with flavor xdp without --offload "
+            f"({os.strerror(err)})")
+
+
+@dataclass
+class Prepared:
+    """An offload program loaded for its device (prog_ifindex) with its counters array on the
+    device, not attached: nothing filters differently yet."""
+    ifname: str
+    ifindex: int
+    prog: object
+    counters_map: object
+    keys: dict
+
+    def close(self):
+        self.prog.close()
+        self.counters_map.close()
+
+
+def prepare(table, ifname: str, local_addrs=None) -> Prepared:
+    """Compile, check, create the device's counters map and load the program for the device.
+    Every refusal (a rule the engine cannot run, a device without an engine, a map too big for
+    it, the device's verifier) is a BpfilterError raised before anything is attached."""
     from .compile import COUNTERS_MAP
     try:
         ifindex = socket.if_nametoindex(ifname)
@@ -227,15 +250,161 @@ def install(table, ifname: str, local_addrs=None) -> Offloaded:
             raise BpfilterError(e.errno, f"--offload: interface {ifname} cannot hold the "
                                          f"counters map ({len(op.keys)} entries) on its offload "
                                          f"engine: {e.message}") from None
-        # bpf_map_offload_map_alloc: no offload device registered for the ifindex -> EINVAL
-        raise BpfilterError(e.errno, f"--offload: interface {ifname} cannot run offloaded BPF "
-                                     f"programs (its driver has no BPF offload engine, such as "
-                                     f"Netronome nfp or netdevsim; use flavor xdp without "
-                                     f"--offload): {os.strerror(e.errno)}") from None
+        # kernel/bpf/offload.c bpf_map_offload_map_alloc: no offload device registered for the
+        # ifindex -> EINVAL; said as EOPNOTSUPP, since the device, not the request, lacks it
+        raise BpfilterError(errno.EOPNOTSUPP, no_engine_message(ifname, e.errno)) from None
     try:
         code = op.program.assemble({COUNTERS_MAP: cmap.fd})
-        link = attach.offload_xdp(code, ifname)
-    except BaseException:
+        prog = K.Prog.load(K.BPF_PROG_TYPE_XDP, code, name="bpfilter_hw",
+                           expected_attach_type=K.BPF_XDP, prog_ifindex=ifindex)
+    except BpfilterError as e:
         cmap.close()
+        raise BpfilterError(e.errno, f"--offload: the offload engine of {ifname} refused the "
+                                     f"INPUT program: {e.message}") from None
+    return Prepared(ifname, ifindex, prog, cmap, op.keys)
+
+
+def install(table, ifname: str, local_addrs=None) -> Offloaded:
+    """Compile, check, and load `table`'s INPUT chain onto `ifname`'s offload engine, attached
+    by a new link (offload_probe.py; the engine uses prepare/commit)."""
+    pre = prepare(table, ifname, local_addrs)
+    try:
+        link = K.link_create_ifindex(pre.prog, pre.ifindex, K.BPF_XDP, XDP_FLAGS_HW_MODE)
+    except BpfilterError as e:
+        pre.close()
+        raise BpfilterError(e.errno, f"--offload: interface {ifname} refused the hardware-mode "
+                                     f"XDP attach: {e.message}") from None
+    pre.prog.close()        # the link holds it
+    return Offloaded(ifname, link, pre.counters_map, pre.keys)
+
+
+# ---- the offloaded program of an engine: pinned, replaced atomically, adopted, removed ----
+#
+# What runs where (docs/flavors.md "Offload"): the offloaded program runs first, on the NIC, for
+# the IPv4 packets the device receives; it decides the INPUT chain for those addressed to this
+# namespace and drops what the ruleset drops. What it passes (accepted INPUT packets, anything
+# else) reaches the host, where the normal xdp flavor's programs, attached to every device
+# including this one, run the whole ruleset again: INPUT from every device, FORWARD, the
+# counters. So a packet the NIC passes is counted once, by the host; a packet the NIC drops never
+# reaches the host and is counted only on the device: its DROP entries' counters (rules with -j
+# DROP, a DROP policy) are added to the host's (Engine.counters). Not counted: the entries a
+# dropped packet passed through before its DROP (a jump into a user chain): the device counts
+# them too, but its count of them includes the packets it passed, which the host counts again.
+
+OFFLOAD_LINK = "link"
+BPF_LINK_UPDATE, BPF_F_REPLACE = 29, 1 << 2
+DROP_VERDICT = -0 - 1           # xt_standard_target.verdict of DROP: -NF_DROP - 1
+
+
+def pin_directory(engine_pin_dir: str) -> str:
+    """Beside the xdp attachment's directory (not in it: attach.py removes that one whole)."""
+    return engine_pin_dir + "-offload"
+
+
+def drop_keys(table, keys: dict) -> dict:
+    """{entry index: counters key} of the entries whose target is DROP (see above)."""
+    return {r.index: keys[r.index] for r in table.entries()
+            if r.index in keys and getattr(r.target, "verdict", None) == DROP_VERDICT}
+
+
+def _link_ifindex(link) -> int:
+    """struct bpf_link_info: type, id, prog_id, then (8-aligned) xdp.ifindex."""
+    return struct.unpack_from("<I", link._info(48), 16)[0]
+
+
+def _link_update(link, prog, old_prog) -> None:
+    """BPF_LINK_UPDATE with BPF_F_REPLACE: the device swaps programs in one step, and only if
+    the link still runs `old_prog` (net/core/dev.c bpf_xdp_link_update: EPERM otherwise)."""
+    attr = K._ffi.new("char[]", 16)
+    struct.pack_into("<IIII", K._ffi.buffer(attr), 0, link.fd, prog.fd, BPF_F_REPLACE,
+                     old_prog.fd)
+    ret = K._bpf(BPF_LINK_UPDATE, attr, 16)
+    if ret < 0:
+        raise BpfilterError(-ret, f"BPF_LINK_UPDATE of the offloaded program: "
+                                  f"{os.strerror(-ret)}")
+
+
+def read_counters(m, keys: dict) -> dict:
+    """{entry index: (pcnt, bcnt)} of the device's counters array (read through the driver)."""
+    out = {}
+    for entry, key in keys.items():
+        v = m.lookup(key)
+        out[entry] = struct.unpack("<QQ", bytes(v)) if v is not None else (0, 0)
+    return out
+
+
+def attached(pin_dir: str):
+    """(link, prog, counters map) of the pinned offloaded program, None when there is none (or
+    its device went: the link is defunct)."""
+    path = os.path.join(pin_dir, OFFLOAD_LINK)
+    if not os.path.exists(path):
+        return None
+    link = K.Link.from_pin(path)
+    try:
+        prog_id = link.info()["prog_id"]
+        if not prog_id:
+            link.close()
+            return None
+        prog = K.Prog.from_id(prog_id)
+        ids = prog.info()["map_ids"]
+        m = K.Map.from_id(ids[0]) if ids else None
+        return link, prog, m
+    except BaseException:
+        link.close()
         raise
-    return Offloaded(ifname, link, cmap, op.keys)
+
+
+def commit(pre: Prepared, pin_dir: str, old_keys: dict) -> dict:
+    """Attach `pre` in place of the pinned offloaded program: one BPF_LINK_UPDATE on the same
+    device (the NIC never runs without a program), or a new link when the device changed (the
+    old one is detached after). Returns the old program's counters {entry index: (p, b)} read
+    once it stopped running. The link is pinned; it holds the program, which holds its map."""
+    old = attached(pin_dir)
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(pin_dir, OFFLOAD_LINK)
+    try:
+        if old is not None and _link_ifindex(old[0]) == pre.ifindex:
+            _link_update(old[0], pre.prog, old[1])
+        else:
+            try:
+                link = K.link_create_ifindex(pre.prog, pre.ifindex, K.BPF_XDP, XDP_FLAGS_HW_MODE)
+            except BpfilterError as e:
+                raise BpfilterError(e.errno, f"--offload: interface {pre.ifname} refused the "
+                                             f"hardware-mode XDP attach: {e.message}") from None
+            with link:
+                if old is not None:
+                    old[0].detach()
+                _quietly_unlink(path)
+                link.pin(path)
+        counts = read_counters(old[2], old_keys) if old is not None and old[2] is not None \
+            else {}
+    finally:
+        if old is not None:
+            for o in old:
+                if o is not None:
+                    o.close()
+    return counts
+
+
+def remove(pin_dir: str) -> None:
+    """Detach the pinned offloaded program and drop its pins (flush, or --offload dropped)."""
+    old = None
+    try:
+        old = attached(pin_dir)
+        if old is not None:
+            old[0].detach()
+    except BpfilterError:
+        pass                    # defunct already (device deleted or moved away)
+    finally:
+        for o in old or ():
+            if o is not None:
+                o.close()
+        import shutil
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def _quietly_unlink(path: str):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -29,13 +29,12 @@ import signal
 import socket
 import struct
 import sys
-import time
 
+from . import daemons
 from . import targets as T
 
 BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ = 1 << 31, 1 << 30, 8
 POLL = 0.5                         # seconds between checks that the ring is still pinned
-READY_WAIT = 5.0                   # at most this long for a new responder to be ready
 PAGE = mmap.PAGESIZE
 STATE_ROOT = "/run/bpfilter"
 NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT = 1, 2, 3
@@ -69,18 +68,6 @@ def _pidfile(family_dir: str, cookie: int = None) -> str:
     return os.path.join(STATE_ROOT, str(cookie), f"responder-{family_dir}.pid")
 
 
-def _running(pidfile: str):
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"bpfilter_umh.responder" not in f.read():
-                return None
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
 def open_events(family_dir: str):
     """The ring of this netns and family: adopted from its pin, or created and pinned."""
     from . import kernel as K
@@ -102,59 +89,17 @@ def open_events(family_dir: str):
 
 
 def start(family_dir: str) -> int:
-    """Start the responder of the calling thread's namespace unless one runs; returns its pid."""
-    import subprocess
-    pidfile = _pidfile(family_dir)
-    pid = _running(pidfile)
-    if pid is not None:
-        return pid
-    os.makedirs(os.path.dirname(pidfile), mode=0o700, exist_ok=True)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # the child inherits the calling *thread's* network namespace (clone copies its nsproxy)
-    r, w = os.pipe()
-    try:
-        p = subprocess.Popen([sys.executable, "-m", "bpfilter_umh.responder", family_dir,
-                              str(w)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-                             close_fds=True, pass_fds=(w,))
-        os.close(w)
-        w = -1
-        with open(pidfile + ".tmp", "w") as f:
-            f.write(str(p.pid))
-        os.replace(pidfile + ".tmp", pidfile)
-        # wait (bounded) until it has mapped the ring and opened its sockets, so the first
-        # rejected packet is answered at once; events recorded earlier stay in the ring anyway
-        select.select([r], [], [], READY_WAIT)
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-    return p.pid
+    """Start the responder of the calling thread's namespace unless one runs; returns its pid.
+    Waits (bounded) until it has mapped the ring and opened its sockets, so the first rejected
+    packet is answered at once; events recorded earlier stay in the ring anyway."""
+    return daemons.start(_pidfile(family_dir), "bpfilter_umh.responder", [family_dir],
+                         ready=True)
 
 
 def stop(family_dir: str, cookie: int = None):
     """Stop the responder (if any) and remove the ring's pin."""
     from . import kernel as K
-    pidfile = _pidfile(family_dir, cookie)
-    pid = _running(pidfile)
-    if pid is not None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(50):                  # bounded: 5 s
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-            time.sleep(0.1)
-    try:
-        os.unlink(pidfile)
-    except OSError:
-        pass
+    daemons.stop(_pidfile(family_dir, cookie))
     pin = events_pin(family_dir, cookie)
     K.unpin(pin)
     # flavor tc keeps its pins elsewhere: the ring's directory may now be empty
@@ -166,7 +111,7 @@ def stop(family_dir: str, cookie: int = None):
 
 
 def running(family_dir: str) -> bool:
-    return _running(_pidfile(family_dir)) is not None
+    return daemons.running(_pidfile(family_dir)) is not None
 
 
 # ------------------------------------------------------------------------------ the ring

@@ -35,16 +35,28 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import socket
 import struct
+import threading
 import time
 
 from .errors import BpfilterError, to_errno
 from .frames import Reply, Request
 
-log = logging.getLogger("bpfilter")
+
+
+class _Log:
+    """logging.getLogger("bpfilter"), looked up on first use: every `bpfilter exec` imports this
+    module (CallerMemory, netns_cookie) and never logs, and importing logging (re, traceback,
+    threading behind it) costs a door more than all its other imports."""
+
+    def __getattr__(self, name):
+        import logging
+        return getattr(logging.getLogger("bpfilter"), name)
+
+
+log = _Log()
 
 SOL_IP, SOL_IPV6 = 0, 41
 AF_INET, AF_INET6 = 2, 10
@@ -258,7 +270,8 @@ class Backend:
             # the flavor comes from /etc/bpfilter/flavors.conf (or BPFILTER_CONFIG); nf when unset
             self._open = lambda: Engine.open(  # noqa: E731
                 family, flavor=config.load().flavor(family),
-                xdp_mode=config.load().xdp_mode(family))
+                xdp_mode=config.load().xdp_mode(family),
+                offload=config.load().offload.get(config._family(family)))
         self.family = family
         self.delegation = None          # passthrough.Delegation in a door's helper
         self.engine = self._open()
@@ -405,6 +418,7 @@ class Dispatcher:
             err = to_errno(e)
             # a refused SET_REPLACE is what an administrator needs to see (which rule, why);
             # failed reads are routine (iptables probes with GET_INFO, GET_REVISION)
+            import logging
             level = logging.WARNING if req.is_set else logging.INFO
             log.log(level, "netns %d pid %d %s%s: %s", req.netns_cookie or self.home_cookie,
                     req.pid, "setsockopt " if req.is_set else "getsockopt ",
@@ -467,6 +481,17 @@ class Dispatcher:
 STATE_ROOT = "/run/bpfilter"
 
 
+_held = threading.local()
+
+
+def _held_locks() -> set:
+    """Cookies whose state lock this thread holds: flock is per open file, so taking it again
+    through a second fd in the same thread would wait for ourselves."""
+    if not hasattr(_held, "cookies"):
+        _held.cookies = set()
+    return _held.cookies
+
+
 @contextlib.contextmanager
 def state_lock(cookie: int):
     """flock on the namespace's state directory /run/bpfilter/<cookie> (the engine keeps its
@@ -474,6 +499,10 @@ def state_lock(cookie: int):
     milliseconds to seconds, and namespaces do not share tables. The directory is removed again
     if it is left empty (a refused request, a flush), so a waiter checks after locking that the
     directory it locked is still the one at that path, and otherwise locks again."""
+    held = _held_locks()
+    if cookie in held:
+        yield           # re-entered by the same thread (an engine settling a crashed install)
+        return
     d = os.path.join(STATE_ROOT, str(cookie))
     for _ in range(1000):
         os.makedirs(d, mode=0o700, exist_ok=True)
@@ -490,9 +519,11 @@ def state_lock(cookie: int):
         os.close(fd)
     else:
         raise BpfilterError(errno.EBUSY, f"cannot lock {d}")
+    held.add(cookie)
     try:
         yield
     finally:
+        held.discard(cookie)
         try:
             os.rmdir(d)         # only succeeds when empty: nothing left behind
         except OSError:

@@ -372,9 +372,10 @@ _reg(TARGET, "MARK", 2, BOTH, 8, xt_mark_tginfo2)
 COMPILED = {("multiport", 0), ("multiport", 1), ("iprange", 1), ("mark", 1), ("length", 0),
             ("ttl", 0), ("comment", 0), ("pkttype", 0), ("tos", 1), ("dscp", 0),
             ("conntrack", 1), ("conntrack", 2), ("conntrack", 3), ("state", 0), ("limit", 0),
-            ("owner", 1), ("mac", 0)}
-# IPv6: the same ones (hl instead of ttl), plus the extension-header matches of ip6tables
-COMPILED_V6 = (COMPILED - {("ttl", 0)}) | {("hl", 0), ("frag", 0), ("hbh", 0), ("dst", 0),
+            ("owner", 1), ("mac", 0), ("addrtype", 0), ("addrtype", 1)}
+# IPv6: the same ones (hl instead of ttl; addrtype has no IPv6 revision 0), plus the
+# extension-header matches of ip6tables
+COMPILED_V6 = (COMPILED - {("ttl", 0), ("addrtype", 0)}) | {("hl", 0), ("frag", 0), ("hbh", 0), ("dst", 0),
                                           ("rt", 0), ("ah", 0)}
 
 

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from bpfilter_umh import attach as A
+from bpfilter_umh import gc
 from bpfilter_umh import kernel as K
 from bpfilter_umh.errors import BpfilterError
 from nsutil import Netns, veth
@@ -267,7 +268,8 @@ def test_gc_removes_state_of_dead_namespaces(root):
         for a in atts:
             a.close()
         dead.close()
-        assert A.gc(root) == [dead_dir]
+        # gc.py collects pins and /run state of dead namespaces (tests/test_reliability_gc.py)
+        assert gc.collect(pin_root=root, state_root=root + "-state") == [dead_dir]
         assert not os.path.exists(dead_dir) and os.path.isdir(live_dir)
         with pytest.raises(BpfilterError):
             K.Link.from_id(link_id).close()        # detached and released

@@ -35,6 +35,31 @@ def test_runs_split_at_other_shapes(monkeypatch):
     assert classify.find_runs(rules) == []
 
 
+def _keyed(r):
+    """A rule as decode gives it: cache_key = its content (classify memoizes on it)."""
+    r.cache_key = repr((r.ip, r.matches, r.target)).encode()
+    return r
+
+
+def test_appends_after_a_seen_run_stay_linear(monkeypatch):
+    """A run seen before plus up to TAIL_MAX rules after it: the seen run (same MapSpec, so the
+    same map) and the new rules linear; more than TAIL_MAX, or a changed rule inside: one run."""
+    monkeypatch.setattr(classify, "_SEEN_RUNS", {})
+    monkeypatch.setattr(classify, "TAIL_MAX", 4)
+    base = [_keyed(rule(DROP, src=f"10.{i // 256}.{i % 256}.0/24")) for i in range(40)]
+    more = [_keyed(rule(ACCEPT, src=f"10.9.{i}.0/24")) for i in range(6)]
+    spans = lambda rules: [(r.kind, r.start, r.end) for r in classify.find_runs(rules, 3)]  # noqa
+    assert spans(base) == [("lpm", 0, 40)]
+    assert spans(base + more[:1]) == [("lpm", 0, 40)]           # rule 40 linear
+    assert spans(base + more[:4]) == [("lpm", 0, 40)]
+    assert spans(base + more[:5]) == [("lpm", 0, 45)]           # past TAIL_MAX: rebuilt
+    assert spans(base + more) == [("lpm", 0, 45)]               # ... and seen from now on
+    changed = [_keyed(rule(ACCEPT, src="10.200.0.0/24"))] + base[1:]
+    assert spans(changed + more[:1]) == [("lpm", 0, 41)]
+    spec = classify.map_spec(classify.find_runs(base, 3)[0], "m")
+    assert classify.map_spec(classify.find_runs(base + more[:2], 3)[0], "m") is spec
+
+
 @pytest.mark.parametrize("r", [
     rule(DROP, src="10.0.0.0/8", inv=0x08),                  # ! -s
     rule(DROP, src="10.0.0.0/8", frag=True),                 # -f

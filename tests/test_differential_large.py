@@ -40,3 +40,50 @@ def test_large_ruleset(shape, labs):
     hit = sum(1 for k, v in c.items() if v[0])
     assert hit >= 5, f"{shape}: only {hit} entries counted anything: the probes missed the rules"
     print(f"{shape} x {N}: identical ({len(probes)} probes, {hit} entries counted), {took:.1f} s")
+
+
+# ---- appends to a classified run (classify._keep_seen_runs) -----------------------------------
+
+def _aimed(chain: str):
+    """A probe no rule of any shape matches (192.0.2.0/24 sources are not in the rulesets),
+    which reaches the chain in the lab."""
+    from probes import IPPROTO_UDP, Probe
+    dst = rulesets.INPUT_DST if chain == "INPUT" else "198.51.100.77"
+    return Probe(chain, "c0", "192.0.2.10", dst, IPPROTO_UDP, 1024, 1999)
+
+
+def _appended(shape: str, chain: str, m) -> list:
+    """Rules of the run's own shape aimed at probe `m` (so they decide its verdict)."""
+    if shape == "blocklist":
+        return [f"-A {chain} -s {m.src}/32 -j DROP", f"-A {chain} -s 192.0.2.0/24 -j ACCEPT"]
+    if shape == "ports":
+        return [f"-A {chain} -p udp -m udp --dport {m.dport} -j DROP",
+                f"-A {chain} -p udp -m udp --dport {m.dport + 1} -j ACCEPT"]
+    five = f"-s {m.src}/32 -d {m.dst}/32 -p udp -m udp --sport {m.sport}"
+    return [f"-A {chain} {five} --dport {m.dport} -j DROP",
+            f"-A {chain} {five} --dport {m.dport + 1} -j ACCEPT"]
+
+
+@pytest.mark.parametrize("shape", ["blocklist", "ports", "tuple", "mixed"])
+def test_appends_to_a_run(shape, labs):
+    """`iptables -A` twice after a large classified run: the candidate installs the run it
+    already has (same map) plus the new rules as linear code, and must still give the kernel's
+    verdicts and counters, the appended rules deciding one probe."""
+    from bpfilter_umh import classify
+    ref, cand = labs
+    rs = rulesets.make(shape, min(N, 2000), seed=7)
+    aimed = _aimed(rs.chain)
+    probes = number(rs.probes + [aimed])
+    extra = _appended(shape, rs.chain, aimed)
+    for k in range(len(extra) + 1):
+        text = rs.text.replace("COMMIT", "".join(x + "\n" for x in extra[:k]) + "COMMIT")
+        diffs = differential(ref, cand, text, probes)
+        assert not diffs, f"{shape} + {k} appended:\n" + "\n".join(diffs[:40])
+        table = getattr(cand.installer, "table", None)
+        if k and table is not None:         # EngineInstaller: the table it installed
+            rules = table.chain(rs.chain).rules
+            runs = classify.find_runs(rules)
+            assert runs and runs[-1].end == len(rules) - k, \
+                f"{shape}: the appended rules joined the run (its map was rebuilt)"
+    first = sum(1 for x in rs.lines if x.startswith(f"-A {rs.chain} "))
+    assert cand.counters()[(rs.chain, first)][0], "the appended rule did not count its probe"

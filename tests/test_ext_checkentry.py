@@ -65,15 +65,16 @@ def test_get_revision_answers_from_registry():
     assert rev(NFPROTO_IPV4, "multiport", False) == {0, 1}
     assert rev(NFPROTO_IPV4, "conntrack", False) == {1, 2, 3}
     assert rev(NFPROTO_IPV4, "tos", False) == {1}
-    # decoded and checked, not translated: iptables must not be told it is there
-    assert rev(NFPROTO_IPV4, "addrtype", False) == set()
+    assert rev(NFPROTO_IPV4, "addrtype", False) == {0, 1}
+    # an extension the compiler lacks: iptables must not be told it is there
+    assert rev(NFPROTO_IPV4, "quota", False) == set()
     # IPv6: the same matches (hl, not ttl) and the extension-header ones
     assert rev(NFPROTO_IPV6, "multiport", False) == {0, 1}
     assert rev(NFPROTO_IPV6, "hl", False) == {0}
     assert rev(NFPROTO_IPV6, "ttl", False) == set()
     for name in ("frag", "hbh", "dst", "rt", "ah", "conntrack", "owner"):
         assert rev(NFPROTO_IPV6, name, False), name
-    assert rev(NFPROTO_IPV6, "addrtype", False) == set()
+    assert rev(NFPROTO_IPV6, "addrtype", False) == {1}
 
 
 SCRIPT_V6 = os.path.join(HERE, "ext_cp_script_ipv6.txt")

@@ -20,7 +20,7 @@ def test_generated_list_names_every_registered_extension():
         assert f"| {name} |" in text
     assert "| match | multiport | 1 | compiled | compiled |" in text
     assert "| match | frag | 0 | — | compiled |" in text
-    assert "| match | addrtype | 1 | checked | checked |" in text
+    assert "| match | addrtype | 1 | compiled | compiled |" in text
 
 
 def test_readme_list_is_current():

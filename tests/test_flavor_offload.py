@@ -8,7 +8,7 @@ import pytest
 
 from nsutil import Netns, veth
 from test_compile_util import ACCEPT, DROP, rule, table, tcp, udp
-from bpfilter_umh import attach, ebpf as E, flavors as F
+from bpfilter_umh import ebpf as E, flavors as F, offload
 from bpfilter_umh.compile import XT_TCP_INV_OPTION, KernelFacts, compile_table
 from bpfilter_umh.errors import BpfilterError
 
@@ -62,21 +62,22 @@ def test_check_refuses_percpu_maps_kfuncs_and_other_flavors():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF")
 def test_offload_on_a_device_without_engine_is_a_clear_error():
+    """veth has no BPF offload engine: prepare() refuses before anything is attached."""
     with Netns("o") as a, Netns("p") as b:
         veth(a, "vo", b, "vp")
-        code = E.assemble([E.mov(E.R0, F.XDP_PASS), E.exit_()])
+        t = table({"INPUT": (ACCEPT, [rule(DROP, udp(dport=(1, 1)), proto=17)])})
         with a.inside():
-            with pytest.raises(BpfilterError, match=r"--offload: interface vo cannot run "
-                                                    r"offloaded BPF programs") as ei:
-                attach.offload_xdp(code, "vo")
-            assert ei.value.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV)
-            with pytest.raises(BpfilterError, match="no interface 'nope'"):
-                attach.offload_xdp(code, "nope")
+            with pytest.raises(BpfilterError, match=r"--offload: device vo has no BPF offload "
+                                                    r"engine") as ei:
+                offload.prepare(t, "vo", local_addrs=[])
+            assert ei.value.errno == errno.EOPNOTSUPP
+            with pytest.raises(BpfilterError, match="no interface 'nope'") as ei:
+                offload.prepare(t, "nope", local_addrs=[])
+            assert ei.value.errno == errno.ENODEV
 
 
 # ---- the offload code mode (bpfilter_umh/offload.py) ---------------------------------------
 from test_compile_util import ether, icmp, icmp_hdr, ipv4, jump, tcp_hdr, udp_hdr  # noqa: E402
-from bpfilter_umh import offload  # noqa: E402
 
 LOCAL = "192.0.2.254"
 
@@ -174,11 +175,10 @@ def test_offload_install_on_a_device_without_engine_is_a_clear_error():
     with Netns("o") as a, Netns("p") as b:
         veth(a, "vo", b, "vp", LOCAL + "/24")
         with a.inside():
-            with pytest.raises(BpfilterError, match=r"--offload: interface vo cannot run "
-                                                    r"offloaded BPF programs \(its driver has no "
-                                                    r"BPF offload engine") as ei:
+            with pytest.raises(BpfilterError, match=r"--offload: device vo has no BPF offload "
+                                                    r"engine \(its driver offers none") as ei:
                 offload.install(plain_table(), "vo")
-            assert ei.value.errno == errno.EINVAL
+            assert ei.value.errno == errno.EOPNOTSUPP
             assert LOCAL in offload.local_addresses()
             with pytest.raises(BpfilterError, match="cannot be offloaded: helper xdp_load_bytes"):
                 offload.install(table({"INPUT": (ACCEPT, [

@@ -148,7 +148,7 @@ def test_kernel_shim_helper_never_delegates(netns):
     from bpfilter_umh import frames
     from bpfilter_umh.passthrough import GETINFO, KernelXt, REPLACE_HDR
     from bpfilter_umh.sockopt import netns_cookie
-    rule = ["-m", "addrtype", "--dst-type", "LOCAL"]
+    rule = ["-m", "quota", "--quota", "1000"]
     # an untranslatable table, as the kernel holds it, from a scratch namespace's kernel xtables
     with Netns("k") as k:
         k.run(["iptables-legacy", "-A", "INPUT", *rule])
@@ -172,7 +172,7 @@ def test_kernel_shim_helper_never_delegates(netns):
             helper.stdin.flush()
             rep = frames.Reply.unpack(helper.stdout.read(frames.REPLY.size))
             # GET_REVISION of a match the compiler lacks: not asked of the kernel either
-            rev = ctypes.create_string_buffer(struct.pack("=29sB", b"addrtype", 1), 30)
+            rev = ctypes.create_string_buffer(struct.pack("=29sB", b"quota", 0), 30)
             helper.stdin.write(frames.Request(66, 0, 2, threading.get_native_id(), 30,
                                               ctypes.addressof(rev), netns_cookie()).pack())
             helper.stdin.flush()

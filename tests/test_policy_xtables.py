@@ -28,7 +28,7 @@ PY = sys.executable
 
 # rules that only count (no target), using a match bpfilter does not translate and the kernel has
 # (/proc/net/ip_tables_matches); the first one the compiler refuses is used
-CANDIDATES = ["-m addrtype --dst-type LOCAL", "-m time --timestart 00:00:00 --timestop 23:59:59",
+CANDIDATES = ["-m time --timestart 00:00:00 --timestop 23:59:59",
               "-m string --algo bm --string bpft"]
 
 SEND_UDP = ("import socket,sys\n"

@@ -25,9 +25,9 @@ def table_of(text):
 
 
 def _pid(ns):
-    from bpfilter_umh import responder
+    from bpfilter_umh import daemons, responder
     with ns.inside():
-        return responder._running(responder._pidfile("ipv4"))
+        return daemons.running(responder._pidfile("ipv4"))
 
 
 def _pin(ns):

@@ -3,6 +3,7 @@
 # (bpf_offload_dev_create); bpfilter_umh.offload compiles the INPUT chain in its offload code
 # mode, creates the counters array on the device (map_ifindex), loads with prog_ifindex and
 # attaches with XDP_FLAGS_HW_MODE.  ip link then shows "xdpoffload", bpftool "offloaded_to".
+# Then the engine itself (Engine.open(..., offload=NSIM)): install, replace, adopt, flush.
 if ! modprobe netdevsim > /tmp/out 2>&1; then
     echo "SKIP: XDP offload: no netdevsim module ($(cat /tmp/out)); tests/kmod/build-netdevsim.sh did not build it"
 else
@@ -37,6 +38,25 @@ else
         cat /tmp/offload; [ $rc -eq 0 ] && [ \$(grep -c '^refused:' /tmp/offload) -eq 3 ]"
     rm -f /run/kmt_bpf/offload
     check "offload: removing the pin detaches it" sh -c "! ip -n kmt_o -d link show $NSIM | grep -q xdpoffload"
+    # the engine's own path (what the helper runs for --offload): install, replace, adopt, flush
+    t0=$(now)
+    ip netns exec kmt_o $PY $REPO/tests/kmod/offload_probe.py engine "$NSIM" > /tmp/offload_engine 2>&1
+    rc=$?
+    echo "    offload through the engine (2 installs, adopt, flush): $(ms_since $t0) ms"
+    sed 's/^/    | /' /tmp/offload_engine
+    check "offload: Engine(flavor xdp, offload $NSIM) installs, bpftool shows program and map offloaded_to it" sh -c "
+        cat /tmp/offload_engine; grep -q '^ok engine: install offloads INPUT' /tmp/offload_engine &&
+        grep -q '^ok engine: bpftool: the program is offloaded_to' /tmp/offload_engine &&
+        grep -q '^ok engine: bpftool: its counters map is device-bound' /tmp/offload_engine"
+    check "offload: a second install replaces the offloaded program on the same link" sh -c "
+        cat /tmp/offload_engine; grep -q '^ok engine: a second install replaces' /tmp/offload_engine"
+    check "offload: the device's drops are added to the DROP entries' counters (also at replace)" sh -c "
+        cat /tmp/offload_engine; grep -q '^ok engine: the device.s drops are added' /tmp/offload_engine &&
+        grep -q '^ok engine: the replaced table.s counters include' /tmp/offload_engine"
+    check "offload: a new engine adopts it; flush removes it" sh -c "
+        cat /tmp/offload_engine; [ $rc -eq 0 ] && grep -q '^ok engine: a new engine adopts' /tmp/offload_engine &&
+        grep -q '^ok engine: flush removes it' /tmp/offload_engine &&
+        ! ip -n kmt_o -d link show $NSIM | grep -q xdpoffload"
     ip netns del kmt_o
     umount /run/kmt_bpf
     echo 1 > /sys/bus/netdevsim/del_device
