@@ -57,7 +57,7 @@ def format_status(fam_name: str, st) -> str:
         lines.append(f"  served by the kernel's xtables (policy xtables): "
                      f"{st.get('delegated_reason')}")
     for ch in st["chains"]:
-        where = (f"hook {ch['hook']}, prog id {ch.get('prog_id') or '-'}, JIT "
+        where = (f"hook {ch['hook']} on {ch.get('flavor') or '-'}, prog id {ch.get('prog_id') or '-'}, JIT "
                  f"{ch.get('jited_size') or '-'} bytes" if ch.get("hook") else "user chain")
         if ch.get("hook") and not ch.get("prog_id"):
             where = f"hook {ch['hook']}, not attached (nothing to enforce)"

@@ -7,8 +7,9 @@ a comment:
     ipv4 = tc                       every built-in chain of the ipv4 filter table on tc
     ipv4 = xdp mode=generic         xdp; mode native (default: native, generic fallback) | generic
     ipv6 = nf
-    ipv4 INPUT = tc                 per chain: accepted only if every chain of the family agrees
-                                    (one attachment per family today; see docs/flavors.md)
+    ipv4 INPUT = xdp                per chain: chains not named take the family's flavor
+    ipv4 OUTPUT = nf                (each flavor in use gets its own attachment; one counters
+                                    map serves them all; see docs/flavors.md "Per-chain flavors")
     policy = xtables                a table the compiler cannot translate is handed to the
                                     kernel's own xtables (door only; default: reject)
     ipv6 policy = reject            the same per family (see docs/policy.md)
@@ -17,7 +18,12 @@ CLI flags: --flavor nf|tc|xdp [--xdp-mode auto|native|generic] [--offload IFNAME
 (`python3 -m bpfilter_umh [--listen] FLAGS`, `bpfilter exec FLAGS -- CMD`) and set_flags() makes
 every load() in that process apply them.
 
-API: load(path=None) -> Config; Config.flavor(family) -> str; Config.xdp_mode(family);
+A family's flavors travel as one "flavor spec" string (Config.flavor, Engine.open, the state
+file): a flavor name when every chain agrees ("nf"), else every chain named:
+"INPUT=xdp,FORWARD=xdp,OUTPUT=nf" (parse_spec/spec_text).
+
+API: load(path=None) -> Config; Config.flavor(family) -> spec str; Config.chain_flavors(family)
+     -> {chain: flavor}; Config.xdp_mode(family);
      Config.policy(family) -> "reject" | "xtables";
      apply_flags(config, argv) -> (config, rest); set_flags(argv); status_text(status_dict) -> str
 """
@@ -45,6 +51,7 @@ class Config:
     flavors: dict = field(default_factory=lambda: {f: "nf" for f in FAMILIES})
     xdp_modes: dict = field(default_factory=lambda: {f: "auto" for f in FAMILIES})
     offload: dict = field(default_factory=dict)         # family -> interface name
+    chains: dict = field(default_factory=dict)          # family -> {chain: flavor} overrides
     policies: dict = field(default_factory=lambda: {f: "reject" for f in FAMILIES})
     source: str = "default"
 
@@ -54,7 +61,12 @@ class Config:
         return self.policies[_family(family)]
 
     def flavor(self, family: str) -> str:
-        return self.flavors[_family(family)]
+        """The family's flavor spec: a flavor name, or every chain named when they differ."""
+        return spec_text(self.chain_flavors(family))
+
+    def chain_flavors(self, family: str) -> dict:
+        fam = _family(family)
+        return {c: self.chains.get(fam, {}).get(c, self.flavors[fam]) for c in CHAINS}
 
     def xdp_mode(self, family: str) -> str:
         return self.xdp_modes[_family(family)]
@@ -74,6 +86,43 @@ def _flavor(name: str, where: str) -> str:
     return name
 
 
+def _chain_flavor(chain: str, fl: str, where: str) -> str:
+    """Refuse a chain its flavor has no hook for: XDP runs at the driver's receive path only
+    (net/core/dev.c do_xdp_generic / the driver's NAPI poll), so it never sees OUTPUT."""
+    from .model import HOOK_NAMES
+    hook = {v: k for k, v in HOOK_NAMES.items()}[chain]
+    if hook not in FLAVORS[fl].hooks:
+        raise BpfilterError(errno.EINVAL, f"{where}: flavor {fl} cannot serve {chain} (it has "
+                                          f"no {chain} hook; use nf or tc for it)")
+    return fl
+
+
+def parse_spec(spec: str) -> dict:
+    """{chain: flavor} of a flavor spec: "xdp", or "[DEFAULT,]CHAIN=FLAVOR,..." (chains not
+    named take DEFAULT, else nf)."""
+    if not isinstance(spec, str) or not spec:
+        raise BpfilterError(errno.EINVAL, f"flavor spec {spec!r}: expected a flavor name or "
+                                          "CHAIN=FLAVOR,...")
+    default, named = "nf", {}
+    for word in spec.split(","):
+        chain, eq, fl = word.strip().partition("=")
+        if not eq:
+            default = _flavor(chain, "flavor spec")
+            continue
+        if chain not in CHAINS:
+            raise BpfilterError(errno.EINVAL, f"flavor spec {spec!r}: unknown chain {chain!r}")
+        named[chain] = _chain_flavor(chain, _flavor(fl, "flavor spec"), "flavor spec")
+    return {c: named.get(c, default) for c in CHAINS}
+
+
+def spec_text(chains: dict) -> str:
+    """The canonical spec of {chain: flavor}: one name when all agree."""
+    used = {chains[c] for c in CHAINS}
+    if len(used) == 1:
+        return used.pop()
+    return ",".join(f"{c}={chains[c]}" for c in CHAINS)
+
+
 def _policy(name: str, where: str) -> str:
     if name not in POLICIES:
         raise BpfilterError(errno.EINVAL, f"{where}: unknown policy {name!r} "
@@ -83,7 +132,6 @@ def _policy(name: str, where: str) -> str:
 
 def parse(text: str, source: str = "<text>") -> Config:
     cfg = Config(source=source)
-    per_chain = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -114,22 +162,19 @@ def parse(text: str, source: str = "<text>") -> Config:
                 cfg.offload[fam] = v
             else:
                 raise BpfilterError(errno.EINVAL, f"{where}: unknown option {opt!r} for {fl}")
+        if any(k.startswith("offload=") for k in right[1:]) and len(left) == 2 \
+                and left[1] != "INPUT":
+            raise BpfilterError(errno.EINVAL, f"{where}: offload runs the INPUT chain only")
         if fam in cfg.offload and fam != "ipv4":
             # offload.py runs INPUT of ipv4 only (no IPv6 header walk without helpers)
             raise BpfilterError(errno.EOPNOTSUPP, f"{where}: offload serves ipv4 only")
         if len(left) == 2:
             if left[1] not in CHAINS:
                 raise BpfilterError(errno.EINVAL, f"{where}: unknown chain {left[1]!r}")
-            per_chain.setdefault(fam, {})[left[1]] = (fl, where)
+            cfg.chains.setdefault(fam, {})[left[1]] = _chain_flavor(left[1], fl, where)
         else:
             cfg.flavors[fam] = fl
-    for fam, chains in per_chain.items():
-        wanted = {fl for fl, _ in chains.values()}
-        if len(wanted) > 1:
-            raise BpfilterError(errno.EOPNOTSUPP, f"{source}: {fam} chains ask for different "
-                                f"flavors ({', '.join(f'{c}={fl}' for c, (fl, _) in chains.items())}); "
-                                "one flavor serves a whole family today")
-        cfg.flavors[fam] = wanted.pop()
+    _check_offload(cfg, source)
     return cfg
 
 
@@ -186,6 +231,7 @@ def apply_flags(cfg: Config, argv: list, family: str = "ipv4"):
             v = argv[i + 1]
             if a == "--flavor":
                 cfg.flavors[family] = _flavor(v, a)
+                cfg.chains.pop(family, None)        # a flag wins over the file's chain lines
             elif a == "--xdp-mode":
                 if v not in XDP_MODES:
                     raise BpfilterError(errno.EINVAL, f"--xdp-mode: one of {', '.join(XDP_MODES)}")
@@ -200,9 +246,16 @@ def apply_flags(cfg: Config, argv: list, family: str = "ipv4"):
             continue
         rest.append(a)
         i += 1
-    if cfg.offload.get(family) and cfg.flavors[family] != "xdp":
+    if cfg.offload.get(family) and cfg.chain_flavors(family)["INPUT"] != "xdp":
         raise BpfilterError(errno.EINVAL, "--offload needs --flavor xdp")
     return cfg, rest
+
+
+def _check_offload(cfg: Config, source: str):
+    """Offload runs the INPUT chain on the device (offload.py): only with INPUT on xdp."""
+    for fam in cfg.offload:
+        if cfg.chain_flavors(fam)["INPUT"] != "xdp":
+            raise BpfilterError(errno.EINVAL, f"{source}: {fam} offload needs INPUT on xdp")
 
 
 def status_text(st: dict) -> str:

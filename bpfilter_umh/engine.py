@@ -2,6 +2,9 @@
 counters back. The door and the tests use exactly these names:
 
   Engine.open(family=AF_INET, flavor="nf") -> Engine
+        flavor is a flavor spec (config.parse_spec): "nf", or per chain
+        "INPUT=xdp,FORWARD=xdp,OUTPUT=nf"; each flavor in use has its own attachment, all
+        programs share one counters map (docs/flavors.md "Per-chain flavors")
         adopts what is installed for this netns (state file + bpffs pins), or starts from the
         table a fresh namespace has (Table.empty: every policy ACCEPT, nothing attached)
   .table                      the installed Table (entry i == counter index i)
@@ -38,6 +41,9 @@ replacing a ruleset is one map update per hook). The hooks are swapped one after
 for an instant INPUT may run the new ruleset while OUTPUT still runs the old one (the kernel swaps
 the whole table at once); no packet ever passes unfiltered. If a swap fails, the hooks already
 swapped get their old programs back.
+With per-chain flavors the hooks of every attachment are swapped the same way, then the slots a
+flavor switch left behind are emptied (the new slot filters first: for an instant both, never
+neither).
 """
 from __future__ import annotations
 
@@ -127,13 +133,43 @@ def _verifier_slot(message: str):
     return found
 
 
+HOOK_OF_CHAIN = {"INPUT": 1, "FORWARD": 2, "OUTPUT": 3}     # NF_INET_LOCAL_IN, _FORWARD, _LOCAL_OUT
+
+
+def hook_flavors(spec: str) -> dict:
+    """{hook: flavor} of a flavor spec (config.parse_spec: "tc", "INPUT=xdp,...,OUTPUT=nf")."""
+    from .config import parse_spec
+    return {HOOK_OF_CHAIN[c]: f for c, f in parse_spec(spec).items()}
+
+
+def _restricted(fl, hooks):
+    """`fl` compiling only the chains at `hooks`: the other built-in chains belong to another
+    flavor's attachment, so this one neither checks nor serves them."""
+    import copy
+    out = copy.copy(fl)
+    check, serves = fl.check_chain, fl.serves
+    out.check_chain = lambda chain: check(chain) if chain.hook in hooks else None
+    out.serves = lambda chain: chain.hook in hooks and serves(chain)
+    return out
+
+
 class Engine:
     def __init__(self, family: int, flavor: str, cookie: int):
-        self.family, self.flavor, self.cookie = family, flavor, cookie
+        from .config import parse_spec, spec_text
+        self.family, self.cookie = family, cookie
         fam = FAMILY_NAMES.get(family)
         if fam is None:
             raise BpfilterError(errno.EAFNOSUPPORT, f"family {family}")
-        self.pin_dir = attach.attachment_directory(flavor, family, cookie=cookie)
+        # per-chain flavors (docs/flavors.md): `flavor` is a spec; self.flavor its canonical text
+        self.flavor = spec_text(parse_spec(flavor))
+        self.hook_flavors = hook_flavors(self.flavor)            # configured: the next install
+        self.installed_hooks = dict(self.hook_flavors)            # what the slots run now
+        self.flavors_used = tuple(f for f in flavors.FLAVORS if f in self.hook_flavors.values())
+        self.pin_dirs = {f: attach.attachment_directory(f, family, cookie=cookie)
+                         for f in flavors.FLAVORS}
+        # the INPUT flavor's directory: the only one of a single-flavor engine; with --offload
+        # (INPUT on xdp) the offload pins live under it
+        self.pin_dir = self.pin_dirs[self.hook_flavors[HOOK_OF_CHAIN["INPUT"]]]
         self.state_path = os.path.join(STATE_ROOT, str(cookie), f"{fam}.table")
         self.table = Table.empty("filter", family)
         self.base = [(0, 0)] * self.table.num_entries
@@ -151,9 +187,8 @@ class Engine:
     @classmethod
     def open(cls, family: int = AF_INET, flavor: str = "nf", xdp_mode: str = "auto",
              offload: str = None) -> "Engine":
-        flavors.get(flavor)             # EINVAL for an unknown flavor
-        if offload and flavor != "xdp":
-            raise BpfilterError(errno.EINVAL, "--offload needs --flavor xdp")
+        if offload and hook_flavors(flavor)[HOOK_OF_CHAIN["INPUT"]] != "xdp":  # EINVAL: bad spec
+            raise BpfilterError(errno.EINVAL, "--offload needs --flavor xdp (INPUT on xdp)")
         eng = cls(family, flavor, K.netns_cookie())
         eng.xdp_mode = xdp_mode
         eng.offload = offload or None
@@ -163,7 +198,8 @@ class Engine:
 
     @staticmethod
     def installed_flavor(family: int = AF_INET):
-        """The flavor this netns's table of `family` is installed with, None when none is."""
+        """The flavor spec this netns's table of `family` is installed with, None when none
+        is."""
         path = os.path.join(STATE_ROOT, str(K.netns_cookie()),
                             f"{FAMILY_NAMES[family]}.table")
         try:
@@ -187,26 +223,25 @@ class Engine:
         try:
             st, table = self._read_state(self.state_path)
             base = [tuple(x) for x in st.get("base", [])]
+            installed = hook_flavors(st.get("flavor", "nf"))
         except FileNotFoundError:
             return
         except (OSError, KeyError, TypeError, ValueError, BpfilterError) as e:
             # flush() still works (the pins are found by path); the model starts fresh
             self.state_error = f"unreadable state {self.state_path}: {e}"
             return
-        if st.get("flavor", "nf") != self.flavor:
-            # the pins of each flavor live in their own directory: adopting nothing here would
-            # attach a second ruleset beside the one still filtering
-            raise BpfilterError(errno.EBUSY, f"the {FAMILY_NAMES[self.family]} filter table is "
-                                             f"installed with flavor {st.get('flavor', 'nf')}; "
-                                             f"run `bpfilter flush` before serving it with "
-                                             f"flavor {self.flavor}")
-        if not os.path.isdir(self.pin_dir):
+        # installed with other flavors than configured: adopted all the same (the programs are
+        # found in the attachments the state names); the next install moves each hook to its
+        # configured flavor (install: the new slot is filled before the old one is emptied)
+        dirs = sorted({self.pin_dirs[f] for f in installed.values()})
+        if not any(os.path.isdir(d) for d in dirs):
             # the pins went (bpffs unmounted, reboot with a persistent /run, rm -r): nothing of
             # this table is enforced any more, so showing its rules would lie; start fresh and
             # say so (flush and install both work from here)
             self.state_error = (f"state {self.state_path} names a table whose pins under "
-                                f"{self.pin_dir} are gone: starting from the empty table")
+                                f"{', '.join(dirs)} are gone: starting from the empty table")
             return
+        self.installed_hooks = installed
         self.generation = int(st.get("generation", 0))
         stored = self._read_counters_file(self.generation, table.num_entries)
         if stored is not None:
@@ -229,6 +264,16 @@ class Engine:
         finally:
             for p in progs.values():
                 p.close()
+
+    def _all_slot_ids(self) -> dict:
+        """{hook: {prog id}} over every flavor's attachment (a hook is in two while a flavor
+        switch is under way)."""
+        out = {}
+        for progs in self._programs_by_flavor().values():
+            for h, p in progs.items():
+                out.setdefault(h, set()).add(p.info()["id"])
+                p.close()
+        return out
 
     def _settle_pending(self):
         """install() writes the new table to <fam>.table.pending (with the ids of its programs)
@@ -276,16 +321,33 @@ class Engine:
         import logging
         logging.getLogger("bpfilter").warning(
             "settling %s left by dead writer %s", self._pending_path, st.get("writer"))
-        have = self._slot_ids() if os.path.isdir(self.pin_dir) else {}
-        live = {h for h, i in want.items() if have.get(h) == i}
+        have = self._all_slot_ids()
+        live = {h for h, i in want.items() if i in have.get(h, ())}
         if not live:
             _quietly(os.unlink, self._pending_path)
             return
         os.replace(self._pending_path, self.state_path)
-        if live != set(want):
-            self.table, self.generation = table, int(st.get("generation", 0))
-            self.base = [(0, 0)] * table.num_entries
-            self.install(table)         # roll forward: every hook the same ruleset again
+        # the writer's flavors are the table's now (they may differ from this engine's config)
+        configured = self.flavor
+        self._set_flavor(st.get("flavor", "nf"))
+        self.installed_hooks = dict(self.hook_flavors)
+        try:
+            if live != set(want):
+                self.table, self.generation = table, int(st.get("generation", 0))
+                self.base = [(0, 0)] * table.num_entries
+                self.install(table)     # roll forward: every hook the same ruleset again
+            else:
+                # every hook swapped; the writer may have died before emptying the slots its
+                # flavor switch left behind (install's last step): they run the old ruleset
+                self._empty_stale(set(want))
+        finally:
+            self._set_flavor(configured)
+
+    def _set_flavor(self, spec: str):
+        from .config import parse_spec, spec_text
+        self.flavor = spec_text(parse_spec(spec))
+        self.hook_flavors = hook_flavors(self.flavor)
+        self.flavors_used = tuple(f for f in flavors.FLAVORS if f in self.hook_flavors.values())
 
     def _read_counters_file(self, generation: int, n: int):
         """add_counters' base, kept apart from the table so adding counters does not re-encode
@@ -324,35 +386,88 @@ class Engine:
             json.dump(st, f)
         os.replace(tmp, path)
 
-    def _attachment(self, create: bool = False):
-        """attach.py's state for this netns/family; None when nothing is installed (opening it
-        creates pins, so status/counters never do that)."""
-        if not create and not os.path.isdir(self.pin_dir):
+    def _attachment(self, create: bool = False, flavor: str = None):
+        """attach.py's state of `flavor` (default: INPUT's) for this netns/family; None when
+        nothing is installed (opening it creates pins, so status/counters never do that)."""
+        flavor = flavor or self.hook_flavors[HOOK_OF_CHAIN["INPUT"]]
+        if not create and not os.path.isdir(self.pin_dirs[flavor]):
             return None
         if K.netns_cookie() != self.cookie:
             # attach.py serves the calling thread's namespace: never touch another one's
             # (e.g. the host's) hooks and pins with this namespace's engine
             raise BpfilterError(errno.EXDEV, f"engine of netns {self.cookie} used from netns "
                                              f"{K.netns_cookie()}")
-        if self.flavor == "xdp":
-            return attach.open_attachment(self.flavor, self.family,
-                                          xdp_mode=self.xdp_mode)
-        return attach.open_attachment(self.flavor, self.family)
+        if flavor == "xdp":
+            return attach.open_attachment(flavor, self.family, xdp_mode=self.xdp_mode)
+        return attach.open_attachment(flavor, self.family)
+
+    def _programs_by_flavor(self) -> dict:
+        """{flavor: {hook: Prog}} of every attachment of this family in this netns."""
+        out = {}
+        for f in flavors.FLAVORS:
+            att = self._attachment(flavor=f)
+            if att is None:
+                continue
+            try:
+                for h in range(5):
+                    p = att.program(h)
+                    if p is not None:
+                        out.setdefault(f, {})[h] = p
+            finally:
+                att.close()
+        return out
 
     def _installed_programs(self) -> dict:
-        """{hook: Prog} of the ruleset programs in the slots."""
-        att = self._attachment()
-        if att is None:
-            return {}
-        try:
-            out = {}
-            for h in range(5):
-                p = att.program(h)
-                if p is not None:
+        """{hook: Prog} of the ruleset programs in the slots; a hook found in two attachments (a
+        flavor switch cut short) gives the one of the flavor the state names."""
+        out = {}
+        for f, progs in self._programs_by_flavor().items():
+            for h, p in progs.items():
+                if h not in out:
                     out[h] = p
-            return out
-        finally:
-            att.close()
+                elif self.installed_hooks.get(h) == f:
+                    out[h].close()
+                    out[h] = p
+                else:
+                    p.close()
+        return out
+
+    def _installed_flavor_of(self) -> dict:
+        """{hook: flavor} of the attachment each hook's program is in now (status)."""
+        out = {}
+        for f, progs in self._programs_by_flavor().items():
+            for h, p in progs.items():
+                if h not in out or self.installed_hooks.get(h) == f:
+                    out[h] = f
+                p.close()
+        return out
+
+    def _empty_stale(self, served: set):
+        """Empty every slot whose hook is not served by its configured flavor's attachment any
+        more (not in `served`, or moved to another flavor), and remove whole attachments of
+        flavors no hook uses. Runs after every swap: the new slots filter first, so no packet
+        passes unfiltered in between (for an instant both filter)."""
+        for f in flavors.FLAVORS:
+            att = self._attachment(flavor=f)
+            if att is None:
+                continue
+            try:
+                if f not in self.flavors_used:
+                    if f != "nf":
+                        attach.stop_watcher(f, self.family, self.cookie)
+                    att.detach_all()            # its links, dispatchers and pins; closes att
+                    att = None
+                    continue
+                for h in range(5):
+                    p = att.program(h)
+                    if p is None:
+                        continue
+                    p.close()
+                    if h not in served or self.hook_flavors.get(h) != f:
+                        _quietly(att.detach, h)
+            finally:
+                if att is not None:
+                    att.close()
 
     def _counters_map(self):
         """The installed ruleset's counters map, found through the programs' map ids."""
@@ -377,7 +492,7 @@ class Engine:
     @property
     def _offload_pins(self) -> str:
         from . import offload
-        return offload.pin_directory(self.pin_dir)
+        return offload.pin_directory(self.pin_dirs["xdp"])     # offload needs INPUT on xdp
 
     def _load_offload_state(self):
         """What is offloaded, whatever this engine is configured with: status shows it, flush
@@ -463,19 +578,24 @@ class Engine:
         # both families compile (IPv6: family.py); even an accept-all table gets programs, since
         # the kernel counts the policy entries' packets
         faults.point("compile")
-        compiled = compile_table(table, kernel_facts(), self.flavor)
+        plan = self._compile(table)         # [(flavor, CompiledProgram)]
         uses_events = targets.uses_events(table)    # a walk over every rule: once
         self._cls_next = {}
         _conntrack_for(table, self.table, self.family)
         faults.point("map_create")
-        new_map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, compiled.counters_entries,
+        # ONE counters map for every flavor's programs: each packet passes one hook, so each
+        # rule counts it once whichever attachment runs its chain
+        new_map = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16,
+                               max(1, *(cp_.counters_entries for cp_ in self._compiled_tables)),
                                name="bpfilter_cnt")
-        progs = {}
-        pre = self._attachment(create=True) if self.flavor != "nf" else None
+        progs, where = {}, {}           # hook -> Prog, hook -> flavor
+        pres = {}
         events = at_map = None
         try:
-            # tc/xdp programs read interface names from the attachment's ifnames map
-            shared = {flavors.IFNAMES_MAP: pre.ifnames.fd} if pre is not None else {}
+            for f in self.flavors_used:
+                if f != "nf":
+                    pres[f] = self._attachment(create=True, flavor=f)
+            shared = {}
             if uses_events:
                 # REJECT/LOG rules record events in the netns's ring (targets.py, responder.py)
                 events = responder.open_events(FAMILY_NAMES[self.family])
@@ -484,9 +604,13 @@ class Engine:
                 # addrtype rules look addresses up in the mirror of the local routing table
                 at_map = addrtype.open_map()
                 shared[addrtype.ADDRTYPE_MAP] = at_map.fd
-            for cp in compiled.programs:
-                progs[cp.hook] = self._load(cp, new_map, shared) if shared else \
+            for f, cp in plan:
+                # tc/xdp programs read interface names from their attachment's ifnames map
+                mine = dict(shared, **{flavors.IFNAMES_MAP: pres[f].ifnames.fd}) \
+                    if f in pres else shared
+                progs[cp.hook] = self._load(cp, new_map, mine) if mine else \
                     self._load(cp, new_map)
+                where[cp.hook] = f
         except BaseException:
             for p in progs.values():
                 p.close()
@@ -494,7 +618,7 @@ class Engine:
             self._drop_next_maps()
             raise
         finally:
-            if pre is not None:
+            for pre in pres.values():
                 pre.close()
             if events is not None:
                 events.close()          # the programs and the pin hold it
@@ -516,37 +640,42 @@ class Engine:
         # without a map (nothing installed yet) the counters are the add_counters base; with
         # one they are read after the swap, once no packet can enter the old programs
         old_counters = self._read(None, self.table.num_entries, self.base)
-        att = self._attachment(create=True)
+        atts = {}
         old_progs = {}
         swapped = []
         try:
+            for f in self.flavors_used:
+                atts[f] = self._attachment(create=True, flavor=f)
             for h in progs:
-                old_progs[h] = att.program(h)
+                old_progs[h] = atts[where[h]].program(h)
             for h, p in progs.items():
                 faults.point("swap")
                 # counted before the call: a swap can fail after its atomic step (L2Attachment
                 # updates the slot, then attaches new devices, which a full tcx list refuses
                 # with ERANGE), and that hook must get its old program back too
                 swapped.append(h)
-                att.swap(h, p)              # atomic per hook
+                atts[where[h]].swap(h, p)   # atomic per hook
         except BaseException:
             _quietly(os.unlink, self._pending_path)
             for h in swapped:               # put the old programs back
                 if old_progs.get(h) is not None:
-                    _quietly(att.swap, h, old_progs[h])
+                    _quietly(atts[where[h]].swap, h, old_progs[h])
                 else:
-                    _quietly(att.detach, h)
+                    _quietly(atts[where[h]].detach, h)
             for p in list(progs.values()) + [p for p in old_progs.values() if p is not None]:
                 p.close()
             new_map.close()
             self._drop_next_maps()
-            att.close()
+            for att in atts.values():
+                att.close()
             raise
-        # hooks the new table does not serve any more
-        stale = {h for h in range(5) if h not in progs and att.program(h) is not None}
-        for h in stale:
-            _quietly(att.detach, h)
-        att.close()
+        for att in atts.values():
+            att.close()
+        # hooks the new table does not serve any more, and hooks moved to another flavor: their
+        # old slots are emptied only now that the new ones filter (never neither)
+        faults.point("stale")
+        self._empty_stale(set(progs))
+        self.installed_hooks = dict(self.hook_flavors)
         for p in list(progs.values()) + [p for p in old_progs.values() if p is not None]:
             p.close()
         # the old programs are out of every slot: once every packet that entered one of them has
@@ -587,9 +716,10 @@ class Engine:
         if not collected:
             gc.collect()
         gc.freeze()
-        if self.flavor != "nf":
-            # devices created or renamed later are attached by the watcher (attach.py)
-            attach.start_watcher(self.flavor, self.family)
+        for f in self.flavors_used:
+            if f != "nf":
+                # devices created or renamed later are attached by the watcher (attach.py)
+                attach.start_watcher(f, self.family)
         if uses_events:
             responder.start(FAMILY_NAMES[self.family])
         else:
@@ -600,6 +730,22 @@ class Engine:
             addrtype.stop(self.cookie)
         return old_counters
 
+    def _compile(self, table: Table) -> list:
+        """[(flavor, CompiledProgram)]: the table compiled once per flavor in use, each
+        compilation giving the programs of the hooks that flavor serves (user chains are inlined
+        or subprograms in each, so every hook's program stands alone)."""
+        if len(self.flavors_used) == 1:
+            ct = compile_table(table, kernel_facts(), self.flavors_used[0])
+            self._compiled_tables = [ct]
+            return [(self.flavors_used[0], cp) for cp in ct.programs]
+        out, self._compiled_tables = [], []
+        for f in self.flavors_used:
+            mine = {h for h, hf in self.hook_flavors.items() if hf == f}
+            ct = compile_table(table, kernel_facts(), _restricted(flavors.get(f), mine))
+            self._compiled_tables.append(ct)
+            out += [(f, cp) for cp in ct.programs]
+        return out
+
     def _drop_next_maps(self):
         """A failed install: close its fds (dups; the installed ones stay in _cls_maps)."""
         for _spec, m in self._cls_next.values():
@@ -608,14 +754,16 @@ class Engine:
 
     def _retire(self):
         """Detach every hook of this family and drop the pins (attach.detach_all)."""
-        if self.flavor != "nf":
-            attach.stop_watcher(self.flavor, self.family, self.cookie)
+        for f in flavors.FLAVORS:
+            if f != "nf" and (f in self.flavors_used or os.path.isdir(self.pin_dirs[f])):
+                attach.stop_watcher(f, self.family, self.cookie)
         responder.stop(FAMILY_NAMES[self.family], self.cookie)    # before the pin directory goes
         if self.family == AF_INET:
             addrtype.stop(self.cookie)
-        att = self._attachment()
-        if att is not None:
-            att.detach_all()
+        for f in flavors.FLAVORS:           # every flavor's attachment, configured or not
+            att = self._attachment(flavor=f)
+            if att is not None:
+                att.detach_all()
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -686,10 +834,13 @@ class Engine:
     def status(self) -> dict:
         counts = self.counters()
         progs = self._installed_programs()
-        att = self._attachment()
-        links = att.attached() if att is not None else {}
-        if att is not None:
-            att.close()
+        flavor_of = self._installed_flavor_of()
+        links = {}
+        for f in sorted(set(flavor_of.values())):
+            att = self._attachment(flavor=f)
+            if att is not None:
+                links.update({h: v for h, v in att.attached().items() if flavor_of.get(h) == f})
+                att.close()
         chains = []
         try:
             for c in self.table.chains:
@@ -704,13 +855,18 @@ class Engine:
                                                  bcnt=counts[c.policy_entry.index][1])
                 if c.builtin and c.hook in progs:
                     pi = progs[c.hook].info()
-                    ch.update(flavor=self.flavor, prog_id=pi["id"], jited_size=pi["jited_prog_len"],
+                    ch.update(flavor=flavor_of.get(c.hook), prog_id=pi["id"],
+                              jited_size=pi["jited_prog_len"],
                               link=links.get(c.hook))
                 chains.append(ch)
         finally:
             for p in progs.values():
                 p.close()
-        out = dict(table=self.table.name, family=FAMILY_NAMES[self.family], flavor=self.flavor,
+        from .config import spec_text
+        inv = {h: c for c, h in HOOK_OF_CHAIN.items()}
+        installed = spec_text({inv[h]: f for h, f in self.installed_hooks.items() if h in inv})
+        out = dict(table=self.table.name, family=FAMILY_NAMES[self.family], flavor=installed,
+                   configured_flavor=self.flavor,
                    generation=self.generation, chains=chains)
         _add_classified(self.table, chains)
         if self.state_error:

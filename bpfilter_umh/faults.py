@@ -31,6 +31,7 @@ POINTS = {
     "verifier": "at each program load: 'on' makes the verifier refuse the program",
     "after_load": "every program loaded, nothing swapped yet",
     "swap": "before each per-hook swap (use @N to fail half way)",
+    "stale": "every hook swapped, slots a flavor switch left behind not yet emptied",
     "after_swap": "every hook swapped, state file not yet written",
 }
 

@@ -17,13 +17,19 @@ def test_file_family_and_chain_settings(tmp_path):
     p.write_text("# comment\nipv4 = xdp mode=generic\nipv6 = nf\n")
     cfg = C.load(str(p))
     assert cfg.flavor(2) == "xdp" and cfg.xdp_mode("ipv4") == "generic"
-    cfg = C.parse("ipv4 INPUT = tc\nipv4 OUTPUT = tc\n")
-    assert cfg.flavor("ipv4") == "tc"
+    cfg = C.parse("ipv4 INPUT = tc\nipv4 OUTPUT = tc\n")     # FORWARD: the family's (nf)
+    assert cfg.flavor("ipv4") == "INPUT=tc,FORWARD=nf,OUTPUT=tc"
+    cfg = C.parse("ipv4 = xdp\nipv4 OUTPUT = nf\n")
+    assert cfg.flavor("ipv4") == "INPUT=xdp,FORWARD=xdp,OUTPUT=nf"
+    assert C.parse_spec(cfg.flavor("ipv4")) == cfg.chain_flavors("ipv4")
+    assert C.parse("ipv4 INPUT = tc\nipv4 = tc\n").flavor("ipv4") == "tc"
 
 
 @pytest.mark.parametrize("text,err,msg", [
     ("ipv4 = ebpf", errno.EINVAL, r"<text>:1: unknown flavor 'ebpf'"),
-    ("ipv4 INPUT = tc\nipv4 OUTPUT = nf", errno.EOPNOTSUPP, "ask for different flavors"),
+    ("ipv4 OUTPUT = xdp", errno.EINVAL, "flavor xdp cannot serve OUTPUT"),
+    ("ipv4 INPUT = tc offload=eth0", errno.EINVAL, "unknown option"),
+    ("ipv4 = xdp offload=eth0\nipv4 INPUT = nf", errno.EINVAL, "offload needs INPUT on xdp"),
     ("ipv6 = xdp offload=eth0", errno.EOPNOTSUPP, "ipv4 only"),
     ("ipv4 PREROUTING = tc", errno.EINVAL, "unknown chain"),
     ("ipv4 tc", errno.EINVAL, "expected 'FAMILY"),
