@@ -363,23 +363,32 @@ def _dispatch_ingress(flavor: str, pf: int = K.NFPROTO_IPV4) -> list:
               E.ldx(E.B, R1, FP, _D_BUF + 23), E.stx(E.B, FP, _D_FIB + 1, R1, "l4_protocol"),
               E.ldx(E.B, R1, FP, _D_BUF + 15), E.stx(E.B, FP, _D_FIB + 12, R1, "tos"),
               E.ldx(E.W, R1, FP, _D_BUF + 26), E.stx(E.W, FP, _D_FIB + 16, R1, "ipv4_src"),
-              E.ldx(E.W, R1, FP, _D_BUF + 30), E.stx(E.W, FP, _D_FIB + 32, R1, "ipv4_dst"),
-              E.ldx(E.W, R1, R6, F.SKB_IFINDEX if tc else F.XDP_INGRESS_IFINDEX, "in ifindex"),
-              E.stx(E.W, FP, _D_FIB + 8, R1),
-              E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, _D_FIB), E.mov(R3, 64),
-              E.mov(R4, 0), E.call(F.BPF_FUNC_fib_lookup),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NOT_FWDED, "input"),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_FWD_DISABLED, "input"),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_SUCCESS, "forward"),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NO_NEIGH, "forward"),
-              # a route with a lightweight-tunnel encap is forwarded by the kernel: filter it
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_UNSUPP_LWT, "forward"),
-              E.ja("pass")]
+              E.ldx(E.W, R1, FP, _D_BUF + 30), E.stx(E.W, FP, _D_FIB + 32, R1, "ipv4_dst")]
+    return items + _fib_then_tail_call(tc, _D_FIB, pas)
+
+
+def _fib_then_tail_call(tc: bool, fib: int, pas: int) -> list:
+    """The end of both ingress dispatchers: the input ifindex into the bpf_fib_lookup params at
+    fib (the rest filled by the caller), the lookup, and the tail call into the INPUT or FORWARD
+    slot its answer names. NOT_FWDED (local destination) and FWD_DISABLED (the device does not
+    forward) are INPUT; SUCCESS/NO_NEIGH, and UNSUPP_LWT (a route with a lightweight-tunnel
+    encap, which the kernel forwards), are FORWARD; anything else passes unfiltered, as the
+    kernel drops it before any filter hook."""
+    R0, R1, R2, R3, R4, R6, FP = E.R0, E.R1, E.R2, E.R3, E.R4, E.R6, E.FP
+    items = [E.ldx(E.W, R1, R6, F.SKB_IFINDEX if tc else F.XDP_INGRESS_IFINDEX, "in ifindex"),
+             E.stx(E.W, FP, fib + 8, R1),
+             E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, fib), E.mov(R3, 64),
+             E.mov(R4, 0), E.call(F.BPF_FUNC_fib_lookup),
+             E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NOT_FWDED, "input"),
+             E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_FWD_DISABLED, "input"),
+             E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_SUCCESS, "forward"),
+             E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NO_NEIGH, "forward"),
+             E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_UNSUPP_LWT, "forward"),
+             E.ja("pass")]
     for label, hook in (("input", F.NF_INET_LOCAL_IN), ("forward", F.NF_INET_FORWARD)):
         items += [E.Label(label), E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, hook),
                   E.call(F.BPF_FUNC_tail_call), E.ja("pass")]
-    items += [E.Label("pass"), E.mov(R0, pas), E.exit_()]
-    return items
+    return items + [E.Label("pass"), E.mov(R0, pas), E.exit_()]
 
 
 def _dispatch_ingress6(flavor: str) -> list:
@@ -412,22 +421,7 @@ def _dispatch_ingress6(flavor: str) -> list:
     for src, dst in ((ip + 8, _D_FIB6 + 16), (ip + 24, _D_FIB6 + 32)):
         items += [E.ldx(E.DW, R1, FP, src), E.stx(E.DW, FP, dst, R1),
                   E.ldx(E.DW, R1, FP, src + 8), E.stx(E.DW, FP, dst + 8, R1)]
-    items += [E.ldx(E.W, R1, R6, F.SKB_IFINDEX if tc else F.XDP_INGRESS_IFINDEX, "in ifindex"),
-              E.stx(E.W, FP, _D_FIB6 + 8, R1),
-              E.mov(R1, R6), E.mov(R2, FP), E.alu(E.ADD, R2, _D_FIB6), E.mov(R3, 64),
-              E.mov(R4, 0), E.call(F.BPF_FUNC_fib_lookup),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NOT_FWDED, "input"),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_FWD_DISABLED, "input"),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_SUCCESS, "forward"),
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_NO_NEIGH, "forward"),
-              # a route with a lightweight-tunnel encap is forwarded by the kernel: filter it
-              E.jmp(E.JEQ, R0, F.BPF_FIB_LKUP_RET_UNSUPP_LWT, "forward"),
-              E.ja("pass")]
-    for label, hook in (("input", F.NF_INET_LOCAL_IN), ("forward", F.NF_INET_FORWARD)):
-        items += [E.Label(label), E.mov(R1, R6), E.ld_map_fd(R2, "prog_array"), E.mov(R3, hook),
-                  E.call(F.BPF_FUNC_tail_call), E.ja("pass")]
-    items += [E.Label("pass"), E.mov(R0, pas), E.exit_()]
-    return items
+    return items + _fib_then_tail_call(tc, _D_FIB6, pas)
 
 
 def _dispatch_egress(pf: int = K.NFPROTO_IPV4) -> list:

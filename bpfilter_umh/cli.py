@@ -162,10 +162,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     if sys.argv[1:2] == ["exec"]:
-        # the door holds nothing that needs the interpreter's teardown (module and object
-        # finalization, several ms per iptables command): flush and leave
-        sys.stdout.flush()
-        sys.stderr.flush()
-        import os
-        os._exit(code)
+        from .door import leave
+        leave(code)
     sys.exit(code)

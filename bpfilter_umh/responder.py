@@ -344,6 +344,18 @@ def _ifname(index: int) -> str:
         return ""
 
 
+def _transport_fields(pkt: bytes, off: int, proto: int, flags: int, skb_len: int,
+                      fragment: bool):
+    """(text, complete) for TCP, UDP and UDP-Lite, printed alike for both families as
+    nf_log_dump_tcp_header / nf_log_dump_udp_header do; None for another protocol."""
+    if proto == 6:
+        text = _tcp_fields(pkt, off, flags, skb_len, fragment)
+        return text, not ("INCOMPLETE" in text or text.endswith("(TRUNCATED)"))
+    if proto in (17, 136):
+        return _udp_fields(pkt, off, proto, skb_len, fragment)
+    return None
+
+
 def _tcp_fields(pkt: bytes, off: int, flags: int, skb_len: int, fragment: bool) -> str:
     out = "PROTO=TCP "
     if fragment:
@@ -414,15 +426,10 @@ def log_ipv4(pkt: bytes, flags: int, skb_len: int, iphoff: int = 0):
         out += "OPT (" + opt.hex().upper() + ") "
     fragment = bool(frag & 0x1fff)
     l4 = iphoff + ihl
-    if proto == 6:
-        text = _tcp_fields(pkt, l4, flags, skb_len, fragment)
-        out += text
-        if "INCOMPLETE" in text or text.endswith("(TRUNCATED)"):
-            return out, False
-    elif proto in (17, 136):
-        text, ok = _udp_fields(pkt, l4, proto, skb_len, fragment)
-        out += text
-        if not ok:
+    transport = _transport_fields(pkt, l4, proto, flags, skb_len, fragment)
+    if transport is not None:
+        out += transport[0]
+        if not transport[1]:
             return out, False
     elif proto == 1:
         out += "PROTO=ICMP "
@@ -555,15 +562,10 @@ def log_ipv6(pkt: bytes, flags: int, skb_len: int, off: int = 0, recurse: bool =
         if flags & XT_LOG_IPOPT:
             out += ") "
         nh, ptr = pkt[ptr], ptr + hdrlen
-    if nh == 6:
-        text = _tcp_fields(pkt, ptr, flags, skb_len, fragment)
-        out += text
-        if "INCOMPLETE" in text or text.endswith("(TRUNCATED)"):
-            return out, False
-    elif nh in (17, 136):
-        text, ok = _udp_fields(pkt, ptr, nh, skb_len, fragment)
-        out += text
-        if not ok:
+    transport = _transport_fields(pkt, ptr, nh, flags, skb_len, fragment)
+    if transport is not None:
+        out += transport[0]
+        if not transport[1]:
             return out, False
     elif nh == 58:
         out += "PROTO=ICMPv6 "

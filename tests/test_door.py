@@ -200,7 +200,7 @@ def test_status_counters_and_flush(dns):
     out = bexec(dns, "iptables-legacy -L INPUT -v -x -n").stdout.splitlines()
     assert out[2].split()[:3] == ["3", "252", "pings"]
     text = dns.run([PY, "-m", "bpfilter_umh.cli", "status"], env=env_of(dns)).stdout
-    assert "INPUT: hook INPUT, prog id" in text and "252 bytes" in text
+    assert "INPUT: hook INPUT on nf, prog id" in text and "252 bytes" in text
     # flush: pins and state gone, the namespace is back to the empty table
     with dns.inside():
         cookie = netns_cookie()
@@ -324,7 +324,7 @@ def test_demo_runs_and_cleans_up():
     assert "== all traffic as expected ==" in p.stdout
     assert "DROPPED  tcp client -> host:23" in p.stdout
     assert "Chain services (1 references)" in p.stdout
-    assert re.search(r"INPUT: hook INPUT, prog id \d+, JIT \d+ bytes", p.stdout)
+    assert re.search(r"INPUT: hook INPUT on nf, prog id \d+, JIT \d+ bytes", p.stdout)
     names = re.search(r"client (\S+), host (\S+), server (\S+);", p.stdout).groups()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n.rstrip(",;") in listed for n in names)

@@ -10,11 +10,8 @@ import pytest
 
 import test_differential_handwritten as H
 from lab import Lab, differential, number
-from nsutil import Netns, veth
 from test_flavor_differential import FlavorLab, installer_for
-from test_reliability_util import (A_IP, B_IP, P_BOTH_ACCEPT, P_BOTH_DROP, P_FLIP, UdpProbe,
-                                   two_rulesets)
-from bpfilter_umh import faults
+from test_reliability_util import (A_VERDICTS, B_VERDICTS, flush_engine, two_rulesets, udp_lab)
 from bpfilter_umh.engine import Engine
 from bpfilter_umh.errors import BpfilterError
 from bpfilter_umh.model import AF_INET
@@ -50,23 +47,18 @@ def test_mixed_flavors_match_the_kernel(name, mixed_labs):
     assert st["flavor"] == spec and got == {c: want[c] for c in got}, st
 
 
-A_VERDICTS = {P_BOTH_DROP: False, P_FLIP: False, P_BOTH_ACCEPT: True}
-B_VERDICTS = {P_BOTH_DROP: False, P_FLIP: True, P_BOTH_ACCEPT: True}
+
+
+def _flush_all_flavors(b):
+    flush_engine(b)
+    with b.inside():
+        assert not any(os.path.exists(d) for d in Engine.open().pin_dirs.values())
 
 
 @pytest.fixture
 def lab():
-    with Netns("a") as a, Netns("b") as b:
-        veth(a, "va", b, "vb", A_IP + "/24", B_IP + "/24")
-        probe = UdpProbe(a, b)
-        try:
-            yield a, b, probe
-        finally:
-            probe.close()
-            faults.disarm()
-            with b.inside():
-                Engine.open().flush()
-                assert not any(os.path.exists(d) for d in Engine.open().pin_dirs.values())
+    with udp_lab(_flush_all_flavors) as lab:
+        yield lab
 
 
 def _where(b, spec=XDP_IN) -> dict:

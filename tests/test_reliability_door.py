@@ -19,15 +19,12 @@ import time
 
 import pytest
 
-from nsutil import Netns, veth
-from test_reliability_util import (A_IP, B_IP, P_BOTH_ACCEPT, P_BOTH_DROP, P_FLIP, Flood,
-                                   UdpProbe)
+from test_reliability_util import (A_VERDICTS, B_VERDICTS, P_BOTH_ACCEPT, P_BOTH_DROP, P_FLIP, Flood,
+                                   udp_lab)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF links")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-A_VERDICTS = {P_BOTH_DROP: False, P_FLIP: False, P_BOTH_ACCEPT: True}
-B_VERDICTS = {P_BOTH_DROP: False, P_FLIP: True, P_BOTH_ACCEPT: True}
 INVOCATIONS = int(os.environ.get("BPFILTER_INVOCATIONS", "200"))
 
 
@@ -78,14 +75,9 @@ def kill_helpers(ns) -> int:
 
 @pytest.fixture
 def lab():
-    with Netns("a") as a, Netns("b") as b:
-        veth(a, "va", b, "vb", A_IP + "/24", B_IP + "/24")
-        probe = UdpProbe(a, b)
-        try:
-            yield a, b, probe
-        finally:
-            probe.close()
-            b.run([PY, "-m", "bpfilter_umh.cli", "flush"], check=False, env=env_of(b))
+    with udp_lab(lambda b: b.run([PY, "-m", "bpfilter_umh.cli", "flush"], check=False,
+                                 env=env_of(b))) as lab:
+        yield lab
 
 
 def test_sigkill_helper_keeps_verdicts_rules_and_counters(lab):

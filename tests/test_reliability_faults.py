@@ -8,31 +8,20 @@ import sys
 
 import pytest
 
-from nsutil import Netns, veth
-from test_reliability_util import (A_IP, B_IP, P_BOTH_ACCEPT, P_BOTH_DROP, P_FLIP, UdpProbe,
-                                   open_fds, pin_files, two_rulesets)
+from test_reliability_util import (A_VERDICTS, B_VERDICTS, flush_engine, open_fds, pin_files,
+                                   two_rulesets, udp_lab)
 from bpfilter_umh import faults
 from bpfilter_umh.engine import Engine
 from bpfilter_umh.errors import BpfilterError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF links")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-A_VERDICTS = {P_BOTH_DROP: False, P_FLIP: False, P_BOTH_ACCEPT: True}
-B_VERDICTS = {P_BOTH_DROP: False, P_FLIP: True, P_BOTH_ACCEPT: True}
 
 
 @pytest.fixture
 def lab():
-    with Netns("a") as a, Netns("b") as b:
-        veth(a, "va", b, "vb", A_IP + "/24", B_IP + "/24")
-        probe = UdpProbe(a, b)
-        try:
-            yield a, b, probe
-        finally:
-            probe.close()
-            faults.disarm()
-            with b.inside():
-                Engine.open().flush()
+    with udp_lab(flush_engine) as lab:
+        yield lab
 
 
 def _slots(b):

@@ -29,17 +29,14 @@ import time
 
 import pytest
 
-from nsutil import Netns, veth
 from test_compile_util import ACCEPT, DROP, rule, table
-from test_reliability_util import (A_IP, B_IP, P_BOTH_ACCEPT, P_BOTH_DROP, P_FLIP, UdpProbe,
-                                   open_fds, pin_files, two_rulesets)
+from test_reliability_util import (A_VERDICTS, B_VERDICTS, open_fds, pin_files, two_rulesets,
+                                   udp_lab)
 from bpfilter_umh import faults
 from bpfilter_umh.engine import Engine
 from bpfilter_umh.errors import BpfilterError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF, cgroups")
-A_VERDICTS = {P_BOTH_DROP: False, P_FLIP: False, P_BOTH_ACCEPT: True}
-B_VERDICTS = {P_BOTH_DROP: False, P_FLIP: True, P_BOTH_ACCEPT: True}
 BIG_RULES = 20011            # a count no other test uses: its maps are recognisable kernel-wide
 MEMCG_LIMIT = 1 << 20        # the big ruleset's maps need ~2.6 MB (measured), the rest ~0.5 MB
 MPROG_MAX = 64               # include/linux/bpf_mprog.h MAX_BPF_MPROG_CNT (63 fit, see below)
@@ -152,22 +149,19 @@ class ThreadMemcg:
                 time.sleep(0.1)
 
 
+def _flush_nf_and_tc(b):
+    with b.inside():
+        for flavor in ("nf", "tc"):
+            try:
+                Engine.open(flavor=flavor).flush()
+            except BpfilterError:
+                pass
+
+
 @pytest.fixture
 def lab():
-    with Netns("a") as a, Netns("b") as b:
-        veth(a, "va", b, "vb", A_IP + "/24", B_IP + "/24")
-        probe = UdpProbe(a, b)
-        try:
-            yield a, b, probe
-        finally:
-            probe.close()
-            faults.disarm()
-            with b.inside():
-                for flavor in ("nf", "tc"):
-                    try:
-                        Engine.open(flavor=flavor).flush()
-                    except BpfilterError:
-                        pass
+    with udp_lab(_flush_nf_and_tc) as lab:
+        yield lab
 
 
 def memcg_refused_install(b, probe) -> dict:

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from nsutil import Netns, veth
-from test_reliability_util import A_IP, B_IP, UdpProbe, two_rulesets
+from test_reliability_util import flush_engine, two_rulesets, udp_lab
 import test_reliability_faults as F
 from bpfilter_umh.engine import Engine
 
@@ -62,15 +61,8 @@ def concurrent_opens(b, n: int = OPENERS) -> list:
 
 @pytest.fixture
 def lab():
-    with Netns("a") as a, Netns("b") as b:
-        veth(a, "va", b, "vb", A_IP + "/24", B_IP + "/24")
-        probe = UdpProbe(a, b)
-        try:
-            yield a, b, probe
-        finally:
-            probe.close()
-            with b.inside():
-                Engine.open().flush()
+    with udp_lab(flush_engine) as lab:
+        yield lab
 
 
 @pytest.mark.parametrize("fault", [

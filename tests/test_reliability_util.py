@@ -6,6 +6,7 @@ that creates them), so a probe costs microseconds instead of a ping's one-second
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -16,6 +17,9 @@ from test_compile_util import ACCEPT, DROP, rule, table, udp
 
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"
 P_BOTH_DROP, P_FLIP, P_BOTH_ACCEPT = 7001, 7002, 7003     # see two_rulesets()
+# what ruleset A and B of two_rulesets() let through
+A_VERDICTS = {P_BOTH_DROP: False, P_FLIP: False, P_BOTH_ACCEPT: True}
+B_VERDICTS = {P_BOTH_DROP: False, P_FLIP: True, P_BOTH_ACCEPT: True}
 
 
 def two_rulesets():
@@ -156,3 +160,27 @@ def bpf_objects_by_name(prefix: str = "bpfilter") -> dict:
         else:
             out[kind] = sum(1 for it in items if str(it.get("name", "")).startswith(prefix))
     return out
+
+
+@contextlib.contextmanager
+def udp_lab(teardown):
+    """Namespaces a and b on a veth and a UdpProbe from a to b: yields (a, b, probe). At the end,
+    also on failure: the probe closed, in-process fault points disarmed, then teardown(b)."""
+    from nsutil import Netns, veth
+    from bpfilter_umh import faults
+    with Netns("a") as a, Netns("b") as b:
+        veth(a, "va", b, "vb", A_IP + "/24", B_IP + "/24")
+        probe = UdpProbe(a, b)
+        try:
+            yield a, b, probe
+        finally:
+            probe.close()
+            faults.disarm()
+            teardown(b)
+
+
+def flush_engine(b):
+    """Remove b's bpfilter state (the nf flavor's engine)."""
+    from bpfilter_umh.engine import Engine
+    with b.inside():
+        Engine.open().flush()
