@@ -22,6 +22,7 @@ import pytest
 
 from test_compile_ipv6_util import NH_AUTH, NH_DEST, NH_FRAG, NH_HOP, NH_ICMP6, NH_ROUTING, \
     NH_TCP, NH_UDP, ipv6, opts
+from probes import csum
 from test_compile_util import tcp_hdr
 from test_differential_ipv6_lab import (C0, H0, S0, BpfilterFilter, DoorFilter,
                                         KernelFilter, Lab6,
@@ -122,20 +123,11 @@ STATEFUL = _table({c: ["-m conntrack --ctstate NEW",
 
 
 # ---- packets -------------------------------------------------------------------------------
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-
-
 def l4(src: str, dst: str, proto: int, seg: bytes, at: int) -> bytes:
     """The segment with its checksum (pseudo header of RFC 8200 8.1) written at byte `at`."""
     pseudo = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + \
         struct.pack("!IxxxB", len(seg), proto)
-    c = _csum(pseudo + seg[:at] + b"\0\0" + seg[at + 2:]) or 0xffff
+    c = csum(pseudo + seg[:at] + b"\0\0" + seg[at + 2:]) or 0xffff
     return seg[:at] + struct.pack("!H", c) + seg[at + 2:]
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from probes import csum
 from test_differential_ipv6_lab import (C0, ETH_P_IPV6, H0, MAC, S0, BpfilterFilter,
                                         KernelFilter, Lab6, _mac, blob_of,
                                         noise_entries, with_noise)
@@ -41,15 +42,6 @@ def labs6():
         yield ref, cand
 
 
-def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-
-
 def ip6(nh: int, src: str, dst: str, payload: bytes) -> bytes:
     s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
     return struct.pack("!IHBB", 6 << 28, len(payload), nh, 64) + s + d + payload
@@ -58,7 +50,7 @@ def ip6(nh: int, src: str, dst: str, payload: bytes) -> bytes:
 def l4(nh: int, src: str, dst: str, seg: bytearray, at: int) -> bytes:
     ph = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + \
         struct.pack("!IxxxB", len(seg), nh)
-    seg[at:at + 2] = struct.pack("!H", _sum16(ph + bytes(seg)))
+    seg[at:at + 2] = struct.pack("!H", csum(ph + bytes(seg)))
     return bytes(seg)
 
 
