@@ -328,9 +328,11 @@ def main(argv=None) -> int:
     # leftovers: pins or state directories of namespaces this run created and that are gone
     # (a step that deleted a namespace without flushing it); counted as leaked, then collected
     left = [d for d in gc.collect(dry_run=True) if d not in before]
+    # what each one still held, for the report: the step that left it is found by its files
+    held = {d: sorted(os.listdir(d)) if os.path.isdir(d) else [] for d in left}
     if left:
         gc.collect(only={int(os.path.basename(d)) for d in left})
-    results["leftovers"] = dict(leaked=len(left), dirs=left)
+    results["leftovers"] = dict(leaked=len(left), dirs=held)
     print(f"{'leftovers':14} {'FAIL' if left else 'ok':4} {json.dumps(results['leftovers'])}",
           flush=True)
     tot = dict(
