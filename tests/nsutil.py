@@ -7,11 +7,17 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
 
 _counter = itertools.count()
 CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71            # include/uapi/asm-generic/socket.h
+# the cookies of every namespace this process made: a leak check on a shared machine counts only
+# these (other runs make and remove namespaces, and their state directories, at the same time)
+COOKIES = set()
 
 
 def _libc():
@@ -36,6 +42,10 @@ class Netns:
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         try:
             self.run("ip link set lo up")
+            with self.inside(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                self.cookie = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET,
+                                                              SO_NETNS_COOKIE, 8))[0]
+            COOKIES.add(self.cookie)
         except Exception:
             self.close()
             raise

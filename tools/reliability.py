@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     results = {}
     t_all = time.monotonic()
     from bpfilter_umh import gc
-    before = gc.cookie_dirs()
+    import nsutil
     for name in names:
         t0 = time.monotonic()
         try:
@@ -326,8 +326,10 @@ def main(argv=None) -> int:
         shown = {k: v for k, v in r.items() if k not in ("tail", "save")}
         print(f"{name:14} {status:4} {json.dumps(shown)}", flush=True)
     # leftovers: pins or state directories of namespaces this run created and that are gone
-    # (a step that deleted a namespace without flushing it); counted as leaked, then collected
-    left = [d for d in gc.collect(dry_run=True) if d not in before]
+    # (a step that deleted a namespace without flushing it); counted as leaked, then collected.
+    # Only this run's namespaces count: on a shared machine another run's test may be between
+    # deleting a namespace and collecting it (tests/test_reliability_gc.py does that on purpose)
+    left = [d for d in gc.collect(dry_run=True) if int(os.path.basename(d)) in nsutil.COOKIES]
     # what each one still held, for the report: the step that left it is found by its files
     held = {d: sorted(os.listdir(d)) if os.path.isdir(d) else [] for d in left}
     if left:
