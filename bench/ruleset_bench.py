@@ -430,6 +430,9 @@ def line(row, base) -> str:
     return s
 
 
+NOTES_MARK = "<!-- hand-written notes below: write_md keeps them -->"
+
+
 def write_md(results, path):
     rows = results["rows"]
     m = results["machine"]
@@ -497,8 +500,15 @@ def write_md(results, path):
         if r["n"] == max(x["n"] for x in rows):
             out.append(f"- {r['shape']}: " + ("; ".join(r["runs"][:4]) or "none (linear code)")
                        + (f" (+{len(r['runs']) - 4} more)" if len(r["runs"]) > 4 else ""))
+    # what people wrote about earlier runs stays: everything from NOTES_MARK on is kept
+    try:
+        with open(path) as f:
+            old = f.read()
+        kept = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
+    except FileNotFoundError:
+        kept = ""
     with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
+        f.write("\n".join(out) + "\n" + ("\n" + kept if kept else ""))
 
 
 def plot(results, path):

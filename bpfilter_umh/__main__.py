@@ -5,8 +5,8 @@ own network namespace (`bpfilter exec`) on the abstract unix socket "\\0bpfilter
 helper this way, so the flags hold for exactly its command).
 
 Flags (config.py; a flag wins over /etc/bpfilter/flavors.conf): --flavor nf|tc|xdp,
---xdp-mode auto|native|generic, --offload IFNAME, --policy reject|xtables. Policy xtables needs a
-door (--listen or --door): the kernel shim's helper always rejects (docs/policy.md).
+--flavor-dev IFNAMES, --xdp-mode auto|native|generic, --offload IFNAME, --policy reject|xtables.
+Policy xtables needs a door (--listen or --door): the kernel shim's helper always rejects (docs/policy.md).
 
 `python3 -m bpfilter_umh exec [FLAGS] [--] CMD ARGS` runs CMD under the door (door.exec_main);
 `status`, `flush` and `helper` are the `bpfilter` command's (cli.py).
@@ -75,9 +75,48 @@ def peer_allowed(conn: socket.socket) -> bool:
     return caller_has_net_admin(pid)
 
 
+# work an install leaves for after its reply (engine.AFTER_REPLY: the GC pass and freeing the
+# replaced table) starts once no request has come for this long: libiptc sends SET_ADD_COUNTERS
+# right after SET_REPLACE returns, and that one should not wait behind a GC pass; a door's next
+# command starts Python first (~50 ms). BPFILTER_AFTER_REPLY_IDLE=-1: no queue (the engine
+# collects during the install, beside the RCU wait). It takes the work off the requests, not
+# off the machine: on a busy 2-CPU host an append's wall time stays about the same.
+AFTER_REPLY_IDLE = 0.03
+try:
+    AFTER_REPLY_IDLE = float(os.environ.get("BPFILTER_AFTER_REPLY_IDLE", AFTER_REPLY_IDLE))
+except ValueError:
+    pass
+
+
+# past this many queued items (two per install: the replaced table, the GC pass) the work is
+# done at once: a burst of commands with no idle gap must not keep old tables alive unbounded
+AFTER_REPLY_MAX = 6
+
+
+def _after_reply_pending() -> int:
+    """0: nothing queued; 1: queued, wait for an idle moment; 2: queued past AFTER_REPLY_MAX."""
+    engine = sys.modules.get(__package__ + ".engine")
+    n = len(engine.AFTER_REPLY) if engine is not None and engine.AFTER_REPLY else 0
+    return 0 if not n else 2 if n > AFTER_REPLY_MAX else 1
+
+
+def _run_after_reply():
+    engine = sys.modules.get(__package__ + ".engine")
+    if engine is None:
+        return
+    try:
+        engine.run_after_reply()
+    except Exception as e:      # noqa: BLE001 - a GC pass or a free: never fatal to serving
+        log.warning("work after the reply failed: %s", e)
+
+
 def serve_stdio(dispatcher) -> int:
+    import select
     rd = lambda n: os.read(0, n)  # noqa: E731
     while True:
+        pending = _after_reply_pending()
+        if pending == 2 or pending and not select.select([0], [], [], AFTER_REPLY_IDLE)[0]:
+            _run_after_reply()
         try:
             buf = read_exact(rd, REQUEST.size)
             if not buf:
@@ -109,9 +148,16 @@ def serve_listen(dispatcher, idle: float) -> int:
     last = time.monotonic()
     log.info("helper %d serving netns cookie %d", os.getpid(), dispatcher.home_cookie)
     while True:
-        events = sel.select(timeout=0.5)
+        pending = _after_reply_pending()
+        if pending == 2:
+            _run_after_reply()
+            pending = 0
+        events = sel.select(timeout=AFTER_REPLY_IDLE if pending else 0.5)
         now = time.monotonic()
         if not events:
+            if pending:
+                _run_after_reply()
+                continue
             if clients == 0 and now - last >= idle:
                 srv.close()
                 log.info("helper %d idle for %.1fs, exiting", os.getpid(), idle)
@@ -155,7 +201,8 @@ def preload():
 
 
 USAGE = ("usage: python3 -m bpfilter_umh [--listen | --door] [--flavor nf|tc|xdp] "
-         "[--xdp-mode MODE] [--offload IFNAME] [--policy reject|xtables]\n"
+         "[--flavor-dev IFNAMES] [--xdp-mode MODE] [--offload IFNAME] "
+         "[--policy reject|xtables]\n"
          "       python3 -m bpfilter_umh exec [FLAGS] [--] CMD [ARGS]\n"
          "       python3 -m bpfilter_umh status|flush ...")
 
@@ -188,6 +235,9 @@ def main(argv=None) -> int:
     if os.environ.get("BPFILTER_KEEP_CAPS") != "1":
         drop_capabilities()
     preload()
+    engine = sys.modules.get(__package__ + ".engine")
+    if engine is not None and AFTER_REPLY_IDLE >= 0:
+        engine.AFTER_REPLY = []         # this process answers requests: see AFTER_REPLY_IDLE
     if mode == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
     return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)

@@ -29,9 +29,12 @@ Shapes (decided per rule by rule_shape(); a run ends at the first rule of anothe
                       order keeping the first, so the value is the first match.
   multi               a stretch of rules of several of those shapes interleaved (source prefix,
                       destination prefix, protocol, tcp/udp ports, any combination; verdict
-                      targets): per-field lookups return rule bitmaps, their AND's lowest set bit
-                      is the first match (see "multi-field runs" below). Chosen when cheaper than
-                      the plain runs and linear rules it replaces (cost model below).
+                      targets). Split form (up to SPLIT_MAX_SHAPES shapes): one lookup per shape,
+                      each giving that shape's first match, behind a prefilter that skips most
+                      lookups that would miss; the smallest position wins. Bitmap form: per-field
+                      lookups return rule bitmaps, their AND's lowest set bit is the first match
+                      (see "multi-field runs" below). Chosen when cheaper than the plain runs and
+                      linear rules it replaces (cost model below).
 Targets in a run: ACCEPT, DROP, RETURN, gotos, and jumps (hash runs; extensions stay linear).
 Map value: struct { u32 position; u32 action; } (action 0 DROP, 1 ACCEPT, 2 RETURN, 3 + k the
 k-th jump rule of the run): the counter increment uses the run's first entry index + the position
@@ -39,9 +42,10 @@ from the map, so counters stay per rule, and the map's contents do not depend on
 sits in the table (an unchanged run keeps its map across SET_REPLACE: map_spec, engine
 create_maps). A jump's target chain is inlined once per jump rule behind a binary decision tree
 on k (kube-proxy / docker fan-out: one lookup picks the service chain; past GLOBAL_ABOVE
-instructions the cases become BPF global functions, see _global_cases). When the target chain
-RETURNs, ipt_do_table continues with the rule after the jump; within the run the next rule that
-can match is static: a jump rule has exactly one key (single ports, no ranges), the packet's key is
+instructions the cases become BPF global functions, see _global_cases; a function whose cases
+did not change is kept for the next compile with its counter keys moved, see _FN_CACHE). When
+the target chain RETURNs, ipt_do_table continues with the rule after the jump; within the run the
+next rule that can match is static: a jump rule has exactly one key (single ports, no ranges), the packet's key is
 that key, so the next match is the next rule of the run holding the same key (Run.next_same),
 whose counter and target are emitted as straight code; none left means the run is over. Gotos
 push nothing (IPT_F_GOTO): their chain returns to the caller of this chain, so LPM runs may hold
@@ -54,18 +58,22 @@ equals the packet's decides: a non-first fragment matches no rule of the run (an
 first, so the check runs once before the lookup; a hotdrop counts nothing, like ipt_do_table.
 
 Cost model (ns per packet, measured with BPF_PROG_TEST_RUN on this machine, see bench/results.md):
-linear code ≈ LINEAR_NS per rule, a lookup ≈ LOOKUP_NS[kind], a multi run ≈ MULTI_NS_BASE +
-MULTI_NS_PER_WORD per 64 rules; a run is classified when its linear cost is above its lookup
-cost, a multi run replaces plain runs + linear rules when it is cheaper than them.
+linear code ≈ LINEAR_NS per rule, a lookup ≈ LOOKUP_NS[kind], a bitmap multi run ≈
+MULTI_NS_BASE + MULTI_NS_PER_WORD per 64 rules, a split multi run ≈ SPLIT_NS[kind] per shape
+(LOOKUP_NS[kind] against plain runs); a run is classified when its linear cost is above its
+lookup cost, a multi run replaces plain runs + linear rules when it is cheaper than them.
 Environment (tests, benchmarks): BPFILTER_CLASSIFY_MIN_RUN=N (0 = classifier off),
-BPFILTER_CLASSIFY_MULTI=0 (no multi runs).
+BPFILTER_CLASSIFY_MULTI=0 (no multi runs), BPFILTER_FN_CACHE=0 (every global function
+compiled afresh).
 """
 from __future__ import annotations
 
 import errno
 import ipaddress
 import os
+import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from . import ebpf as E
@@ -74,6 +82,7 @@ from .errors import BpfilterError
 from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Jump, Rule, Verdict
 
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_F_NO_PREALLOC = 1          # LPM tries must be created with it (kernel/bpf/lpm_trie.c)
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
@@ -128,8 +137,7 @@ class Run:
 
     def text(self, chain: str = "") -> str:
         if self.kind == "multi":
-            return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
-                    f"rules of mixed shapes): per-field lookups ANDed as rule bitmaps")
+            return _multi_text(self, chain)
         what = "saddr prefix" if self.sig == ("lpm", "src") else \
             "daddr prefix" if self.sig[0] == "lpm" else _hash_text(self.sig)
         jumps = f", {len(self.cases)} of them jumps" if self.cases else ""
@@ -456,8 +464,9 @@ def hash_entries(run: Run) -> list:
 def _fill_next_same(run: Run):
     """For each jump rule (one key), the next rule of the run holding that key, or None."""
     later = {}
+    kind = ("rule_keys",) + run.sig          # a rule's keys depend on it and the run's shape
     for pos in range(len(run.rules) - 1, -1, -1):
-        keys = _rule_keys(run, run.rules[pos])
+        keys = _memo(kind, run.rules[pos], lambda r: _rule_keys(run, r))
         if pos in run.cases:
             run.next_same[pos] = later.get(keys[0])
         for k in keys:
@@ -499,13 +508,14 @@ def _cached_multi_specs(run: Run, name: str) -> list:
     if key is None:
         return multi_specs(run, name)
     keys = tuple(r.cache_key for r in run.rules)
-    hit = _RUN_SPECS.get(("multi",) + key)
+    key = ("multi", MULTI_FORM, MULTI_NS_BASE) + key      # the tests force one form or the other
+    hit = _RUN_SPECS.get(key)
     if hit is not None and hit[0] == keys:
         return hit[1]
     specs = multi_specs(run, name)
     if len(_RUN_SPECS) >= RUN_SPECS_MAX:
         _RUN_SPECS.clear()
-    _RUN_SPECS[("multi",) + key] = (keys, specs)
+    _RUN_SPECS[key] = (keys, specs)
     return specs
 
 
@@ -596,29 +606,346 @@ def _uses_context(items) -> bool:
     """Does this code need more than the packet-field slots (ctx r6, skb r7, kfuncs, helpers
     other than map_lookup_elem, calls of static subprograms)?"""
     from . import compile as C
+    call = E.BPF_JMP | E.CALL
+    src_read = {E.BPF_LDX, E.BPF_STX}
+    src_if_x = {E.BPF_ALU, E.BPF_ALU64, E.BPF_JMP, E.BPF_JMP32}
     for it in items:
-        if isinstance(it, Label):
+        if it.__class__ is Label:
             continue
-        if it.code == (E.BPF_JMP | E.CALL):
-            if it.is_local_call and it.target == C.COUNT_SUB:
+        code = it.code
+        if code == call:
+            if it.src == E.BPF_PSEUDO_CALL and it.target == C.COUNT_SUB:
                 continue                    # counting reads r1 + S_KEY/S_LEN only
             if it.src != 0 or it.imm != E.BPF_FUNC_map_lookup_elem:
                 return True
             continue
         if it.dst in (6, 7):
             return True
-        reads_src = it.cls in (E.BPF_LDX, E.BPF_STX) or \
-            (it.cls in (E.BPF_ALU, E.BPF_ALU64, E.BPF_JMP, E.BPF_JMP32) and it.code & E.BPF_X)
-        if reads_src and it.src in (6, 7):
+        if it.src in (6, 7) and (code & 0x07 in src_read or
+                                 (code & 0x07 in src_if_x and code & E.BPF_X)):
             return True
     return False
+
+
+# ---- reuse of global functions across installs (issue #7: one append on a fan-out table) -------
+# Compiling the 3 333 case bodies of a kube-proxy table and rewriting ~100 functions for the main
+# frame (compile._via_main_frame) took 1.4-2 s of every install. A function is a pure function of
+# its cases' contents except for the counter keys (absolute entry indices, which an inserted rule
+# shifts) and its label names, so each finished function is kept as a template:
+#   - its labels are renamed once to names no _ChainCompiler.label can make (they end in '#'), so
+#     a later program can hold it next to fresh code;
+#   - every counter-key store (`*(u32 *)(frame + S_KEY) = index`, the only BPF_ST to S_KEY a case
+#     body holds) is recorded as "entry rel of case i's target chain" (relative to that chain's
+#     RETURN entry: a chain's entries are contiguous and keep their order) or "the run's rule
+#     rel positions after case i" (a static next match), and is rewritten on reuse;
+#   - case numbers inside a function are relative to the group's first case (the caller passes
+#     k - lo and adds lo back to a "later jump case" answer), so cases added at the end of the run
+#     or before it do not change the function.
+# A case is cacheable when its bytes say everything about its code: the jump rule and every entry
+# of the target chain from the landing rule on have a cache_key (model.py: the entry's bytes
+# without comefrom, counters and jump offsets), the target chain jumps nowhere (no nested chain
+# to describe) and is too short to hold a classified run (no map, no run index in the code).
+# Groups are cut where a case's jump rule hashes to a boundary once a group is 3/4 full
+# (content-defined, like rsync's chunking), so a case that grows or a service added only changes
+# the groups around it; the cut sizes are powers of two of the total, stable under small changes.
+# A reused function's listing comments (label texts, rule numbers) are the ones of the compile
+# that made it; its counter keys and `where` offsets are the current ones.
+_FN_CACHE: dict = {}       # group key -> _FnTemplate
+_CASE_INFO: dict = {}      # (function context, case key) -> (slots, uses context)
+FN_CACHE_MAX = 2048
+CASE_INFO_MAX = 1 << 17
+CUT_EVERY = 8              # a 3/4-full group ends before a case whose hash is 0 mod this
+_FN_UID = [0]
+FN_STATS = {"made": 0, "reused": 0}   # functions compiled / taken from _FN_CACHE
+_ST_KEY = E.BPF_ST | E.BPF_MEM | E.W
+
+
+class _FnTemplate:
+    __slots__ = ("head", "items", "relocs", "where", "_code")
+
+    def __init__(self, head, items, relocs, where):
+        self.head, self.items, self.relocs, self.where = head, items, relocs, where
+        self._code = None
+
+    def code(self):
+        """(bytecode, slots of the calls of the counting subprogram, slot of each relocs entry)
+        for CompiledProgram.assemble to place and patch, or None when the function names a map
+        or a kfunc (the whole program is assembled from its items then). Assembled once: a
+        function kept for the next table is not encoded again (issue #7)."""
+        if self._code is None:
+            from . import compile as C
+            slot_of, calls, n = [], [], 0
+            for it in self.items:
+                slot_of.append(n)
+                if isinstance(it, Label):
+                    continue
+                if it.map is not None or it.kfunc is not None:
+                    self._code = False
+                    return None
+                if it.is_local_call and it.target == C.COUNT_SUB:
+                    calls.append(n)
+                n += it.slots
+            code = E.assemble(self.items + [Label(C.COUNT_SUB), E.exit_()])[:-8]
+            self._code = (code, calls, [slot_of[r[0]] for r in self.relocs or ()])
+        return self._code or None
+
+
+def _fn_context(cc, chain: str, where: str, path: list) -> tuple:
+    """What a function's code depends on besides its cases."""
+    fl = cc.fl
+    return (chain, where, tuple(path), cc.shared_count, fl.name, fl.ACCEPT, fl.DROP,
+            cc.needs_ifnames, cc.needs_l4, cc.needs_ip, cc.table.family)
+
+
+def _case_key(cc, run: Run, pos: int, chain: str, small: int):
+    """(key or None, the target chain's RETURN entry, its byte offset) of jump case `pos`."""
+    r = run.rules[pos]
+    t = r.target
+    target, start = cc._landing(t, chain, run.start + pos + 1, r)
+    pe = target.policy_entry
+    rk = getattr(r, "cache_key", None)
+    rest = target.rules[start:]
+    if rk is None or pe is None or len(rest) >= small or getattr(pe, "cache_key", None) is None:
+        return None, pe
+    keys = []
+    for x in rest:
+        k = getattr(x, "cache_key", None)
+        if k is None or isinstance(x.target, Jump):
+            return None, pe
+        keys.append(k)
+    goto = bool(r.ip.flags & IPT_F_GOTO) or bool(t.goto)
+    nxt = None if goto else run.next_same.get(pos)
+    nx = None
+    if nxt is not None:
+        nk = getattr(run.rules[nxt], "cache_key", None)
+        if nk is None:
+            return None, pe
+        nx = (nxt - pos, nk, _action(run.rules[nxt].target))
+    return (rk, t.chain, start, goto, tuple(keys), pe.cache_key, nx,
+            t.chain in cc.subprogs), pe
+
+
+def _case_core(cc, run: Run, pos: int, chain: str, where: str, path: list) -> tuple:
+    """(items, statics, return label) of jump case `pos` as a global function's case: its chain
+    inlined, RETURN and "nothing left" as FN_RETURN / FN_CONTINUE."""
+    fret, fafter = cc.label("fn_return"), cc.label("fn_continue")
+    statics = {}
+    body = _capture(cc, lambda: _case_body(cc, run, pos, chain, fret, where, path, fafter,
+                                           statics))
+    body += [Label(fret), E.mov(R0, FN_RETURN), E.exit_("RETURN"),
+             Label(fafter), E.mov(R0, FN_CONTINUE), E.exit_("continue after the run")]
+    return body, statics, fret
+
+
+def _static_tail(cc, run: Run, chain: str, statics: dict, fret: str, lo: int) -> list:
+    """The next rules of the run with the case's key (counted here; a jump case among them is
+    answered as FN_CASE + its k - lo, the caller adds lo back)."""
+    tail = []
+    for nxt, lbl in statics.items():
+        r = run.rules[nxt]
+        tail.append(Label(lbl, f"the next rule of the run with this key: {chain} rule "
+                               f"{run.start + nxt + 1}"))
+        tail += _capture(cc, lambda: cc._count(r.index))
+        a = _action(r.target)
+        if a == ACT_CASE:
+            tail += [E.mov(R0, FN_CASE + run.cases[nxt] - lo), E.exit_("a later jump case")]
+        else:
+            tail += _verdict_code(cc, a, fret)
+    return tail
+
+
+def _cut_hash(run: Run, pos: int) -> int:
+    r = run.rules[pos]
+    return zlib.crc32((getattr(r, "cache_key", None) or b"") + r.target.chain.encode())
+
+
+def _pack(hashes: list, sizes: list, budget: int):
+    """Groups (lists of indices) of at most `budget`: cut before a case once the group holds 3/4
+    of `per` slots and the case's hash says so, or when it would pass `per`; None: no packing.
+    (Fewer, fuller functions load faster: each has its own head and call site.)"""
+    total = sum(sizes)
+    per = GLOBAL_GROUP_SLOTS
+    while 3 * per * (budget - 1) < 4 * total:
+        per *= 2
+    groups, size = [], 0
+    for i, n in enumerate(sizes):
+        if not groups or size + n > per or (4 * size >= 3 * per and hashes[i] % CUT_EVERY == 0):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    if len(groups) <= budget:
+        return groups
+    per = max(GLOBAL_GROUP_SLOTS, -(-total // budget))
+    for _ in range(64):                 # greedy packing may overshoot the budget: widen
+        groups, size = [], 0
+        for i, n in enumerate(sizes):
+            if not groups or size + n > per:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += n
+        if len(groups) <= budget:
+            return groups
+        per += max(sizes)
+    return None
+
+
+def _prune_function(items: list) -> list:
+    """Drop what the function's first instruction does not reach, as ebpf.prune does (the
+    verifier refuses unreachable code); the counting subprogram it calls lives elsewhere in the
+    program. The walk reads opcodes directly: a first compile prunes ~130 functions."""
+    insns, where, labels_at = [], {}, {}
+    for it in items:
+        if it.__class__ is Label:
+            where[it.name] = len(insns)
+            labels_at.setdefault(len(insns), []).append(it)
+        else:
+            insns.append(it)
+    n = len(insns)
+    reach = bytearray(n)
+    todo = [0] if n else []
+    jmp, jmp32 = E.BPF_JMP, E.BPF_JMP32
+    while todo:
+        i = todo.pop()
+        while i < n and not reach[i]:
+            reach[i] = 1
+            ins = insns[i]
+            code = ins.code
+            cls, op = code & 0x07, code & 0xf0
+            if cls == jmp and op == E.EXIT:
+                break
+            if (cls == jmp or cls == jmp32) and op != E.CALL and op != E.EXIT:
+                j = where.get(ins.target)
+                if j is None:                       # let ebpf.prune name the missing label
+                    return E.prune(items)
+                todo.append(j)
+                if op == E.JA:
+                    break
+            elif ins.src == E.BPF_PSEUDO_CALL and cls == jmp and ins.target in where:
+                todo.append(where[ins.target])      # a local callee inside the function
+            i += 1
+    out = []
+    for i, ins in enumerate(insns):
+        if reach[i]:
+            if i in labels_at:
+                out += labels_at[i]
+            out.append(ins)
+    return out
+
+
+_OFFSET_TEXT = re.compile(r"^(.*\(entry offset )(\d+)\)$", re.S)
+
+
+def _make_function(cc, run: Run, chain: str, where: str, path: list, members: list, lo: int,
+                   built: dict, anchors: dict, cacheable: bool) -> _FnTemplate:
+    """Compile one group's function (head, decision tree over k - lo, the cases), rewrite it
+    for the main frame, prune it and give its labels names of its own."""
+    from . import compile as C
+    drop = cc.fl.DROP
+    fn = cc.label(f"fn_{chain}_{run.start}")
+    ok, case_lbl = cc.label("fn_frame"), [cc.label("fn_case") for _ in members]
+    items = []
+    saved, cc.items = cc.items, items
+    try:
+        cc.emit(E.mov(R1, R2))
+        _tree(cc, 0, len(members) - 1, case_lbl, shown=0)
+        for lbl, pos in zip(case_lbl, members):
+            core, statics, fret = built.pop(pos, None) or _case_core(cc, run, pos, chain, where,
+                                                                     path)
+            cc.emit(Label(lbl), *core, *_static_tail(cc, run, chain, statics, fret, lo))
+    finally:
+        cc.items = saved
+    k0, k1 = run.cases[members[0]], run.cases[members[-1]]
+    head = [Label(fn, f"global function: {chain} jump cases {k0}..{k1} (argument: k - {k0})"),
+            E.jmp(E.JNE, R1, 0, ok), E.mov(R0, drop), E.exit_(), Label(ok),
+            E.alu(E.ADD, R1, FRAME_LO, comment="r1 = the caller's frame pointer"),
+            E.stx(E.DW, FP, C.S_SUB_MAIN, R1, "keep it"),
+            # r8/r9 must be readable: rewritten stores save one of them
+            E.mov(E.R8, 0), E.mov(E.R9, 0)]
+    out = head + C._via_main_frame(_prune_function(items))
+    # counter keys: which case's chain (or which later rule of the run) each one counts
+    relocs = []
+    if cacheable:
+        owner = {}
+        for i, pos in enumerate(members):
+            pe = anchors[pos]
+            r = run.rules[pos]
+            target, start = cc._landing(r.target, chain, run.start + pos + 1, r)
+            for x in target.rules[start:] + [pe]:
+                owner[x.index] = (i, x.index - pe.index, False)
+            nxt = run.next_same.get(pos)
+            if nxt is not None:
+                owner[run.rules[nxt].index] = (i, nxt - pos, True)
+        for p, it in enumerate(out):
+            if isinstance(it, E.Insn) and it.code == _ST_KEY and it.off == C.S_KEY:
+                o = owner.get(it.imm)
+                if o is None:
+                    relocs = None
+                    break
+                relocs.append((p,) + o)
+    # labels of its own: no later compile's cc.label can make a name ending in '#'
+    _FN_UID[0] += 1
+    sfx = f"#{_FN_UID[0]}#"
+    names = {it.name for it in out if isinstance(it, Label)}
+    renamed = []
+    Insn = E.Insn
+    for it in out:
+        if it.__class__ is Label:
+            renamed.append(Label(it.name + sfx, it.comment))
+        elif it.target is not None and it.target in names:
+            renamed.append(Insn(it.code, it.dst, it.src, it.off, it.imm, it.target + sfx, it.map,
+                                it.kfunc, it.comment))
+        else:
+            renamed.append(it)
+    # `where` texts (entry offsets for verifier errors) relative to the case's RETURN entry: the
+    # target chain moves as a whole
+    case_of = {}                    # entry offset -> (case, offset of the case's RETURN entry)
+    if relocs is not None and cacheable:
+        for i, pos in enumerate(members):
+            r = run.rules[pos]
+            target, start = cc._landing(r.target, chain, run.start + pos + 1, r)
+            pe = anchors[pos]
+            for x in target.rules[start:] + [pe]:
+                case_of[x.offset] = (i, pe.offset)
+    wh = {}
+    for name in names:
+        text = cc.where.pop(name, None)
+        if text is None:
+            continue
+        m = _OFFSET_TEXT.match(text) if case_of else None
+        hit = case_of.get(int(m.group(2))) if m else None
+        wh[name + sfx] = (text, None, 0) if hit is None else \
+            (m.group(1), hit[0], int(m.group(2)) - hit[1])
+    tpl = _FnTemplate(fn + sfx, renamed, relocs, wh)
+    _install_where(cc, tpl, members, anchors)
+    return tpl
+
+
+def _install_where(cc, tpl: _FnTemplate, members: list, anchors: dict):
+    for name, (text, i, off) in tpl.where.items():
+        cc.where[name] = text if i is None else f"{text}{anchors[members[i]].offset + off})"
+
+
+def _reuse_function(cc, tpl: _FnTemplate, run: Run, members: list, anchors: dict) -> list:
+    """The template's items with the counter keys of this table."""
+    items = list(tpl.items)
+    values = []
+    for p, i, rel, static in tpl.relocs:
+        v = run.rules[members[i] + rel].index if static else anchors[members[i]].index + rel
+        values.append(v)
+        old = items[p]
+        if old.imm != v:
+            items[p] = E.Insn(old.code, old.dst, old.src, old.off, v, comment=f"count entry {v}")
+    _install_where(cc, tpl, members, anchors)
+    return items, values
 
 
 def _global_cases(cc, run: Run, chain: str, ret: str, where: str, path: list, after: str,
                   exit0: str, verdicts: list, by_k: list) -> bool:
     """Emit the jump cases of `run` as global functions when they are big enough and can be;
-    False: nothing emitted (the caller inlines them)."""
-    from . import compile as C
+    False: nothing emitted (the caller inlines them). Functions whose cases did not change since
+    an earlier compile are that compile's, counter keys moved (_FN_CACHE)."""
     fl = getattr(cc, "fl", None)
     if not by_k or getattr(fl, "name", "nf") != "nf" or cc.in_sub or \
             getattr(cc, "in_global", False) or os.environ.get("BPFILTER_GLOBAL_FUNCS") == "0":
@@ -627,109 +954,112 @@ def _global_cases(cc, run: Run, chain: str, ret: str, where: str, path: list, af
     budget = GLOBAL_GROUPS - len(labels)
     if budget < 2:
         return False
+    caching = os.environ.get("BPFILTER_FN_CACHE", "1") != "0"
+    ctx = _fn_context(cc, chain, where, path)
+    small = min_run()
     count = cc.rule_count
     cc.in_global = True
-    bodies, total = [], 0
+    built, keys, sizes, anchors = {}, [], [], {}
+    made = []
     try:
         for pos in by_k:
-            fret, fafter = cc.label("fn_return"), cc.label("fn_continue")
-            statics = {}
-            body = _capture(cc, lambda: _case_body(cc, run, pos, chain, fret, where, path,
-                                                   fafter, statics))
-            tail = [Label(fret), E.mov(R0, FN_RETURN), E.exit_("RETURN"),
-                    Label(fafter), E.mov(R0, FN_CONTINUE), E.exit_("continue after the run")]
-            for nxt, lbl in statics.items():
-                r = run.rules[nxt]
-                tail.append(Label(lbl, f"the next rule of the run with this key: {chain} rule "
-                                       f"{run.start + nxt + 1}"))
-                tail += _capture(cc, lambda: cc._count(r.index))
-                a = _action(r.target)
-                if a == ACT_CASE:
-                    tail += [E.mov(R0, FN_CASE + run.cases[nxt]), E.exit_("a later jump case")]
-                else:
-                    tail += _verdict_code(cc, a, fret)
-            body += tail
-            if _uses_context(body):
+            ck, anchors[pos] = _case_key(cc, run, pos, chain, small)
+            if not caching:
+                ck = None
+            ik = (ctx, ck)                  # its size depends on how counting is done, ...
+            info = _CASE_INFO.get(ik) if ck is not None else None
+            if info is None:
+                core, statics, fret = _case_core(cc, run, pos, chain, where, path)
+                tail = _static_tail(cc, run, chain, statics, fret, 0)
+                info = (_slots(core) + _slots(tail), _uses_context(core) or _uses_context(tail))
+                if ck is not None:
+                    if len(_CASE_INFO) >= CASE_INFO_MAX:
+                        _CASE_INFO.clear()
+                    _CASE_INFO[ik] = info
+                built[pos] = (core, statics, fret)
+            if info[1]:
                 return False
-            bodies.append((pos, body))
-            total += _slots(body)
+            keys.append(ck)
+            sizes.append(info[0])
+        if sum(sizes) <= GLOBAL_ABOVE:
+            return False
+        groups = _pack([_cut_hash(run, pos) for pos in by_k], sizes, budget)
+        if groups is None:
+            return False
+        used = cc.__dict__.setdefault("fn_templates_used", set())
+        for grp in groups:
+            members = [by_k[i] for i in grp]
+            lo = run.cases[members[0]]
+            gkey = None
+            if all(keys[i] is not None for i in grp):
+                gkey = (ctx, tuple((keys[i], run.cases.get(run.next_same.get(by_k[i]), lo) - lo)
+                                   for i in grp))
+            tpl = _FN_CACHE.get(gkey) if gkey is not None else None
+            if tpl is not None and id(tpl) not in used:
+                items, values = _reuse_function(cc, tpl, run, members, anchors)
+                FN_STATS["reused"] += 1
+            else:
+                FN_STATS["made"] += 1
+                tpl = _make_function(cc, run, chain, where, path, members, lo, built, anchors,
+                                     gkey is not None)
+                items = tpl.items
+                values = [items[r[0]].imm for r in tpl.relocs or ()]
+                if gkey is not None and tpl.relocs is not None:
+                    if len(_FN_CACHE) >= FN_CACHE_MAX:
+                        _FN_CACHE.clear()
+                    _FN_CACHE[gkey] = tpl
+            used.add(id(tpl))
+            made.append((members, tpl.head, items, (tpl, values)))
     finally:
         cc.in_global = False
         cc.rule_count = count
-    if total <= GLOBAL_ABOVE:
-        return False
-    per = max(GLOBAL_GROUP_SLOTS, -(-total // budget))
-    sizes = [_slots(body) for _, body in bodies]
-    for _ in range(64):                 # greedy packing may overshoot the budget: widen
-        groups, size = [], 0
-        for (pos, body), n in zip(bodies, sizes):
-            if not groups or size + n > per:
-                groups.append([])
-                size = 0
-            groups[-1].append((pos, body))
-            size += n
-        if len(groups) <= budget:
-            break
-        per += max(sizes)
-    else:
-        return False
-    G = len(groups)
-    ncases = len(by_k)
-    fn = [cc.label(f"fn_{chain}_{run.start}") for _ in range(G)]
+    _global_calls(cc, run, ret, after, exit0, verdicts, by_k, made)
+    return True
+
+
+def _global_calls(cc, run: Run, ret: str, after: str, exit0: str, verdicts: list, by_k: list,
+                  made: list):
+    """The main program's side: verdicts, then a decision tree over the groups, each group's call
+    site turning the function's answer into the run's next step."""
+    fl = cc.fl
+    G, ncases = len(made), len(by_k)
+    lo = [run.cases[m[0]] for m, _, _, _ in made]
+    hi = [run.cases[m[-1]] for m, _, _, _ in made]
     site = [cc.label("fn_call") for _ in range(G)]
     again = [cc.label("fn_dispatch") for _ in range(G + 1)]
-    hi = [ACT_CASE + run.cases[members[-1][0]] for members in groups]
-    lo = [ACT_CASE + run.cases[members[0][0]] for members in groups]
     v_lbl = {a: cc.label(f"run_{ACT_NAMES[a].lower()}") for a in verdicts}
-    # main side: verdicts, then a decision tree over the groups
     cc.emit(E.ldx(E.DW, R1, FP, S_CLS_ACT))
     for a in verdicts:
         cc.emit(E.jmp(E.JEQ, R1, a, v_lbl[a]))
-    _tree_ranges(cc, lo, hi, site)
+    _tree_ranges(cc, [ACT_CASE + k for k in lo], [ACT_CASE + k for k in hi], site)
     for a in verdicts:
         cc.emit(Label(v_lbl[a]), *_verdict_code(cc, a, ret))
-    acc, drop = fl.ACCEPT if fl else NF_ACCEPT, fl.DROP if fl else NF_DROP
-    for g in range(G):
+    acc, drop = fl.ACCEPT, fl.DROP
+    for g, (_, head, _, _) in enumerate(made):
         nc, nr, case, vd = (cc.label(x) for x in ("fn_nc", "fn_nr", "fn_case", "fn_drop"))
-        cc.emit(Label(again[g], f"jump cases {lo[g] - ACT_CASE}..{hi[g] - ACT_CASE}"),
-                E.jmp(E.JGT, R1, hi[g], again[g + 1]),
+        cc.emit(Label(again[g], f"jump cases {lo[g]}..{hi[g]}"),
+                E.jmp(E.JGT, R1, ACT_CASE + hi[g], again[g + 1]),
                 Label(site[g]),
-                E.mov(R2, R1, comment="arg: the case"),
+                E.mov(R2, R1), E.alu(E.SUB, R2, ACT_CASE + lo[g], comment="arg: the case - lo"),
                 E.mov(R1, FP), E.alu(E.ADD, R1, -FRAME_LO, comment="arg: the packet-field slots"),
-                E.call_local(fn[g], f"global function: jump cases {lo[g] - ACT_CASE}.."
-                                    f"{hi[g] - ACT_CASE}"),
+                E.call_local(head, f"global function: jump cases {lo[g]}..{hi[g]}"),
                 E.jmp(E.JNE, R0, FN_CONTINUE, nc), E.ja(after, "no rule of the run left"),
                 Label(nc), E.jmp(E.JNE, R0, FN_RETURN, nr), E.ja(ret, "RETURN"),
                 Label(nr), E.mov(R1, R0), E.alu(E.SUB, R1, FN_CASE),
-                E.jmp(E.JLT, R1, ncases, case),
+                E.jmp(E.JLT, R1, ncases - lo[g], case),
                 E.jmp(E.JNE, R0, acc, vd), E.mov(R0, acc, comment="ACCEPT"), E.exit_(),
                 Label(vd), E.mov(R0, drop, comment="DROP"), E.exit_(),
-                Label(case), E.alu(E.ADD, R1, ACT_CASE, comment="a later jump case"),
+                Label(case), E.alu(E.ADD, R1, ACT_CASE + lo[g], comment="a later jump case"),
                 E.ja(again[g + 1]))
     cc.emit(Label(again[G]), E.ja(after), Label(exit0))
     # the functions, emitted after the main program by compile.py
     funcs = cc.__dict__.setdefault("global_funcs", [])
-    for g, members in enumerate(groups):
-        ok, case_lbl = cc.label("fn_frame"), [cc.label("fn_case") for _ in members]
-        items = []
-        saved, cc.items = cc.items, items
-        try:
-            cc.emit(E.mov(R1, R2))
-            _tree(cc, lo[g], hi[g], case_lbl)
-            for lbl, (pos, body) in zip(case_lbl, members):
-                cc.emit(Label(lbl), *body)
-        finally:
-            cc.items = saved
-        head = [Label(fn[g], f"global function: {chain} jump cases {lo[g] - ACT_CASE}.."
-                             f"{hi[g] - ACT_CASE}"),
-                E.jmp(E.JNE, R1, 0, ok), E.mov(R0, drop), E.exit_(), Label(ok),
-                E.alu(E.ADD, R1, FRAME_LO, comment="r1 = the caller's frame pointer"),
-                E.stx(E.DW, FP, C.S_SUB_MAIN, R1, "keep it"),
-                # r8/r9 must be readable: rewritten stores save one of them
-                E.mov(E.R8, 0), E.mov(E.R9, 0)]
-        funcs.append(head + C._via_main_frame(items))
-        labels.append(fn[g])
-    return True
+    labels = cc.__dict__.setdefault("global_labels", [])
+    parts = cc.__dict__.setdefault("global_parts", [])     # (template, counter keys) each
+    for _, head, items, part in made:
+        funcs.append(items)
+        labels.append(head)
+        parts.append(part)
 
 
 def _tree_ranges(cc, lo: list, hi: list, labels: list):
@@ -747,7 +1077,12 @@ def _tree_ranges(cc, lo: list, hi: list, labels: list):
 
 
 def _slots(items) -> int:
-    return sum(it.slots for it in items if not isinstance(it, Label))
+    lddw = E.BPF_LD | E.DW | E.BPF_IMM          # the one instruction of two slots
+    n = 0
+    for it in items:
+        if it.__class__ is not Label:
+            n += 2 if it.code == lddw else 1
+    return n
 
 
 def _capture(cc, fn) -> list:
@@ -840,12 +1175,12 @@ def _verdict_code(cc, a: int, ret: str) -> list:
     return [E.mov(R0, _rc(cc, a), comment=ACT_NAMES[a]), E.exit_()]
 
 
-def _tree(cc, lo: int, hi: int, labels: list):
+def _tree(cc, lo: int, hi: int, labels: list, shown: int = ACT_CASE):
     """Jump to labels[v - lo] for R1 == v (lo <= v <= hi), by halving (depth log2 of the
-    number of cases)."""
+    number of cases); the listing names case v - shown."""
     def node(a, b):
         if a == b:
-            cc.emit(E.ja(labels[a - lo], f"case {a - ACT_CASE}"))
+            cc.emit(E.ja(labels[a - lo], f"case {a - shown}"))
             return
         mid, right = (a + b) // 2, cc.label("case_gt")
         cc.emit(E.jmp(E.JGT, R1, mid, right))
@@ -999,7 +1334,23 @@ def _multi_ok(rule: Rule) -> bool:
                for f in ("spts", "dpts"))
 
 
-def _multi_cost(n: int) -> float:
+def _multi_text(run: Run, chain: str) -> str:
+    head = f"rules {run.start + 1}..{run.end} of {chain or 'chain'} ({len(run.rules)} rules"
+    form, shapes, _ = _run_form(run)
+    if form == "split":
+        return f"{head} of {len(shapes)} shapes): one prefiltered lookup per shape, first wins"
+    return f"{head} of mixed shapes): per-field lookups ANDed as rule bitmaps"
+
+
+def _run_form(run: Run) -> tuple:
+    """_multi_form of the run's rules, computed once per Run (10 000 rules: ~10 ms)."""
+    form = getattr(run, "_form", None)
+    if form is None:
+        form = run._form = _multi_form(run.rules)
+    return form
+
+
+def _bitmap_cost(n: int) -> float:
     return MULTI_NS_BASE + MULTI_NS_PER_WORD * ((n + 63) // 64)
 
 
@@ -1029,12 +1380,317 @@ def _with_multi(rules: list, plain: list, minimum: int) -> list:
                 continue
         covered = sum(len(r.rules) for r in inside)
         plain_cost = min(LOOKUP_NS.values()) * len(inside) + LINEAR_NS * (j - i - covered)
-        if j - i >= minimum and _multi_cost(j - i) < plain_cost:
+        form = _multi_form(rules[i:j], {r.sig for r in inside}) if j - i >= minimum else None
+        if form and form[2] < plain_cost:
             out.append(Run("multi", i, rules[i:j], ("multi",)))
+            out[-1]._form = form
         else:
             out.extend(inside)
         i = j
     return out
+
+
+# ---- split form: one plain lookup per shape, the smallest position wins
+# A multi run usually mixes few shapes (rule_shape: which fields a rule tests, with which masks):
+# hand-grown firewalls have source prefixes, destination prefixes, ports, 5-tuples. The rules of
+# one shape are a plain LPM/hash "sub-run" whose lookup gives the first of ITS rules matching
+# the packet (lpm_entries/hash_entries' first-match values); the first rule of the whole run
+# matching is the smallest of those positions. So a packet costs one lookup per shape whatever
+# the number of rules, where the bitmaps cost an AND per 64 rules. Values: u32 (position in the
+# run << 8 | action); a key of a shape with a tcp/udp match that says only "this rule's ip part
+# matches" (ippart = 1, looked up for truncated headers and tcp fragments at offset 8 bytes)
+# carries SPLIT_HOT, the hotdrop of xt_tcpudp.c: the first rule whose ip part matches decides,
+# it hotdrops when it has a tcp/udp match and matches when it has none (its own shape's key).
+MULTI_FORM = None            # "split" or "bitmap" forces a form (tests); None: the cheaper one
+SPLIT_MAX_SHAPES = 16        # past that, bitmaps (a lookup per shape would cost more)
+SPLIT_HOT = 3                # value action: hotdrop (actions 0..2 are ACT_DROP/ACCEPT/RETURN)
+# What a shape costs a packet on average: the prefilter (~3 ns) and the lookup (hash ~18 ns, LPM
+# 9-55 ns; BPF_PROG_TEST_RUN on 6.18) for the packets it lets through; bench/ruleset_bench.py's
+# mixed shape, 5 shapes: ~90 ns per packet for 1000 or 10 000 rules, ~75 ns for 10 linear
+# rules, where the bitmaps took 190 and 250-300 ns. A shape holding a plain run's rules counts
+# as a full lookup (LOOKUP_NS), as if every packet passed the prefilter, so a plain run stays a
+# plain run (its map is reused across appends, _keep_seen_runs) and a few rules of other shapes
+# next to it stay linear.
+SPLIT_NS = {"lpm": 15.0, "hash": 10.0}
+
+
+def _split_shapes(rules: list):
+    """[(shape, [positions])] in order of first position, or None when the split form cannot
+    serve these rules (too many shapes, too many expanded port keys)."""
+    if len(rules) >= 1 << 23:          # position << 8 | action must stay a positive s32
+        return None
+    groups = {}
+    for i, r in enumerate(rules):
+        s = rule_shape(r)
+        if s is None:
+            return None
+        groups.setdefault(s, []).append(i)
+    if len(groups) > SPLIT_MAX_SHAPES:
+        return None
+    keys = sum(_memo("nkeys", rules[i], _rule_key_count)
+               for s, ps in groups.items() if s[0] == "hash" and s[4] for i in ps)
+    return list(groups.items()) if keys <= MAX_KEYS else None
+
+
+def _multi_form(rules: list, plain_sigs=()) -> tuple:
+    """(form, shapes, cost): "split" with its shapes when that form serves the rules and costs
+    less than the bitmaps (SPLIT_NS), else "bitmap" and None (MULTI_FORM forces a form); cost:
+    the run's cost against plain runs and linear rules (the cheaper of the bitmaps and the split
+    form, whose shapes in plain_sigs, the shapes of the plain runs it would replace, count at
+    LOOKUP_NS)."""
+    shapes = None if MULTI_FORM == "bitmap" else _split_shapes(rules)
+    bitmap = _bitmap_cost(len(rules))
+    if shapes is None:
+        return "bitmap", None, bitmap
+    split = sum(SPLIT_NS[s[0]] for s, _ in shapes)
+    cost = min(bitmap, sum((LOOKUP_NS if s in plain_sigs else SPLIT_NS)[s[0]] for s, _ in shapes))
+    if MULTI_FORM == "split" or split < bitmap:
+        return "split", shapes, cost
+    return "bitmap", None, cost
+
+
+def _split_value(rules: list, pos: int, act: int = None) -> bytes:
+    return struct.pack("<I", pos << 8 | (_action(rules[pos].target) if act is None else act))
+
+
+def _split_lpm_entries(rules: list, positions: list, field: str) -> list:
+    """[(key, value)] of one prefix shape: each prefix's value is the first rule (smallest
+    position) whose prefix contains it, so the longest match gives the first matching rule."""
+    first = {}
+    for pos in positions:
+        r = rules[pos]
+        a, m = (r.ip.src, r.ip.smsk) if field == "src" else (r.ip.dst, r.ip.dmsk)
+        first.setdefault((_plen(m), int(a)), pos)
+    plens = sorted({p for p, _ in first})
+    out = []
+    for (plen, net), pos in first.items():
+        best = pos
+        for p in plens:
+            if p >= plen:
+                break
+            q = first.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))))
+            if q is not None and q < best:
+                best = q
+        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), _split_value(rules, best)))
+    return out
+
+
+def _split_hash_entries(rules: list, shapes: list) -> list:
+    """[(key, value)] of every hash shape in one map: _hash_key's keys with the shape's number
+    in the pad (the last u16), filled in rule order keeping the first."""
+    seen = {}
+    for gid, (sig, positions) in _hash_shapes(shapes):
+        tag = struct.pack("<H", gid)
+        shape = Run("hash", 0, [], sig)
+        for pos in positions:
+            r = rules[pos]
+            v = _split_value(rules, pos)
+            for k in _rule_keys(shape, r):
+                seen.setdefault(k[:14] + tag, v)
+            if sig[4]:
+                ip = r.ip
+                k = _hash_key(_le32(ip.src), _le32(ip.dst), ip.proto, 0, 0, 1)
+                seen.setdefault(k[:14] + tag, _split_value(rules, pos, SPLIT_HOT))
+    return list(seen.items())
+
+
+def _hash_shapes(shapes: list) -> list:
+    return list(enumerate((s, ps) for s, ps in shapes if s[0] == "hash"))
+
+
+# Prefilter (issue #7: a hash lookup costs ~18 ns, a miss as much as a hit; an LPM lookup for an
+# address among the run's prefixes up to ~55 ns; an ARRAY lookup is inlined, ~1 ns): one ARRAY
+# map of u64 words holds, for each prefix shape, a bit per /16 (set when a prefix of the shape
+# overlaps it), and for the hash shapes a one-function Bloom filter over the exact hash keys (the
+# 16 key bytes, shape number included, mixed by two multiplications). A clear bit proves the
+# lookup would miss, so most packets that match no rule of a shape skip its lookup.
+BLOOM_K1, BLOOM_K2 = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
+BLOOM_BITS_PER_KEY = 16       # one hash function: ~6% of misses still look up
+BLOOM_MAX_BITS = 1 << 22      # 512 KiB
+WORDS16 = (1 << 16) // 64     # one bit per /16
+
+
+@dataclass
+class _ArraySpec(MapSpec):
+    """An ARRAY map listing only its non-zero words (the kernel zero-fills the others)."""
+    size: int = 1
+    bloom_bits: int = 6        # log2 of the Bloom filter's bits (the code's shift)
+
+    @property
+    def max_entries(self) -> int:
+        return self.size
+
+
+def _bloom_bits(nkeys: int) -> int:
+    """log2 of the Bloom filter's size in bits."""
+    b = 6
+    while (1 << b) < min(BLOOM_BITS_PER_KEY * nkeys, BLOOM_MAX_BITS):
+        b += 1
+    return b
+
+
+def _bloom_index(key: bytes, b: int) -> int:
+    w0, w1 = struct.unpack("<QQ", key)
+    m = (1 << 64) - 1
+    return ((((w1 * BLOOM_K1) & m) ^ w0) * BLOOM_K2 & m) >> (64 - b)
+
+
+def _idx16(top16: int) -> int:
+    """A /16 (its first two address bytes, a << 8 | b) as the packet side computes it: the low
+    16 bits of the LE u32 the address slot holds, b << 8 | a."""
+    return (top16 >> 8) | (top16 & 0xff) << 8
+
+
+def _split_layout(shapes: list) -> tuple:
+    """({prefix shape: first word of its /16 region}, first word of the Bloom filter)."""
+    out, w = {}, 0
+    for s, _ in shapes:
+        if s[0] == "lpm":
+            out[s] = w
+            w += WORDS16
+    return out, w
+
+
+def _bloom_words(rules: list, shapes: list, hash_keys: list) -> tuple:
+    """({word: u64} of the prefilter, bits of the hash part, total words)."""
+    words = {}
+    base, w = _split_layout(shapes)
+    for s, ps in shapes:
+        if s[0] != "lpm":
+            continue
+        for pos in ps:
+            r = rules[pos]
+            a, m = (r.ip.src, r.ip.smsk) if s[1] == "src" else (r.ip.dst, r.ip.dmsk)
+            plen, top = _plen(m), int(a) >> 16
+            span = 1 << max(0, 16 - plen)
+            for t in range(top & ~(span - 1), (top & ~(span - 1)) + span):
+                i = _idx16(t)
+                words[base[s] + (i >> 6)] = words.get(base[s] + (i >> 6), 0) | 1 << (i & 63)
+    b = _bloom_bits(len(hash_keys))
+    for k in hash_keys:
+        i = _bloom_index(k, b)
+        words[w + (i >> 6)] = words.get(w + (i >> 6), 0) | 1 << (i & 63)
+    return words, b, w + (1 << b) // 64
+
+
+def _split_specs(run: Run, name: str, shapes: list) -> list:
+    out = [MapSpec(f"{name}_{s[1]}", BPF_MAP_TYPE_LPM_TRIE, 8, 4,
+                   _split_lpm_entries(run.rules, ps, s[1]), BPF_F_NO_PREALLOC, "bpfilter_mslpm")
+           for s, ps in shapes if s[0] == "lpm"]
+    hashed = _split_hash_entries(run.rules, shapes) if _hash_shapes(shapes) else []
+    if hashed:
+        out.append(MapSpec(f"{name}_hash", BPF_MAP_TYPE_HASH, 16, 4, hashed, 0,
+                           "bpfilter_mshash"))
+    words, bits, size = _bloom_words(run.rules, shapes, [k for k, _ in hashed])
+    out.append(_ArraySpec(f"{name}_bloom", BPF_MAP_TYPE_ARRAY, 4, 8,
+                          [(struct.pack("<I", i), v.to_bytes(8, "little"))
+                           for i, v in sorted(words.items())], 0, "bpfilter_msblm", size=size,
+                          bloom_bits=bits))
+    return out
+
+
+def _split_lookup(cc, name: str, sig, gid: int, first: int, base: int, bits: int,
+                  ippart: bool = False):
+    """Look the packet up in one shape's map, unless the prefilter says it misses; a hit at a
+    smaller position than r9 becomes r9. A shape whose first rule comes after r9's is skipped:
+    it cannot hold the first match."""
+    from . import compile as C
+    R3, R8 = E.R3, E.R8
+    skip = cc.label("s_next")
+    if first:
+        cc.emit(E.jmp(E.JLT, E.R9, first << 8, skip, comment="an earlier rule already matched"))
+    if sig[0] == "lpm":
+        slot = C.S_SADDR if sig[1] == "src" else C.S_DADDR
+        cc.emit(E.ldx(E.DW, R2, FP, slot, f"prefilter: the {sig[1]} address's /16"),
+                E.alu(E.AND, R2, 0xffff))
+    else:
+        _key(cc, Run("hash", 0, [], sig), C, ippart)
+        if gid:
+            cc.emit(E.st(E.H, FP, S_CLS_KEY + 14, gid, "the shape's number"))
+        cc.emit(E.ldx(E.DW, R1, FP, S_CLS_KEY, "prefilter: Bloom index of the key"),
+                E.ldx(E.DW, R2, FP, S_CLS_KEY + 8), E.ld_imm64(R3, BLOOM_K1),
+                E.alu(E.MUL, R2, R3), E.alu(E.XOR, R2, R1), E.ld_imm64(R3, BLOOM_K2),
+                E.alu(E.MUL, R2, R3), E.alu(E.RSH, R2, 64 - bits))
+    cc.emit(E.mov(R8, R2), E.alu(E.AND, R8, 63), E.alu(E.RSH, R2, 6))
+    if base:
+        cc.emit(E.alu(E.ADD, R2, base))
+    cc.emit(E.stx(E.W, FP, S_CLS_HOT, R2), E.ld_map_fd(R1, f"{name}_bloom"), E.mov(R2, FP),
+            E.alu(E.ADD, R2, S_CLS_HOT), E.call(E.BPF_FUNC_map_lookup_elem),
+            E.jmp(E.JEQ, R0, 0, skip), E.ldx(E.DW, R1, R0, 0), E.alu(E.RSH, R1, R8),
+            E.alu(E.AND, R1, 1), E.jmp(E.JEQ, R1, 0, skip, comment="no key of the shape there"))
+    if sig[0] == "lpm":
+        slot = C.S_SADDR if sig[1] == "src" else C.S_DADDR
+        cc.emit(E.st(E.W, FP, S_CLS_KEY, 32, f"LPM key: {sig[1]} address"),
+                E.ldx(E.DW, R1, FP, slot), E.stx(E.W, FP, S_CLS_KEY + 4, R1),
+                E.ld_map_fd(R1, f"{name}_{sig[1]}"))
+    else:
+        cc.emit(E.ld_map_fd(R1, f"{name}_hash"))
+    cc.emit(E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY), E.call(E.BPF_FUNC_map_lookup_elem),
+            E.jmp(E.JEQ, R0, 0, skip), E.ldx(E.W, R1, R0, 0, "position << 8 | action"),
+            E.jmp(E.JGE, R1, E.R9, skip), E.mov(E.R9, R1), Label(skip))
+
+
+def _emit_split(cc, run: Run, chain: str, ret: str, where: str, name: str, shapes: list):
+    from . import compile as C
+    after, hot = cc.label("run_after"), cc.label("run_hotdrop")
+    miss, key, done = cc.label("run_miss"), cc.label("run_key"), cc.label("s_done")
+    head = cc.label("run")
+    first, last = run.rules[0], run.rules[-1]
+    cc.where[head] = (f"chain {chain} rules {run.start + 1}..{run.end} (entry offsets "
+                      f"{first.offset}..{last.offset}, classified)")
+    cc.emit(Label(head, f"{where}: rules {run.start + 1}..{run.end} of {chain} "
+                        f"({len(run.rules)} rules of {len(shapes)} shapes): one lookup per "
+                        f"shape, the first match is the smallest position"),
+            E.ja(key), Label(miss), E.ja(after), Label(hot),
+            E.mov(R0, _rc(cc, ACT_DROP), comment="hotdrop"), E.exit_(), Label(key),
+            E.mov(E.R9, -1, comment="no rule matched yet"))
+    gids = {s: g for g, (s, _) in _hash_shapes(shapes)}
+    base, hbase = _split_layout(shapes)
+    base["hash"] = hbase
+    bits = cc.cls_maps[f"{name}_bloom"].bloom_bits
+
+    def lookup(s, ps, ippart=False):
+        _split_lookup(cc, name, s, gids.get(s, 0), ps[0], base[s if s[0] == "lpm" else "hash"],
+                      bits, ippart)
+    plain = [(s, ps) for s, ps in shapes if not (s[0] == "hash" and s[4])]
+    l4 = [(s, ps) for s, ps in shapes if s[0] == "hash" and s[4]]
+    for s, ps in plain:
+        lookup(s, ps)
+    if l4:
+        # tcp_mt/udp_mt (xt_tcpudp.c): a non-first fragment matches no rule with a tcp/udp
+        # match; a truncated header or a tcp fragment at offset 8 bytes: the ip-part keys
+        protos = sorted({run.rules[p].ip.proto for _, ps in l4 for p in ps})
+        normal, hotc = cc.label("s_normal"), cc.label("s_hotcand")
+        cc.emit(E.ldx(E.DW, R1, FP, C.S_PROTO))
+        for p in protos:
+            cc.emit(E.jmp(E.JEQ, R1, p, f"{head}_l4_{p}"))
+        cc.emit(E.ja(done, "no rule with a tcp/udp match has this protocol"))
+        for p in protos:
+            need = 20 if p == IPPROTO_TCP else 8
+            frag = cc.label("s_frag")
+            cc.emit(Label(f"{head}_l4_{p}"), E.ldx(E.DW, R2, FP, C.S_FRAGOFF),
+                    E.jmp(E.JNE, R2, 0, frag), E.ldx(E.DW, R2, FP, C.S_L4LEN),
+                    E.jmp(E.JLT, R2, need, hotc, comment="truncated header"), E.ja(normal),
+                    Label(frag))
+            if p == IPPROTO_TCP:
+                cc.emit(E.jmp(E.JEQ, R2, 1, hotc, comment="tcp fragment at offset 8 bytes"))
+            cc.emit(E.ja(done, "a non-first fragment"))
+        cc.emit(Label(hotc))
+        for s, ps in l4:
+            lookup(s, ps, True)
+        cc.emit(E.ja(done), Label(normal))
+        for s, ps in l4:
+            lookup(s, ps)
+    cc.emit(Label(done), E.jmp(E.JEQ, E.R9, -1, miss, comment="no rule of the run matches"),
+            E.mov(R1, E.R9), E.alu(E.AND, R1, 0xff),
+            E.jmp(E.JEQ, R1, SPLIT_HOT, hot, comment="its tcp/udp match hotdrops"),
+            E.stx(E.DW, FP, S_CLS_ACT, R1, "its action"),
+            E.alu(E.RSH, E.R9, 8, comment="its position"),
+            E.alu(E.ADD, E.R9, first.index, comment="+ the run's first entry: its index"),
+            E.stx(E.W, FP, C.S_KEY, E.R9))
+    _count_dynamic(cc, C)
+    _dispatch(cc, run, chain, ret, where, (), after, after)
+    cc.emit(Label(after))
 
 
 def _prefix_bitmaps(run: Run, field: str) -> list:
@@ -1112,6 +1768,9 @@ def _port_bitmaps(run: Run) -> tuple:
 
 
 def multi_specs(run: Run, name: str) -> list:
+    form, shapes, _ = _run_form(run)
+    if form == "split":
+        return _split_specs(run, name, shapes)
     words = (len(run.rules) + 63) // 64
     vs = words * 8
 
@@ -1161,10 +1820,12 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
     run.chain = chain
     name = f"cls_{chain}_{run.start}"
     maps = cc.__dict__.setdefault("cls_maps", {})
-    if name + "_src" not in maps:
-        for spec in _cached_multi_specs(run, name):
-            maps[spec.name] = spec
+    for spec in _cached_multi_specs(run, name):      # a user chain inlined twice shares them
+        maps.setdefault(spec.name, spec)
     cc.rule_count += len(run.rules)
+    form, shapes, _ = _run_form(run)
+    if form == "split":
+        return _emit_split(cc, run, chain, ret, where, name, shapes)
     after, hot = cc.label("run_after"), cc.label("run_hotdrop")
     miss, key = cc.label("run_miss"), cc.label("run_key")
     head = cc.label("run")

@@ -7,7 +7,8 @@
   bpfilter flush                remove this network namespace's bpfilter state
   bpfilter helper [--listen]    the helper itself (same as python3 -m bpfilter_umh)
   bpfilter gc [--dry-run] [--json]  remove pins and state left by network namespaces that are gone
-  exec and helper take --flavor nf|tc|xdp, --xdp-mode, --offload IFNAME, --policy reject|xtables
+  exec and helper take --flavor nf|tc|xdp, --flavor-dev IFNAMES, --xdp-mode, --offload IFNAME,
+  --policy reject|xtables
 """
 import sys
 
@@ -57,7 +58,10 @@ def format_status(fam_name: str, st) -> str:
         lines.append(f"  served by the kernel's xtables (policy xtables): "
                      f"{st.get('delegated_reason')}")
     for ch in st["chains"]:
-        where = (f"hook {ch['hook']} on {ch.get('flavor') or '-'}, prog id {ch.get('prog_id') or '-'}, JIT "
+        on = ch.get("flavor") or "-"
+        if ch.get("devices"):
+            on = f"{on} (dev {','.join(ch['devices'])}) + {ch.get('fallback', 'nf')}"
+        where = (f"hook {ch['hook']} on {on}, prog id {ch.get('prog_id') or '-'}, JIT "
                  f"{ch.get('jited_size') or '-'} bytes" if ch.get("hook") else "user chain")
         if ch.get("hook") and not ch.get("prog_id"):
             where = f"hook {ch['hook']}, not attached (nothing to enforce)"
@@ -107,6 +111,9 @@ def cmd_gc(args) -> int:
 def _add_flags(p):
     """config.py's flags: they win over /etc/bpfilter/flavors.conf (docs/policy.md)."""
     p.add_argument("--flavor", help="nf | tc | xdp")
+    p.add_argument("--flavor-dev", metavar="IFNAMES",
+                   help="INPUT/FORWARD on the tc/xdp flavor only for these devices (eth0,ens+),"
+                        " nf for the others and OUTPUT")
     p.add_argument("--xdp-mode", help="auto | native | generic")
     p.add_argument("--offload", metavar="IFNAME", help="XDP hardware offload device")
     p.add_argument("--policy", help="reject | xtables: tables the compiler cannot translate")
@@ -114,7 +121,7 @@ def _add_flags(p):
 
 def _flags(args) -> list:
     out = []
-    for name in ("flavor", "xdp_mode", "offload", "policy"):
+    for name in ("flavor", "flavor_dev", "xdp_mode", "offload", "policy"):
         if getattr(args, name, None) is not None:
             out += ["--" + name.replace("_", "-"), getattr(args, name)]
     return out

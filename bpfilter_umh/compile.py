@@ -174,14 +174,52 @@ class CompiledProgram:
     flavor: str = "nf"
     maps: list = field(default_factory=list)   # classify.MapSpec: created and filled at load
     global_labels: frozenset = frozenset()     # subprograms that are BTF global functions
+    # the global functions ending `items`, in order: (classify._FnTemplate, its counter keys);
+    # each is placed as its template's bytecode, patched (assemble), not encoded again
+    fn_parts: tuple = ()
+
+    def _layout(self):
+        """(main items, {label: slot} of the main part, {function head: slot}, slots of the
+        main part, the functions' codes) when every function has its template's bytecode,
+        else None."""
+        lay = self.__dict__.get("_lay")
+        if lay is not None or not self.fn_parts:
+            return lay or None
+        codes = [tpl.code() for tpl, _ in self.fn_parts]
+        if None in codes:
+            self.__dict__["_lay"] = False
+            return None
+        n_fn = sum(len(tpl.items) for tpl, _ in self.fn_parts)
+        main = self.items[:len(self.items) - n_fn]
+        at, slot = {}, 0
+        for it in main:
+            if isinstance(it, Label):
+                at[it.name] = slot
+            else:
+                slot += it.slots
+        fn_at, pos = {}, slot
+        for (tpl, _), code in zip(self.fn_parts, codes):
+            fn_at[tpl.head] = pos
+            pos += len(code[0]) // 8
+        lay = self.__dict__["_lay"] = (main, at, fn_at, slot, codes)
+        return lay
 
     def func_btf(self):
         """(BTF blob, func_info bytes) when the program has global functions, else None (a
         program of static subprograms only loads without BTF, as it always did)."""
         if not self.global_labels:
             return None
+        lay = self._layout()
+        if lay is None:
+            starts = E.subprogram_starts(self.items)
+        else:
+            main, at, fn_at, _, codes = lay
+            called = {it.target for it in main if isinstance(it, Insn) and it.is_local_call}
+            if any(c[1] for c in codes):
+                called.add(COUNT_SUB)
+            starts = sorted((fn_at[t] if t in fn_at else at[t], t) for t in called)
         funcs = [(0, self.name, False)] + [(slot, label, label in self.global_labels)
-                                            for slot, label in E.subprogram_starts(self.items)]
+                                            for slot, label in starts]
         return E.func_btf(classify.FRAME_LO - 16, funcs)
 
     @property
@@ -205,7 +243,32 @@ class CompiledProgram:
         return cur
 
     def assemble(self, map_fds: dict) -> bytes:
-        return E.assemble(self.items, map_fds, self.facts.kfunc_ids if self.facts else {})
+        kf = self.facts.kfunc_ids if self.facts else {}
+        lay = self._layout()
+        if lay is None:
+            return E.assemble(self.items, map_fds, kf)
+        # the main part with each function's head standing in at its end (the calls into the
+        # functions are patched below), then the functions' own bytecode: their jumps stay
+        # inside them; the calls of the counting subprogram and the counter keys are patched
+        main, at, fn_at, main_slots, codes = lay
+        stubs = [x for tpl, _ in self.fn_parts for x in (Label(tpl.head), E.exit_())]
+        code = bytearray(E.assemble(main + stubs, map_fds, kf)[:main_slots * 8])
+        slot = 0
+        for it in main:
+            if isinstance(it, Label):
+                continue
+            if it.target in fn_at and it.is_local_call:
+                struct.pack_into("<i", code, slot * 8 + 4, fn_at[it.target] - slot - 1)
+            slot += it.slots
+        count_at = at.get(COUNT_SUB)
+        for (tpl, values), (fcode, calls, rslots) in zip(self.fn_parts, codes):
+            start, part = fn_at[tpl.head], bytearray(fcode)
+            for c in calls:
+                struct.pack_into("<i", part, c * 8 + 4, count_at - start - c - 1)
+            for r, v in zip(rslots, values):
+                struct.pack_into("<i", part, r * 8 + 4, v)
+            code += part
+        return bytes(code)
 
 
 @dataclass
@@ -285,12 +348,9 @@ class _ChainCompiler:
         self.needs_l4 = False
         self.needs_ip = False
         self.where = {}          # entry label -> "chain X rule N (entry offset O)"
-        entries = table.entries()
+        count, self.next_offset = _next_offsets(table)
         # large tables count through one subprogram (see COUNT_SUB)
-        self.shared_count = len(entries) > SHARED_COUNT_ABOVE
-        # offset of the entry that follows each entry: a standard target whose verdict is that
-        # offset is how iptables writes a rule without -j (libiptc's fall-through jump)
-        self.next_offset = {a.offset: b.offset for a, b in zip(entries, entries[1:])}
+        self.shared_count = count > SHARED_COUNT_ABOVE
         self._scan(chain, set())
 
     # ---- helpers ----
@@ -355,10 +415,9 @@ class _ChainCompiler:
         self._entry(top.policy_entry, top.name, len(top.rules) + 1, underflow, "policy",
                     [top.name], top.name)
         self._subprograms()
-        self._global_functions()
         if self.shared_count:
             self._count_subprogram()
-        return E.prune(self.items)
+        return self._global_functions(self.items)
 
     def _count_subprogram(self):
         """COUNT_SUB: ADD_COUNTER on the entry whose index is at r1 + S_KEY, skb->len at
@@ -374,19 +433,30 @@ class _ChainCompiler:
                   E.ldx(E.DW, R1, R0, 8), E.alu(E.ADD, R1, R2), E.stx(E.DW, R0, 8, R1),
                   Label(skip), E.mov(R0, 0), E.exit_())
 
-    def _global_functions(self):
-        """The global functions classify.py cut jump cases into, after everything else. A call
-        site passes a pointer to the slots [fp - FRAME_LO, fp - 16): the verifier wants every
-        byte of memory passed to a global function initialized (btf_check_subprog_call ->
-        check_mem_reg), so the program starts by zeroing what the prologue may not write."""
+    def _global_functions(self, items: list) -> list:
+        """The program pruned, then the global functions classify.py cut jump cases into, after
+        everything else (each pruned from its own head already: a function kept from an earlier
+        compile is not walked again). A call site passes a pointer to the slots
+        [fp - FRAME_LO, fp - 16): the verifier wants every byte of memory passed to a global
+        function initialized (btf_check_subprog_call -> check_mem_reg), so the program starts
+        by zeroing what the prologue may not write."""
         funcs = getattr(self, "global_funcs", [])
         if not funcs:
-            return
-        for body in funcs:
-            self.emit(*body)
-        self.items[0:0] = [E.st(E.DW, FP, off, 0, "slots a global function reads: initialized"
-                                if off == -classify.FRAME_LO else "")
-                           for off in range(-classify.FRAME_LO, S_DYNPTR, 8)]
+            return E.prune(items)
+        # each function's head stands in for it while the rest is pruned (every one is called)
+        stubs = [x for body in funcs for x in (body[0], E.exit_())]
+        main = E.prune(items + stubs)
+        if main[len(main) - len(stubs):] != stubs:
+            raise BpfilterError(errno.EINVAL, f"chain {self.chain.name}: a global function is "
+                                              f"never called")
+        zero = [E.st(E.DW, FP, off, 0, "slots a global function reads: initialized"
+                     if off == -classify.FRAME_LO else "")
+                for off in range(-classify.FRAME_LO, S_DYNPTR, 8)]
+        out = zero + main[:len(main) - len(stubs)] + [x for body in funcs for x in body]
+        if len(out) > self.MAX_INSNS:
+            raise BpfilterError(errno.E2BIG, f"chain {self.chain.name}: the compiled program "
+                                             f"exceeds {self.MAX_INSNS} instructions")
+        return out
 
     def _parse_ip(self, drop: str):
         """The IPv4 header fields every rule may test, read once into stack slots."""
@@ -439,8 +509,11 @@ class _ChainCompiler:
     # ---- chains and rules ----
     def _chain_body(self, chain: Chain, ret: str, path: list, where: str, start: int = 0):
         # runs of same-shape rules become one map lookup (classify.py, issue #7)
+        # (a chain holding fewer rules than a run needs has none: 3 333 kube-proxy service
+        # chains are not searched on every compile)
         runs = {r.start: r for r in classify.find_runs(chain.rules)
-                if r.start >= start} if self.table.family == AF_INET else {}
+                if r.start >= start} if self.table.family == AF_INET and \
+            len(chain.rules) - start >= classify.min_run() else {}
         pos = start
         while pos < len(chain.rules):
             if pos in runs:
@@ -593,12 +666,11 @@ class _ChainCompiler:
         if cp is not None and 0 <= cp < len(chains) and chains[cp].name == t.chain:
             target = chains[cp]
         else:
-            try:
-                target = self.table.chain(t.chain)
-            except KeyError:
+            target = self._chains_by_name().get(t.chain)   # as Table.chain: the first one
+            if target is None:
                 raise BpfilterError(errno.EINVAL, f"chain {chain} rule {pos} (entry offset "
                                                   f"{rule.offset}): jump to unknown chain "
-                                                  f"{t.chain}") from None
+                                                  f"{t.chain}")
         if target.builtin:
             raise _unsupported(chain, pos, rule, f"a jump into built-in chain {t.chain}")
         start = getattr(t, "entry", 0)
@@ -908,18 +980,24 @@ def _uses_defs(ins: Insn):
     return 0x7ff, 0
 
 
-def _dead_after(insns: list, where: dict) -> list:
+def _dead_after(insns: list, where: dict, ud: list = None) -> list:
     """For each instruction, the registers whose value is not read again before being written
-    (a backward liveness fixpoint over the subprogram's jumps)."""
+    (a backward liveness fixpoint over the subprogram's jumps; one pass when every jump goes
+    forward, as in rule code, plus one to confirm otherwise). `ud`: _uses_defs of each insn."""
     n = len(insns)
     live_in = [0] * (n + 1)
-    ud = [_uses_defs(i) for i in insns]
-    succ = []
+    if ud is None:
+        ud = [_uses_defs(i) for i in insns]
+    succ, back = [], False
     for k, ins in enumerate(insns):
-        s = [] if ins.is_exit else ([] if ins.is_goto else [k + 1])
-        if ins.is_jump:
-            s.append(where[ins.target])
-        succ.append(s)
+        code = ins.code
+        op = code & 0xf0
+        if code & 0x07 in (E.BPF_JMP, E.BPF_JMP32) and op not in (E.CALL, E.EXIT):
+            j = where[ins.target]
+            back = back or j <= k
+            succ.append((j,) if op == E.JA else (k + 1, j))
+        else:
+            succ.append(() if code == (E.BPF_JMP | E.EXIT) else (k + 1,))
     live_out = [0] * n
     for _ in range(n + 2):                        # converges in a few passes; bounded anyway
         changed = False
@@ -931,7 +1009,7 @@ def _dead_after(insns: list, where: dict) -> list:
             new_in = u | (out & ~d)
             if new_in != live_in[k] or out != live_out[k]:
                 live_in[k], live_out[k], changed = new_in, out, True
-        if not changed:
+        if not changed or not back:
             break
     return [~x for x in live_out]
 
@@ -945,7 +1023,8 @@ def _via_main_frame(items: list) -> list:
     while that register keeps it; every extra instruction is paid once per call site by the
     verifier. With no dead register, a store borrows r9/r8 and restores it."""
     insns, where, _ = E._insns_and_labels(items)
-    dead = _dead_after(insns, where)
+    ud = [_uses_defs(i) for i in insns]
+    dead = _dead_after(insns, where, ud)
     out, k, held = [], -1, None          # held: the register holding the main frame pointer
     for it in items:
         if isinstance(it, Label):
@@ -953,7 +1032,7 @@ def _via_main_frame(items: list) -> list:
             out.append(it)
             continue
         k += 1
-        uses, defs = _uses_defs(it)
+        uses, defs = ud[k]
         if FP not in (it.dst, it.src) or it.is_jump or it.is_exit:
             out.append(it)
             if held is not None and defs >> held & 1:
@@ -998,11 +1077,27 @@ def _via_main_frame(items: list) -> list:
     return out
 
 
+# One compile_table's walk of the table's entries, shared by its chains (10 000 entries walked
+# once instead of once per chain and once per jump-site count): {id(table): (table, entry count,
+# {offset: the next entry's offset})}, dropped when compile_table returns (callers edit tables).
+_WALKS: dict = {}
+
+
+def _next_offsets(table: Table) -> tuple:
+    """(number of entries, {offset: offset of the entry after it}): a standard target whose
+    verdict is the next entry's offset is how iptables writes a rule without -j (libiptc's
+    fall-through jump)."""
+    hit = _WALKS.get(id(table))
+    if hit is not None and hit[0] is table:
+        return hit[1], hit[2]
+    entries = table.entries()
+    return len(entries), {a.offset: b.offset for a, b in zip(entries, entries[1:])}
+
+
 def _jumps(table: Table):
     """A predicate: does this rule jump into a chain (not libiptc's fall-through to the next
     entry, which _entry treats as "no target")?"""
-    entries = table.entries()
-    nxt = {a.offset: b.offset for a, b in zip(entries, entries[1:])}
+    nxt = _next_offsets(table)[1]
     return lambda r: isinstance(r.target, Jump) and r.target.offset != nxt.get(r.offset)
 
 
@@ -1117,7 +1212,7 @@ def _compile_ready(table, chain, facts, fl, subs=frozenset()) -> "_ChainCompiler
 
 def _entry_count(table: Table) -> int:
     if hasattr(table, "entries"):
-        return len(table.entries())
+        return _next_offsets(table)[0]
     idx = [-1]
     for c in table.chains:
         for r in c.rules + [c.policy_entry, c.head_entry]:
@@ -1138,7 +1233,18 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
     if table.family not in (AF_INET, AF_INET6):
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
-    out = CompiledTable(counters_entries=max(1, _entry_count(table)))
+    if hasattr(table, "entries"):
+        _WALKS[id(table)] = (table,) + _next_offsets(table)
+    try:
+        out = CompiledTable(counters_entries=max(1, _entry_count(table)))
+        _compile_chains(table, facts, fl, subprog_above, subprogs, out)
+    finally:
+        _WALKS.pop(id(table), None)
+    return out
+
+
+def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, subprogs,
+                    out: CompiledTable):
     for chain in table.chains:
         if not chain.builtin:
             continue
@@ -1156,5 +1262,5 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
                                             license=fl.license, flavor=fl.name,
                                             maps=list(getattr(cc, "cls_maps", {}).values()),
                                             global_labels=frozenset(getattr(cc, "global_labels",
-                                                                            ()))))
-    return out
+                                                                            ())),
+                                            fn_parts=tuple(getattr(cc, "global_parts", ()))))

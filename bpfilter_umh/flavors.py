@@ -18,6 +18,7 @@ Semantics that differ between flavors are listed in docs/flavors.md, each with i
 from __future__ import annotations
 
 import errno
+import functools
 
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, R3, R4, R6, R7, Label
@@ -43,6 +44,7 @@ ETH_HLEN = 14
 PACKET_OTHERHOST = 3
 NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT = 1, 2, 3
 IFNAMES_MAP = "ifnames"      # BPF_MAP_TYPE_HASH u32 ifindex -> char name[16], kept by attach.py
+SERVED_MAP = "served"        # BPF_MAP_TYPE_HASH u32 ifindex -> 1: devices a tc/xdp flavor serves
 
 # struct __sk_buff / struct xdp_md offsets (include/uapi/linux/bpf.h)
 SKB_LEN, SKB_PKT_TYPE, SKB_PROTOCOL, SKB_INGRESS_IFINDEX, SKB_IFINDEX = 0, 4, 16, 36, 40
@@ -100,12 +102,17 @@ class NfFlavor(Flavor):
     prog_type = BPF_PROG_TYPE_NETFILTER
     expected_attach_type = BPF_NETFILTER
     ACCEPT, DROP = 1, 0                       # NF_ACCEPT, NF_DROP
+    # hooks whose chain a tc/xdp flavor serves on some devices (docs/flavors.md "Per-interface
+    # flavors"): their programs pass, unfiltered and uncounted, what arrives on those devices
+    skip_served = frozenset()
 
     def prologue(self, cc, drop):
         from .compile import S_INNAME, S_LEN, S_OUTNAME
         f = cc.facts
-        cc.emit(E.mov(R6, R1, comment="r6 = struct bpf_nf_ctx *"),
-                E.ldx(E.DW, R7, R6, f.nf_ctx_skb, "r7 = ctx->skb"),
+        cc.emit(E.mov(R6, R1, comment="r6 = struct bpf_nf_ctx *"))
+        if cc.chain.hook in self.skip_served:
+            self._skip_served(cc)
+        cc.emit(E.ldx(E.DW, R7, R6, f.nf_ctx_skb, "r7 = ctx->skb"),
                 E.ldx(E.W, R1, R7, f.skb_len, "skb->len"),
                 E.stx(E.DW, FP, S_LEN, R1))
         if cc.needs_ifnames:
@@ -121,6 +128,22 @@ class NfFlavor(Flavor):
                         E.ldx(E.DW, R2, R1, f.dev_name + 8, f"state->{what}->name[8..15]"),
                         E.stx(E.DW, FP, slot + 8, R2),
                         Label(done))
+
+    def _skip_served(self, cc):
+        """NF_ACCEPT a packet whose input device is in the map "served": the tc/xdp flavor
+        already filtered and counted it. At NF_INET_LOCAL_IN and NF_INET_FORWARD, state->in is
+        skb->dev as ip_rcv/ipv6_rcv got it, the device whose tc ingress or XDP hook ran."""
+        go = cc.label("not_served")
+        cc.emit(E.ldx(E.DW, R1, R6, cc.facts.nf_ctx_state, "ctx->state"),
+                E.ldx(E.DW, R1, R1, cc.facts.state_in, "state->in"),
+                E.jmp(E.JEQ, R1, 0, go),
+                E.ldx(E.W, R1, R1, _dev_ifindex(), "state->in->ifindex"),
+                E.stx(E.W, FP, S_FIB, R1),
+                E.ld_map_fd(R1, SERVED_MAP), E.mov(R2, FP), E.alu(E.ADD, R2, S_FIB),
+                E.call(BPF_FUNC_map_lookup_elem),
+                E.jmp(E.JEQ, R0, 0, go),
+                E.mov(R0, self.ACCEPT, comment="served by the tc/xdp flavor"), E.exit_(),
+                Label(go))
 
     def open_packet(self, cc, drop):
         from .compile import S_DYNPTR
@@ -210,6 +233,13 @@ class _L2Flavor(Flavor):
         return [E.mov(R1, R6), *set_offset, E.mov(R2, R4), E.alu(E.ADD, R2, ETH_HLEN),
                 E.mov(R3, FP), E.alu(E.ADD, R3, dst), E.mov(R4, len_reg),
                 E.call(self.load_helper)]
+
+
+@functools.lru_cache(maxsize=None)
+def _dev_ifindex() -> int:
+    """offsetof(struct net_device, ifindex) in the running kernel (vmlinux BTF)."""
+    from . import btf
+    return btf.member_offset("net_device", "ifindex")
 
 
 def load_bytes_branchy(helper: int, set_offset, size: int, tag: str) -> list:

@@ -32,6 +32,7 @@ import copy
 import errno
 import gc
 import ipaddress
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -206,13 +207,28 @@ class _Hdr:
             (s, d, sm, dm, i, o, im, om, proto, flags, inv, self.nfcache, self.target_offset,
              self.next_offset, self.comefrom, self.pcnt, self.bcnt) = \
                 uapi.IPT_ENTRY_FAST.unpack_from(blob, off)
-            A, tos, ippad, self.pad = ipaddress.IPv4Address, 0, b"", b""
+            tos, ippad, self.pad = 0, b"", b""
         else:
             (s, d, sm, dm, i, o, im, om, proto, tos, flags, inv, ippad, self.nfcache,
              self.target_offset, self.next_offset, self.comefrom, self.pad, self.pcnt,
              self.bcnt) = uapi.IP6T_ENTRY_FAST.unpack_from(blob, off)
-            A = ipaddress.IPv6Address
+        A = _address
         self.ip = IpHeader(A(s), A(d), A(sm), A(dm), i, o, im, om, proto, flags, inv, tos, ippad)
+
+
+# ipaddress objects are immutable: one per distinct packed address, shared by every header
+# (a cold decode of 10 000 entries made 40 000 of them, ~15% of its time; masks and 0 repeat)
+_ADDRESSES: dict = {}
+
+
+def _address(packed: bytes):
+    a = _ADDRESSES.get(packed)
+    if a is None:
+        if len(_ADDRESSES) >= ENTRY_CACHE_MAX:
+            _ADDRESSES.clear()
+        a = _ADDRESSES[packed] = (ipaddress.IPv4Address if len(packed) == 4
+                                  else ipaddress.IPv6Address)(packed)
+    return a
 
 
 @dataclass
@@ -331,7 +347,11 @@ def _underflow_check(r, off, valid_hooks, underflow):
 # passed every check of its own bytes then; of the offset-dependent checks of
 # check_entry_size_and_hooks, alignment and room in the blob hold where the distance to the
 # blob's start (prefix) or end (suffix, moved by a multiple of 8) is the same, and the underflow
-# check is run again on every hook's underflow entry.
+# check is run again on every hook's underflow entry. "Equal" leaves out comefrom and the
+# counters (libiptc sends back the live counters GET_ENTRIES showed); after a normalized decode
+# the blob kept is the one the kernel would keep (Table.kept_blob), so an append after a
+# restore (which sent comefrom 0) still matches byte for byte where no rule counted a packet.
+# The decode takes the entry out (pop) and owns its raws: moved ones are changed in place.
 _LAST_WALK: dict = {}
 
 
@@ -347,10 +367,39 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return lo
 
 
+def _common_suffix(a: bytes, b: bytes) -> int:
+    """Length of the longest common suffix of a and b (bisection on slices, as above)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:len(a) - lo] == b[len(b) - mid:len(b) - lo]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _moved(r, off: int, verdict: int):
-    n = object.__new__(_Raw)
-    n.__dict__.update(r.__dict__)
-    n.off, n.verdict = off, verdict
+    """The old raw entry r at its new offset (and verdict), changed in place: the previous walk
+    was taken out of _LAST_WALK for this decode, so nothing else holds its raws (a Table's rules
+    copy what they need), and a copy of each of 10 000 moved entries cost ~10 ms."""
+    r.off, r.verdict = off, verdict
+    return r
+
+
+def _same_but_volatile(a: bytes, b: bytes, family: int) -> bool:
+    """Entries a and b are the same bytes but for comefrom and the counters."""
+    cf, cnt, _ = _VOLATILE[family]
+    return len(a) == len(b) and a[:cf] == b[:cf] and a[cf + 4:cnt] == b[cf + 4:cnt] \
+        and a[cnt + 16:] == b[cnt + 16:]
+
+
+def _with_values(hdr, comefrom: int, pcnt: int, bcnt: int):
+    """A copy of an entry header with other comefrom and counters."""
+    n = object.__new__(_CachedHdr)
+    n.ip, n.nfcache, n.target_offset, n.next_offset, n.pad = \
+        hdr.ip, hdr.nfcache, hdr.target_offset, hdr.next_offset, hdr.pad
+    n.comefrom, n.pcnt, n.bcnt = comefrom, pcnt, bcnt
     return n
 
 
@@ -377,16 +426,36 @@ def _reusable(prev, blob: bytes, family: int):
         return [], []
     nhead = bisect.bisect_right(ends, _common_prefix(old, blob))
     head = raws[:nhead]
-    floor = ends[nhead - 1] if nhead else 0     # the first offset the head does not cover
     cf, cnt, _ = _VOLATILE[family]
+    # on from there, entries equal but for comefrom and the counters (libiptc sends the live
+    # counters GET_ENTRIES showed: with traffic, the byte prefix ends at the first counted rule)
+    for r in raws[nhead:]:
+        nxt = r.hdr.next_offset
+        e_old, e_new = old[r.off:r.off + nxt], blob[r.off:r.off + nxt]
+        if e_old != e_new:
+            if not _same_but_volatile(e_old, e_new, family):
+                break
+            r.hdr = _with_volatile(r.hdr, e_new, family)
+        head.append(r)
+    nhead = len(head)
+    floor = head[-1].off + head[-1].hdr.next_offset if head else 0  # the first offset after it
+    # old entries from this offset on lie in the common suffix: byte-equal where they moved to
+    same_from = len(old) - _common_suffix(old, blob)
     tail = []
     for j in range(len(raws) - 1, nhead - 1, -1):
         r = raws[j]
         nxt, noff = r.hdr.next_offset, r.off + delta
         if noff < floor:
             break
+        if r.off >= same_from:
+            tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
+            continue
         e_old, e_new = old[r.off:r.off + nxt], blob[noff:noff + nxt]
         if e_old == e_new:
+            tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
+            continue
+        if _same_but_volatile(e_old, e_new, family):
+            r.hdr = _with_volatile(r.hdr, e_new, family)
             tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
             continue
         # the same entry but for comefrom, the counters or the offset a jump names (_entry_key:
@@ -396,10 +465,9 @@ def _reusable(prev, blob: bytes, family: int):
         v = _jump_verdict(e_new, family) if r.std and r.verdict > 0 else r.verdict
         if v is None:
             break
-        n = _moved(r, noff, v)
         if e_new[cf:cnt + 16] != e_old[cf:cnt + 16]:
-            n.hdr = _with_volatile(r.hdr, e_new, family)
-        tail.append(n)
+            r.hdr = _with_volatile(r.hdr, e_new, family)
+        tail.append(_moved(r, noff, v))
     tail.reverse()
     return head, tail
 
@@ -513,6 +581,30 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
     return out
 
 
+def _kept_blob(blob: bytes, raws, comefrom: list, family: int) -> bytes:
+    """The entries as the kernel keeps them after SET_REPLACE (what GET_ENTRIES shows, counters
+    zero): the caller's bytes with comefrom set by mark_source_chains and the counters zeroed
+    (ip_tables.c translate_table copies the rest as given). Only the entries whose comefrom or
+    counters differ are patched: libiptc sends back what GET_ENTRIES showed, so after the first
+    change that is the few new entries (and those with traffic), not all 10 000."""
+    cf, cnt, _ = _VOLATILE[family]
+    todo = [(r, c) for r, c in zip(raws, comefrom)
+            if r.hdr.comefrom != c or r.hdr.pcnt or r.hdr.bcnt]
+    if not todo:
+        return blob
+    out = bytearray(blob)
+    # ip6t_entry has 4 padding bytes between comefrom and the counters: kept as given
+    u32, u64x2 = _U32.pack_into, _U64X2.pack_into
+    for r, c in todo:
+        u32(out, r.off + cf, c)
+        u64x2(out, r.off + cnt, 0, 0)
+        r.hdr = _with_values(r.hdr, c, 0, 0)   # the raw describes the patched bytes now
+    return bytes(out)
+
+
+_U32, _U64X2 = struct.Struct("<I"), struct.Struct("<QQ")
+
+
 def _verdict_ok(v: int) -> bool:
     """x_tables.c verdict_ok()."""
     if v > 0:
@@ -534,9 +626,11 @@ def _payload_data(e, payload: bytes, decoded, to_user: bool):
     return (decoded if decoded is not None else e.decode(payload)), payload
 
 
-def _check_table_hooks(raws, hook_entry, underflow, valid_hooks):
-    """xt_check_table_hooks() on what check_entry_size_and_hooks() found."""
-    offs = {r.off for r in raws}
+def _check_table_hooks(raws, hook_entry, underflow, valid_hooks, offs=None):
+    """xt_check_table_hooks() on what check_entry_size_and_hooks() found; `offs` holds every
+    entry's offset (a dict {offset: index} does)."""
+    if offs is None:
+        offs = {r.off for r in raws}
     max_e = max_u = 0
     first = True
     for h in range(NF_INET_NUMHOOKS):
@@ -554,10 +648,12 @@ def _check_table_hooks(raws, hook_entry, underflow, valid_hooks):
         max_e, max_u, first = hook_entry[h], underflow[h], False
 
 
-def _mark_source_chains(raws, size, hook_entry, valid_hooks) -> list:
+def _mark_source_chains(raws, size, hook_entry, valid_hooks, idx=None) -> list:
     """ip_tables.c mark_source_chains(), step for step: returns each entry's comefrom (hook
-    bitmask) or raises ELOOP for a loop, a jump onto no entry or a fall off the table end."""
-    idx = {r.off: i for i, r in enumerate(raws)}
+    bitmask) or raises ELOOP for a loop, a jump onto no entry or a fall off the table end.
+    `idx`: {offset: entry index}, made here when not given."""
+    if idx is None:
+        idx = {r.off: i for i, r in enumerate(raws)}
     n = len(raws)
     comefrom, pcnt = [0] * n, [0] * n
     LOOPBIT = 1 << NF_INET_NUMHOOKS
@@ -615,6 +711,53 @@ def _mark_source_chains(raws, size, hook_entry, valid_hooks) -> list:
     return comefrom
 
 
+# extension payloads parsed by their construct codec (~50 us each): a table's targets have a
+# handful of distinct payloads (ACCEPT, DROP, ...), matches repeat less. Keyed by the extension
+# and the bytes, so equal payloads share one parsed value, as equal entries do (_ENTRY_CACHE).
+_PAYLOADS: dict = {}
+
+
+def _decoded_payload(e, payload: bytes):
+    key = (id(e), payload)
+    got = _PAYLOADS.get(key)
+    if got is None or got[0] is not e:
+        if len(_PAYLOADS) >= ENTRY_CACHE_MAX:
+            _PAYLOADS.clear()
+        got = _PAYLOADS[key] = (e, _parse_payload(e, payload))
+    return got[1]
+
+
+# construct's compiled parsers (Struct.compile(): generated Python, ~3x faster than the
+# interpreted parse) for the codecs; a codec's compiled parser is trusted only after it gave
+# what the interpreted one gives for its first VERIFY payloads, and never after a difference
+_COMPILED: dict = {}        # id(extension) -> [extension, parser or None, payloads left to verify]
+VERIFY = 16
+
+
+def _parse_payload(e, payload: bytes):
+    """extensions.Extension.decode(payload), through the compiled parser where it is trusted."""
+    if e.codec is None or len(payload) != uapi.XT_ALIGN(e.size):
+        return e.decode(payload)
+    st = _COMPILED.get(id(e))
+    if st is None or st[0] is not e:
+        try:
+            fast = e.codec.compile()
+        except Exception:       # noqa: BLE001 - construct cannot compile every codec
+            fast = None
+        st = _COMPILED[id(e)] = [e, fast, VERIFY]
+    if st[1] is None:
+        return e.decode(payload)
+    if st[2] <= 0:
+        return st[1].parse(payload[:e.size])
+    slow = e.decode(payload)
+    try:
+        same = st[1].parse(payload[:e.size]) == slow
+    except Exception:           # noqa: BLE001
+        same = False
+    st[1:] = [st[1] if same else None, st[2] - 1]
+    return slow
+
+
 def _find_check(raws, family):
     """find_check_entry() for each entry in order: extension lookup, xt_check_match()/
     xt_check_target() size and protocol checks, and the extension's checkentry."""
@@ -640,7 +783,7 @@ def _find_check(raws, family):
                      f"size {uapi.XT_ALIGN(e.size)}")
             if e.proto and (r.ip.proto != e.proto or r.ip.invflags & uapi.XT_INV_PROTO):
                 _err(errno.EINVAL, r.off, f"{kind} {name!r} only valid for protocol {e.proto}")
-            data = decoded[-1] = e.decode(payload)
+            data = decoded[-1] = _decoded_payload(e, payload)
             if e.check:
                 e.check(Rule(r.ip, offset=r.off), family, data)
         r.mdata, r.tdata = decoded[:-1], decoded[-1]
@@ -704,20 +847,36 @@ class Table:
         if len(hook_entry) != NF_INET_NUMHOOKS or len(underflow) != NF_INET_NUMHOOKS:
             raise BpfilterError(errno.EINVAL, "hook_entry/underflow need 5 values")
         valid_hooks &= 0xFFFFFFFF
-        prev = _LAST_WALK.pop(family, None)     # kept only for a table that passed every check
+        # kept only for a table that passed every check; taken out, so this decode owns its
+        # raws (_moved changes them in place)
+        prev = _LAST_WALK.pop(family, None)
         raws = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev)
         if num_entries is not None and len(raws) != num_entries:
             _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {len(raws)}")
-        _check_table_hooks(raws, hook_entry, underflow, valid_hooks)
-        comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks)
+        at = {r.off: i for i, r in enumerate(raws)}       # offset -> entry index, shared
+        _check_table_hooks(raws, hook_entry, underflow, valid_hooks, at)
+        comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks, at)
         _find_check(raws, family)
         _remember(raws, family)
-        _LAST_WALK[family] = (blob, raws, [r.off + r.hdr.next_offset for r in raws])
-        return cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
-                          comefrom if normalize else None)
+        ends = [r.off + r.hdr.next_offset for r in raws]
+        _LAST_WALK[family] = (blob, raws, ends)
+        table = cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
+                           comefrom if normalize else None, at)
+        if normalize:
+            table.kept_blob = _kept_blob(blob, raws, comefrom, family)
+            # the next decode compares with the bytes as kept: libiptc sends back what
+            # GET_ENTRIES showed (these, with the live counters), iptables-restore comefrom 0;
+            # _kept_blob set the raws' headers to match
+            _LAST_WALK[family] = (table.kept_blob, raws, ends)
+        # the extension names the table uses, from the raw entries (a set of a few names): the
+        # engine asks "any REJECT/LOG, addrtype, conntrack?" of every install (engine._uses)
+        table.target_names = frozenset(uapi.cstr(n) for n in {r.tname for r in raws})
+        table.match_names = frozenset(uapi.cstr(n) for n in
+                                      {m[0] for r in raws if r.matches for m in r.matches})
+        return table
 
     @classmethod
-    def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom):
+    def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at):
         lay = uapi.layout(family)
         rules = []
         slot = "built_norm" if comefrom is not None else "built_raw"
@@ -764,34 +923,42 @@ class Table:
                 tail=h.next_offset - h.target_offset - r.tsize, pad=pad, cache_key=r.key)
             rules.append(rule)
 
-        # split into chains: a chain starts at a hook entry or at an ERROR entry
-        hook_at = {hook_entry[h]: h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)}
-        is_err = [isinstance(x.target, ExtTarget) and x.target.name == "ERROR" for x in rules]
-        chains, tail, cur = [], None, None
-        for i, rule in enumerate(rules):
-            if rule.offset in hook_at:
-                h = hook_at[rule.offset]
-                cur = Chain(HOOK_NAMES[h], hook=h)
-                chains.append(cur)
-            elif is_err[i]:
-                if i == len(rules) - 1:
-                    tail = rule
+        # split into chains: a chain starts at a hook entry or at an ERROR entry. Found on the
+        # raw entries (a few boundaries), then each chain's rules are one slice of `rules`
+        n = len(rules)
+        hook_start = {at[hook_entry[h]]: h for h in range(NF_INET_NUMHOOKS)
+                      if valid_hooks & (1 << h) and hook_entry[h] in at}
+        errs = [i for i, r in enumerate(raws)
+                if not r.std and r.tname.split(b"\0", 1)[0] == b"ERROR"]
+        bounds = sorted(hook_start.keys() | set(errs))
+        chains, tail = [], None
+        spans = []          # (first entry, first body entry, end, chain position) per chain
+        if n and (not bounds or bounds[0] > 0):
+            # entries before any chain start: no hook reaches them
+            chains.append(Chain("", rules=rules[:bounds[0] if bounds else n]))
+            spans.append((0, 0, bounds[0] if bounds else n, 0))
+        for j, b in enumerate(bounds):
+            end = bounds[j + 1] if j + 1 < len(bounds) else n
+            if b in hook_start:
+                h = hook_start[b]
+                c = Chain(HOOK_NAMES[h], hook=h, rules=rules[b:end])
+                body = b
+            else:
+                if b == n - 1:
+                    tail = rules[b]
                     break
-                cur = Chain(uapi.cstr(rule.target.data.errorname), head_entry=rule)
-                chains.append(cur)
-                continue
-            elif cur is None:
-                cur = Chain("")        # entries before any chain start: no hook reaches them
-                chains.append(cur)
-            cur.rules.append(rule)
+                c = Chain(uapi.cstr(rules[b].target.data.errorname), head_entry=rules[b],
+                          rules=rules[b + 1:end])
+                body = b + 1
+            spans.append((b, body, end, len(chains)))
+            chains.append(c)
         # built-in chains: the underflow entry is the policy, what follows it the trailer
-        for c in chains:
+        for c, (_first, body, end, _ci) in zip(chains, spans):
             if c.builtin:
-                pos = [k for k, x in enumerate(c.rules) if x.offset == underflow[c.hook]]
-                if not pos:
+                k = at.get(underflow[c.hook], -1) - body
+                if not 0 <= k < end - body:
                     raise BpfilterError(errno.EOPNOTSUPP, f"underflow {underflow[c.hook]} of "
                                         f"{c.name} lies outside the chain (not supported)")
-                k = pos[0]
                 c.policy_entry, c.trailer, c.rules = c.rules[k], c.rules[k + 1:], c.rules[:k]
                 c.policy = c.policy_entry.target.verdict
             elif c.head_entry is not None and c.rules:
@@ -799,18 +966,20 @@ class Table:
                 if isinstance(last.target, Verdict) and last.target.verdict == XT_RETURN \
                         and not last.matches and last.ip.unconditional(family):
                     c.policy_entry = c.rules.pop()
-        # resolve jumps to (chain, position)
-        where = {}
-        for ci, c in enumerate(chains):
-            if c.head_entry is not None:
-                where[c.head_entry.offset] = (ci, -1)
-            for k, x in enumerate(c.body()):
-                where[x.offset] = (ci, k)
+        # resolve jumps to (chain, position): a chain's body (rules, policy entry, trailer) is
+        # its entries after the head, in blob order, so the position is the distance from there
+        import bisect
+        firsts = [sp[0] for sp in spans]
         for rule in rules:
             t = rule.target
-            if isinstance(t, Jump) and t.offset in where:
-                ci, k = where[t.offset]
-                t.chain, t.entry, t.chain_pos = chains[ci].name, k, ci
+            if isinstance(t, Jump):
+                e = at.get(t.offset)
+                j = bisect.bisect_right(firsts, e) - 1 if e is not None else -1
+                if j < 0 or e >= spans[j][2]:
+                    continue            # onto no entry, or onto the final ERROR entry
+                _first, body, _end, ci = spans[j]
+                t.chain, t.entry, t.chain_pos = chains[ci].name, (e - body if e >= body
+                                                                  else -1), ci
         return cls(name, family, valid_hooks, chains, tail)
 
     # --- layout and encode --------------------------------------------------------------------
@@ -914,7 +1083,9 @@ class Table:
 
     @property
     def num_entries(self) -> int:
-        return len(self.entries())
+        # len(self.entries()) without building the list of every entry (per chain, not rule)
+        return sum((c.head_entry is not None) + len(c.rules) + (c.policy_entry is not None)
+                   + len(c.trailer) for c in self.chains) + (self.tail_entry is not None)
 
     def getinfo_bytes(self) -> bytes:
         """struct ipt_getinfo / ip6t_getinfo for this table."""
@@ -1031,9 +1202,10 @@ def decode_replace(buf: bytes, family: int):
     blob = bytes(buf[uapi.ipt_replace.sizeof():uapi.ipt_replace.sizeof() + hdr.size])
     table = Table.decode(blob, family, hdr.hook_entry, hdr.underflow, hdr.valid_hooks, name,
                          num_entries=hdr.num_entries, normalize=True)
-    # the entries as the caller sent them: the engine's state file patches comefrom and the
-    # counters in instead of encoding the table again (engine._state_blob); whoever edits this
-    # table afterwards must drop it
+    # the entries as the caller sent them, and as the kernel keeps them (table.kept_blob:
+    # comefrom and the counters patched): the state file and GET_ENTRIES use these instead of
+    # encoding the table again (engine._state_blob, sockopt Backend.replace); whoever edits this
+    # table afterwards must drop source_blob (which disowns both)
     table.source_blob = blob
     return hdr, table
 

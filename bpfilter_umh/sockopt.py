@@ -317,7 +317,8 @@ class Backend:
         entry count and the GET_ENTRIES blob come from it, live counters patched in."""
         t = self.table
         if self._snap is None or self._snap[0] is not t:
-            blob = t.encode()                          # also lays out: Rule.offset is set
+            # also lays out (Rule.offset is set); counters zero: entries_blob adds the live ones
+            blob = t.encode(counters=[(0, 0)] * t.num_entries)
             # xt_counters is the last member of ipt_entry / ip6t_entry
             cofs = [r.offset + ENTRY_SIZE[self.family] - XT_COUNTERS.size for r in t.entries()]
             self._snap = (t, blob, cofs, t.getinfo_bytes())
@@ -331,15 +332,22 @@ class Backend:
         return self._snapshot()[3]
 
     def num_entries(self) -> int:
-        if self._snap is not None and self._snap[0] is self.table:
+        if self._snap is not None and self._snap[0] is self.table and self._snap[2] is not None:
             return len(self._snap[2])
         return self.table.num_entries      # no need to encode just to count
 
     def entries_blob(self) -> bytes:
-        _t, blob, cofs, _info = self._snapshot()
+        t, blob, cofs, info = self._snapshot()
+        if cofs is None:
+            # xt_counters is the last member of ipt_entry / ip6t_entry
+            back = ENTRY_SIZE[self.family] - XT_COUNTERS.size
+            cofs = [r.offset + back for r in t.entries()]
+            self._snap = (t, blob, cofs, info)
         out = bytearray(blob)
-        for off, (pcnt, bcnt) in zip(cofs, self.engine.counters()):
-            XT_COUNTERS.pack_into(out, off, pcnt, bcnt)
+        pack = XT_COUNTERS.pack_into
+        for off, c in zip(cofs, self.engine.counters()):
+            if c[0] or c[1]:        # the blob holds zero counters already
+                pack(out, off, *c)
         return bytes(out)
 
     def replace(self, table, blob: bytes, getinfo: bytes):
@@ -350,19 +358,21 @@ class Backend:
         (ip_tables.c do_replace copies them, translate_table checks them) except comefrom,
         which mark_source_chains sets (the codec's normalized decode has it), and the counters,
         which start from zero. Extension payloads the kernel shows differently
-        (xt_data_to_user) belong to extensions the compiler refuses, so none is installed."""
-        fam_entry = ENTRY_SIZE[self.family]
-        out = bytearray(blob)
-        cofs = []
-        for r in table.entries():
-            struct.pack_into("=I", out, r.offset + COMEFROM_OFFSET[self.family], r.comefrom)
-            cofs.append(r.offset + fam_entry - XT_COUNTERS.size)
-            XT_COUNTERS.pack_into(out, cofs[-1], 0, 0)
+        (xt_data_to_user) belong to extensions the compiler refuses, so none is installed.
+        decode_replace has patched those two already (table.kept_blob)."""
+        kept = getattr(table, "kept_blob", None)
+        if kept is None or getattr(table, "source_blob", None) is None:
+            out = bytearray(blob)
+            for r in table.entries():
+                struct.pack_into("=I", out, r.offset + COMEFROM_OFFSET[self.family], r.comefrom)
+                XT_COUNTERS.pack_into(out, r.offset + ENTRY_SIZE[self.family] - XT_COUNTERS.size,
+                                      0, 0)
+            kept = bytes(out)
         try:
             old = self.engine.install(table)
         finally:
             self._stamp = self._state_stamp()
-        self._snap = (table, bytes(out), cofs, getinfo)
+        self._snap = (table, kept, None, getinfo)     # counter offsets: on the first GET_ENTRIES
         return old
 
     def add_counters(self, counters):
@@ -404,6 +414,22 @@ class Dispatcher:
         return config.load().policy(family)
 
     def serve(self, req: Request) -> Reply:
+        # no automatic GC pass inside a request: a SET_REPLACE of 10 000 rules makes ~100 000
+        # objects, and the passes they set off (each walking every young object) cost it
+        # 30-60 ms; Engine.install collects once (the helper: after the reply, engine.AFTER_REPLY;
+        # otherwise during the RCU wait), then freezes the survivors (gc.freeze). A request that
+        # makes garbage cycles and installs nothing leaves them to the next automatic pass, after
+        # it has answered.
+        import gc
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._serve_timed(req)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _serve_timed(self, req: Request) -> Reply:
         t0 = time.perf_counter()
         try:
             if req.netns_cookie and req.netns_cookie != self.home_cookie:
@@ -643,7 +669,7 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
         if delegated:
             old = be.delegation.take_back(be)
     try:
-        mem.write(counters_ptr, b"".join(XT_COUNTERS.pack(p, b) for p, b in old))
+        mem.write(counters_ptr, pack_counters(old))
     except BpfilterError as e:
         # __do_replace: the new table is in place already, a failed copy is not an error
         log.warning("could not return old counters to %d: %s", req.pid, e)
@@ -666,8 +692,20 @@ def do_add_counters(be, mem: CallerMemory, req: Request) -> Reply:
     if num != be.num_entries():
         raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS: {num} counters for "
                                           f"{be.num_entries()} entries")
-    be.add_counters([XT_COUNTERS.unpack_from(data, i * 16) for i in range(num)])
+    be.add_counters(unpack_counters(data, num))
     return Reply(0, 0)
+
+
+def pack_counters(counters) -> bytes:
+    """[(pcnt, bcnt)] as an array of struct xt_counters, in one struct.pack."""
+    flat = [v for pair in counters for v in pair]
+    return struct.pack(f"={len(flat)}Q", *flat)
+
+
+def unpack_counters(data: bytes, num: int) -> list:
+    """An array of `num` struct xt_counters -> [(pcnt, bcnt)], in one struct.unpack."""
+    flat = struct.unpack_from(f"={2 * num}Q", data)
+    return list(zip(flat[0::2], flat[1::2]))
 
 
 def max_table_size() -> int:

@@ -60,6 +60,26 @@ def test_appends_after_a_seen_run_stay_linear(monkeypatch):
     assert classify.map_spec(classify.find_runs(base + more[:2], 3)[0], "m") is spec
 
 
+def test_multi_form_choice():
+    """Interleaved shapes become one split multi run (a lookup per shape); a long plain run with
+    a few rules of other shapes next to it stays a plain run plus linear rules (its map is kept
+    across appends); more shapes than SPLIT_MAX_SHAPES take the bitmap form."""
+    rnd = random.Random(3)
+    mixed = _mixed_run(rnd, 300, [ACCEPT, DROP])
+    runs = classify.find_runs(mixed, 34)
+    assert [(r.kind, r.start, r.end) for r in runs] == [("multi", 0, 300)]
+    assert classify._run_form(runs[0])[0] == "split" and "shapes" in runs[0].text("INPUT")
+    block = [rule(DROP, src=f"10.{i >> 8}.{i & 255}.0/24") for i in range(200)]
+    tail = [rule(ACCEPT, tcp(dport=(22, 22)), proto=6), rule(DROP, dst="10.9.0.0/16")]
+    assert [(r.kind, r.start, r.end) for r in classify.find_runs(block + tail, 34)] == \
+        [("lpm", 0, 200)]
+    many = [rule(DROP, src=f"10.{i}.0.0/16", dst=f"10.0.0.0/{8 + i}", proto=6)
+            for i in range(classify.SPLIT_MAX_SHAPES + 1)] * 30
+    runs = classify.find_runs(many, 34)
+    assert [(r.kind, len(r.rules)) for r in runs] == [("multi", len(many))]
+    assert classify._run_form(runs[0])[0] == "bitmap"
+
+
 @pytest.mark.parametrize("r", [
     rule(DROP, src="10.0.0.0/8", inv=0x08),                  # ! -s
     rule(DROP, src="10.0.0.0/8", frag=True),                 # -f
@@ -292,11 +312,14 @@ def _mixed_run(rnd, n, act):
 
 
 @root
+@pytest.mark.parametrize("form", ["bitmap", "split"])
 @pytest.mark.parametrize("seed", range(int(os.environ.get("BPFILTER_CLASSIFY_SEEDS", "40"))))
-def test_multi_run_equals_linear(seed, monkeypatch):
-    """Rules of mixed shapes served by per-field bitmap lookups (multi runs; forced here by a zero
-    base cost) == linear code, verdicts and counters, in built-in and user chains."""
+def test_multi_run_equals_linear(seed, form, monkeypatch):
+    """Rules of mixed shapes as multi runs (forced here by a zero base cost), in either form:
+    per-field bitmap lookups ANDed, or one prefiltered lookup per shape with the smallest
+    position winning == linear code, verdicts and counters, in built-in and user chains."""
     monkeypatch.setattr(classify, "MULTI_NS_BASE", 0.0)
+    monkeypatch.setattr(classify, "MULTI_FORM", form)
     rnd = random.Random(seed + 5000)
     rules = _mixed_run(rnd, rnd.randrange(10, 140), [ACCEPT, DROP])
     rules.insert(rnd.randrange(len(rules)), rule(ACCEPT, icmp(0), proto=1))     # stays linear
@@ -306,13 +329,83 @@ def test_multi_run_equals_linear(seed, monkeypatch):
     cls = Loaded(tbl, monkeypatch, 4)
     lin = Loaded(tbl, monkeypatch, 0)
     try:
-        assert any(m.name.endswith("_rules") for m in cls.cp.maps), cls.cp.maps
+        tail = "_rules" if form == "bitmap" else "_bloom"
+        assert any(m.name.endswith(tail) for m in cls.cp.maps), cls.cp.maps
         for i, pkt in enumerate(random_packets(seed, 400)):
             a, b = lin.run(pkt), cls.run(pkt)
             assert a == b, f"seed {seed} packet {i} {pkt.hex()}: linear {a} classified {b}"
         lc, cc = lin.counters(), cls.counters()
         diff = [(i, x, y) for i, (x, y) in enumerate(zip(lc, cc)) if x != y]
         assert not diff, f"seed {seed}: counters differ (entry, linear, classified): {diff[:10]}"
+    finally:
+        cls.close()
+        lin.close()
+
+
+def _sparse_mixed(rnd, n):
+    """[(rule, a packet aimed at it)]: rules of five shapes (as bench/rulesets.py's mixed) spread
+    over 10.0.0.0/8, so most random packets match none of them and the split form's prefilter
+    skips most lookups."""
+    def addr():
+        return ipaddress.IPv4Address(0x0A000000 | rnd.getrandbits(24))
+
+    def inside(a, plen):
+        host = rnd.getrandbits(32 - plen) if plen < 32 else 0
+        return str(ipaddress.IPv4Address(int(a) | host))
+    out = []
+    for _ in range(n):
+        k, act = rnd.randrange(5), rnd.choice([ACCEPT, DROP])
+        plen = rnd.choice([8, 16, 20, 24, 28, 32, 32])
+        net = ipaddress.IPv4Address(int(addr()) & ((1 << 32) - 1) ^ ((1 << (32 - plen)) - 1))
+        p = rnd.choice([6, 17])
+        sp, dp = rnd.randrange(1024, 1030), rnd.randrange(1000, 1100)
+        s, d = addr(), addr()
+        l4m = tcp if p == 6 else udp
+        if k == 0:
+            r, pkt = rule(act, src=f"{net}/{plen}"), (inside(net, plen), str(d), p, sp, dp)
+        elif k == 1:
+            r, pkt = rule(act, dst=f"{net}/{plen}"), (str(s), inside(net, plen), p, sp, dp)
+        elif k == 2:
+            r, pkt = rule(act, l4m(dport=(dp, dp)), proto=p), (str(s), str(d), p, sp, dp)
+        elif k == 3:
+            r = rule(act, l4m(sport=(sp, sp), dport=(dp, dp)), proto=p, src=f"{s}/32",
+                     dst=f"{d}/32")
+            pkt = (str(s), str(d), p, sp, dp)
+        else:
+            r, pkt = rule(act, proto=p, src=f"{s}/32", dst=f"{d}/32"), (str(s), str(d), p, sp, dp)
+        out.append((r, pkt))
+    return out
+
+
+@root
+@pytest.mark.parametrize("seed", range(6))
+def test_split_prefilter_never_hides_a_match(seed, monkeypatch):
+    """The split form on sparse rules: packets aimed at each rule (whole, truncated, fragments at
+    8 bytes and later) and packets matching nothing give what linear code gives, verdicts and
+    counters; a Bloom or /16 bit the packet side computes differently would hide a match."""
+    monkeypatch.setattr(classify, "MULTI_FORM", "split")
+    rnd = random.Random(seed + 7000)
+    pairs = _sparse_mixed(rnd, rnd.randrange(200, 600))
+    tbl = table({"INPUT": (ACCEPT, [r for r, _ in pairs])})
+    cls = Loaded(tbl, monkeypatch, 4)
+    lin = Loaded(tbl, monkeypatch, 0)
+    try:
+        assert any(m.name.endswith("_bloom") for m in cls.cp.maps), cls.cp.maps
+        pkts = []
+        for _, (s, d, p, sp, dp) in rnd.sample(pairs, min(150, len(pairs))):
+            l4 = tcp_hdr(sp, dp) if p == 6 else udp_hdr(sp, dp)
+            pkts += [ipv4(s, d, p, l4), ipv4(s, d, p, l4[:6]), ipv4(s, d, p, l4[8:], frag_off=1),
+                     ipv4(s, d, p, l4[16:], frag_off=2),
+                     ipv4(s, d, p, udp_hdr(sp, dp) if p == 6 else tcp_hdr(sp, dp))]
+        for _ in range(200):
+            s, d = (str(ipaddress.IPv4Address(0x0A000000 | rnd.getrandbits(24))) for _ in "sd")
+            pkts.append(ipv4(s, d, rnd.choice([1, 6, 17]), udp_hdr(rnd.randrange(65536),
+                                                                  rnd.randrange(65536))))
+        for i, pkt in enumerate(pkts):
+            assert lin.run(pkt) == cls.run(pkt), f"seed {seed} packet {i} {pkt.hex()}"
+        lc, cc = lin.counters(), cls.counters()
+        assert lc == cc
+        assert sum(p for p, _ in cc[:len(pairs)]) > len(pkts) // 4
     finally:
         cls.close()
         lin.close()
@@ -447,9 +540,10 @@ def test_comments_do_not_break_runs(seed, monkeypatch):
 @pytest.mark.parametrize("seed", range(10))
 def test_runs_inside_subprograms(seed, monkeypatch):
     """User chains called as BPF subprograms (compile.py, when inlining is too big): their runs
-    (plain, jump cases, multi) reach the packet fields and their scratch slots through the main
-    frame, and give what the inlined linear code gives."""
+    (plain, jump cases, multi in both forms) reach the packet fields and their scratch slots
+    through the main frame, and give what the inlined linear code gives."""
     monkeypatch.setattr(classify, "MULTI_NS_BASE", 0.0)
+    monkeypatch.setattr(classify, "MULTI_FORM", "split" if seed % 4 == 2 else "bitmap")
     if seed % 2:
         tbl = random_table(seed)
     else:                                   # a multi run and a plain run, each in a subprogram

@@ -119,6 +119,49 @@ def test_fanout_global_functions_match_inlined(monkeypatch):
     assert sum(1 for p, _ in results[0][1] if p) >= 6
 
 
+def test_fanout_returning_service_matches_inlined(monkeypatch):
+    """A service chain that RETURNs, and a later service rule with the same key jumping to
+    another chain: the global function answers "a later jump case" (relative to its group's
+    first case) and the caller dispatches it; verdicts and counters equal the inlined program's,
+    also when the functions were kept from the compile of the table before it."""
+    rs = rulesets.make("fanout", 3000, seed=3)
+    svc = [ln for ln in rs.lines if ln.startswith("-A SVC ")]
+    text = to_input(rs.text)
+    base = decoded(text)
+    text = text.replace("-A SVC-5 -j DROP", "-A SVC-5 -s 192.0.2.128/25 -j DROP")
+    text = text.replace(svc[-1], svc[-1] + "\n" + svc[5].replace("-j SVC-5", "-j SVC-900"))
+    table = decoded(text)
+    facts = KernelFacts.from_btf()
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    classify._FN_CACHE.clear()
+    compile_table(base, facts)
+    before = classify.FN_STATS["reused"]
+    glob = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
+    assert glob.global_labels and classify.FN_STATS["reused"] > before
+    monkeypatch.setenv("BPFILTER_GLOBAL_FUNCS", "0")
+    inl = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
+    vip, port = svc[5].split()[3].split("/")[0], int(svc[5].split()[9])
+    packets = [_frame("192.0.2.5", vip, 1024, port),        # SVC-5 ACCEPTs
+               _frame("192.0.2.200", vip, 1024, port),      # SVC-5 DROPs
+               _frame("192.0.2.40", vip, 1024, port),       # SVC-5 RETURNs, SVC-900 DROPs
+               _frame("192.0.2.7", vip, 1024, port)]        # SVC-5 ACCEPTs
+    with Netns("cr") as ns, ns.inside():
+        results = []
+        for cp in (glob, inl):
+            prog, cnt, _ = _load(cp)
+            try:
+                verdicts = [prog.test_run(f, bytes([1, 2]) + bytes(6))[0] for f in packets]
+                counts = engine.Engine._read(cnt, table.num_entries, [])
+            finally:
+                prog.close()
+                cnt.close()
+            results.append((verdicts, counts))
+    assert results[0] == results[1]
+    assert results[0][0] == [1, 0, 0, 1]
+    dup = table.chain("SVC").rules[-1]
+    assert results[0][1][dup.index][0] == 1, "the second rule with the key was not counted"
+
+
 def test_fanout_10000_uses_global_functions_and_loads_fast():
     """The differential suite's fan-out ruleset (10 000 rules, 3 333 service chains) is compiled
     with global functions, and the kernel loads it in seconds (inlined: 16 s measured, most of
@@ -342,3 +385,82 @@ def test_walk_reuse_ipv6():
         assert got == want and got.encode() == want.encode()
         assert [(r.comefrom, r.offset) for r in got.entries()] == \
             [(r.comefrom, r.offset) for r in want.entries()]
+
+
+# ---- global functions kept across compiles ------------------------------------------------------
+
+def _code(table, facts):
+    """INPUT's bytecode, placed from the functions' kept bytecode (CompiledProgram.assemble),
+    checked against encoding every item, and the same for its BTF func_info."""
+    from bpfilter_umh import ebpf as E
+    cp = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
+    fds = {COUNTERS_MAP: 3, **{m.name: 4 for m in cp.maps}}
+    code = cp.assemble(fds)
+    assert code == E.assemble(cp.items, fds, facts.kfunc_ids)
+    funcs = [(0, cp.name, False)] + [(slot, label, label in cp.global_labels)
+                                      for slot, label in E.subprogram_starts(cp.items)]
+    assert cp.func_btf() == E.func_btf(classify.FRAME_LO - 16, funcs)
+    return code, cp
+
+
+def test_kept_global_functions_equal_a_cold_compile(monkeypatch):
+    """A table compiled after another, taking the functions whose cases did not change from the
+    first compile (classify._FN_CACHE: counter keys moved, labels their own, bytecode placed and
+    patched), assembles to the very bytes a compile with empty caches gives: for a rule appended
+    to INPUT, one inserted at its top (every entry behind it moves), a rule appended to a service
+    chain, a service added at the end and one deleted in the middle, and a second service rule
+    with the same key as an earlier one (its case answers "a later jump case"). Most functions
+    are reused."""
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    facts = KernelFacts.fake()
+    base = to_input(rulesets.make("fanout", 3000, seed=7).text)
+    svc = [ln for ln in base.splitlines() if ln.startswith("-A SVC ")]
+    dup = svc[5].replace("-j SVC-5", "-j SVC-9")
+    texts = [base,
+             base.replace("COMMIT", EXTRA + "\nCOMMIT"),
+             base.replace("-A INPUT -j SVC", "-A INPUT -s 198.51.100.9/32 -j DROP\n-A INPUT -j SVC"),
+             base.replace("-A SVC-5 -j DROP", "-A SVC-5 -s 198.51.100.3/32 -j ACCEPT\n"
+                                              "-A SVC-5 -j DROP"),
+             base.replace(":SVC-0 - [0:0]", ":SVC-0 - [0:0]\n:SVC-NEW - [0:0]").replace(
+                 "COMMIT", "-A SVC -d 10.200.0.1/32 -p tcp -m tcp --dport 81 -j SVC-NEW\n"
+                           "-A SVC-NEW -j DROP\nCOMMIT"),
+             base.replace(svc[len(svc) // 2] + "\n", ""),
+             base.replace(svc[-1], svc[-1] + "\n" + dup)]
+    tables = [decoded(t) for t in texts]
+    classify._FN_CACHE.clear()
+    classify._CASE_INFO.clear()
+    _code(tables[0], facts)
+    for k, t in enumerate(tables[1:], 1):
+        before = dict(classify.FN_STATS)
+        warm, cp = _code(t, facts)
+        made = classify.FN_STATS["made"] - before["made"]
+        reused = classify.FN_STATS["reused"] - before["reused"]
+        assert len(cp.global_labels) >= 2      # (a chain jumped to twice compiles INPUT twice)
+        assert reused >= (made + reused) // 2, f"variant {k}: {made} made, {reused} reused"
+        classify._FN_CACHE.clear()
+        classify._CASE_INFO.clear()
+        cold, _ = _code(t, facts)
+        assert warm == cold, f"variant {k}"
+        _code(tables[0], facts)            # the next variant starts from the base again
+
+
+def test_function_prune_is_ebpf_prune(monkeypatch):
+    """classify._prune_function (a walk over opcodes) keeps exactly what ebpf.prune keeps, for
+    every function of a fan-out table."""
+    from bpfilter_umh import ebpf as E
+    from bpfilter_umh.compile import COUNT_SUB
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    fast, seen = classify._prune_function, []
+
+    def both(items):
+        got = fast(items)
+        stub = [E.Label(COUNT_SUB), E.exit_()]
+        want = E.prune(items + stub)
+        assert got == (want[:-2] if want[-2:] == stub else want)
+        seen.append(len(items) - len(got))
+        return got
+    monkeypatch.setattr(classify, "_prune_function", both)
+    classify._FN_CACHE.clear()
+    compile_table(decoded(to_input(rulesets.make("fanout", 1500, seed=8).text)),
+                  KernelFacts.fake())
+    assert len(seen) >= 2 and sum(seen) > 0       # functions were pruned, and lost dead code

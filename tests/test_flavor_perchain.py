@@ -167,3 +167,34 @@ def test_impossible_combinations_are_refused(spec, offload, msg):
     with pytest.raises(BpfilterError, match=msg) as ei:
         Engine.open(AF_INET, spec, offload=offload)
     assert ei.value.errno == errno.EINVAL
+
+
+# ---- IPv6: ip6tables with INPUT on xdp or tc and OUTPUT on nf, against ip6tables-legacy ------
+@pytest.mark.parametrize("spec", ["INPUT=xdp,FORWARD=nf,OUTPUT=nf",
+                                  "INPUT=tc,FORWARD=nf,OUTPUT=nf"])
+def test_ipv6_mixed_flavors_match_the_kernel(spec):
+    """The differential IPv6 ruleset (INPUT, FORWARD and OUTPUT rules, user chains) through the
+    IPv6 lab: INPUT runs on xdp/tc, FORWARD and OUTPUT on nf; per probe what got past each hook
+    (OUTPUT: the frames from the host reaching the client) and every entry's counters equal the
+    kernel's ip6tables-legacy."""
+    import test_differential_ipv6 as D6
+    from test_differential_ipv6_lab import KernelFilter
+    from test_flavor_ipv6 import compare, flavor_filter, run
+    seen_status = []
+
+    class Recording(flavor_filter(spec)):
+        def counters(self):
+            with self.host.inside():
+                seen_status.append(self.eng.status())
+            return super().counters()
+
+    want = run(KernelFilter, D6.RULESET, D6.PROBES)
+    got = run(Recording, D6.RULESET, D6.PROBES)
+    st = seen_status[0]
+    assert st["flavor"] == spec and {c["name"]: c["flavor"] for c in st["chains"] if c["hook"]} \
+        == dict(w.split("=") for w in spec.split(",")), st
+    diffs = compare(D6.RULESET, want, got, 3)
+    assert not diffs, f"flavors {spec}\n" + "\n".join(diffs)
+    for col in (0, 1, 2):           # meaningful: each hook passed some probes and dropped some
+        seen = [want[0][n][col][0] for n, w, _ in D6.PROBES if w == ("in", "fwd", "out")[col]]
+        assert any(seen) and not all(seen), (col, seen)

@@ -1,0 +1,304 @@
+"""Where the time of one SET_REPLACE goes at N rules (issue #7 item 2): a benchmark, not a test.
+
+For each shape of bench/rulesets.py: the kernel's iptables-legacy-restore and iptables-legacy -A,
+in a throwaway namespace, give the blobs iptables would send (the kernel as the parser). Then, in
+a second throwaway namespace, this process serves them in-process as the helper does
+(sockopt.Dispatcher.serve; the caller's memory is this process's own buffers): a restore into
+the empty table, then --appends appends of one rule at the end of INPUT. Each command is the
+request sequence libiptc makes: GET_INFO, GET_ENTRIES (live counters), SET_REPLACE (the blob
+sent, num_counters = the running table's), SET_ADD_COUNTERS (the old counters returned, the new
+rule's zero). A restore sends comefrom 0 (as iptables-restore does), an append what GET_ENTRIES
+showed. The caller's own work (building buffers) is not counted, and no GC pass of this process
+runs during a command (the caller is another process for a real helper).
+
+Phases (ms per command; functions wrapped with a timer by this script, nothing in the package
+changes; median over the appends, (min-max)):
+  decode     model.decode_replace (translate_table's checks, the Table)
+  compile    Engine._compile                     maps     engine.create_maps
+  load       BPF_PROG_LOAD (kernel.Prog.load, engine.load_with_func_info)
+  counters   every counters read (Engine._read: GET_ENTRIES' and the old counters at the swap)
+  state      the state file (Engine._save_state) and the add_counters base file
+  swap       the slots' swaps and emptying stale slots
+  rcu        the RCU grace-period wait after the swap (beside gc.collect in a thread where the
+             engine collects during the install)
+  gc         gc.collect calls during the command (the one in install overlaps rcu)
+  sockopt    do_replace + do_add_counters outside decode and Engine.install (blob patching, old
+             counters written to the caller, ADD_COUNTERS parsing, freeing the old table)
+  get        GET_INFO + GET_ENTRIES (counters included: also in `counters`)
+  other      the rest: the engine's own walks and syscalls, the requests' framing
+  total      the helper's time of the command's requests, end to end (wall)
+  cpu        the CPU time of those requests (user + system, all threads): steadier than wall
+             on a shared machine, and blind to the RCU wait (a sleep)
+  after      the work the helper leaves for after its reply (engine.AFTER_REPLY, where the tree
+             has it: the GC pass and gc.freeze, freeing the replaced table), not in total
+
+    python3 bench/cplane_bench.py [--shapes blocklist,fanout] [--n 10000] [--appends 3]
+                                  [--pkg DIR]     (import bpfilter_umh from DIR: compare trees)
+Needs root. Touches only the namespaces it creates and removes (the engine is flushed first).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _setup_path(pkg):
+    sys.path[:0] = [pkg or ROOT, os.path.join(ROOT, "tests"), HERE]
+
+
+APPEND = "-A INPUT -s 203.0.113.{k}/32 -p udp -m udp --dport 4 -j DROP"
+PHASES = ("decode", "compile", "maps", "load", "counters", "state", "swap", "rcu", "gc",
+          "sockopt", "get", "other", "total", "cpu", "after")
+# phases that do not overlap (get holds a counters read; rcu and gc run side by side)
+_DISJOINT = ("decode", "compile", "maps", "load", "counters", "state", "swap", "sockopt")
+T = {}          # phase -> seconds of the request sequence being measured
+
+
+class _Timer:
+    """Wraps callables so their wall time adds to T[phase] (outermost call only)."""
+
+    def __init__(self):
+        self.depth = {}
+
+    def wrap(self, owner, attr, phase):
+        raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        depth = self.depth
+
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            if depth.get(phase):
+                return fn(*a, **kw)
+            depth[phase] = 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                T[phase] = T.get(phase, 0.0) + time.perf_counter() - t0
+                depth[phase] = 0
+        if isinstance(raw, staticmethod):
+            timed = staticmethod(timed)
+        elif isinstance(raw, classmethod):
+            timed = classmethod(timed)
+        setattr(owner, attr, timed)
+
+
+def instrument():
+    import gc
+    from bpfilter_umh import attach, engine, model, sockopt
+    from bpfilter_umh import kernel as K
+    t = _Timer()
+    t.wrap(model, "decode_replace", "decode")
+    t.wrap(engine.Engine, "_compile", "compile")
+    t.wrap(engine, "create_maps", "maps")
+    t.wrap(K.Prog, "load", "load")
+    t.wrap(engine, "load_with_func_info", "load")
+    t.wrap(engine.Engine, "_read", "counters")
+    t.wrap(engine.Engine, "_save_state", "state")
+    t.wrap(engine.Engine, "_write_counters_file", "state")
+    t.wrap(engine, "_wait_for_readers", "rcu")
+    t.wrap(engine.Engine, "_empty_stale", "swap")
+    for cls in (attach.NfAttachment, attach.L2Attachment):
+        t.wrap(cls, "swap", "swap")
+    t.wrap(engine.Engine, "install", "install")
+    t.wrap(engine.Engine, "add_counters", "engine_add")
+    t.wrap(sockopt, "do_replace", "replace")
+    t.wrap(sockopt, "do_add_counters", "add_counters")
+    t.wrap(sockopt, "get_info", "get")
+    t.wrap(sockopt, "get_entries", "get")
+    collect = gc.collect
+
+    def timed_collect(*a):
+        t0 = time.perf_counter()
+        try:
+            return collect(*a)
+        finally:
+            T["gc"] = T.get("gc", 0.0) + time.perf_counter() - t0
+    gc.collect = timed_collect
+
+
+# ---- the blobs iptables sends --------------------------------------------------------------------
+
+def kernel_blobs(text: str, appends: int):
+    """[(getinfo, entries blob)]: the table after iptables-legacy-restore of `text`, then after
+    each append, as the kernel holds them (comefrom set by mark_source_chains)."""
+    import kernel_xt as kx
+    import lab
+    from nsutil import Netns
+    out = []
+    with Netns("cb") as ns:
+        lab.restore(ns, text)
+        with ns.inside():
+            out.append(kx.snapshot(2))
+        for k in range(appends):
+            ns.run(["iptables-legacy"] + APPEND.format(k=99 - k).split())
+            with ns.inside():
+                out.append(kx.snapshot(2))
+    return out
+
+
+def restore_blob(blob: bytes) -> bytes:
+    """iptables-restore sends comefrom 0 and zero counters (libiptc builds the blob anew)."""
+    out = bytearray(blob)
+    off = 0
+    while off < len(out):
+        nxt = int.from_bytes(out[off + 90:off + 92], "little")
+        out[off + 92:off + 96] = bytes(4)
+        out[off + 96:off + 112] = bytes(16)
+        off += nxt
+    return bytes(out)
+
+
+# ---- libiptc's request sequence, served in-process -----------------------------------------------
+
+class Caller:
+    """This process as the caller: buffers whose addresses go into the requests."""
+
+    def __init__(self):
+        self.keep = []
+
+    def buf(self, data: bytes, size: int = None):
+        b = ctypes.create_string_buffer(bytes(data), size or max(1, len(data)))
+        self.keep.append(b)
+        return ctypes.addressof(b), b
+
+
+def commit(d, be, info, blob: bytes, counters_for):
+    """GET_INFO, GET_ENTRIES, SET_REPLACE, SET_ADD_COUNTERS of one iptables command, through
+    Dispatcher.serve as the helper serves them: `info` and `blob` the table it sends;
+    counters_for(old counters) -> the counters it adds back."""
+    from bpfilter_umh import sockopt as S
+    from bpfilter_umh.frames import Request
+    pid, fam = os.getpid(), 2
+    c = Caller()
+
+    def serve(cmd, is_set, data, size=None):
+        addr, b = c.buf(data, size)
+        req = Request(cmd, is_set, fam, pid, size or len(data), addr, 0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        rep = d.serve(req)
+        T["total"] = T.get("total", 0.0) + time.perf_counter() - t0    # the helper's time only
+        T["cpu"] = T.get("cpu", 0.0) + time.process_time() - c0
+        assert rep.status == 0, (cmd, is_set, rep.status)
+        return b
+    name = b"filter".ljust(32, b"\0")
+    got = serve(S.SO_GET_INFO, 0, name, S.GETINFO.size)
+    size = S.GETINFO.unpack(got.raw[:S.GETINFO.size])[13]
+    before = T.get("counters", 0.0)
+    serve(S.SO_GET_ENTRIES, 0, S.GET_ENTRIES_HDR.pack(name, size), S.GET_ENTRIES_HDR.size + size)
+    T["counters_get"] = T.get("counters", 0.0) - before
+    old_n = be().num_entries()
+    cnt_addr, cnt_buf = c.buf(b"", 16 * old_n)
+    hdr = S.REPLACE_HDR.pack(name, info.valid_hooks, info.num_entries, len(blob),
+                             *info.hook_entry, *info.underflow, old_n, cnt_addr)
+    serve(S.SO_SET_REPLACE, 1, hdr + blob)
+    raw = cnt_buf.raw
+    old = [S.XT_COUNTERS.unpack_from(raw, 16 * i) for i in range(old_n)]
+    new = counters_for(old)
+    serve(S.SO_SET_ADD_COUNTERS, 1, S.COUNTERS_INFO_HDR.pack(name, len(new)) + b"".join(
+        S.XT_COUNTERS.pack(p, b) for p, b in new))
+
+
+def _appended_at(be) -> int:
+    """Entry index of INPUT's policy entry: an append puts its rule there."""
+    return be.table.chain("INPUT").policy_entry.index
+
+
+def run_shape(shape: str, n: int, appends: int) -> dict:
+    import gc
+    import rulesets
+    from nsutil import Netns
+    from bpfilter_umh import engine
+    from bpfilter_umh.sockopt import Dispatcher
+    rs = rulesets.make(shape, n)
+    blobs = kernel_blobs(rs.text, appends)
+    rows = {"restore": [], "append": []}
+    with Netns("cp") as ns:
+        with ns.inside():
+            d = Dispatcher()
+            be = lambda: d.backend(d.home_cookie, 2)  # noqa: E731
+            try:
+                for k, (info, blob) in enumerate(blobs):
+                    if k == 0:
+                        blob = restore_blob(blob)
+                        counters_for = lambda old, m=info.num_entries: [(0, 0)] * m  # noqa
+                    else:
+                        at = _appended_at(be())
+                        # libiptc: the old rules keep their counters, the new one starts at 0
+                        counters_for = lambda old, at=at: old[:at] + [(0, 0)] + old[at:]  # noqa
+                    gc.collect()
+                    T.clear()
+                    # the caller's side (building buffers) is another process for a helper: no
+                    # GC pass of this process may run there and take work off the helper's side
+                    gc.disable()
+                    try:
+                        commit(d, be, info, blob, counters_for)
+                    finally:
+                        gc.enable()
+                    # what the helper does once the caller has its answer (engine.AFTER_REPLY,
+                    # trees that have it): not in total, its own column
+                    t1 = time.perf_counter()
+                    gc_before = T.get("gc", 0.0)
+                    if getattr(engine, "AFTER_REPLY", None) is not None:
+                        engine.run_after_reply()
+                    T["after"] = time.perf_counter() - t1
+                    T["gc"] = gc_before
+                    T["sockopt"] = (T.get("replace", 0) - T.get("decode", 0)
+                                    - T.get("install", 0) + T.get("add_counters", 0)
+                                    - T.get("engine_add", 0))
+                    T["other"] = T["total"] - sum(T.get(p, 0) for p in _DISJOINT) \
+                        - max(T.get("rcu", 0), T.get("gc", 0)) \
+                        - max(0, T.get("get", 0) - T.get("counters_get", 0))
+                    rows["restore" if k == 0 else "append"].append(
+                        {p: T.get(p, 0.0) * 1e3 for p in PHASES})
+            finally:
+                be().engine.flush()
+                be().engine.close()
+    return rows
+
+
+def _cell(vals) -> str:
+    med = statistics.median(vals)
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 0.5 or len(vals) == 1:
+        return f"{med:.0f}" if med >= 10 else f"{med:.1f}"
+    return f"{med:.0f} ({lo:.0f}-{hi:.0f})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="blocklist,ports,tuple,mixed,fanout")
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--appends", type=int, default=3)
+    ap.add_argument("--pkg", default=None, help="directory holding the bpfilter_umh to measure")
+    a = ap.parse_args(argv)
+    _setup_path(a.pkg)
+    import bpfilter_umh
+    from bpfilter_umh import engine
+    instrument()
+    if hasattr(engine, "AFTER_REPLY"):
+        engine.AFTER_REPLY = []         # as the helper (__main__) has it
+    print(f"# bpfilter_umh from {os.path.dirname(bpfilter_umh.__file__)}; N = {a.n}; "
+          f"{a.appends} appends; ms, median (min-max); load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print("| shape | step | " + " | ".join(PHASES) + " |")
+    print("|---|---|" + "---|" * len(PHASES), flush=True)
+    for shape in a.shapes.split(","):
+        rows = run_shape(shape, a.n, a.appends)
+        for step in ("restore", "append"):
+            if rows[step]:
+                print(f"| {shape} | {step} | " + " | ".join(
+                    _cell([r[p] for r in rows[step]]) for p in PHASES) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
