@@ -6,7 +6,8 @@ helper this way, so the flags hold for exactly its command).
 
 Flags (config.py; a flag wins over /etc/bpfilter/flavors.conf): --flavor nf|tc|xdp,
 --flavor-dev IFNAMES, --xdp-mode auto|native|generic, --offload IFNAME, --policy reject|xtables.
-Policy xtables needs a door (--listen or --door): the kernel shim's helper always rejects (docs/policy.md).
+Policy xtables needs a door (--listen or --door): the kernel shim's helper always rejects
+(docs/policy.md).
 
 `python3 -m bpfilter_umh exec [FLAGS] [--] CMD ARGS` runs CMD under the door (door.exec_main);
 `status`, `flush` and `helper` are the `bpfilter` command's (cli.py).
