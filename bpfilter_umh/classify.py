@@ -1661,20 +1661,7 @@ def _emit_split(cc, run: Run, chain: str, ret: str, where: str, name: str, shape
         # match; a truncated header or a tcp fragment at offset 8 bytes: the ip-part keys
         protos = sorted({run.rules[p].ip.proto for _, ps in l4 for p in ps})
         normal, hotc = cc.label("s_normal"), cc.label("s_hotcand")
-        cc.emit(E.ldx(E.DW, R1, FP, C.S_PROTO))
-        for p in protos:
-            cc.emit(E.jmp(E.JEQ, R1, p, f"{head}_l4_{p}"))
-        cc.emit(E.ja(done, "no rule with a tcp/udp match has this protocol"))
-        for p in protos:
-            need = 20 if p == IPPROTO_TCP else 8
-            frag = cc.label("s_frag")
-            cc.emit(Label(f"{head}_l4_{p}"), E.ldx(E.DW, R2, FP, C.S_FRAGOFF),
-                    E.jmp(E.JNE, R2, 0, frag), E.ldx(E.DW, R2, FP, C.S_L4LEN),
-                    E.jmp(E.JLT, R2, need, hotc, comment="truncated header"), E.ja(normal),
-                    Label(frag))
-            if p == IPPROTO_TCP:
-                cc.emit(E.jmp(E.JEQ, R2, 1, hotc, comment="tcp fragment at offset 8 bytes"))
-            cc.emit(E.ja(done, "a non-first fragment"))
+        _l4_split(cc, head, protos, normal, hotc, done, done)
         cc.emit(Label(hotc))
         for s, ps in l4:
             lookup(s, ps, True)
@@ -1815,6 +1802,28 @@ def _lookup_chain(cc, mapname: str, keys: list, slot: int, miss: str):
     cc.emit(Label(got), E.stx(E.DW, FP, slot, R0))
 
 
+def _l4_split(cc, head: str, protos: list, normal: str, hotc: str, other: str, fragment: str):
+    """Where a packet goes for the rules with a tcp/udp match (xt_tcpudp.c tcp_mt/udp_mt): a
+    protocol none of them names -> other; a non-first fragment matches none of them ->
+    fragment; a header cut short, or a tcp fragment at offset 8 bytes, is hotdropped by a rule
+    that would otherwise match -> hotc; the rest -> normal (the port lookups)."""
+    from . import compile as C
+    cc.emit(E.ldx(E.DW, R1, FP, C.S_PROTO))
+    for p in protos:
+        cc.emit(E.jmp(E.JEQ, R1, p, f"{head}_l4_{p}"))
+    cc.emit(E.ja(other, "no rule with a tcp/udp match has this protocol"))
+    for p in protos:
+        need = 20 if p == IPPROTO_TCP else 8
+        frag = cc.label("l4_frag")
+        cc.emit(Label(f"{head}_l4_{p}"), E.ldx(E.DW, R2, FP, C.S_FRAGOFF),
+                E.jmp(E.JNE, R2, 0, frag), E.ldx(E.DW, R2, FP, C.S_L4LEN),
+                E.jmp(E.JLT, R2, need, hotc, comment="truncated header"), E.ja(normal),
+                Label(frag))
+        if p == IPPROTO_TCP:
+            cc.emit(E.jmp(E.JEQ, R2, 1, hotc, comment="tcp fragment at offset 8 bytes"))
+        cc.emit(E.ja(fragment, "a non-first fragment"))
+
+
 def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
     from . import compile as C
     run.chain = chain
@@ -1847,20 +1856,7 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
     l4protos = sorted({r.ip.proto for r in run.rules if _matches(r)})
     normal, other, hotc, nonl4, sall, loop = (cc.label(x) for x in (
         "m_normal", "m_other", "m_hotcand", "m_nonl4", "m_sport_any", "m_loop"))
-    cc.emit(E.ldx(E.DW, R1, FP, C.S_PROTO))
-    for p in l4protos:
-        cc.emit(E.jmp(E.JEQ, R1, p, f"{head}_l4_{p}"))
-    cc.emit(E.ja(other))
-    for p in l4protos:
-        need = 20 if p == IPPROTO_TCP else 8
-        frag = cc.label("m_frag")
-        cc.emit(Label(f"{head}_l4_{p}"), E.ldx(E.DW, R2, FP, C.S_FRAGOFF),
-                E.jmp(E.JNE, R2, 0, frag), E.ldx(E.DW, R2, FP, C.S_L4LEN),
-                E.jmp(E.JLT, R2, need, hotc, comment="truncated header"), E.ja(normal),
-                Label(frag))
-        if p == IPPROTO_TCP:
-            cc.emit(E.jmp(E.JEQ, R2, 1, hotc, comment="tcp fragment at offset 8 bytes"))
-        cc.emit(E.ja(nonl4))
+    _l4_split(cc, head, l4protos, normal, hotc, other, nonl4)
     cc.emit(Label(hotc), E.st(E.DW, FP, S_CLS_HOT, 1))
     _lookup_chain(cc, dmap, [_pkey_code(cc, 1, K_IPPART), _pkey_code(cc, None, K_DEFAULT)],
                   S_M[2], miss)

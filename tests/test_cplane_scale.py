@@ -81,6 +81,24 @@ def _load(cp):
     return prog, cnt, took
 
 
+def _run_each(programs, packets, entries: int, tag: str) -> list:
+    """[(verdicts, counters)] of each compiled program over the same packets, each loaded with
+    its own counters map (BPF_PROG_TEST_RUN on the real kernel, in a throwaway namespace)."""
+    results = []
+    with Netns(tag) as ns, ns.inside():
+        for cp in programs:
+            prog, cnt, took = _load(cp)
+            try:
+                verdicts = [prog.test_run(f, bytes([1, 2]) + bytes(6))[0] for f in packets]
+                counts = engine.Engine._read(cnt, entries, [])
+            finally:
+                prog.close()
+                cnt.close()
+            results.append((verdicts, counts))
+            print(f"program {len(results)}: load {took:.2f} s")
+    return results
+
+
 def test_fanout_global_functions_match_inlined(monkeypatch):
     """1000 services: the global-function build (forced by a low threshold) and the inlined
     build give the same verdict and the same counters for packets hitting services, missing
@@ -102,18 +120,7 @@ def test_fanout_global_functions_match_inlined(monkeypatch):
         packets += [_frame("192.0.2.5", vip, 1024, port),       # allowed client: ACCEPT
                     _frame("192.0.2.200", vip, 1024, port),     # other client: DROP
                     _frame("192.0.2.5", vip, 1024, port ^ 1)]   # no service: policy
-    with Netns("cg") as ns, ns.inside():
-        results = []
-        for cp in (glob, inl):
-            prog, cnt, took = _load(cp)
-            try:
-                verdicts = [prog.test_run(f, bytes([1, 2]) + bytes(6))[0] for f in packets]
-                counts = engine.Engine._read(cnt, table.num_entries, [])
-            finally:
-                prog.close()
-                cnt.close()
-            results.append((verdicts, counts))
-            print(f"{'global' if cp is glob else 'inlined'}: load {took:.2f} s")
+    results = _run_each((glob, inl), packets, table.num_entries, "cg")
     assert results[0] == results[1]
     assert 0 in results[0][0] and 1 in results[0][0]
     assert sum(1 for p, _ in results[0][1] if p) >= 6
@@ -145,17 +152,7 @@ def test_fanout_returning_service_matches_inlined(monkeypatch):
                _frame("192.0.2.200", vip, 1024, port),      # SVC-5 DROPs
                _frame("192.0.2.40", vip, 1024, port),       # SVC-5 RETURNs, SVC-900 DROPs
                _frame("192.0.2.7", vip, 1024, port)]        # SVC-5 ACCEPTs
-    with Netns("cr") as ns, ns.inside():
-        results = []
-        for cp in (glob, inl):
-            prog, cnt, _ = _load(cp)
-            try:
-                verdicts = [prog.test_run(f, bytes([1, 2]) + bytes(6))[0] for f in packets]
-                counts = engine.Engine._read(cnt, table.num_entries, [])
-            finally:
-                prog.close()
-                cnt.close()
-            results.append((verdicts, counts))
+    results = _run_each((glob, inl), packets, table.num_entries, "cr")
     assert results[0] == results[1]
     assert results[0][0] == [1, 0, 0, 1]
     dup = table.chain("SVC").rules[-1]
