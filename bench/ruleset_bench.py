@@ -67,7 +67,7 @@ def flood_frame() -> bytes:
 
 def load_chain(table: Table, chain: str, flavor: str = "nf"):
     """(prog, counters map, compiled program, load seconds) of one built-in chain."""
-    from bpfilter_umh.engine import create_maps
+    from bpfilter_umh.engine import create_maps, load_with_func_info
     t0 = time.monotonic()
     ct = compile_table(table, KernelFacts.from_btf(), flavor)
     cp = next(p for p in ct.programs if p.chain == chain)
@@ -82,8 +82,13 @@ def load_chain(table: Table, chain: str, flavor: str = "nf"):
             other.append(m)
             fds[name] = m.fd
     try:
-        prog = K.Prog.load(cp.prog_type, cp.assemble(fds), license=cp.license, name=cp.name,
-                           expected_attach_type=cp.expected_attach_type)
+        code = cp.assemble(fds)
+        btf = cp.func_btf()
+        # as the engine loads it: with BTF func_info the global functions (fan-out's jump cases)
+        # are verified once each; without it the kernel verifies them as static calls
+        prog = load_with_func_info(cp, code, *btf) if btf is not None else \
+            K.Prog.load(cp.prog_type, code, license=cp.license, name=cp.name,
+                        expected_attach_type=cp.expected_attach_type)
     finally:
         for m in list(extra.values()) + other:
             m.close()
