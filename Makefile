@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets reliability reliability-long clean
+.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane reliability reliability-long clean
 
 deps:
 	sh tools/install-deps.sh
@@ -40,7 +40,7 @@ reliability-long: deps
 	$(PYTHON) tools/reliability.py --long
 
 # Benchmarks (not tests): ratios measured side by side in one run
-bench: bench-door bench-flavors bench-rulesets
+bench: bench-door bench-flavors bench-rulesets bench-cplane
 
 bench-door: deps
 	$(PYTHON) bench/door_bench.py
@@ -52,6 +52,10 @@ bench-flavors: deps
 bench-rulesets: deps
 	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) bench/ruleset_bench.py --md bench/results.md --plot bench/cost_vs_n.png
+
+# where one SET_REPLACE's time goes at 10 000 rules, per shape (restore, then appends)
+bench-cplane: deps
+	$(PYTHON) bench/cplane_bench.py
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info

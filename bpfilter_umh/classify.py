@@ -387,12 +387,21 @@ def _value(run: Run, pos: int) -> bytes:
 def lpm_entries(run: Run) -> list:
     """[(key, value)]: key = {u32 prefixlen; be32 addr}, value = the first rule (in run order)
     whose prefix contains the key's prefix."""
-    first = {}                              # (plen, network int) -> position in run
-    for pos, r in enumerate(run.rules):
-        addr, msk = (r.ip.src, r.ip.smsk) if run.sig[1] == "src" else (r.ip.dst, r.ip.dmsk)
-        first.setdefault((_plen(msk), int(addr)), pos)
-    out = []
+    return [(key, _value(run, best))
+            for key, best in _lpm_first(run.rules, range(len(run.rules)), run.sig[1])]
+
+
+def _lpm_first(rules: list, positions, field: str) -> list:
+    """[(LPM key, position)]: each distinct prefix of the rules at `positions` with the smallest
+    position among the rules whose prefix contains it (itself or a shorter one), so the trie's
+    longest match answers the first rule that matches the address."""
+    first = {}                              # (plen, network int) -> position
+    for pos in positions:
+        r = rules[pos]
+        a, m = (r.ip.src, r.ip.smsk) if field == "src" else (r.ip.dst, r.ip.dmsk)
+        first.setdefault((_plen(m), int(a)), pos)
     plens = sorted({p for p, _ in first})
+    out = []
     for (plen, net), pos in first.items():
         best = pos
         for p in plens:                     # every shorter prefix containing this one
@@ -401,7 +410,7 @@ def lpm_entries(run: Run) -> list:
             q = first.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))))
             if q is not None and q < best:
                 best = q
-        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), _value(run, best)))
+        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), best))
     return out
 
 
@@ -1456,23 +1465,8 @@ def _split_value(rules: list, pos: int, act: int = None) -> bytes:
 def _split_lpm_entries(rules: list, positions: list, field: str) -> list:
     """[(key, value)] of one prefix shape: each prefix's value is the first rule (smallest
     position) whose prefix contains it, so the longest match gives the first matching rule."""
-    first = {}
-    for pos in positions:
-        r = rules[pos]
-        a, m = (r.ip.src, r.ip.smsk) if field == "src" else (r.ip.dst, r.ip.dmsk)
-        first.setdefault((_plen(m), int(a)), pos)
-    plens = sorted({p for p, _ in first})
-    out = []
-    for (plen, net), pos in first.items():
-        best = pos
-        for p in plens:
-            if p >= plen:
-                break
-            q = first.get((p, net & (((1 << 32) - 1) ^ ((1 << (32 - p)) - 1))))
-            if q is not None and q < best:
-                best = q
-        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), _split_value(rules, best)))
-    return out
+    return [(key, _split_value(rules, best))
+            for key, best in _lpm_first(rules, positions, field)]
 
 
 def _split_hash_entries(rules: list, shapes: list) -> list:
