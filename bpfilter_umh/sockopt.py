@@ -319,10 +319,14 @@ class Backend:
         if self._snap is None or self._snap[0] is not t:
             # also lays out (Rule.offset is set); counters zero: entries_blob adds the live ones
             blob = t.encode(counters=[(0, 0)] * t.num_entries)
-            # xt_counters is the last member of ipt_entry / ip6t_entry
-            cofs = [r.offset + ENTRY_SIZE[self.family] - XT_COUNTERS.size for r in t.entries()]
-            self._snap = (t, blob, cofs, t.getinfo_bytes())
+            self._snap = (t, blob, self._counter_offsets(t), t.getinfo_bytes())
         return self._snap
+
+    def _counter_offsets(self, t) -> list:
+        """Where each entry's counters sit in t's blob: xt_counters is the last member of
+        ipt_entry / ip6t_entry."""
+        back = ENTRY_SIZE[self.family] - XT_COUNTERS.size
+        return [r.offset + back for r in t.entries()]
 
     @property
     def valid_hooks(self) -> int:
@@ -339,9 +343,7 @@ class Backend:
     def entries_blob(self) -> bytes:
         t, blob, cofs, info = self._snapshot()
         if cofs is None:
-            # xt_counters is the last member of ipt_entry / ip6t_entry
-            back = ENTRY_SIZE[self.family] - XT_COUNTERS.size
-            cofs = [r.offset + back for r in t.entries()]
+            cofs = self._counter_offsets(t)
             self._snap = (t, blob, cofs, info)
         out = bytearray(blob)
         pack = XT_COUNTERS.pack_into
