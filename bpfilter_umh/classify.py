@@ -776,28 +776,30 @@ def _pack(hashes: list, sizes: list, budget: int):
     per = GLOBAL_GROUP_SLOTS
     while 3 * per * (budget - 1) < 4 * total:
         per *= 2
-    groups, size = [], 0
-    for i, n in enumerate(sizes):
-        if not groups or size + n > per or (4 * size >= 3 * per and hashes[i] % CUT_EVERY == 0):
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += n
+    groups = _greedy(sizes, per, hashes)
     if len(groups) <= budget:
         return groups
     per = max(GLOBAL_GROUP_SLOTS, -(-total // budget))
     for _ in range(64):                 # greedy packing may overshoot the budget: widen
-        groups, size = [], 0
-        for i, n in enumerate(sizes):
-            if not groups or size + n > per:
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += n
+        groups = _greedy(sizes, per)
         if len(groups) <= budget:
             return groups
         per += max(sizes)
     return None
+
+
+def _greedy(sizes: list, per: int, hashes: list = None) -> list:
+    """Consecutive indices in groups of at most `per` slots (a case bigger than that alone);
+    with hashes, also cut before a case whose hash says so once the group is 3/4 full."""
+    groups, size = [], 0
+    for i, n in enumerate(sizes):
+        if not groups or size + n > per or \
+                (hashes is not None and 4 * size >= 3 * per and hashes[i] % CUT_EVERY == 0):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
 
 
 def _prune_function(items: list) -> list:
