@@ -16,11 +16,14 @@ changes; median over the appends, (min-max)):
   decode     model.decode_replace (translate_table's checks, the Table)
   compile    Engine._compile                     maps     engine.create_maps
   load       BPF_PROG_LOAD (kernel.Prog.load, engine.load_with_func_info)
-  counters   every counters read (Engine._read: GET_ENTRIES' and the old counters at the swap)
+  counters   every counters read of a request (Engine._read, engine._map_counts: GET_ENTRIES'
+             and the old counters at the swap)
   state      the state file (Engine._save_state) and the add_counters base file
   swap       the slots' swaps and emptying stale slots
-  rcu        the RCU grace-period wait after the swap (beside gc.collect in a thread where the
-             engine collects during the install)
+  rcu        the RCU grace-period wait after the swap where a request waits for it: the wait
+             itself (beside gc.collect in a thread where the engine collects during the install),
+             or, where the helper's install waits in a thread beside its reply
+             (engine._LateCounts), a request joining that thread
   gc         gc.collect calls during the command (the one in install overlaps rcu)
   sockopt    do_replace + do_add_counters outside decode and Engine.install (blob patching, old
              counters written to the caller, ADD_COUNTERS parsing, freeing the old table)
@@ -44,6 +47,7 @@ import functools
 import os
 import statistics
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,14 +72,19 @@ class _Timer:
     def __init__(self):
         self.depth = {}
 
-    def wrap(self, owner, attr, phase):
-        raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+    def wrap(self, owner, attr, phase, main_only=False):
+        """main_only: count only calls on the main thread (the request's): a call in a thread
+        of its own overlaps the request, and the request's waits for it are timed apart."""
+        raw = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+        if raw is None:
+            return              # a tree without it (--pkg)
         fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
         depth = self.depth
 
         @functools.wraps(fn)
         def timed(*a, **kw):
-            if depth.get(phase):
+            if depth.get(phase) or (main_only and
+                                    threading.current_thread() is not threading.main_thread()):
                 return fn(*a, **kw)
             depth[phase] = 1
             t0 = time.perf_counter()
@@ -102,9 +111,14 @@ def instrument():
     t.wrap(K.Prog, "load", "load")
     t.wrap(engine, "load_with_func_info", "load")
     t.wrap(engine.Engine, "_read", "counters")
+    t.wrap(engine, "_map_counts", "counters", main_only=True)
     t.wrap(engine.Engine, "_save_state", "state")
     t.wrap(engine.Engine, "_write_counters_file", "state")
-    t.wrap(engine, "_wait_for_readers", "rcu")
+    # the wait itself where the request makes it; a helper's install waits in a thread beside
+    # its reply (engine._LateCounts), and only a request joining that thread waits for it
+    t.wrap(engine, "_wait_for_readers", "rcu", main_only=True)
+    if hasattr(engine, "_LateCounts"):
+        t.wrap(engine._LateCounts, "finish", "rcu")
     t.wrap(engine.Engine, "_empty_stale", "swap")
     for cls in (attach.NfAttachment, attach.L2Attachment):
         t.wrap(cls, "swap", "swap")
@@ -244,13 +258,15 @@ def run_shape(shape: str, n: int, appends: int) -> dict:
                     finally:
                         gc.enable()
                     # what the helper does once the caller has its answer (engine.AFTER_REPLY,
-                    # trees that have it): not in total, its own column
+                    # trees that have it): not in total, its own column; the phases are those
+                    # of the requests (a thread's wait ending later adds nothing)
+                    seen = dict(T)
                     t1 = time.perf_counter()
-                    gc_before = T.get("gc", 0.0)
                     if getattr(engine, "AFTER_REPLY", None) is not None:
                         engine.run_after_reply()
+                    T.clear()
+                    T.update(seen)
                     T["after"] = time.perf_counter() - t1
-                    T["gc"] = gc_before
                     T["sockopt"] = (T.get("replace", 0) - T.get("decode", 0)
                                     - T.get("install", 0) + T.get("add_counters", 0)
                                     - T.get("engine_add", 0))

@@ -76,12 +76,14 @@ def peer_allowed(conn: socket.socket) -> bool:
     return caller_has_net_admin(pid)
 
 
-# work an install leaves for after its reply (engine.AFTER_REPLY: the GC pass and freeing the
-# replaced table) starts once no request has come for this long: libiptc sends SET_ADD_COUNTERS
-# right after SET_REPLACE returns, and that one should not wait behind a GC pass; a door's next
-# command starts Python first (~50 ms). BPFILTER_AFTER_REPLY_IDLE=-1: no queue (the engine
-# collects during the install, beside the RCU wait). It takes the work off the requests, not
-# off the machine: on a busy 2-CPU host an append's wall time stays about the same.
+# work an install leaves for after its reply (engine.AFTER_REPLY: freeing the replaced table;
+# the RCU wait's end and the counts the replaced programs made meanwhile, the GC pass, the next
+# install's counters map) starts once no request has come for this long: libiptc sends
+# SET_ADD_COUNTERS right after SET_REPLACE returns, and that one should not wait behind a GC
+# pass; a door's next command starts Python first (~50 ms). BPFILTER_AFTER_REPLY_IDLE=-1: no
+# queue (the engine waits for the RCU grace period before its reply, collecting meanwhile). It
+# takes the work off the requests, not off the machine: on a busy 2-CPU host an append's wall
+# time stays about the same.
 AFTER_REPLY_IDLE = 0.03
 try:
     AFTER_REPLY_IDLE = float(os.environ.get("BPFILTER_AFTER_REPLY_IDLE", AFTER_REPLY_IDLE))
@@ -89,8 +91,9 @@ except ValueError:
     pass
 
 
-# past this many queued items (two per install: the replaced table, the GC pass) the work is
-# done at once: a burst of commands with no idle gap must not keep old tables alive unbounded
+# past this many queued items (two per install: the replaced table, Engine._after_install) the
+# work is done at once: a burst of commands with no idle gap must not keep old tables alive
+# unbounded
 AFTER_REPLY_MAX = 6
 
 

@@ -64,7 +64,7 @@ MULTI_NS_BASE + MULTI_NS_PER_WORD per 64 rules, a split multi run ≈ SPLIT_NS[k
 lookup cost, a multi run replaces plain runs + linear rules when it is cheaper than them.
 Environment (tests, benchmarks): BPFILTER_CLASSIFY_MIN_RUN=N (0 = classifier off),
 BPFILTER_CLASSIFY_MULTI=0 (no multi runs), BPFILTER_FN_CACHE=0 (every global function
-compiled afresh).
+compiled afresh). A long chain's per-rule answers are lists kept between compiles (vectors()).
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass, field
+from itertools import compress
 
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, Label
@@ -292,10 +293,138 @@ def find_runs(rules: list, minimum: int = None) -> list:
     """The runs to serve with lookups, in order: maximal runs of consecutive rules of one shape
     (at least `minimum` long), or multi runs where rules of several shapes mix."""
     minimum = min_run() if minimum is None else minimum
-    plain = _plain_runs(rules, minimum)
+    vec = vectors(rules)
+    plain = _plain_runs(rules, minimum, vec)
     if os.environ.get("BPFILTER_CLASSIFY_MULTI", "1") == "0":
-        return _keep_seen_runs(plain, minimum)
-    return _keep_seen_runs(_with_multi(rules, plain, minimum), minimum)
+        return _keep_seen_runs(plain, minimum, vec)
+    return _keep_seen_runs(_with_multi(rules, plain, minimum, vec), minimum, vec)
+
+
+# ---- per-rule facts of a long chain as lists, kept between compiles (issue #7) -----------------
+# find_runs and the compiler walk a 10 000-rule chain several times per compile, asking each rule
+# its shape, whether a multi run may hold it, its action...: ~1 us per rule and question even
+# memoized on the rule's bytes (_memo). A chain that changed in a few rules shares a prefix and
+# a suffix of its rules' cache_keys with a chain seen before, so its facts are that chain's
+# lists with the middle computed anew, and the walks become list operations (slices, set(),
+# list.index) on them. Same answers as asking each rule (every fact is a function of the rule's
+# bytes: model.py's cache_key includes whether a standard target jumps, not where to).
+VEC_MIN = 256                  # shorter chains ask their rules directly
+VECS_MAX = 8
+_VECS: list = []               # recent _Vecs, newest last
+_VEC_SCOPE = None              # {id(rules): (rules, _Vecs)} during one compile_table
+_SHAPE_IDS: dict = {}          # shape -> small int (None -> -1), so a set of shapes is cheap
+_SHAPES: list = []
+
+
+class _Vecs:
+    __slots__ = ("keys", "sid", "multi", "jump", "act", "l4keys", "more")
+
+    def __init__(self, keys):
+        self.keys = keys
+        self.more = {}          # kind -> list, or (the older chain's _Vecs, prefix, suffix)
+
+
+def _shape_id(shape) -> int:
+    if shape is None:
+        return -1
+    i = _SHAPE_IDS.get(shape)
+    if i is None:               # a handful of distinct shapes (masks x fields): never cleared,
+        i = _SHAPE_IDS[shape] = len(_SHAPES)        # the kept lists hold these numbers
+        _SHAPES.append(shape)
+    return i
+
+
+def _rule_facts(r):
+    """(shape id, multi_ok, jumps, action, tcp/udp keys when its shape has them, else 0)."""
+    shape = rule_shape(r)
+    l4 = _memo("nkeys", r, _rule_key_count) if shape is not None and shape[0] == "hash" \
+        and shape[4] else 0
+    return (_shape_id(shape), multi_ok(r), isinstance(r.target, Jump), _action(r.target), l4)
+
+
+def _common_prefix(a: list, b: list) -> int:
+    m = min(len(a), len(b))
+    if a[:m] == b[:m]:
+        return m
+    lo, hi = 0, m - 1                    # a[:lo] == b[:lo], a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def vectors(rules: list):
+    """The _Vecs of `rules` (a chain's rules, every one with a cache_key, at least VEC_MIN of
+    them), or None."""
+    if len(rules) < VEC_MIN:
+        return None
+    scope = _VEC_SCOPE
+    if scope is not None:
+        hit = scope.get(id(rules))
+        if hit is not None and hit[0] is rules:
+            return hit[1]
+    try:
+        keys = [r.cache_key for r in rules]
+    except AttributeError:
+        return None
+    if None in keys:
+        return None
+    n = len(keys)
+    best, bp, bs = None, 0, 0
+    for old in reversed(_VECS):              # the newest first: most likely this chain's
+        p = _common_prefix(old.keys, keys)
+        room = min(len(old.keys), n) - p
+        s = _common_prefix(old.keys[::-1][:room], keys[::-1][:room]) if room else 0
+        if p + s > bp + bs and 2 * (p + s) >= min(len(old.keys), n):
+            best, bp, bs = old, p, s
+            if n - (p + s) <= TAIL_MAX:        # a few rules changed: good enough
+                break
+    v = _Vecs(keys)
+    mid = [_rule_facts(r) for r in rules[bp:n - bs]]
+    names = ("sid", "multi", "jump", "act", "l4keys")
+    cols = list(zip(*mid)) if mid else [()] * len(names)
+    for k, name in enumerate(names):
+        col = list(cols[k])
+        if best is not None:
+            old = getattr(best, name)
+            col = old[:bp] + col + (old[len(old) - bs:] if bs else [])
+        setattr(v, name, col)
+    if best is not None:
+        v.more = {kind: (best, bp, bs) for kind in best.more}   # completed on demand (column)
+    try:
+        if best is not None:
+            _VECS.remove(best)
+        elif len(_VECS) >= VECS_MAX:
+            _VECS.pop(0)
+    except (ValueError, IndexError):     # another thread's compile took it first
+        pass
+    _VECS.append(v)
+    if scope is not None:
+        scope[id(rules)] = (rules, v)
+    return v
+
+
+def column(rules: list, vec: "_Vecs", kind: str, fn) -> list:
+    """[fn(rule) for rule in rules] (a function of the rule's bytes, memoized per rule as
+    _memo(kind)), from the older chain's column where the rules are the same."""
+    got = vec.more.get(kind)
+    if isinstance(got, list):
+        return got
+    n = len(rules)
+    old = None
+    if got is not None:
+        older, bp, bs = got
+        old = older.more.get(kind)
+    if isinstance(old, list):
+        out = old[:bp] + [_memo(kind, r, fn) for r in rules[bp:n - bs]] + \
+            (old[len(old) - bs:] if bs else [])
+    else:
+        out = [_memo(kind, r, fn) for r in rules]
+    vec.more[kind] = out
+    return out
 
 
 # ---- appends to a classified run (issue #7: one `iptables -A` on a 10 000-rule table) ----------
@@ -312,10 +441,11 @@ TAIL_MAX = 32
 _SEEN_RUNS: dict = {}
 
 
-def _keep_seen_runs(runs: list, minimum: int) -> list:
+def _keep_seen_runs(runs: list, minimum: int, vec=None) -> list:
     out = []
     for run in runs:
-        keys = [getattr(r, "cache_key", None) for r in run.rules]
+        keys = vec.keys[run.start:run.end] if vec is not None else \
+            [getattr(r, "cache_key", None) for r in run.rules]
         if None in keys:
             out.append(run)
             continue
@@ -323,42 +453,78 @@ def _keep_seen_runs(runs: list, minimum: int) -> list:
         for t in range(1, min(TAIL_MAX, n - minimum) + 1):
             seen = _SEEN_RUNS.get((run.kind, run.sig, keys[0], n - t))
             if seen is not None and seen == tuple(keys[:n - t]):
-                run, keys = _run_prefix(run, n - t), keys[:n - t]
+                run, keys = _run_prefix(run, n - t, vec), keys[:n - t]
                 break
         if len(_SEEN_RUNS) >= RUN_SPECS_MAX:
             _SEEN_RUNS.clear()
         _SEEN_RUNS[(run.kind, run.sig, keys[0], len(keys))] = tuple(keys)
+        if vec is not None:
+            run.keys = tuple(keys)
+            run.acts = vec.act[run.start:run.end]
         out.append(run)
     return out
 
 
-def _run_prefix(run: Run, m: int) -> Run:
+def _run_prefix(run: Run, m: int, vec=None) -> Run:
     """The run of the first m rules of `run`, as _plain_runs/_with_multi would have made it."""
     out = Run(run.kind, run.start, run.rules[:m], run.sig)
     if run.kind == "multi":
         return out
     if run.kind == "hash" and run.sig[4]:
         out.protos = tuple(sorted({r.ip.proto for r in out.rules}))
-    out.cases = {p: k for k, p in enumerate(
-        p for p, r in enumerate(out.rules) if isinstance(r.target, Jump))}
+    out.cases = _cases(out.rules, vec, run.start)
     return out
 
 
-def _plain_runs(rules: list, minimum: int) -> list:
-    out, i = [], 0
-    while i < len(rules):
-        sig = rule_shape(rules[i])
+def _same_until(sid: list, i: int) -> int:
+    """The end of the stretch of equal values starting at i (blocks compared by list.count,
+    doubling: a 10 000-rule run is a few dozen C calls, not 10 000 Python steps)."""
+    me, n, j, step = sid[i], len(sid), i + 1, 16
+    while j < n:
+        k = min(n, j + step)
+        block = sid[j:k]
+        if block.count(me) == k - j:
+            j, step = k, step * 2
+            continue
+        for x in block:
+            if x != me:
+                break
+            j += 1
+        break
+    return j
+
+
+def _cases(rules: list, vec, start: int) -> dict:
+    """{position: k} of the jump rules among `rules` (rules start..: of the chain of vec)."""
+    if vec is not None:
+        where = compress(range(len(rules)), vec.jump[start:start + len(rules)])
+    else:
+        where = (p for p, r in enumerate(rules) if isinstance(r.target, Jump))
+    return {p: k for k, p in enumerate(where)}
+
+
+def _plain_runs(rules: list, minimum: int, vec=None) -> list:
+    out, i, n = [], 0, len(rules)
+    sid = vec.sid if vec is not None else None
+    while i < n:
+        if sid is None:
+            sig = rule_shape(rules[i])
+        else:
+            sig = _SHAPES[sid[i]] if sid[i] >= 0 else None
         j = i + 1
         if sig is not None:
-            while j < len(rules) and rule_shape(rules[j]) == sig:
-                j += 1
+            if sid is None:
+                while j < n and rule_shape(rules[j]) == sig:
+                    j += 1
+            else:
+                j = _same_until(sid, i)
             if j - i >= minimum:
                 run = Run(sig[0], i, rules[i:j], sig)
                 if run.kind == "hash" and sig[4]:
                     run.protos = tuple(sorted({r.ip.proto for r in run.rules}))
-                run.cases = {p: k for k, p in enumerate(
-                    p for p, r in enumerate(run.rules) if isinstance(r.target, Jump))}
-                if run.kind == "lpm" or _key_count(run) <= MAX_KEYS:
+                run.cases = _cases(run.rules, vec, i)
+                if run.kind == "lpm" or (sum(vec.l4keys[i:j]) if vec is not None and sig[4]
+                                         else _key_count(run)) <= MAX_KEYS:
                     out.append(run)
         i = j
     return out
@@ -490,23 +656,28 @@ RUN_SPECS_MAX = 256
 
 
 def _run_key(run: Run, name: str):
-    keys = [getattr(r, "cache_key", None) for r in run.rules]
+    keys = getattr(run, "keys", None) or [getattr(r, "cache_key", None) for r in run.rules]
     if None in keys:
         return None
     return (name, run.kind, run.sig, run.protos, hash(tuple(keys)), len(keys), keys[0], keys[-1])
+
+
+def _keys_of(run: Run) -> tuple:
+    keys = getattr(run, "keys", None)
+    return keys if keys is not None else tuple(r.cache_key for r in run.rules)
 
 
 def map_spec(run: Run, name: str) -> MapSpec:
     key = _run_key(run, name)
     if key is not None:
         spec = _RUN_SPECS.get(key)
-        if spec is not None and spec.rules_keys == tuple(r.cache_key for r in run.rules):
+        if spec is not None and spec.rules_keys == _keys_of(run):
             return spec
     spec = _map_spec(run, name)
     if key is not None:
         if len(_RUN_SPECS) >= RUN_SPECS_MAX:
             _RUN_SPECS.clear()
-        spec.rules_keys = tuple(r.cache_key for r in run.rules)
+        spec.rules_keys = _keys_of(run)
         _RUN_SPECS[key] = spec
     return spec
 
@@ -516,7 +687,7 @@ def _cached_multi_specs(run: Run, name: str) -> list:
     key = _run_key(run, name)
     if key is None:
         return multi_specs(run, name)
-    keys = tuple(r.cache_key for r in run.rules)
+    keys = _keys_of(run)
     key = ("multi", MULTI_FORM, MULTI_NS_BASE) + key      # the tests force one form or the other
     hit = _RUN_SPECS.get(key)
     if hit is not None and hit[0] == keys:
@@ -536,6 +707,15 @@ def _map_spec(run: Run, name: str) -> MapSpec:
 
 
 # ------------------------------------------------------------------------------------- code
+
+def _indexed(cc, insn):
+    """insn, whose imm is an absolute entry index: recorded so that a program kept for a later
+    table can move it (compile._PROG_CACHE)."""
+    keep = getattr(cc, "index_insns", None)
+    if keep is not None:
+        keep.append(insn)
+    return insn
+
 
 def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
     """The run as one lookup: build the key from the parsed header slots, look it up, and on a hit
@@ -576,7 +756,8 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
             E.call(E.BPF_FUNC_map_lookup_elem),
             E.jmp(E.JEQ, R0, 0, miss, comment="no rule of the run matches"),
             E.ldx(E.W, R1, R0, 0, "position of the first matching rule in the run"),
-            E.alu(E.ADD, R1, first.index, comment="+ the run's first entry: its entry index"),
+            _indexed(cc, E.alu(E.ADD, R1, first.index,
+                               comment="+ the run's first entry: its entry index")),
             E.stx(E.W, FP, C.S_KEY, R1),
             E.ldx(E.W, R1, R0, 4, "its action"),
             E.stx(E.DW, FP, S_CLS_ACT, R1))
@@ -1116,7 +1297,9 @@ def _dispatch(cc, run: Run, chain: str, ret: str, where: str, path: list, after:
     most GROUP_SLOTS instructions, each with its own decision tree, and every jump leaving a group
     (end of run, RETURN of the run's chain, the next group) hops group by group: no jump spans
     more than one group."""
-    verdicts = sorted({a for a in map(_action, (r.target for r in run.rules)) if a != ACT_CASE})
+    acts = getattr(run, "acts", None)        # the chain's list (find_runs), or ask the rules
+    verdicts = sorted(set(acts if acts is not None else
+                          map(_action, (r.target for r in run.rules))) - {ACT_CASE})
     by_k = sorted(run.cases, key=run.cases.get)           # positions of the jump rules, by k
     if _global_cases(cc, run, chain, ret, where, path, after, exit0, verdicts, by_k):
         return
@@ -1365,13 +1548,14 @@ def _bitmap_cost(n: int) -> float:
     return MULTI_NS_BASE + MULTI_NS_PER_WORD * ((n + 63) // 64)
 
 
-def _with_multi(rules: list, plain: list, minimum: int) -> list:
+def _with_multi(rules: list, plain: list, minimum: int, vec=None) -> list:
     """Plain runs, or multi runs over stretches of multi_ok rules where those are cheaper than the
     plain runs and linear rules they replace."""
     out, i, n = [], 0, len(rules)
     by_start = {r.start: r for r in plain}
+    multi = vec.multi if vec is not None else None
     while i < n:
-        if not multi_ok(rules[i]):
+        if not (multi[i] if multi is not None else multi_ok(rules[i])):
             if i in by_start:
                 out.append(by_start[i])
                 i = by_start[i].end
@@ -1379,6 +1563,11 @@ def _with_multi(rules: list, plain: list, minimum: int) -> list:
                 i += 1
             continue
         j = i
+        if multi is not None:
+            try:
+                j = multi.index(False, i)
+            except ValueError:
+                j = n
         while j < n and multi_ok(rules[j]):
             j += 1
         inside = [r for r in plain if i <= r.start < j]
@@ -1391,7 +1580,15 @@ def _with_multi(rules: list, plain: list, minimum: int) -> list:
                 continue
         covered = sum(len(r.rules) for r in inside)
         plain_cost = min(LOOKUP_NS.values()) * len(inside) + LINEAR_NS * (j - i - covered)
-        form = _multi_form(rules[i:j], {r.sig for r in inside}) if j - i >= minimum else None
+        sigs = {r.sig for r in inside}
+        if j - i < minimum:
+            form = None
+        elif vec is not None:       # the cost first (from the lists), the form when it wins
+            form = (None, None, _multi_cost(vec, i, j, sigs))
+            if form[2] < plain_cost:
+                form = _multi_form(rules[i:j], sigs)
+        else:
+            form = _multi_form(rules[i:j], sigs)
         if form and form[2] < plain_cost:
             out.append(Run("multi", i, rules[i:j], ("multi",)))
             out[-1]._form = form
@@ -1441,6 +1638,19 @@ def _split_shapes(rules: list):
     keys = sum(_memo("nkeys", rules[i], _rule_key_count)
                for s, ps in groups.items() if s[0] == "hash" and s[4] for i in ps)
     return list(groups.items()) if keys <= MAX_KEYS else None
+
+
+def _multi_cost(vec: "_Vecs", i: int, j: int, plain_sigs) -> float:
+    """_multi_form(rules[i:j], plain_sigs)[2] from the chain's lists (_split_shapes' refusals:
+    a rule of no shape, too many shapes, too many tcp/udp keys, too many rules)."""
+    bitmap = _bitmap_cost(j - i)
+    if MULTI_FORM == "bitmap" or j - i >= 1 << 23:
+        return bitmap
+    ids = set(vec.sid[i:j])
+    if -1 in ids or len(ids) > SPLIT_MAX_SHAPES or sum(vec.l4keys[i:j]) > MAX_KEYS:
+        return bitmap
+    shapes = [_SHAPES[k] for k in ids]
+    return min(bitmap, sum((LOOKUP_NS if s in plain_sigs else SPLIT_NS)[s[0]] for s in shapes))
 
 
 def _multi_form(rules: list, plain_sigs=()) -> tuple:
@@ -1669,7 +1879,8 @@ def _emit_split(cc, run: Run, chain: str, ret: str, where: str, name: str, shape
             E.jmp(E.JEQ, R1, SPLIT_HOT, hot, comment="its tcp/udp match hotdrops"),
             E.stx(E.DW, FP, S_CLS_ACT, R1, "its action"),
             E.alu(E.RSH, E.R9, 8, comment="its position"),
-            E.alu(E.ADD, E.R9, first.index, comment="+ the run's first entry: its index"),
+            _indexed(cc, E.alu(E.ADD, E.R9, first.index,
+                               comment="+ the run's first entry: its index")),
             E.stx(E.W, FP, C.S_KEY, E.R9))
     _count_dynamic(cc, C)
     _dispatch(cc, run, chain, ret, where, (), after, after)
@@ -1899,7 +2110,8 @@ def emit_multi(cc, run: Run, chain: str, ret: str, where: str):
             E.ld_map_fd(R1, f"{name}_rules"), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
             E.call(E.BPF_FUNC_map_lookup_elem), E.jmp(E.JEQ, R0, 0, miss),
             E.ldx(E.W, R1, R0, 0, "its position"),
-            E.alu(E.ADD, R1, run.rules[0].index, comment="+ the run's first entry: its index"),
+            _indexed(cc, E.alu(E.ADD, R1, run.rules[0].index,
+                               comment="+ the run's first entry: its index")),
             E.stx(E.W, FP, C.S_KEY, R1),
             E.ldx(E.W, R1, R0, 4, "its action"), E.stx(E.DW, FP, S_CLS_ACT, R1),
             E.ldx(E.W, R1, R0, 8, "has a tcp/udp match?"))

@@ -9,6 +9,9 @@
   bpfilter gc [--dry-run] [--json]  remove pins and state left by network namespaces that are gone
   exec and helper take --flavor nf|tc|xdp, --flavor-dev IFNAMES, --xdp-mode, --offload IFNAME,
   --policy reject|xtables
+
+From a checkout, bin/bpfilter is this command: its `exec` goes straight to the door without
+site-packages, runpy or argparse (the per-iptables-command path), the other subcommands run here.
 """
 import sys
 

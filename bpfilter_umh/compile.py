@@ -11,6 +11,9 @@ API (stable; engine.py and tests use it):
       .prog_type .expected_attach_type .license .rule_count
   COUNTERS_MAP = "counters"        BPF_MAP_TYPE_PERCPU_ARRAY, key u32 entry index,
                                    value struct { u64 pcnt; u64 bcnt; }
+  A built-in chain whose entries (and those of the chains it reaches) did not change since an
+  earlier compile gets that compile's program, its entry indices moved (_PROG_CACHE; counted in
+  PROG_STATS; BPFILTER_PROG_CACHE=0 compiles every program afresh).
 
 Semantics mirrored (net/ipv4/netfilter/ip_tables.c ipt_do_table / ip_packet_match,
 net/netfilter/xt_tcpudp.c tcp_mt/udp_mt/tcp_find_option, ip_tables.c icmp_match):
@@ -34,9 +37,13 @@ ipt_do_table's nulldevname); returns NF_DROP (0) or NF_ACCEPT (1).
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import os
+import re
 import struct
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Optional
 
 from . import ebpf as E
@@ -348,10 +355,19 @@ class _ChainCompiler:
         self.needs_l4 = False
         self.needs_ip = False
         self.where = {}          # entry label -> "chain X rule N (entry offset O)"
-        count, self.next_offset = _next_offsets(table)
+        self.index_insns = []    # emitted Insns whose imm is an absolute entry index (counter keys)
+        count = _entry_count(table)
         # large tables count through one subprogram (see COUNT_SUB)
         self.shared_count = count > SHARED_COUNT_ABOVE
         self._scan(chain, set())
+
+    @property
+    def next_offset(self) -> dict:
+        """{offset: the next entry's offset} of the table (walked when a jump rule asks)."""
+        nxt = self.__dict__.get("_next_offset")
+        if nxt is None:
+            nxt = self.__dict__["_next_offset"] = _next_offsets(self.table)[1]
+        return nxt
 
     # ---- helpers ----
     def label(self, stem: str) -> str:
@@ -369,16 +385,28 @@ class _ChainCompiler:
         if chain.name in seen:
             return
         seen.add(chain.name)
-        for r in chain.rules + ([chain.policy_entry] if chain.policy_entry else []):
+        rules = chain.rules
+        vec = classify.vectors(rules)
+        if vec is not None:             # a long chain: its lists (classify.vectors)
+            reads = set(classify.column(rules, vec, "scan", _reads))
+            jumpers = list(compress(rules, vec.jump))
+        else:
             # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
-            ifn, l4, ip = classify._memo("scan", r, _reads)
+            reads = [classify._memo("scan", r, _reads) for r in rules]
+            jumpers = [r for r in rules if isinstance(r.target, Jump)]
+        pe = chain.policy_entry
+        if pe is not None:
+            reads = list(reads) + [classify._memo("scan", pe, _reads)]
+            if isinstance(pe.target, Jump):
+                jumpers.append(pe)
+        for ifn, l4, ip in reads:
             self.needs_ifnames |= ifn
             self.needs_l4 |= l4
             self.needs_ip |= ip
-            if isinstance(r.target, Jump):
-                c = self._chains_by_name().get(r.target.chain)
-                if c is not None:
-                    self._scan(c, seen)
+        for r in jumpers:
+            c = self._chains_by_name().get(r.target.chain)
+            if c is not None:
+                self._scan(c, seen)
 
     def _chains_by_name(self) -> dict:
         """{name: first chain of that name} (a scan over the chains per jump was quadratic at
@@ -681,14 +709,14 @@ class _ChainCompiler:
 
     def _count(self, index: int):
         """ADD_COUNTER(*counter, skb->len, 1) on this CPU's slot of entry `index`."""
+        key = E.st(E.W, FP, S_KEY, index, f"count entry {index}")
+        self.index_insns.append(key)
         if self.shared_count:
-            self.emit(E.st(E.W, FP, S_KEY, index, f"count entry {index}"),
-                      E.mov(R1, FP, comment="r1 = the frame holding S_KEY and S_LEN"),
+            self.emit(key, E.mov(R1, FP, comment="r1 = the frame holding S_KEY and S_LEN"),
                       E.call_local(COUNT_SUB, "ADD_COUNTER"))
             return
         skip = self.label("nocount")
-        self.emit(E.st(E.W, FP, S_KEY, index, f"count entry {index}"),
-                  E.ld_map_fd(R1, COUNTERS_MAP), E.mov(R2, FP), E.alu(E.ADD, R2, S_KEY),
+        self.emit(key, E.ld_map_fd(R1, COUNTERS_MAP), E.mov(R2, FP), E.alu(E.ADD, R2, S_KEY),
                   E.call(E.BPF_FUNC_map_lookup_elem),
                   E.jmp(E.JEQ, R0, 0, skip),
                   E.ldx(E.DW, R1, R0, 0), E.alu(E.ADD, R1, 1), E.stx(E.DW, R0, 0, R1),
@@ -1078,8 +1106,10 @@ def _via_main_frame(items: list) -> list:
 
 
 # One compile_table's walk of the table's entries, shared by its chains (10 000 entries walked
-# once instead of once per chain and once per jump-site count): {id(table): (table, entry count,
-# {offset: the next entry's offset})}, dropped when compile_table returns (callers edit tables).
+# once instead of once per chain and once per jump-site count): {id(table): [table, entry count,
+# {offset: the next entry's offset}, {chain name: chain}]}, each part made when first asked (a
+# program taken from _PROG_CACHE needs no walk), dropped when compile_table returns (callers
+# edit tables).
 _WALKS: dict = {}
 
 
@@ -1088,27 +1118,44 @@ def _next_offsets(table: Table) -> tuple:
     verdict is the next entry's offset is how iptables writes a rule without -j (libiptc's
     fall-through jump)."""
     hit = _WALKS.get(id(table))
-    if hit is not None and hit[0] is table:
+    if hit is not None and hit[0] is table and hit[2] is not None:
         return hit[1], hit[2]
     entries = table.entries()
-    return len(entries), {a.offset: b.offset for a, b in zip(entries, entries[1:])}
+    out = len(entries), {a.offset: b.offset for a, b in zip(entries, entries[1:])}
+    if hit is not None and hit[0] is table:
+        hit[1], hit[2] = out
+    return out
 
 
-def _jumps(table: Table):
-    """A predicate: does this rule jump into a chain (not libiptc's fall-through to the next
-    entry, which _entry treats as "no target")?"""
-    nxt = _next_offsets(table)[1]
-    return lambda r: isinstance(r.target, Jump) and r.target.offset != nxt.get(r.offset)
+def _jumping(table: Table, chain: Chain) -> list:
+    """The rules of `chain` that jump into a chain: not libiptc's fall-through to the next entry,
+    which _entry treats as "no target". The entry after a rule is the next rule or the policy
+    entry (a table walk only for a chain without one)."""
+    rules, pe = chain.rules, chain.policy_entry
+    vec = classify.vectors(rules)
+    where = compress(range(len(rules)), vec.jump) if vec is not None else \
+        (p for p, r in enumerate(rules) if isinstance(r.target, Jump))
+    out = []
+    for p in where:
+        r = rules[p]
+        if p + 1 < len(rules):
+            nxt = rules[p + 1].offset
+        elif pe is not None:
+            nxt = pe.offset
+        else:
+            nxt = _next_offsets(table)[1].get(r.offset)
+        if r.target.offset != nxt:
+            out.append(r)
+    return out
 
 
 def _jump_sites(table: Table, top: Chain) -> dict:
     """How many jump/goto rules reachable from `top` target each user chain."""
     by_name = {c.name: c for c in table.chains}
-    jumps = _jumps(table)
     sites, seen, todo = {}, {top.name}, [top]
     while todo:
-        for r in todo.pop().rules:
-            if jumps(r) and r.target.chain in by_name:
+        for r in _jumping(table, todo.pop()):
+            if r.target.chain in by_name:
                 name = r.target.chain
                 sites[name] = sites.get(name, 0) + 1
                 if name not in seen:
@@ -1121,16 +1168,15 @@ def _nesting(table: Table, top: Chain, subs: frozenset) -> dict:
     """The deepest subprogram nesting at which each subprogram chain runs (1 = called by the
     main program)."""
     by_name = {c.name: c for c in table.chains}
-    jumps = _jumps(table)
     deepest, seen = {}, set()
 
     def walk(chain: Chain, depth: int, path: tuple):
         if (chain.name, depth) in seen:
             return
         seen.add((chain.name, depth))
-        for r in chain.rules:
+        for r in _jumping(table, chain):
             t = r.target
-            if not jumps(r) or t.chain not in by_name or by_name[t.chain].builtin:
+            if t.chain not in by_name or by_name[t.chain].builtin:
                 continue                  # the compiler reports these, naming the rule
             if t.chain in path:
                 raise BpfilterError(errno.ELOOP, f"chain {chain.name}: loop through chain "
@@ -1212,7 +1258,12 @@ def _compile_ready(table, chain, facts, fl, subs=frozenset()) -> "_ChainCompiler
 
 def _entry_count(table: Table) -> int:
     if hasattr(table, "entries"):
-        return _next_offsets(table)[0]
+        hit = _WALKS.get(id(table))
+        if hit is not None and hit[0] is table:
+            if hit[1] is None:
+                hit[1] = _entries_in(table)
+            return hit[1]
+        return _entries_in(table)
     idx = [-1]
     for c in table.chains:
         for r in c.rules + [c.policy_entry, c.head_entry]:
@@ -1221,6 +1272,13 @@ def _entry_count(table: Table) -> int:
     if table.tail_entry is not None:
         idx.append(table.tail_entry.index)
     return max(idx) + 1
+
+
+def _entries_in(table: Table) -> int:
+    """len(table.entries()) without building the list."""
+    return sum(len(c.rules) + len(c.trailer) + (c.head_entry is not None)
+               + (c.policy_entry is not None) for c in table.chains) \
+        + (table.tail_entry is not None)
 
 
 def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
@@ -1234,17 +1292,21 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
     if hasattr(table, "entries"):
-        _WALKS[id(table)] = (table,) + _next_offsets(table)
+        _WALKS[id(table)] = [table, None, None]
+    scope = classify._VEC_SCOPE
+    classify._VEC_SCOPE = {}
     try:
         out = CompiledTable(counters_entries=max(1, _entry_count(table)))
         _compile_chains(table, facts, fl, subprog_above, subprogs, out)
     finally:
         _WALKS.pop(id(table), None)
+        classify._VEC_SCOPE = scope
     return out
 
 
 def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, subprogs,
                     out: CompiledTable):
+    knobs = _knobs()
     for chain in table.chains:
         if not chain.builtin:
             continue
@@ -1253,14 +1315,325 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
         fl.check_chain(chain)           # refuses, naming the chain, what the flavor cannot serve
         if not fl.serves(chain):
             continue                    # empty ACCEPT chain at a hook the flavor has not
+        key, bases = _program_key(table, chain, facts, fl, subprog_above, subprogs, knobs)
+        kept = _kept_program(key, bases)
+        if kept is not None:
+            out.programs.append(kept)
+            continue
         cc = _compile_chain(table, chain, facts, fl, subprog_above, subprogs)
         items = cc.items
-        out.programs.append(CompiledProgram(chain.name, chain.hook, items, len(chain.rules),
-                                            where=cc.where, facts=facts,
-                                            prog_type=fl.prog_type,
-                                            expected_attach_type=fl.expected_attach_type,
-                                            license=fl.license, flavor=fl.name,
-                                            maps=list(getattr(cc, "cls_maps", {}).values()),
-                                            global_labels=frozenset(getattr(cc, "global_labels",
-                                                                            ())),
-                                            fn_parts=tuple(getattr(cc, "global_parts", ()))))
+        cp = CompiledProgram(chain.name, chain.hook, items, len(chain.rules),
+                             where=cc.where, facts=facts,
+                             prog_type=fl.prog_type,
+                             expected_attach_type=fl.expected_attach_type,
+                             license=fl.license, flavor=fl.name,
+                             maps=list(getattr(cc, "cls_maps", {}).values()),
+                             global_labels=frozenset(getattr(cc, "global_labels", ())),
+                             fn_parts=tuple(getattr(cc, "global_parts", ())))
+        _keep_program(key, bases, cc, cp)
+        out.programs.append(cp)
+
+
+# ---- whole programs kept across compiles (issue #7: one append on a 10 000-rule table) ---------
+# A built-in chain's program is a function of the entries it reaches (its own and those of the
+# user chains it jumps to, transitively) and of the compile's context, except for absolute entry
+# indices (counter keys) and byte offsets (`where` texts, listing comments). An append to INPUT
+# moves every entry of FORWARD and its 3 333 service chains by one, nothing else about them.
+# So each program is kept with what it was made from:
+#   key    the chain's name, the context (flavor, KernelFacts, subprogram choice, family, shared
+#          counting, the classifier's knobs and BPFILTER_* environment) and, for each chain
+#          reached (in the order the walk meets them), its entries' cache_keys (model.py: the
+#          entry's bytes without comefrom, counters and jump offsets) and each jump's landing
+#          (which of the walked chains, which rule, goto, or libiptc's fall-through);
+#   bases  (index, offset) of each walked chain's first body entry: a chain's entries are
+#          contiguous and keep their order, so "every base moved by the same (d_index, d_offset)"
+#          means every entry the program names moved by exactly that.
+# A later table with the same key and uniformly moved bases gets the kept program with every
+# instruction whose imm is an entry index moved by d_index (_ChainCompiler.index_insns: the
+# counter keys of _count and the runs' "+ first entry" adds; the global functions' keys through
+# their templates' relocs) and `where` offsets by d_offset. Only programs whose rules are
+# verdicts and jumps with tcp/udp/icmp/comment matches are kept (targets.py's events and the
+# limit match put entry indices elsewhere), and none with static subprograms (their stores are
+# rewritten by _via_main_frame). Label comments and `count entry N` comments of a kept program
+# are those of the compile that made it (CompiledProgram.listing says so); a kept classified
+# run's maps are the same MapSpec objects, so the engine keeps their maps too. The kept
+# program is what a compile made for an equal table, not necessarily what a compile would
+# make now: classify._SEEN_RUNS may cut an appended run differently after other compiles
+# (both are exact).
+PROG_CACHE_MAX = 64
+_PROG_CACHE: dict = {}          # key -> (bases, CompiledProgram, slots of its index insns)
+_CHAIN_FACTS: dict = {}         # (entries' cache_keys, policy's) -> positions of jumps, or None
+CHAIN_FACTS_MAX = 1 << 16
+PROG_STATS = {"made": 0, "reused": 0}
+_KEPT_MATCHES = frozenset({"tcp", "udp", "icmp", "icmp6", "comment"})
+_CLASSIFY_KNOBS = ("GLOBAL_ABOVE", "GLOBAL_GROUPS", "GLOBAL_GROUP_SLOTS", "GROUP_SLOTS",
+                   "MULTI_FORM", "MULTI_NS_BASE", "MULTI_NS_PER_WORD", "SPLIT_MAX_SHAPES",
+                   "LINEAR_NS", "MAX_KEYS", "TAIL_MAX", "CUT_EVERY", "MAX_PORTS_PER_RULE")
+
+
+def _knobs() -> tuple:
+    """What the code depends on besides the entries: module settings tests change, the
+    environment switches, this module's thresholds."""
+    ks = tuple(repr(getattr(classify, k, None)) for k in _CLASSIFY_KNOBS)
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BPFILTER_")))
+    return ks + (repr(classify.LOOKUP_NS), repr(classify.SPLIT_NS), SHARED_COUNT_ABOVE,
+                 SUBPROG_UPTO, MAX_CALL_FRAMES, MAX_BPF_STACK, E.GOTO_SHORT) + env
+
+
+def _flavor_key(fl):
+    """The flavor as a key: its class and the settings an instance carries (engine._restricted
+    adds skip_served; its check_chain/serves wrappers do not change code), or None."""
+    if flavors.FLAVORS.get(getattr(fl, "name", None)) is not type(fl):
+        return None
+    extra = []
+    for k, v in sorted(fl.__dict__.items()):
+        if k in ("check_chain", "serves"):
+            continue
+        try:
+            hash(v)
+        except TypeError:
+            return None
+        extra.append((k, v))
+    return (type(fl).__name__,) + tuple(extra)
+
+
+def _rule_kept_ok(r) -> bool:
+    t = r.target
+    return isinstance(t, (Verdict, Jump)) and \
+        all(m.name in _KEPT_MATCHES for m in r.matches)
+
+
+def _chain_facts(rules: list, pe: Rule, keys: tuple):
+    """Positions of the chain's jump rules, or None when the chain's program cannot be kept:
+    memoized on the entries' bytes (a jump's bytes say it is one; where it lands is not in
+    them and is read from the table each time)."""
+    k = (keys, pe.cache_key)
+    hit = _CHAIN_FACTS.get(k, False)
+    if hit is not False:
+        return hit
+    vec = classify.vectors(rules)
+    if vec is not None:                 # a long chain: its lists (classify.vectors)
+        ok = all(classify.column(rules, vec, "kept", _rule_kept_ok)) and _rule_kept_ok(pe)
+        out = tuple(compress(range(len(rules)), vec.jump)) if ok else None
+    else:
+        ok = all(_rule_kept_ok(r) for r in rules) and _rule_kept_ok(pe)
+        out = tuple(p for p, r in enumerate(rules) if isinstance(r.target, Jump)) if ok else None
+    if len(_CHAIN_FACTS) >= CHAIN_FACTS_MAX:
+        _CHAIN_FACTS.clear()
+    _CHAIN_FACTS[k] = out
+    return out
+
+
+def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
+                 knobs: tuple) -> tuple:
+    """(key, bases) of the program of built-in chain `top` (see above), or (None, None) when
+    it is not to be kept."""
+    if os.environ.get("BPFILTER_PROG_CACHE", "1") == "0" or not hasattr(table, "entries"):
+        return None, None
+    flk = _flavor_key(fl)
+    if flk is None:
+        return None, None
+    chains = table.chains
+    nchains = len(chains)
+    by_name = _first_by_name(table)
+    order, seen, recs, bases = [top], {id(top): 0}, [], []
+    facts_of, vec_min = _CHAIN_FACTS.get, classify.VEC_MIN
+    i = 0
+    # (a fan-out table walks 3 336 chains here on every compile: the loop is kept tight)
+    while i < len(order):
+        c = order[i]
+        i += 1
+        rules = c.rules
+        pk = getattr(c.policy_entry, "cache_key", None)
+        if pk is None:
+            return None, None
+        try:
+            if len(rules) >= vec_min:
+                vec = classify.vectors(rules)
+                keys = tuple(vec.keys)
+            else:
+                keys = tuple([r.cache_key for r in rules])
+        except AttributeError:                  # no vectors, or a rule without cache_key
+            return None, None
+        if None in keys:
+            return None, None
+        jumps = facts_of((keys, pk), False)
+        if jumps is False:
+            jumps = _chain_facts(rules, c.policy_entry, keys)
+        if jumps is None:
+            return None, None
+        if jumps:
+            lands = []
+            last = len(rules) - 1
+            for p in jumps:
+                r = rules[p]
+                t = r.target
+                nxt = rules[p + 1].offset if p < last else c.policy_entry.offset
+                if t.offset == nxt:             # libiptc's fall-through: _entry's "no target"
+                    lands.append((p,))
+                    continue
+                cp = getattr(t, "chain_pos", -1)
+                tgt = chains[cp] if cp is not None and 0 <= cp < nchains and \
+                    chains[cp].name == t.chain else by_name.get(t.chain)
+                if tgt is None or by_name.get(t.chain) is not tgt:
+                    return None, None           # _scan and _landing would disagree: compile it
+                k = seen.get(id(tgt))
+                if k is None:
+                    k = seen[id(tgt)] = len(order)
+                    order.append(tgt)
+                lands.append((p, k, getattr(t, "entry", 0), bool(t.goto)))
+            recs.append((c.name, c.hook, keys, pk, tuple(lands)))
+        else:
+            recs.append((c.name, c.hook, keys, pk))
+        first = rules[0] if rules else c.policy_entry
+        bases.append((first.index, first.offset))
+    count = _entry_count(table) > SHARED_COUNT_ABOVE
+    subs = None if subprogs is None else frozenset(subprogs)
+    return (top.name, flk, facts, subprog_above, subs, table.family, count, knobs,
+            tuple(recs)), bases
+
+
+def _first_by_name(table: Table) -> dict:
+    """{name: first chain of that name}, once per compile_table (_WALKS)."""
+    hit = _WALKS.get(id(table))
+    by = hit[3] if hit is not None and hit[0] is table and len(hit) > 3 else None
+    if by is None:
+        by = {}
+        for c in table.chains:
+            by.setdefault(c.name, c)
+        if hit is not None and hit[0] is table:
+            hit[3:] = [by]
+    return by
+
+
+def _keep_program(key, bases, cc: "_ChainCompiler", cp: CompiledProgram):
+    """Keep cp for later tables with the same key (when it can be moved: see above)."""
+    if key is None or cc.sub_labels:
+        PROG_STATS["made"] += 1
+        return
+    PROG_STATS["made"] += 1
+    for tpl, _ in cp.fn_parts:
+        if tpl.relocs is None:
+            return
+    n_fn = sum(len(tpl.items) for tpl, _ in cp.fn_parts)
+    ids = {id(x) for x in cc.index_insns}
+    slots = tuple(p for p, it in enumerate(cp.items[:len(cp.items) - n_fn]) if id(it) in ids)
+    if len(_PROG_CACHE) >= PROG_CACHE_MAX:
+        _PROG_CACHE.clear()
+    # a copy: the caller owns cp (offload.py rewrites a program's items)
+    mine = dataclasses.replace(cp, items=list(cp.items), where=dict(cp.where),
+                               maps=list(cp.maps))
+    _PROG_CACHE[key] = (tuple(bases), mine, slots)
+
+
+def _kept_program(key, bases) -> Optional[CompiledProgram]:
+    """The kept program for `key`, moved to `bases`, or None."""
+    if key is None:
+        return None
+    hit = _PROG_CACHE.get(key)
+    if hit is None:
+        return None
+    old_bases, cp, slots = hit
+    d_idx, d_off = bases[0][0] - old_bases[0][0], bases[0][1] - old_bases[0][1]
+    for (i0, o0), (i1, o1) in zip(old_bases, bases):
+        if i1 - i0 != d_idx or o1 - o0 != d_off:
+            return None
+    if cp.fn_parts:
+        # a global function template dropped from classify._FN_CACHE (tests clear it to compile
+        # afresh) means "compile afresh" here too
+        live = {id(t) for t in classify._FN_CACHE.values()}
+        if not all(id(tpl) in live for tpl, _ in cp.fn_parts):
+            return None
+    PROG_STATS["reused"] += 1
+    return _KeptProgram.moved(cp, slots, d_idx, d_off)
+
+
+class _KeptProgram(CompiledProgram):
+    """A program of _PROG_CACHE moved by (d_index, d_offset): its items (the functions' counter
+    keys rewritten from their templates) and `where` are made on first use, the bytecode is
+    placed from the functions' kept bytecode without them (CompiledProgram.assemble)."""
+
+    @classmethod
+    def moved(cls, cp: CompiledProgram, slots: tuple, d_idx: int, d_off: int):
+        out = object.__new__(cls)
+        for f in dataclasses.fields(CompiledProgram):
+            if f.name not in ("items", "where"):
+                out.__dict__[f.name] = getattr(cp, f.name)
+        out.maps = list(cp.maps)
+        out.fn_parts = tuple((tpl, [v + d_idx for v in values]) for tpl, values in cp.fn_parts)
+        out.__dict__["_kept"] = (cp, slots, d_idx, d_off)
+        n_fn = sum(len(tpl.items) for tpl, _ in cp.fn_parts)
+        main = _move_index_insns(cp.items[:len(cp.items) - n_fn], slots, d_idx)
+        out.__dict__["_main"] = main
+        if not cp.fn_parts:
+            out.items = main
+        return out
+
+    def _layout(self):
+        """The kept program's layout (its functions' bytecode, computed once for every later
+        table) with this program's main part."""
+        kept = self.__dict__.get("_kept")
+        if kept is None:                    # a copy (dataclasses.replace): a program like any
+            return super()._layout()
+        lay = self.__dict__.get("_lay")
+        if lay is None:
+            base = kept[0]._layout()
+            lay = self.__dict__["_lay"] = (self.__dict__["_main"],) + tuple(base[1:]) \
+                if base else False
+        return lay or None
+
+    def _fn_items(self, main: list) -> list:
+        items = list(main)
+        for tpl, values in self.fn_parts:
+            part = list(tpl.items)
+            for (p, *_), v in zip(tpl.relocs, values):
+                old = part[p]
+                if old.imm != v:
+                    part[p] = Insn(old.code, old.dst, old.src, old.off, v,
+                                   comment=f"count entry {v}")
+            items += part
+        return items
+
+    def __getattr__(self, name):
+        kept = self.__dict__.get("_kept")
+        if kept is None:
+            raise AttributeError(name)
+        if name == "items":
+            self.items = self._fn_items(self.__dict__["_main"])
+            return self.items
+        if name == "where":
+            cp, _, _, d_off = kept
+            self.where = {k: _moved_offsets(v, d_off) for k, v in cp.where.items()}
+            return self.where
+        raise AttributeError(name)
+
+    def listing(self) -> str:
+        kept = self.__dict__.get("_kept")
+        d_idx = kept[2] if kept is not None else 0
+        if not d_idx:
+            return super().listing()
+        return (f"; program {self.chain} (hook {self.hook}), kept from an earlier compile: "
+                f"entry numbers in comments are that compile's ({d_idx:+d} now)\n"
+                + E.listing(self.items))
+
+
+def _move_index_insns(items: list, slots: tuple, d: int) -> list:
+    if not d:
+        return items
+    out = list(items)
+    for p in slots:
+        old = out[p]
+        out[p] = Insn(old.code, old.dst, old.src, old.off, old.imm + d, old.target, old.map,
+                      old.kfunc, old.comment)
+    return out
+
+
+_ENTRY_OFFSETS = re.compile(r"(entry offsets? )(\d+)(\.\.)?(\d+)?")
+
+
+def _moved_offsets(text: str, d: int) -> str:
+    if not d:
+        return text
+    return _ENTRY_OFFSETS.sub(
+        lambda m: f"{m.group(1)}{int(m.group(2)) + d}" +
+        (f"..{int(m.group(4)) + d}" if m.group(3) else ""), text)

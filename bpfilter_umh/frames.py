@@ -5,8 +5,6 @@ checks sizes and offsets agree with the formats below.  The same frames travel o
 stdin/stdout (the kernel shim's channel) and over the per-netns abstract unix socket that
 `bpfilter exec` uses, so one dispatch function serves both transports.
 """
-from __future__ import annotations
-
 import errno
 import struct
 

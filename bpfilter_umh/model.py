@@ -7,6 +7,9 @@ Shared contract (other stages rely on these names):
                                                  check of do_replace()+translate_table() that does
                                                  not need the installed table; the Table is
                                                  normalized (what GET_ENTRIES would then return)
+                                                 and read-only: its Rule objects are shared
+                                                 with the decodes before and after it (issue
+                                                 #7); copy.deepcopy it to edit it
   - Table.empty(name, family)                    the table the kernel creates in a fresh netns
   - Table.encode() -> bytes                      the entries blob (ipt_get_entries.entrytable)
   - Table.entries() -> list[Rule]                every entry in blob order; entry index == counter
@@ -28,6 +31,7 @@ chain (never written by iptables) is refused with EOPNOTSUPP.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import errno
 import gc
@@ -100,7 +104,13 @@ class IpHeader:
 
     def unconditional(self, family: int) -> bool:
         """memcmp(&e->ip, &uncond, sizeof(uncond)) == 0 in unconditional()."""
-        return self == IpHeader.any(family)
+        a = _ANY_IP.get(family)
+        if a is None:
+            a = _ANY_IP[family] = IpHeader.any(family)   # private: never handed out
+        return self == a
+
+
+_ANY_IP: dict = {}          # family -> IpHeader.any(family), for IpHeader.unconditional
 
 
 @dataclass
@@ -330,6 +340,40 @@ def _remember(raws, family):
             r.mdata, r.tdata)
 
 
+def _placed(rule, i: int, r, comefrom: int, lay):
+    """A copy of a previous decode's Rule at entry index i, offset r.off, with `comefrom`; a
+    jump gets its own Jump with the verdict now in the blob (resolved by _build)."""
+    d = rule.__dict__.copy()
+    d["index"], d["offset"], d["comefrom"] = i, r.off, comefrom
+    t = d["target"]
+    if type(t) is Jump:
+        d["target"] = Jump("", t.goto, r.verdict, None)
+    n = object.__new__(Rule)
+    n.__dict__ = d
+    return n
+
+
+def _moved_rules(old_rules, raws, first: int, comefrom) -> list:
+    """Copies of old_rules placed at entries first, first + 1, ... (index, offset, comefrom),
+    a jump with a Jump of its own naming the offset now in the blob (_build resolves it)."""
+    new = object.__new__
+    out = []
+    append = out.append
+    for i, (rule, r, cf) in enumerate(zip(old_rules, raws[first:], comefrom[first:]), first):
+        d = rule.__dict__.copy()
+        d["index"], d["offset"], d["comefrom"] = i, r.off, cf
+        t = d["target"]
+        if type(t) is Jump:
+            j = new(Jump)
+            j.__dict__.update(chain="", goto=t.goto, offset=r.verdict, entry=None,
+                              chain_pos=-1)
+            d["target"] = j
+        n = new(Rule)
+        n.__dict__ = d
+        append(n)
+    return out
+
+
 def _underflow_check(r, off, valid_hooks, underflow):
     for h in range(NF_INET_NUMHOOKS):
         if valid_hooks & (1 << h) and off == underflow[h] and \
@@ -341,10 +385,13 @@ def _underflow_check(r, off, valid_hooks, underflow):
 
 # ---- the previous table's walk (issue #7: one append walks the entries that changed) ---------
 # iptables sends the whole table on every change; what changed is a few entries in one place.
-# {family: (blob, raws, ends)} of the last table decoded without error: an entry of the new blob
-# whose bytes equal an entry of the old one at the same offset (before the change) or at the
-# same distance from the end (after it; a jump there may name an offset moved by the change)
-# passed every check of its own bytes then; of the offset-dependent checks of
+# {family: (blob, raws, ends, shared, memo)} of the last table decoded without error (shared:
+# (rules, comefrom) of a decode_replace table, whose Rule objects the next one may share;
+# memo: its _Memo). An entry of the new blob whose bytes equal an entry of the old one at the
+# same offset (before the change) or at the same distance from the end (after it), a jump's
+# verdict aside (it names an offset the change moved: the target's landing is checked by
+# mark_source_chains for the whole table), passed every check of its own bytes then (a
+# positive verdict is always verdict_ok()); of the offset-dependent checks of
 # check_entry_size_and_hooks, alignment and room in the blob hold where the distance to the
 # blob's start (prefix) or end (suffix, moved by a multiple of 8) is the same, and the underflow
 # check is run again on every hook's underflow entry. "Equal" leaves out comefrom and the
@@ -394,15 +441,6 @@ def _same_but_volatile(a: bytes, b: bytes, family: int) -> bool:
         and a[cnt + 16:] == b[cnt + 16:]
 
 
-def _with_values(hdr, comefrom: int, pcnt: int, bcnt: int):
-    """A copy of an entry header with other comefrom and counters."""
-    n = object.__new__(_CachedHdr)
-    n.ip, n.nfcache, n.target_offset, n.next_offset, n.pad = \
-        hdr.ip, hdr.nfcache, hdr.target_offset, hdr.next_offset, hdr.pad
-    n.comefrom, n.pcnt, n.bcnt = comefrom, pcnt, bcnt
-    return n
-
-
 def _with_volatile(hdr, e: bytes, family: int):
     """A copy of an entry header with comefrom and the counters read from entry bytes e."""
     n = object.__new__(_CachedHdr)
@@ -415,12 +453,12 @@ def _with_volatile(hdr, e: bytes, family: int):
     return n
 
 
-def _reusable(prev, blob: bytes, family: int):
+def _reusable(prev, blob: bytes, family: int, touched: list):
     """(head, tail): the old entries at the start of `blob` (same offsets) and at its end
     (offsets moved by the size change; a jump entry whose only difference is its verdict
-    carries the new one), with nothing in between reused twice."""
-    import bisect
-    old, raws, ends = prev
+    carries the new one), with nothing in between reused twice. The entries given other
+    comefrom or counters (a new header) are added to `touched`."""
+    old, raws, ends = prev[:3]
     delta = len(blob) - len(old)
     if delta % 8:
         return [], []
@@ -429,33 +467,79 @@ def _reusable(prev, blob: bytes, family: int):
     cf, cnt, _ = _VOLATILE[family]
     # on from there, entries equal but for comefrom and the counters (libiptc sends the live
     # counters GET_ENTRIES showed: with traffic, the byte prefix ends at the first counted rule)
-    for r in raws[nhead:]:
+    pj = prev[4].kinds[0]               # the old jumps' entry indexes
+    # many such entries in a row (the jumps of a chain moved by the change, rules that
+    # counted packets): compared in runs of growing length, entry by entry after a run that
+    # is not equal, up to the first entry that differs in more
+    i, run = nhead, 16
+    while i < len(raws):
+        if run:
+            e = min(len(raws), i + run)
+            if _equal_but_moved(old, blob, raws, ends, pj, i, e, 0, family, touched):
+                i, run = e, run * 2
+                continue
+            run = 0
+        r = raws[i]
         nxt = r.hdr.next_offset
         e_old, e_new = old[r.off:r.off + nxt], blob[r.off:r.off + nxt]
         if e_old != e_new:
-            if not _same_but_volatile(e_old, e_new, family):
+            # a jump into a chain behind the change names its new offset (the jump rules of
+            # a kube-proxy service chain, on a rule added to it)
+            v = _moved_jump(r, e_old, e_new, family)
+            if v is not None:
+                r.verdict = v
+            elif not _same_but_volatile(e_old, e_new, family):
                 break
-            r.hdr = _with_volatile(r.hdr, e_new, family)
-        head.append(r)
-    nhead = len(head)
+            if e_old[cf:cnt + 16] != e_new[cf:cnt + 16]:
+                r.hdr = _with_volatile(r.hdr, e_new, family)
+                touched.append(r)
+        i += 1
+    head = raws[:i]
+    nhead = i
     floor = head[-1].off + head[-1].hdr.next_offset if head else 0  # the first offset after it
     # old entries from this offset on lie in the common suffix: byte-equal where they moved to
     same_from = len(old) - _common_suffix(old, blob)
+    # those wholly in it (and after the head), at once: moved by delta, nothing else changes
+    js = max(nhead, _first_at_or_after(raws, max(same_from, floor - delta)))
+    suffix = raws[js:]
+    if delta:
+        for r in suffix:
+            r.off += delta      # _moved, verdict kept (the bytes are the same)
     tail = []
-    for j in range(len(raws) - 1, nhead - 1, -1):
+    k0 = max(nhead, _first_at_or_after(raws, floor - delta))   # the first that may move
+    j, run = js - 1, 16
+    while j >= nhead:
+        if run and j >= k0:
+            # runs as in the head, backwards: raws[b:j + 1]
+            b = max(k0, j + 1 - run)
+            if _equal_but_moved(old, blob, raws, ends, pj, b, j + 1, delta, family, touched):
+                for x in reversed(raws[b:j + 1]):
+                    x.off += delta
+                    tail.append(x)
+                j, run = b - 1, run * 2
+                continue
+            run = 0
         r = raws[j]
+        j -= 1
         nxt, noff = r.hdr.next_offset, r.off + delta
         if noff < floor:
             break
-        if r.off >= same_from:
-            tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
-            continue
         e_old, e_new = old[r.off:r.off + nxt], blob[noff:noff + nxt]
         if e_old == e_new:
             tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
             continue
+        v = _moved_jump(r, e_old, e_new, family)
+        if v is not None:
+            # a jump whose only differences are the offset it names (its chain moved) and
+            # perhaps comefrom and the counters
+            if e_old[cf:cnt + 16] != e_new[cf:cnt + 16]:
+                r.hdr = _with_volatile(r.hdr, e_new, family)
+                touched.append(r)
+            tail.append(_moved(r, noff, v))
+            continue
         if _same_but_volatile(e_old, e_new, family):
             r.hdr = _with_volatile(r.hdr, e_new, family)
+            touched.append(r)
             tail.append(r if delta == 0 else _moved(r, noff, r.verdict))
             continue
         # the same entry but for comefrom, the counters or the offset a jump names (_entry_key:
@@ -467,38 +551,120 @@ def _reusable(prev, blob: bytes, family: int):
             break
         if e_new[cf:cnt + 16] != e_old[cf:cnt + 16]:
             r.hdr = _with_volatile(r.hdr, e_new, family)
+            touched.append(r)
         tail.append(_moved(r, noff, v))
     tail.reverse()
-    return head, tail
+    return head, tail + suffix
 
 
-def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None) -> list:
+def _moved_jump(r, e_old: bytes, e_new: bytes, family: int):
+    """The verdict in e_new when raw entry r (bytes e_old) is a jump and e_new differs from
+    e_old only in that verdict (a positive one: still a jump), comefrom and the counters;
+    else None."""
+    if not (r.std and r.verdict > 0) or len(e_new) != len(e_old):
+        return None
+    cf, cnt, _ = _VOLATILE[family]
+    p = r.hdr.target_offset + 32            # xt_standard_target.verdict
+    if e_old[:cf] != e_new[:cf] or e_old[cf + 4:cnt] != e_new[cf + 4:cnt] \
+            or e_old[cnt + 16:p] != e_new[cnt + 16:p] or e_old[p + 4:] != e_new[p + 4:]:
+        return None
+    v = int.from_bytes(e_new[p:p + 4], "little", signed=True)
+    return v if v > 0 else None
+
+
+def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: int,
+                     delta: int, family: int, touched: list) -> bool:
+    """Whether the old entries raws[lo:hi] are in blob, moved by delta, but for their jumps'
+    verdicts (still jumps), comefrom and the counters: one comparison of the old bytes with
+    those values copied in from blob. If so, each jump takes its new verdict and each entry
+    with other comefrom/counters a new header (and goes to `touched`); offsets are left to
+    the caller. Nothing changes otherwise."""
+    cf, cnt, _ = _VOLATILE[family]
+    a, b = raws[lo].off, ends[hi - 1]
+    exp = bytearray(old[a:b])
+    vol = []
+    for r in raws[lo:hi]:
+        o, n = r.off, r.off + delta
+        nv = blob[n + cf:n + cnt + 16]
+        if nv != old[o + cf:o + cnt + 16]:
+            if len(nv) != cnt + 16 - cf:
+                return False
+            # comefrom and the counters only: ip6t_entry's padding between them is compared
+            exp[o - a + cf:o - a + cf + 4] = nv[:4]
+            exp[o - a + cnt:o - a + cnt + 16] = nv[cnt - cf:]
+            vol.append(r)
+    js = jumps[bisect.bisect_left(jumps, lo):bisect.bisect_left(jumps, hi)]
+    vs = []
+    for j in js:
+        r = raws[j]
+        p = r.off + r.hdr.target_offset + 32        # xt_standard_target.verdict
+        nv = blob[p + delta:p + delta + 4]
+        v = int.from_bytes(nv, "little", signed=True)
+        if len(nv) != 4 or v <= 0:
+            return False
+        exp[p - a:p - a + 4] = nv
+        vs.append(v)
+    if exp != blob[a + delta:b + delta]:
+        return False
+    for j, v in zip(js, vs):
+        raws[j].verdict = v
+    for r in vol:
+        n = r.off + delta
+        r.hdr = _with_volatile(r.hdr, blob[n:n + r.hdr.next_offset], family)
+        touched.append(r)
+    return True
+
+
+def _first_at_or_after(raws, off: int) -> int:
+    """Index of the first raw entry at offset >= off (raws in blob order)."""
+    lo, hi = 0, len(raws)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if raws[mid].off < off:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None, touched=None):
     """translate_table()'s first loop: check_entry_size_and_hooks() on every entry, on the
-    entries the previous table (`prev`, from _LAST_WALK) did not have."""
+    entries the previous table (`prev`, from _LAST_WALK) did not have. Returns (raws, nhead,
+    ntail): raws[:nhead] are the previous walk's first nhead entries (same offsets), raws[-ntail:]
+    (ntail > 0) its last ntail (moved by the size change); reused entries with other comefrom
+    or counters go to `touched`."""
     if prev is None:
-        return _walk_range(blob, lay, underflow, valid_hooks, 0, None)
-    head, tail = _reusable(prev, blob, lay.family)
+        return _walk_range(blob, lay, underflow, valid_hooks, 0, None), 0, 0
+    head, tail = _reusable(prev, blob, lay.family, [] if touched is None else touched)
     start = head[-1].off + head[-1].hdr.next_offset if head else 0
     stop = tail[0].off if tail else None
     mid = _walk_range(blob, lay, underflow, valid_hooks, start, stop)
     end = mid[-1].off + mid[-1].hdr.next_offset if mid else start
+    ntail = len(tail)
     if stop is not None and end != stop:
         # the new entries did not end where the reused ones begin: walk on from there
-        tail = _walk_range(blob, lay, underflow, valid_hooks, end, None)
+        tail, ntail = _walk_range(blob, lay, underflow, valid_hooks, end, None), 0
     raws = head + mid + tail
     if head or tail:
-        at = {r.off: r for r in raws}
         for h in range(NF_INET_NUMHOOKS):
-            r = at.get(underflow[h]) if valid_hooks & (1 << h) else None
+            r = _raw_at(raws, underflow[h]) if valid_hooks & (1 << h) else None
             if r is not None:
                 _underflow_check(r, r.off, valid_hooks, underflow)
-    return raws
+    return raws, len(head), ntail
+
+
+def _raw_at(raws, off: int):
+    """The raw entry at offset `off` (raws in blob order), None if no entry starts there."""
+    lo = _first_at_or_after(raws, off)
+    return raws[lo] if lo < len(raws) and raws[lo].off == off else None
 
 
 def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> list:
     """The walk from offset `off` up to `stop` (None: the blob's end)."""
     size, hsz, out = len(blob), lay.entry_size, []
     cache, family = _ENTRY_CACHE, lay.family
+    # the offsets check_underflow() looks at (the valid hooks' underflows)
+    uflows = {underflow[h] for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)}
     while off < size and (stop is None or off < stop):
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
         if off % 8:
@@ -515,7 +681,8 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
             r = _Raw(off, _CachedHdr(c, blob, off, family), None, c.matches, c.tname, c.trev,
                      c.tsize, c.tpayload, c.uncond, c.std, v, c.mdata, c.tdata, key)
             r.ip = r.hdr.ip
-            _underflow_check(r, off, valid_hooks, underflow)
+            if off in uflows:
+                _underflow_check(r, off, valid_hooks, underflow)
             out.append(r)
             off += nxt
             continue
@@ -575,21 +742,27 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
         r = _Raw(off, hdr, ip, matches, tname_raw, trev, tsize,
                  e[toff + 32:toff + tsize], uncond, tname == b"", verdict, key=key)
         # hooks and underflows on this entry
-        _underflow_check(r, off, valid_hooks, underflow)
+        if off in uflows:
+            _underflow_check(r, off, valid_hooks, underflow)
         out.append(r)
         off += nxt
     return out
 
 
-def _kept_blob(blob: bytes, raws, comefrom: list, family: int) -> bytes:
+def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None) -> bytes:
     """The entries as the kernel keeps them after SET_REPLACE (what GET_ENTRIES shows, counters
     zero): the caller's bytes with comefrom set by mark_source_chains and the counters zeroed
     (ip_tables.c translate_table copies the rest as given). Only the entries whose comefrom or
     counters differ are patched: libiptc sends back what GET_ENTRIES showed, so after the first
-    change that is the few new entries (and those with traffic), not all 10 000."""
+    change that is the few new entries (and those with traffic), not all 10 000. `cand`: the
+    indexes of the only entries that may differ (the caller knows the others match)."""
     cf, cnt, _ = _VOLATILE[family]
-    todo = [(r, c) for r, c in zip(raws, comefrom)
-            if r.hdr.comefrom != c or r.hdr.pcnt or r.hdr.bcnt]
+    if cand is None:
+        todo = [(r, c) for r, c in zip(raws, comefrom)
+                if r.hdr.comefrom != c or r.hdr.pcnt or r.hdr.bcnt]
+    else:
+        todo = [(raws[i], comefrom[i]) for i in sorted(cand)
+                if raws[i].hdr.comefrom != comefrom[i] or raws[i].hdr.pcnt or raws[i].hdr.bcnt]
     if not todo:
         return blob
     out = bytearray(blob)
@@ -598,7 +771,10 @@ def _kept_blob(blob: bytes, raws, comefrom: list, family: int) -> bytes:
     for r, c in todo:
         u32(out, r.off + cf, c)
         u64x2(out, r.off + cnt, 0, 0)
-        r.hdr = _with_values(r.hdr, c, 0, 0)   # the raw describes the patched bytes now
+        # the raw describes the patched bytes now (in place: each raw has a header of its
+        # own, _walk_range and _with_volatile make one per entry)
+        h = r.hdr
+        h.comefrom, h.pcnt, h.bcnt = c, 0, 0
     return bytes(out)
 
 
@@ -711,6 +887,132 @@ def _mark_source_chains(raws, size, hook_entry, valid_hooks, idx=None) -> list:
     return comefrom
 
 
+class _Memo:
+    """What a decode derives from its whole list of raw entries, made from the previous
+    decode's (`prev`, its _Memo) for the entries reused from it (raws[:nhead], raws[-ntail:]):
+    offs (each entry's offset), at ({offset: index}), kinds (sorted indexes of the jumps, of
+    the ERROR entries and of the unconditional standard verdicts), tnames/mnames (how many
+    entries name each target / match), comefrom (set by a normalized decode)."""
+
+    def __init__(self, raws, nhead, ntail, size, prev, p_raws=None):
+        n = len(raws)
+        first = n - ntail
+        self.size, self.comefrom = size, None
+        if prev is None or p_raws is None or not (nhead or ntail):
+            nhead = ntail = 0
+            first = n
+            prev = None
+        shift = (len(p_raws) - n) if prev is not None else 0
+        mid = raws[nhead:first]
+        offs = prev.offs[:nhead] if prev is not None else []
+        offs += [r.off for r in mid]
+        if ntail:
+            delta = size - prev.size
+            tail = prev.offs[first + shift:]
+            offs += tail if delta == 0 else [o + delta for o in tail]
+        self.offs = offs
+        self.at = dict(zip(offs, range(n)))
+        kinds = ([], [], [])
+        if prev is not None:
+            for lst, p in zip(kinds, prev.kinds):
+                lst += p[:bisect.bisect_left(p, nhead)]
+        jumps, errs, terms = kinds
+        for i, r in enumerate(mid, nhead):
+            if r.std:
+                if r.verdict >= 0:
+                    jumps.append(i)
+                elif r.uncond:
+                    terms.append(i)
+            elif r.tname.split(b"\0", 1)[0] == b"ERROR":
+                errs.append(i)
+        if ntail:
+            for lst, p in zip(kinds, prev.kinds):
+                lst += [i - shift for i in p[bisect.bisect_left(p, first + shift):]]
+        self.kinds = kinds
+        # names: the previous counts, less the entries that went, plus the new ones
+        if prev is not None:
+            tn, mn = dict(prev.tnames), dict(prev.mnames)
+            self._count(tn, mn, p_raws[nhead:len(p_raws) - ntail], -1)
+        else:
+            tn, mn = {}, {}
+        self._count(tn, mn, mid, 1)
+        self.tnames, self.mnames = tn, mn
+
+    @staticmethod
+    def _count(tn, mn, raws, d):
+        for r in raws:
+            tn[r.tname] = tn.get(r.tname, 0) + d
+            for m in r.matches:
+                mn[m[0]] = mn.get(m[0], 0) + d
+
+
+def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
+    """mark_source_chains() on whole chains, for the tables iptables writes; None where the
+    table is not such a table (then _mark_source_chains walks it entry by entry).
+
+    The kernel's walk (ip_tables.c mark_source_chains) from an entry falls through every entry
+    that is neither a jump nor an unconditional standard verdict (a "return": RETURN, a policy,
+    an unconditional DROP/ACCEPT/QUEUE), follows a jump and comes back after it once the
+    walk there returns. Call the entries where a walk starts (hook entries, jump landings)
+    starts; from start s the walk covers s up to the first return at or after it, t(s). When
+    every jump lands on an entry and no [s, t(s)] holds another start (iptables: each chain
+    ends with a return, jumps land on chains' first rules), these ranges are disjoint, so:
+    an entry is reached from hook h exactly when its range is, the range's entries are marked
+    on the way (a range is walked at most once per hook: its start is then "visited", a later
+    jump there returns at once), and the entries carrying the kernel's loop bit (1 <<
+    NF_INET_NUMHOOKS) are those from the start of each range on the walk's stack to its
+    current jump, so a jump finds the loop bit set exactly when it lands on the start of a
+    range on the stack: ELOOP there, at the same entry and in the same order (jumps in entry
+    order, hooks in hook order) as the kernel. Work: per range and per jump, not per entry."""
+    jumps, _errs, terms = memo.kinds
+    hooks = [h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)]
+    target = {}
+    for j in jumps:
+        k = at.get(raws[j].verdict)
+        if k is None:
+            return None              # onto no entry: the entry walk says where it fails
+        target[j] = k
+    starts = sorted({at[hook_entry[h]] for h in hooks} | set(target.values()))
+    end = {}
+    nt = len(terms)
+    for a, st in enumerate(starts):
+        p = bisect.bisect_left(terms, st)
+        if p == nt or (a + 1 < len(starts) and terms[p] >= starts[a + 1]):
+            return None              # no return before the end or the next start
+        end[st] = terms[p]
+    mask = dict.fromkeys(starts, 0)
+    for h in hooks:
+        bit = 1 << h
+        s0 = at[hook_entry[h]]
+        mask[s0] |= bit
+        on = {s0}
+        lo, hi = bisect.bisect_left(jumps, s0), bisect.bisect_left(jumps, end[s0])
+        stack = [(s0, iter(jumps[lo:hi]))]
+        while stack:
+            st, it = stack[-1]
+            j = next(it, None)
+            if j is None:
+                stack.pop()
+                on.discard(st)
+                continue
+            k = target[j]
+            if k in on:
+                _err(errno.ELOOP, raws[k].off, f"loop reached from hook {HOOK_NAMES[h]}")
+            if mask[k] & bit:
+                continue             # visited from this hook: returns at once
+            mask[k] |= bit
+            on.add(k)
+            lo, hi = bisect.bisect_left(jumps, k), bisect.bisect_left(jumps, end[k])
+            stack.append((k, iter(jumps[lo:hi])))
+    comefrom = [0] * len(raws)
+    for st in starts:
+        m = mask[st]
+        if m:
+            t = end[st] + 1
+            comefrom[st:t] = [m] * (t - st)
+    return comefrom
+
+
 # extension payloads parsed by their construct codec (~50 us each): a table's targets have a
 # handful of distinct payloads (ACCEPT, DROP, ...), matches repeat less. Keyed by the extension
 # and the bytes, so equal payloads share one parsed value, as equal entries do (_ENTRY_CACHE).
@@ -818,10 +1120,13 @@ class Table:
     @classmethod
     def decode(cls, blob: bytes, family: int, hook_entry, underflow, valid_hooks: int,
                name: str = "filter", *, num_entries: Optional[int] = None,
-               normalize: bool = False) -> "Table":
+               normalize: bool = False, share: bool = False) -> "Table":
         """Entries blob → Table, with translate_table()'s checks. `normalize` gives what the
         kernel keeps after SET_REPLACE: counters zeroed, comefrom from mark_source_chains(),
-        extension payloads as xt_data_to_user() shows them."""
+        extension payloads as xt_data_to_user() shows them. `share` (with normalize): the
+        Table is read-only; its Rule objects (and their IpHeader, matches, targets) may be the
+        previous shared decode's and the next one's, wherever entry bytes and position data
+        are the same (decode_replace: the table the engine installs and never edits)."""
         try:
             uapi.layout(family)
         except ValueError:
@@ -833,14 +1138,14 @@ class Table:
         gc.disable()
         try:
             return cls._decode(blob, family, hook_entry, underflow, valid_hooks, name,
-                               num_entries, normalize)
+                               num_entries, normalize, normalize and share)
         finally:
             if enabled:
                 gc.enable()
 
     @classmethod
     def _decode(cls, blob, family, hook_entry, underflow, valid_hooks, name, num_entries,
-                normalize):
+                normalize, share):
         lay = uapi.layout(family)
         blob = bytes(blob)
         hook_entry, underflow = list(hook_entry), list(underflow)
@@ -850,38 +1155,99 @@ class Table:
         # kept only for a table that passed every check; taken out, so this decode owns its
         # raws (_moved changes them in place)
         prev = _LAST_WALK.pop(family, None)
-        raws = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev)
-        if num_entries is not None and len(raws) != num_entries:
-            _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {len(raws)}")
-        at = {r.off: i for i, r in enumerate(raws)}       # offset -> entry index, shared
+        touched = []
+        raws, nhead, ntail = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev, touched)
+        n = len(raws)
+        if num_entries is not None and n != num_entries:
+            _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {n}")
+        first = n - ntail
+        mid = raws[nhead:first]
+        # what the previous decode derived from its entries, for the ones reused from it: the
+        # offsets, the indexes of jumps, ERROR and unconditional verdict entries, the names
+        memo = _Memo(raws, nhead, ntail, len(blob), prev[4] if prev is not None else None,
+                     prev[1] if prev is not None else None)
+        offs, at = memo.offs, memo.at
         _check_table_hooks(raws, hook_entry, underflow, valid_hooks, at)
-        comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks, at)
-        _find_check(raws, family)
-        _remember(raws, family)
-        ends = [r.off + r.hdr.next_offset for r in raws]
-        _LAST_WALK[family] = (blob, raws, ends)
-        table = cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
-                           comefrom if normalize else None, at)
+        comefrom = _mark_fast(raws, hook_entry, valid_hooks, at, memo)
+        if comefrom is None:
+            comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks, at)
+        # the reused entries were checked and remembered by an earlier decode
+        _find_check(mid, family)
+        _remember(mid, family)
+        ends = offs[1:] + [len(blob)]      # the entries tile the blob (_walk checked)
+        _LAST_WALK[family] = (blob, raws, ends, None, memo)
+        # the previous shared decode's rules, for the entries reused from its walk
+        reuse = (prev[3], nhead, ntail) if share and prev is not None and prev[3] else None
+        table, rules = cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
+                                  comefrom if normalize else None, at, memo.kinds, reuse)
         if normalize:
-            table.kept_blob = _kept_blob(blob, raws, comefrom, family)
+            # the entries whose comefrom or counters may differ from what the kernel keeps:
+            # all of them, or (after a normalized decode, whose raws describe the bytes kept)
+            # the new ones, the reused ones sent with other values, those with a new comefrom
+            cand = None
+            p_memo = prev[4] if prev is not None else None
+            if p_memo is not None and p_memo.comefrom is not None:
+                shift = len(p_memo.comefrom) - n
+                cand = set(range(nhead, first))
+                cand.update(at[r.off] for r in touched)
+                p_cf = p_memo.comefrom
+                if comefrom[:nhead] != p_cf[:nhead]:
+                    cand.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
+                if comefrom[first:] != p_cf[first + shift:]:
+                    cand.update(i for i in range(first, n) if comefrom[i] != p_cf[i + shift])
+            table.kept_blob = _kept_blob(blob, raws, comefrom, family, cand)
+            memo.comefrom = comefrom
             # the next decode compares with the bytes as kept: libiptc sends back what
             # GET_ENTRIES showed (these, with the live counters), iptables-restore comefrom 0;
             # _kept_blob set the raws' headers to match
-            _LAST_WALK[family] = (table.kept_blob, raws, ends)
-        # the extension names the table uses, from the raw entries (a set of a few names): the
-        # engine asks "any REJECT/LOG, addrtype, conntrack?" of every install (engine._uses)
-        table.target_names = frozenset(uapi.cstr(n) for n in {r.tname for r in raws})
-        table.match_names = frozenset(uapi.cstr(n) for n in
-                                      {m[0] for r in raws if r.matches for m in r.matches})
+            _LAST_WALK[family] = (table.kept_blob, raws, ends,
+                                  (rules, comefrom) if share else None, memo)
+        # the extension names the table uses (a set of a few names): the engine asks "any
+        # REJECT/LOG, addrtype, conntrack?" of every install (engine._uses)
+        table.target_names = frozenset(uapi.cstr(k) for k, c in memo.tnames.items() if c)
+        table.match_names = frozenset(uapi.cstr(k) for k, c in memo.mnames.items() if c)
         return table
 
     @classmethod
-    def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at):
+    def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at,
+               kinds, reuse=None):
+        """The Table of checked raw entries; `kinds` = _Memo.kinds; `reuse` = ((rules,
+        comefrom) of the previous shared decode, nhead, ntail) as _walk found them. Returns
+        (table, rules): every entry's Rule in blob order."""
         lay = uapi.layout(family)
-        rules = []
+        n = len(raws)
+        rules = [None] * n
+        todo = range(n)
+        jumps, errs, _terms = kinds
+        if reuse is not None:
+            (p_rules, p_cf), nhead, ntail = reuse
+            shift, first = len(p_rules) - n, n - ntail
+            # a Rule carries position data (index, offset, comefrom; a jump its offset and
+            # landing place): the previous table's is shared where all of it is the same (an
+            # entry before the change, or after it when nothing moved), else placed anew (a
+            # copy). Jumps are always placed anew (resolved below).
+            fix = set()
+            rules[:nhead] = p_rules[:nhead]
+            if comefrom[:nhead] != p_cf[:nhead]:
+                fix.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
+            if ntail:
+                if shift == 0 and raws[first].off == p_rules[first].offset:
+                    rules[first:] = p_rules[first:]
+                    if comefrom[first:] != p_cf[first:]:
+                        fix.update(i for i in range(first, n) if comefrom[i] != p_cf[i])
+                    fix.update(jumps[bisect.bisect_left(jumps, first):])
+                else:
+                    # every entry behind the change moved: each a copy at its new place
+                    rules[first:] = _moved_rules(p_rules[first + shift:], raws, first,
+                                                 comefrom)
+            fix.update(jumps[:bisect.bisect_left(jumps, nhead)])
+            for i in fix:
+                rules[i] = _placed(rules[i], i, raws[i], comefrom[i], lay)
+            todo = range(nhead, first)
         slot = "built_norm" if comefrom is not None else "built_raw"
         new = object.__new__
-        for i, r in enumerate(raws):
+        for i in todo:
+            r = raws[i]
             # the matches and extension target of an entry seen before: the same objects
             # (_ENTRY_CACHE); a standard target is made anew (jumps are resolved in place)
             c = _ENTRY_CACHE.get(r.key) if r.key is not None else None
@@ -921,15 +1287,12 @@ class Table:
                 index=i, offset=r.off, nfcache=h.nfcache,
                 comefrom=comefrom[i] if comefrom is not None else h.comefrom,
                 tail=h.next_offset - h.target_offset - r.tsize, pad=pad, cache_key=r.key)
-            rules.append(rule)
+            rules[i] = rule
 
         # split into chains: a chain starts at a hook entry or at an ERROR entry. Found on the
         # raw entries (a few boundaries), then each chain's rules are one slice of `rules`
-        n = len(rules)
         hook_start = {at[hook_entry[h]]: h for h in range(NF_INET_NUMHOOKS)
                       if valid_hooks & (1 << h) and hook_entry[h] in at}
-        errs = [i for i, r in enumerate(raws)
-                if not r.std and r.tname.split(b"\0", 1)[0] == b"ERROR"]
         bounds = sorted(hook_start.keys() | set(errs))
         chains, tail = [], None
         spans = []          # (first entry, first body entry, end, chain position) per chain
@@ -947,8 +1310,13 @@ class Table:
                 if b == n - 1:
                     tail = rules[b]
                     break
-                c = Chain(uapi.cstr(rules[b].target.data.errorname), head_entry=rules[b],
-                          rules=rules[b + 1:end])
+                # Chain's fields set directly (its __init__ is ~1 us: 3 333 chains of fan-out)
+                c = object.__new__(Chain)
+                # the name: errorname, the payload up to its NUL (error_tg_ok() saw one in
+                # its 30 bytes; ERROR has no usersize, so the payload shown is the one sent)
+                c.__dict__.update(name=uapi.cstr(raws[b].tpayload), hook=None,
+                                  policy=None, rules=rules[b + 1:end], policy_entry=None,
+                                  head_entry=rules[b], trailer=[])
                 body = b + 1
             spans.append((b, body, end, len(chains)))
             chains.append(c)
@@ -962,25 +1330,24 @@ class Table:
                 c.policy_entry, c.trailer, c.rules = c.rules[k], c.rules[k + 1:], c.rules[:k]
                 c.policy = c.policy_entry.target.verdict
             elif c.head_entry is not None and c.rules:
-                last = c.rules[-1]
-                if isinstance(last.target, Verdict) and last.target.verdict == XT_RETURN \
-                        and not last.matches and last.ip.unconditional(family):
+                # the chain's last entry an unconditional RETURN (no matches, ipt_ip of any):
+                # what the raw entry found (_Raw.uncond)
+                last = raws[end - 1]
+                if last.uncond and last.std and last.verdict == XT_RETURN:
                     c.policy_entry = c.rules.pop()
         # resolve jumps to (chain, position): a chain's body (rules, policy entry, trailer) is
         # its entries after the head, in blob order, so the position is the distance from there
-        import bisect
         firsts = [sp[0] for sp in spans]
-        for rule in rules:
-            t = rule.target
-            if isinstance(t, Jump):
-                e = at.get(t.offset)
-                j = bisect.bisect_right(firsts, e) - 1 if e is not None else -1
-                if j < 0 or e >= spans[j][2]:
-                    continue            # onto no entry, or onto the final ERROR entry
-                _first, body, _end, ci = spans[j]
-                t.chain, t.entry, t.chain_pos = chains[ci].name, (e - body if e >= body
-                                                                  else -1), ci
-        return cls(name, family, valid_hooks, chains, tail)
+        for i in jumps:
+            t = rules[i].target
+            e = at.get(t.offset)
+            j = bisect.bisect_right(firsts, e) - 1 if e is not None else -1
+            if j < 0 or e >= spans[j][2]:
+                continue            # onto no entry, or onto the final ERROR entry
+            _first, body, _end, ci = spans[j]
+            t.chain, t.entry, t.chain_pos = chains[ci].name, (e - body if e >= body
+                                                              else -1), ci
+        return cls(name, family, valid_hooks, chains, tail), rules
 
     # --- layout and encode --------------------------------------------------------------------
     def entries(self) -> list:
@@ -1201,7 +1568,7 @@ def decode_replace(buf: bytes, family: int):
         raise BpfilterError(errno.ENOMEM, f"num_entries {hdr.num_entries} too large")
     blob = bytes(buf[uapi.ipt_replace.sizeof():uapi.ipt_replace.sizeof() + hdr.size])
     table = Table.decode(blob, family, hdr.hook_entry, hdr.underflow, hdr.valid_hooks, name,
-                         num_entries=hdr.num_entries, normalize=True)
+                         num_entries=hdr.num_entries, normalize=True, share=True)
     # the entries as the caller sent them, and as the kernel keeps them (table.kept_blob:
     # comefrom and the counters patched): the state file and GET_ENTRIES use these instead of
     # encoding the table again (engine._state_blob, sockopt Backend.replace); whoever edits this

@@ -43,6 +43,11 @@ import time
 
 from .errors import BpfilterError, to_errno
 from .frames import Reply, Request
+# the option numbers live in xtopts (the door reads them without importing this module)
+from .xtopts import (AF_INET, AF_INET6, CMD_NAMES, FILTER_CMDS, REVISION_CMDS,  # noqa: F401
+                     SO_GET_ENTRIES, SO_GET_INFO, SO_NETNS_COOKIE, SO_SET_ADD_COUNTERS,
+                     SO_SET_REPLACE, SOL_IP, SOL_IPV6, XT_EXTENSION_MAXNAMELEN,
+                     XT_TABLE_MAXNAMELEN)
 
 
 
@@ -58,26 +63,6 @@ class _Log:
 
 log = _Log()
 
-SOL_IP, SOL_IPV6 = 0, 41
-AF_INET, AF_INET6 = 2, 10
-
-# include/uapi/linux/netfilter_ipv4/ip_tables.h and netfilter_ipv6/ip6_tables.h
-SO_SET_REPLACE = 64
-SO_SET_ADD_COUNTERS = 65
-SO_GET_INFO = 64
-SO_GET_ENTRIES = 65
-REVISION_CMDS = {AF_INET: (66, 67), AF_INET6: (68, 69)}   # (MATCH, TARGET)
-
-# (is_set, optname) of the requests whose buffer starts with a table name
-FILTER_CMDS = {(False, SO_GET_INFO), (False, SO_GET_ENTRIES),
-               (True, SO_SET_REPLACE), (True, SO_SET_ADD_COUNTERS)}
-
-CMD_NAMES = {(True, 64): "SET_REPLACE", (True, 65): "SET_ADD_COUNTERS", (False, 64): "GET_INFO",
-             (False, 65): "GET_ENTRIES", (False, 66): "GET_REVISION_MATCH",
-             (False, 67): "GET_REVISION_TARGET", (False, 68): "GET_REVISION_MATCH",
-             (False, 69): "GET_REVISION_TARGET"}
-XT_TABLE_MAXNAMELEN = 32
-XT_EXTENSION_MAXNAMELEN = 29
 GETINFO = struct.Struct("=32sI5I5III")                 # ipt_getinfo / ip6t_getinfo: 84
 GET_ENTRIES_HDR = struct.Struct("=32sI4x")             # ipt_get_entries: 40 (entries 8-aligned)
 REPLACE_HDR = struct.Struct("=32sIII5I5IIQ")           # ipt_replace: 96
@@ -89,7 +74,6 @@ GET_REVISION = struct.Struct("=29sB")                  # xt_get_revision: 30
 INT_MAX = 2**31 - 1
 XT_TABLE_INFO_SIZE, XT_MAX_TABLE_SIZE = 64, 512 * 1024 * 1024
 CAP_NET_ADMIN = 12
-SO_NETNS_COOKIE = 71
 
 
 def cstr(b: bytes) -> str:
@@ -139,10 +123,26 @@ class CallerMemory:
             return buf.raw
         return self._proc_mem(addr, n, None)
 
+    def read_into(self, buf: bytearray, start: int, addr: int, n: int):
+        """read(addr, n) into buf[start:start + n]: a table's megabytes copied once (read()
+        copies them twice, into a ctypes buffer and out of it)."""
+        if n == 0:
+            return
+        view = (ctypes.c_char * n).from_buffer(buf, start)
+        if not self._vm(_libc.process_vm_readv, addr, view, n):
+            buf[start:start + n] = self._proc_mem(addr, n, None)
+
     def write(self, addr: int, data: bytes):
         if not data:
             return
-        buf = ctypes.create_string_buffer(data, len(data))
+        # the data where it lies (GET_ENTRIES: a table's megabytes): process_vm_writev only
+        # reads the local buffer, so a bytes object's own storage serves without a copy
+        if isinstance(data, bytearray):
+            buf = (ctypes.c_char * len(data)).from_buffer(data)
+        elif isinstance(data, bytes):
+            buf = ctypes.c_char_p(data)
+        else:
+            buf = ctypes.create_string_buffer(bytes(data), len(data))
         if not self._vm(_libc.process_vm_writev, addr, buf, len(data)):
             self._proc_mem(addr, len(data), data)
 
@@ -319,14 +319,8 @@ class Backend:
         if self._snap is None or self._snap[0] is not t:
             # also lays out (Rule.offset is set); counters zero: entries_blob adds the live ones
             blob = t.encode(counters=[(0, 0)] * t.num_entries)
-            self._snap = (t, blob, self._counter_offsets(t), t.getinfo_bytes())
+            self._snap = (t, blob, t.entries(), t.getinfo_bytes())
         return self._snap
-
-    def _counter_offsets(self, t) -> list:
-        """Where each entry's counters sit in t's blob: xt_counters is the last member of
-        ipt_entry / ip6t_entry."""
-        back = ENTRY_SIZE[self.family] - XT_COUNTERS.size
-        return [r.offset + back for r in t.entries()]
 
     @property
     def valid_hooks(self) -> int:
@@ -336,21 +330,33 @@ class Backend:
         return self._snapshot()[3]
 
     def num_entries(self) -> int:
-        if self._snap is not None and self._snap[0] is self.table and self._snap[2] is not None:
-            return len(self._snap[2])
+        if self._snap is not None and self._snap[0] is self.table:
+            return GETINFO.unpack_from(self._snap[3])[12]     # ipt_getinfo.num_entries
         return self.table.num_entries      # no need to encode just to count
 
     def entries_blob(self) -> bytes:
-        t, blob, cofs, info = self._snapshot()
-        if cofs is None:
-            cofs = self._counter_offsets(t)
-            self._snap = (t, blob, cofs, info)
-        out = bytearray(blob)
+        """The blob with the live counters: xt_counters is the last member of ipt_entry /
+        ip6t_entry, and the blob holds zeros there, so only entries that counted are patched."""
+        t, blob, entries, info = self._snapshot()
+        if entries is None:
+            entries = t.entries()
+            self._snap = (t, blob, entries, info)
+        back = ENTRY_SIZE[self.family] - XT_COUNTERS.size
         pack = XT_COUNTERS.pack_into
-        for off, c in zip(cofs, self.engine.counters()):
+        nonzero = getattr(self.engine, "counters_nonzero", None)
+        if nonzero is not None:
+            counts = nonzero()
+            if not counts:
+                return blob
+            out = bytearray(blob)
+            for i, c in counts.items():
+                pack(out, entries[i].offset + back, *c)
+            return out
+        out = bytearray(blob)
+        for r, c in zip(entries, self.engine.counters()):
             if c[0] or c[1]:        # the blob holds zero counters already
-                pack(out, off, *c)
-        return bytes(out)
+                pack(out, r.offset + back, *c)
+        return out
 
     def replace(self, table, blob: bytes, getinfo: bytes):
         """Install atomically; returns the counters of the replaced table at the swap.
@@ -374,12 +380,17 @@ class Backend:
             old = self.engine.install(table)
         finally:
             self._stamp = self._state_stamp()
-        self._snap = (table, kept, None, getinfo)     # counter offsets: on the first GET_ENTRIES
+        self._snap = (table, kept, None, getinfo)     # table.entries(): on the first GET_ENTRIES
         return old
 
-    def add_counters(self, counters):
+    def add_counters(self, counters, packed: bytes = None):
+        """packed: the same counters as the request's struct xt_counters array, which the
+        engine (not a stand-in) can store as they are."""
         try:
-            self.engine.add_counters(counters)
+            if packed is not None and getattr(self.engine, "ADDS_PACKED", False):
+                self.engine.add_counters(counters, packed)
+            else:
+                self.engine.add_counters(counters)
         finally:
             self._stamp = self._state_stamp()
 
@@ -640,7 +651,9 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
         # would take gigabytes, so the helper refuses earlier, before reading the caller's buffer
         raise BpfilterError(errno.ENOMEM, f"table size {size} exceeds the helper's limit "
                                           f"{max_table_size()} (BPFILTER_MAX_TABLE_SIZE)")
-    buf = hdr_raw + mem.read(req.addr + REPLACE_HDR.size, size)
+    buf = bytearray(REPLACE_HDR.size + size)
+    buf[:REPLACE_HDR.size] = hdr_raw
+    mem.read_into(buf, REPLACE_HDR.size, req.addr + REPLACE_HDR.size, size)
     from .model import decode_replace
     hdr, table = decode_replace(buf, req.family)   # translate_table's checks
     _lookup(be, hdr.name)
@@ -656,7 +669,7 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
     hooks = [v if valid_hooks >> (i % 5) & 1 else 0xFFFFFFFF for i, v in enumerate(rest[:10])]
     getinfo = GETINFO.pack(be.name.encode(), valid_hooks, *hooks, num_entries, size)
     try:
-        old = be.replace(table, buf[REPLACE_HDR.size:], getinfo)   # on failure nothing changed
+        old = be.replace(table, memoryview(buf)[REPLACE_HDR.size:], getinfo)  # or nothing changed
     except BpfilterError as e:
         if e.errno != errno.EOPNOTSUPP or be.delegation is None or policy != "xtables":
             if e.errno == errno.EOPNOTSUPP:
@@ -666,7 +679,7 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
                 raise BpfilterError(e.errno, f"{e.message} (the table stays with the kernel's "
                                              f"xtables)") from None
             raise
-        old = be.delegation.hand_over(be, buf, e)
+        old = be.delegation.hand_over(be, bytes(buf), e)
     else:
         if delegated:
             old = be.delegation.take_back(be)
@@ -694,14 +707,18 @@ def do_add_counters(be, mem: CallerMemory, req: Request) -> Reply:
     if num != be.num_entries():
         raise BpfilterError(errno.EINVAL, f"ADD_COUNTERS: {num} counters for "
                                           f"{be.num_entries()} entries")
-    be.add_counters(unpack_counters(data, num))
+    be.add_counters(unpack_counters(data, num), data)
     return Reply(0, 0)
 
 
 def pack_counters(counters) -> bytes:
-    """[(pcnt, bcnt)] as an array of struct xt_counters, in one struct.pack."""
-    flat = [v for pair in counters for v in pair]
-    return struct.pack(f"={len(flat)}Q", *flat)
+    """[(pcnt, bcnt)] as an array of struct xt_counters (native u64s: array 'Q' is 8 bytes
+    wherever the kernel's __u64 is, and fills from the pairs in C)."""
+    if counters.count((0, 0)) == len(counters):
+        return bytes(16 * len(counters))
+    import array
+    import itertools
+    return array.array("Q", itertools.chain.from_iterable(counters)).tobytes()
 
 
 def unpack_counters(data: bytes, num: int) -> list:

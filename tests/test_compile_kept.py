@@ -1,0 +1,128 @@
+"""Programs kept across compiles (compile._PROG_CACHE, issue #7: one append on a 10 000-rule
+table compiles what changed): a table compiled after another, taking the programs of built-in
+chains whose entries did not change (counter keys and `where` offsets moved), gives the very
+bytes, `where` texts and map contents a compile with empty caches gives, across edits: a rule
+appended to INPUT, one inserted at its top, one deleted, a rule changed inside INPUT's run, a
+policy change, a rule appended to a service chain FORWARD reaches, and a new chain between the
+service chains (every entry FORWARD names moves, not all by the same amount: compiled afresh).
+"""
+import dataclasses
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import rulesets  # noqa: E402
+from test_cplane_scale import decoded  # noqa: E402
+
+from bpfilter_umh import classify  # noqa: E402
+from bpfilter_umh import compile as C  # noqa: E402
+from bpfilter_umh import ebpf as E  # noqa: E402
+from bpfilter_umh.compile import COUNTERS_MAP, KernelFacts, compile_table  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
+
+
+def _clear():
+    C._PROG_CACHE.clear()
+    C._CHAIN_FACTS.clear()
+    classify._FN_CACHE.clear()
+    classify._CASE_INFO.clear()
+
+
+def _programs(table, facts):
+    """{chain: (bytecode, func_btf, sorted where texts, listing)} of every program, the bytecode
+    checked against encoding every item."""
+    out = {}
+    for cp in compile_table(table, facts).programs:
+        fds = {COUNTERS_MAP: 3, **{m.name: 4 + k for k, m in enumerate(cp.maps)}}
+        code = cp.assemble(fds)
+        assert code == E.assemble(cp.items, fds, facts.kfunc_ids), cp.chain
+        if cp.global_labels:
+            funcs = [(0, cp.name, False)] + [(slot, label, label in cp.global_labels)
+                                              for slot, label in E.subprogram_starts(cp.items)]
+            assert cp.func_btf() == E.func_btf(classify.FRAME_LO - 16, funcs), cp.chain
+        # (function names in the BTF are label names: a function's are its template's own)
+        out[cp.chain] = (code, [m.entries for m in cp.maps], sorted(cp.where.values()),
+                         isinstance(cp, C._KeptProgram))
+        cp.listing()
+    return out
+
+
+def _texts():
+    block = rulesets.make("blocklist", 400, seed=3).text
+    fan = rulesets.make("fanout", 1200, seed=5).text
+    # one table: INPUT's blocklist, FORWARD's fan-out (the chains of both, one COMMIT)
+    b_lines = [ln for ln in block.splitlines() if ln.startswith("-A ")]
+    f_head = [ln for ln in fan.splitlines() if ln.startswith(":")]
+    f_lines = [ln for ln in fan.splitlines() if ln.startswith("-A ")]
+    base = "\n".join(["*filter"] + [h for h in f_head] + b_lines + f_lines + ["COMMIT", ""])
+    svc = [ln for ln in f_lines if ln.startswith("-A SVC-7 ")]
+    extra = "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP"
+    return base, [
+        ("append to INPUT", base.replace("COMMIT", extra + "\nCOMMIT")),
+        ("insert at INPUT's top", base.replace(b_lines[0], extra + "\n" + b_lines[0])),
+        ("delete from INPUT", base.replace(b_lines[len(b_lines) // 2] + "\n", "")),
+        ("change inside INPUT's run", base.replace(
+            b_lines[7], b_lines[7].rsplit(" -j ", 1)[0] + " -j " +
+            ("ACCEPT" if b_lines[7].endswith("DROP") else "DROP"))),
+        ("INPUT policy", base.replace(":INPUT ACCEPT", ":INPUT DROP")),
+        ("append to a service chain", base.replace(svc[-1], svc[-1] + "\n" + extra.replace(
+            "-A INPUT", "-A SVC-7"))),
+        ("a chain between the service chains", base.replace(
+            ":SVC-1 ", ":SVC-0A - [0:0]\n:SVC-1 ").replace(
+            "COMMIT", "-A SVC-0A -j DROP\nCOMMIT")),
+    ]
+
+
+def test_kept_programs_equal_a_cold_compile(monkeypatch):
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)     # FORWARD's cases as global functions
+    facts = KernelFacts.fake()
+    base, variants = _texts()
+    base_t = decoded(base)
+    _clear()
+    _programs(base_t, facts)
+    for what, text in variants:
+        t = decoded(text)
+        before = C.PROG_STATS["reused"]
+        warm = _programs(t, facts)
+        reused = C.PROG_STATS["reused"] - before
+        _clear()
+        cold = _programs(t, facts)
+        for chain in cold:
+            assert warm[chain][:2] == cold[chain][:2], f"{what}: {chain}"
+            if warm[chain][3]:
+                assert warm[chain][2] == cold[chain][2], f"{what}: {chain}"
+            else:       # functions reused from _FN_CACHE describe only what their labels name
+                assert set(warm[chain][2]) <= set(cold[chain][2]), f"{what}: {chain}"
+        if what.endswith("INPUT") or "INPUT's" in what or what == "INPUT policy":
+            assert reused >= 2, f"{what}: FORWARD and OUTPUT are kept, {reused} reused"
+        _clear()
+        _programs(base_t, facts)             # the next variant starts from the base again
+
+
+def test_kept_program_is_not_the_callers(monkeypatch):
+    """The kept copy does not change when the caller edits the program it was given (offload.py
+    rewrites items); a kept program copied with dataclasses.replace assembles the same."""
+    facts = KernelFacts.fake()
+    base, variants = _texts()
+    _clear()
+    t = decoded(base)
+    first = {cp.chain: cp for cp in compile_table(t, facts).programs}
+    want = first["FORWARD"].assemble({COUNTERS_MAP: 3, **{m.name: 4 for m in
+                                                          first["FORWARD"].maps}})
+    first["FORWARD"].items[:] = []
+    t2 = decoded(variants[0][1])
+    again = {cp.chain: cp for cp in compile_table(t2, facts).programs}["FORWARD"]
+    got = again.assemble({COUNTERS_MAP: 3, **{m.name: 4 for m in again.maps}})
+    assert isinstance(again, C._KeptProgram)
+    copy = dataclasses.replace(again)            # as extend.stub_program copies programs
+    assert copy.assemble({COUNTERS_MAP: 3, **{m.name: 4 for m in copy.maps}}) == got
+    assert copy.listing() and again.listing().startswith("; program FORWARD")
+    _clear()
+    cold = {cp.chain: cp for cp in compile_table(t2, facts).programs}["FORWARD"]
+    assert got == cold.assemble({COUNTERS_MAP: 3, **{m.name: 4 for m in cold.maps}})
+    assert len(want) == len(got)
