@@ -37,6 +37,7 @@ changes; median over the appends, (min-max)):
 
     python3 bench/cplane_bench.py [--shapes blocklist,fanout] [--n 10000] [--appends 3]
                                   [--pkg DIR]     (import bpfilter_umh from DIR: compare trees)
+                                  [--to-input]    (FORWARD rules on INPUT, as ruleset_bench.py)
 Needs root. Touches only the namespaces it creates and removes (the engine is flushed first).
 """
 from __future__ import annotations
@@ -226,14 +227,17 @@ def _appended_at(be) -> int:
     return be.table.chain("INPUT").policy_entry.index
 
 
-def run_shape(shape: str, n: int, appends: int) -> dict:
+def run_shape(shape: str, n: int, appends: int, to_input: bool = False) -> dict:
     import gc
     import rulesets
     from nsutil import Netns
     from bpfilter_umh import engine
     from bpfilter_umh.sockopt import Dispatcher
     rs = rulesets.make(shape, n)
-    blobs = kernel_blobs(rs.text, appends)
+    # --to-input: every rule on INPUT (as ruleset_bench.py floods it), so the appends land at the
+    # end of the large chain instead of moving a FORWARD chain's entries
+    blobs = kernel_blobs(rs.text.replace("-A FORWARD ", "-A INPUT ") if to_input else rs.text,
+                         appends)
     rows = {"restore": [], "append": []}
     with Netns("cp") as ns:
         with ns.inside():
@@ -295,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--appends", type=int, default=3)
     ap.add_argument("--pkg", default=None, help="directory holding the bpfilter_umh to measure")
+    ap.add_argument("--to-input", action="store_true",
+                    help="the shape's FORWARD rules on INPUT, where the appends go")
     a = ap.parse_args(argv)
     _setup_path(a.pkg)
     import bpfilter_umh
@@ -308,7 +314,7 @@ def main(argv=None) -> int:
     print("| shape | step | " + " | ".join(PHASES) + " |")
     print("|---|---|" + "---|" * len(PHASES), flush=True)
     for shape in a.shapes.split(","):
-        rows = run_shape(shape, a.n, a.appends)
+        rows = run_shape(shape, a.n, a.appends, a.to_input)
         for step in ("restore", "append"):
             if rows[step]:
                 print(f"| {shape} | {step} | " + " | ".join(

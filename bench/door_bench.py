@@ -78,7 +78,7 @@ class Ns:
         os.rmdir(self.lockdir)
 
 
-BEXEC = [sys.executable, "-m", "bpfilter_umh.cli", "exec", "--"]
+BEXEC = [sys.executable, "-S", os.path.join(ROOT, "bin", "bpfilter"), "exec", "--"]   # README's door
 
 # one timed command per round, then an untimed one that restores the table (or nothing)
 TIMED = r"""

@@ -13,11 +13,11 @@ import struct
 import time
 from fcntl import ioctl
 
-from . import libc
+from .caller import CallerMemory, netns_cookie, setns_net
 from .door import SYS_openat, SYS_setsockopt
 from .errors import BpfilterError, to_errno
 from .frames import REPLY, Reply, Request, read_exact
-from .xtopts import AF_INET, AF_INET6, FILTER_CMDS, SO_NETNS_COOKIE, SOL_IP
+from .xtopts import AF_INET, AF_INET6, FILTER_CMDS, SOL_IP
 
 HELPER_SOCKET = b"\0bpfilter"
 
@@ -117,85 +117,6 @@ class HelperLink:
 
 # ---------------------------------------------------------------------------------------------
 # the notification loop
-
-
-IOVEC = struct.Struct("=QQ")          # struct iovec { void *iov_base; size_t iov_len; }
-CLONE_NEWNET = 0x40000000
-
-
-class CallerMemory:
-    """copy_from_user/copy_to_user in the caller for the door's few small accesses (optlen, the
-    table name, an openat path), with the helper's semantics (sockopt.CallerMemory, which the door
-    does not import: sockopt's imports cost a door ~7 ms): process_vm_readv/writev, so a page the
-    caller could not read or write is EFAULT as for the kernel; /proc/PID/mem only where those
-    system calls are refused (ENOSYS, EPERM)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def _vm(self, fn, addr: int, buf, n: int) -> bool:
-        got = fn(self.pid, IOVEC.pack(libc.addressof(buf), n), 1, IOVEC.pack(addr, n), 1, 0)
-        if got == n:
-            return True
-        e = libc.get_errno() if got < 0 else errno.EFAULT
-        if e in (errno.ENOSYS, errno.EPERM):
-            return False
-        if e == errno.ESRCH:
-            raise BpfilterError(errno.ESRCH, f"caller {self.pid} is gone")
-        raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n} in caller {self.pid}")
-
-    def read(self, addr: int, n: int) -> bytes:
-        buf = libc.char_buffer(n)
-        if self._vm(libc.process_vm_readv, addr, buf, n):
-            return buf.raw
-        return self._proc_mem(addr, n, None)
-
-    def write(self, addr: int, data: bytes):
-        if not self._vm(libc.process_vm_writev, addr, libc.char_buffer(data), len(data)):
-            self._proc_mem(addr, len(data), data)
-
-    def _proc_mem(self, addr, n, data):
-        try:
-            fd = posix.open(f"/proc/{self.pid}/mem",
-                            posix.O_RDWR if data is not None else posix.O_RDONLY)
-        except OSError as e:
-            raise BpfilterError(errno.EFAULT, f"cannot open memory of {self.pid}: {e}") from None
-        try:
-            if data is None:
-                out = posix.pread(fd, n, addr)
-                if len(out) != n:
-                    raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n}")
-                return out
-            if posix.pwrite(fd, data, addr) != n:
-                raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n}")
-        except OSError:
-            raise BpfilterError(errno.EFAULT, f"bad address {addr:#x}+{n}") from None
-        finally:
-            posix.close(fd)
-
-    def read_cstring(self, addr: int, maxlen: int) -> str:
-        # page-bounded chunks, so that a short string at the end of a mapping still reads
-        out = b""
-        while len(out) < maxlen:
-            chunk = min(maxlen - len(out), 4096 - ((addr + len(out)) & 4095))
-            part = self.read(addr + len(out), chunk)
-            if b"\0" in part:
-                return (out + part.split(b"\0", 1)[0]).decode("latin-1")
-            out += part
-        return out.decode("latin-1")
-
-
-def netns_cookie() -> int:
-    """The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, net/core/sock.c)."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
-    try:
-        return struct.unpack("=Q", s.getsockopt(_socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
-    finally:
-        s.close()
-
-
-def setns_net(fd: int):
-    libc.check(libc.setns(fd, CLONE_NEWNET))
 
 
 def _netns_ino(pid) -> int:

@@ -1577,10 +1577,13 @@ def btf_load(blob: bytes) -> int:
     return fd
 
 
-def load_with_func_info(cp, code: bytes, btf: bytes, func_info: bytes) -> "K.Prog":
+def load_with_func_info(cp, code: bytes, btf: bytes, func_info: bytes,
+                        attach_prog_fd: int = 0, attach_btf_id: int = 0) -> "K.Prog":
     """BPF_PROG_LOAD with prog_btf_fd and func_info, so the functions BTF calls global are
     verified once each (kernel.Prog.load has no BTF arguments). A refusal is retried once with
-    a level-1 log so the error quotes the verifier, like Prog.load."""
+    a level-1 log so the error quotes the verifier, like Prog.load. `cp` gives prog_type, name,
+    license, expected_attach_type; attach_prog_fd/attach_btf_id name the function an extension
+    program replaces (tools/extend.py)."""
     ffi = K._ffi
     btf_fd = btf_load(btf)
     try:
@@ -1593,6 +1596,7 @@ def load_with_func_info(cp, code: bytes, btf: bytes, func_info: bytes) -> "K.Pro
         attr.expected_attach_type = cp.expected_attach_type
         attr.prog_btf_fd, attr.func_info_rec_size = btf_fd, 8
         attr.func_info, attr.func_info_cnt = int(ffi.cast("uintptr_t", fi)), len(func_info) // 8
+        attr.attach_prog_fd, attr.attach_btf_id = attach_prog_fd, attach_btf_id
         size = ffi.sizeof("struct bpf_attr_prog_load")
         log, e = "", 0
         for level, log_size in ((0, 0), (1, 1 << 24), (1, 1 << 27)):
@@ -1634,6 +1638,9 @@ def _alive(writer) -> bool:
 # no request is waiting: the GC pass + gc.freeze of an install (10-180 ms at 10 000 rules; the
 # restore's is the largest), and freeing the replaced table (~5-10 ms of deallocation).
 AFTER_REPLY = None
+# True while a helper's request left the automatic GC off for its queued work to turn back on
+# (sockopt.Dispatcher.serve): run_after_reply does, once that work is done
+GC_HELD = False
 
 
 def after_reply(work):
@@ -1647,6 +1654,7 @@ def after_reply(work):
 
 def run_after_reply() -> int:
     """Do the queued work, oldest first; returns how many items there were."""
+    global GC_HELD
     n = 0
     while AFTER_REPLY:
         work = AFTER_REPLY.pop(0)
@@ -1654,6 +1662,10 @@ def run_after_reply() -> int:
             work()
         del work            # a kept table is freed here
         n += 1
+    if GC_HELD:
+        import gc
+        GC_HELD = False
+        gc.enable()
     return n
 
 

@@ -2,9 +2,10 @@
 
 `import ctypes` defines its whole type zoo at import and costs a `python3 -S` process ~3-4 ms
 (measured: `python3 -S -c 'import ctypes'` 12.1 ms against 8.3 ms for `-c pass`); the door runs
-once per iptables command and needs five functions, so it declares just those, with the calling
-convention ctypes.CDLL(None, use_errno=True) would give them: cdecl, errno saved after each call
-(read with get_errno), Python ints passed as C int, bytes passed as a const char pointer.
+once per iptables command and needs five functions, so it declares just those (the helper reads
+its callers' memory through the same ones: caller.py), with the calling convention
+ctypes.CDLL(None, use_errno=True) would give them: cdecl, errno saved after each call (read with
+get_errno), Python ints passed as C int, bytes passed as a const char pointer.
 """
 import _ctypes
 
@@ -52,6 +53,30 @@ def char_buffer(init) -> "_ctypes.Array":
     buf = (_Char * len(init))()
     buf.raw = init
     return buf
+
+
+class _CharP(_ctypes._SimpleCData):
+    _type_ = "z"
+
+
+class _VoidP(_ctypes._SimpleCData):
+    _type_ = "P"
+
+
+def char_view(buf: bytearray, start: int, n: int) -> "_ctypes.Array":
+    """buf[start:start + n] as a char[] over the bytearray's own storage (no copy)."""
+    return (_Char * n).from_buffer(buf, start)
+
+
+def data_address(data) -> tuple:
+    """(address of data's bytes, an object to keep alive while the address is used): a bytes
+    object's own storage (a char pointer to it), a bytearray's (a view), else a copy."""
+    if isinstance(data, bytes):
+        p = _CharP(data)
+        return _VoidP.from_buffer(p).value, p
+    buf = char_view(data, 0, len(data)) if isinstance(data, bytearray) else \
+        char_buffer(bytes(data))
+    return addressof(buf), buf
 
 
 def check(ret: int) -> int:

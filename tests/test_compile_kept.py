@@ -126,3 +126,71 @@ def test_kept_program_is_not_the_callers(monkeypatch):
     cold = {cp.chain: cp for cp in compile_table(t2, facts).programs}["FORWARD"]
     assert got == cold.assemble({COUNTERS_MAP: 3, **{m.name: 4 for m in cold.maps}})
     assert len(want) == len(got)
+
+
+def _mixed_texts():
+    """A 1200-rule mixed table on FORWARD (one split multi run) and its edits."""
+    base = rulesets.make("mixed", 1200, seed=13).text
+    lines = [ln for ln in base.splitlines() if ln.startswith("-A FORWARD ")]
+    mid = lines[len(lines) // 2]
+    flip = mid.rsplit(" -j ", 1)[0] + " -j " + ("ACCEPT" if mid.endswith("DROP") else "DROP")
+    same = "-A FORWARD -d 198.51.100.0/24 -j DROP"           # a shape the run has
+    new = "-A FORWARD -s 203.0.113.9/32 -p udp -m udp --dport 4 -j DROP"   # one it has not
+    return base, [
+        ("append of a rule of a shape of the run", base.replace("COMMIT", same + "\nCOMMIT")),
+        ("append of a rule of a new shape", base.replace("COMMIT", new + "\nCOMMIT")),
+        ("two appends", base.replace("COMMIT", same + "\n" + new + "\nCOMMIT")),
+        ("insert at the top", base.replace(lines[0], new + "\n" + lines[0])),
+        ("delete in the run", base.replace(mid + "\n", "")),
+        ("change inside the run", base.replace(mid, flip)),
+    ]
+
+
+def _clear_all():
+    _clear()
+    classify._RUN_SPECS.clear()
+    classify._VECS.clear()
+
+
+def test_kept_split_run_equals_a_cold_compile(monkeypatch):
+    """An edit of a table whose chain is one split multi run (bench/rulesets.py mixed): the
+    warm compile (the run's form and l4 protocols kept with its maps, _cached_multi_specs; its
+    shapes from the chain's lists, _split_shapes_vec) gives the bytes and map contents of a
+    compile with every cache empty but _SEEN_RUNS (which decides where the run ends), and of
+    one asking every rule (vectors off); an append asks no rule its shape."""
+    facts = KernelFacts.fake()
+    base, variants = _mixed_texts()
+    base_t = decoded(base)
+    calls = []
+    for fn in ("_split_shapes", "_split_shapes_vec"):
+        real = getattr(classify, fn)
+        monkeypatch.setattr(classify, fn, lambda *a, _real=real, _fn=fn: (
+            calls.append(_fn), _real(*a))[1])
+    _clear_all()
+    classify._SEEN_RUNS.clear()
+    _programs(base_t, facts)
+    for what, text in variants:
+        t = decoded(text)
+        seen = dict(classify._SEEN_RUNS)
+        del calls[:]
+        warm = _programs(t, facts)
+        if what.startswith("append") or what == "two appends":
+            assert calls == [], f"{what}: the run's shapes were computed again ({calls})"
+        runs = classify.find_runs(t.chain("FORWARD").rules)
+        assert runs and runs[0].kind == "multi" and classify._run_form(runs[0])[0] == "split"
+        _clear_all()
+        classify._SEEN_RUNS.clear()
+        classify._SEEN_RUNS.update(seen)
+        cold = _programs(t, facts)
+        _clear_all()
+        classify._SEEN_RUNS.clear()
+        classify._SEEN_RUNS.update(seen)
+        with monkeypatch.context() as m:
+            m.setattr(classify, "VEC_MIN", 1 << 30)
+            slow = _programs(t, facts)
+        for chain in cold:
+            assert warm[chain][:2] == cold[chain][:2], f"{what}: {chain}"
+            assert slow[chain][:2] == cold[chain][:2], f"{what}: {chain}"
+        _clear_all()
+        classify._SEEN_RUNS.clear()
+        _programs(base_t, facts)             # the next variant starts from the base again

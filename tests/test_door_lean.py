@@ -17,9 +17,9 @@ LAUNCHER = os.path.join(ROOT, "bin", "bpfilter")
 
 # everything a door started by the launcher may import beyond the interpreter's own start-up
 LAUNCHER_DOOR = {"bpfilter_umh", "bpfilter_umh.door", "bpfilter_umh.doorserve",
-                 "bpfilter_umh.errors", "bpfilter_umh.frames", "bpfilter_umh.libc",
-                 "bpfilter_umh.xtopts", "_ctypes", "_socket", "_struct", "struct", "errno",
-                 "fcntl", "select"}
+                 "bpfilter_umh.caller", "bpfilter_umh.errors", "bpfilter_umh.frames",
+                 "bpfilter_umh.libc", "bpfilter_umh.xtopts", "_ctypes", "_socket", "_struct",
+                 "struct", "errno", "fcntl", "select"}
 
 # what a door must never import: the helper's side and everything only it needs
 HELPER_ONLY = {"construct", "cffi", "pyroute2", "dataclasses", "argparse", "json", "subprocess",

@@ -11,6 +11,7 @@ functions and one program per function.
     links are gone; elsewhere the test says why it cannot run.
 """
 import os
+import sys
 import time
 
 import pytest
@@ -19,9 +20,13 @@ from test_cplane_scale import _frame, decoded, to_input  # noqa: E402
 import rulesets  # noqa: E402
 from nsutil import Netns  # noqa: E402
 
-from bpfilter_umh import classify, ebpf as E, engine, extend  # noqa: E402
+from bpfilter_umh import classify, ebpf as E, engine  # noqa: E402
 from bpfilter_umh import kernel as K  # noqa: E402
 from bpfilter_umh.compile import COUNTERS_MAP, KernelFacts, compile_table  # noqa: E402
+
+# the prototype lives beside its probe: the engine does not use it (extensions are refused here)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import extend  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
 

@@ -498,6 +498,31 @@ def test_without_queue_the_install_collects_itself(udp, monkeypatch):
     assert probe.verdicts() == {**VERDICTS, 7002: False}
 
 
+def test_helper_keeps_gc_off_until_the_work_after_the_reply(udp, installed_text, monkeypatch):
+    """In a helper, a SET_REPLACE leaves the automatic GC off when it replies (a pass due to its
+    objects would otherwise run while the helper reads the SET_ADD_COUNTERS libiptc sends next);
+    the queued work turns it back on. A request that queues nothing turns it on at once."""
+    a, b, probe = udp
+    _text, (info, kblob) = installed_text
+    monkeypatch.setattr(engine, "AFTER_REPLY", [])
+    monkeypatch.setattr(engine, "GC_HELD", False)
+    assert gc.isenabled()
+    try:
+        with b.inside():
+            d = S.Dispatcher()
+            get_entries(d)
+            assert gc.isenabled() and not engine.AFTER_REPLY, "nothing queued: GC on at once"
+            set_replace(d, info, restore_blob(kblob))
+            assert engine.AFTER_REPLY and not gc.isenabled() and engine.GC_HELD
+            get_entries(d)          # the next request leaves it off too
+            assert not gc.isenabled()
+        engine.run_after_reply()
+        assert gc.isenabled() and not engine.GC_HELD
+        assert probe.verdicts() == VERDICTS
+    finally:
+        gc.enable()
+
+
 STDIO = """
 import sys
 sys.path[:0] = [{root!r}]

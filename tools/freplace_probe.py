@@ -43,7 +43,8 @@ import lab  # noqa: E402
 import rulesets  # noqa: E402
 from nsutil import Netns  # noqa: E402
 
-from bpfilter_umh import classify, engine, extend  # noqa: E402
+from bpfilter_umh import classify, engine  # noqa: E402
+import extend  # noqa: E402  (beside this file)
 from bpfilter_umh import ebpf as E  # noqa: E402
 from bpfilter_umh import kernel as K  # noqa: E402
 from bpfilter_umh.compile import COUNTERS_MAP, S_KEY, KernelFacts, compile_table  # noqa: E402

@@ -2,6 +2,9 @@
 install verifies only the main program and the functions that changed (issue #7: "the verifier
 must not see a giant program").
 
+Not used by the engine: this kernel's security policy refuses extension programs (EPERM), so it
+stays a prototype beside tools/freplace_probe.py (issue #7 notes: measured costs, integration plan).
+
 A compiled fan-out program (classify.py "jump cases as BPF global functions") is split in two:
 
   stub_program(cp)     the main program with every global function replaced by a two-instruction
@@ -40,16 +43,16 @@ import dataclasses
 import errno
 import os
 import struct
+import types
 
-from . import classify
-from . import ebpf as E
-from . import kernel as K
-from .compile import COUNT_SUB
-from .ebpf import Insn, Label
-from .errors import BpfilterError
+from bpfilter_umh import classify
+from bpfilter_umh import ebpf as E
+from bpfilter_umh import kernel as K
+from bpfilter_umh.compile import COUNT_SUB
+from bpfilter_umh.ebpf import Insn, Label
+from bpfilter_umh.errors import BpfilterError
 
 BPF_PROG_TYPE_EXT = 28
-BPF_PROG_LOAD = 5
 
 
 # ---- splitting a compiled program --------------------------------------------------------------
@@ -159,49 +162,25 @@ def standalone_items(cp, i: int) -> tuple:
 
 # ---- kernel ------------------------------------------------------------------------------------
 
-def _btf_load(blob: bytes) -> int:
-    from .engine import btf_load
-    return btf_load(blob)
-
-
 def load_extension(code: bytes, btf: bytes, func_info: bytes, target, btf_id: int,
                    name: str = "bpfilter_ext") -> "K.Prog":
     """BPF_PROG_LOAD of an extension replacing global function btf_id of program `target`
-    (attach_prog_fd); a refusal is retried with a verifier log and quotes it."""
-    ffi = K._ffi
-    btf_fd = _btf_load(btf)
+    (attach_prog_fd), through the engine's loader; EPERM says what refuses it."""
+    from bpfilter_umh.engine import load_with_func_info
+    ext = types.SimpleNamespace(prog_type=BPF_PROG_TYPE_EXT, name=name, license="GPL",
+                                expected_attach_type=0)
     try:
-        attr = ffi.new("struct bpf_attr_prog_load *")
-        ins, lic, fi = ffi.from_buffer(code), ffi.new("char[]", b"GPL"), ffi.from_buffer(func_info)
-        attr.prog_type, attr.insn_cnt = BPF_PROG_TYPE_EXT, len(code) // 8
-        attr.insns, attr.license = int(ffi.cast("uintptr_t", ins)), int(ffi.cast("uintptr_t", lic))
-        attr.prog_name = K._cstr(name)
-        attr.prog_btf_fd, attr.func_info_rec_size = btf_fd, 8
-        attr.func_info, attr.func_info_cnt = int(ffi.cast("uintptr_t", fi)), len(func_info) // 8
-        attr.attach_prog_fd = getattr(target, "fd", target)
-        attr.attach_btf_id = btf_id
-        size = ffi.sizeof("struct bpf_attr_prog_load")
-        log, e = "", 0
-        for level, log_size in ((0, 0), (1, 1 << 24)):
-            buf = ffi.new("char[]", log_size) if log_size else ffi.NULL
-            attr.log_level, attr.log_size = level, log_size
-            attr.log_buf = int(ffi.cast("uintptr_t", buf)) if log_size else 0
-            fd = K._bpf(BPF_PROG_LOAD, attr, size)
-            if log_size:
-                log = ffi.string(buf, log_size).decode(errors="replace")
-            if fd >= 0:
-                return K.Prog(fd, BPF_PROG_TYPE_EXT, name, log)
-            e = -fd
-            if e == errno.EFAULT:
-                break
-        if e == errno.EPERM and not log.strip():
-            # refused before the verifier ran: with CAP_BPF and CAP_PERFMON (checked first by
-            # kernel/bpf/syscall.c bpf_prog_load) only security_bpf_prog_load is left
-            raise BpfilterError(e, f"BPF_PROG_LOAD {name}: extension programs refused before "
-                                   f"verification (EPERM: capabilities or the security policy)")
-        raise BpfilterError(e, K._load_message(name, e, log))
-    finally:
-        K._close(btf_fd)
+        return load_with_func_info(ext, code, btf, func_info,
+                                   attach_prog_fd=getattr(target, "fd", target),
+                                   attach_btf_id=btf_id)
+    except BpfilterError as e:
+        if e.errno != errno.EPERM:
+            raise
+        # with CAP_BPF and CAP_PERFMON (checked first by kernel/bpf/syscall.c bpf_prog_load)
+        # an EPERM is the security policy's (security_bpf_prog_load) or a capability missing
+        raise BpfilterError(e.errno, f"BPF_PROG_LOAD {name}: extension programs refused before "
+                                     f"verification (EPERM: capabilities or the security "
+                                     f"policy)") from None
 
 
 def link_extension(ext, target=None, btf_id: int = 0) -> "K.Link":
@@ -225,7 +204,7 @@ def extensions_supported() -> tuple:
     test machine: EPERM before the verifier runs (no log) although the capability checks of
     kernel/bpf/syscall.c bpf_prog_load pass (CAP_BPF, CAP_PERFMON: a kprobe program loads), i.e.
     security_bpf_prog_load refused it; fentry on a BPF program is refused the same way."""
-    from .engine import load_with_func_info
+    from bpfilter_umh.engine import load_with_func_info
     frame = classify.FRAME_LO - 16
     body = [Label("fn"), E.jmp(E.JEQ, E.R1, 0, "fn_out"), E.ldx(E.DW, E.R0, E.R1, 0),
             Label("fn_out"), E.mov(E.R0, 0), E.exit_()]
