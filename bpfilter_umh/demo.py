@@ -96,7 +96,10 @@ class Demo:
 
     def iptables(self, args: str, **kw):
         """An unmodified iptables-legacy command in the host, through the door unless --kernel."""
-        door = "" if self.kernel else f"{sys.executable} -m bpfilter_umh.cli exec -- "
+        # the door as README shows it: the checkout's launcher (bin/bpfilter)
+        launcher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bin", "bpfilter")
+        door = "" if self.kernel else f"{sys.executable} -S {launcher} exec -- "
         return self.sh("host", door + args, **kw)
 
     def build(self):

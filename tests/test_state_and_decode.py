@@ -449,6 +449,7 @@ def _decoded(text: str):
 def test_after_reply_defers_gc_and_frees_the_replaced_table(udp, monkeypatch):
     a, b, probe = udp
     monkeypatch.setattr(engine, "AFTER_REPLY", [])
+    monkeypatch.setattr(engine, "FULL_PASS_EVERY", 1000)    # not this install's turn
     text = lab_text(200)
     ta = _decoded(text)
     tb = _decoded(text.replace(TOP[1], TOP[1].replace("ACCEPT", "DROP")))
@@ -472,9 +473,34 @@ def test_after_reply_defers_gc_and_frees_the_replaced_table(udp, monkeypatch):
     assert probe.verdicts() == {**VERDICTS, 7002: False}
     assert engine.run_after_reply() == 2
     assert engine.AFTER_REPLY == []
-    assert calls == ["collect", "freeze"]
+    assert calls == ["freeze"], "the survivors frozen without a GC pass"
     assert old() is None, "the replaced table must be freed by the work after the reply"
     assert probe.verdicts() == {**VERDICTS, 7002: False}
+
+
+def test_helper_collects_the_whole_heap_every_few_installs(monkeypatch):
+    """A helper freezes an install's survivors without a GC pass; every FULL_PASS_EVERY
+    installs it collects the whole heap once, frozen objects included, so a garbage cycle left
+    by an install is freed then (and not before)."""
+    class Cycle:
+        pass
+    monkeypatch.setattr(engine, "FULL_PASS_EVERY", 2)
+    monkeypatch.setattr(engine, "_installs_since_pass", 0)
+    was = gc.isenabled()
+    gc.disable()            # no automatic pass may free the cycle before the helper's
+    try:
+        c = Cycle()
+        c.me = c
+        ref = weakref.ref(c)
+        del c
+        engine._collect_and_freeze()        # first install: frozen, no pass
+        assert ref() is not None and gc.get_freeze_count() > 0
+        engine._collect_and_freeze()        # second: the whole heap collected, then frozen
+        assert ref() is None, "the full pass must free cycles frozen by earlier installs"
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
 
 
 def test_without_queue_the_install_collects_itself(udp, monkeypatch):
@@ -552,8 +578,10 @@ sys.stderr.write(repr((rc, m.AFTER_REPLY_MAX, log)))
 
 
 def _stdio_log(frames_then_pause):
-    """Run serve_stdio in a child on a pipe; frames_then_pause: [(frames, pause after)]."""
-    from bpfilter_umh.frames import Request as R
+    """Run serve_stdio in a child on a pipe; frames_then_pause: [(frames, pause after)], each
+    pause counted from the last of those frames' replies (not from writing them: a child slow
+    to start on a loaded machine would otherwise find two steps' frames waiting together)."""
+    from bpfilter_umh.frames import REPLY, Request as R
     frame = R(1, 0, AF_INET, os.getpid(), 0, 0).pack()
     p = subprocess.Popen([sys.executable, "-c", STDIO.format(root=ROOT)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -562,6 +590,11 @@ def _stdio_log(frames_then_pause):
         for n, pause in frames_then_pause:
             p.stdin.write(frame * n)
             p.stdin.flush()
+            got = b""
+            while len(got) < n * REPLY.size:
+                part = p.stdout.read1(n * REPLY.size - len(got))
+                assert part, "the child closed its stdout"
+                got += part
             time.sleep(pause)
         p.stdin.close()
         err = p.stderr.read().decode()
