@@ -386,23 +386,38 @@ class _ChainCompiler:
             return
         seen.add(chain.name)
         rules = chain.rules
-        vec = classify.vectors(rules)
-        if vec is not None:             # a long chain: its lists (classify.vectors)
-            reads = set(classify.column(rules, vec, "scan", _reads))
-            jumpers = list(compress(rules, vec.jump))
-        else:
-            # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
-            reads = [classify._memo("scan", r, _reads) for r in rules]
-            jumpers = [r for r in rules if isinstance(r.target, Jump)]
         pe = chain.policy_entry
-        if pe is not None:
-            reads = list(reads) + [classify._memo("scan", pe, _reads)]
-            if isinstance(pe.target, Jump):
-                jumpers.append(pe)
-        for ifn, l4, ip in reads:
-            self.needs_ifnames |= ifn
-            self.needs_l4 |= l4
-            self.needs_ip |= ip
+        known = chain_info(self.table).get(id(chain))
+        if known is not None:           # _program_key's walk: a function of the entries' bytes
+            reads = _SCAN_FACTS.get(known[:2])
+            jumpers = [rules[p] for p in known[2]]
+        else:
+            reads = None
+            jumpers = None
+        if reads is None:
+            vec = classify.vectors(rules)
+            if vec is not None:             # a long chain: its lists (classify.vectors)
+                reads = set(classify.column(rules, vec, "scan", _reads))
+            else:
+                # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
+                reads = [classify._memo("scan", r, _reads) for r in rules]
+            if pe is not None:
+                reads = list(reads) + [classify._memo("scan", pe, _reads)]
+            reads = tuple(map(any, zip(*reads))) or (False, False, False)
+            if known is not None:
+                if len(_SCAN_FACTS) >= CHAIN_FACTS_MAX:
+                    _SCAN_FACTS.clear()
+                _SCAN_FACTS[known[:2]] = reads
+        if jumpers is None:
+            vec = classify.vectors(rules)
+            jumpers = list(compress(rules, vec.jump)) if vec is not None else \
+                [r for r in rules if isinstance(r.target, Jump)]
+        if pe is not None and isinstance(pe.target, Jump):
+            jumpers.append(pe)
+        ifn, l4, ip = reads
+        self.needs_ifnames |= ifn
+        self.needs_l4 |= l4
+        self.needs_ip |= ip
         for r in jumpers:
             c = self._chains_by_name().get(r.target.chain)
             if c is not None:
@@ -542,18 +557,23 @@ class _ChainCompiler:
         runs = {r.start: r for r in classify.find_runs(chain.rules)
                 if r.start >= start} if self.table.family == AF_INET and \
             len(chain.rules) - start >= classify.min_run() else {}
-        pos = start
-        while pos < len(chain.rules):
+        pos, rules, pe = start, chain.rules, chain.policy_entry
+        while pos < len(rules):
             if pos in runs:
                 classify.emit_run(self, runs[pos], chain.name, ret, where, path)
                 pos = runs[pos].end
                 continue
-            self._entry(chain.rules[pos], chain.name, pos + 1, ret, "rule", path, where)
+            # the entry after a rule: the chain's next rule or its policy/RETURN entry (a
+            # chain's entries are contiguous), without walking the table
+            after = rules[pos + 1] if pos + 1 < len(rules) else pe
+            self._entry(rules[pos], chain.name, pos + 1, ret, "rule", path, where,
+                        after.offset if after is not None else None)
             pos += 1
 
     def _entry(self, rule: Rule, chain: str, pos: int, ret: str, kind: str,
-               path: list, where: str):
-        """One entry: its conditions (failing → next entry), counter, target."""
+               path: list, where: str, next_off: int = None):
+        """One entry: its conditions (failing → next entry: at offset next_off, when the
+        caller knows it), counter, target."""
         if rule is None:
             raise BpfilterError(errno.EINVAL, f"chain {chain}: no policy/RETURN entry")
         self.rule_count += 1
@@ -574,7 +594,8 @@ class _ChainCompiler:
             raise _unsupported(chain, pos, rule, f"verdict {t.name}")
         if not isinstance(t, (Verdict, Jump, ExtTarget)):
             raise _unsupported(chain, pos, rule, f"target {type(t).__name__}")
-        if isinstance(t, Jump) and t.offset == self.next_offset.get(rule.offset):
+        if isinstance(t, Jump) and t.offset == (next_off if next_off is not None else
+                                                self.next_offset.get(rule.offset)):
             # ipt_do_table: a verdict landing on the next entry pushes nothing and simply goes
             # on there (goto or not): count the rule, then continue with the next entry
             t = None
@@ -1132,9 +1153,13 @@ def _jumping(table: Table, chain: Chain) -> list:
     which _entry treats as "no target". The entry after a rule is the next rule or the policy
     entry (a table walk only for a chain without one)."""
     rules, pe = chain.rules, chain.policy_entry
-    vec = classify.vectors(rules)
-    where = compress(range(len(rules)), vec.jump) if vec is not None else \
-        (p for p, r in enumerate(rules) if isinstance(r.target, Jump))
+    known = chain_info(table).get(id(chain))
+    if known is not None:
+        where = known[2]
+    else:
+        vec = classify.vectors(rules)
+        where = compress(range(len(rules)), vec.jump) if vec is not None else \
+            (p for p, r in enumerate(rules) if isinstance(r.target, Jump))
     out = []
     for p in where:
         r = rules[p]
@@ -1292,7 +1317,7 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
     if hasattr(table, "entries"):
-        _WALKS[id(table)] = [table, None, None]
+        _WALKS[id(table)] = [table, None, None, None, {}]
     scope = classify._VEC_SCOPE
     classify._VEC_SCOPE = {}
     try:
@@ -1363,12 +1388,14 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
 PROG_CACHE_MAX = 64
 _PROG_CACHE: dict = {}          # key -> (bases, CompiledProgram, slots of its index insns)
 _CHAIN_FACTS: dict = {}         # (entries' cache_keys, policy's) -> positions of jumps, or None
+_SCAN_FACTS: dict = {}          # (entries' cache_keys, policy's) -> what _scan ORs of their _reads
 CHAIN_FACTS_MAX = 1 << 16
 PROG_STATS = {"made": 0, "reused": 0}
 _KEPT_MATCHES = frozenset({"tcp", "udp", "icmp", "icmp6", "comment"})
 _CLASSIFY_KNOBS = ("GLOBAL_ABOVE", "GLOBAL_GROUPS", "GLOBAL_GROUP_SLOTS", "GROUP_SLOTS",
                    "MULTI_FORM", "MULTI_NS_BASE", "MULTI_NS_PER_WORD", "SPLIT_MAX_SHAPES",
-                   "LINEAR_NS", "MAX_KEYS", "TAIL_MAX", "CUT_EVERY", "MAX_PORTS_PER_RULE")
+                   "LINEAR_NS", "MAX_KEYS", "TAIL_MAX", "CUT_EVERY", "MAX_PORTS_PER_RULE",
+                   "SHARED_PER_BODY", "SHARED_DEPTH")
 
 
 def _knobs() -> tuple:
@@ -1436,6 +1463,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     chains = table.chains
     nchains = len(chains)
     by_name = _first_by_name(table)
+    info = chain_info(table)
     order, seen, recs, bases = [top], {id(top): 0}, [], []
     facts_of, vec_min = _CHAIN_FACTS.get, classify.VEC_MIN
     i = 0
@@ -1462,6 +1490,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
             jumps = _chain_facts(rules, c.policy_entry, keys)
         if jumps is None:
             return None, None
+        info[id(c)] = (keys, pk, jumps)
         if jumps:
             lands = []
             last = len(rules) - 1
@@ -1496,14 +1525,23 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
 def _first_by_name(table: Table) -> dict:
     """{name: first chain of that name}, once per compile_table (_WALKS)."""
     hit = _WALKS.get(id(table))
-    by = hit[3] if hit is not None and hit[0] is table and len(hit) > 3 else None
+    by = hit[3] if hit is not None and hit[0] is table else None
     if by is None:
         by = {}
         for c in table.chains:
             by.setdefault(c.name, c)
         if hit is not None and hit[0] is table:
-            hit[3:] = [by]
+            hit[3] = by
     return by
+
+
+def chain_info(table: Table) -> dict:
+    """{id(chain): (its rules' cache_keys, its policy/RETURN entry's, positions of its jump
+    rules)} for the chains _program_key walked in this compile_table, so the compile's other
+    walks (_scan, _jump_sites, classify's jump cases) read three tuples per chain instead of its
+    rules (a fan-out table: 3 336 chains, each walked four times); {} outside compile_table."""
+    hit = _WALKS.get(id(table))
+    return hit[4] if hit is not None and hit[0] is table else {}
 
 
 def _keep_program(key, bases, cc: "_ChainCompiler", cp: CompiledProgram):

@@ -36,7 +36,9 @@ import copy
 import errno
 import gc
 import ipaddress
+import operator
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -182,6 +184,34 @@ class Rule:
             self.pad = b""
 
 
+_RULE_FIELDS = operator.attrgetter("ip", "matches", "target", "counters", "index", "offset",
+                                   "nfcache", "comefrom", "tail", "pad")
+
+
+class _Moved(Rule):
+    """A Rule of a decode_replace table whose entry is a previous table's Rule moved (issue
+    #7: an append ahead of a fan-out's 3 333 chains moves 16 000 entries): that Rule's
+    attribute dict itself (no copy; both tables are read-only), its own position data in
+    slots, which Python finds before the dict (a slot is a data descriptor). Compares,
+    copies (copy.deepcopy gives it a dict of its own) and reads as a Rule."""
+    __slots__ = ("index", "offset", "comefrom")
+
+    def __eq__(self, other):
+        if isinstance(other, Rule):
+            return _RULE_FIELDS(self) == _RULE_FIELDS(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "Rule" + Rule.__repr__(self)[len(type(self).__qualname__):]
+
+
+class _MovedJump(_Moved):
+    """A moved jump: its Jump (offset, landing) is its own too."""
+    __slots__ = ("target",)
+
+
 @dataclass
 class Chain:
     name: str
@@ -222,8 +252,13 @@ class _Hdr:
             (s, d, sm, dm, i, o, im, om, proto, tos, flags, inv, ippad, self.nfcache,
              self.target_offset, self.next_offset, self.comefrom, self.pad, self.pcnt,
              self.bcnt) = uapi.IP6T_ENTRY_FAST.unpack_from(blob, off)
-        A = _address
-        self.ip = IpHeader(A(s), A(d), A(sm), A(dm), i, o, im, om, proto, flags, inv, tos, ippad)
+        # the addresses from _ADDRESSES (one dict lookup each where seen before). IpHeader's
+        # __init__ makes a key-sharing dict (~280 bytes, not ~460 as a dict set directly):
+        # the copies _build makes of it share keys too, and the walk's later passes read less
+        get = _ADDRESSES.get
+        self.ip = IpHeader(get(s) or _address(s), get(d) or _address(d),
+                           get(sm) or _address(sm), get(dm) or _address(dm), i, o, im, om,
+                           proto, flags, inv, tos, ippad)
 
 
 # ipaddress objects are immutable: one per distinct packed address, shared by every header
@@ -257,6 +292,7 @@ class _Raw:
     mdata: list = None       # decoded match payloads (by _find_check), None = not decoded
     tdata: Any = None
     key: bytes = None        # the entry's bytes without comefrom and counters (_ENTRY_CACHE)
+    dup: Any = None          # an earlier raw of this walk with the same key (its checks count)
 
 
 # ---- decode cache (issue #7: an append on a 10 000-rule table decodes one entry) -------------
@@ -299,7 +335,8 @@ class _CachedHdr:
 
     def __init__(self, c, blob, off, family):
         self.nfcache, self.target_offset, self.next_offset, self.pad = c.hdr_fields
-        self.ip = IpHeader(*c.ip_args)
+        ip = self.ip = object.__new__(IpHeader)      # IpHeader's fields, without its __init__
+        ip.__dict__ = c.ip_fields.copy()
         cf, cnt, _ = _VOLATILE[family]
         self.comefrom = int.from_bytes(blob[off + cf:off + cf + 4], "little")
         self.pcnt = int.from_bytes(blob[off + cnt:off + cnt + 8], "little")
@@ -309,7 +346,7 @@ class _CachedHdr:
 @dataclass
 class _Cached:
     hdr_fields: tuple        # (nfcache, target_offset, next_offset, pad)
-    ip_args: tuple
+    ip_fields: dict          # IpHeader's __dict__ (copied for each use)
     matches: list
     tname: bytes
     trev: int
@@ -328,49 +365,51 @@ def _remember(raws, family):
     """Put the entries decoded and checked just now into _ENTRY_CACHE."""
     if len(_ENTRY_CACHE) + len(raws) > ENTRY_CACHE_MAX:
         _ENTRY_CACHE.clear()
+    cache = _ENTRY_CACHE
     for r in raws:
-        if r.key is None or r.key in _ENTRY_CACHE:
+        if r.key is None or r.key in cache:
             continue
-        h, ip = r.hdr, r.ip
-        _ENTRY_CACHE[r.key] = _Cached(
-            (h.nfcache, h.target_offset, h.next_offset, h.pad),
-            (ip.src, ip.dst, ip.smsk, ip.dmsk, ip.iniface, ip.outiface, ip.iniface_mask,
-             ip.outiface_mask, ip.proto, ip.flags, ip.invflags, ip.tos, ip.pad),
+        h = r.hdr
+        cache[r.key] = _Cached(
+            (h.nfcache, h.target_offset, h.next_offset, h.pad), r.ip.__dict__.copy(),
             r.matches, r.tname, r.trev, r.tsize, r.tpayload, r.uncond, r.std, r.verdict,
             r.mdata, r.tdata)
 
 
-def _placed(rule, i: int, r, comefrom: int, lay):
-    """A copy of a previous decode's Rule at entry index i, offset r.off, with `comefrom`; a
-    jump gets its own Jump with the verdict now in the blob (resolved by _build)."""
-    d = rule.__dict__.copy()
-    d["index"], d["offset"], d["comefrom"] = i, r.off, comefrom
-    t = d["target"]
-    if type(t) is Jump:
-        d["target"] = Jump("", t.goto, r.verdict, None)
-    n = object.__new__(Rule)
-    n.__dict__ = d
+def _placed(rule, i: int, off: int, comefrom: int):
+    """A previous decode's Rule at entry index i, offset off, with `comefrom` (_Moved; its
+    target the same object: _build gives a jump whose landing changed a Jump of its own)."""
+    jump = type(rule.target) is Jump
+    n = object.__new__(_MovedJump if jump else _Moved)
+    n.__dict__ = rule.__dict__
+    n.index, n.offset, n.comefrom = i, off, comefrom
+    if jump:
+        n.target = rule.target
     return n
 
 
-def _moved_rules(old_rules, raws, first: int, comefrom) -> list:
-    """Copies of old_rules placed at entries first, first + 1, ... (index, offset, comefrom),
-    a jump with a Jump of its own naming the offset now in the blob (_build resolves it)."""
+def _moved_rules(old_rules, offs, first: int, comefrom, jumps) -> list:
+    """old_rules placed at entries first, first + 1, ... (_Moved: index, offset from `offs`,
+    comefrom), those at the entry indexes `jumps` (sorted) as _MovedJump with the old Jump
+    (_build gives each jump whose offset or landing changed a Jump of its own). ~0.3 us an
+    entry: a fan-out append moves 16 000 of them, so the loop does nothing else."""
     new = object.__new__
-    out = []
-    append = out.append
-    for i, (rule, r, cf) in enumerate(zip(old_rules, raws[first:], comefrom[first:]), first):
-        d = rule.__dict__.copy()
-        d["index"], d["offset"], d["comefrom"] = i, r.off, cf
-        t = d["target"]
-        if type(t) is Jump:
-            j = new(Jump)
-            j.__dict__.update(chain="", goto=t.goto, offset=r.verdict, entry=None,
-                              chain_pos=-1)
-            d["target"] = j
-        n = new(Rule)
-        n.__dict__ = d
-        append(n)
+    n = len(old_rules)
+    kind = [_Moved] * n
+    for j in jumps[bisect.bisect_left(jumps, first):]:
+        kind[j - first] = _MovedJump
+    out = [None] * n
+    k = 0
+    for rule, o, c in zip(old_rules, offs[first:], comefrom[first:]):
+        m = new(kind[k])
+        m.__dict__ = rule.__dict__
+        m.index = first + k
+        m.offset = o
+        m.comefrom = c
+        out[k] = m
+        k += 1
+    for j in jumps[bisect.bisect_left(jumps, first):]:
+        out[j - first].target = old_rules[j - first].target
     return out
 
 
@@ -400,6 +439,8 @@ def _underflow_check(r, off, valid_hooks, underflow):
 # restore (which sent comefrom 0) still matches byte for byte where no rule counted a packet.
 # The decode takes the entry out (pop) and owns its raws: moved ones are changed in place.
 _LAST_WALK: dict = {}
+# a user chain's name by its ERROR entry's payload (3 333 chains in a fan-out table)
+_CHAIN_NAMES: dict = {}
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -581,31 +622,30 @@ def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: in
     the caller. Nothing changes otherwise."""
     cf, cnt, _ = _VOLATILE[family]
     a, b = raws[lo].off, ends[hi - 1]
-    exp = bytearray(old[a:b])
-    vol = []
-    for r in raws[lo:hi]:
-        o, n = r.off, r.off + delta
-        nv = blob[n + cf:n + cnt + 16]
-        if nv != old[o + cf:o + cnt + 16]:
-            if len(nv) != cnt + 16 - cf:
-                return False
-            # comefrom and the counters only: ip6t_entry's padding between them is compared
-            exp[o - a + cf:o - a + cf + 4] = nv[:4]
-            exp[o - a + cnt:o - a + cnt + 16] = nv[cnt - cf:]
-            vol.append(r)
-    js = jumps[bisect.bisect_left(jumps, lo):bisect.bisect_left(jumps, hi)]
-    vs = []
-    for j in js:
-        r = raws[j]
-        p = r.off + r.hdr.target_offset + 32        # xt_standard_target.verdict
-        nv = blob[p + delta:p + delta + 4]
-        v = int.from_bytes(nv, "little", signed=True)
-        if len(nv) != 4 or v <= 0:
-            return False
-        exp[p - a:p - a + 4] = nv
-        vs.append(v)
-    if exp != blob[a + delta:b + delta]:
+    if a + delta < 0 or b + delta > len(blob):
         return False
+    exp = bytearray(old[a:b])
+    js = jumps[bisect.bisect_left(jumps, lo):bisect.bisect_left(jumps, hi)]
+    # the jumps' verdicts (xt_standard_target.verdict) read from blob and written into exp
+    ps = [raws[j].off + raws[j].hdr.target_offset + 32 for j in js]
+    vs = _verdicts_at(blob, ps, delta)
+    if vs is None:
+        return False
+    _put_verdicts(exp, ps, vs, a)
+    new = blob[a + delta:b + delta]
+    vol = []
+    if exp != new:
+        # comefrom and the counters: libiptc sends back the live ones (rules that counted
+        # packets), iptables-restore zero; ip6t_entry's padding between them is compared
+        for r in raws[lo:hi]:
+            o = r.off
+            nv = new[o - a + cf:o - a + cnt + 16]
+            if nv != old[o + cf:o + cnt + 16]:
+                exp[o - a + cf:o - a + cf + 4] = nv[:4]
+                exp[o - a + cnt:o - a + cnt + 16] = nv[cnt - cf:]
+                vol.append(r)
+        if not vol or exp != new:
+            return False
     for j, v in zip(js, vs):
         raws[j].verdict = v
     for r in vol:
@@ -613,6 +653,43 @@ def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: in
         r.hdr = _with_volatile(r.hdr, blob[n:n + r.hdr.next_offset], family)
         touched.append(r)
     return True
+
+
+def _verdicts_at(blob: bytes, ps: list, delta: int):
+    """The int32 verdicts at offsets p + delta of blob for p in ps, None if one is not > 0
+    (not a jump) or lies outside blob. Read as one native int array where all are 4-aligned
+    (a fan-out chain has 3 333 jumps): the blob is the kernel's native struct."""
+    if not ps:
+        return []
+    if sys.byteorder == "little" and not any(p & 3 for p in ps) and not delta & 3:
+        words = memoryview(blob)[:len(blob) & ~3].cast("i")
+        d = delta >> 2
+        try:
+            vs = [words[(p >> 2) + d] for p in ps]
+        except IndexError:
+            return None
+        if ps[0] + delta < 0:
+            return None
+    else:
+        vs = []
+        for p in ps:
+            raw = blob[p + delta:p + delta + 4]
+            if len(raw) != 4 or p + delta < 0:
+                return None
+            vs.append(int.from_bytes(raw, "little", signed=True))
+    return vs if min(vs) > 0 else None
+
+
+def _put_verdicts(exp: bytearray, ps: list, vs: list, base: int) -> None:
+    """Write int32 verdicts vs at offsets p - base of exp."""
+    if sys.byteorder == "little" and not base & 3 and not any(p & 3 for p in ps):
+        words = memoryview(exp)[:len(exp) & ~3].cast("i")
+        for p, v in zip(ps, vs):
+            words[(p - base) >> 2] = v
+        words.release()
+    else:
+        for p, v in zip(ps, vs):
+            exp[p - base:p - base + 4] = v.to_bytes(4, "little", signed=True)
 
 
 def _first_at_or_after(raws, off: int) -> int:
@@ -665,22 +742,43 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
     cache, family = _ENTRY_CACHE, lay.family
     # the offsets check_underflow() looks at (the valid hooks' underflows)
     uflows = {underflow[h] for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)}
+    nf = _VOLATILE[family][0] - 2           # next_offset sits right before comefrom
+    ipsz = nf - 6                           # ipt_ip / ip6t_ip6: before nfcache, offsets
+    uncond_ip = bytes(ipsz)
+    seen = {}                               # key -> the first raw entry with it, this walk
     while off < size and (stop is None or off < stop):
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
         if off % 8:
             _err(errno.EINVAL, off, "entry not aligned to __alignof__(struct ipt_entry)")
         if off + hsz >= size:
             _err(errno.EINVAL, off, "entry header reaches the end of the table")
-        nf = _VOLATILE[family][0] - 2           # next_offset sits right before comefrom
         nxt = int.from_bytes(blob[off + nf:off + nf + 2], "little")
-        key = _entry_key(blob[off:off + nxt], family) if off + nxt <= size else None
-        c = cache.get(key) if key is not None else None
+        if off + nxt <= size:
+            e = blob[off:off + nxt]
+            key = _entry_key(e, family)
+            c = cache.get(key)
+        else:
+            e = key = c = None
         if c is not None:
             # every check of the entry's own bytes passed when it was cached
-            v = c.verdict if c.verdict <= 0 else _jump_verdict(blob[off:off + nxt], family)
-            r = _Raw(off, _CachedHdr(c, blob, off, family), None, c.matches, c.tname, c.trev,
-                     c.tsize, c.tpayload, c.uncond, c.std, v, c.mdata, c.tdata, key)
-            r.ip = r.hdr.ip
+            v = c.verdict if c.verdict <= 0 else _jump_verdict(e, family)
+            h = _CachedHdr(c, blob, off, family)
+            r = _Raw(off, h, h.ip, c.matches, c.tname, c.trev, c.tsize, c.tpayload, c.uncond,
+                     c.std, v, c.mdata, c.tdata, key)
+            if off in uflows:
+                _underflow_check(r, off, valid_hooks, underflow)
+            out.append(r)
+            off += nxt
+            continue
+        d = seen.get(key) if key is not None else None
+        if d is not None:
+            # the same bytes as an entry before it in this blob (a fan-out table's 3 333
+            # RETURN entries): every check of its own bytes is that entry's, which passed
+            # the walk's and runs _find_check's first (r.dup), in entry order as the kernel
+            v = d.verdict if d.verdict <= 0 else _jump_verdict(e, family)
+            h = _with_volatile(d.hdr, e, family)
+            r = _Raw(off, h, h.ip, d.matches, d.tname, d.trev, d.tsize, d.tpayload, d.uncond,
+                     d.std, v, None, None, key, d)
             if off in uflows:
                 _underflow_check(r, off, valid_hooks, underflow)
             out.append(r)
@@ -697,7 +795,6 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
             _err(errno.EINVAL, off, f"ip flags 0x{ipc.flags:x} outside the flag mask")
         if ipc.invflags & ~lay.inv_mask:
             _err(errno.EINVAL, off, f"ip invflags 0x{ipc.invflags:x} outside the inverse mask")
-        e = blob[off:off + nxt]
         # xt_check_entry_offsets()
         if toff < hsz:
             _err(errno.EINVAL, off, f"target_offset {toff} inside the entry header")
@@ -737,10 +834,12 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
             matches.append((mname, mrev, e[pos + 32:pos + msize], pos))
             length -= msize
             pos += msize
-        ip = ipc
-        uncond = toff == hsz and ip.unconditional(lay.family)
-        r = _Raw(off, hdr, ip, matches, tname_raw, trev, tsize,
-                 e[toff + 32:toff + tsize], uncond, tname == b"", verdict, key=key)
+        # unconditional(): memcmp of the entry's ipt_ip with an all-zero one
+        uncond = toff == hsz and e[:ipsz] == uncond_ip
+        # (_Raw's __init__: a key-sharing dict, read again by every later pass and decode)
+        r = _Raw(off, hdr, ipc, matches, tname_raw, trev, tsize, e[toff + 32:toff + tsize],
+                 uncond, tname == b"", verdict, None, None, key)
+        seen[key] = r
         # hooks and underflows on this entry
         if off in uflows:
             _underflow_check(r, off, valid_hooks, underflow)
@@ -767,14 +866,24 @@ def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None) -> byt
         return blob
     out = bytearray(blob)
     # ip6t_entry has 4 padding bytes between comefrom and the counters: kept as given
-    u32, u64x2 = _U32.pack_into, _U64X2.pack_into
+    u64x2 = _U64X2.pack_into
+    # comefrom written as one native u32 array where the entries are 8-aligned (the walk
+    # checked) and the machine is little-endian: a restore patches every entry
+    words = memoryview(out)[:len(out) & ~3].cast("I") if sys.byteorder == "little" else None
+    u32 = _U32.pack_into
     for r, c in todo:
-        u32(out, r.off + cf, c)
-        u64x2(out, r.off + cnt, 0, 0)
+        if words is not None:
+            words[(r.off + cf) >> 2] = c
+        else:
+            u32(out, r.off + cf, c)
+        h = r.hdr
+        if h.pcnt or h.bcnt:
+            u64x2(out, r.off + cnt, 0, 0)
         # the raw describes the patched bytes now (in place: each raw has a header of its
         # own, _walk_range and _with_volatile make one per entry)
-        h = r.hdr
         h.comefrom, h.pcnt, h.bcnt = c, 0, 0
+    if words is not None:
+        words.release()
     return bytes(out)
 
 
@@ -795,7 +904,10 @@ def _payload_data(e, payload: bytes, decoded, to_user: bool):
     With to_user, the payload as xt_data_to_user() shows it (zeros after usersize)."""
     if e is None:
         return payload, payload
-    if to_user:
+    if to_user and e.size >= 0 and len(payload) == uapi.XT_ALIGN(e.size) and \
+            any(payload[e.usersize or e.size:]):
+        # xt_data_to_user() zeroes what follows usersize (or size): only nonzero bytes there
+        # change what is shown (e.to_user)
         shown = e.to_user(payload)
         if shown != payload:
             return e.decode(shown), shown
@@ -898,6 +1010,10 @@ class _Memo:
         n = len(raws)
         first = n - ntail
         self.size, self.comefrom = size, None
+        # set by the decode: every entry's comefrom as mark_source_chains() found it, each
+        # jump's landing (entry index, in the order of kinds[0]) and each hook's first entry
+        # (-1: not a valid hook), for _mark_again
+        self.marks = self.lands = self.hooks = None
         if prev is None or p_raws is None or not (nhead or ntail):
             nhead = ntail = 0
             first = n
@@ -946,6 +1062,64 @@ class _Memo:
                 mn[m[0]] = mn.get(m[0], 0) + d
 
 
+def _is_return(r) -> bool:
+    """An unconditional standard verdict (RETURN, a policy, an unconditional ACCEPT/DROP):
+    where mark_source_chains()'s walk turns back."""
+    return r.std and r.verdict < 0 and r.uncond
+
+
+def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_memo, p_raws):
+    """mark_source_chains() of a table that differs from the previous one (p_memo, p_raws,
+    whose walk gave p_memo.marks) only in entries its walk passes straight through: the
+    comefrom values of the previous table moved with their entries, or None when that does
+    not hold (then _mark_fast walks the whole table).
+
+    It holds when the entries that changed (the previous table's raws between its first nhead
+    and last ntail, and this table's) are neither jumps nor returns (_is_return) nor where a
+    walk starts (a hook entry, a jump's landing), and every hook entry and every jump lands on
+    the entry it landed on before, moved. Then the kernel's walk (ip_tables.c
+    mark_source_chains) takes the same steps over the entries that stayed (its choices depend
+    on an entry's kind and landing only), so they keep their comefrom, its errors are the
+    previous table's (none), and the entries put in the place of the changed ones are reached
+    exactly when the entry before them is and is not a return: they take its comefrom (a walk
+    reaching that entry goes on to the next, after the jump's walk for a jump), else 0.
+    Work: per jump (a list comparison), not per entry."""
+    if p_memo is None or p_memo.marks is None or p_memo.lands is None or not nhead \
+            or not ntail:
+        return None
+    n, m = len(raws), len(p_raws)
+    first, p_first = n - ntail, m - ntail
+    shift = m - n
+    for r in raws[nhead:first]:
+        if r.std and (r.verdict >= 0 or r.uncond):
+            return None
+    for r in p_raws[nhead:p_first]:
+        if r.std and (r.verdict >= 0 or r.uncond):
+            return None
+    at, jumps = memo.at, memo.kinds[0]
+    p_lands = p_memo.lands
+    if len(jumps) != len(p_lands):
+        return None
+    hooks = tuple(at.get(hook_entry[h]) if valid_hooks & (1 << h) else -1
+                  for h in range(NF_INET_NUMHOOKS))
+    if any(h is None or nhead <= h < first for h in hooks):
+        return None
+    moved = lambda k: k if k < nhead else k - shift       # noqa: E731 - old index -> new
+    if hooks != tuple(-1 if k == -1 else moved(k) for k in p_memo.hooks):
+        return None
+    get = at.get
+    lands = [get(raws[j].verdict) for j in jumps]
+    if any(nhead <= k < p_first for k in p_lands):
+        return None                  # a jump landed on an entry that changed
+    if lands != [k if k < nhead else k - shift for k in p_lands]:
+        return None
+    memo.lands, memo.hooks = lands, hooks
+    p_cf = p_memo.marks
+    before = raws[nhead - 1]
+    fill = 0 if _is_return(before) else p_cf[nhead - 1]
+    return p_cf[:nhead] + [fill] * (first - nhead) + p_cf[p_first:]
+
+
 def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
     """mark_source_chains() on whole chains, for the tables iptables writes; None where the
     table is not such a table (then _mark_source_chains walks it entry by entry).
@@ -966,12 +1140,12 @@ def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
     order, hooks in hook order) as the kernel. Work: per range and per jump, not per entry."""
     jumps, _errs, terms = memo.kinds
     hooks = [h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)]
-    target = {}
-    for j in jumps:
-        k = at.get(raws[j].verdict)
-        if k is None:
-            return None              # onto no entry: the entry walk says where it fails
-        target[j] = k
+    get = at.get
+    lands = [get(raws[j].verdict) for j in jumps]
+    if None in lands:
+        return None                  # onto no entry: the entry walk says where it fails
+    memo.lands = lands
+    target = dict(zip(jumps, lands))
     starts = sorted({at[hook_entry[h]] for h in hooks} | set(target.values()))
     end = {}
     nt = len(terms)
@@ -1029,23 +1203,87 @@ def _decoded_payload(e, payload: bytes):
     return got[1]
 
 
-# construct's compiled parsers (Struct.compile(): generated Python, ~3x faster than the
-# interpreted parse) for the codecs; a codec's compiled parser is trusted only after it gave
-# what the interpreted one gives for its first VERIFY payloads, and never after a difference
+# faster parsers for the codecs (_FlatParser, else construct's compiled parser: Struct.compile(),
+# generated Python, ~3x faster than the interpreted parse); a codec's fast parser is trusted
+# only after it gave what the interpreted one gives for its first VERIFY payloads, and never
+# after a difference
 _COMPILED: dict = {}        # id(extension) -> [extension, parser or None, payloads left to verify]
 VERIFY = 16
 
 
+class _FlatParser:
+    """The parse of a construct Struct made only of fixed-size fields (integers, arrays of
+    integers, byte strings, padding: every codec of extensions.py and xt_ext.py): one
+    struct.unpack and the Container construct would give (its "_io" entry aside, which
+    Container equality skips). ~10x faster than construct's compiled parser, which wraps
+    every parse in a stream: a restore of 10 000 tcp/udp rules parsed 10 000 payloads."""
+
+    def __init__(self, codec):
+        from construct import Array, Bytes, Container, Default, FormatField, ListContainer, \
+            Padded, Pass, Renamed, Struct
+        if type(codec) is not Struct:
+            raise TypeError("not a Struct")
+        fmt, fields, order = [], [], None
+        for sc in codec.subcons:
+            if type(sc) is Padded and sc.subcon is Pass and isinstance(sc.length, int):
+                fmt.append(f"{sc.length}x")
+                continue
+            if type(sc) is not Renamed or not sc.name:
+                raise TypeError(f"field {sc!r}")
+            inner = sc.subcon
+            if type(inner) is Default:
+                inner = inner.subcon            # parses as its subcon
+            if type(inner) is FormatField:
+                code, count = inner.fmtstr, None
+            elif type(inner) is Array and type(inner.subcon) is FormatField \
+                    and isinstance(inner.count, int):
+                code, count = inner.subcon.fmtstr, inner.count
+            elif type(inner) is Bytes and isinstance(inner.length, int):
+                fmt.append(f"{inner.length}s")
+                fields.append((sc.name, None))
+                continue
+            else:
+                raise TypeError(f"field {sc.name}: {inner!r}")
+            if order not in (None, code[0]) or code[0] not in "<>=" or len(code) != 2:
+                raise TypeError(f"field {sc.name}: format {code}")
+            order = code[0]
+            fmt.append(code[1] * (count or 1))
+            fields.append((sc.name, count))
+        self.st = struct.Struct((order or "<") + "".join(fmt))
+        self.fields, self.Container, self.ListContainer = fields, Container, ListContainer
+        self.size = codec.sizeof()
+        if self.st.size != self.size:
+            raise TypeError("size")
+
+    def parse(self, data: bytes):
+        vals = self.st.unpack(data)
+        out, k = self.Container(), 0
+        lc = self.ListContainer
+        for name, count in self.fields:
+            if count is None:
+                out[name] = vals[k]
+                k += 1
+            else:
+                out[name] = lc(vals[k:k + count])
+                k += count
+        return out
+
+
 def _parse_payload(e, payload: bytes):
-    """extensions.Extension.decode(payload), through the compiled parser where it is trusted."""
+    """extensions.Extension.decode(payload), through a faster parser where it is trusted."""
     if e.codec is None or len(payload) != uapi.XT_ALIGN(e.size):
         return e.decode(payload)
     st = _COMPILED.get(id(e))
     if st is None or st[0] is not e:
         try:
-            fast = e.codec.compile()
-        except Exception:       # noqa: BLE001 - construct cannot compile every codec
+            fast = _FlatParser(e.codec)
+        except TypeError:
             fast = None
+        if fast is None:
+            try:
+                fast = e.codec.compile()
+            except Exception:       # noqa: BLE001 - construct cannot compile every codec
+                fast = None
         st = _COMPILED[id(e)] = [e, fast, VERIFY]
     if st[1] is None:
         return e.decode(payload)
@@ -1064,30 +1302,46 @@ def _find_check(raws, family):
     """find_check_entry() for each entry in order: extension lookup, xt_check_match()/
     xt_check_target() size and protocol checks, and the extension's checkentry."""
     lay = uapi.layout(family)
+    found = {}              # (kind, name bytes, revision) -> (name, extension), this call
     for r in raws:
         if r.mdata is not None:
             continue                # from _ENTRY_CACHE: checked when it was cached
-        items = [(ext.MATCH, n, rev, p, r.off + mo) for n, rev, p, mo in r.matches]
-        items.append((ext.TARGET, r.tname, r.trev, r.tpayload, r.off + r.hdr.target_offset))
+        if r.dup is not None:
+            # the same bytes as an entry before it, checked just now
+            r.mdata, r.tdata = r.dup.mdata, r.dup.tdata
+            continue
+        ip, crule = r.ip, None
         decoded = []
-        for kind, nm, rev, payload, where in items:
+        items = r.matches
+        last = len(items)
+        for k in range(last + 1):
+            if k < last:
+                kind, (nm, rev, payload, _) = ext.MATCH, items[k]
+            else:
+                kind, nm, rev, payload = ext.TARGET, r.tname, r.trev, r.tpayload
             decoded.append(None)
-            if b"\0" not in nm:     # xt_find_match()/xt_find_target(): strnlen == MAXNAMELEN
-                _err(errno.EINVAL, r.off, f"{kind} name not NUL-terminated")
-            name = uapi.cstr(nm)
-            e = ext.lookup(kind, family, name, rev)
+            got = found.get((kind, nm, rev))
+            if got is None:
+                if b"\0" not in nm:     # xt_find_match()/xt_find_target(): strnlen == MAXNAMELEN
+                    _err(errno.EINVAL, r.off, f"{kind} name not NUL-terminated")
+                name = uapi.cstr(nm)
+                e = ext.lookup(kind, family, name, rev)
+                got = found[(kind, nm, rev)] = (name, e, e and uapi.XT_ALIGN(e.size))
+            name, e, psize = got
             if e is None:
                 if ext.owned(kind, family, name):
                     _err(errno.ENOENT, r.off, f"{kind} {name!r} revision {rev} does not exist")
                 continue            # opaque: the door decides about extensions we cannot check
-            if len(payload) != uapi.XT_ALIGN(e.size):
+            if len(payload) != psize:
                 _err(errno.EINVAL, r.off, f"{kind} {name!r}: payload {len(payload)} bytes, kernel "
-                     f"size {uapi.XT_ALIGN(e.size)}")
-            if e.proto and (r.ip.proto != e.proto or r.ip.invflags & uapi.XT_INV_PROTO):
+                     f"size {psize}")
+            if e.proto and (ip.proto != e.proto or ip.invflags & uapi.XT_INV_PROTO):
                 _err(errno.EINVAL, r.off, f"{kind} {name!r} only valid for protocol {e.proto}")
             data = decoded[-1] = _decoded_payload(e, payload)
             if e.check:
-                e.check(Rule(r.ip, offset=r.off), family, data)
+                if crule is None:
+                    crule = Rule(ip, offset=r.off)
+                e.check(crule, family, data)
         r.mdata, r.tdata = decoded[:-1], decoded[-1]
     return lay
 
@@ -1168,9 +1422,17 @@ class Table:
                      prev[1] if prev is not None else None)
         offs, at = memo.offs, memo.at
         _check_table_hooks(raws, hook_entry, underflow, valid_hooks, at)
-        comefrom = _mark_fast(raws, hook_entry, valid_hooks, at, memo)
+        comefrom = _mark_again(raws, nhead, ntail, hook_entry, valid_hooks, memo,
+                               prev[4] if prev is not None else None,
+                               prev[1] if prev is not None else None)
         if comefrom is None:
+            memo.hooks = tuple(at.get(hook_entry[h], -1) if valid_hooks & (1 << h) else -1
+                               for h in range(NF_INET_NUMHOOKS))
+            comefrom = _mark_fast(raws, hook_entry, valid_hooks, at, memo)
+        if comefrom is None:
+            memo.lands = None
             comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks, at)
+        memo.marks = comefrom
         # the reused entries were checked and remembered by an earlier decode
         _find_check(mid, family)
         _remember(mid, family)
@@ -1179,7 +1441,8 @@ class Table:
         # the previous shared decode's rules, for the entries reused from its walk
         reuse = (prev[3], nhead, ntail) if share and prev is not None and prev[3] else None
         table, rules = cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
-                                  comefrom if normalize else None, at, memo.kinds, reuse)
+                                  comefrom if normalize else None, at, memo.kinds, reuse,
+                                  offs, memo.lands)
         if normalize:
             # the entries whose comefrom or counters may differ from what the kernel keeps:
             # all of them, or (after a normalized decode, whose raws describe the bytes kept)
@@ -1210,144 +1473,204 @@ class Table:
 
     @classmethod
     def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at,
-               kinds, reuse=None):
-        """The Table of checked raw entries; `kinds` = _Memo.kinds; `reuse` = ((rules,
-        comefrom) of the previous shared decode, nhead, ntail) as _walk found them. Returns
-        (table, rules): every entry's Rule in blob order."""
+               kinds, reuse=None, offs=None, lands=None):
+        """The Table of checked raw entries; `kinds` = _Memo.kinds; `offs` = _Memo.offs;
+        `lands` = _Memo.lands (each jump's landing index, None: onto no entry);
+        `reuse` = ((rules, comefrom) of the previous shared decode, nhead, ntail) as _walk
+        found them. Returns (table, rules): every entry's Rule in blob order."""
         lay = uapi.layout(family)
         n = len(raws)
         rules = [None] * n
         todo = range(n)
         jumps, errs, _terms = kinds
+        # the entries whose Rule is the previous table's (never changed here: a change gets a
+        # _Moved of its own) are those before own_lo and, unless moved, from own_hi on, where
+        # not placed
+        own_lo, own_hi, placed = 0, n, ()
         if reuse is not None:
             (p_rules, p_cf), nhead, ntail = reuse
             shift, first = len(p_rules) - n, n - ntail
+            if offs is None:
+                offs = [r.off for r in raws]
             # a Rule carries position data (index, offset, comefrom; a jump its offset and
             # landing place): the previous table's is shared where all of it is the same (an
             # entry before the change, or after it when nothing moved), else placed anew (a
-            # copy). Jumps are always placed anew (resolved below).
+            # _Moved: the same attribute dict, the position its own). A jump whose landing
+            # changed gets a Jump of its own (resolved below).
             fix = set()
             rules[:nhead] = p_rules[:nhead]
             if comefrom[:nhead] != p_cf[:nhead]:
                 fix.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
+            own_lo, own_hi = nhead, first
             if ntail:
                 if shift == 0 and raws[first].off == p_rules[first].offset:
                     rules[first:] = p_rules[first:]
                     if comefrom[first:] != p_cf[first:]:
                         fix.update(i for i in range(first, n) if comefrom[i] != p_cf[i])
-                    fix.update(jumps[bisect.bisect_left(jumps, first):])
                 else:
-                    # every entry behind the change moved: each a copy at its new place
-                    rules[first:] = _moved_rules(p_rules[first + shift:], raws, first,
-                                                 comefrom)
-            fix.update(jumps[:bisect.bisect_left(jumps, nhead)])
+                    # every entry behind the change moved: each placed anew (_Moved)
+                    rules[first:] = _moved_rules(p_rules[first + shift:], offs, first,
+                                                 comefrom, jumps)
+                    own_hi = n
             for i in fix:
-                rules[i] = _placed(rules[i], i, raws[i], comefrom[i], lay)
+                rules[i] = _placed(rules[i], i, offs[i], comefrom[i])
+            placed = fix
             todo = range(nhead, first)
         slot = "built_norm" if comefrom is not None else "built_raw"
         new = object.__new__
+        fresh_lo, fresh_hi = todo.start, todo.stop      # their Jumps are made here
+        to_user = comefrom is not None
+        found = {}              # (kind, name bytes, revision) -> (name, extension), this call
+        f_goto = lay.f_goto
+        six = family == AF_INET6
+        cache = _ENTRY_CACHE
         for i in todo:
             r = raws[i]
             # the matches and extension target of an entry seen before: the same objects
             # (_ENTRY_CACHE); a standard target is made anew (jumps are resolved in place)
-            c = _ENTRY_CACHE.get(r.key) if r.key is not None else None
+            c = cache.get(r.key) if r.key is not None else None
             built = getattr(c, slot, None) if c is not None else None
             if built is not None:
                 ms, tgt = list(built[0]), built[1]
             else:
                 ms, tgt = [], None
                 for k, (nm, rev, payload, _) in enumerate(r.matches):
-                    mname = uapi.cstr(nm)
-                    e = ext.lookup(ext.MATCH, family, mname, rev)
-                    ms.append(Match(mname, rev, *_payload_data(e, payload, r.mdata[k],
-                                                                comefrom is not None)))
+                    got = found.get((ext.MATCH, nm, rev))
+                    if got is None:
+                        mname = uapi.cstr(nm)
+                        got = found[(ext.MATCH, nm, rev)] = \
+                            (mname, ext.lookup(ext.MATCH, family, mname, rev))
+                    m = new(Match)
+                    data, raw = _payload_data(got[1], payload, r.mdata[k], to_user)
+                    m.__dict__ = {"name": got[0], "revision": rev, "data": data, "raw": raw}
+                    ms.append(m)
                 if not r.std:
                     tname = uapi.cstr(r.tname)
                     e = ext.lookup(ext.TARGET, family, tname, r.trev)
                     tgt = ExtTarget(tname, r.trev, *_payload_data(e, r.tpayload, r.tdata,
-                                                                  comefrom is not None))
+                                                                  to_user))
                 if c is not None:
                     setattr(c, slot, (tuple(ms), tgt))
             if r.std:
-                tgt = Verdict(r.verdict) if r.verdict < 0 else \
-                    Jump("", bool(r.ip.flags & lay.f_goto), r.verdict, None)
+                v = r.verdict
+                if v < 0:
+                    tgt = new(Verdict)
+                    tgt.__dict__ = {"verdict": v}
+                else:
+                    tgt = new(Jump)
+                    tgt.__dict__ = {"chain": "", "goto": bool(r.ip.flags & f_goto),
+                                    "offset": v, "entry": None, "chain_pos": -1}
             # a copy: callers may edit a rule's IpHeader, and the raw is kept for the next
             # decode (_LAST_WALK)
             ip = new(IpHeader)
-            ip.__dict__.update(r.ip.__dict__)
+            ip.__dict__ = r.ip.__dict__.copy()
             h = r.hdr
-            pad = h.pad if family == AF_INET6 and any(h.pad) else b""   # Rule.__post_init__
+            pad = h.pad if six and any(h.pad) else b""   # Rule.__post_init__
             # Rule's fields set directly (its __init__ costs ~10 ms per 10 000 entries), plus
             # the entry's bytes without comefrom and counters: classify.py memoizes per rule on
             # it (cache_key, not a field: it does not take part in comparisons)
             rule = new(Rule)
-            rule.__dict__.update(
-                ip=ip, matches=ms, target=tgt,
-                counters=(0, 0) if comefrom is not None else (h.pcnt, h.bcnt),
-                index=i, offset=r.off, nfcache=h.nfcache,
-                comefrom=comefrom[i] if comefrom is not None else h.comefrom,
-                tail=h.next_offset - h.target_offset - r.tsize, pad=pad, cache_key=r.key)
+            rule.__dict__ = {
+                "ip": ip, "matches": ms, "target": tgt,
+                "counters": (0, 0) if to_user else (h.pcnt, h.bcnt),
+                "index": i, "offset": r.off, "nfcache": h.nfcache,
+                "comefrom": comefrom[i] if to_user else h.comefrom,
+                "tail": h.next_offset - h.target_offset - r.tsize, "pad": pad,
+                "cache_key": r.key}
             rules[i] = rule
 
         # split into chains: a chain starts at a hook entry or at an ERROR entry. Found on the
-        # raw entries (a few boundaries), then each chain's rules are one slice of `rules`
+        # raw entries (a few boundaries), then each chain's rules are one slice of `rules`.
+        # First the spans (first entry, first body entry, end, hook or None, name) and where
+        # the jumps land, then the chains (a jump whose landing changed gets a Rule of its own)
         hook_start = {at[hook_entry[h]]: h for h in range(NF_INET_NUMHOOKS)
                       if valid_hooks & (1 << h) and hook_entry[h] in at}
-        bounds = sorted(hook_start.keys() | set(errs))
-        chains, tail = [], None
-        spans = []          # (first entry, first body entry, end, chain position) per chain
+        bounds = sorted(hook_start.keys() | set(errs)) if hook_start else errs
+        spans, tail = [], None
         if n and (not bounds or bounds[0] > 0):
             # entries before any chain start: no hook reaches them
-            chains.append(Chain("", rules=rules[:bounds[0] if bounds else n]))
-            spans.append((0, 0, bounds[0] if bounds else n, 0))
+            spans.append((0, 0, bounds[0] if bounds else n, -1, ""))     # hook -1: no head
+        nb = len(bounds)
+        names = _CHAIN_NAMES
+        if len(names) > ENTRY_CACHE_MAX:
+            names.clear()
         for j, b in enumerate(bounds):
-            end = bounds[j + 1] if j + 1 < len(bounds) else n
-            if b in hook_start:
-                h = hook_start[b]
-                c = Chain(HOOK_NAMES[h], hook=h, rules=rules[b:end])
-                body = b
+            end = bounds[j + 1] if j + 1 < nb else n
+            h = hook_start.get(b)
+            if h is not None:
+                spans.append((b, b, end, h, HOOK_NAMES[h]))
+            elif b == n - 1:
+                tail = b
+                break
             else:
-                if b == n - 1:
-                    tail = rules[b]
-                    break
-                # Chain's fields set directly (its __init__ is ~1 us: 3 333 chains of fan-out)
-                c = object.__new__(Chain)
                 # the name: errorname, the payload up to its NUL (error_tg_ok() saw one in
                 # its 30 bytes; ERROR has no usersize, so the payload shown is the one sent)
-                c.__dict__.update(name=uapi.cstr(raws[b].tpayload), hook=None,
-                                  policy=None, rules=rules[b + 1:end], policy_entry=None,
-                                  head_entry=rules[b], trailer=[])
-                body = b + 1
-            spans.append((b, body, end, len(chains)))
-            chains.append(c)
-        # built-in chains: the underflow entry is the policy, what follows it the trailer
-        for c, (_first, body, end, _ci) in zip(chains, spans):
-            if c.builtin:
-                k = at.get(underflow[c.hook], -1) - body
-                if not 0 <= k < end - body:
-                    raise BpfilterError(errno.EOPNOTSUPP, f"underflow {underflow[c.hook]} of "
-                                        f"{c.name} lies outside the chain (not supported)")
-                c.policy_entry, c.trailer, c.rules = c.rules[k], c.rules[k + 1:], c.rules[:k]
-                c.policy = c.policy_entry.target.verdict
-            elif c.head_entry is not None and c.rules:
-                # the chain's last entry an unconditional RETURN (no matches, ipt_ip of any):
-                # what the raw entry found (_Raw.uncond)
-                last = raws[end - 1]
-                if last.uncond and last.std and last.verdict == XT_RETURN:
-                    c.policy_entry = c.rules.pop()
+                p = raws[b].tpayload
+                cname = names.get(p)
+                if cname is None:
+                    cname = names[p] = uapi.cstr(p)
+                spans.append((b, b + 1, end, None, cname))
         # resolve jumps to (chain, position): a chain's body (rules, policy entry, trailer) is
         # its entries after the head, in blob order, so the position is the distance from there
         firsts = [sp[0] for sp in spans]
-        for i in jumps:
-            t = rules[i].target
-            e = at.get(t.offset)
-            j = bisect.bisect_right(firsts, e) - 1 if e is not None else -1
-            if j < 0 or e >= spans[j][2]:
-                continue            # onto no entry, or onto the final ERROR entry
-            _first, body, _end, ci = spans[j]
-            t.chain, t.entry, t.chain_pos = chains[ci].name, (e - body if e >= body
-                                                              else -1), ci
-        return cls(name, family, valid_hooks, chains, tail), rules
+        bodies = [sp[1] for sp in spans]
+        ends = [sp[2] for sp in spans]
+        cnames = [sp[4] for sp in spans]
+        bisect_right = bisect.bisect_right
+        lands = lands if lands is not None else [at.get(raws[i].verdict) for i in jumps]
+        for i, e in zip(jumps, lands):
+            j = bisect_right(firsts, e) - 1 if e is not None else -1
+            if j < 0 or e >= ends[j]:
+                cname, entry, cp = "", None, -1     # onto no entry, or the final ERROR entry
+            else:
+                body = bodies[j]
+                cname, entry, cp = cnames[j], (e - body if e >= body else -1), j
+            rule = rules[i]
+            t = rule.target
+            if fresh_lo <= i < fresh_hi:
+                t.chain, t.entry, t.chain_pos = cname, entry, cp    # made above
+                continue
+            v = raws[i].verdict
+            if t.offset == v and t.chain_pos == cp and t.entry == entry and t.chain == cname:
+                continue                # the previous table's Jump, landing where it did
+            if not (own_lo <= i < own_hi or i in placed):
+                rule = rules[i] = _placed(rule, i, offs[i], comefrom[i])
+            nj = new(Jump)
+            nj.__dict__ = {"chain": cname, "goto": t.goto, "offset": v, "entry": entry,
+                           "chain_pos": cp}
+            rule.target = nj
+        # the chains
+        chains = []
+        append = chains.append
+        for b, body, end, h, cname in spans:
+            if h is not None and h >= 0:
+                # built-in chain: the underflow entry is the policy, what follows it the trailer
+                k = at.get(underflow[h], -1)
+                if not b <= k < end:
+                    raise BpfilterError(errno.EOPNOTSUPP, f"underflow {underflow[h]} of "
+                                        f"{cname} lies outside the chain (not supported)")
+                pe = rules[k]
+                append(Chain(cname, hook=h, policy=pe.target.verdict, rules=rules[b:k],
+                             policy_entry=pe, trailer=rules[k + 1:end]))
+                continue
+            # Chain's fields set directly (its __init__ is ~1 us: 3 333 chains of fan-out)
+            c = new(Chain)
+            if h is None:
+                # a user chain's last entry an unconditional RETURN (no matches, ipt_ip of any):
+                # its policy entry, what the raw entry found (_Raw.uncond)
+                last = raws[end - 1]
+                pe = end > body and last.uncond and last.std and last.verdict == XT_RETURN
+                c.__dict__ = {"name": cname, "hook": None, "policy": None,
+                              "rules": rules[body:end - 1] if pe else rules[body:end],
+                              "policy_entry": rules[end - 1] if pe else None,
+                              "head_entry": rules[b], "trailer": []}
+            else:
+                c.__dict__ = {"name": cname, "hook": None, "policy": None,
+                              "rules": rules[body:end], "policy_entry": None,
+                              "head_entry": None, "trailer": []}
+            append(c)
+        return cls(name, family, valid_hooks, chains,
+                   rules[tail] if tail is not None else None), rules
 
     # --- layout and encode --------------------------------------------------------------------
     def entries(self) -> list:

@@ -130,15 +130,23 @@ def _ancestors():
     return out
 
 
+_capget = None
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
 def caller_has_net_admin(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return False
+    """CAP_NET_ADMIN in the caller's effective set, with capget(2) (kernel/capability.c: a
+    task's sets by pid; ~2 us, where reading /proc/PID/status costs ~60 us of each of the 4
+    requests of an iptables command). A caller that is gone has no capabilities."""
+    global _capget
+    if _capget is None:
+        _capget = libc._function("capget")
+    # struct __user_cap_header_struct {u32 version; int pid;}, then two
+    # struct __user_cap_data_struct {u32 effective, permitted, inheritable;} (bits 0-31, 32-63)
+    data = libc.char_buffer(24)
+    if _capget(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, pid), data) != 0:
+        return False
+    return bool(struct.unpack_from("=I", data.raw)[0] >> CAP_NET_ADMIN & 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,26 +239,18 @@ class Backend:
 
     def entries_blob(self) -> bytes:
         """The blob with the live counters: xt_counters is the last member of ipt_entry /
-        ip6t_entry, and the blob holds zeros there, so only entries that counted are patched."""
-        t, blob, entries, info = self._snapshot()
-        if entries is None:
-            entries = t.entries()
-            self._snap = (t, blob, entries, info)
+        ip6t_entry, and the blob holds zeros there, so only entries that counted are patched
+        (found without listing the table's entries: _entries_at)."""
+        t, blob, entries, _info = self._snapshot()
+        counts = self.engine.counters_nonzero()
+        if not counts:
+            return blob
+        at = entries if entries is not None else _entries_at(t, counts)
         back = ENTRY_SIZE[self.family] - XT_COUNTERS.size
         pack = XT_COUNTERS.pack_into
-        nonzero = getattr(self.engine, "counters_nonzero", None)
-        if nonzero is not None:
-            counts = nonzero()
-            if not counts:
-                return blob
-            out = bytearray(blob)
-            for i, c in counts.items():
-                pack(out, entries[i].offset + back, *c)
-            return out
         out = bytearray(blob)
-        for r, c in zip(entries, self.engine.counters()):
-            if c[0] or c[1]:        # the blob holds zero counters already
-                pack(out, r.offset + back, *c)
+        for i, c in counts.items():
+            pack(out, at[i].offset + back, *c)
         return out
 
     def replace(self, table, blob: bytes, getinfo: bytes):
@@ -280,14 +280,44 @@ class Backend:
 
     def add_counters(self, counters, packed: bytes = None):
         """packed: the same counters as the request's struct xt_counters array, which the
-        engine (not a stand-in) can store as they are."""
+        engine can store as they are."""
         try:
-            if packed is not None and getattr(self.engine, "ADDS_PACKED", False):
-                self.engine.add_counters(counters, packed)
-            else:
-                self.engine.add_counters(counters)
+            self.engine.add_counters(counters, packed)
         finally:
             self._stamp = self._state_stamp()
+
+
+def _entries_at(table, wanted) -> dict:
+    """{entry index: entry} of the indexes in `wanted`, chain by chain, without the list of
+    every entry (Table.entries() costs ~0.4 ms at 10 000 entries and GET_ENTRIES patches the
+    few that counted). The entries of a chain part (head, rules, policy, trailer) have
+    consecutive indexes, in table order; a table where they do not gets the whole list."""
+    want = sorted(wanted)
+    out, k = {}, 0
+    parts = []
+    for c in table.chains:
+        if c.head_entry is not None:
+            parts.append((c.head_entry,))
+        parts += [c.rules, (c.policy_entry,) if c.policy_entry is not None else (), c.trailer]
+    if table.tail_entry is not None:
+        parts.append((table.tail_entry,))
+    for part in parts:
+        if k == len(want):
+            break
+        if not part:
+            continue
+        first = part[0].index
+        while k < len(want) and want[k] < first + len(part):
+            e = part[want[k] - first] if want[k] >= first else None
+            if e is None or e.index != want[k]:
+                entries = table.entries()
+                return {i: entries[i] for i in want}
+            out[want[k]] = e
+            k += 1
+    if k != len(want):
+        entries = table.entries()
+        return {i: entries[i] for i in want}
+    return out
 
 
 class Dispatcher:
@@ -623,10 +653,29 @@ def pack_counters(counters) -> bytes:
     return array.array("Q", itertools.chain.from_iterable(counters)).tobytes()
 
 
+# counters compared with zeros at once by unpack_counters: one bytes compare per block
+_ZERO_BLOCK = 64 * XT_COUNTERS.size
+
+
 def unpack_counters(data: bytes, num: int) -> list:
-    """An array of `num` struct xt_counters -> [(pcnt, bcnt)], in one struct.unpack."""
-    flat = struct.unpack_from(f"={2 * num}Q", data)
-    return list(zip(flat[0::2], flat[1::2]))
+    """An array of `num` struct xt_counters -> [(pcnt, bcnt)]. Most entries of a large table
+    never counted, and libiptc sends their zeros back: blocks of zeros are skipped with a bytes
+    compare and share one (0, 0) (0.05 ms at 10 000 entries, 0.35 ms unpacking each; a list of
+    one repeated (0, 0) is also what the engine's list.count finds zero entries in fastest)."""
+    end = XT_COUNTERS.size * num
+    zero = bytes(_ZERO_BLOCK)
+    busy = [a for a in range(0, end, _ZERO_BLOCK)
+            if data[a:min(a + _ZERO_BLOCK, end)] != zero[:min(_ZERO_BLOCK, end - a)]]
+    if len(busy) * 4 > end // _ZERO_BLOCK + 1:
+        return list(struct.iter_unpack("=QQ", data[:end]))
+    out = [(0, 0)] * num
+    unpack = XT_COUNTERS.unpack_from
+    for a in busy:
+        for off in range(a, min(a + _ZERO_BLOCK, end), XT_COUNTERS.size):
+            c = unpack(data, off)
+            if c[0] or c[1]:
+                out[off // XT_COUNTERS.size] = c
+    return out
 
 
 def max_table_size() -> int:

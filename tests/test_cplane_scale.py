@@ -84,13 +84,15 @@ def _load(cp):
 
 def _run_each(programs, packets, entries: int, tag: str) -> list:
     """[(verdicts, counters)] of each compiled program over the same packets, each loaded with
-    its own counters map (BPF_PROG_TEST_RUN on the real kernel, in a throwaway namespace)."""
+    its own counters map (BPF_PROG_TEST_RUN on the real kernel, in a throwaway namespace; nf
+    programs at LOCAL_IN, tc and xdp ones on the frame alone)."""
     results = []
     with Netns(tag) as ns, ns.inside():
         for cp in programs:
             prog, cnt, took = _load(cp)
+            ctx = bytes([1, 2]) + bytes(6) if cp.flavor == "nf" else None
             try:
-                verdicts = [prog.test_run(f, bytes([1, 2]) + bytes(6))[0] for f in packets]
+                verdicts = [prog.test_run(f, ctx)[0] for f in packets]
                 counts = engine.Engine._read(cnt, entries, [])
             finally:
                 prog.close()
@@ -108,8 +110,11 @@ def test_fanout_global_functions_match_inlined(monkeypatch):
     table = decoded(to_input(rs.text))
     facts = KernelFacts.from_btf()
     monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    shared = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
+    assert shared.global_labels, "the fan-out run's chains do not share a body"
+    monkeypatch.setenv("BPFILTER_SHARED_BODIES", "0")
     glob = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
-    assert glob.global_labels, "the fan-out run was not cut into global functions"
+    assert len(glob.global_labels) > 1, "the fan-out run was not cut into global functions"
     assert any(getattr(i, "target", None) == COUNT_SUB for i in glob.items)
     monkeypatch.setenv("BPFILTER_GLOBAL_FUNCS", "0")
     inl = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
@@ -121,17 +126,20 @@ def test_fanout_global_functions_match_inlined(monkeypatch):
         packets += [_frame("192.0.2.5", vip, 1024, port),       # allowed client: ACCEPT
                     _frame("192.0.2.200", vip, 1024, port),     # other client: DROP
                     _frame("192.0.2.5", vip, 1024, port ^ 1)]   # no service: policy
-    results = _run_each((glob, inl), packets, table.num_entries, "cg")
-    assert results[0] == results[1]
+    results = _run_each((shared, glob, inl), packets, table.num_entries, "cg")
+    assert results[0] == results[2] and results[1] == results[2]
     assert 0 in results[0][0] and 1 in results[0][0]
     assert sum(1 for p, _ in results[0][1] if p) >= 6
 
 
-def test_fanout_returning_service_matches_inlined(monkeypatch):
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_fanout_returning_service_matches_inlined(monkeypatch, shared):
     """A service chain that RETURNs, and a later service rule with the same key jumping to
     another chain: the global function answers "a later jump case" (relative to its group's
-    first case) and the caller dispatches it; verdicts and counters equal the inlined program's,
+    first case) and the caller dispatches it (shared bodies: the case map names the next rule,
+    the next copy of the dispatch takes it); verdicts and counters equal the inlined program's,
     also when the functions were kept from the compile of the table before it."""
+    monkeypatch.setenv("BPFILTER_SHARED_BODIES", shared)
     rs = rulesets.make("fanout", 3000, seed=3)
     svc = [ln for ln in rs.lines if ln.startswith("-A SVC ")]
     text = to_input(rs.text)
@@ -160,20 +168,27 @@ def test_fanout_returning_service_matches_inlined(monkeypatch):
     assert results[0][1][dup.index][0] == 1, "the second rule with the key was not counted"
 
 
-def test_fanout_10000_uses_global_functions_and_loads_fast():
-    """The differential suite's fan-out ruleset (10 000 rules, 3 333 service chains) is compiled
-    with global functions, and the kernel loads it in seconds (inlined: 16 s measured, most of
-    it do_misc_fixups patching one inlined counter lookup per rule)."""
+def test_fanout_10000_uses_global_functions_and_loads_fast(monkeypatch):
+    """The differential suite's fan-out ruleset (10 000 rules, 3 333 service chains, all alike)
+    is compiled as one shared body (classify._shared_cases: a program of a few hundred
+    instructions), or, with shared bodies off, as groups of jump cases in global functions; the
+    kernel loads either in seconds (inlined: 16 s measured, most of it do_misc_fixups patching
+    one inlined counter lookup per rule)."""
     table = decoded(to_input(rulesets.make("fanout", 10000, seed=1).text))
-    cp = next(p for p in compile_table(table, KernelFacts.from_btf()).programs
-              if p.chain == "INPUT")
-    assert 2 <= len(cp.global_labels) <= classify.GLOBAL_GROUPS
+    facts = KernelFacts.from_btf()
+    shared = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
+    assert len(shared.global_labels) == 1
+    assert sum(1 for it in shared.items if not isinstance(it, classify.Label)) < 2000
+    monkeypatch.setenv("BPFILTER_SHARED_BODIES", "0")
+    grouped = next(p for p in compile_table(table, facts).programs if p.chain == "INPUT")
+    assert 2 <= len(grouped.global_labels) <= classify.GLOBAL_GROUPS
     with Netns("cf") as ns, ns.inside():
-        prog, cnt, took = _load(cp)
-        prog.close()
-        cnt.close()
-    print(f"fanout 10000: {len(cp.global_labels)} global functions, load {took:.2f} s")
-    assert took < 8.0
+        for cp in (shared, grouped):
+            prog, cnt, took = _load(cp)
+            prog.close()
+            cnt.close()
+            print(f"fanout 10000: {len(cp.global_labels)} global functions, load {took:.2f} s")
+            assert took < 8.0
 
 
 def test_case_bodies_needing_the_packet_stay_inlined(monkeypatch):
@@ -230,8 +245,10 @@ def test_batch_counters_equal_per_entry_reads():
             ncpu = K.possible_cpus()
             for i in range(0, 300, 7):
                 m.update(i, b"".join(struct.pack("<QQ", i + c, 1000 * i + c) for c in range(ncpu)))
-            batch = engine._percpu_sums(m, 300)
-            assert batch is not None
+            got = engine._map_counts(m, 300)
+            batch = [(0, 0)] * 300
+            for i, c in (got.items() if isinstance(got, dict) else enumerate(got)):
+                batch[i] = c
             slow = []
             for i in range(300):
                 vals = [struct.unpack("<QQ", v) for v in m.lookup_percpu(i)]
@@ -402,14 +419,16 @@ def _code(table, facts):
     return code, cp
 
 
-def test_kept_global_functions_equal_a_cold_compile(monkeypatch):
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_kept_global_functions_equal_a_cold_compile(monkeypatch, shared):
     """A table compiled after another, taking the functions whose cases did not change from the
     first compile (classify._FN_CACHE: counter keys moved, labels their own, bytecode placed and
     patched), assembles to the very bytes a compile with empty caches gives: for a rule appended
     to INPUT, one inserted at its top (every entry behind it moves), a rule appended to a service
     chain, a service added at the end and one deleted in the middle, and a second service rule
     with the same key as an earlier one (its case answers "a later jump case"). Most functions
-    are reused."""
+    are reused. With shared bodies (the service chains are alike) as without."""
+    monkeypatch.setenv("BPFILTER_SHARED_BODIES", shared)
     monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
     facts = KernelFacts.fake()
     base = to_input(rulesets.make("fanout", 3000, seed=7).text)
@@ -434,7 +453,8 @@ def test_kept_global_functions_equal_a_cold_compile(monkeypatch):
         warm, cp = _code(t, facts)
         made = classify.FN_STATS["made"] - before["made"]
         reused = classify.FN_STATS["reused"] - before["reused"]
-        assert len(cp.global_labels) >= 2      # (a chain jumped to twice compiles INPUT twice)
+        # (a chain jumped to twice compiles INPUT twice)
+        assert len(cp.global_labels) >= (1 if shared == "1" else 2)
         assert reused >= (made + reused) // 2, f"variant {k}: {made} made, {reused} reused"
         classify._FN_CACHE.clear()
         classify._CASE_INFO.clear()
@@ -443,11 +463,13 @@ def test_kept_global_functions_equal_a_cold_compile(monkeypatch):
         _code(tables[0], facts)            # the next variant starts from the base again
 
 
-def test_function_prune_is_ebpf_prune(monkeypatch):
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_function_prune_is_ebpf_prune(monkeypatch, shared):
     """classify._prune_function (a walk over opcodes) keeps exactly what ebpf.prune keeps, for
-    every function of a fan-out table."""
+    every function of a fan-out table (shared bodies or groups of cases)."""
     from bpfilter_umh import ebpf as E
     from bpfilter_umh.compile import COUNT_SUB
+    monkeypatch.setenv("BPFILTER_SHARED_BODIES", shared)
     monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
     fast, seen = classify._prune_function, []
 
@@ -462,4 +484,5 @@ def test_function_prune_is_ebpf_prune(monkeypatch):
     classify._FN_CACHE.clear()
     compile_table(decoded(to_input(rulesets.make("fanout", 1500, seed=8).text)),
                   KernelFacts.fake())
-    assert len(seen) >= 2 and sum(seen) > 0       # functions were pruned, and lost dead code
+    # functions were pruned, and lost dead code
+    assert len(seen) >= (1 if shared == "1" else 2) and sum(seen) > 0

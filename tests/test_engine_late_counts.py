@@ -37,11 +37,23 @@ def _add(m, i: int, p: int, b: int):
     m.update(i, struct.pack("<QQ", p0 + p, b0 + b) + b"".join(cur[1:]))
 
 
-@pytest.fixture
-def helper(monkeypatch):
+@pytest.fixture(params=["batch", "sums reader"])
+def helper(monkeypatch, request):
     """An engine in a throwaway namespace, as a helper runs it (engine.AFTER_REPLY), whose
-    grace-period wait lasts until the test releases it, and counts late packets meanwhile."""
+    grace-period wait lasts until the test releases it, and counts late packets meanwhile.
+    Its counters maps are read with the batch lookup, or (as a large table's are) by the
+    in-kernel sums of engine._SumsReader."""
     monkeypatch.setattr(engine_mod, "AFTER_REPLY", [])
+    reads = []
+    if request.param == "sums reader":
+        monkeypatch.setattr(engine_mod, "READER_MIN", 1)
+        real_read = engine_mod._SumsReader.read
+
+        def read(self, n):
+            got = real_read(self, n)
+            reads.append(got is not None)
+            return got
+        monkeypatch.setattr(engine_mod._SumsReader, "read", read)
     gate, late = threading.Event(), {}
     real_wait = engine_mod._wait_for_readers
 
@@ -63,6 +75,7 @@ def helper(monkeypatch):
                 gate.set()
                 eng.flush()
                 eng.close()
+    assert all(reads) and bool(reads) == (request.param == "sums reader")
 
 
 def _install_with_late(eng, gate, late, new, counts):

@@ -81,3 +81,21 @@ def test_handwritten_on_flavor(name, flavor_labs):
     if flavor == "xdp":     # the OUTPUT policy counter is the kernel's alone
         diffs = [d for d in diffs if "OUTPUT" not in d.split("\n")[0]]
     assert not diffs, f"flavor {flavor} case {name}\n{text}\n" + "\n".join(diffs)
+
+
+def test_fanout_on_flavor(flavor_labs):
+    """The kube-proxy fan-out (bench/rulesets.py, 3 000 rules: 999 service chains, all alike) on
+    tc and xdp: its jump cases are one shared global function there too (classify._shared_cases),
+    and real packets get the kernel's verdicts and counters."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "bench"))
+    import rulesets
+    flavor, ref, cand = flavor_labs
+    rs = rulesets.make("fanout", 3000, seed=2)
+    diffs = differential(ref, cand, rs.text, number(rs.probes + [rs.miss]))
+    if flavor == "xdp":     # the OUTPUT policy counter is the kernel's alone
+        diffs = [d for d in diffs if "OUTPUT" not in d.split("\n")[0]]
+    assert not diffs, f"flavor {flavor}: fanout x 3000\n" + "\n".join(diffs[:40])
+    hit = sum(1 for v in cand.counters().values() if v[0])
+    assert hit >= 5, f"only {hit} entries counted anything: the probes missed the rules"
