@@ -384,30 +384,20 @@ class _ChainCompiler:
         """What the prologue must parse: only what some reachable rule reads."""
         if chain.name in seen:
             return
+        if not seen:
+            walk = chain_info(self.table).get(("walk", id(chain)))
+            if walk is not None:        # _program_key's walk read every chain it reaches
+                ifn, l4, ip = walk[1]
+                self.needs_ifnames |= ifn
+                self.needs_l4 |= l4
+                self.needs_ip |= ip
+                return
         seen.add(chain.name)
         rules = chain.rules
         pe = chain.policy_entry
         known = chain_info(self.table).get(id(chain))
-        if known is not None:           # _program_key's walk: a function of the entries' bytes
-            reads = _SCAN_FACTS.get(known[:2])
-            jumpers = [rules[p] for p in known[2]]
-        else:
-            reads = None
-            jumpers = None
-        if reads is None:
-            vec = classify.vectors(rules)
-            if vec is not None:             # a long chain: its lists (classify.vectors)
-                reads = set(classify.column(rules, vec, "scan", _reads))
-            else:
-                # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
-                reads = [classify._memo("scan", r, _reads) for r in rules]
-            if pe is not None:
-                reads = list(reads) + [classify._memo("scan", pe, _reads)]
-            reads = tuple(map(any, zip(*reads))) or (False, False, False)
-            if known is not None:
-                if len(_SCAN_FACTS) >= CHAIN_FACTS_MAX:
-                    _SCAN_FACTS.clear()
-                _SCAN_FACTS[known[:2]] = reads
+        reads = _chain_reads(rules, pe, known[:2] if known is not None else None)
+        jumpers = [rules[p] for p in known[2]] if known is not None else None
         if jumpers is None:
             vec = classify.vectors(rules)
             jumpers = list(compress(rules, vec.jump)) if vec is not None else \
@@ -1148,6 +1138,28 @@ def _next_offsets(table: Table) -> tuple:
     return out
 
 
+def _chain_reads(rules: list, pe, fk) -> tuple:
+    """What _scan ORs of a chain's entries' _reads (the rules and the policy/RETURN entry),
+    memoized on their bytes (fk: (rules' cache_keys, the policy entry's), or None)."""
+    reads = _SCAN_FACTS.get(fk) if fk is not None else None
+    if reads is not None:
+        return reads
+    vec = classify.vectors(rules)
+    if vec is not None:             # a long chain: its lists (classify.vectors)
+        rs = set(classify.column(rules, vec, "scan", _reads))
+    else:
+        # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
+        rs = [classify._memo("scan", r, _reads) for r in rules]
+    if pe is not None:
+        rs = list(rs) + [classify._memo("scan", pe, _reads)]
+    reads = tuple(map(any, zip(*rs))) or (False, False, False)
+    if fk is not None:
+        if len(_SCAN_FACTS) >= CHAIN_FACTS_MAX:
+            _SCAN_FACTS.clear()
+        _SCAN_FACTS[fk] = reads
+    return reads
+
+
 def _jumping(table: Table, chain: Chain) -> list:
     """The rules of `chain` that jump into a chain: not libiptc's fall-through to the next entry,
     which _entry treats as "no target". The entry after a rule is the next rule or the policy
@@ -1176,6 +1188,9 @@ def _jumping(table: Table, chain: Chain) -> list:
 
 def _jump_sites(table: Table, top: Chain) -> dict:
     """How many jump/goto rules reachable from `top` target each user chain."""
+    walk = chain_info(table).get(("walk", id(top)))
+    if walk is not None:                # _program_key counted them on its walk
+        return dict(walk[0])
     by_name = {c.name: c for c in table.chains}
     sites, seen, todo = {}, {top.name}, [top]
     while todo:
@@ -1465,7 +1480,8 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     by_name = _first_by_name(table)
     info = chain_info(table)
     order, seen, recs, bases = [top], {id(top): 0}, [], []
-    facts_of, vec_min = _CHAIN_FACTS.get, classify.VEC_MIN
+    facts_of, vec_min, scan_of = _CHAIN_FACTS.get, classify.VEC_MIN, _SCAN_FACTS.get
+    sites, reads = {}, [False, False, False]    # for _jump_sites and _scan (see chain_info)
     i = 0
     # (a fan-out table walks 3 336 chains here on every compile: the loop is kept tight)
     while i < len(order):
@@ -1491,6 +1507,10 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
         if jumps is None:
             return None, None
         info[id(c)] = (keys, pk, jumps)
+        rd = scan_of((keys, pk)) or _chain_reads(rules, c.policy_entry, (keys, pk))
+        reads[0] |= rd[0]
+        reads[1] |= rd[1]
+        reads[2] |= rd[2]
         if jumps:
             lands = []
             last = len(rules) - 1
@@ -1511,11 +1531,13 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                     k = seen[id(tgt)] = len(order)
                     order.append(tgt)
                 lands.append((p, k, getattr(t, "entry", 0), bool(t.goto)))
+                sites[t.chain] = sites.get(t.chain, 0) + 1
             recs.append((c.name, c.hook, keys, pk, tuple(lands)))
         else:
             recs.append((c.name, c.hook, keys, pk))
         first = rules[0] if rules else c.policy_entry
         bases.append((first.index, first.offset))
+    info[("walk", id(top))] = (sites, tuple(reads))
     count = _entry_count(table) > SHARED_COUNT_ABOVE
     subs = None if subprogs is None else frozenset(subprogs)
     return (top.name, flk, facts, subprog_above, subs, table.family, count, knobs,
@@ -1537,9 +1559,11 @@ def _first_by_name(table: Table) -> dict:
 
 def chain_info(table: Table) -> dict:
     """{id(chain): (its rules' cache_keys, its policy/RETURN entry's, positions of its jump
-    rules)} for the chains _program_key walked in this compile_table, so the compile's other
-    walks (_scan, _jump_sites, classify's jump cases) read three tuples per chain instead of its
-    rules (a fan-out table: 3 336 chains, each walked four times); {} outside compile_table."""
+    rules)} for the chains _program_key walked in this compile_table, and {("walk", id(top)):
+    (the jump sites of each chain reached from top, what _scan ORs over them)} for each built-in
+    chain it walked whole, so the compile's other
+    walks (_scan, _jump_sites, classify's jump cases) do not walk the chains again (a fan-out
+    table: 3 336 chains, each walked four times); {} outside compile_table."""
     hit = _WALKS.get(id(table))
     return hit[4] if hit is not None and hit[0] is table else {}
 
