@@ -664,14 +664,13 @@ def _port_values(d, name) -> range:
 def _key_count(run: Run) -> int:
     if not run.sig[4]:
         return len(run.rules)
-    return sum(_memo("nkeys", r, _rule_key_count) for r in run.rules)
+    return sum(_rule_key_count(r) for r in run.rules)
 
 
 def _rule_key_count(r: Rule) -> int:
-    """Hash keys one rule expands to (its port ranges): memoized, a run of 10 000 rules is
-    counted on every compile."""
-    l4 = _l4(r)
-    return len(_port_values(l4[1], "spts")) * len(_port_values(l4[1], "dpts")) if l4 else 1
+    """Hash keys a rule of a tcp/udp hash shape expands to (its port ranges): _rule_class's,
+    memoized (a run of 10 000 rules is counted on every compile)."""
+    return _memo("class", r, _rule_class)[2]
 
 
 def _hash_key(saddr: int, daddr: int, proto: int, sport: int, dport: int, ippart: int = 0) -> bytes:
@@ -1982,7 +1981,7 @@ def _split_shapes(rules: list):
         groups.setdefault(s, []).append(i)
     if len(groups) > SPLIT_MAX_SHAPES:
         return None
-    keys = sum(_memo("nkeys", rules[i], _rule_key_count)
+    keys = sum(_rule_key_count(rules[i])
                for s, ps in groups.items() if s[0] == "hash" and s[4] for i in ps)
     return list(groups.items()) if keys <= MAX_KEYS else None
 
