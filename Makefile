@@ -1,10 +1,23 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane reliability reliability-long clean
+.PHONY: deps launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane reliability reliability-long clean
 
 deps:
 	sh tools/install-deps.sh
+
+# bpfilter exec without Python's start-up (bin/bpfilter-exec.c): hands the door to the running
+# helper; the filter it installs is door.py's, written out as a C initializer
+launcher: build/bpfilter-exec
+
+build/door_filter.h: bpfilter_umh/door.py
+	mkdir -p build
+	$(PYTHON) -S -c 'from bpfilter_umh.door import filter_c_initializer as f; print(f(), end="")' > $@.tmp
+	mv $@.tmp $@
+
+build/bpfilter-exec: bin/bpfilter-exec.c kmod/bpfilter_msg.h build/door_filter.h
+	$(CC) -O2 -Wall -Wextra -I kmod -I build -DBPFILTER_ROOT='"$(CURDIR)"' \
+		-DBPFILTER_PYTHON='"$(PYTHON)"' -o $@ bin/bpfilter-exec.c
 
 # The README's test command: installs what it needs, then runs every test on the real kernel.
 test: deps
@@ -42,14 +55,14 @@ reliability-long: deps
 # Benchmarks (not tests): ratios measured side by side in one run
 bench: bench-door bench-flavors bench-rulesets bench-cplane
 
-bench-door: deps
+bench-door: deps launcher
 	$(PYTHON) bench/door_bench.py
 
 bench-flavors: deps
 	$(PYTHON) bench/flavor_bench.py
 
 # N = 10..10 000 per ruleset shape, kernel vs each flavor; writes bench/results.md and the plot
-bench-rulesets: deps
+bench-rulesets: deps launcher
 	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) bench/ruleset_bench.py --md bench/results.md --plot bench/cost_vs_n.png
 

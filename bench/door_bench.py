@@ -6,6 +6,8 @@ its size) on an empty filter table and on a 1000-rule table, against the kernel'
 through bpfilter, each in its own fresh network namespace, and prints the ratios.  Through
 bpfilter it measures two ways:
   exec/cmd : `bpfilter exec -- iptables-legacy -A ...` per command (door start included)
+  launcher : `build/bpfilter-exec -- iptables-legacy -A ...` per command (the door handed to
+             the running helper: no Python start)
   in-door  : the commands run by one shell under one `bpfilter exec` (the door already running,
              as for a script or the kernel shim's door): the per-request cost of the door,
              the helper and the compile/install of the new ruleset.
@@ -79,6 +81,8 @@ class Ns:
 
 
 BEXEC = [sys.executable, "-S", os.path.join(ROOT, "bin", "bpfilter"), "exec", "--"]   # README's door
+# the door without Python (`make launcher`): hands its listener to the running helper
+LAUNCHER = [os.path.join(ROOT, "build", "bpfilter-exec"), "--"]
 
 # one timed command per round, then an untimed one that restores the table (or nothing)
 TIMED = r"""
@@ -155,7 +159,7 @@ def measure(mode: str, rules: int, n: int) -> float:
     ns = Ns(mode[0] + str(rules))
     try:
         outer = BEXEC if mode == "in-door" else []
-        door = BEXEC if mode == "exec/cmd" else []
+        door = {"exec/cmd": BEXEC, "launcher": LAUNCHER}.get(mode, [])
         load = outer + door + ["iptables-legacy-restore"]
         ns.run(load, input=ruleset(rules))
         times = ns.run(outer + [sys.executable, "-c", INNER, RULE, str(n), *door]).stdout.split()
@@ -186,14 +190,18 @@ def main():
         scenarios(args.door.split() if args.door else BEXEC, args.n, args.big)
         return
     print(f"median of {args.n} x `iptables-legacy -A {RULE}`")
-    print(f"{'table':>12} {'kernel':>10} {'in-door':>10} {'exec/cmd':>10} "
-          f"{'ratio in-door':>14} {'ratio exec/cmd':>15}")
+    if not os.access(LAUNCHER[0], os.X_OK):
+        subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={sys.executable}"],
+                       check=True)
+    print(f"{'table':>12} {'kernel':>10} {'in-door':>10} {'exec/cmd':>10} {'launcher':>10} "
+          f"{'ratio in-door':>14} {'ratio exec/cmd':>15} {'ratio launcher':>15}")
     for rules in (0, args.rules):
         k = measure("kernel", rules, args.n)
         d = measure("in-door", rules, args.n)
         e = measure("exec/cmd", rules, args.n)
+        la = measure("launcher", rules, args.n)
         print(f"{str(rules) + ' rules':>12} {k * 1e3:8.1f}ms {d * 1e3:8.1f}ms {e * 1e3:8.1f}ms "
-              f"{d / k:13.1f}x {e / k:14.1f}x", flush=True)
+              f"{la * 1e3:8.1f}ms {d / k:13.1f}x {e / k:14.1f}x {la / k:14.1f}x", flush=True)
 
 
 if __name__ == "__main__":

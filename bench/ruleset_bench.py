@@ -9,7 +9,10 @@ For every shape of bench/rulesets.py and N in 10, 100, 1000, 10 000:
                (the shape's rules moved to INPUT): ns/packet with no rules, with kernel
                iptables-legacy, with bpfilter (Engine.install, nf links); "added" = minus no rules
   control      wall time of iptables-legacy-restore of the ruleset (kernel) and of the same through
-               `bpfilter exec --` (the door), and of one `iptables-legacy -A` on the loaded table
+               bpfilter (build/bpfilter-exec, the door handed to the running helper), of one
+               `iptables-legacy -A` on the loaded table (also through the Python door,
+               bin/bpfilter exec), and of restores over the loaded table (the same text again,
+               then one rule changed)
 Printed as a table with the issue's ratios; --md writes bench/results.md, --plot the PNG.
 
     python bench/ruleset_bench.py [--n 10,100,1000,10000] [--shapes blocklist,ports]
@@ -43,8 +46,10 @@ SRC, DST, SPORT, DPORT = rulesets.FLOOD
 FLOOD_PACKETS = int(os.environ.get("BENCH_FLOOD_PACKETS", "50000"))
 TEST_RUN_REPEAT = 20000
 CLI = [sys.executable, "-m", "bpfilter_umh.cli"]
-# the door as README shows it: the launcher, no site-packages (bin/bpfilter)
-DOOR = [sys.executable, "-S", os.path.join(ROOT, "bin", "bpfilter"), "exec", "--"]
+# the doors as README shows them: the C launcher handing the door to the running helper
+# (`make launcher`, bin/bpfilter-exec.c), and the Python door (bin/bpfilter: no site-packages)
+PY_DOOR = [sys.executable, "-S", os.path.join(ROOT, "bin", "bpfilter"), "exec", "--"]
+LAUNCHER = os.path.join(ROOT, "build", "bpfilter-exec")
 
 
 def to_input(text: str) -> str:
@@ -241,11 +246,15 @@ APPEND = "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP"
 def control_plane(text: str, appends: int = 3) -> dict:
     """Wall time of iptables-legacy-restore of `text` and of one `iptables-legacy -A` on the
     loaded table (the best of `appends`, each adding one more rule), kernel and through
-    `bpfilter exec --`. For bpfilter the helper of the namespace is started first (as a running
-    system has it: the kernel shim starts it once, the door's stays while used), with its
-    per-request log, so the helper's own time from request to reply is reported beside the
-    wall time (which adds Python start-up for `bpfilter exec` and the iptables binary)."""
+    the launcher (build/bpfilter-exec), and the appends again through the Python door. For
+    bpfilter the helper of the namespace is started first (as a running system has it: the
+    kernel shim starts it once, the door's stays while used), with its per-request log, so the
+    helper's own time from request to reply is reported beside the wall time (which adds the
+    door's start-up and the iptables binary)."""
     out = {}
+    if not os.access(LAUNCHER, os.X_OK):
+        subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={sys.executable}"],
+                       check=True)
     # the modules compiled once, as an installed package has them: with PYTHONDONTWRITEBYTECODE
     # every command would compile the door's modules again (~7 ms)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "bpfilter_umh")],
@@ -254,7 +263,7 @@ def control_plane(text: str, appends: int = 3) -> dict:
     for who in ("kernel", "bpfilter"):
         with Netns("cp") as ns:
             env = dict(ns.env, **env_root)
-            pre = [] if who == "kernel" else DOOR
+            pre = [] if who == "kernel" else [LAUNCHER, "--"]
             helper = log = None
             if who == "bpfilter":
                 log = os.path.join(ns._lockdir, "helper.log")
@@ -270,25 +279,45 @@ def control_plane(text: str, appends: int = 3) -> dict:
                 if p.returncode:
                     out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
                     continue
-                walls = []
-                for k in range(appends):
+                doors = [(who, pre)] + ([("pydoor", PY_DOOR)] if who == "bpfilter" else [])
+                for k, (what, door) in enumerate(d for d in doors for _ in range(appends)):
                     cmd = APPEND.replace("203.0.113.99", f"203.0.113.{99 - k}")
                     t0 = time.monotonic()
-                    p = ns.run(pre + ["iptables-legacy"] + cmd.split(), check=False, env=env,
+                    p = ns.run(door + ["iptables-legacy"] + cmd.split(), check=False, env=env,
                                timeout=900)
-                    walls.append(time.monotonic() - t0)
+                    out.setdefault(f"{what}_appends_s", []).append(time.monotonic() - t0)
                     if p.returncode:
                         out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
                         break
-                out[f"{who}_append_s"] = min(walls)
-                out[f"{who}_appends_s"] = walls
+                for what, _door in doors:
+                    out[f"{what}_append_s"] = min(out[f"{what}_appends_s"])
+                # a restore over the loaded table, as a periodic full sync does (kube-proxy): the
+                # same text twice (the second replaces a table with itself), then one rule changed
+                for step, t in (("reload", text), ("again", text), ("changed", one_changed(text))):
+                    t0 = time.monotonic()
+                    p = ns.run(pre + ["iptables-legacy-restore"], input=t, check=False, env=env,
+                               timeout=900)
+                    out[f"{who}_{step}_s"] = time.monotonic() - t0
+                    if p.returncode:
+                        out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
+                        break
             finally:
                 if who == "bpfilter":
                     ns.run(CLI + ["flush"], check=False, env=env)
                     if helper is not None:
                         helper.wait(timeout=60)
-                        out.update(_helper_times(log))
+                        out.update(_helper_times(log, 2 * appends))
     return out
+
+
+def one_changed(text: str) -> str:
+    """`text` with the verdict of its last DROP or ACCEPT rule turned round."""
+    lines = text.splitlines()
+    k = max(i for i, ln in enumerate(lines) if ln.startswith("-A ") and
+            (ln.endswith("-j DROP") or ln.endswith("-j ACCEPT")))
+    lines[k] = lines[k][:-4] + "ACCEPT" if lines[k].endswith("DROP") else \
+        lines[k][:-6] + "DROP"
+    return "\n".join(lines) + "\n"
 
 
 def _wait_for_helper(log: str, timeout: float = 30.0):
@@ -300,9 +329,10 @@ def _wait_for_helper(log: str, timeout: float = 30.0):
         time.sleep(0.05)
 
 
-def _helper_times(log: str) -> dict:
+def _helper_times(log: str, appends: int) -> dict:
     """From the helper's log ("pid P CMD: X ms" per request): the helper's total time serving
-    the restore (the first caller pid) and the best append (the others), in seconds."""
+    the restore (the first caller pid), the best of the `appends` appends (the next ones), and
+    the restores again (reload, again, changed: the next three), in seconds."""
     import re
     by_pid = {}
     with open(log) as f:
@@ -317,8 +347,10 @@ def _helper_times(log: str) -> dict:
     out = dict(helper_restore_s=total[pids[0]],
                helper_restore_parts=by_pid[pids[0]])
     if len(pids) > 1:
-        best = min(pids[1:-1] or pids[1:], key=total.get)   # the last pid is the flush
+        best = min(pids[1:1 + appends], key=total.get)
         out.update(helper_append_s=total[best], helper_append_parts=by_pid[best])
+    for step, pid in zip(("reload", "again", "changed"), pids[1 + appends:]):
+        out[f"helper_{step}_s"] = total[pid]
     return out
 
 
@@ -432,7 +464,11 @@ def line(row, base) -> str:
               f"{fmt(row.get('bpfilter_restore_s'), ' s')} (helper "
               f"{fmt(row.get('helper_restore_s'), ' s')}) | append kernel "
               f"{fmt(row.get('kernel_append_s'), ' s')} bpfilter {fmt(row.get('bpfilter_append_s'), ' s')}"
-              f" (helper {fmt(row.get('helper_append_s'), ' s')})")
+              f" (helper {fmt(row.get('helper_append_s'), ' s')}, Python door "
+              f"{fmt(row.get('pydoor_append_s'), ' s')})")
+    if "kernel_again_s" in row:
+        s += "".join(f" | {step} kernel {fmt(row.get(f'kernel_{step}_s'), ' s')} bpfilter "
+                     f"{fmt(row.get(f'bpfilter_{step}_s'), ' s')}" for step in ("again", "changed"))
     nf = row.get("tr_nf", {})
     if "error" in nf:
         s += f" | nf: {nf['error']}"
@@ -459,7 +495,8 @@ def write_md(results, path):
            f"resolution, the test-run column is its precise per-packet cost).", "",
            "| shape | N | test-run nf ns | tc ns | xdp ns | linear ns | nf load s | flood kernel +ns | "
            "flood bpfilter +ns | restore kernel s | restore bpfilter s | restore helper s | "
-           "append kernel s | append bpfilter s | append helper s |", "|" + "---|" * 15]
+           "append kernel s | append bpfilter s | append helper s | append Python door s |",
+           "|" + "---|" * 16]
     for r in rows:
         def tr(k):
             v = r.get(k)
@@ -476,7 +513,18 @@ def write_md(results, path):
                    f"{fmt(r.get('kernel_restore_s'))} | {fmt(r.get('bpfilter_restore_s'))} | "
                    f"{fmt(r.get('helper_restore_s'))} | "
                    f"{fmt(r.get('kernel_append_s'))} | {fmt(r.get('bpfilter_append_s'))} | "
-                   f"{fmt(r.get('helper_append_s'))} |")
+                   f"{fmt(r.get('helper_append_s'))} | {fmt(r.get('pydoor_append_s'))} |")
+    resync = [r for r in rows if "kernel_again_s" in r]
+    if resync:
+        out += ["", "Restores over the loaded table (a periodic full sync, as kube-proxy does): "
+                "the same text again (replacing the table with itself), and with one rule's "
+                "verdict turned round; wall s, helper-side s in brackets.", "",
+                "| shape | N | again kernel | again bpfilter | changed kernel | changed bpfilter |",
+                "|---|---|---|---|---|---|"]
+        for r in resync:
+            out.append(f"| {r['shape']} | {r['n']} | " + " | ".join(
+                f"{fmt(r.get(f'kernel_{st}_s'))} | {fmt(r.get(f'bpfilter_{st}_s'))} "
+                f"({fmt(r.get(f'helper_{st}_s'))})" for st in ("again", "changed")) + " |")
     out += ["", "## Ratios against the issue's goals", ""]
     for shape in sorted({r["shape"] for r in rows}, key=rulesets.SHAPES.index):
         by_n = {r["n"]: r for r in rows if r["shape"] == shape}
@@ -501,6 +549,10 @@ def write_md(results, path):
             parts.append(f"restore bpfilter/kernel = {br / kr:.1f}x wall"
                          + (f", {hi['helper_restore_s'] / kr:.1f}x helper-side"
                             if hi.get("helper_restore_s") else "") + " (goal <= 2)")
+        for st in ("again", "changed"):
+            k, b = hi.get(f"kernel_{st}_s"), hi.get(f"bpfilter_{st}_s")
+            if k and b:
+                parts.append(f"restore {st} bpfilter/kernel = {b / k:.1f}x wall")
         if hi.get("bpfilter_append_s") is not None:
             parts.append(f"append through bpfilter = {hi['bpfilter_append_s'] * 1000:.0f} ms wall"
                          + (f", {hi['helper_append_s'] * 1000:.0f} ms helper-side"

@@ -27,10 +27,9 @@ import sys
 import time
 
 from .errors import BpfilterError
-from .frames import REQUEST, Reply, Request, read_exact
+from .frames import (BPFILTER_CMD_ADOPT, BPFILTER_CMD_HOLD, HELPER_SOCKET, REQUEST, Reply,
+                     Request, read_exact)
 from .sockopt import log        # logging imported on first use: `exec` runs through here too
-
-HELPER_SOCKET = b"\0bpfilter"
 
 # ---- least privilege (issue #9) -----------------------------------------------------------------
 # What the helper's work needs (include/uapi/linux/capability.h numbers):
@@ -78,12 +77,12 @@ def peer_allowed(conn: socket.socket) -> bool:
 
 # work an install leaves for after its reply (engine.AFTER_REPLY: freeing the replaced table;
 # the RCU wait's end and the counts the replaced programs made meanwhile, the GC pass, the next
-# install's counters map) starts once no request has come for this long: libiptc sends
-# SET_ADD_COUNTERS right after SET_REPLACE returns, and that one should not wait behind a GC
-# pass; a door's next command starts Python first (~50 ms). BPFILTER_AFTER_REPLY_IDLE=-1: no
-# queue (the engine waits for the RCU grace period before its reply, collecting meanwhile). It
-# takes the work off the requests, not off the machine: on a busy 2-CPU host an append's wall
-# time stays about the same.
+# install's counters map) starts once no request has come for this long, or when the command
+# has ended (serve_listen: its door went away): libiptc sends SET_ADD_COUNTERS right after
+# SET_REPLACE returns, and that one should not wait behind a GC pass.
+# BPFILTER_AFTER_REPLY_IDLE=-1: no queue (the engine waits for the RCU grace period before its
+# reply, collecting meanwhile). It takes the work off the requests, not off the machine: on a
+# busy 2-CPU host an append's wall time stays about the same.
 AFTER_REPLY_IDLE = 0.03
 try:
     AFTER_REPLY_IDLE = float(os.environ.get("BPFILTER_AFTER_REPLY_IDLE", AFTER_REPLY_IDLE))
@@ -136,6 +135,56 @@ def serve_stdio(dispatcher) -> int:
             data = data[os.write(1, data):]
 
 
+def _recv_frame(conn: socket.socket):
+    """One request frame from a door's connection, and the descriptors passed with it
+    (SCM_RIGHTS: bin/bpfilter-exec's listener). (b"", []) at a clean end of stream."""
+    buf, fds = b"", []
+    while len(buf) < REQUEST.size:
+        data, anc, _flags, _addr = conn.recvmsg(REQUEST.size - len(buf), socket.CMSG_SPACE(4),
+                                                socket.MSG_CMSG_CLOEXEC)
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += struct.unpack(f"={len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4])
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            if buf:
+                raise BpfilterError(errno.EIO, f"stream ended inside a frame ({len(buf)} bytes)")
+            return b"", []
+        buf += data
+    return buf, fds
+
+
+class _DispatcherLink:
+    """The link of a Door served inside the helper: its requests go to the dispatcher
+    directly (doorserve.Door's `helper`)."""
+
+    def __init__(self, dispatcher):
+        self.call = dispatcher.serve
+
+    def close(self):
+        pass
+
+
+def _adopt(dispatcher, req: Request, fds):
+    """A door's seccomp listener to serve here (BPFILTER_CMD_ADOPT, bin/bpfilter-exec.c), or
+    the error to reply. The descriptor must be a seccomp listener: NOTIF_ID_VALID of id 0 fails
+    ENOENT there and ENOTTY (or EINVAL) on anything else (kernel/seccomp.c
+    seccomp_notify_ioctl)."""
+    from fcntl import ioctl
+    from .doorserve import SECCOMP_IOCTL_NOTIF_ID_VALID, Door
+    if len(fds) != 1:
+        raise BpfilterError(errno.EINVAL, f"adopt: {len(fds)} descriptors, want 1")
+    try:
+        ioctl(fds[0], SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", 0))
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise BpfilterError(errno.EBADF, "adopt: not a seccomp listener") from None
+    door = Door(fds.pop(), _DispatcherLink(dispatcher))
+    door.trace = None       # BPFILTER_DOOR_TRACE is a door process's file, written at its end
+    return door
+
+
 def serve_listen(dispatcher, idle: float) -> int:
     import selectors
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -149,13 +198,20 @@ def serve_listen(dispatcher, idle: float) -> int:
     sel = selectors.DefaultSelector()
     sel.register(srv, selectors.EVENT_READ)
     clients = 0
+    ended = False           # a door went away since the last pass
     last = time.monotonic()
     log.info("helper %d serving netns cookie %d", os.getpid(), dispatcher.home_cookie)
     while True:
         pending = _after_reply_pending()
-        if pending == 2:
+        # the last door gone and nothing waiting: the command that queued the work has ended
+        # (a door closes its connection, an adopted listener hangs up, at its command's end),
+        # so its work need not wait for AFTER_REPLY_IDLE; the next command's first request
+        # (bin/bpfilter-exec: ~2 ms later) finds it done or nearly. What that work queues
+        # again (a wait not over yet) waits for AFTER_REPLY_IDLE.
+        if pending == 2 or pending and ended and clients == 0 and not sel.select(timeout=0):
             _run_after_reply()
-            pending = 0
+            pending = _after_reply_pending()
+        ended = False
         events = sel.select(timeout=AFTER_REPLY_IDLE if pending else 0.5)
         now = time.monotonic()
         if not events:
@@ -171,25 +227,58 @@ def serve_listen(dispatcher, idle: float) -> int:
         for key, _ in events:
             if key.fileobj is srv:
                 conn, _addr = srv.accept()
-                sel.register(conn, selectors.EVENT_READ, data=peer_allowed(conn))
+                sel.register(conn, selectors.EVENT_READ, data=bool(peer_allowed(conn)))
                 clients += 1
                 continue
+            if not isinstance(key.data, bool):
+                # an adopted door's listener: a client until no task uses its filter
+                door = key.data
+                try:
+                    if door.serve_ready():
+                        continue
+                except (OSError, BpfilterError) as e:
+                    log.warning("dropping an adopted door: %s", e)
+                sel.unregister(door.listener)
+                os.close(door.listener)
+                clients -= 1
+                ended = True
+                continue
             conn = key.fileobj
+            fds = []
             try:
-                buf = read_exact(conn.recv, REQUEST.size)
+                buf, fds = _recv_frame(conn)
                 if buf:
                     req = Request.unpack(buf)
                     if not key.data:
                         log.warning("refusing a request from a peer without CAP_NET_ADMIN")
                         conn.sendall(Reply(-errno.EPERM, 0).pack())
                         continue
+                    if req.cmd == BPFILTER_CMD_HOLD:
+                        # accepted: this connection keeps the helper from exiting idle
+                        conn.sendall(Reply(0, 0).pack())
+                        continue
+                    if req.cmd == BPFILTER_CMD_ADOPT:
+                        try:
+                            door = _adopt(dispatcher, req, fds)
+                        except BpfilterError as e:
+                            log.warning("refusing a door's listener: %s", e.message)
+                            conn.sendall(Reply(-e.errno, 0).pack())
+                            continue
+                        sel.register(door.listener, selectors.EVENT_READ, data=door)
+                        clients += 1
+                        conn.sendall(Reply(0, 0).pack())
+                        continue
                     conn.sendall(dispatcher.serve(req).pack())
                     continue
             except (OSError, BpfilterError) as e:
                 log.warning("dropping a door connection: %s", e)
+            finally:
+                for fd in fds:          # passed with anything but an adopted listener
+                    os.close(fd)
             sel.unregister(conn)
             conn.close()
             clients -= 1
+            ended = True
 
 
 def preload():

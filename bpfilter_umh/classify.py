@@ -66,7 +66,10 @@ MULTI_NS_BASE + MULTI_NS_PER_WORD per 64 rules, a split multi run ≈ SPLIT_NS[k
 lookup cost, a multi run replaces plain runs + linear rules when it is cheaper than them.
 Environment (tests, benchmarks): BPFILTER_CLASSIFY_MIN_RUN=N (0 = classifier off),
 BPFILTER_CLASSIFY_MULTI=0 (no multi runs), BPFILTER_FN_CACHE=0 (every global function
-compiled afresh). A long chain's per-rule answers are lists kept between compiles (vectors()).
+compiled afresh). A long chain's per-rule answers are lists kept between compiles (vectors()),
+asked once per template: rules whose entries differ only in addresses, ports and comments, in
+ways no answer tells apart, share the first one's answers (_classes), and map contents read
+those fields from the entries' bytes.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from itertools import compress
-from operator import attrgetter, ne
+from operator import attrgetter, itemgetter, ne
 
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, Label
@@ -359,10 +362,11 @@ _SHAPES: list = []
 
 
 class _Vecs:
-    __slots__ = ("keys", "sid", "multi", "jump", "act", "l4keys", "more")
+    __slots__ = ("keys", "sid", "multi", "jump", "act", "l4keys", "cls", "more")
 
     def __init__(self, keys):
         self.keys = keys
+        self.cls = None         # [_Class or None] of the rules (rules of one template)
         self.more = {}          # kind -> list, or (the older chain's _Vecs, prefix, suffix)
 
 
@@ -380,6 +384,181 @@ def _rule_facts(r):
     """(shape id, multi_ok, jumps, action, tcp/udp keys when its shape has them, else 0)."""
     shape, multi, nkeys = _memo("class", r, _rule_class)
     return (_shape_id(shape), multi, isinstance(r.target, Jump), _action(r.target), nkeys)
+
+
+# ---- rules of one template (issue #7: a cold compile of 10 000 rules) -------------------------
+# Asking each rule of a restored 10 000-rule chain its facts (_rule_class reads decoded fields:
+# 15-30 us a rule) was most of a cold compile. The rules of a large chain differ mostly in their
+# key fields: addresses, ports, a comment's text. Every answer is a function of the rule's entry
+# bytes (cache_key), and the answers read those key fields only through a few predicates, so
+# rules whose bytes are equal outside the key fields (their template) and whose key fields give
+# the same predicates (their value class) have the same answers: the first rule of a (template,
+# class) is asked, the others take its answers after one dict lookup (~2 us a rule).
+# The key fields, and all that is read of them:
+#   ipt_ip.src, .dst         (src & ~smsk) == 0 and (dst & ~dmsk) == 0 (_rule_class: bits
+#                            outside the mask never match), src != 0, dst != 0 (compile._reads)
+#   xt_tcp/xt_udp rev 0      spts, dpts: "any" (lo 0, hi 65535 or more), else the number of
+#                            ports hi - lo + 1 (1 is an exact port, 0 an empty range): what
+#                            _ports_kind, _port_values and MAX_PORTS_PER_RULE make of them
+#   xt_comment rev 0         nothing: _matches and compile.py skip it by name and revision
+# Masks, interfaces, protocol, flags, other matches and the target's bytes are in the template.
+# The column() kinds answered so (the functions' reads of the key fields are the ones above):
+# TEMPLATE_KINDS. A key that is not an IPv4 entry's (model._entry_key) has no template; the
+# first rule of a class is checked against its key, a mismatch sends its class the slow way.
+_KEY_TOFF, _KEY_NOFF = 88, 90  # ipt_entry.target_offset, next_offset (u16) in the key
+_KEY_ELEMS = 92                # the key is the entry without comefrom (4) and counters (16):
+_KEY_CUT = 20                  # its elems[] (entry offset 112) start here
+_XT_HDR = 32                   # struct xt_entry_match / xt_entry_target: u16 size, name[29], u8 rev
+_PORT_MATCHES = {b"tcp".ljust(29, b"\0"), b"udp".ljust(29, b"\0")}   # 48 bytes, spts/dpts first
+_COMMENT = b"comment".ljust(29, b"\0")
+_ADDRS = struct.Struct("<4I").unpack_from          # src, dst, smsk, dmsk as LE u32 (as _le32)
+_BE_ADDRS = struct.Struct(">4I").unpack_from       # the same as ints (int(IPv4Address))
+_KEY_PROTO = 80                                    # ipt_ip.proto (u16)
+_PROTO = struct.Struct("=H").unpack_from
+_PORTS = struct.Struct("=4H").unpack_from          # spts[2], dpts[2], native endian (xt_tcpudp.h)
+TEMPLATE_KINDS = {"scan": "_reads", "kept": "_rule_kept_ok"}   # kind -> compile.py's function
+_LAYOUTS: dict = {}            # key[88:124] -> _Layout, or _WALK: more than one match
+_LAYOUT_OF: dict = {}          # (n, kept byte ranges, port offsets) -> its one _Layout
+_CLASSES: dict = {}            # (layout, template pieces, value class) -> _Class
+TPL_MAX = 1 << 16
+_WALK = object()
+
+
+class _Layout:
+    """Where the key fields of a key of n bytes are: `cut(key)` gives the template's pieces
+    (the bytes around them), `ports` are the offsets of the masked tcp/udp matches' spts."""
+    __slots__ = ("n", "cut", "ports")
+
+    def __init__(self, n, cut, ports):
+        self.n, self.cut, self.ports = n, itemgetter(*cut), ports
+
+
+class _Class:
+    """The rules of one template and value class: the first one (rep), its answers, the
+    template's layout (where map contents read each rule's key fields from its key)."""
+    __slots__ = ("rep", "facts", "more", "lay")
+
+    def __init__(self, rep, facts, lay):
+        self.rep, self.facts, self.more, self.lay = rep, facts, {}, lay
+
+
+def _walk_layout(key: bytes):
+    """(_Layout of an IPv4 entry's key or None, how many matches it has)."""
+    n = len(key)
+    if n < _KEY_ELEMS + _XT_HDR or (key[_KEY_NOFF] | key[_KEY_NOFF + 1] << 8) != n + _KEY_CUT:
+        return None, 0
+    end = (key[_KEY_TOFF] | key[_KEY_TOFF + 1] << 8) - _KEY_CUT     # the target's offset
+    if end < _KEY_ELEMS or end + _XT_HDR > n:
+        return None, 0
+    masked, ports, off, count = [(0, 8)], [], _KEY_ELEMS, 0
+    while off < end:
+        size = key[off] | key[off + 1] << 8
+        if size < _XT_HDR or off + size > end:
+            return None, 0
+        name, rev = key[off + 2:off + 31], key[off + 31]
+        if rev == 0 and size == _XT_HDR + 16 and name in _PORT_MATCHES:
+            masked.append((off + _XT_HDR, off + _XT_HDR + 8))
+            ports.append(off + _XT_HDR)
+        elif rev == 0 and name == _COMMENT:
+            masked.append((off + _XT_HDR, off + size))
+        off += size
+        count += 1
+    keep = tuple((b, a) for (_, b), (a, _) in zip(masked, masked[1:] + [(n, n)]) if b < a)
+    k = (n, keep, tuple(ports))
+    lay = _LAYOUT_OF.get(k)
+    if lay is None:                 # one object per layout: it is part of the template
+        if len(_LAYOUT_OF) >= TPL_MAX:
+            _LAYOUT_OF.clear()
+        lay = _LAYOUT_OF[k] = _Layout(n, tuple(slice(b, a) for b, a in keep), tuple(ports))
+    return lay, count
+
+
+def _layout(key: bytes):
+    # an entry with at most one match: its layout is known from target_offset, next_offset and
+    # the first element's header (one dict lookup); with more, the matches are walked each time
+    head = key[_KEY_TOFF:_KEY_ELEMS + _XT_HDR]
+    lay = _LAYOUTS.get(head)
+    if lay is None:
+        lay, count = _walk_layout(key)
+        if lay is not None:
+            if len(_LAYOUTS) >= TPL_MAX:
+                _LAYOUTS.clear()
+            _LAYOUTS[head] = lay if count <= 1 else _WALK
+        return lay
+    if lay is _WALK:
+        return _walk_layout(key)[0]
+    return lay if len(key) == lay.n else None
+
+
+def _port_class(lo: int, hi: int) -> int:
+    return -1 if lo == 0 and hi >= 0xffff else max(0, hi - lo + 1)
+
+
+def _class_of(r, key: bytes):
+    """The _Class of rule r (key: its cache_key), or None when it has none (its facts are
+    asked of it)."""
+    lay = _layout(key)
+    if lay is None:
+        return None
+    s, d, sm, dm = _ADDRS(key)
+    vc = (not (s & ~sm or d & ~dm), s != 0, d != 0)
+    for p in lay.ports:
+        a, b, c, e = _PORTS(key, p)
+        vc += (_port_class(a, b), _port_class(c, e))
+    k = (lay, lay.cut(key), vc)
+    got = _CLASSES.get(k)
+    if got is None:
+        if len(_CLASSES) >= TPL_MAX:
+            _CLASSES.clear()
+        got = _CLASSES[k] = _Class(r, _rule_facts(r), lay) if _key_is_rule(r, key, lay) \
+            else _Class(None, None, None)
+    return got if got.rep is not None else None
+
+
+def _key_is_rule(r, key: bytes, lay: _Layout) -> bool:
+    """Does the key read as rule r's entry (an IPv4 one) where its key fields are?"""
+    ip = r.ip
+    if not isinstance(ip.src, ipaddress.IPv4Address):
+        return False
+    if (int(ip.src), int(ip.dst), int(ip.smsk), int(ip.dmsk)) != _BE_ADDRS(key):
+        return False
+    ports = [_PORTS(key, p) for p in lay.ports]
+    got = []
+    for m in r.matches:
+        if m.revision == 0 and m.name in ("tcp", "udp") and not isinstance(m.data, (bytes,
+                                                                                    bytearray)):
+            d = m.data
+            got.append(tuple(d["spts"]) + tuple(d["dpts"]))
+    return len(got) == len(ports) and got == [tuple(p) for p in ports]
+
+
+def _classes(rules: list, keys: list) -> list:
+    """[_class_of(rule, key)] of rules (keys: their cache_keys), in one loop (10 000 rules)."""
+    out = []
+    append, layouts, classes, addrs, ports = out.append, _LAYOUTS, _CLASSES, _ADDRS, _PORTS
+    head = slice(_KEY_TOFF, _KEY_ELEMS + _XT_HDR)
+    for r, key in zip(rules, keys):
+        lay = layouts.get(key[head])
+        if lay is None or lay is _WALK or len(key) != lay.n:
+            append(_class_of(r, key))
+            continue
+        s, d, sm, dm = addrs(key)
+        vc = (not (s & ~sm or d & ~dm), s != 0, d != 0)
+        for p in lay.ports:             # _port_class of spts and dpts
+            a, b, c, e = ports(key, p)
+            vc += (-1 if a == 0 and b >= 0xffff else b - a + 1 if b >= a else 0,
+                   -1 if c == 0 and e >= 0xffff else e - c + 1 if e >= c else 0)
+        got = classes.get((lay, lay.cut(key), vc))
+        if got is None:
+            append(_class_of(r, key))
+        else:
+            append(got if got.rep is not None else None)
+    return out
+
+
+def _facts_of(rules: list, cls: list) -> list:
+    """[_rule_facts(r)] from the rules' classes where they have one."""
+    return [c.facts if c is not None else _rule_facts(r) for r, c in zip(rules, cls)]
 
 
 def _common_prefix(a: list, b: list) -> int:
@@ -423,7 +602,12 @@ def vectors(rules: list):
             if n - (p + s) <= TAIL_MAX:        # a few rules changed: good enough
                 break
     v = _Vecs(keys)
-    mid = [_rule_facts(r) for r in rules[bp:n - bs]]
+    # the keys are read as IPv4 entries' (a table, so a chain, has one family)
+    midc = _classes(rules[bp:n - bs], keys[bp:n - bs]) \
+        if isinstance(rules[0].ip.src, ipaddress.IPv4Address) else [None] * (n - bs - bp)
+    mid = _facts_of(rules[bp:n - bs], midc)
+    v.cls = midc if best is None else \
+        best.cls[:bp] + midc + (best.cls[len(best.cls) - bs:] if bs else [])
     names = ("sid", "multi", "jump", "act", "l4keys")
     cols = list(zip(*mid)) if mid else [()] * len(names)
     for k, name in enumerate(names):
@@ -459,12 +643,23 @@ def column(rules: list, vec: "_Vecs", kind: str, fn) -> list:
         older, bp, bs = got
         old = older.more.get(kind)
     if isinstance(old, list):
-        out = old[:bp] + [_memo(kind, r, fn) for r in rules[bp:n - bs]] + \
+        out = old[:bp] + _answers(kind, fn, rules[bp:n - bs], vec.cls[bp:n - bs]) + \
             (old[len(old) - bs:] if bs else [])
     else:
-        out = [_memo(kind, r, fn) for r in rules]
+        out = _answers(kind, fn, rules, vec.cls)
     vec.more[kind] = out
     return out
+
+
+def _answers(kind: str, fn, rules: list, cls: list) -> list:
+    """[fn(rule)]: asked of each class's first rule for the TEMPLATE_KINDS, else of each rule
+    (memoized on its bytes)."""
+    if TEMPLATE_KINDS.get(kind) != getattr(fn, "__name__", None):
+        return [_memo(kind, r, fn) for r in rules]
+    for c in set(cls):
+        if c is not None and kind not in c.more:
+            c.more[kind] = fn(c.rep)
+    return [c.more[kind] if c is not None else _memo(kind, r, fn) for r, c in zip(rules, cls)]
 
 
 # ---- appends to a classified run (issue #7: one `iptables -A` on a 10 000-rule table) ----------
@@ -504,6 +699,7 @@ def _keep_seen_runs(runs: list, minimum: int, vec=None) -> list:
         if vec is not None:
             run.keys = tuple(keys)
             run.acts = vec.act[run.start:run.end]
+            run.cls = vec.cls[run.start:run.end]
             if run.kind == "multi":
                 run._vec = vec              # _run_form from the lists
         out.append(run)
@@ -616,44 +812,74 @@ def describe(table) -> dict:
 
 # ------------------------------------------------------------------------------- map contents
 
-def _value(run: Run, pos: int) -> bytes:
-    """{u32 position in the run; u32 action}: the program adds the run's first entry index (the
-    run's rules are consecutive entries), so the map's contents do not change when entries
-    before the run come or go, and an unchanged run keeps its map (_RUN_SPECS, engine reuse)."""
-    a = _action(run.rules[pos].target)
-    return struct.pack("<II", pos, a + run.cases[pos] if a == ACT_CASE else a)
+def _values(run: Run) -> list:
+    """The map value of each rule of the run: {u32 position in the run; u32 action}. The
+    program adds the run's first entry index (the run's rules are consecutive entries), so the
+    map's contents do not change when entries before the run come or go, and an unchanged run
+    keeps its map (_RUN_SPECS, engine reuse). The actions come from the chain's lists when the
+    run has them (_keep_seen_runs)."""
+    pack, cases = _VALUE.pack, run.cases
+    return [pack(pos, a + cases[pos] if a == ACT_CASE else a)
+            for pos, a in enumerate(_run_acts(run))]
+
+
+def _run_acts(run: Run) -> list:
+    """[_action(rule.target)] of the run's rules."""
+    acts = getattr(run, "acts", None)
+    if acts is None or len(acts) != len(run.rules):
+        acts = [_action(r.target) for r in run.rules]
+    return acts
 
 
 def lpm_entries(run: Run) -> list:
     """[(key, value)]: key = {u32 prefixlen; be32 addr}, value = the first rule (in run order)
     whose prefix contains the key's prefix."""
-    return [(key, _value(run, best))
-            for key, best in _lpm_first(run.rules, range(len(run.rules)), run.sig[1])]
+    values = _values(run)
+    return [(key, values[best])
+            for key, best in _lpm_first(run.rules, range(len(run.rules)), run.sig[1], run)]
 
 
-def _lpm_first(rules: list, positions, field: str) -> list:
+def _prefixes(rules: list, positions, field: str, run: Run = None) -> list:
+    """[(network int, prefix length)] of the rules at `positions` (of `run`, whose rules'
+    classes give their keys: the address and mask read from the key, ipt_ip's first bytes)."""
+    got = _run_classes(run) if run is not None else None
+    out = []
+    at = 0 if field == "src" else 1
+    for pos in positions:
+        if got is not None and got[0][pos] is not None:
+            v = _BE_ADDRS(got[1][pos])
+            out.append((v[at], _PLEN.get(v[at + 2], -1)))
+            continue
+        r = rules[pos]
+        a, m = (r.ip.src, r.ip.smsk) if field == "src" else (r.ip.dst, r.ip.dmsk)
+        out.append((int(a), _plen(m)))
+    return out
+
+
+def _lpm_first(rules: list, positions, field: str, run: Run = None) -> list:
     """[(LPM key, position)]: each distinct prefix of the rules at `positions` with the smallest
     position among the rules whose prefix contains it (itself or a shorter one), so the trie's
     longest match answers the first rule that matches the address."""
     first = {}                              # (network int, plen) -> position
-    for pos in positions:
-        r = rules[pos]
-        a, m = (r.ip.src, r.ip.smsk) if field == "src" else (r.ip.dst, r.ip.dmsk)
-        first.setdefault((int(a), _plen(m)), pos)
+    for pos, k in zip(positions, _prefixes(rules, positions, field, run)):
+        first.setdefault(k, pos)
     # Prefixes are nested or disjoint. In (network, length) order every prefix comes after the
     # prefixes containing it, and those still open when it starts are exactly its ancestors,
     # innermost on top: one sweep with a stack of (end, best so far), where testing every
     # shorter length is O(n x lengths)
     out, stack = [], []
-    for net, plen in sorted(first):
+    plens = _PLEN_LE
+    for (net, plen), best in sorted(first.items()):
         while stack and stack[-1][0] <= net:
             stack.pop()
-        best = first[(net, plen)]
         if stack and stack[-1][1] < best:
             best = stack[-1][1]
         stack.append((net + (1 << (32 - plen)), best))
-        out.append((struct.pack("<I", plen) + net.to_bytes(4, "big"), best))
+        out.append((plens[plen] + net.to_bytes(4, "big"), best))
     return out
+
+
+_PLEN_LE = [struct.pack("<I", n) for n in range(33)]     # an LPM key's u32 prefixlen
 
 
 def _port_values(d, name) -> range:
@@ -671,6 +897,11 @@ def _rule_key_count(r: Rule) -> int:
     """Hash keys a rule of a tcp/udp hash shape expands to (its port ranges): _rule_class's,
     memoized (a run of 10 000 rules is counted on every compile)."""
     return _memo("class", r, _rule_class)[2]
+
+
+_HASH_KEY = struct.Struct("<IIBBHHH")              # _hash_key's layout
+_VALUE = struct.Struct("<II")                      # _values'
+_SPLIT_VALUE = struct.Struct("<I")                 # _split_value's
 
 
 def _hash_key(saddr: int, daddr: int, proto: int, sport: int, dport: int, ippart: int = 0) -> bytes:
@@ -696,27 +927,107 @@ def _rule_keys(run: Run, r: Rule) -> list:
     return [_hash_key(s, d, proto, sp, dp) for sp in sports for dp in dports]
 
 
+def _run_classes(run: Run):
+    """(the classes, the cache keys) of the run's rules when the run has them (_keep_seen_runs
+    gives a long chain's runs theirs), else None."""
+    cls, keys = getattr(run, "cls", None), getattr(run, "keys", None)
+    if cls is None or keys is None or len(cls) != len(run.rules) or len(keys) != len(cls):
+        return None
+    return cls, keys
+
+
+def _key_rule_keys(sig, key: bytes, lay: _Layout, pad: int = 0):
+    """_rule_keys of a rule of hash shape sig from its key (lay: its layout), with `pad` in the
+    key's last u16 (a split run's shape number), or None."""
+    s, d, _, _ = _ADDRS(key)
+    proto = _PROTO(key, _KEY_PROTO)[0] if sig[3] else 0
+    pack = _HASH_KEY.pack
+    if sig[4] and (sig[5] != "any" or sig[6] != "any"):
+        if len(lay.ports) != 1:         # the shape's one tcp/udp match is the masked one
+            return None
+        a, b, c, e = _PORTS(key, lay.ports[0])
+        sany = sig[5] == "any" or (a == 0 and b >= 0xffff)
+        dany = sig[6] == "any" or (c == 0 and e >= 0xffff)
+        if (sany or a == b) and (dany or c == e):           # one key (exact or any ports)
+            return [pack(s, d, proto, 0, 0 if sany else a, 0 if dany else c, pad)]
+        sports = range(1) if sany else range(a, b + 1)
+        dports = range(1) if dany else range(c, e + 1)
+        return [pack(s, d, proto, 0, sp, dp, pad) for sp in sports for dp in dports]
+    return [pack(s, d, proto, 0, 0, 0, pad)]
+
+
+def _ippart_keys(run: Run, positions=None, pad: int = 0) -> list:
+    """The ip-part key (_hash_key(..., ippart=1)) of the run's rules at `positions` (all),
+    `pad` in its last u16."""
+    positions = range(len(run.rules)) if positions is None else positions
+    got = _run_classes(run)
+    pack = _HASH_KEY.pack
+    out = []
+    for pos in positions:
+        if got is not None and got[0][pos] is not None:
+            key = got[1][pos]
+            s, d, _, _ = _ADDRS(key)
+            out.append(pack(s, d, _PROTO(key, _KEY_PROTO)[0], 1, 0, 0, pad))
+        else:
+            ip = run.rules[pos].ip
+            out.append(_hash_key(_le32(ip.src), _le32(ip.dst), ip.proto, 0, 0, 1)[:14] +
+                       struct.pack("<H", pad))
+    return out
+
+
+def _run_rule_keys(run: Run, sig=None, positions=None, pad: int = 0) -> list:
+    """[_rule_keys] of the run's rules at `positions` (all) for shape sig (the run's), `pad` in
+    the keys' last u16, from their keys where their classes give the layout."""
+    sig = run.sig if sig is None else sig
+    positions = range(len(run.rules)) if positions is None else positions
+    got = _run_classes(run)
+    shape = run if sig == run.sig else Run("hash", 0, [], sig)
+    cls, keys = got if got is not None else ((None,) * len(run.rules), None)
+    tag = struct.pack("<H", pad)
+    out = []
+    for pos in positions:
+        c = cls[pos]
+        ks = _key_rule_keys(sig, keys[pos], c.lay, pad) if c is not None else None
+        if ks is None:
+            ks = _rule_keys(shape, run.rules[pos])
+            if pad:
+                ks = [k[:14] + tag for k in ks]
+        out.append(ks)
+    return out
+
+
+def _hash_run_keys(run: Run) -> list:
+    """_run_rule_keys(run), made once per Run (hash_entries and _fill_next_same ask)."""
+    got = run.__dict__.get("_rk")
+    if got is None:
+        got = run.__dict__["_rk"] = _run_rule_keys(run)
+    return got
+
+
 def hash_entries(run: Run) -> list:
     """[(key, value)] in rule order keeping the first."""
     seen = {}
-    ippart = _needs_ippart(run)
-    keys = [_rule_keys(run, r) for r in run.rules]
-    for pos, r in enumerate(run.rules):
-        v = _value(run, pos)
-        for k in keys[pos]:
-            seen.setdefault(k, v)
-        if ippart:
-            ip = r.ip
-            seen.setdefault(_hash_key(_le32(ip.src), _le32(ip.dst), ip.proto, 0, 0, 1), v)
+    keys = _hash_run_keys(run)
+    values = _values(run)
+    put = seen.setdefault
+    if _needs_ippart(run):
+        for ks, v, ipk in zip(keys, values, _ippart_keys(run)):
+            for k in ks:
+                put(k, v)
+            put(ipk, v)
+    else:
+        for ks, v in zip(keys, values):
+            for k in ks:
+                put(k, v)
     return list(seen.items())
 
 
 def _fill_next_same(run: Run):
     """For each jump rule (one key), the next rule of the run holding that key, or None."""
     later = {}
-    kind = ("rule_keys",) + run.sig          # a rule's keys depend on it and the run's shape
+    every = _hash_run_keys(run)
     for pos in range(len(run.rules) - 1, -1, -1):
-        keys = _memo(kind, run.rules[pos], lambda r: _rule_keys(run, r))
+        keys = every[pos]
         if pos in run.cases:
             run.next_same[pos] = later.get(keys[0])
         for k in keys:
@@ -983,8 +1294,8 @@ def _case_key(cc, run: Run, pos: int, chain: str, small: int, known_chains: dict
     target, start = cc._landing(t, chain, run.start + pos + 1, r)
     pe = target.policy_entry
     rk = getattr(r, "cache_key", None)
-    rest = target.rules[start:]
-    if rk is None or pe is None or len(rest) >= small or getattr(pe, "cache_key", None) is None:
+    if rk is None or pe is None or len(target.rules) - start >= small or \
+            getattr(pe, "cache_key", None) is None:
         return None, pe
     known = known_chains.get(id(target)) if known_chains is not None else None
     if known is not None:               # compile._program_key read the chain already
@@ -993,7 +1304,7 @@ def _case_key(cc, run: Run, pos: int, chain: str, small: int, known_chains: dict
         keys = known[0][start:]
     else:
         keys = []
-        for x in rest:
+        for x in target.rules[start:]:
             k = getattr(x, "cache_key", None)
             if k is None or isinstance(x.target, Jump):
                 return None, pe
@@ -1490,6 +1801,9 @@ def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int,
     return tpl
 
 
+_CASE_VALUE = struct.Struct("<IIII")
+
+
 def _case_map(run: Run, name: str, bodies: dict, anchors: dict) -> MapSpec:
     """k -> struct { u32 body; u32 RETURN entry - the run's first entry; u32 next; u32 action },
     next: 1 + the position of the next rule of the run with the case's key (0: none), action:
@@ -1497,15 +1811,16 @@ def _case_map(run: Run, name: str, bodies: dict, anchors: dict) -> MapSpec:
     engine.create_maps)."""
     first = run.rules[0].index
     value = [b""] * len(run.cases)
+    rules, cases, next_same, pack = run.rules, run.cases, run.next_same, _CASE_VALUE.pack
     for b, members in enumerate(bodies.values()):
         for pos in members:
-            r = run.rules[pos]
-            nxt = None if (r.ip.flags & IPT_F_GOTO or r.target.goto) else run.next_same.get(pos)
-            act = 0 if nxt is None else _action(run.rules[nxt].target)
+            r = rules[pos]
+            nxt = None if (r.ip.flags & IPT_F_GOTO or r.target.goto) else next_same.get(pos)
+            act = 0 if nxt is None else _action(rules[nxt].target)
             if act == ACT_CASE:
-                act += run.cases[nxt]
-            value[run.cases[pos]] = struct.pack("<IIII", b, (anchors[pos].index - first)
-                                                & 0xffffffff, 0 if nxt is None else nxt + 1, act)
+                act += cases[nxt]
+            value[cases[pos]] = pack(b, (anchors[pos].index - first) & 0xffffffff,
+                                     0 if nxt is None else nxt + 1, act)
     blob = b"".join(value)
     key = ("cases", name, blob)
     spec = _RUN_SPECS.get(key)
@@ -2040,29 +2355,32 @@ def _split_value(rules: list, pos: int, act: int = None) -> bytes:
     return struct.pack("<I", pos << 8 | (_action(rules[pos].target) if act is None else act))
 
 
-def _split_lpm_entries(rules: list, positions: list, field: str) -> list:
+def _split_lpm_entries(rules: list, positions: list, field: str, run: Run = None) -> list:
     """[(key, value)] of one prefix shape: each prefix's value is the first rule (smallest
     position) whose prefix contains it, so the longest match gives the first matching rule."""
-    return [(key, _split_value(rules, best))
-            for key, best in _lpm_first(rules, positions, field)]
+    acts = _run_acts(run) if run is not None else None
+    return [(key, _split_value(rules, best, acts and acts[best]))
+            for key, best in _lpm_first(rules, positions, field, run)]
 
 
-def _split_hash_entries(rules: list, shapes: list) -> list:
+def _split_hash_entries(rules: list, shapes: list, run: Run = None) -> list:
     """[(key, value)] of every hash shape in one map: _hash_key's keys with the shape's number
     in the pad (the last u16), filled in rule order keeping the first."""
+    if run is None:
+        run = Run("multi", 0, rules, ("multi",))
     seen = {}
+    put = seen.setdefault
+    acts = _run_acts(run)
+    pack = _SPLIT_VALUE.pack
     for gid, (sig, positions) in _hash_shapes(shapes):
-        tag = struct.pack("<H", gid)
-        shape = Run("hash", 0, [], sig)
-        for pos in positions:
-            r = rules[pos]
-            v = _split_value(rules, pos)
-            for k in _rule_keys(shape, r):
-                seen.setdefault(k[:14] + tag, v)
-            if sig[4]:
-                ip = r.ip
-                k = _hash_key(_le32(ip.src), _le32(ip.dst), ip.proto, 0, 0, 1)
-                seen.setdefault(k[:14] + tag, _split_value(rules, pos, SPLIT_HOT))
+        keys = _run_rule_keys(run, sig, positions, gid)
+        hot = _ippart_keys(run, positions, gid) if sig[4] else None
+        for i, (pos, ks) in enumerate(zip(positions, keys)):
+            v = pack(pos << 8 | acts[pos])
+            for k in ks:
+                put(k, v)
+            if hot is not None:
+                put(hot[i], pack(pos << 8 | SPLIT_HOT))
     return list(seen.items())
 
 
@@ -2101,12 +2419,6 @@ def _bloom_bits(nkeys: int) -> int:
     return b
 
 
-def _bloom_index(key: bytes, b: int) -> int:
-    w0, w1 = struct.unpack("<QQ", key)
-    m = (1 << 64) - 1
-    return ((((w1 * BLOOM_K1) & m) ^ w0) * BLOOM_K2 & m) >> (64 - b)
-
-
 def _idx16(top16: int) -> int:
     """A /16 (its first two address bytes, a << 8 | b) as the packet side computes it: the low
     16 bits of the LE u32 the address slot holds, b << 8 | a."""
@@ -2123,37 +2435,40 @@ def _split_layout(shapes: list) -> tuple:
     return out, w
 
 
-def _bloom_words(rules: list, shapes: list, hash_keys: list) -> tuple:
+def _bloom_words(rules: list, shapes: list, hash_keys: list, run: Run = None) -> tuple:
     """({word: u64} of the prefilter, bits of the hash part, total words)."""
     words = {}
     base, w = _split_layout(shapes)
     for s, ps in shapes:
         if s[0] != "lpm":
             continue
-        for pos in ps:
-            r = rules[pos]
-            a, m = (r.ip.src, r.ip.smsk) if s[1] == "src" else (r.ip.dst, r.ip.dmsk)
-            plen, top = _plen(m), int(a) >> 16
+        for a, plen in _prefixes(rules, ps, s[1], run):
+            top = a >> 16
             span = 1 << max(0, 16 - plen)
             for t in range(top & ~(span - 1), (top & ~(span - 1)) + span):
                 i = _idx16(t)
                 words[base[s] + (i >> 6)] = words.get(base[s] + (i >> 6), 0) | 1 << (i & 63)
     b = _bloom_bits(len(hash_keys))
-    for k in hash_keys:
-        i = _bloom_index(k, b)
-        words[w + (i >> 6)] = words.get(w + (i >> 6), 0) | 1 << (i & 63)
+    m, shift, get = (1 << 64) - 1, 64 - b, words.get
+    for w0, w1 in map(_QQ, hash_keys):          # the key's two u64, mixed as the program does
+        i = ((((w1 * BLOOM_K1) & m) ^ w0) * BLOOM_K2 & m) >> shift
+        words[w + (i >> 6)] = get(w + (i >> 6), 0) | 1 << (i & 63)
     return words, b, w + (1 << b) // 64
+
+
+_QQ = struct.Struct("<QQ").unpack
 
 
 def _split_specs(run: Run, name: str, shapes: list) -> list:
     out = [MapSpec(f"{name}_{s[1]}", BPF_MAP_TYPE_LPM_TRIE, 8, 4,
-                   _split_lpm_entries(run.rules, ps, s[1]), BPF_F_NO_PREALLOC, "bpfilter_mslpm")
+                   _split_lpm_entries(run.rules, ps, s[1], run), BPF_F_NO_PREALLOC,
+                   "bpfilter_mslpm")
            for s, ps in shapes if s[0] == "lpm"]
-    hashed = _split_hash_entries(run.rules, shapes) if _hash_shapes(shapes) else []
+    hashed = _split_hash_entries(run.rules, shapes, run) if _hash_shapes(shapes) else []
     if hashed:
         out.append(MapSpec(f"{name}_hash", BPF_MAP_TYPE_HASH, 16, 4, hashed, 0,
                            "bpfilter_mshash"))
-    words, bits, size = _bloom_words(run.rules, shapes, [k for k, _ in hashed])
+    words, bits, size = _bloom_words(run.rules, shapes, [k for k, _ in hashed], run)
     out.append(_ArraySpec(f"{name}_bloom", BPF_MAP_TYPE_ARRAY, 4, 8,
                           [(struct.pack("<I", i), v.to_bytes(8, "little"))
                            for i, v in sorted(words.items())], 0, "bpfilter_msblm", size=size,

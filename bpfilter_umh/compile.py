@@ -37,11 +37,13 @@ ipt_do_table's nulldevname); returns NF_DROP (0) or NF_ACCEPT (1).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import os
 import re
 import struct
+import weakref
 from dataclasses import dataclass, field
 from itertools import compress
 from typing import Optional
@@ -51,7 +53,7 @@ from . import classify, family, flavors, matchers, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
-                    Rule, Table, Verdict)
+                    Rule, Table, Verdict, moved_from)
 
 COUNTERS_MAP = "counters"
 BPF_PROG_TYPE_NETFILTER = 32
@@ -324,7 +326,9 @@ def _le32(addr) -> int:
 
 
 def _reads(r) -> tuple:
-    """(interface names, layer 4, IP header): what the prologue must parse for rule r."""
+    """(interface names, layer 4, IP header): what the prologue must parse for rule r. Asked
+    once per template of a long chain (classify.TEMPLATE_KINDS): of the addresses, ports and
+    comment it reads only whether src and dst are zero."""
     ip = r.ip
     return (bool(any(ip.iniface_mask) or any(ip.outiface_mask)),
             any(m.name in ("tcp", "udp", "icmp", "icmp6") or matchers.needs_l4(m)
@@ -1315,7 +1319,12 @@ def _entry_count(table: Table) -> int:
 
 
 def _entries_in(table: Table) -> int:
-    """len(table.entries()) without building the list."""
+    """len(table.entries()) without building the list; a decode_replace table (source_blob:
+    never edited) has it already (model.decode_replace, engine._entry_count)."""
+    if getattr(table, "source_blob", None) is not None:
+        n = table.__dict__.get("_entry_count")
+        if n is not None:
+            return n
     return sum(len(c.rules) + len(c.trailer) + (c.head_entry is not None)
                + (c.policy_entry is not None) for c in table.chains) \
         + (table.tail_entry is not None)
@@ -1355,8 +1364,15 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
         fl.check_chain(chain)           # refuses, naming the chain, what the flavor cannot serve
         if not fl.serves(chain):
             continue                    # empty ACCEPT chain at a hook the flavor has not
-        key, bases = _program_key(table, chain, facts, fl, subprog_above, subprogs, knobs)
+        # a table whose chains moved (an append ahead of them): the previous table's walk of
+        # this chain, moved, when it reached no changed entry; else (or when no program is
+        # kept for it) the walk
+        key, bases = _moved_program_key(table, chain, facts, fl, subprog_above, subprogs,
+                                        knobs)
         kept = _kept_program(key, bases)
+        if kept is None:
+            key, bases = _program_key(table, chain, facts, fl, subprog_above, subprogs, knobs)
+            kept = _kept_program(key, bases)
         if kept is not None:
             out.programs.append(kept)
             continue
@@ -1400,12 +1416,19 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
 # program is what a compile made for an equal table, not necessarily what a compile would
 # make now: classify._SEEN_RUNS may cut an appended run differently after other compiles
 # (both are exact).
+# The walk that makes the key costs per chain reached (3 336 for a fan-out). When decode_replace
+# found the table to be the previous one with plain rules changed in one place (model.moved_from:
+# an append ahead of the fan-out), the previous walk is taken, moved, for every built-in chain
+# whose walk reached no changed entry (_moved_program_key), and a built-in chain that holds the
+# change itself is walked alone, the chains behind it taken from the previous walk
+# (_walk_behind, _splice_behind). _WALK_RECORDS keeps each walk for the next table.
 PROG_CACHE_MAX = 64
 _PROG_CACHE: dict = {}          # key -> (bases, CompiledProgram, slots of its index insns)
 _CHAIN_FACTS: dict = {}         # (entries' cache_keys, policy's) -> positions of jumps, or None
 _SCAN_FACTS: dict = {}          # (entries' cache_keys, policy's) -> what _scan ORs of their _reads
 CHAIN_FACTS_MAX = 1 << 16
-PROG_STATS = {"made": 0, "reused": 0}
+# walks_moved: keys made by _moved_program_key; walks_spliced: walks _splice_behind ended
+PROG_STATS = {"made": 0, "reused": 0, "walks_moved": 0, "walks_spliced": 0}
 _KEPT_MATCHES = frozenset({"tcp", "udp", "icmp", "icmp6", "comment"})
 _CLASSIFY_KNOBS = ("GLOBAL_ABOVE", "GLOBAL_GROUPS", "GLOBAL_GROUP_SLOTS", "GROUP_SLOTS",
                    "MULTI_FORM", "MULTI_NS_BASE", "MULTI_NS_PER_WORD", "SPLIT_MAX_SHAPES",
@@ -1440,6 +1463,8 @@ def _flavor_key(fl):
 
 
 def _rule_kept_ok(r) -> bool:
+    """(Asked once per template of a long chain, classify.TEMPLATE_KINDS: it reads no address,
+    port or comment.)"""
     t = r.target
     return isinstance(t, (Verdict, Jump)) and \
         all(m.name in _KEPT_MATCHES for m in r.matches)
@@ -1482,6 +1507,10 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     order, seen, recs, bases = [top], {id(top): 0}, [], []
     facts_of, vec_min, scan_of = _CHAIN_FACTS.get, classify.VEC_MIN, _SCAN_FACTS.get
     sites, reads = {}, [False, False, False]    # for _jump_sites and _scan (see chain_info)
+    # the previous table's walk of the chains behind `top`, when only top's own chain changed
+    # (_walk_behind): then the walk stops after top
+    behind = _walk_behind(table, top)
+    spliced = False
     i = 0
     # (a fan-out table walks 3 336 chains here on every compile: the loop is kept tight)
     while i < len(order):
@@ -1537,11 +1566,168 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
             recs.append((c.name, c.hook, keys, pk))
         first = rules[0] if rules else c.policy_entry
         bases.append((first.index, first.offset))
-    info[("walk", id(top))] = (sites, tuple(reads))
+        if i == 1:
+            # top's own sites and reads, apart from those of the chains behind it
+            top_sites, top_reads = dict(sites), tuple(reads)
+            sites.clear()
+            reads[0] = reads[1] = reads[2] = False
+            if behind is not None:
+                got = _splice_behind(table, order, behind, info)
+                if got is not None:
+                    rest_recs, rest_bases, rest = got
+                    recs += rest_recs
+                    bases += rest_bases
+                    sites.update(rest[2])
+                    reads[:] = rest[3]
+                    spliced = True
+                    break
+    rest = (None, None, dict(sites), tuple(reads))
+    for name, k in top_sites.items():
+        sites[name] = sites.get(name, 0) + k
+    info[("walk", id(top))] = (sites, tuple(a or b for a, b in zip(top_reads, reads)))
+    recs = tuple(recs)
+    # each walked chain's entries from its head (or first rule) to its policy/RETURN entry
+    # (pk above: every walked chain has one), in entry order: for the next table's
+    # _moved_program_key; and the walked chains' places in table.chains with what the walk
+    # found of each, for _walk_behind
+    if spliced:
+        # the chains behind top moved (behind), top's own span is this table's
+        old_top = behind[5]
+        spans = [sp for sp in zip(behind[2], behind[3]) if sp != old_top] + [_span(top)]
+        spans.sort()
+        los, his = [a for a, _ in spans], [b for _, b in spans]
+        rest = (behind[4][0], [info[id(top)]] + behind[4][1][1:]) + rest[2:]
+    else:
+        spans = sorted(_span(c) for c in order)
+        los, his = [a for a, _ in spans], [b for _, b in spans]
+        pos = {id(c): k for k, c in enumerate(chains)}
+        rest = ([pos[id(c)] for c in order], [info[id(c)] for c in order]) + rest[2:]
+    _remember_walk(table, top.name, recs, bases, los, his, rest)
+    return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
+
+
+def _span(c: Chain) -> tuple:
+    """(first, end) entry indexes of chain c from its head (or first rule) to its policy or
+    RETURN entry."""
+    return ((c.head_entry or (c.rules[0] if c.rules else c.policy_entry)).index,
+            c.policy_entry.index + 1)
+
+
+def _walk_behind(table: Table, top: Chain):
+    """The previous table's walk of `top`'s name, moved to this table, when the only walked
+    chain holding a changed entry (model.moved_from) is top itself: then every chain behind
+    it is the previous table's, and top's jumps, plain rules aside, are the same jumps (the
+    changed entries are none: model._note_moved), so the walk from top's targets on goes as
+    before. (recs, bases, los, his, rest, top's old span), bases, spans and top's span moved
+    to this table, or None."""
+    mv = moved_from(table)
+    if mv is None:
+        return None
+    prev, nhead, p_first, shift, delta = mv
+    got = _WALK_RECORDS.get(id(prev))
+    if got is None or got[0]() is not prev:
+        return None
+    rec = got[1].get(top.name)
+    if rec is None or rec[4] is None or len(table.chains) != len(prev.chains):
+        return None
+    recs, bases, los, his, rest = rec
+    p_top = prev.chains[rest[0][0]]
+    if p_top.name != top.name or p_top.hook != top.hook:
+        return None
+    old_span = _span(p_top)
+    j = bisect.bisect_left(los, p_first) - 1
+    if j >= 0 and his[j] > nhead and (los[j], his[j]) != old_span:
+        return None                     # a chain behind top changed
+    if j >= 1 and his[j - 1] > nhead:
+        return None
+    if shift or delta:
+        bases = [(i - shift, o + delta) if i >= p_first else (i, o) for i, o in bases]
+        his = [b - shift if a >= p_first else b for a, b in zip(los, his)]
+        los = [a - shift if a >= p_first else a for a in los]
+        if old_span[0] >= p_first:
+            old_span = (old_span[0] - shift, old_span[1] - shift)
+    return recs, bases, los, his, rest, old_span
+
+
+def _splice_behind(table: Table, order: list, behind, info: dict):
+    """The previous walk's records, bases and chain facts of the chains behind top (order[0],
+    just walked), when top's jumps reach the chains they reached before, in the same order;
+    None otherwise (the walk goes on)."""
+    recs, bases, _los, _his, rest, _old = behind
+    where, facts = rest[0], rest[1]
+    chains = table.chains
+    if len(order) > len(where):
+        return None
+    for k in range(1, len(order)):
+        if chains[where[k]] is not order[k]:
+            return None
+    for k in range(1, len(where)):
+        c = chains[where[k]]
+        info[id(c)] = facts[k]
+    PROG_STATS["walks_spliced"] += 1
+    return recs[1:], bases[1:], rest
+
+
+def _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs) -> tuple:
     count = _entry_count(table) > SHARED_COUNT_ABOVE
     subs = None if subprogs is None else frozenset(subprogs)
-    return (top.name, flk, facts, subprog_above, subs, table.family, count, knobs,
-            tuple(recs)), bases
+    return (top.name, flk, facts, subprog_above, subs, table.family, count, knobs, recs)
+
+
+# {id(table): (weakref to the table, {built-in chain name: (recs, bases, los, his, rest)})}:
+# what _program_key's walk of each built-in chain found (recs: the key's chain records; los/his:
+# the walked chains' entry index spans, sorted; rest: (each walked chain's place in
+# table.chains, its chain_info facts, the jump sites and reads of the chains behind the top
+# one) or None), for the next table when it is this one with entries changed in one place
+# (model.moved_from). A few tables only: the installed one and the one being installed.
+_WALK_RECORDS: dict = {}
+WALK_RECORDS_MAX = 8
+
+
+def _remember_walk(table, name: str, recs, bases, los, his, rest=None) -> None:
+    got = _WALK_RECORDS.get(id(table))
+    if got is None or got[0]() is not table:
+        for k in [k for k, v in _WALK_RECORDS.items() if v[0]() is None]:
+            del _WALK_RECORDS[k]
+        if len(_WALK_RECORDS) >= WALK_RECORDS_MAX:
+            _WALK_RECORDS.clear()
+        got = _WALK_RECORDS[id(table)] = (weakref.ref(table), {})
+    got[1][name] = (recs, bases, los, his, rest)
+
+
+def _moved_program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
+                       knobs: tuple) -> tuple:
+    """(key, bases) of `top`'s program without walking its chains, when the table is the
+    previous decode_replace table with plain rules changed in one place (model.moved_from)
+    and the previous table's walk of the chain of that name reached none of the changed
+    entries: every chain it reached is then the same chain (same names, entries, landings;
+    model._note_moved says why), its entries moved together, so the walk would give the same
+    records, each base moved with its chain. (None, None) otherwise."""
+    if os.environ.get("BPFILTER_PROG_CACHE", "1") == "0" or not hasattr(table, "entries"):
+        return None, None
+    mv = moved_from(table)
+    if mv is None:
+        return None, None
+    prev, nhead, p_first, shift, delta = mv
+    got = _WALK_RECORDS.get(id(prev))
+    if got is None or got[0]() is not prev or top.name not in got[1]:
+        return None, None
+    recs, bases, los, his, rest = got[1][top.name]
+    if rest is not None and len(table.chains) != len(prev.chains):
+        rest = None
+    j = bisect.bisect_left(los, p_first) - 1
+    if j >= 0 and his[j] > nhead:
+        return None, None               # a walked chain holds a changed entry: walk it
+    flk = _flavor_key(fl)
+    if flk is None or recs[0][0] != top.name or recs[0][1] != top.hook:
+        return None, None
+    if shift or delta:
+        bases = [(i - shift, o + delta) if i >= p_first else (i, o) for i, o in bases]
+        his = [b - shift if a >= p_first else b for a, b in zip(los, his)]
+        los = [a - shift if a >= p_first else a for a in los]
+    _remember_walk(table, top.name, recs, bases, los, his, rest)
+    PROG_STATS["walks_moved"] += 1
+    return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
 
 
 def _first_by_name(table: Table) -> dict:

@@ -32,6 +32,12 @@ the shared helper, which may be running with other settings: it starts a helper 
 (`python3 -m bpfilter_umh --door FLAGS`) on a socketpair, which exits when the door closes it.
 The state lock and the state files keep both helpers consistent (sockopt.state_lock).
 
+bin/bpfilter-exec.c is the same door without Python's start-up: it installs this module's filter
+(filter_c_initializer, compiled in), hands the listener to the running helper
+(BPFILTER_CMD_HOLD, then BPFILTER_CMD_ADOPT with SCM_RIGHTS; kmod/bpfilter_msg.h) and execs CMD
+itself; the helper serves the notifications with doorserve.Door (__main__.serve_listen).  It
+runs this door instead when given flags, BPFILTER_DOOR_TRACE, or no helper to hand over to.
+
 The door is three modules: this one (the process: filter, fork, exec), doorserve.py (the
 notification loop, the caller's memory, the helper connection; imported by the parent after the
 fork) and doorspawn.py (starting a helper, imported only then).
@@ -112,6 +118,14 @@ def seccomp_filter() -> bytes:
         rel = lambda lbl: 0 if lbl is None else labels[lbl] - i - 1  # noqa: E731
         out.append(struct.pack("=HBBI", codes[op.split(":")[-1]], rel(jt), rel(jf), k))
     return b"".join(out)
+
+
+def filter_c_initializer() -> str:
+    """seccomp_filter() as the C initializer bin/bpfilter-exec.c compiles in (the Makefile
+    writes it to build/door_filter.h), so that the filter has one definition."""
+    rows = [f"\t{{ {code:#06x}, {jt}, {jf}, {k:#010x} }},"
+            for code, jt, jf, k in struct.iter_unpack("=HBBI", seccomp_filter())]
+    return "#define DOOR_FILTER { \\\n" + " \\\n".join(rows) + " \\\n}\n"
 
 
 def install_filter() -> int:
@@ -224,7 +238,7 @@ def exec_command(argv, flags=()) -> int:
     for s in forwarded:
         _signal.signal(s, lambda sig, _f: posix.kill(pid, sig))
     # the serving side is imported while the child installs the filter and starts CMD
-    from .doorserve import Door
+    from .doorserve import Door, HelperLink
     try:
         listener = _recv_fd(parent_sock)
     except (BpfilterError, OSError):
@@ -232,7 +246,7 @@ def exec_command(argv, flags=()) -> int:
         return posix.waitstatus_to_exitcode(st) if posix.WIFEXITED(st) else 126
     finally:
         parent_sock.close()
-    door = Door(listener, flags)
+    door = Door(listener, HelperLink(flags))
     status = door.run(pid)
     posix.close(listener)
     if posix.WIFSIGNALED(status):

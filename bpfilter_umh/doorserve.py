@@ -3,7 +3,9 @@ memory and the connection to the helper (doorspawn.py starts one when there is n
 
 The door's parent process imports this module right after the fork, while the child installs
 the filter and starts CMD (measured: 0.2-0.5 ms less per command than importing it before the
-fork, when the modules are compiled at each start).
+fork, when the modules are compiled at each start).  The helper serves a Door too: the one
+whose listener bin/bpfilter-exec handed over (BPFILTER_CMD_ADOPT, __main__.serve_listen), with
+a link that calls its own dispatcher instead of a socket.
 """
 import _socket
 import errno
@@ -16,10 +18,8 @@ from fcntl import ioctl
 from .caller import CallerMemory, netns_cookie, setns_net
 from .door import SYS_openat, SYS_setsockopt
 from .errors import BpfilterError, to_errno
-from .frames import REPLY, Reply, Request, read_exact
+from .frames import HELPER_SOCKET, REPLY, Reply, Request, read_exact
 from .xtopts import AF_INET, AF_INET6, FILTER_CMDS, SOL_IP
-
-HELPER_SOCKET = b"\0bpfilter"
 
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 SECCOMP_ADDFD_FLAG_SEND = 1 << 1
@@ -143,9 +143,14 @@ def _table_names_memfd(kernel_file: str) -> int:
 
 
 class Door:
-    def __init__(self, listener: int, flags=()):
+    """Serves the notifications of one seccomp listener; `helper` answers the requests (a
+    HelperLink in the door's process, the dispatcher itself in the helper's)."""
+
+    def __init__(self, listener: int, helper):
         self.listener = listener
-        self.helper = HelperLink(flags)
+        self.helper = helper
+        self.poll = select.poll()
+        self.poll.register(listener, select.POLLIN)
         self.cookies = {}       # netns inode -> cookie, filled by the first request from there
         # BPFILTER_DOOR_TRACE=FILE: one line per trapped call appended to FILE, with the time
         # the door took and the helper's share of it (where a command's time goes)
@@ -291,22 +296,27 @@ class Door:
                 return self.respond(nid, error=-e.errno)
         self.respond(nid, val=0)
 
+    def serve_ready(self, timeout_ms: int = 0) -> bool:
+        """Serve a notification if one comes within timeout_ms; False once no task uses the
+        filter any more (seccomp_notify_poll: EPOLLHUP when the filter has no users; a
+        notification still pending then is served first, EPOLLIN)."""
+        for _fd, ev in self.poll.poll(timeout_ms):
+            if ev & select.POLLIN:
+                self.serve_one()
+            elif ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return False
+        return True
+
     def run(self, child: int) -> int:
         """Serve until every process holding the filter is gone; returns the child's wait status."""
-        poll = select.poll()
-        poll.register(self.listener, select.POLLIN)
         status = None
         while True:
-            for _fd, ev in poll.poll(200):
-                if ev & select.POLLIN:
-                    self.serve_one()
-                elif ev & (select.POLLHUP | select.POLLERR):
-                    # no task uses the filter any more (seccomp_notify_poll)
-                    status = status if status is not None else posix.waitpid(child, 0)[1]
-                    self.helper.close()
-                    if self.trace:
-                        self.write_trace()
-                    return status
+            if not self.serve_ready(200):
+                status = status if status is not None else posix.waitpid(child, 0)[1]
+                self.helper.close()
+                if self.trace:
+                    self.write_trace()
+                return status
             if status is None:
                 pid, st = posix.waitpid(child, posix.WNOHANG)
                 if pid == child:

@@ -209,6 +209,7 @@ class Engine:
         # {id(MapSpec): (MapSpec, Map)}; _cls_next collects the ones an install in progress uses
         self._cls_maps, self._cls_next = {}, {}
         self._spare = None              # a zeroed counters map made after a reply (see below)
+        self._maps_again = _MapsAgain()  # replaced counters maps, zeroed (_LateCounts)
         self._late = None               # _LateCounts of the last install (a helper's)
         self._base_nz = None            # (base, its nonzero entries): counters_nonzero
 
@@ -551,8 +552,12 @@ class Engine:
     SPARE_SLACK, SPARE_MIN = 256, 2000
 
     def _fresh_counters_map(self, entries: int):
-        """A counters map nobody has used (all zero) with room for `entries`: the spare one when
-        it is big enough (and not far bigger), else a new one."""
+        """A counters map nobody has used (all zero) with room for `entries`: the one a replaced
+        table's counts were cleared from (_recycled), or the spare one, when big enough (and not
+        far bigger), else a new one."""
+        again = self._maps_again.take(entries, entries + 2 * self.SPARE_SLACK)
+        if again is not None:
+            return again
         spare, self._spare = self._spare, None
         if spare is not None:
             if entries <= spare.max_entries <= entries + 2 * self.SPARE_SLACK:
@@ -561,8 +566,13 @@ class Engine:
         return K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, entries, name=COUNTERS_MAP_NAME)
 
     def _make_spare(self):
-        """After the reply: the next install's counters map (see _fresh_counters_map)."""
+        """After the reply: the next install's counters map (see _fresh_counters_map), unless
+        the replaced table's map will serve (_LateCounts clears it once its wait is over)."""
         n = _entry_count(self.table)
+        late = self._late
+        if late is not None and late.recycles and \
+                n + 1 <= late.map_entries <= n + 2 * self.SPARE_SLACK:
+            return
         if self._spare is None and n >= self.SPARE_MIN:
             self._spare = K.Map.create(K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, n + self.SPARE_SLACK,
                                        name=COUNTERS_MAP_NAME)
@@ -571,6 +581,7 @@ class Engine:
         if self._spare is not None:
             self._spare.close()
             self._spare = None
+        self._maps_again.close()
 
     def _counters_map(self):
         """The installed ruleset's counters map, found through the programs' map ids."""
@@ -806,7 +817,7 @@ class Engine:
         if old_map is not None and later:
             # a helper replies without the wait: the counts read now, the packets still inside
             # the old programs settled after the reply (_LateCounts)
-            late = _LateCounts(old_map, self.table, self.base)
+            late = _LateCounts(old_map, self.table, self.base, self._maps_again)
             old_counters, old_map = late.returned, None
             self._late = late           # settled after the reply (_after_install)
         elif old_map is not None:
@@ -1044,10 +1055,18 @@ class Engine:
             _reader_of(self._map, _entry_count(self.table))
 
     def _late_after_reply(self):
-        """After the reply: the wait and the final read, then the carry if it is known."""
-        if self._late is not None:
-            self._late.finish()
-            self._settle_late()
+        """After the reply: the final read and the carry if it is known, when the wait is over
+        (the thread has read); else the next request that reads counters settles it (its
+        finish() waits), or the next idle moment (queued again: a wait must not hold up the
+        requests the helper serves meanwhile)."""
+        if self._late is None:
+            return
+        if not self._late.done.is_set():
+            if self._late_after_reply not in AFTER_REPLY:
+                after_reply(self._late_after_reply)
+            return
+        self._late.finish()
+        self._settle_late()
 
     def _drop_late(self):
         late, self._late = self._late, None
@@ -1301,17 +1320,12 @@ class _SumsReader:
             raise BpfilterError(errno.EOPNOTSUPP, "no in-kernel sums for this map")
         self.entries = m.max_entries
         self.lock = threading.Lock()
-        self.prog = self.mem = None
+        self.prog = self.clear_prog = self.mem = None
         self.out = K.Map.create(K.BPF_MAP_TYPE_ARRAY, 4, 16, self.entries, name="bpfilter_sums",
                                 flags=BPF_F_MMAPABLE)
+        self._load = lambda clear: self._program(X, SimpleNamespace, m, ncpu, clear)
         try:
-            code = X.assemble(_sums_main(self.entries), {}) + X.assemble(
-                _sums_callback(ncpu), {"cnt": m.fd, "out": self.out.fd})
-            btf, info = X.func_btf(8, [(0, "bpfilter_sums", False),
-                                       (_SUMS_MAIN_SLOTS, "bpfilter_sum_entry", False)])
-            self.prog = load_with_func_info(
-                SimpleNamespace(prog_type=BPF_PROG_TYPE_XDP, name="bpfilter_sums", license="GPL",
-                                expected_attach_type=0), code, btf, info)
+            self.prog = self._load(False)
             size = (16 * self.entries + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
             self.mem = mmap.mmap(self.out.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         except BaseException:
@@ -1323,15 +1337,34 @@ class _SumsReader:
         self.frame = ffi.new("char[]", 14)
         self.attr = ffi.new("char[]", 80)
 
-    def read(self, n: int):
-        """_nonzero_sums of entries 0..n-1, or None when the run fails."""
+    def _program(self, X, SimpleNamespace, m, ncpu: int, clear: bool):
+        code = X.assemble(_sums_main(self.entries), {}) + X.assemble(
+            _sums_callback(ncpu, clear), {"cnt": m.fd, "out": self.out.fd})
+        btf, info = X.func_btf(8, [(0, "bpfilter_sums", False),
+                                   (_SUMS_MAIN_SLOTS, "bpfilter_sum_entry", False)])
+        return load_with_func_info(
+            SimpleNamespace(prog_type=BPF_PROG_TYPE_XDP, name="bpfilter_sums", license="GPL",
+                            expected_attach_type=0), code, btf, info)
+
+    def read(self, n: int, clear: bool = False):
+        """_nonzero_sums of entries 0..n-1, or None when the run fails. clear: every entry's
+        CPUs zeroed as they are summed (the program made on first use), for a map no program
+        counts in any more: _LateCounts' final read, after which the map serves again."""
         ffi = K._ffi
         with self.lock:
             if self.prog is None:
                 return None
+            prog = self.prog
+            if clear:
+                if self.clear_prog is None:
+                    try:
+                        self.clear_prog = self._load(True)
+                    except (BpfilterError, OSError):
+                        return None
+                prog = self.clear_prog
             buf = ffi.buffer(self.attr)
             buf[:] = bytes(80)
-            struct.pack_into("<IIIIQQI", buf, 0, self.prog.fd, 0, 14, 0,
+            struct.pack_into("<IIIIQQI", buf, 0, prog.fd, 0, 14, 0,
                              int(ffi.cast("uintptr_t", self.frame)), 0, 1)
             ret = K._bpf(BPF_PROG_TEST_RUN, self.attr, 80)
             # retval: bpf_loop's, the number of entries walked (negative: it refused)
@@ -1342,10 +1375,10 @@ class _SumsReader:
 
     def close(self):
         with self.lock:
-            for o in (self.mem, self.prog, self.out):
+            for o in (self.mem, self.prog, self.clear_prog, self.out):
                 if o is not None:
                     o.close()
-            self.mem = self.prog = self.out = None
+            self.mem = self.prog = self.clear_prog = self.out = None
 
 
 # the reader's main program: bpf_loop(entries, callback, NULL, 0), which returns how many it ran
@@ -1361,17 +1394,19 @@ def _sums_main(entries: int) -> list:
             X.call(BPF_FUNC_loop), X.exit_()]
 
 
-def _sums_callback(ncpu: int) -> list:
+def _sums_callback(ncpu: int, clear: bool = False) -> list:
     """long bpfilter_sum_entry(u64 index, void *ctx): out[index] = the sum over CPUs of
-    cnt[index] (u64 arithmetic wraps as get_counters' does); 1 (stop) if out has no such entry."""
+    cnt[index] (u64 arithmetic wraps as get_counters' does); 1 (stop) if out has no such entry.
+    clear: each CPU's value zeroed once read."""
     from . import ebpf as X
     R0, R1, R2, R3, R6, R7, FP = X.R0, X.R1, X.R2, X.R3, X.R6, X.R7, X.R10
     out = [X.stx(X.W, FP, -4, R1, comment="key = index"), X.mov(R6, 0), X.mov(R7, 0)]
+    zero = [X.st(X.DW, R0, 0, 0), X.st(X.DW, R0, 8, 0)] if clear else []
     for c in range(ncpu):
         out += [X.ld_map_fd(R1, "cnt"), X.mov(R2, FP), X.alu(X.ADD, R2, -4), X.mov(R3, c),
                 X.call(BPF_FUNC_map_lookup_percpu_elem), X.jmp(X.JEQ, R0, 0, f"cpu{c + 1}"),
                 X.ldx(X.DW, R1, R0, 0), X.alu(X.ADD, R6, R1),
-                X.ldx(X.DW, R1, R0, 8), X.alu(X.ADD, R7, R1), X.Label(f"cpu{c + 1}")]
+                X.ldx(X.DW, R1, R0, 8), X.alu(X.ADD, R7, R1), *zero, X.Label(f"cpu{c + 1}")]
     return out + [X.ld_map_fd(R1, "out"), X.mov(R2, FP), X.alu(X.ADD, R2, -4),
                   X.call(X.BPF_FUNC_map_lookup_elem), X.jmp(X.JEQ, R0, 0, "stop"),
                   X.stx(X.DW, R0, 0, R6), X.stx(X.DW, R0, 8, R7), X.mov(R0, 0), X.exit_(),
@@ -1468,7 +1503,7 @@ class _LateCounts:
     it (the same rule at the same rank in the same chain, or the same chain's policy) where
     `added` shows libiptc carried that entry's count: the counters end as the kernel's would."""
 
-    def __init__(self, old_map, old_table: Table, base: list):
+    def __init__(self, old_map, old_table: Table, base: list, again: "_MapsAgain"):
         self.table, self.n = old_table, _entry_count(old_table)
         self.early = _map_counts(old_map, min(self.n, old_map.max_entries))
         self.returned = _plus(list(base[:self.n]) + [(0, 0)] * (self.n - len(base)),
@@ -1480,16 +1515,29 @@ class _LateCounts:
         # do), so the final read, in the waiter thread once it is over, never precedes it; the
         # old map's fd goes with it, a grace period after the swap (not when the helper is idle)
         self.done = threading.Event()
+        # the old map comes back zeroed (_recycled) when its reader can clear it
+        self.map_entries = old_map.max_entries
+        self.recycles = bool(old_map.__dict__.get("_sums_reader"))
+        self.again = again
         _rcu_waiter().put((self._wait_and_read, old_map))
 
     def _wait_and_read(self, old_map):
+        cleared = None
         try:
             _wait_for_readers()
-            self.final = _map_counts(old_map, min(self.n, old_map.max_entries))
+            n = min(self.n, old_map.max_entries)
+            r = old_map.__dict__.get("_sums_reader")
+            if r:
+                # no program counts in it any more: summed and zeroed in one pass (every entry,
+                # or none if the run fails: then nothing late is carried), so it serves again
+                self.final = cleared = r.read(n, clear=True)
+            else:
+                self.final = _map_counts(old_map, n)
         except Exception:           # noqa: BLE001 - no final read: nothing late is carried
-            self.final = None
+            self.final = cleared = None
         finally:
-            _close_counters(old_map)
+            if cleared is None or not self.again.put(old_map):
+                _close_counters(old_map)
             self.done.set()
 
     def finish(self):
@@ -1541,6 +1589,39 @@ class _LateCounts:
 
 
 _waiter = None      # (thread, queue) of _rcu_waiter
+
+class _MapsAgain:
+    """An engine's counters maps that a replaced table's programs no longer count in, zeroed
+    by their final read (_LateCounts, in the waiter thread), for its next install
+    (Engine._fresh_counters_map): creating a PERCPU_ARRAY of 10 000 entries takes 5-9 ms (one
+    per-CPU allocation per entry), and such a map keeps its reader (_reader_of)."""
+    MAX = 2
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.maps = []
+
+    def put(self, m) -> bool:
+        with self.lock:
+            if len(self.maps) >= self.MAX:
+                return False
+            self.maps.append(m)
+            return True
+
+    def take(self, least: int, most: int):
+        """A map of least..most entries, or None; the others close."""
+        with self.lock:
+            maps, self.maps = self.maps, []
+        found = None
+        for m in maps:
+            if found is None and least <= m.max_entries <= most:
+                found = m
+            else:
+                _close_counters(m)
+        return found
+
+    def close(self):
+        self.take(1, 0)
 
 
 def _rcu_waiter():
@@ -1845,10 +1926,11 @@ def after_reply(work):
 
 
 def run_after_reply() -> int:
-    """Do the queued work, oldest first; returns how many items there were."""
+    """Do the queued work, oldest first; returns how many items there were. What it queues
+    meanwhile waits for the next call."""
     global GC_HELD
     n = 0
-    while AFTER_REPLY:
+    for _ in range(len(AFTER_REPLY)):
         work = AFTER_REPLY.pop(0)
         if callable(work):
             work()

@@ -12,6 +12,12 @@ from .errors import BpfilterError
 
 BPFILTER_MSG_MAGIC = 0x62706631  # "bpf1"
 
+# the helper's per-netns socket, and the two requests with which a door hands its seccomp
+# listener to the helper (bpfilter_msg.h, bin/bpfilter-exec.c)
+HELPER_SOCKET = b"\0bpfilter"
+BPFILTER_CMD_HOLD = 0x100
+BPFILTER_CMD_ADOPT = 0x101
+
 # struct bpfilter_request: magic cmd is_set family pid len (u32) addr netns_cookie (u64)
 REQUEST = struct.Struct("=IIIIIIQQ")
 # struct bpfilter_reply: magic (u32) status (s32) len pad (u32)

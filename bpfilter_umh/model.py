@@ -7,9 +7,9 @@ Shared contract (other stages rely on these names):
                                                  check of do_replace()+translate_table() that does
                                                  not need the installed table; the Table is
                                                  normalized (what GET_ENTRIES would then return)
-                                                 and read-only: its Rule objects are shared
-                                                 with the decodes before and after it (issue
-                                                 #7); copy.deepcopy it to edit it
+                                                 and read-only: its Rule and Chain objects are
+                                                 shared with the decodes before and after it
+                                                 (issue #7); copy.deepcopy it to edit it
   - Table.empty(name, family)                    the table the kernel creates in a fresh netns
   - Table.encode() -> bytes                      the entries blob (ipt_get_entries.entrytable)
   - Table.entries() -> list[Rule]                every entry in blob order; entry index == counter
@@ -19,6 +19,10 @@ Shared contract (other stages rely on these names):
   - Table.with_counters([(pcnt, bcnt), ...]), Table.normalized(), Table.getinfo_bytes()
   - check_against_installed(hdr, installed)      __do_replace()'s ENOENT / EINVAL / EAGAIN
   - decode_add_counters(buf, num_entries)        IPT_SO_SET_ADD_COUNTERS → (name, counters)
+  - moved_from(table)                            (previous table, nhead, p_first, shift, delta)
+                                                 when a decode_replace table is the previous
+                                                 one with plain rules changed in one place
+                                                 (an append ahead of most chains), else None
   - Table.unchecked_extensions()                 extensions kept opaque (not checked here)
   - Table.chains: in blob order (for every table iptables writes: built-in chains in hook order,
     then user chains)
@@ -39,6 +43,7 @@ import ipaddress
 import operator
 import struct
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -437,6 +442,13 @@ def _underflow_check(r, off, valid_hooks, underflow):
 # counters (libiptc sends back the live counters GET_ENTRIES showed); after a normalized decode
 # the blob kept is the one the kernel would keep (Table.kept_blob), so an append after a
 # restore (which sent comefrom 0) still matches byte for byte where no rule counted a packet.
+# A restore over the loaded table (kube-proxy's periodic full sync: the same table, or one rule
+# changed) sends comefrom 0 in every entry, so it is compared with the kept blob with comefrom
+# zeroed instead (_zeroed; the restore's own blob when the previous command was one): the
+# unchanged entries are then a few big slice compares, and the kept blob is the previous one's
+# bytes spliced around the change (_kept_spliced), not a patch of every entry. When nothing the
+# kernel's walk depends on changed, the comefrom values (_mark_again, _mark_same_kinds), the
+# chains' spans and the Chain objects outside the change are the previous table's (_build).
 # The decode takes the entry out (pop) and owns its raws: moved ones are changed in place.
 _LAST_WALK: dict = {}
 # a user chain's name by its ERROR entry's payload (3 333 chains in a fan-out table)
@@ -494,16 +506,84 @@ def _with_volatile(hdr, e: bytes, family: int):
     return n
 
 
-def _reusable(prev, blob: bytes, family: int, touched: list):
+def _zeroed(prev, family: int):
+    """The previous kept blob with every entry's comefrom zeroed (its counters are zero
+    already): what iptables-restore sends for the same table (libiptc builds every entry anew,
+    comefrom 0, counters 0). Made once per kept blob (the memo keeps it), or the restore's own
+    blob when it was that (_decode)."""
+    memo = prev[4]
+    z = memo.zeroed
+    if z is None:
+        out = bytearray(prev[0])
+        cf = _VOLATILE[family][0]
+        if sys.byteorder == "little":
+            words = memoryview(out)[:len(out) & ~3].cast("I")
+            for o in memo.offs:
+                words[(o + cf) >> 2] = 0
+            words.release()
+        else:
+            for o in memo.offs:
+                out[o + cf:o + cf + 4] = bytes(4)
+        z = memo.zeroed = bytes(out)
+    return z
+
+
+def _restored_over(prev, blob: bytes, pre: int, family: int) -> bool:
+    """Whether `blob` looks like a restore over the previous kept table: the first entry
+    that differs from it (at byte `pre`), or else the last one (the change may be in the
+    first entry), differs in comefrom or the counters, and `blob` has them all zero there
+    (an append sends back the comefrom GET_ENTRIES showed)."""
+    old = prev[0]
+    if _zero_volatile_at(prev[4].offs, old, blob, pre, 0, family):
+        return True
+    delta = len(blob) - len(old)
+    last = len(old) - _common_suffix(old, blob) - 1
+    return last >= 0 and _zero_volatile_at(prev[4].offs, old, blob, last, delta, family)
+
+
+def _zero_volatile_at(offs, old: bytes, blob: bytes, pos: int, delta: int, family: int) -> bool:
+    """Whether byte pos of old lies in the comefrom or counters of its entry (offs: the old
+    entries' offsets), and that entry, moved by delta, has all of them zero in blob."""
+    k = bisect.bisect_right(offs, pos) - 1
+    if k < 0:
+        return False
+    cf, cnt, _ = _VOLATILE[family]
+    o = offs[k]
+    n = o + delta
+    return cf <= pos - o < cnt + 16 and n >= 0 and len(blob) >= n + cnt + 16 \
+        and not any(blob[n + cf:n + cf + 4]) and not any(blob[n + cnt:n + cnt + 16])
+
+
+def _reusable(prev, blob: bytes, family: int, touched: list, splice=None):
     """(head, tail): the old entries at the start of `blob` (same offsets) and at its end
     (offsets moved by the size change; a jump entry whose only difference is its verdict
     carries the new one), with nothing in between reused twice. The entries given other
-    comefrom or counters (a new header) are added to `touched`."""
+    comefrom or counters (a new header) are added to `touched`.
+
+    `splice` (a dict; only for a normalized decode after a normalized decode): where `blob`
+    is a restore over the previous table (comefrom and the counters zero in every entry, the
+    previous kept blob has the comefrom mark_source_chains set), the entries are compared
+    with the previous kept blob with comefrom zeroed (_zeroed: whole runs in one memcmp, not
+    a header per entry), and splice tells _kept_blob where: "kept" the previous kept blob,
+    "head" (entries, end offset) at the start of both equal byte for byte to it but for
+    comefrom, "tail" (entries, old offset, new offset) at the end. Those entries' headers keep
+    describing the previous kept bytes (comefrom as marked then, counters 0), not `blob`'s;
+    the reused entries between head and tail carry blob's comefrom (0) and counters (0) but
+    keep their old headers: _kept_blob writes every one of them."""
     old, raws, ends = prev[:3]
     delta = len(blob) - len(old)
     if delta % 8:
         return [], []
-    nhead = bisect.bisect_right(ends, _common_prefix(old, blob))
+    pre = _common_prefix(old, blob)
+    if splice is not None and pre < len(blob) and _restored_over(prev, blob, pre, family):
+        z = _zeroed(prev, family)
+        pz = _common_prefix(z, blob)
+        if pz >= pre:
+            splice["kept"] = old
+            old, pre = z, pz
+    nhead = bisect.bisect_right(ends, pre)
+    if splice:
+        splice["head"] = (nhead, ends[nhead - 1] if nhead else 0)
     head = raws[:nhead]
     cf, cnt, _ = _VOLATILE[family]
     # on from there, entries equal but for comefrom and the counters (libiptc sends the live
@@ -543,6 +623,9 @@ def _reusable(prev, blob: bytes, family: int, touched: list):
     # those wholly in it (and after the head), at once: moved by delta, nothing else changes
     js = max(nhead, _first_at_or_after(raws, max(same_from, floor - delta)))
     suffix = raws[js:]
+    if splice:
+        o = raws[js].off if suffix else len(old)
+        splice["tail"] = (len(suffix), o, o + delta)
     if delta:
         for r in suffix:
             r.off += delta      # _moved, verdict kept (the bytes are the same)
@@ -704,15 +787,16 @@ def _first_at_or_after(raws, off: int) -> int:
     return lo
 
 
-def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None, touched=None):
+def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None, touched=None,
+          splice=None):
     """translate_table()'s first loop: check_entry_size_and_hooks() on every entry, on the
     entries the previous table (`prev`, from _LAST_WALK) did not have. Returns (raws, nhead,
     ntail): raws[:nhead] are the previous walk's first nhead entries (same offsets), raws[-ntail:]
     (ntail > 0) its last ntail (moved by the size change); reused entries with other comefrom
-    or counters go to `touched`."""
+    or counters go to `touched`. `splice`: see _reusable."""
     if prev is None:
         return _walk_range(blob, lay, underflow, valid_hooks, 0, None), 0, 0
-    head, tail = _reusable(prev, blob, lay.family, [] if touched is None else touched)
+    head, tail = _reusable(prev, blob, lay.family, [] if touched is None else touched, splice)
     start = head[-1].off + head[-1].hdr.next_offset if head else 0
     stop = tail[0].off if tail else None
     mid = _walk_range(blob, lay, underflow, valid_hooks, start, stop)
@@ -721,6 +805,8 @@ def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None, touch
     if stop is not None and end != stop:
         # the new entries did not end where the reused ones begin: walk on from there
         tail, ntail = _walk_range(blob, lay, underflow, valid_hooks, end, None), 0
+        if splice:
+            splice["tail"] = (0, len(splice["kept"]), len(blob))
     raws = head + mid + tail
     if head or tail:
         for h in range(NF_INET_NUMHOOKS):
@@ -848,13 +934,19 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
     return out
 
 
-def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None) -> bytes:
+def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None,
+               splice=None) -> bytes:
     """The entries as the kernel keeps them after SET_REPLACE (what GET_ENTRIES shows, counters
     zero): the caller's bytes with comefrom set by mark_source_chains and the counters zeroed
     (ip_tables.c translate_table copies the rest as given). Only the entries whose comefrom or
     counters differ are patched: libiptc sends back what GET_ENTRIES showed, so after the first
     change that is the few new entries (and those with traffic), not all 10 000. `cand`: the
-    indexes of the only entries that may differ (the caller knows the others match)."""
+    indexes of the only entries that may differ (the caller knows the others match).
+    `splice` (_reusable, a restore over the previous table): the runs of entries at the start
+    and end equal to the previous kept ones but for comefrom are copied from those (where
+    their comefrom is the same: the others are in cand), and every entry in cand is written."""
+    if splice is not None:
+        return _kept_spliced(blob, raws, comefrom, family, cand, splice)
     cf, cnt, _ = _VOLATILE[family]
     if cand is None:
         todo = [(r, c) for r, c in zip(raws, comefrom)
@@ -888,6 +980,50 @@ def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None) -> byt
 
 
 _U32, _U64X2 = struct.Struct("<I"), struct.Struct("<QQ")
+
+
+def _kept_spliced(blob: bytes, raws, comefrom: list, family: int, cand, splice) -> bytes:
+    """_kept_blob of a restore over the previous table: its kept bytes for the runs at the
+    start (up to splice["head"]'s offset) and the end (from splice["tail"]'s), blob's in
+    between, then comefrom and zero counters written into every entry of cand (their headers
+    set to match; the spliced entries' headers describe the kept bytes already)."""
+    kept = splice["kept"]
+    _nh, h_end = splice["head"]
+    _nt, t_old, t_new = splice["tail"]
+    between = splice.get("between", ())
+    if not cand and not any(between) and h_end == len(blob) == len(kept):
+        return kept                     # the same table again
+    cf, cnt, _ = _VOLATILE[family]
+    # one copy of each part (memoryview slices copy nothing)
+    t_new = max(t_new, h_end)
+    t_old = t_new - len(blob) + len(kept)
+    out = bytearray(memoryview(kept)[:h_end])
+    out += memoryview(blob)[h_end:t_new]
+    out += memoryview(kept)[t_old:]
+    u64x2, u32 = _U64X2.pack_into, _U32.pack_into
+    # the entries between the spliced runs (not in cand: as in the previous kept blob but for
+    # comefrom and a jump's offset): comefrom only, their counters zero already; one native
+    # u32 array where the machine is little-endian (the entries are 8-aligned)
+    words = memoryview(out)[:len(out) & ~3].cast("I") if sys.byteorder == "little" else None
+    for rng in between:
+        for i in rng:
+            if i in cand:
+                continue
+            r, c = raws[i], comefrom[i]
+            if words is not None:
+                words[(r.off + cf) >> 2] = c
+            else:
+                u32(out, r.off + cf, c)
+            r.hdr.comefrom = c
+    if words is not None:
+        words.release()
+    for i in sorted(cand):
+        r, c = raws[i], comefrom[i]
+        u32(out, r.off + cf, c)
+        u64x2(out, r.off + cnt, 0, 0)
+        h = r.hdr
+        h.comefrom, h.pcnt, h.bcnt = c, 0, 0
+    return bytes(out)
 
 
 def _verdict_ok(v: int) -> bool:
@@ -1010,10 +1146,14 @@ class _Memo:
         n = len(raws)
         first = n - ntail
         self.size, self.comefrom = size, None
+        # the kept blob with comefrom zeroed, once made (_zeroed)
+        self.zeroed = None
         # set by the decode: every entry's comefrom as mark_source_chains() found it, each
         # jump's landing (entry index, in the order of kinds[0]) and each hook's first entry
         # (-1: not a valid hook), for _mark_again
         self.marks = self.lands = self.hooks = None
+        # each jump's landing (as lands) however the comefrom values were found
+        self.landed = None
         if prev is None or p_raws is None or not (nhead or ntail):
             nhead = ntail = 0
             first = n
@@ -1062,6 +1202,60 @@ class _Memo:
                 mn[m[0]] = mn.get(m[0], 0) + d
 
 
+# {id(table): (weakref to it, weakref to the table it moved from, nhead, p_first, shift, delta)}
+# of the last few decode_replace tables that are the previous one's entries with plain rules
+# changed in one place (moved_from). Kept here, not on the Table: a copy.deepcopy of the table,
+# edited, must not carry it.
+_MOVED: dict = {}
+
+
+def _note_moved(table, p_table, raws, nhead: int, ntail: int, size: int, memo, p_memo,
+                p_raws) -> None:
+    """Remember that `table` is p_table with the entries between its first nhead and last
+    ntail replaced, when _mark_again found the walk unchanged (no jump or return among the
+    changed entries, every hook entry and jump landing where it did, moved) and, checked
+    here, no ERROR entry among them (the same chains, with the same names) and every
+    underflow on the entry it was on, moved: then every chain that holds no changed entry is
+    the previous table's chain, its entries moved together by (-shift, delta)."""
+    if p_table is None or p_memo is None or getattr(p_memo, "uflows", None) is None:
+        return
+    n, m = len(raws), len(p_raws)
+    first, p_first = n - ntail, m - ntail
+    shift = m - n
+    errs, p_errs = memo.kinds[1], p_memo.kinds[1]
+    before = raws[nhead - 1]
+    if _is_return(before) and before.verdict == XT_RETURN and \
+            bisect.bisect_left(errs, first) < len(errs) and \
+            errs[bisect.bisect_left(errs, first)] == first:
+        # entries changed between a user chain's last entry, its RETURN, and the next chain's
+        # head (never where iptables adds a rule): that chain would end in them (Table._build
+        # takes a user chain's last entry as its RETURN only if it is one)
+        return
+    if bisect.bisect_left(errs, nhead) != bisect.bisect_left(errs, first) or \
+            bisect.bisect_left(p_errs, nhead) != bisect.bisect_left(p_errs, p_first):
+        return
+    moved = tuple(-1 if k == -1 else k if k < nhead else k - shift for k in p_memo.uflows)
+    if moved != memo.uflows or any(nhead <= k < p_first for k in p_memo.uflows):
+        return
+    for k in [k for k, v in _MOVED.items() if v[0]() is None]:
+        del _MOVED[k]
+    _MOVED[id(table)] = (weakref.ref(table), weakref.ref(p_table), nhead, p_first, shift,
+                         size - p_memo.size)
+
+
+def moved_from(table):
+    """(previous table, nhead, p_first, shift, delta) when decode_replace found `table` to be
+    the previous decode_replace table with only plain rules (no jumps, returns or chain heads)
+    changed between its entries nhead and p_first (new entries from there on are the previous
+    table's from p_first on, index - shift, offset + delta), every jump, hook entry and
+    underflow landing where it did; else None. Only while both tables are alive."""
+    got = _MOVED.get(id(table))
+    if got is None or got[0]() is not table:
+        return None
+    prev = got[1]()
+    return None if prev is None else (prev,) + got[2:]
+
+
 def _is_return(r) -> bool:
     """An unconditional standard verdict (RETURN, a policy, an unconditional ACCEPT/DROP):
     where mark_source_chains()'s walk turns back."""
@@ -1084,10 +1278,11 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
     exactly when the entry before them is and is not a return: they take its comefrom (a walk
     reaching that entry goes on to the next, after the jump's walk for a jump), else 0.
     Work: per jump (a list comparison), not per entry."""
-    if p_memo is None or p_memo.marks is None or p_memo.lands is None or not nhead \
-            or not ntail:
+    if p_memo is None or p_memo.marks is None or p_memo.lands is None or not nhead:
         return None
     n, m = len(raws), len(p_raws)
+    if not (ntail or nhead == n == m):      # (nhead == n == m: the same table again)
+        return None
     first, p_first = n - ntail, m - ntail
     shift = m - n
     for r in raws[nhead:first]:
@@ -1118,6 +1313,51 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
     before = raws[nhead - 1]
     fill = 0 if _is_return(before) else p_cf[nhead - 1]
     return p_cf[:nhead] + [fill] * (first - nhead) + p_cf[p_first:]
+
+
+def _walk_kind(r) -> int:
+    """What mark_source_chains() does at an entry: 1 turn back (_is_return), 2 jump (a
+    standard verdict >= 0), 0 go on to the next entry."""
+    if r.std:
+        if r.verdict >= 0:
+            return 2
+        if r.uncond:
+            return 1
+    return 0
+
+
+def _mark_same_kinds(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_memo,
+                     p_raws):
+    """mark_source_chains() of a table with as many entries as the previous one (p_memo,
+    p_raws), each changed entry (between nhead and the last ntail) of the kind the previous
+    one there was (_walk_kind), every hook entry and every jump landing on the entry of the
+    index it landed on before: the previous comefrom values, else None. The kernel's walk
+    chooses its step at an entry by its kind and landing only (entry sizes move offsets, not
+    indexes), so it takes the same steps, and finds no error (the previous walk found none).
+    A restore with one verdict changed (a chain's final DROP made ACCEPT: a return either
+    way) is such a table; _mark_again refuses it (a return changed)."""
+    if p_memo is None or p_memo.marks is None or p_memo.landed is None:
+        return None
+    n = len(raws)
+    first = n - ntail
+    if len(p_raws) != n or first < nhead:
+        return None
+    for r, p in zip(raws[nhead:first], p_raws[nhead:first]):
+        if _walk_kind(r) != _walk_kind(p):
+            return None
+    at, jumps = memo.at, memo.kinds[0]
+    hooks = tuple(at.get(hook_entry[h]) if valid_hooks & (1 << h) else -1
+                  for h in range(NF_INET_NUMHOOKS))
+    if hooks != p_memo.hooks:
+        return None
+    get = at.get
+    lands = [get(raws[j].verdict) for j in jumps]
+    if lands != p_memo.landed:
+        return None
+    # (lands only where _mark_fast's table shape held before: what _mark_again relies on)
+    memo.lands = lands if p_memo.lands is not None else None
+    memo.landed, memo.hooks = lands, hooks
+    return list(p_memo.marks)
 
 
 def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
@@ -1346,6 +1586,38 @@ def _find_check(raws, family):
     return lay
 
 
+def _spans(raws, hook_start: dict, bounds: list):
+    """The chains' spans (first entry, first body entry, end, hook or None, name) from the
+    chain starts (`bounds`: hook entries and ERROR entries, sorted), and the index of the
+    final ERROR entry (None if there is none)."""
+    n = len(raws)
+    spans, tail = [], None
+    if n and (not bounds or bounds[0] > 0):
+        # entries before any chain start: no hook reaches them
+        spans.append((0, 0, bounds[0] if bounds else n, -1, ""))     # hook -1: no head
+    nb = len(bounds)
+    names = _CHAIN_NAMES
+    if len(names) > ENTRY_CACHE_MAX:
+        names.clear()
+    for j, b in enumerate(bounds):
+        end = bounds[j + 1] if j + 1 < nb else n
+        h = hook_start.get(b)
+        if h is not None:
+            spans.append((b, b, end, h, HOOK_NAMES[h]))
+        elif b == n - 1:
+            tail = b
+            break
+        else:
+            # the name: errorname, the payload up to its NUL (error_tg_ok() saw one in its 30
+            # bytes; ERROR has no usersize, so the payload shown is the one sent)
+            p = raws[b].tpayload
+            cname = names.get(p)
+            if cname is None:
+                cname = names[p] = uapi.cstr(p)
+            spans.append((b, b + 1, end, None, cname))
+    return spans, tail
+
+
 class Table:
     """One xtables table (see the module docstring for the contract)."""
 
@@ -1410,7 +1682,13 @@ class Table:
         # raws (_moved changes them in place)
         prev = _LAST_WALK.pop(family, None)
         touched = []
-        raws, nhead, ntail = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev, touched)
+        # a restore over the previous table is compared with its kept blob with comefrom
+        # zeroed, and the kept blob made from that one's bytes (_reusable): only where the
+        # previous decode kept what the kernel keeps (normalized: its raws describe those bytes)
+        splice = {} if normalize and prev is not None and prev[4].comefrom is not None \
+            else None
+        raws, nhead, ntail = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev, touched,
+                                   splice)
         n = len(raws)
         if num_entries is not None and n != num_entries:
             _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {n}")
@@ -1425,6 +1703,12 @@ class Table:
         comefrom = _mark_again(raws, nhead, ntail, hook_entry, valid_hooks, memo,
                                prev[4] if prev is not None else None,
                                prev[1] if prev is not None else None)
+        marked_again = comefrom is not None
+        if comefrom is None and prev is not None:
+            comefrom = _mark_same_kinds(raws, nhead, ntail, hook_entry, valid_hooks, memo,
+                                        prev[4], prev[1])
+        # each jump landing on the entry (index) it landed on in the previous table
+        same_lands = comefrom is not None
         if comefrom is None:
             memo.hooks = tuple(at.get(hook_entry[h], -1) if valid_hooks & (1 << h) else -1
                                for h in range(NF_INET_NUMHOOKS))
@@ -1433,6 +1717,11 @@ class Table:
             memo.lands = None
             comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks, at)
         memo.marks = comefrom
+        if memo.landed is None:
+            memo.landed = memo.lands if memo.lands is not None else \
+                [at.get(raws[j].verdict) for j in memo.kinds[0]]
+        memo.uflows = tuple(at.get(underflow[h], -1) if valid_hooks & (1 << h) else -1
+                            for h in range(NF_INET_NUMHOOKS))
         # the reused entries were checked and remembered by an earlier decode
         _find_check(mid, family)
         _remember(mid, family)
@@ -1440,15 +1729,20 @@ class Table:
         _LAST_WALK[family] = (blob, raws, ends, None, memo)
         # the previous shared decode's rules, for the entries reused from its walk
         reuse = (prev[3], nhead, ntail) if share and prev is not None and prev[3] else None
-        table, rules = cls._build(raws, family, hook_entry, underflow, valid_hooks, name,
-                                  comefrom if normalize else None, at, memo.kinds, reuse,
-                                  offs, memo.lands)
+        table, rules, spans = cls._build(raws, family, hook_entry, underflow, valid_hooks,
+                                         name, comefrom if normalize else None, at, memo.kinds,
+                                         reuse, offs, memo.landed, same_lands)
         if normalize:
             # the entries whose comefrom or counters may differ from what the kernel keeps:
             # all of them, or (after a normalized decode, whose raws describe the bytes kept)
             # the new ones, the reused ones sent with other values, those with a new comefrom
             cand = None
             p_memo = prev[4] if prev is not None else None
+            # every entry of the blob sent has comefrom 0 and zero counters (a restore: the
+            # next restore of the same table compares with this blob, _zeroed)
+            sent_zeroed = not touched and not any(
+                r.hdr.comefrom or r.hdr.pcnt or r.hdr.bcnt
+                for r in (raws[nhead:first] if splice else raws))
             if p_memo is not None and p_memo.comefrom is not None:
                 shift = len(p_memo.comefrom) - n
                 cand = set(range(nhead, first))
@@ -1458,13 +1752,25 @@ class Table:
                     cand.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
                 if comefrom[first:] != p_cf[first + shift:]:
                     cand.update(i for i in range(first, n) if comefrom[i] != p_cf[i + shift])
-            table.kept_blob = _kept_blob(blob, raws, comefrom, family, cand)
+                if splice:
+                    # the reused entries outside the spliced runs: blob's bytes, comefrom 0
+                    # and zero counters (where not in cand: comefrom written alone)
+                    splice["between"] = (range(splice["head"][0], nhead),
+                                         range(first, n - splice["tail"][0]))
+            table.kept_blob = _kept_blob(blob, raws, comefrom, family, cand,
+                                         splice if splice else None)
             memo.comefrom = comefrom
+            if sent_zeroed:
+                memo.zeroed = blob
             # the next decode compares with the bytes as kept: libiptc sends back what
             # GET_ENTRIES showed (these, with the live counters), iptables-restore comefrom 0;
             # _kept_blob set the raws' headers to match
             _LAST_WALK[family] = (table.kept_blob, raws, ends,
-                                  (rules, comefrom) if share else None, memo)
+                                  (rules, comefrom, weakref.ref(table), spans) if share
+                                  else None, memo)
+            if reuse is not None and marked_again:
+                _note_moved(table, reuse[0][2](), raws, nhead, ntail, len(blob), memo,
+                            prev[4], prev[1])
         # the extension names the table uses (a set of a few names): the engine asks "any
         # REJECT/LOG, addrtype, conntrack?" of every install (engine._uses)
         table.target_names = frozenset(uapi.cstr(k) for k, c in memo.tnames.items() if c)
@@ -1473,11 +1779,13 @@ class Table:
 
     @classmethod
     def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at,
-               kinds, reuse=None, offs=None, lands=None):
+               kinds, reuse=None, offs=None, lands=None, same_lands=False):
         """The Table of checked raw entries; `kinds` = _Memo.kinds; `offs` = _Memo.offs;
         `lands` = _Memo.lands (each jump's landing index, None: onto no entry);
-        `reuse` = ((rules, comefrom) of the previous shared decode, nhead, ntail) as _walk
-        found them. Returns (table, rules): every entry's Rule in blob order."""
+        `reuse` = ((rules, comefrom, table, spans) of the previous shared decode, nhead,
+        ntail) as _walk found them; `same_lands`: every jump lands on the entry index it
+        landed on in that table (_mark_again, _mark_same_kinds checked). Returns (table,
+        rules, spans): every entry's Rule in blob order, the chains' spans."""
         lay = uapi.layout(family)
         n = len(raws)
         rules = [None] * n
@@ -1487,8 +1795,9 @@ class Table:
         # _Moved of its own) are those before own_lo and, unless moved, from own_hi on, where
         # not placed
         own_lo, own_hi, placed = 0, n, ()
+        p_table = None
         if reuse is not None:
-            (p_rules, p_cf), nhead, ntail = reuse
+            (p_rules, p_cf, p_ref, p_spans), nhead, ntail = reuse
             shift, first = len(p_rules) - n, n - ntail
             if offs is None:
                 offs = [r.off for r in raws]
@@ -1516,6 +1825,14 @@ class Table:
                 rules[i] = _placed(rules[i], i, offs[i], comefrom[i])
             placed = fix
             todo = range(nhead, first)
+            # every entry at the index and offset it had in the previous table, and every
+            # jump landing where it did (so naming the same offset): the jumps and chains
+            # outside the changed entries are the previous table's (see below)
+            p_table = p_ref() if same_lands and shift == 0 and lands is not None else None
+            if p_table is not None and (
+                    None in lands or ntail and raws[first].off != p_rules[first].offset
+                    or any(p_rules[i].offset != offs[i] for i in todo)):
+                p_table = None
         slot = "built_norm" if comefrom is not None else "built_raw"
         new = object.__new__
         fresh_lo, fresh_hi = todo.start, todo.stop      # their Jumps are made here
@@ -1586,39 +1903,32 @@ class Table:
         hook_start = {at[hook_entry[h]]: h for h in range(NF_INET_NUMHOOKS)
                       if valid_hooks & (1 << h) and hook_entry[h] in at}
         bounds = sorted(hook_start.keys() | set(errs)) if hook_start else errs
-        spans, tail = [], None
-        if n and (not bounds or bounds[0] > 0):
-            # entries before any chain start: no hook reaches them
-            spans.append((0, 0, bounds[0] if bounds else n, -1, ""))     # hook -1: no head
-        nb = len(bounds)
-        names = _CHAIN_NAMES
-        if len(names) > ENTRY_CACHE_MAX:
-            names.clear()
-        for j, b in enumerate(bounds):
-            end = bounds[j + 1] if j + 1 < nb else n
-            h = hook_start.get(b)
-            if h is not None:
-                spans.append((b, b, end, h, HOOK_NAMES[h]))
-            elif b == n - 1:
-                tail = b
-                break
-            else:
-                # the name: errorname, the payload up to its NUL (error_tg_ok() saw one in
-                # its 30 bytes; ERROR has no usersize, so the payload shown is the one sent)
-                p = raws[b].tpayload
-                cname = names.get(p)
-                if cname is None:
-                    cname = names[p] = uapi.cstr(p)
-                spans.append((b, b + 1, end, None, cname))
-        # resolve jumps to (chain, position): a chain's body (rules, policy entry, trailer) is
-        # its entries after the head, in blob order, so the position is the distance from there
-        firsts = [sp[0] for sp in spans]
-        bodies = [sp[1] for sp in spans]
-        ends = [sp[2] for sp in spans]
-        cnames = [sp[4] for sp in spans]
+        if p_table is not None and bounds == p_spans[2] and \
+                bisect.bisect_left(errs, fresh_lo) == bisect.bisect_left(errs, fresh_hi):
+            # the same chain starts, the same hooks (same_lands: _mark_again and
+            # _mark_same_kinds compared them) and no new ERROR entry: the previous spans
+            spans, tail, bounds, firsts, bodies, ends, cnames = p_spans
+        else:
+            spans, tail = _spans(raws, hook_start, bounds)
+            # resolve jumps to (chain, position): a chain's body (rules, policy entry,
+            # trailer) is its entries after the head, in blob order, so the position is the
+            # distance from there
+            firsts = [sp[0] for sp in spans]
+            bodies = [sp[1] for sp in spans]
+            ends = [sp[2] for sp in spans]
+            cnames = [sp[4] for sp in spans]
+            if p_table is not None and (spans, tail) != p_spans[:2]:
+                p_table = None
         bisect_right = bisect.bisect_right
         lands = lands if lands is not None else [at.get(raws[i].verdict) for i in jumps]
-        for i, e in zip(jumps, lands):
+        sel = zip(jumps, lands)
+        if p_table is not None:
+            # the same chains, offsets and landings: a jump outside the changed entries names
+            # what it named, landing where it did (its Jump is the previous one); the new
+            # entries' Jumps are resolved here
+            lo, hi = bisect.bisect_left(jumps, fresh_lo), bisect.bisect_left(jumps, fresh_hi)
+            sel = zip(jumps[lo:hi], lands[lo:hi])
+        for i, e in sel:
             j = bisect_right(firsts, e) - 1 if e is not None else -1
             if j < 0 or e >= ends[j]:
                 cname, entry, cp = "", None, -1     # onto no entry, or the final ERROR entry
@@ -1640,9 +1950,27 @@ class Table:
                            "chain_pos": cp}
             rule.target = nj
         # the chains
-        chains = []
-        append = chains.append
-        for b, body, end, h, cname in spans:
+        ns = len(spans)
+        todo_chains = range(ns)
+        chains = [None] * ns
+        if p_table is not None and len(p_table.chains) == ns:
+            # the previous table's Chain objects (read-only, as its Rules) where all of their
+            # entries are the previous table's Rules: outside the changed entries and fix,
+            # a built-in chain's policy on the entry it was on
+            p_chains = p_table.chains
+            dirty = set(range(bisect_right(firsts, fresh_lo) - 1,
+                              bisect_right(firsts, fresh_hi - 1))) if fresh_hi > fresh_lo \
+                else set()
+            dirty.update(bisect_right(firsts, i) - 1 for i in placed)
+            for b, h in hook_start.items():
+                j = bisect_right(firsts, b) - 1
+                if p_chains[j].policy_entry is not rules[at.get(underflow[h], -1)]:
+                    dirty.add(j)
+            dirty.discard(-1)
+            chains[:] = p_chains
+            todo_chains = sorted(dirty)
+        for j in todo_chains:
+            b, body, end, h, cname = spans[j]
             if h is not None and h >= 0:
                 # built-in chain: the underflow entry is the policy, what follows it the trailer
                 k = at.get(underflow[h], -1)
@@ -1650,8 +1978,8 @@ class Table:
                     raise BpfilterError(errno.EOPNOTSUPP, f"underflow {underflow[h]} of "
                                         f"{cname} lies outside the chain (not supported)")
                 pe = rules[k]
-                append(Chain(cname, hook=h, policy=pe.target.verdict, rules=rules[b:k],
-                             policy_entry=pe, trailer=rules[k + 1:end]))
+                chains[j] = Chain(cname, hook=h, policy=pe.target.verdict, rules=rules[b:k],
+                                  policy_entry=pe, trailer=rules[k + 1:end])
                 continue
             # Chain's fields set directly (its __init__ is ~1 us: 3 333 chains of fan-out)
             c = new(Chain)
@@ -1668,9 +1996,10 @@ class Table:
                 c.__dict__ = {"name": cname, "hook": None, "policy": None,
                               "rules": rules[body:end], "policy_entry": None,
                               "head_entry": None, "trailer": []}
-            append(c)
+            chains[j] = c
         return cls(name, family, valid_hooks, chains,
-                   rules[tail] if tail is not None else None), rules
+                   rules[tail] if tail is not None else None), rules, \
+            (spans, tail, bounds, firsts, bodies, ends, cnames)
 
     # --- layout and encode --------------------------------------------------------------------
     def entries(self) -> list:
@@ -1897,6 +2226,9 @@ def decode_replace(buf: bytes, family: int):
     # encoding the table again (engine._state_blob, sockopt Backend.replace); whoever edits this
     # table afterwards must drop source_blob (which disowns both)
     table.source_blob = blob
+    # its entry count (Table.num_entries walks every chain: ~2 ms with kube-proxy's 3 000),
+    # which the decode checked against num_entries; kept with source_blob (engine._entry_count)
+    table._entry_count = hdr.num_entries
     return hdr, table
 
 

@@ -31,4 +31,19 @@ struct bpfilter_reply {
 	__u32	pad;
 };
 
+/*
+ * The user-space door's short way (bin/bpfilter-exec.c): instead of serving the seccomp
+ * notifications of its command itself, a door hands the listener to the helper of its network
+ * namespace and becomes the command.  It connects to the abstract unix socket
+ * BPFILTER_HELPER_SOCKET and sends two requests, each answered by a plain reply:
+ *   BPFILTER_CMD_HOLD   before it installs its filter: a status 0 promises the helper stays
+ *                       (it does not exit idle while the connection is open);
+ *   BPFILTER_CMD_ADOPT  with the listener in SCM_RIGHTS: status 0 once the helper serves it.
+ * Their other fields are zero.  The kernel shim never sends them; they lie outside the
+ * IPT_SO_* and IP6T_SO_* option numbers (64..69).
+ */
+#define BPFILTER_HELPER_SOCKET	"\0bpfilter"
+#define BPFILTER_CMD_HOLD	0x100
+#define BPFILTER_CMD_ADOPT	0x101
+
 #endif /* _BPFILTER_MSG_H */

@@ -234,6 +234,7 @@ class DoorInstaller:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.env = dict(ns.env, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.cli = [sys.executable, "-m", "bpfilter_umh.cli"]
+        self.door = self.cli + ["exec", "--"]
 
     def _run(self, argv, text=None):
         p = self.ns.run(argv, input=text, check=False, env=self.env)
@@ -242,18 +243,33 @@ class DoorInstaller:
         return p.stdout
 
     def load(self, text: str):
-        self._run(self.cli + ["exec", "--", "iptables-legacy-restore"], text)
+        self._run(self.door + ["iptables-legacy-restore"], text)
 
     def counters(self) -> dict:
-        return parse_save_counters(self._run(self.cli + ["exec", "--", "iptables-legacy-save",
-                                                         "-c", "-t", "filter"]))
+        return parse_save_counters(self._run(self.door + ["iptables-legacy-save", "-c", "-t",
+                                                          "filter"]))
 
     def close(self):
         self.ns.run(self.cli + ["flush"], check=False, env=self.env)
 
 
+class LauncherInstaller(DoorInstaller):
+    """The same through build/bpfilter-exec (`make launcher`): the first command runs the Python
+    door, which starts the helper; the later ones hand their door to that helper."""
+    name = "bpfilter-launcher"
+
+    def __init__(self, ns: Netns):
+        super().__init__(ns)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run(["make", "-s", "-C", root, "launcher", f"PYTHON={sys.executable}"],
+                       check=True, capture_output=True)
+        self.door = [os.path.join(root, "build", "bpfilter-exec"), "--"]
+        self.env["BPFILTER_IDLE_EXIT"] = "30"     # stays between the cases
+
+
 INSTALLERS = {"kernel": KernelInstaller, "kernel-save": SaveCountersKernelInstaller,
-              "bpfilter": EngineInstaller, "bpfilter-door": DoorInstaller}
+              "bpfilter": EngineInstaller, "bpfilter-door": DoorInstaller,
+              "bpfilter-launcher": LauncherInstaller}
 
 
 # ------------------------------------------------------------------------------------- the lab

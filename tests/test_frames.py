@@ -17,7 +17,13 @@ def _c_layout(tmp_path):
         pytest.skip("gcc not installed: cannot compile the C side of the frame layout")
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "bpfilter_msg.h"',
              'int main(void) {',
-             'printf("magic %u\\n", (unsigned)BPFILTER_MSG_MAGIC);']
+             'printf("magic %u\\n", (unsigned)BPFILTER_MSG_MAGIC);',
+             'printf("hold %u\\n", (unsigned)BPFILTER_CMD_HOLD);',
+             'printf("adopt %u\\n", (unsigned)BPFILTER_CMD_ADOPT);',
+             'printf("socket %zu", sizeof(BPFILTER_HELPER_SOCKET) - 1);',
+             'for (size_t i = 0; i < sizeof(BPFILTER_HELPER_SOCKET) - 1; i++)',
+             '    printf(" %d", BPFILTER_HELPER_SOCKET[i]);',
+             'printf("\\n");']
     for st, fields in (("bpfilter_request", frames.REQUEST_FIELDS),
                        ("bpfilter_reply", frames.REPLY_FIELDS)):
         lines.append(f'printf("{st} sizeof %zu\\n", sizeof(struct {st}));')
@@ -36,6 +42,12 @@ def _c_layout(tmp_path):
 def test_layout_matches_c(tmp_path):
     rows = _c_layout(tmp_path)
     assert int(rows[0][1]) == frames.BPFILTER_MSG_MAGIC
+    # the launcher's requests and the helper's socket (bin/bpfilter-exec.c)
+    assert int(rows[1][1]) == frames.BPFILTER_CMD_HOLD
+    assert int(rows[2][1]) == frames.BPFILTER_CMD_ADOPT
+    assert bytes(int(c) for c in rows[3][2:]) == frames.HELPER_SOCKET
+    assert int(rows[3][1]) == len(frames.HELPER_SOCKET)
+    rows = rows[3:]
     py = {"bpfilter_request": (frames.REQUEST, frames.REQUEST_FIELDS),
           "bpfilter_reply": (frames.REPLY, frames.REPLY_FIELDS)}
     seen = 0

@@ -167,11 +167,14 @@ t0=$(now)
 check "iptables-legacy -S while its helper is killed: finishes (iptables retries iptc_init once)" \
     iptables-legacy -S
 echo "    took $(ms_since $t0) ms"
-# The helper killed while it works on a request it has read: a SET_REPLACE of 2000 rules.  It is
-# "working" once the caller has waited in helper_recv for two polls 0.3 s apart while the
-# helper's end of the channel has nothing unread (ss Recv-Q 0).
+# The helper killed while it works on a request it has read: a SET_REPLACE of 4000 rules.  It is
+# "working" once the caller has waited in helper_recv for two polls 0.05 s apart while the
+# helper's end of the channel has nothing unread (ss Recv-Q 0).  The polls are close: with
+# rules of one template the helper compiles such a table in well under a second even here, and
+# a kill that lands after its reply lets the restore succeed (its SET_ADD_COUNTERS goes to a
+# new helper).
 { echo '*filter'; i=0
-  while [ $i -lt 2000 ]; do echo "-A INPUT -s 203.0.113.$((i % 250)) -p tcp --dport $((1000 + i)) -j DROP"; i=$((i + 1)); done
+  while [ $i -lt 4000 ]; do echo "-A INPUT -s 203.0.113.$((i % 250)) -p tcp --dport $((1000 + i)) -j DROP"; i=$((i + 1)); done
   echo COMMIT; } > /tmp/big
 iptables-legacy -S > /dev/null 2>&1
 pid=$(cat $P/helper_pid)
@@ -185,18 +188,18 @@ busy() {
 }
 i=0
 seen=0
-while [ $i -lt 300 ] && [ $seen -lt 2 ]; do
+while [ $i -lt 2000 ] && [ $seen -lt 2 ]; do
     if busy; then seen=$((seen + 1)); else seen=0; fi
-    sleep 0.3; i=$((i + 1))
+    sleep 0.05; i=$((i + 1))
 done
 kill -KILL "$pid"
 wait $bg
 rc=$?
 ms=$(ms_since $t0)
-check "helper killed while applying a 2000-rule restore: iptables-legacy-restore fails (rc $rc) in ${ms} ms" sh -c "
+check "helper killed while applying a 4000-rule restore: iptables-legacy-restore fails (rc $rc) in ${ms} ms" sh -c "
     cat /tmp/bigout; [ $seen -ge 2 ] && [ $rc -ne 0 ] && [ $ms -lt 120000 ]"
 check "the ruleset is the old one or the new one, never a mix" sh -c "
-    n=\$(iptables-legacy -S | grep -c '^-A'); echo \$n rules; [ \$n -eq $before ] || [ \$n -eq 2000 ]"
+    n=\$(iptables-legacy -S | grep -c '^-A'); echo \$n rules; [ \$n -eq $before ] || [ \$n -eq 4000 ]"
 if [ "$ENGINE" = real ]; then
     check "the ruleset survived the helpers' deaths (pinned by the engine)" sh -c '
         iptables-legacy-save | grep -v "^#" > /tmp/s3 && grep -v "^#" /tmp/s1 | diff -u - /tmp/s3'
