@@ -1621,7 +1621,10 @@ class _MapsAgain:
         return found
 
     def close(self):
-        self.take(1, 0)
+        with self.lock:
+            maps, self.maps = self.maps, []
+        for m in maps:
+            _close_counters(m)
 
 
 def _rcu_waiter():

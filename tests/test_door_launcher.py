@@ -16,7 +16,7 @@ import pytest
 
 from bpfilter_umh import frames
 from nsutil import Netns, veth
-from test_door import env_of, flush, wait_no_pids
+from test_door import dns, env_of, wait_no_pids  # noqa: F401 - dns: the fixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -29,14 +29,6 @@ def launcher():
     subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={PY}"], check=True,
                    capture_output=True)
     return LAUNCHER
-
-
-@pytest.fixture
-def dns(netns):
-    try:
-        yield netns
-    finally:
-        flush(netns)
 
 
 def start_helper(ns, idle="5"):
