@@ -552,8 +552,8 @@ class Engine:
     SPARE_SLACK, SPARE_MIN = 256, 2000
 
     def _fresh_counters_map(self, entries: int):
-        """A counters map nobody has used (all zero) with room for `entries`: the one a replaced
-        table's counts were cleared from (_recycled), or the spare one, when big enough (and not
+        """A counters map nobody has used (all zero) with room for `entries`: one a replaced
+        table's counts were cleared from (_MapsAgain), or the spare one, when big enough (and not
         far bigger), else a new one."""
         again = self._maps_again.take(entries, entries + 2 * self.SPARE_SLACK)
         if again is not None:
@@ -1311,8 +1311,6 @@ class _SumsReader:
     counters map: _close_counters closes it with the map."""
 
     def __init__(self, m):
-        from . import ebpf as X
-        from types import SimpleNamespace
         import mmap
         ncpu = _contiguous_cpus()
         if ncpu is None or ncpu > 256 or m.map_type != K.BPF_MAP_TYPE_PERCPU_ARRAY or \
@@ -1323,7 +1321,7 @@ class _SumsReader:
         self.prog = self.clear_prog = self.mem = None
         self.out = K.Map.create(K.BPF_MAP_TYPE_ARRAY, 4, 16, self.entries, name="bpfilter_sums",
                                 flags=BPF_F_MMAPABLE)
-        self._load = lambda clear: self._program(X, SimpleNamespace, m, ncpu, clear)
+        self._load = lambda clear: self._program(m, ncpu, clear)
         try:
             self.prog = self._load(False)
             size = (16 * self.entries + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
@@ -1337,7 +1335,10 @@ class _SumsReader:
         self.frame = ffi.new("char[]", 14)
         self.attr = ffi.new("char[]", 80)
 
-    def _program(self, X, SimpleNamespace, m, ncpu: int, clear: bool):
+    def _program(self, m, ncpu: int, clear: bool):
+        """The reader's program over counters map m: sums, or sums and zeroes (clear)."""
+        from . import ebpf as X
+        from types import SimpleNamespace
         code = X.assemble(_sums_main(self.entries), {}) + X.assemble(
             _sums_callback(ncpu, clear), {"cnt": m.fd, "out": self.out.fd})
         btf, info = X.func_btf(8, [(0, "bpfilter_sums", False),
@@ -1515,7 +1516,7 @@ class _LateCounts:
         # do), so the final read, in the waiter thread once it is over, never precedes it; the
         # old map's fd goes with it, a grace period after the swap (not when the helper is idle)
         self.done = threading.Event()
-        # the old map comes back zeroed (_recycled) when its reader can clear it
+        # the old map comes back zeroed (to `again`) when its reader can clear it
         self.map_entries = old_map.max_entries
         self.recycles = bool(old_map.__dict__.get("_sums_reader"))
         self.again = again
@@ -1589,6 +1590,7 @@ class _LateCounts:
 
 
 _waiter = None      # (thread, queue) of _rcu_waiter
+
 
 class _MapsAgain:
     """An engine's counters maps that a replaced table's programs no longer count in, zeroed
