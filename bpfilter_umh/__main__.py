@@ -138,21 +138,28 @@ def serve_stdio(dispatcher) -> int:
 def _recv_frame(conn: socket.socket):
     """One request frame from a door's connection, and the descriptors passed with it
     (SCM_RIGHTS: bin/bpfilter-exec's listener). (b"", []) at a clean end of stream."""
-    buf, fds = b"", []
-    while len(buf) < REQUEST.size:
-        data, anc, _flags, _addr = conn.recvmsg(REQUEST.size - len(buf), socket.CMSG_SPACE(4),
-                                                socket.MSG_CMSG_CLOEXEC)
+    fds = []
+
+    def read(k: int) -> bytes:
+        data, anc, _flags, _addr = conn.recvmsg(k, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += struct.unpack(f"={len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4])
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            if buf:
-                raise BpfilterError(errno.EIO, f"stream ended inside a frame ({len(buf)} bytes)")
-            return b"", []
-        buf += data
+                fds.extend(struct.unpack(f"={len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4]))
+        return data
+    try:
+        buf = read_exact(read, REQUEST.size)
+    except BaseException:
+        _close_all(fds)
+        raise
+    if not buf:
+        _close_all(fds)
+        return b"", []
     return buf, fds
+
+
+def _close_all(fds):
+    for fd in fds:
+        os.close(fd)
 
 
 class _DispatcherLink:
@@ -289,6 +296,9 @@ def preload():
     try:
         for name in ("config", "engine", "passthrough"):
             importlib.import_module("." + name, __package__)
+        # and what the first install would do on first use (cffi's type parsing, the kernel
+        # feature probes, the kernel facts): engine.warm_up
+        sys.modules[__package__ + ".engine"].warm_up()
     except Exception as e:     # noqa: BLE001 - the request that needs it reports the error
         log.warning("preloading the request handlers failed: %s", e)
 

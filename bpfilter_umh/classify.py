@@ -80,8 +80,8 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import attrgetter, itemgetter, ne
+from itertools import compress, repeat
+from operator import attrgetter, eq, ge, gt, itemgetter, ne, sub
 
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, Label
@@ -834,17 +834,23 @@ def _run_acts(run: Run) -> list:
 def lpm_entries(run: Run) -> list:
     """[(key, value)]: key = {u32 prefixlen; be32 addr}, value = the first rule (in run order)
     whose prefix contains the key's prefix."""
-    values = _values(run)
-    return [(key, values[best])
-            for key, best in _lpm_first(run.rules, range(len(run.rules)), run.sig[1], run)]
+    keys, bests = _lpm_columns(run.rules, range(len(run.rules)), run.sig[1], run)
+    return list(zip(keys, map(_values(run).__getitem__, bests)))
 
 
 def _prefixes(rules: list, positions, field: str, run: Run = None) -> list:
     """[(network int, prefix length)] of the rules at `positions` (of `run`, whose rules'
     classes give their keys: the address and mask read from the key, ipt_ip's first bytes)."""
     got = _run_classes(run) if run is not None else None
-    out = []
     at = 0 if field == "src" else 1
+    if got is not None:
+        cls, keys = got
+        if None not in cls:             # every rule of the run has a class: one C loop
+            v = map(_BE_ADDRS, keys if positions == range(len(keys)) else
+                    [keys[pos] for pos in positions])
+            plen = _PLEN.get
+            return [(a[at], plen(a[at + 2], -1)) for a in v]
+    out = []
     for pos in positions:
         if got is not None and got[0][pos] is not None:
             v = _BE_ADDRS(got[1][pos])
@@ -860,13 +866,66 @@ def _lpm_first(rules: list, positions, field: str, run: Run = None) -> list:
     """[(LPM key, position)]: each distinct prefix of the rules at `positions` with the smallest
     position among the rules whose prefix contains it (itself or a shorter one), so the trie's
     longest match answers the first rule that matches the address."""
+    return list(zip(*_lpm_columns(rules, positions, field, run)))
+
+
+def _lpm_columns(rules: list, positions, field: str, run: Run = None) -> tuple:
+    """_lpm_first as ([LPM key], [position])."""
+    # a prefix as one int, network << 6 | length: ints sort as the (network, length) tuples
+    codes = _prefix_codes(positions, field, run)
+    if codes is None:
+        prefixes = _prefixes(rules, positions, field, run)
+        if any(plen < 0 for _, plen in prefixes):
+            got = _lpm_first_slow(prefixes, positions)
+            return [k for k, _ in got], [p for _, p in got]
+        codes = [net << 6 | plen for net, plen in prefixes]
+    first = dict(zip(reversed(codes), reversed(positions)))   # the first position stays
+    order = sorted(first)
+    # Prefixes are nested or disjoint, and in this order a prefix containing others is followed
+    # by one of them: when no prefix ends past the next one's start, none contains another and
+    # each keeps its own position
+    nets = [c >> 6 for c in order]
+    ends = [net + (1 << (32 - (c & 63))) for net, c in zip(nets, order)]
+    bests = list(map(first.__getitem__, order))
+    if any(map(gt, ends, nets[1:])):
+        # one sweep keeping the prefixes still open (end, best so far): those open when a prefix
+        # starts are exactly its ancestors, innermost on top (testing every shorter length is
+        # O(n x lengths)); the innermost one in locals, the root (never closed) at the bottom
+        te = tb = 1 << 40
+        open_ends, open_bests = [], []
+        push_e, push_b, pop_e, pop_b = open_ends.append, open_bests.append, open_ends.pop, \
+            open_bests.pop
+        for i, (net, end, own) in enumerate(zip(nets, ends, bests)):
+            while net >= te:
+                te, tb = pop_e(), pop_b()
+            push_e(te)
+            push_b(tb)
+            te = end
+            tb = bests[i] = tb if tb < own else own
+    # the key {u32 prefixlen (LE); be32 addr}: a length below 256 as LE is length << 24 as BE
+    return list(map(_LPM_KEY_BE, [(c & 63) << 24 for c in order], nets)), bests
+
+
+def _prefix_codes(positions, field: str, run: Run = None):
+    """[network << 6 | prefix length] of the run's rules at `positions` read from their keys,
+    or None (a rule without a class, a mask that is not a prefix: _prefixes)."""
+    keys = _keys_at(_run_classes(run), positions) if run is not None else None
+    if keys is None:
+        return None
+    at = 0 if field == "src" else 1
+    v = list(map(_BE_ADDRS, keys))
+    if not set(map(itemgetter(at + 2), v)) <= _PLEN.keys():
+        return None
+    plen = _PLEN.__getitem__
+    return [a[at] << 6 | plen(a[at + 2]) for a in v]
+
+
+def _lpm_first_slow(prefixes: list, positions) -> list:
+    """_lpm_first over (network, length) tuples (a length may be -1: a mask that is not a
+    prefix, which the shapes of lpm runs exclude; kept as it always was)."""
     first = {}                              # (network int, plen) -> position
-    for pos, k in zip(positions, _prefixes(rules, positions, field, run)):
+    for pos, k in zip(positions, prefixes):
         first.setdefault(k, pos)
-    # Prefixes are nested or disjoint. In (network, length) order every prefix comes after the
-    # prefixes containing it, and those still open when it starts are exactly its ancestors,
-    # innermost on top: one sweep with a stack of (end, best so far), where testing every
-    # shorter length is O(n x lengths)
     out, stack = [], []
     plens = _PLEN_LE
     for (net, plen), best in sorted(first.items()):
@@ -880,6 +939,7 @@ def _lpm_first(rules: list, positions, field: str, run: Run = None) -> list:
 
 
 _PLEN_LE = [struct.pack("<I", n) for n in range(33)]     # an LPM key's u32 prefixlen
+_LPM_KEY_BE = struct.Struct(">II").pack
 
 
 def _port_values(d, name) -> range:
@@ -962,6 +1022,10 @@ def _ippart_keys(run: Run, positions=None, pad: int = 0) -> list:
     positions = range(len(run.rules)) if positions is None else positions
     got = _run_classes(run)
     pack = _HASH_KEY.pack
+    keys = _keys_at(got, positions)
+    if keys is not None:            # every rule has a class: its key holds what is packed
+        return [pack(s, d, p, 1, 0, 0, pad) for (s, d, _, _), (p,) in
+                zip(map(_ADDRS, keys), map(_PROTO, keys, repeat(_KEY_PROTO)))]
     out = []
     for pos in positions:
         if got is not None and got[0][pos] is not None:
@@ -983,6 +1047,9 @@ def _run_rule_keys(run: Run, sig=None, positions=None, pad: int = 0) -> list:
     got = _run_classes(run)
     shape = run if sig == run.sig else Run("hash", 0, [], sig)
     cls, keys = got if got is not None else ((None,) * len(run.rules), None)
+    fast = _keys_rule_keys(sig, _keys_at(got, positions), cls, positions, pad)
+    if fast is not None:
+        return fast
     tag = struct.pack("<H", pad)
     out = []
     for pos in positions:
@@ -993,6 +1060,50 @@ def _run_rule_keys(run: Run, sig=None, positions=None, pad: int = 0) -> list:
             if pad:
                 ks = [k[:14] + tag for k in ks]
         out.append(ks)
+    return out
+
+
+def _keys_at(got, positions):
+    """The cache keys of the rules at `positions` when every one has a class (got:
+    _run_classes), else None."""
+    if got is None:
+        return None
+    cls, keys = got
+    if positions == range(len(cls)):
+        return None if None in cls else keys
+    if None in [cls[p] for p in positions]:
+        return None
+    return [keys[p] for p in positions]
+
+
+def _keys_rule_keys(sig, keys, cls, positions, pad: int):
+    """[_key_rule_keys(sig, key, its layout, pad)] of keys (the rules at `positions`, whose
+    classes are cls[position]) in one loop, or None when some rule would take _rule_keys."""
+    if keys is None:
+        return None
+    pack = _HASH_KEY.pack
+    addrs = map(_ADDRS, keys)
+    protos = map(_PROTO, keys, repeat(_KEY_PROTO)) if sig[3] else repeat((0,))
+    if not (sig[4] and (sig[5] != "any" or sig[6] != "any")):
+        return [[pack(s, d, p, 0, 0, 0, pad)] for (s, d, _, _), (p,) in zip(addrs, protos)]
+    offs = []
+    for pos in positions:
+        ports = cls[pos].lay.ports
+        if len(ports) != 1:             # as _key_rule_keys: only the one masked tcp/udp match
+            return None
+        offs.append(ports[0])
+    s_any, d_any = sig[5] == "any", sig[6] == "any"
+    out = []
+    append = out.append
+    for (s, d, _, _), (p,), (a, b, c, e) in zip(addrs, protos, map(_PORTS, keys, offs)):
+        sany = s_any or (a == 0 and b >= 0xffff)
+        dany = d_any or (c == 0 and e >= 0xffff)
+        if (sany or a == b) and (dany or c == e):           # one key (exact or any ports)
+            append([pack(s, d, p, 0, 0 if sany else a, 0 if dany else c, pad)])
+        else:
+            sports = range(1) if sany else range(a, b + 1)
+            dports = range(1) if dany else range(c, e + 1)
+            append([pack(s, d, p, 0, sp, dp, pad) for sp in sports for dp in dports])
     return out
 
 
@@ -1010,16 +1121,28 @@ def hash_entries(run: Run) -> list:
     keys = _hash_run_keys(run)
     values = _values(run)
     put = seen.setdefault
+    one = set(map(len, keys)) == {1}            # one key a rule (no port ranges): no inner loop
     if _needs_ippart(run):
-        for ks, v, ipk in zip(keys, values, _ippart_keys(run)):
-            for k in ks:
+        if one:
+            for k, v, ipk in zip(map(_FIRST, keys), values, _ippart_keys(run)):
                 put(k, v)
-            put(ipk, v)
+                put(ipk, v)
+        else:
+            for ks, v, ipk in zip(keys, values, _ippart_keys(run)):
+                for k in ks:
+                    put(k, v)
+                put(ipk, v)
+    elif one:
+        for k, v in zip(map(_FIRST, keys), values):
+            put(k, v)
     else:
         for ks, v in zip(keys, values):
             for k in ks:
                 put(k, v)
     return list(seen.items())
+
+
+_FIRST = itemgetter(0)
 
 
 def _fill_next_same(run: Run):
@@ -1724,22 +1847,128 @@ def _shared_ok(cc) -> bool:
 
 
 def _shared_bodies(cc, run: Run, chain: str, by_k: list):
-    """{body key: [positions]} and {position: the case chain's RETURN entry}, or None when some
-    case cannot share a body or the bodies are too many for their cases."""
+    """{body key: [positions]}, {position: the case chain's RETURN entry}, _case_depth and
+    {position: the next rule of the run with its key, None after a goto} or None (then
+    _case_map asks the rules), or None when some case cannot share a body or the bodies are too
+    many for their cases."""
     from .compile import chain_info
     small, known = min_run(), chain_info(cc.table)
-    bodies, anchors = {}, {}
-    for pos in by_k:
-        ck, pe = _case_key(cc, run, pos, chain, small, known)
-        if ck is None:
-            return None
-        bodies.setdefault(ck[2:6] + ck[7:], []).append(pos)
-        anchors[pos] = pe
-    budget = GLOBAL_GROUPS - len(cc.__dict__.get("global_labels", ()))
-    if len(bodies) > budget or len(by_k) < SHARED_PER_BODY * len(bodies) or \
-            _case_depth(run, by_k) > SHARED_DEPTH:
+    got = _walked_bodies(cc, run, by_k, small, known)
+    if got is _NOT_WALKED:
+        got = _each_body(cc, run, chain, by_k, small, known)
+    if got is None:
         return None
-    return bodies, anchors
+    bodies, anchors, nexts = got
+    budget = GLOBAL_GROUPS - len(cc.__dict__.get("global_labels", ()))
+    if len(bodies) > budget or len(by_k) < SHARED_PER_BODY * len(bodies):
+        return None
+    depth = _case_depth(run, by_k)
+    if depth > SHARED_DEPTH:
+        return None
+    return bodies, anchors, depth, nexts
+
+
+_NOT_WALKED = object()
+_TARGET, _CHAIN_POS, _ENTRY, _NAME, _CHAIN, _HOOK, _RULES, _POLICY, _IP_FLAGS, _GOTO = map(
+    attrgetter, ("target", "chain_pos", "entry", "name", "chain", "hook", "rules",
+                 "policy_entry", "ip.flags", "goto"))
+
+
+def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
+    """_each_body's answer column by column (C loops: map, attrgetter) when every case lands as
+    iptables writes a jump (chain_pos, entry 0..len of a user chain) in a chain
+    compile._program_key walked (known: chain_info), else _NOT_WALKED. A fan-out's thousands of
+    cases: ~3 us a case one at a time, most of an append's compile."""
+    if not by_k:
+        return _NOT_WALKED
+    chains, rules = cc.table.chains, run.rules
+    rs = [rules[pos] for pos in by_k]
+    try:
+        ts = list(map(_TARGET, rs))
+        cps = list(map(_CHAIN_POS, ts))
+        starts = list(map(_ENTRY, ts))
+    except AttributeError:
+        return _NOT_WALKED
+    if None in cps or None in starts or min(cps) < 0 or max(cps) >= len(chains) or \
+            min(starts) < 0:
+        return _NOT_WALKED
+    targets = [chains[cp] for cp in cps]
+    lens = list(map(len, map(_RULES, targets)))
+    kns = list(map(known.get, map(id, targets)))
+    if list(map(_NAME, targets)) != list(map(_CHAIN, ts)) or \
+            list(map(_HOOK, targets)).count(None) != len(targets) or \
+            any(map(gt, starts, lens)) or None in kns:
+        return _NOT_WALKED
+    # from here on, what _each_body (so _case_key) answers for these cases
+    pes = list(map(_POLICY, targets))
+    if not all(pes) or None in map(getattr, rs, repeat("cache_key"), repeat(None)) or \
+            None in map(getattr, pes, repeat("cache_key"), repeat(None)) or \
+            any(map(ge, map(sub, lens, starts), repeat(small))):
+        return None
+    # a jump in the case chain at or after the landing: the jump positions are memoized per
+    # chain contents (compile._chain_facts), so chains of one content share the tuple
+    if any(filter(None, {id(kn[2]): kn[2] for kn in kns}.values())) and \
+            any(kn[2] and kn[2][-1] >= start for kn, start in zip(kns, starts)):
+        return None
+    gotos = [bool(f & IPT_F_GOTO) or bool(g)
+             for f, g in zip(map(_IP_FLAGS, rs), map(_GOTO, ts))]
+    nexts = [None if goto else nxt for goto, nxt in zip(gotos, map(run.next_same.get, by_k))]
+    later = set(nexts)
+    later.discard(None)
+    if None in map(getattr, map(rules.__getitem__, later), repeat("cache_key"), repeat(None)):
+        return None
+    subs = cc.subprogs
+    keys = list(zip(starts, gotos, [tuple(kn[0][start:]) for kn, start in zip(kns, starts)],
+                    list(map(attrgetter("cache_key"), pes)), [t.chain in subs for t in ts]))
+    bodies = dict.fromkeys(keys)            # in the order of their first case
+    if len(bodies) <= 8:                    # a few bodies (their point): C loops per body
+        for key in bodies:
+            bodies[key] = list(compress(by_k, map(eq, keys, repeat(key))))
+    else:
+        bodies = {}
+        for key, pos in zip(keys, by_k):
+            bodies.setdefault(key, []).append(pos)
+    return bodies, dict(zip(by_k, pes)), dict(zip(by_k, nexts))
+
+
+def _each_body(cc, run: Run, chain: str, by_k: list, small: int, known: dict):
+    """({body key: [positions]}, {position: the case chain's RETURN entry}, None) of the jump
+    cases one at a time, or None when some case cannot share a body."""
+    bodies, anchors = {}, {}
+    chains, rules, next_same, subs = cc.table.chains, run.rules, run.next_same, cc.subprogs
+    nch = len(chains)
+    for pos in by_k:
+        # _case_key's body key (its fields 2..5 and 7) read directly where the jump lands as
+        # iptables writes it (chain_pos, entry 0..len) in a chain compile._program_key walked
+        # (a fan-out's thousands of cases; _case_key and _landing cost 3 us a case)
+        r = rules[pos]
+        t = r.target
+        cp, start = getattr(t, "chain_pos", -1), getattr(t, "entry", 0)
+        target = chains[cp] if cp is not None and 0 <= cp < nch else None
+        kn = known.get(id(target)) if target is not None and target.name == t.chain and \
+            target.hook is None and start is not None and 0 <= start <= len(target.rules) \
+            else None
+        if kn is None:
+            ck, pe = _case_key(cc, run, pos, chain, small, known)
+            if ck is None:
+                return None
+            bodies.setdefault(ck[2:6] + ck[7:], []).append(pos)
+            anchors[pos] = pe
+            continue
+        pe = target.policy_entry
+        if getattr(r, "cache_key", None) is None or pe is None or \
+                len(target.rules) - start >= small or getattr(pe, "cache_key", None) is None or \
+                (kn[2] and kn[2][-1] >= start):
+            return None
+        goto = bool(r.ip.flags & IPT_F_GOTO) or bool(t.goto)
+        if not goto:
+            nxt = next_same.get(pos)
+            if nxt is not None and getattr(rules[nxt], "cache_key", None) is None:
+                return None
+        bodies.setdefault((start, goto, tuple(kn[0][start:]), pe.cache_key, t.chain in subs),
+                          []).append(pos)
+        anchors[pos] = pe
+    return bodies, anchors, None
 
 
 def _case_depth(run: Run, by_k: list) -> int:
@@ -1802,31 +2031,43 @@ def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int,
 
 
 _CASE_VALUE = struct.Struct("<IIII")
+_U32_KEY = struct.Struct("<I").pack
+_INDEX = attrgetter("index")
 
 
-def _case_map(run: Run, name: str, bodies: dict, anchors: dict) -> MapSpec:
+def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = None) -> MapSpec:
     """k -> struct { u32 body; u32 RETURN entry - the run's first entry; u32 next; u32 action },
     next: 1 + the position of the next rule of the run with the case's key (0: none), action:
     that rule's (ACT_*); the same MapSpec for the same contents (its map is then kept:
     engine.create_maps)."""
     first = run.rules[0].index
-    value = [b""] * len(run.cases)
-    rules, cases, next_same, pack = run.rules, run.cases, run.next_same, _CASE_VALUE.pack
-    for b, members in enumerate(bodies.values()):
-        for pos in members:
-            r = rules[pos]
-            nxt = None if (r.ip.flags & IPT_F_GOTO or r.target.goto) else next_same.get(pos)
-            act = 0 if nxt is None else _action(rules[nxt].target)
-            if act == ACT_CASE:
-                act += cases[nxt]
-            value[cases[pos]] = pack(b, (anchors[pos].index - first) & 0xffffffff,
-                                     0 if nxt is None else nxt + 1, act)
+    rules, cases, next_same = run.rules, run.cases, run.next_same
+    # column by column (a fan-out's thousands of cases)
+    order = [pos for members in bodies.values() for pos in members]
+    body = [b for b, members in enumerate(bodies.values()) for _ in members]
+    if nexts is not None:           # _walked_bodies read them
+        nxts = list(map(nexts.__getitem__, order))
+    else:
+        rs = [rules[pos] for pos in order]
+        nxts = [None if f & IPT_F_GOTO or g else next_same.get(pos)
+                for f, g, pos in zip(map(_IP_FLAGS, rs), map(_GOTO, map(_TARGET, rs)), order)]
+    acts = [0] * len(order)
+    for i in [i for i, nxt in enumerate(nxts) if nxt is not None]:
+        act = _action(rules[nxts[i]].target)
+        acts[i] = act + cases[nxts[i]] if act == ACT_CASE else act
+    rel = [(index - first) & 0xffffffff
+           for index in map(_INDEX, map(anchors.__getitem__, order))]
+    value = [b""] * len(cases)
+    for k, v in zip(map(cases.__getitem__, order),
+                    map(_CASE_VALUE.pack, body, rel, [0 if n is None else n + 1 for n in nxts],
+                        acts)):
+        value[k] = v
     blob = b"".join(value)
     key = ("cases", name, blob)
     spec = _RUN_SPECS.get(key)
     if spec is None:
         spec = MapSpec(name, BPF_MAP_TYPE_ARRAY, 4, 16,
-                       [(struct.pack("<I", k), v) for k, v in enumerate(value)], 0, "bpfilter_case")
+                       list(zip(map(_U32_KEY, range(len(value))), value)), 0, "bpfilter_case")
         if len(_RUN_SPECS) >= RUN_SPECS_MAX:
             _RUN_SPECS.clear()
         _RUN_SPECS[key] = spec
@@ -1841,7 +2082,7 @@ def _shared_cases(cc, run: Run, chain: str, ret: str, after: str, exit0: str, ve
     found = _shared_bodies(cc, run, chain, by_k)
     if found is None:
         return False
-    bodies, anchors = found
+    bodies, anchors, depth, nexts = found
     ctx = _fn_context(cc, chain, where, path)
     used = cc.__dict__.setdefault("fn_templates_used", set())
     count = cc.rule_count
@@ -1871,11 +2112,11 @@ def _shared_cases(cc, run: Run, chain: str, ret: str, after: str, exit0: str, ve
     if sum(len(m) * t.case_slots for m, t in zip(bodies.values(), made)) <= GLOBAL_ABOVE:
         return False
     name = f"case_{chain}_{run.start}"
-    cc.__dict__.setdefault("cls_maps", {})[name] = _case_map(run, name, bodies, anchors)
+    cc.__dict__.setdefault("cls_maps", {})[name] = _case_map(run, name, bodies, anchors, nexts)
     for tpl, members in zip(made, bodies.values()):
         cc.where[tpl.head] = (f"chain {chain} rules {run.start + 1}..{run.end} (classified): "
                               f"the body of {len(members)} jump cases")
-    _shared_calls(cc, run, name, ret, after, exit0, verdicts, made, _case_depth(run, by_k))
+    _shared_calls(cc, run, name, ret, after, exit0, verdicts, made, depth)
     return True
 
 
@@ -2359,8 +2600,10 @@ def _split_lpm_entries(rules: list, positions: list, field: str, run: Run = None
     """[(key, value)] of one prefix shape: each prefix's value is the first rule (smallest
     position) whose prefix contains it, so the longest match gives the first matching rule."""
     acts = _run_acts(run) if run is not None else None
-    return [(key, _split_value(rules, best, acts and acts[best]))
-            for key, best in _lpm_first(rules, positions, field, run)]
+    keys, bests = _lpm_columns(rules, positions, field, run)
+    if not acts:
+        return [(key, _split_value(rules, best)) for key, best in zip(keys, bests)]
+    return list(zip(keys, map(_SPLIT_VALUE.pack, [best << 8 | acts[best] for best in bests])))
 
 
 def _split_hash_entries(rules: list, shapes: list, run: Run = None) -> list:
@@ -2374,13 +2617,18 @@ def _split_hash_entries(rules: list, shapes: list, run: Run = None) -> list:
     pack = _SPLIT_VALUE.pack
     for gid, (sig, positions) in _hash_shapes(shapes):
         keys = _run_rule_keys(run, sig, positions, gid)
-        hot = _ippart_keys(run, positions, gid) if sig[4] else None
-        for i, (pos, ks) in enumerate(zip(positions, keys)):
-            v = pack(pos << 8 | acts[pos])
-            for k in ks:
-                put(k, v)
-            if hot is not None:
-                put(hot[i], pack(pos << 8 | SPLIT_HOT))
+        values = map(pack, [pos << 8 | acts[pos] for pos in positions])
+        if sig[4]:
+            hot = _ippart_keys(run, positions, gid)
+            for ks, v, hk, hv in zip(keys, values, hot,
+                                     map(pack, [pos << 8 | SPLIT_HOT for pos in positions])):
+                for k in ks:
+                    put(k, v)
+                put(hk, hv)
+        else:
+            for ks, v in zip(keys, values):
+                for k in ks:
+                    put(k, v)
     return list(seen.items())
 
 
@@ -2436,26 +2684,31 @@ def _split_layout(shapes: list) -> tuple:
 
 
 def _bloom_words(rules: list, shapes: list, hash_keys: list, run: Run = None) -> tuple:
-    """({word: u64} of the prefilter, bits of the hash part, total words)."""
-    words = {}
+    """({word: u64} of the prefilter's non-zero words, bits of the hash part, total words).
+    The bits are set in a bytearray of all the words as LE u64s (bit g of the map is bit g & 7
+    of byte g >> 3), read back as words at the end."""
     base, w = _split_layout(shapes)
+    b = _bloom_bits(len(hash_keys))
+    bits = bytearray(w * 8 + (1 << b) // 8)
     for s, ps in shapes:
         if s[0] != "lpm":
             continue
+        at = base[s] * 64
         for a, plen in _prefixes(rules, ps, s[1], run):
-            top = a >> 16
             span = 1 << max(0, 16 - plen)
-            for t in range(top & ~(span - 1), (top & ~(span - 1)) + span):
-                i = _idx16(t)
-                words[base[s] + (i >> 6)] = words.get(base[s] + (i >> 6), 0) | 1 << (i & 63)
-    b = _bloom_bits(len(hash_keys))
-    m, shift, get = (1 << 64) - 1, 64 - b, words.get
+            lo = (a >> 16) & ~(span - 1)
+            for t in range(lo, lo + span):
+                g = at + _idx16(t)
+                bits[g >> 3] |= 1 << (g & 7)
+    m, shift, at = (1 << 64) - 1, 64 - b, w * 64
     for w0, w1 in map(_QQ, hash_keys):          # the key's two u64, mixed as the program does
-        i = ((((w1 * BLOOM_K1) & m) ^ w0) * BLOOM_K2 & m) >> shift
-        words[w + (i >> 6)] = get(w + (i >> 6), 0) | 1 << (i & 63)
+        g = at + (((((w1 * BLOOM_K1) & m) ^ w0) * BLOOM_K2 & m) >> shift)
+        bits[g >> 3] |= 1 << (g & 7)
+    words = {k: v for k, (v,) in enumerate(_U64.iter_unpack(bits)) if v}
     return words, b, w + (1 << b) // 64
 
 
+_U64 = struct.Struct("<Q")
 _QQ = struct.Struct("<QQ").unpack
 
 

@@ -44,8 +44,10 @@ import os
 import re
 import struct
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_not
 from typing import Optional
 
 from . import ebpf as E
@@ -1122,9 +1124,9 @@ def _via_main_frame(items: list) -> list:
 
 # One compile_table's walk of the table's entries, shared by its chains (10 000 entries walked
 # once instead of once per chain and once per jump-site count): {id(table): [table, entry count,
-# {offset: the next entry's offset}, {chain name: chain}]}, each part made when first asked (a
-# program taken from _PROG_CACHE needs no walk), dropped when compile_table returns (callers
-# edit tables).
+# {offset: the next entry's offset}, {chain name: chain}, chain_info's dict, {id(chain): its
+# index}]}, each part made when first asked (a program taken from _PROG_CACHE needs no walk),
+# dropped when compile_table returns (callers edit tables).
 _WALKS: dict = {}
 
 
@@ -1341,7 +1343,7 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
     if hasattr(table, "entries"):
-        _WALKS[id(table)] = [table, None, None, None, {}]
+        _WALKS[id(table)] = [table, None, None, None, {}, None]
     scope = classify._VEC_SCOPE
     classify._VEC_SCOPE = {}
     try:
@@ -1491,6 +1493,91 @@ def _chain_facts(rules: list, pe: Rule, keys: tuple):
     return out
 
 
+_CACHE_KEY = attrgetter("cache_key")
+_TARGET, _OFFSET, _CHAIN_POS, _NAME, _CHAIN, _ENTRY, _GOTO = map(attrgetter, (
+    "target", "offset", "chain_pos", "name", "chain", "entry", "goto"))
+PLAIN_LANDS_FROM = 16           # jump rules of a chain from which _plain_lands reads them
+
+
+def _plain_lands(rules: list, jumps: tuple, pe: Rule, chains: list, by_name: dict, seen: dict,
+                 order: list, sites: dict):
+    """_program_key's landing records of the jump rules at `jumps` read column by column (C
+    loops: map, attrgetter; a fan-out chain's thousands of jumps), the walk's seen/order/sites
+    updated as its loop does, when every jump is plain: not libiptc's fall-through, its
+    chain_pos naming the first chain of its name. Else None, nothing updated (the loop)."""
+    last = len(rules) - 1
+    rs = [rules[p] for p in jumps]
+    try:
+        ts = list(map(_TARGET, rs))
+        cps = list(map(_CHAIN_POS, ts))
+        entries = list(map(_ENTRY, ts))
+        gotos = list(map(bool, map(_GOTO, ts)))
+        if any(map(eq, map(_OFFSET, ts), [rules[p + 1].offset if p < last else pe.offset
+                                          for p in jumps])):
+            return None
+    except AttributeError:
+        return None
+    if None in cps or min(cps) < 0 or max(cps) >= len(chains):
+        return None
+    tgts = [chains[cp] for cp in cps]
+    names = list(map(_CHAIN, ts))
+    if list(map(_NAME, tgts)) != names or any(map(is_not, map(by_name.get, names), tgts)):
+        return None
+    ids = list(map(id, tgts))
+    for i, tgt in dict(zip(ids, tgts)).items():     # in the order of their first jump
+        if i not in seen:
+            seen[i] = len(order)
+            order.append(tgt)
+    for name, n in Counter(names).items():
+        sites[name] = sites.get(name, 0) + n
+    return list(zip(jumps, map(seen.__getitem__, ids), entries, gotos))
+
+
+LEAVES_FROM = 16                # chains left to walk from which _walk_leaves tries them at once
+_RULES, _POLICY, _HEAD, _HOOK, _INDEX = map(attrgetter, (
+    "rules", "policy_entry", "head_entry", "hook", "index"))
+
+
+def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, reads: list,
+                 facts_of, scan_of, vec_min: int) -> bool:
+    """_program_key's loop over the chains `cs` column by column (a fan-out's thousands of
+    service chains) when none of them jumps (so the walk reaches no other chain) and each has
+    its keys and fewer than vec_min rules: their records, bases, spans, reads and chain_info
+    added as the loop adds them; True. Else nothing added, False (the loop walks them)."""
+    pes = list(map(_POLICY, cs))
+    rls = list(map(_RULES, cs))
+    if max(map(len, rls)) >= vec_min:
+        return False
+    try:
+        pks = list(map(_CACHE_KEY, pes))
+        keys = [tuple(map(_CACHE_KEY, rules)) for rules in rls]
+    except AttributeError:
+        return False
+    if None in pks or any(None in k for k in keys):
+        return False
+    fks = list(zip(keys, pks))
+    jumps = list(map(facts_of, fks, repeat(False)))
+    for k in [k for k, j in enumerate(jumps) if j is False]:
+        # asked in order: chains of one content are asked once, the others find its answer
+        got = facts_of(fks[k], False)
+        jumps[k] = _chain_facts(rls[k], pes[k], keys[k]) if got is False else got
+    if None in jumps or any(jumps):
+        return False
+    for fk, rules, pe in zip(fks, rls, pes):
+        rd = scan_of(fk) or _chain_reads(rules, pe, fk)
+        if True in rd:
+            reads[0] |= rd[0]
+            reads[1] |= rd[1]
+            reads[2] |= rd[2]
+    info.update(zip(map(id, cs), zip(keys, pks, jumps)))
+    recs.extend(zip(map(_NAME, cs), map(_HOOK, cs), keys, pks))
+    firsts = [rules[0] if rules else pe for rules, pe in zip(rls, pes)]
+    bases.extend(zip(map(_INDEX, firsts), map(_OFFSET, firsts)))
+    spans.extend(zip([(h or f).index for h, f in zip(map(_HEAD, cs), firsts)],
+                     [pe.index + 1 for pe in pes]))
+    return True
+
+
 def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                  knobs: tuple) -> tuple:
     """(key, bases) of the program of built-in chain `top` (see above), or (None, None) when
@@ -1504,8 +1591,9 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     nchains = len(chains)
     by_name = _first_by_name(table)
     info = chain_info(table)
-    order, seen, recs, bases = [top], {id(top): 0}, [], []
+    order, seen, recs, bases, spans = [top], {id(top): 0}, [], [], []
     facts_of, vec_min, scan_of = _CHAIN_FACTS.get, classify.VEC_MIN, _SCAN_FACTS.get
+    cache_key = _CACHE_KEY
     sites, reads = {}, [False, False, False]    # for _jump_sites and _scan (see chain_info)
     # the previous table's walk of the chains behind `top`, when only top's own chain changed
     # (_walk_behind): then the walk stops after top
@@ -1513,7 +1601,13 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     spliced = False
     i = 0
     # (a fan-out table walks 3 336 chains here on every compile: the loop is kept tight)
+    leaves_at = 1       # where _walk_leaves is tried next: once per level of the walk
     while i < len(order):
+        if i >= leaves_at and len(order) - i >= LEAVES_FROM:
+            if _walk_leaves(order[i:], info, recs, bases, spans, reads, facts_of, scan_of,
+                            vec_min):
+                break                           # the rest of the walk: chains without jumps
+            leaves_at = len(order)
         c = order[i]
         i += 1
         rules = c.rules
@@ -1525,22 +1619,26 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                 vec = classify.vectors(rules)
                 keys = tuple(vec.keys)
             else:
-                keys = tuple([r.cache_key for r in rules])
+                keys = tuple(map(cache_key, rules))
         except AttributeError:                  # no vectors, or a rule without cache_key
             return None, None
         if None in keys:
             return None, None
-        jumps = facts_of((keys, pk), False)
+        fk = (keys, pk)
+        jumps = facts_of(fk, False)
         if jumps is False:
             jumps = _chain_facts(rules, c.policy_entry, keys)
         if jumps is None:
             return None, None
         info[id(c)] = (keys, pk, jumps)
-        rd = scan_of((keys, pk)) or _chain_reads(rules, c.policy_entry, (keys, pk))
-        reads[0] |= rd[0]
-        reads[1] |= rd[1]
-        reads[2] |= rd[2]
-        if jumps:
+        rd = scan_of(fk) or _chain_reads(rules, c.policy_entry, fk)
+        if True in rd:
+            reads[0] |= rd[0]
+            reads[1] |= rd[1]
+            reads[2] |= rd[2]
+        lands = _plain_lands(rules, jumps, c.policy_entry, chains, by_name, seen, order,
+                             sites) if len(jumps) >= PLAIN_LANDS_FROM else None
+        if jumps and lands is None:
             lands = []
             last = len(rules) - 1
             for p in jumps:
@@ -1561,11 +1659,13 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                     order.append(tgt)
                 lands.append((p, k, getattr(t, "entry", 0), bool(t.goto)))
                 sites[t.chain] = sites.get(t.chain, 0) + 1
+        if jumps:
             recs.append((c.name, c.hook, keys, pk, tuple(lands)))
         else:
             recs.append((c.name, c.hook, keys, pk))
         first = rules[0] if rules else c.policy_entry
         bases.append((first.index, first.offset))
+        spans.append(((c.head_entry or first).index, c.policy_entry.index + 1))    # _span(c)
         if i == 1:
             # top's own sites and reads, apart from those of the chains behind it
             top_sites, top_reads = dict(sites), tuple(reads)
@@ -1598,9 +1698,9 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
         los, his = [a for a, _ in spans], [b for _, b in spans]
         rest = (behind[4][0], [info[id(top)]] + behind[4][1][1:]) + rest[2:]
     else:
-        spans = sorted(_span(c) for c in order)
+        spans.sort()
         los, his = [a for a, _ in spans], [b for _, b in spans]
-        pos = {id(c): k for k, c in enumerate(chains)}
+        pos = _chain_places(table)
         rest = ([pos[id(c)] for c in order], [info[id(c)] for c in order]) + rest[2:]
     _remember_walk(table, top.name, recs, bases, los, his, rest)
     return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
@@ -1741,6 +1841,17 @@ def _first_by_name(table: Table) -> dict:
         if hit is not None and hit[0] is table:
             hit[3] = by
     return by
+
+
+def _chain_places(table: Table) -> dict:
+    """{id(chain): its index in table.chains}, once per compile_table (_WALKS)."""
+    hit = _WALKS.get(id(table))
+    if hit is not None and hit[0] is table and hit[5] is not None:
+        return hit[5]
+    out = {id(c): k for k, c in enumerate(table.chains)}
+    if hit is not None and hit[0] is table:
+        hit[5] = out
+    return out
 
 
 def chain_info(table: Table) -> dict:

@@ -36,6 +36,7 @@ chain (never written by iptables) is refused with EOPNOTSUPP.
 from __future__ import annotations
 
 import bisect
+import collections
 import copy
 import errno
 import gc
@@ -46,6 +47,8 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from construct import ListContainer as _LIST
 
 from . import extensions as ext
 from . import uapi
@@ -276,9 +279,19 @@ def _address(packed: bytes):
     if a is None:
         if len(_ADDRESSES) >= ENTRY_CACHE_MAX:
             _ADDRESSES.clear()
-        a = _ADDRESSES[packed] = (ipaddress.IPv4Address if len(packed) == 4
-                                  else ipaddress.IPv6Address)(packed)
+        # what IPv4Address(packed) / IPv6Address(packed) set (their __init__ for 4 or 16
+        # bytes), without the argument checks: a blocklist of 10 000 prefixes makes 10 000
+        if len(packed) == 4:
+            a = _new(_IPV4)
+        else:
+            a = _new(_IPV6)
+            a._scope_id = None
+        a._ip = int.from_bytes(packed, "big")
+        _ADDRESSES[packed] = a
     return a
+
+
+_new, _IPV4, _IPV6 = object.__new__, ipaddress.IPv4Address, ipaddress.IPv6Address
 
 
 @dataclass
@@ -298,6 +311,18 @@ class _Raw:
     tdata: Any = None
     key: bytes = None        # the entry's bytes without comefrom and counters (_ENTRY_CACHE)
     dup: Any = None          # an earlier raw of this walk with the same key (its checks count)
+    tpl: Any = None          # the _Template this entry was read by (its checks count)
+
+    # read as an _ENTRY_CACHE value (_remember keeps the raw itself: nothing changes these
+    # after the walk; _moved changes only a jump's offset and verdict, read again on a hit)
+    @property
+    def hdr_fields(self) -> tuple:
+        h = self.hdr
+        return h.nfcache, h.target_offset, h.next_offset, h.pad
+
+    @property
+    def ip_fields(self) -> dict:
+        return self.ip.__dict__
 
 
 # ---- decode cache (issue #7: an append on a 10 000-rule table decodes one entry) -------------
@@ -348,37 +373,19 @@ class _CachedHdr:
         self.bcnt = int.from_bytes(blob[off + cnt + 8:off + cnt + 16], "little")
 
 
-@dataclass
-class _Cached:
-    hdr_fields: tuple        # (nfcache, target_offset, next_offset, pad)
-    ip_fields: dict          # IpHeader's __dict__ (copied for each use)
-    matches: list
-    tname: bytes
-    trev: int
-    tsize: int
-    tpayload: bytes
-    uncond: bool
-    std: bool
-    verdict: int
-    mdata: list
-    tdata: Any
-    built_norm: tuple = None     # (matches, ExtTarget or None) as _build makes them
-    built_raw: tuple = None
-
-
 def _remember(raws, family):
-    """Put the entries decoded and checked just now into _ENTRY_CACHE."""
+    """Put the entries decoded and checked just now into _ENTRY_CACHE. The value is the raw
+    entry itself (a _Raw or _TRaw: what _walk_range reads of it is hdr_fields, ip_fields
+    (copied for each use), matches, tname, trev, tsize, tpayload, uncond, std, verdict (a
+    jump's is read from the blob again), mdata, tdata, and built_norm / built_raw, which _build
+    sets: (matches, ExtTarget or None) as it makes them); a restore of 10 000 entries made
+    10 000 copies of those (~20 ms). An entry cached before keeps its value."""
     if len(_ENTRY_CACHE) + len(raws) > ENTRY_CACHE_MAX:
         _ENTRY_CACHE.clear()
-    cache = _ENTRY_CACHE
+    put = _ENTRY_CACHE.setdefault
     for r in raws:
-        if r.key is None or r.key in cache:
-            continue
-        h = r.hdr
-        cache[r.key] = _Cached(
-            (h.nfcache, h.target_offset, h.next_offset, h.pad), r.ip.__dict__.copy(),
-            r.matches, r.tname, r.trev, r.tsize, r.tpayload, r.uncond, r.std, r.verdict,
-            r.mdata, r.tdata)
+        if r.key is not None:
+            put(r.key, r)
 
 
 def _placed(rule, i: int, off: int, comefrom: int):
@@ -822,6 +829,118 @@ def _raw_at(raws, off: int):
     return raws[lo] if lo < len(raws) and raws[lo].off == off else None
 
 
+# ---- templates (issue #7: a restore of 10 000 rules into an empty table) -------------------
+# The rules of a big table differ in a few fields only: addresses and masks (a blocklist), a
+# tcp/udp match's ports, a jump's offset, a user chain's name (its ERROR entry). Entries whose
+# bytes are equal outside those fields, comefrom and the counters are one template: the first
+# one is walked and checked in full, the others only read their own fields. Every check of
+# check_entry_size_and_hooks() and find_check_entry() but these is a function of the
+# template's bytes or of the entry's offset (which is checked per entry):
+#   - the addresses and masks: ip_checkentry() reads only flags and invflags; unconditional()
+#     compares them with zero (per entry)
+#   - tcp/udp ports: tcp_mt_check()/udp_mt_check() read only invflags; xt_check_match() the
+#     protocol (ipt_ip, in the template) and the payload size
+#   - a jump's verdict: verdict_ok() for any verdict > 0 (an entry with another is no hit)
+#   - an ERROR entry's errorname: error_tg_ok() wants a NUL in it (per entry; no hit without)
+# {(kind, name, revision): (start, end)} of the payload bytes a template leaves to its entries:
+# xt_tcp's and xt_udp's spts[2], dpts[2] (u16, host order), which _ports_data reads
+_KEY_FIELDS = {(ext.MATCH, b"tcp", 0): (0, 8), (ext.MATCH, b"udp", 0): (0, 8)}
+_PORTS = struct.Struct("=4H")
+_JUMP, _ERRNAME = 1, 2          # _Template.tvar: the target's own field
+TEMPLATES = True                # False: every entry walked in full (tests compare the two)
+
+
+class _Template:
+    """Entries equal but for their key fields (see above). `first`: the raw entry walked in
+    full; `mvar`: (match index, start, end) of each match payload the entry brings, `mext`
+    their extensions; `tvar`: 0, _JUMP or _ERRNAME; `uncond`: the first entry's ipt_ip is
+    zero outside the addresses and it has no matches (unconditional() then depends on the
+    addresses alone); `ip`, `hdr`: the first entry's IpHeader fields after the addresses and
+    its header fields (nfcache, target_offset, next_offset, pad)."""
+    __slots__ = ("first", "mvar", "mext", "tvar", "uncond", "ip", "hdr", "built", "mbase",
+                 "tbase")
+
+    def __init__(self, first, mvar, mext, tvar, uncond):
+        self.first, self.mvar, self.mext, self.tvar, self.uncond = \
+            first, mvar, mext, tvar, uncond
+        i = first.ip
+        self.ip = (i.iniface, i.outiface, i.iniface_mask, i.outiface_mask, i.proto, i.flags,
+                   i.invflags, i.tos, i.pad)
+        h = first.hdr
+        self.hdr = (h.nfcache, h.target_offset, h.next_offset, h.pad)
+        self.built = None       # (token, matches, target) of an entry, set by _build
+        self.mbase = None       # the first entry's parsed payloads of mvar (_ports_data)
+        self.tbase = None       # its parsed ERROR payload (_errname_data)
+
+
+# (address bytes, comefrom/counters struct) of ipt_entry / ip6t_entry
+_ADDR_SPLIT = {AF_INET: struct.Struct("=4s4s4s4s"), AF_INET6: struct.Struct("=16s16s16s16s")}
+_VOL_READ = {AF_INET: struct.Struct("=IQQ"), AF_INET6: struct.Struct("=I4xQQ")}
+
+
+class _TRaw:
+    """A raw entry read by a template (_walk_range): _Raw's fields in slots (~2x cheaper to
+    make than a _Raw: a restore makes 10 000), read as a _Raw."""
+    __slots__ = ("off", "hdr", "ip", "matches", "tname", "trev", "tsize", "tpayload", "uncond",
+                 "std", "verdict", "mdata", "tdata", "key", "dup", "tpl", "built_norm",
+                 "built_raw")
+
+    hdr_fields, ip_fields = _Raw.hdr_fields, _Raw.ip_fields
+
+
+def _add_template(heads: dict, r, e: bytes, family: int, ipsz: int) -> None:
+    """Make raw entry r (walked in full, bytes e) the first of a template in `heads`
+    ({bytes after the addresses up to comefrom: [(fixed, {fixed bytes: _Template}, cuts)]};
+    `fixed` an itemgetter of the bytes a template holds, one per way of cutting)."""
+    cf, cnt, end = _VOLATILE[family]
+    a = _ADDR_SPLIT[family].size
+    cuts = []                   # (start, end) of the bytes left to each entry, in order
+    mvar, mext = [], []
+    for k, (nm, rev, payload, pos) in enumerate(r.matches):
+        span = _KEY_FIELDS.get((ext.MATCH, nm.split(b"\0", 1)[0], rev))
+        if span is None:
+            continue
+        x = ext.lookup(ext.MATCH, family, uapi.cstr(nm), rev)
+        # the payload as the kernel sizes it, shown back as sent (xt_data_to_user: nothing
+        # after size): otherwise the template holds the whole payload
+        if x is None or x.size < 0 or len(payload) != uapi.XT_ALIGN(x.size) \
+                or any(payload[x.usersize or x.size:]):
+            continue
+        lo, hi = pos + 32 + span[0], pos + 32 + span[1]
+        cuts.append((lo, hi))
+        mvar.append((k, pos + 32, pos + 32 + len(payload)))
+        mext.append(x)
+    toff = r.hdr.target_offset
+    tvar = 0
+    if r.std and r.verdict > 0 and _jump_verdict(e, family) is not None:
+        # (as _entry_key masks it: an xt_standard_target of its own size)
+        tvar = _JUMP
+        cuts.append((toff + 32, toff + 36))
+    elif r.tname.split(b"\0", 1)[0] == b"ERROR" and r.trev == 0 \
+            and r.tsize == uapi.SIZEOF_XT_ERROR_TARGET \
+            and not any(r.tpayload[uapi.XT_FUNCTION_MAXNAMELEN:]):
+        tvar = _ERRNAME
+        cuts.append((toff + 32, toff + 32 + uapi.XT_FUNCTION_MAXNAMELEN))
+    # the fixed bytes: after the addresses, comefrom and the counters skipped, key fields cut
+    parts, at = [slice(a, cf)], end
+    if cnt > cf + 4:
+        parts.append(slice(cf + 4, cnt))     # ip6t_entry's padding
+    for lo, hi in cuts:
+        parts.append(slice(at, lo))
+        at = hi
+    parts.append(slice(at, len(e)))
+    uncond = toff == uapi.layout(family).entry_size and not any(e[a:ipsz])
+    t = _Template(r, tuple(mvar), tuple(mext), tvar, uncond)
+    lays = heads.setdefault(e[a:cf], [])
+    cuts = tuple(cuts)
+    for fixed, ts, c in lays:
+        if c == cuts:
+            ts.setdefault(fixed(e), t)
+            return
+    fixed = operator.itemgetter(*parts)
+    lays.append((fixed, {fixed(e): t}, cuts))
+
+
 def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> list:
     """The walk from offset `off` up to `stop` (None: the blob's end)."""
     size, hsz, out = len(blob), lay.entry_size, []
@@ -832,15 +951,88 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
     ipsz = nf - 6                           # ipt_ip / ip6t_ip6: before nfcache, offsets
     uncond_ip = bytes(ipsz)
     seen = {}                               # key -> the first raw entry with it, this walk
+    heads = {}                              # templates of this walk (_add_template)
+    # templates made and entries read by one: made no longer when few entries repeat one
+    # (a table of distinct rules would pay for each template and use none)
+    made = hits = 0
+    cf, cnt, end = _VOLATILE[family]
+    asz = _ADDR_SPLIT[family].size
+    split, vol = _ADDR_SPLIT[family].unpack_from, _VOL_READ[family].unpack_from
+    zero_a, gap = bytes(asz), cnt > cf + 4
+    new, addr = object.__new__, _ADDRESSES.get
+    u16 = _U16.unpack_from
     while off < size and (stop is None or off < stop):
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
         if off % 8:
             _err(errno.EINVAL, off, "entry not aligned to __alignof__(struct ipt_entry)")
         if off + hsz >= size:
             _err(errno.EINVAL, off, "entry header reaches the end of the table")
-        nxt = int.from_bytes(blob[off + nf:off + nf + 2], "little")
+        nxt = u16(blob, off + nf)[0]
         if off + nxt <= size:
             e = blob[off:off + nxt]
+            lays = heads.get(e[asz:cf])
+            t = None
+            if lays is not None:
+                for fixed, ts, _c in lays:
+                    t = ts.get(fixed(e))
+                    if t is None:
+                        continue
+                    f = t.first
+                    tv = t.tvar
+                    v = f.verdict
+                    tp = f.tpayload
+                    if tv == _JUMP:
+                        # a verdict <= 0 is another template's (or no verdict_ok())
+                        v = int.from_bytes(e[-8:-4], "little", signed=True)
+                        if v > 0:
+                            break
+                    elif tv == _ERRNAME:
+                        # error_tg_ok() fails without a NUL: the full walk says where
+                        tp = e[t.hdr[1] + 32:t.hdr[1] + f.tsize]
+                        if b"\0" in tp[:uapi.XT_FUNCTION_MAXNAMELEN]:
+                            break
+                    else:
+                        break
+                    t = None
+            if t is not None:
+                # the template's entry with its own key fields: every other check passed on
+                # its first entry (or, offset-dependent, runs here)
+                hits += 1
+                r = new(_TRaw)
+                h = r.hdr = new(_CachedHdr)
+                h.nfcache, h.target_offset, h.next_offset, h.pad = t.hdr
+                h.comefrom, h.pcnt, h.bcnt = vol(e, cf)
+                # IpHeader's fields set one by one, in its field order (a key-sharing dict,
+                # as its __init__ makes, ~3x faster than either)
+                ip = r.ip = h.ip = new(IpHeader)
+                s_, d_, sm, dm = split(e)
+                ip.src = addr(s_) or _address(s_)
+                ip.dst = addr(d_) or _address(d_)
+                ip.smsk = addr(sm) or _address(sm)
+                ip.dmsk = addr(dm) or _address(dm)
+                (ip.iniface, ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto, ip.flags,
+                 ip.invflags, ip.tos, ip.pad) = t.ip
+                ms = f.matches
+                if t.mvar:
+                    ms = list(ms)
+                    for k, lo, hi in t.mvar:
+                        m = ms[k]
+                        ms[k] = (m[0], m[1], e[lo:hi], m[3])
+                if tv == _JUMP:
+                    key = e[:cf] + (e[cf + 4:cnt] if gap else b"") + e[end:-8] + \
+                        b"\xff\xff\xff\x7f" + e[-4:]
+                else:
+                    key = e[:cf] + e[cf + 4:cnt] + e[end:] if gap else e[:cf] + e[end:]
+                r.off, r.matches, r.tname, r.trev, r.tsize, r.tpayload = \
+                    off, ms, f.tname, f.trev, f.tsize, tp
+                r.uncond, r.std, r.verdict, r.key, r.tpl = \
+                    t.uncond and e[:asz] == zero_a, f.std, v, key, t
+                r.mdata = r.tdata = r.dup = r.built_norm = r.built_raw = None
+                if off in uflows:
+                    _underflow_check(r, off, valid_hooks, underflow)
+                out.append(r)
+                off += nxt
+                continue
             key = _entry_key(e, family)
             c = cache.get(key)
         else:
@@ -926,6 +1118,9 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
         r = _Raw(off, hdr, ipc, matches, tname_raw, trev, tsize, e[toff + 32:toff + tsize],
                  uncond, tname == b"", verdict, None, None, key)
         seen[key] = r
+        if TEMPLATES and (made < 64 or hits * 4 >= made):
+            _add_template(heads, r, e, family, ipsz)
+            made += 1
         # hooks and underflows on this entry
         if off in uflows:
             _underflow_check(r, off, valid_hooks, underflow)
@@ -949,8 +1144,11 @@ def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None,
         return _kept_spliced(blob, raws, comefrom, family, cand, splice)
     cf, cnt, _ = _VOLATILE[family]
     if cand is None:
+        if sys.byteorder == "little" and all(
+                not ((h := r.hdr).pcnt or h.bcnt) for r in raws):
+            return _kept_comefrom(blob, raws, comefrom, cf)
         todo = [(r, c) for r, c in zip(raws, comefrom)
-                if r.hdr.comefrom != c or r.hdr.pcnt or r.hdr.bcnt]
+                if (h := r.hdr).comefrom != c or h.pcnt or h.bcnt]
     else:
         todo = [(raws[i], comefrom[i]) for i in sorted(cand)
                 if raws[i].hdr.comefrom != comefrom[i] or raws[i].hdr.pcnt or raws[i].hdr.bcnt]
@@ -979,7 +1177,26 @@ def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None,
     return bytes(out)
 
 
-_U32, _U64X2 = struct.Struct("<I"), struct.Struct("<QQ")
+_U32, _U64X2, _U16 = struct.Struct("<I"), struct.Struct("<QQ"), struct.Struct("<H")
+
+
+def _kept_comefrom(blob: bytes, raws, comefrom: list, cf: int) -> bytes:
+    """_kept_blob where no entry counted a packet (a restore: every comefrom differs): one
+    pass, comefrom written as native u32 words (the entries are 8-aligned), each raw's header
+    set to match."""
+    out = words = None
+    for r, c in zip(raws, comefrom):
+        h = r.hdr
+        if h.comefrom != c:
+            if words is None:
+                out = bytearray(blob)
+                words = memoryview(out)[:len(out) & ~3].cast("I")
+            words[(r.off + cf) >> 2] = c
+            h.comefrom = c
+    if words is None:
+        return blob
+    words.release()
+    return bytes(out)
 
 
 def _kept_spliced(blob: bytes, raws, comefrom: list, family: int, cand, splice) -> bytes:
@@ -1196,10 +1413,14 @@ class _Memo:
 
     @staticmethod
     def _count(tn, mn, raws, d):
-        for r in raws:
-            tn[r.tname] = tn.get(r.tname, 0) + d
-            for m in r.matches:
+        for name, k in collections.Counter(map(_TNAME, raws)).items():
+            tn[name] = tn.get(name, 0) + d * k
+        for ms in map(_MATCHES, raws):
+            for m in ms:
                 mn[m[0]] = mn.get(m[0], 0) + d
+
+
+_TNAME, _MATCHES = operator.attrgetter("tname"), operator.attrgetter("matches")
 
 
 # {id(table): (weakref to it, weakref to the table it moved from, nhead, p_first, shift, delta)}
@@ -1550,6 +1771,31 @@ def _find_check(raws, family):
             # the same bytes as an entry before it, checked just now
             r.mdata, r.tdata = r.dup.mdata, r.dup.tdata
             continue
+        t = r.tpl
+        if t is not None and t.first.mdata is not None:
+            # the template's first entry passed every check (it comes first, as the kernel
+            # checks); this entry's own payloads parsed
+            f = t.first
+            if t.mvar:
+                md = list(f.mdata)
+                ms = r.matches
+                base = t.mbase
+                if base is None:
+                    base = t.mbase = _port_bases(t)
+                for (k, _lo, _hi), b in zip(t.mvar, base):
+                    md[k] = _ports_data(b, ms[k][2])
+                r.mdata = md
+            else:
+                r.mdata = f.mdata
+            if t.tvar == _ERRNAME:
+                base = t.tbase
+                if base is None:
+                    base = t.tbase = f.tdata.copy()
+                    base.pop("_io", None)
+                r.tdata = _errname_data(base, r.tpayload)
+            else:
+                r.tdata = f.tdata
+            continue
         ip, crule = r.ip, None
         decoded = []
         items = r.matches
@@ -1584,6 +1830,35 @@ def _find_check(raws, family):
                 e.check(crule, family, data)
         r.mdata, r.tdata = decoded[:-1], decoded[-1]
     return lay
+
+
+def _port_bases(t) -> list:
+    """The first entry's parsed tcp/udp payloads of t.mvar, without construct's "_io" entry
+    (a parse by construct itself has one; equality skips it)."""
+    out = []
+    for k, _lo, _hi in t.mvar:
+        b = t.first.mdata[k].copy()
+        b.pop("_io", None)
+        out.append(b)
+    return out
+
+
+def _ports_data(base, payload: bytes):
+    """The parsed xt_tcp / xt_udp payload of an entry of a template: `base` (the first entry's)
+    with this entry's ports, what the codec gives (the other fields are the template's)."""
+    a, b, c, d = _PORTS.unpack_from(payload)
+    n = base.copy()
+    n["spts"] = _LIST((a, b))
+    n["dpts"] = _LIST((c, d))
+    return n
+
+
+def _errname_data(base, payload: bytes):
+    """The parsed xt_error_target payload of an ERROR entry of a template: `base` (the first
+    entry's, a Container holding errorname alone) with this entry's name."""
+    n = base.copy()
+    n["errorname"] = payload[:uapi.XT_FUNCTION_MAXNAMELEN]
+    return n
 
 
 def _spans(raws, hook_start: dict, bounds: list):
@@ -1731,7 +2006,7 @@ class Table:
         reuse = (prev[3], nhead, ntail) if share and prev is not None and prev[3] else None
         table, rules, spans = cls._build(raws, family, hook_entry, underflow, valid_hooks,
                                          name, comefrom if normalize else None, at, memo.kinds,
-                                         reuse, offs, memo.landed, same_lands)
+                                         reuse, offs, memo.landed, same_lands, share)
         if normalize:
             # the entries whose comefrom or counters may differ from what the kernel keeps:
             # all of them, or (after a normalized decode, whose raws describe the bytes kept)
@@ -1741,7 +2016,7 @@ class Table:
             # every entry of the blob sent has comefrom 0 and zero counters (a restore: the
             # next restore of the same table compares with this blob, _zeroed)
             sent_zeroed = not touched and not any(
-                r.hdr.comefrom or r.hdr.pcnt or r.hdr.bcnt
+                (h := r.hdr).comefrom or h.pcnt or h.bcnt
                 for r in (raws[nhead:first] if splice else raws))
             if p_memo is not None and p_memo.comefrom is not None:
                 shift = len(p_memo.comefrom) - n
@@ -1779,7 +2054,7 @@ class Table:
 
     @classmethod
     def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at,
-               kinds, reuse=None, offs=None, lands=None, same_lands=False):
+               kinds, reuse=None, offs=None, lands=None, same_lands=False, share=False):
         """The Table of checked raw entries; `kinds` = _Memo.kinds; `offs` = _Memo.offs;
         `lands` = _Memo.lands (each jump's landing index, None: onto no entry);
         `reuse` = ((rules, comefrom, table, spans) of the previous shared decode, nhead,
@@ -1847,8 +2122,25 @@ class Table:
             # (_ENTRY_CACHE); a standard target is made anew (jumps are resolved in place)
             c = cache.get(r.key) if r.key is not None else None
             built = getattr(c, slot, None) if c is not None else None
+            t = r.tpl
+            tb = t.built if t is not None and built is None else None
             if built is not None:
                 ms, tgt = list(built[0]), built[1]
+            elif tb is not None and tb[0] is found:
+                # an entry of a template built before in this call: its objects but for the
+                # entry's own payloads
+                ms, tgt = list(tb[1]), tb[2]
+                for k, _lo, _hi in t.mvar:
+                    m0 = ms[k]
+                    m = ms[k] = new(Match)
+                    m.name, m.revision, m.data, m.raw = \
+                        m0.name, m0.revision, r.mdata[k], r.matches[k][2]
+                if t.tvar == _ERRNAME:
+                    tgt = new(ExtTarget)
+                    tgt.name, tgt.revision, tgt.data, tgt.raw = \
+                        tb[2].name, tb[2].revision, r.tdata, r.tpayload
+                if c is not None:
+                    setattr(c, slot, (tuple(ms), tgt))
             else:
                 ms, tgt = [], None
                 for k, (nm, rev, payload, _) in enumerate(r.matches):
@@ -1868,32 +2160,39 @@ class Table:
                                                                   to_user))
                 if c is not None:
                     setattr(c, slot, (tuple(ms), tgt))
+                if t is not None:
+                    t.built = (found, tuple(ms), tgt)
+            # (objects made by new() get their fields one by one, in field order: a
+            # key-sharing dict, as their __init__ makes, and ~2x faster than a dict given)
             if r.std:
                 v = r.verdict
                 if v < 0:
                     tgt = new(Verdict)
-                    tgt.__dict__ = {"verdict": v}
+                    tgt.verdict = v
                 else:
                     tgt = new(Jump)
-                    tgt.__dict__ = {"chain": "", "goto": bool(r.ip.flags & f_goto),
-                                    "offset": v, "entry": None, "chain_pos": -1}
+                    tgt.chain, tgt.goto, tgt.offset, tgt.entry, tgt.chain_pos = \
+                        "", bool(r.ip.flags & f_goto), v, None, -1
             # a copy: callers may edit a rule's IpHeader, and the raw is kept for the next
-            # decode (_LAST_WALK)
-            ip = new(IpHeader)
-            ip.__dict__ = r.ip.__dict__.copy()
+            # decode (_LAST_WALK, _ENTRY_CACHE); not for a read-only table (`share`: nobody
+            # edits its rules, and a cache hit copies the raw's IpHeader)
+            if share:
+                ip = r.ip
+            else:
+                ip = new(IpHeader)
+                ip.__dict__ = r.ip.__dict__.copy()
             h = r.hdr
-            pad = h.pad if six and any(h.pad) else b""   # Rule.__post_init__
             # Rule's fields set directly (its __init__ costs ~10 ms per 10 000 entries), plus
             # the entry's bytes without comefrom and counters: classify.py memoizes per rule on
             # it (cache_key, not a field: it does not take part in comparisons)
             rule = new(Rule)
-            rule.__dict__ = {
-                "ip": ip, "matches": ms, "target": tgt,
-                "counters": (0, 0) if to_user else (h.pcnt, h.bcnt),
-                "index": i, "offset": r.off, "nfcache": h.nfcache,
-                "comefrom": comefrom[i] if to_user else h.comefrom,
-                "tail": h.next_offset - h.target_offset - r.tsize, "pad": pad,
-                "cache_key": r.key}
+            rule.ip, rule.matches, rule.target = ip, ms, tgt
+            rule.counters = (0, 0) if to_user else (h.pcnt, h.bcnt)
+            rule.index, rule.offset, rule.nfcache = i, r.off, h.nfcache
+            rule.comefrom = comefrom[i] if to_user else h.comefrom
+            rule.tail = h.next_offset - h.target_offset - r.tsize
+            rule.pad = h.pad if six and any(h.pad) else b""     # Rule.__post_init__
+            rule.cache_key = r.key
             rules[i] = rule
 
         # split into chains: a chain starts at a hook entry or at an ERROR entry. Found on the
@@ -1988,14 +2287,14 @@ class Table:
                 # its policy entry, what the raw entry found (_Raw.uncond)
                 last = raws[end - 1]
                 pe = end > body and last.uncond and last.std and last.verdict == XT_RETURN
-                c.__dict__ = {"name": cname, "hook": None, "policy": None,
-                              "rules": rules[body:end - 1] if pe else rules[body:end],
-                              "policy_entry": rules[end - 1] if pe else None,
-                              "head_entry": rules[b], "trailer": []}
+                c.name, c.hook, c.policy = cname, None, None
+                c.rules = rules[body:end - 1] if pe else rules[body:end]
+                c.policy_entry = rules[end - 1] if pe else None
+                c.head_entry, c.trailer = rules[b], []
             else:
-                c.__dict__ = {"name": cname, "hook": None, "policy": None,
-                              "rules": rules[body:end], "policy_entry": None,
-                              "head_entry": None, "trailer": []}
+                c.name, c.hook, c.policy = cname, None, None
+                c.rules, c.policy_entry, c.head_entry, c.trailer = \
+                    rules[body:end], None, None, []
             chains[j] = c
         return cls(name, family, valid_hooks, chains,
                    rules[tail] if tail is not None else None), rules, \

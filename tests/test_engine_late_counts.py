@@ -78,6 +78,15 @@ def helper(monkeypatch, request):
     assert all(reads) and bool(reads) == (request.param == "sums reader")
 
 
+def _first_installed(eng, gate):
+    """The two tables, the first installed with nothing left after its reply."""
+    t1, t2 = _tables()
+    gate.set()
+    eng.install(t1)
+    engine_mod.run_after_reply()
+    return t1, t2
+
+
 def _install_with_late(eng, gate, late, new, counts):
     """Install `new` over the installed table with `counts` {old index: (p, b)} counted by the
     old programs after the reply's read; returns the old counters the install returned."""
@@ -89,10 +98,7 @@ def _install_with_late(eng, gate, late, new, counts):
 
 def test_late_packets_follow_the_carried_counts(helper):
     eng, gate, late = helper
-    t1, t2 = _tables()
-    gate.set()
-    eng.install(t1)
-    engine_mod.run_after_reply()
+    t1, t2 = _first_installed(eng, gate)
     m = eng._counters_map()
     pol = t1.chain("INPUT").policy_entry.index
     _add(m, 0, 5, 500)
@@ -120,10 +126,7 @@ def test_late_packets_of_entries_not_carried_are_dropped(helper):
     """A restore builds every entry anew (COUNTER_MAP_NOMAP: SET_ADD_COUNTERS adds zeros): the
     old table's counts, late ones included, are not the new table's."""
     eng, gate, late = helper
-    t1, t2 = _tables()
-    gate.set()
-    eng.install(t1)
-    engine_mod.run_after_reply()
+    t1, t2 = _first_installed(eng, gate)
     pol = t1.chain("INPUT").policy_entry.index
     _add(eng._counters_map(), 0, 5, 500)
     _add(eng._counters_map(), pol, 3, 300)
@@ -138,10 +141,7 @@ def test_late_counts_settle_before_the_next_read_and_install(helper):
     """No idle moment after the reply: the next request that reads counters waits for the
     settling, and the next install settles before it returns the counts it replaces."""
     eng, gate, late = helper
-    t1, t2 = _tables()
-    gate.set()
-    eng.install(t1)
-    engine_mod.run_after_reply()
+    t1, t2 = _first_installed(eng, gate)
     _add(eng._counters_map(), 0, 5, 500)
     old = _install_with_late(eng, gate, late, t2, {0: (2, 200)})
     at = t2.chain("INPUT").rules[-1].index
@@ -158,10 +158,7 @@ def test_next_install_uses_the_spare_counters_map(helper, monkeypatch):
     and the install takes it."""
     eng, gate, late = helper
     monkeypatch.setattr(Engine, "SPARE_MIN", 1)
-    t1, t2 = _tables()
-    gate.set()
-    eng.install(t1)
-    engine_mod.run_after_reply()
+    t1, t2 = _first_installed(eng, gate)
     spare = eng._spare
     assert spare is not None and spare.max_entries >= t2.num_entries
     spare_id = spare.info()["id"]
@@ -175,10 +172,7 @@ def test_replaced_counters_map_serves_again_zeroed(helper):
     by its reader (_SumsReader.read(clear=True)) and taken by the next install instead of a new
     map (5-9 ms at 10 000 entries): nothing it counted shows in the table that takes it."""
     eng, gate, late = helper
-    t1, t2 = _tables()
-    gate.set()
-    eng.install(t1)
-    engine_mod.run_after_reply()
+    t1, t2 = _first_installed(eng, gate)
     first = eng._counters_map()
     first_id = first.info()["id"]
     _add(first, 0, 5, 500)
