@@ -81,7 +81,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import attrgetter, eq, ge, gt, itemgetter, ne, sub
+from operator import and_, attrgetter, ge, gt, is_, itemgetter, ne, or_, sub, truth
 
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, Label
@@ -1142,7 +1142,7 @@ def hash_entries(run: Run) -> list:
     return list(seen.items())
 
 
-_FIRST = itemgetter(0)
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 def _fill_next_same(run: Run):
@@ -1869,8 +1869,8 @@ def _shared_bodies(cc, run: Run, chain: str, by_k: list):
 
 
 _NOT_WALKED = object()
-_TARGET, _CHAIN_POS, _ENTRY, _NAME, _CHAIN, _HOOK, _RULES, _POLICY, _IP_FLAGS, _GOTO = map(
-    attrgetter, ("target", "chain_pos", "entry", "name", "chain", "hook", "rules",
+_TARGET, _CHAIN_POS, _ENTRY, _NAME, _CHAIN, _HOOK, _CACHE_KEY, _POLICY, _IP_FLAGS, _GOTO = map(
+    attrgetter, ("target", "chain_pos", "entry", "name", "chain", "hook", "cache_key",
                  "policy_entry", "ip.flags", "goto"))
 
 
@@ -1878,7 +1878,10 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
     """_each_body's answer column by column (C loops: map, attrgetter) when every case lands as
     iptables writes a jump (chain_pos, entry 0..len of a user chain) in a chain
     compile._program_key walked (known: chain_info), else _NOT_WALKED. A fan-out's thousands of
-    cases: ~3 us a case one at a time, most of an append's compile."""
+    cases: ~3 us a case one at a time, most of an append's compile. The case chains' rule
+    counts and policy entries' cache keys are read from `known` (the keys tuple has one key a
+    rule; _each_body reads its body key there too), not from the chains' rules and entries: an
+    append moves every case chain, whose objects are new, so each one read is a cache miss."""
     if not by_k:
         return _NOT_WALKED
     chains, rules = cc.table.chains, run.rules
@@ -1892,41 +1895,57 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
     if None in cps or None in starts or min(cps) < 0 or max(cps) >= len(chains) or \
             min(starts) < 0:
         return _NOT_WALKED
-    targets = [chains[cp] for cp in cps]
-    lens = list(map(len, map(_RULES, targets)))
+    targets = list(map(chains.__getitem__, cps))
     kns = list(map(known.get, map(id, targets)))
-    if list(map(_NAME, targets)) != list(map(_CHAIN, ts)) or \
+    if None in kns:
+        return _NOT_WALKED
+    k0s = list(map(_FIRST, kns))
+    lens = list(map(len, k0s))
+    names = list(map(_CHAIN, ts))
+    if list(map(_NAME, targets)) != names or \
             list(map(_HOOK, targets)).count(None) != len(targets) or \
-            any(map(gt, starts, lens)) or None in kns:
+            any(map(gt, starts, lens)):
         return _NOT_WALKED
     # from here on, what _each_body (so _case_key) answers for these cases
     pes = list(map(_POLICY, targets))
-    if not all(pes) or None in map(getattr, rs, repeat("cache_key"), repeat(None)) or \
-            None in map(getattr, pes, repeat("cache_key"), repeat(None)) or \
-            any(map(ge, map(sub, lens, starts), repeat(small))):
+    pks = list(map(_SECOND, kns))           # each pe's cache_key (_program_key's pk)
+    try:
+        if not all(pes) or None in map(_CACHE_KEY, rs) or None in pks or \
+                any(map(ge, map(sub, lens, starts), repeat(small))):
+            return None
+    except AttributeError:                  # a rule without cache_key: _each_body's None
         return None
     # a jump in the case chain at or after the landing: the jump positions are memoized per
     # chain contents (compile._chain_facts), so chains of one content share the tuple
-    if any(filter(None, {id(kn[2]): kn[2] for kn in kns}.values())) and \
+    if any(map(_THIRD, kns)) and \
             any(kn[2] and kn[2][-1] >= start for kn, start in zip(kns, starts)):
         return None
-    gotos = [bool(f & IPT_F_GOTO) or bool(g)
-             for f, g in zip(map(_IP_FLAGS, rs), map(_GOTO, ts))]
-    nexts = [None if goto else nxt for goto, nxt in zip(gotos, map(run.next_same.get, by_k))]
+    if any(map(and_, map(_IP_FLAGS, rs), repeat(IPT_F_GOTO))) or any(map(_GOTO, ts)):
+        gotos = list(map(truth, map(or_, map(and_, map(_IP_FLAGS, rs), repeat(IPT_F_GOTO)),
+                                    map(truth, map(_GOTO, ts)))))
+    else:
+        gotos = [False] * len(rs)
+    nexts = list(map(run.next_same.get, by_k))
+    if True in gotos:
+        nexts = [None if goto else nxt for goto, nxt in zip(gotos, nexts)]
     later = set(nexts)
     later.discard(None)
     if None in map(getattr, map(rules.__getitem__, later), repeat("cache_key"), repeat(None)):
         return None
     subs = cc.subprogs
-    keys = list(zip(starts, gotos, [tuple(kn[0][start:]) for kn, start in zip(kns, starts)],
-                    list(map(attrgetter("cache_key"), pes)), [t.chain in subs for t in ts]))
-    bodies = dict.fromkeys(keys)            # in the order of their first case
-    if len(bodies) <= 8:                    # a few bodies (their point): C loops per body
-        for key in bodies:
-            bodies[key] = list(compress(by_k, map(eq, keys, repeat(key))))
+    tails = k0s if not any(starts) else \
+        [tuple(k0[start:]) for k0, start in zip(k0s, starts)]
+    keys = list(zip(starts, gotos, tails, pks,
+                    list(map(subs.__contains__, names)) if subs else repeat(False)))
+    # each case's body key as the first equal one, in the order of their first case: the
+    # bodies are then told apart by identity (equal keys compare their bytes)
+    first = {}
+    tags = list(map(first.setdefault, keys, keys))
+    if len(first) <= 8:                     # a few bodies (their point): C loops per body
+        bodies = {key: list(compress(by_k, map(is_, tags, repeat(key)))) for key in first}
     else:
         bodies = {}
-        for key, pos in zip(keys, by_k):
+        for key, pos in zip(tags, by_k):
             bodies.setdefault(key, []).append(pos)
     return bodies, dict(zip(by_k, pes)), dict(zip(by_k, nexts))
 

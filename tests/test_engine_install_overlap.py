@@ -11,6 +11,7 @@ decode and compile): the counters map made by the worker thread while the table 
     its errno, the previous ruleset keeps filtering (same programs in the slots, same table),
     no pending state is left and no descriptor leaks.
 """
+import contextlib
 import errno
 import os
 import random
@@ -22,32 +23,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import kernel_xt as kx  # noqa: E402
-import lab  # noqa: E402
 import rulesets  # noqa: E402
 from nsutil import Netns  # noqa: E402
+from test_cplane_scale import decoded  # noqa: E402 - the Table restore sends
 
 from bpfilter_umh import engine, faults  # noqa: E402
 from bpfilter_umh import kernel as K  # noqa: E402
 from bpfilter_umh.errors import BpfilterError  # noqa: E402
-from bpfilter_umh.model import AF_INET, decode_replace  # noqa: E402
+from bpfilter_umh.model import AF_INET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
 
 
-def _decoded(text: str):
-    """The Table iptables-legacy-restore of `text` sends (the kernel as parser)."""
-    with Netns("io") as ns:
-        lab.restore(ns, text)
-        with ns.inside():
-            info, blob = kx.snapshot(AF_INET)
-    buf = kx.replace_buffer("filter", info.valid_hooks, info.num_entries, len(blob),
-                            list(info.hook_entry), list(info.underflow), 4, 0, blob)
-    return decode_replace(buf, AF_INET)[1]
-
-
 def _blocklist(seed: int):
-    return _decoded(rulesets.make("blocklist", 2000, seed=seed).text.replace("-A FORWARD ",
+    return decoded(rulesets.make("blocklist", 2000, seed=seed).text.replace("-A FORWARD ",
                                                                               "-A INPUT "))
 
 
@@ -98,11 +87,11 @@ def test_worker_fill_equals_per_element_fill(kind):
 
 # ---- installs ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def eng(monkeypatch):
+@contextlib.contextmanager
+def _early_maps_engine(monkeypatch, name: str):
     """An engine in a throwaway namespace that makes every counters map early (SPARE_MIN 1)."""
     monkeypatch.setattr(engine.Engine, "SPARE_MIN", 1)
-    with Netns("iov") as ns, ns.inside():
+    with Netns(name) as ns, ns.inside():
         e = engine.Engine.open(AF_INET)
         try:
             yield e
@@ -110,6 +99,12 @@ def eng(monkeypatch):
             faults.disarm()
             e.flush()
             e.close()
+
+
+@pytest.fixture
+def eng(monkeypatch):
+    with _early_maps_engine(monkeypatch, "iov") as e:
+        yield e
 
 
 def _slot_maps(eng) -> dict:
@@ -203,14 +198,10 @@ def helper_eng(monkeypatch):
     """An engine as a helper runs it (engine.AFTER_REPLY), whose counters maps are made early
     and spare (SPARE_MIN 1)."""
     monkeypatch.setattr(engine, "AFTER_REPLY", [])
-    monkeypatch.setattr(engine.Engine, "SPARE_MIN", 1)
-    with Netns("iovh") as ns, ns.inside():
-        e = engine.Engine.open(AF_INET)
+    with _early_maps_engine(monkeypatch, "iovh") as e:
         try:
             yield e
         finally:
-            e.flush()
-            e.close()
             engine.AFTER_REPLY.clear()
 
 
