@@ -862,15 +862,10 @@ def _prefixes(rules: list, positions, field: str, run: Run = None) -> list:
     return out
 
 
-def _lpm_first(rules: list, positions, field: str, run: Run = None) -> list:
-    """[(LPM key, position)]: each distinct prefix of the rules at `positions` with the smallest
-    position among the rules whose prefix contains it (itself or a shorter one), so the trie's
-    longest match answers the first rule that matches the address."""
-    return list(zip(*_lpm_columns(rules, positions, field, run)))
-
-
 def _lpm_columns(rules: list, positions, field: str, run: Run = None) -> tuple:
-    """_lpm_first as ([LPM key], [position])."""
+    """([LPM key], [position]): each distinct prefix of the rules at `positions` with the
+    smallest position among the rules whose prefix contains it (itself or a shorter one), so the
+    trie's longest match answers the first rule that matches the address."""
     # a prefix as one int, network << 6 | length: ints sort as the (network, length) tuples
     codes = _prefix_codes(positions, field, run)
     if codes is None:
@@ -921,8 +916,9 @@ def _prefix_codes(positions, field: str, run: Run = None):
 
 
 def _lpm_first_slow(prefixes: list, positions) -> list:
-    """_lpm_first over (network, length) tuples (a length may be -1: a mask that is not a
-    prefix, which the shapes of lpm runs exclude; kept as it always was)."""
+    """_lpm_columns as [(LPM key, position)], over (network, length) tuples (a length may be
+    -1: a mask that is not a prefix, which the shapes of lpm runs exclude; kept as it always
+    was)."""
     first = {}                              # (network int, plen) -> position
     for pos, k in zip(positions, prefixes):
         first.setdefault(k, pos)

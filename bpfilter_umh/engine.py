@@ -263,7 +263,6 @@ class Engine:
         self._maps_again = _MapsAgain()  # replaced counters maps, zeroed (_LateCounts)
         self._late = None               # _LateCounts of the last install (a helper's)
         self._base_nz = None            # (base, its nonzero entries): counters_nonzero
-        self._fills = None              # an install's map fills in the worker (_fill_later)
 
     # ---- open / persist ----
     @classmethod
@@ -804,7 +803,7 @@ class Engine:
         progs = {}                      # (flavor, hook) -> Prog
         pres = {}
         events = at_map = None
-        self._fills = fills = []        # _load's classifier maps being filled (_fill_later)
+        fills = []                      # _load's classifier maps being filled (_fill_later)
         try:
             for f in self.flavors_used:
                 if f != "nf":
@@ -826,11 +825,8 @@ class Engine:
                     # the nf side of a chain restricted to devices passes what they serve
                     l2 = pres[self.hook_flavors[cp.hook]]
                     mine = dict(mine, **{flavors.SERVED_MAP: l2.served.fd})
-                progs[(f, cp.hook)] = self._load(cp, new_map, mine) if mine else \
-                    self._load(cp, new_map)
-            self._fills = None
+                progs[(f, cp.hook)] = self._load(cp, new_map, mine, fills)
         except BaseException:
-            self._fills = None
             _wait_all(fills)
             for p in progs.values():
                 p.close()
@@ -1035,8 +1031,11 @@ class Engine:
             m.close()
         self._cls_maps, self._cls_next = {}, {}
 
-    def _load(self, cp: CompiledProgram, counters_map, shared: dict = None) -> "K.Prog":
-        extra = create_maps(cp, self._cls_maps, self._cls_next, self._fills)
+    def _load(self, cp: CompiledProgram, counters_map, shared: dict = None,
+              fills: list = None) -> "K.Prog":
+        """cp loaded with its maps (create_maps; with `fills`, filled by the worker thread,
+        their jobs appended there)."""
+        extra = create_maps(cp, self._cls_maps, self._cls_next, fills)
         try:
             code = cp.assemble({COUNTERS_MAP: counters_map.fd, **(shared or {}),
                                 **{name: m.fd for name, m in extra.items()}})

@@ -1,7 +1,7 @@
 """The classifier's column-at-a-time paths (issue #7, session 7: a cold compile of 10 000 rules)
 answer exactly what their one-rule-at-a-time forms answer:
 
-  - classify._lpm_first (prefixes as ints, a sweep only when some prefix holds another) against
+  - classify._lpm_columns (prefixes as ints, a sweep only when some prefix holds another) against
     _lpm_first_slow and against the definition (the smallest position among the rules whose
     prefix contains the key);
   - classify._keys_rule_keys / _ippart_keys (the hash keys read from every key in one loop)
@@ -60,6 +60,11 @@ def _lpm_by_definition(prefixes: list, positions) -> list:
     return out
 
 
+def _lpm_first(positions) -> list:
+    """classify._lpm_columns of the source prefixes as [(LPM key, position)]."""
+    return list(zip(*classify._lpm_columns([], positions, "src")))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_lpm_first_is_the_definition(monkeypatch, seed):
     rnd = random.Random(seed)
@@ -68,11 +73,11 @@ def test_lpm_first_is_the_definition(monkeypatch, seed):
         range(len(prefixes))
     monkeypatch.setattr(classify, "_prefixes", lambda rules, positions, field, run=None: prefixes)
     want = _lpm_by_definition(prefixes, positions)
-    assert classify._lpm_first([], positions, "src") == want
+    assert _lpm_first(positions) == want
     assert classify._lpm_first_slow(prefixes, positions) == want
     disjoint = sorted(set((net, 32) for net, _ in prefixes))        # no prefix holds another
     monkeypatch.setattr(classify, "_prefixes", lambda rules, positions, field, run=None: disjoint)
-    assert classify._lpm_first([], range(len(disjoint)), "src") == \
+    assert _lpm_first(range(len(disjoint))) == \
         _lpm_by_definition(disjoint, range(len(disjoint)))
 
 
@@ -81,7 +86,7 @@ def test_broken_lpm_first_is_caught(monkeypatch):
     prefixes = _random_prefixes(random.Random(0), 400)
     monkeypatch.setattr(classify, "_prefixes", lambda rules, positions, field, run=None: prefixes)
     monkeypatch.setattr(classify, "gt", lambda a, b: False)
-    assert classify._lpm_first([], range(len(prefixes)), "src") != \
+    assert _lpm_first(range(len(prefixes))) != \
         _lpm_by_definition(prefixes, range(len(prefixes)))
 
 

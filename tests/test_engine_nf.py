@@ -91,7 +91,7 @@ def test_install_traffic_counters_adopt_flush(pair):
 class _CorruptingEngine(Engine):
     """Loads a program the verifier must refuse: rule 2 of INPUT reads r9 before writing it."""
 
-    def _load(self, cp, counters_map):
+    def _load(self, cp, counters_map, *rest):
         if cp.chain == "INPUT":
             items, seen = [], 0
             for it in cp.items:
@@ -101,7 +101,7 @@ class _CorruptingEngine(Engine):
                     if seen == 2:
                         items.append(E.ldx(E.DW, E.R1, E.R9, 0))
             cp.items = items
-        return super()._load(cp, counters_map)
+        return super()._load(cp, counters_map, *rest)
 
 
 def test_failed_installs_keep_old_programs(pair):
