@@ -13,13 +13,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_append_moved import EXTRA, _fanout_on_input, _same_programs  # noqa: E402
+from test_append_moved import EXTRA  # noqa: E402
+from test_append_moved import \
+    test_changed_top_takes_the_walk_behind_it as appends_to_fanout_input  # noqa: E402
 from test_compile_kept import _clear, _programs  # noqa: E402
 from test_cplane_scale import decoded  # noqa: E402
 from test_shared_bodies import _text  # noqa: E402
 
 from bpfilter_umh import classify  # noqa: E402
-from bpfilter_umh import compile as C  # noqa: E402
 from bpfilter_umh.compile import KernelFacts  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: iptables-legacy")
@@ -66,26 +67,11 @@ def _assert_same(calls, least: int):
 
 
 def test_fanout_appends_walk_as_each_case(monkeypatch):
-    """Restore and three appends to INPUT (the spliced walk's facts) with shared bodies; each
-    append's programs equal a cold compile's."""
-    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
-    facts = KernelFacts.fake()
-    text = _fanout_on_input(600)
+    """test_append_moved's restore and three appends to INPUT (the spliced walk's facts) with
+    shared bodies, each append's programs equal to a cold compile's, with every
+    _walked_bodies answer checked."""
     calls = _checked(monkeypatch)
-    _clear()
-    tables = [decoded(text)]
-    _programs(tables[0], facts)
-    for k in range(3):
-        text = text.replace("COMMIT", EXTRA.format(k=90 + k) + "\nCOMMIT")
-        t = decoded(text)
-        tables.append(t)
-        spliced = C.PROG_STATS["walks_spliced"]
-        warm = _programs(t, facts)
-        assert C.PROG_STATS["walks_spliced"] - spliced == 1
-        _clear()
-        _same_programs(warm, _programs(t, facts), k)
-        _clear()
-        _programs(t, facts)
+    appends_to_fanout_input(monkeypatch, 0)
     _assert_same(calls, 4)
 
 
