@@ -47,7 +47,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_not
+from operator import attrgetter, eq, is_, is_not
 from typing import Optional
 
 from . import ebpf as E
@@ -1152,7 +1152,7 @@ def _chain_reads(rules: list, pe, fk) -> tuple:
         return reads
     vec = classify.vectors(rules)
     if vec is not None:             # a long chain: its lists (classify.vectors)
-        rs = set(classify.column(rules, vec, "scan", _reads))
+        rs = classify.column_set(rules, vec, "scan", _reads)
     else:
         # a function of the rule's own bytes: memoized on them (classify._memo, issue #7)
         rs = [classify._memo("scan", r, _reads) for r in rules]
@@ -1482,7 +1482,7 @@ def _chain_facts(rules: list, pe: Rule, keys: tuple):
         return hit
     vec = classify.vectors(rules)
     if vec is not None:                 # a long chain: its lists (classify.vectors)
-        ok = all(classify.column(rules, vec, "kept", _rule_kept_ok)) and _rule_kept_ok(pe)
+        ok = all(classify.column_set(rules, vec, "kept", _rule_kept_ok)) and _rule_kept_ok(pe)
         out = tuple(compress(range(len(rules)), vec.jump)) if ok else None
     else:
         ok = all(_rule_kept_ok(r) for r in rules) and _rule_kept_ok(pe)
@@ -1538,6 +1538,11 @@ _RULES, _POLICY, _HEAD, _HOOK, _INDEX = map(attrgetter, (
     "rules", "policy_entry", "head_entry", "hook", "index"))
 
 
+def _each_content(fks: list) -> dict:
+    """{chain content (keys, policy key): the index of its last chain in fks}."""
+    return dict(zip(fks, range(len(fks))))
+
+
 def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, reads: list,
                  facts_of, scan_of, vec_min: int) -> bool:
     """_program_key's loop over the chains `cs` column by column (a fan-out's thousands of
@@ -1556,15 +1561,19 @@ def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, rea
     if None in pks or any(None in k for k in keys):
         return False
     fks = list(zip(keys, pks))
+    # each content once, at its last chain (chains of one content answer the same: the facts
+    # and reads are memoized on it), then every chain's answer in one C loop
+    last = _each_content(fks)
+    for fk, k in last.items():
+        if facts_of(fk, False) is False:
+            _chain_facts(rls[k], pes[k], keys[k])
     jumps = list(map(facts_of, fks, repeat(False)))
-    for k in [k for k, j in enumerate(jumps) if j is False]:
-        # asked in order: chains of one content are asked once, the others find its answer
-        got = facts_of(fks[k], False)
-        jumps[k] = _chain_facts(rls[k], pes[k], keys[k]) if got is False else got
+    for k in list(compress(range(len(jumps)), map(is_, jumps, repeat(False)))):
+        jumps[k] = _chain_facts(rls[k], pes[k], keys[k])     # dropped by a full memo meanwhile
     if None in jumps or any(jumps):
         return False
-    for fk, rules, pe in zip(fks, rls, pes):
-        rd = scan_of(fk) or _chain_reads(rules, pe, fk)
+    for fk, k in last.items():
+        rd = scan_of(fk) or _chain_reads(rls[k], pes[k], fk)
         if True in rd:
             reads[0] |= rd[0]
             reads[1] |= rd[1]

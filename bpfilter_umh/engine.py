@@ -33,8 +33,9 @@ State of one (netns, family):
   links, the ruleset programs); the counters map is found again through the installed programs'
   map ids (each program references exactly one map, the counters)
   /run/bpfilter/<netns cookie>/<family>.table   a JSON line (GET_INFO numbers, the generation
-                                                and its programs' ids, blob_size), then the
-                                                table blob as raw bytes (root-only)
+                                                and its programs' ids, blob_size; a large
+                                                table's padded with spaces to HEAD_ROOM bytes),
+                                                then the table blob as raw bytes (root-only)
   /run/bpfilter/<netns cookie>/<family>.counters the add_counters base of one generation (binary,
                                                 written alone: no table re-encode per -c/-Z)
   /run/bpfilter/<netns cookie>/<family>.table.pending  written before the first swap, renamed
@@ -54,10 +55,12 @@ flavor switch left behind are emptied (the new slot filters first: for an instan
 neither).
 
 Kernel work beside the Python work (issue #7): one worker thread (_worker) makes a large
-table's counters map while the table compiles, fills the classifier maps while the programs
-load (a program may be verified before its maps are filled, never attached before), and makes
-a helper's spare counters map after its reply; the syscalls run without the GIL, on another CPU.
-A helper grows its file table and parses its C types at start (warm_up).
+table's counters map and writes the pending state's blob while the table compiles, fills the
+classifier maps while the programs load (a program may be verified before its maps are filled,
+never attached before), and makes a helper's spare counters map after its reply; the syscalls
+run without the GIL, on another CPU.
+A helper grows its file table, parses its C types and pre-faults the heap its request buffers
+come from at start (warm_up).
 """
 from __future__ import annotations
 
@@ -131,9 +134,13 @@ def warm_up():
     path names (~4 ms), the kernel feature probes NfAttachment.open requires (a program load
     and a link in a throwaway netns: ~2 ms), the kernel facts (a JSON file; the vmlinux BTF
     parse, 0.2-0.6 s, once per boot), and the worker thread (_worker), after the file table
-    is grown (_grow_fd_table). Best effort: a failure here is the first request's to
-    report."""
+    is grown (_grow_fd_table), the heap a SET_REPLACE's buffer comes from (_prefault_heap) and
+    the model's first empty tables (Engine.__init__: 0.3 ms more the first time). Best effort:
+    a failure here is the first request's to report."""
     _grow_fd_table()
+    _prefault_heap()
+    for family in FAMILY_NAMES:
+        Table.empty("filter", family)
     K.warm_types()
     for name in ("netfilter_link", "tail_call_netfilter"):
         K.features.has(name)
@@ -145,6 +152,23 @@ def warm_up():
 
 
 FD_TABLE = 1024
+
+# a SET_REPLACE's buffer (sockopt.do_replace: the caller's blob, ~2.4 MB at 10 000 rules) is a
+# malloc of more than glibc's initial mmap threshold (128 KiB): a fresh mapping, each page
+# faulted in and zeroed as the buffer is cleared, ~1.3 ms at a helper's first restore
+PREFAULT_THRESHOLD, PREFAULT_HEAP = 8 << 20, 6 << 20
+
+
+def _prefault_heap():
+    """glibc's malloc raises its mmap threshold to the size of an mmapped chunk freed (up to
+    32 MiB; malloc/malloc.c free: "dynamic mmap threshold"), and its trim threshold to twice
+    that: after one PREFAULT_THRESHOLD buffer is freed, allocations under it come from the
+    heap, and the PREFAULT_HEAP bytes touched here stay mapped for them (measured: the first
+    2.4 MB request buffer 1.3-1.7 ms -> 0.4-0.5 ms). Other allocators just free the memory."""
+    buf = bytearray(PREFAULT_THRESHOLD)
+    del buf
+    buf = bytearray(PREFAULT_HEAP)
+    del buf
 
 
 def _grow_fd_table():
@@ -463,8 +487,35 @@ class Engine:
                 f.write(struct.pack(f"<{1 + len(flat)}Q", self.generation, *flat))
         os.replace(tmp, self._counters_path)
 
+    # the room kept for a state file's header line when its blob is written first
+    # (_prewrite_state): the JSON, padded with spaces (json.loads ignores them), then "\n"
+    HEAD_ROOM = 4096
+
+    def _prewrite_state(self, table: Table, path: str):
+        """The worker thread's job (_worker) writing the blob of `table`'s state file to
+        path + ".tmp", HEAD_ROOM bytes in, while the install compiles and loads: the header
+        (the programs' ids) is known only after the loads, and _save_state then writes only
+        it. None when there is nothing to gain (a small table)."""
+        if getattr(table, "kept_blob", None) is None or \
+                getattr(table, "source_blob", None) is None:
+            return None         # its blob is encoded (_state_blob): once, by _save_state
+        blob = _state_blob(table)
+        if len(blob) < self.PREWRITE_MIN:
+            return None
+        try:
+            _private_dirs(os.path.dirname(path))
+        except OSError:
+            return None         # _save_state reports it
+        claim = _Claim()
+        job = _worker(_write_blob_at, path + ".tmp", blob, self.HEAD_ROOM, claim)
+        job.tmp, job.claim = path + ".tmp", claim
+        return job
+
+    PREWRITE_MIN = 256 << 10    # bytes of blob (~2 000 entries)
+
     def _save_state(self, table: Table = None, path: str = None, generation: int = None,
-                    prog_ids: dict = None):
+                    prog_ids: dict = None, prewritten: "_Job" = None):
+        """prewritten: _prewrite_state's job for this path; its file gets the header."""
         table = self.table if table is None else table
         he, uf = _hooks_of(table)
         blob = _state_blob(table)
@@ -475,11 +526,24 @@ class Engine:
         path = path or self.state_path
         _private_dirs(os.path.dirname(path))
         tmp = path + ".tmp"
+        head = json.dumps(st).encode()
+        fd = _take_prewritten(prewritten)
+        if fd is not None:
+            try:
+                if len(head) < self.HEAD_ROOM:
+                    _pwrite_all(fd, head.ljust(self.HEAD_ROOM - 1) + b"\n", 0)
+                    os.close(fd)
+                    fd = None
+                    os.replace(tmp, path)
+                    return
+            finally:
+                if fd is not None:
+                    os.close(fd)        # a header past HEAD_ROOM: written whole below
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # root-only
         with open(fd, "wb") as f:
             # one file, renamed into place whole: a JSON header line, then the blob as it is
             # (hex inside the JSON cost ~15 ms at 10 000 rules, and twice the bytes)
-            f.write(json.dumps(st).encode() + b"\n")
+            f.write(head + b"\n")
             f.write(blob)
         os.replace(tmp, path)
 
@@ -733,6 +797,10 @@ class Engine:
         offload engine (offload.py): compiled, checked and loaded for the device first (a
         refusal changes nothing), then the host ruleset is swapped as always, then the device's
         program is replaced in one step. Returns the replaced table's counters."""
+        if not self.offload and not self.offloaded:
+            # offload.py is imported only when a device offloads (its import: ~2 ms, which a
+            # helper's first install, the restore, spent)
+            return self._install_host(table)
         from . import offload
         if not self.offload:
             old = self._install_host(table)
@@ -787,6 +855,9 @@ class Engine:
         # the counters map is made beside the compilation (a PERCPU_ARRAY of 10 000 entries:
         # 5-12 ms of kernel allocations, a cold restore's largest cost outside decode/compile)
         early = self._early_counters_map(table)
+        # and the pending state's blob written beside the compilation (_save_state: ~1 ms at
+        # 16 700 entries; the header, with the programs' ids, once they are loaded)
+        blob_job = self._prewrite_state(table, self._pending_path)
         try:
             plan = self._compile(table)         # [(flavor, CompiledProgram)]
             uses_events, uses_at = _uses(table, "events"), _uses(table, "addrtype")
@@ -795,11 +866,16 @@ class Engine:
             faults.point("map_create")
         except BaseException:
             _discard_early(early)
+            _drop_prewritten(blob_job)
             raise
         # ONE counters map for every flavor's programs: each packet passes one hook, so each
         # rule counts it once whichever attachment runs its chain
-        new_map = self._fresh_counters_map(
-            max(1, *(cp_.counters_entries for cp_ in self._compiled_tables)), early)
+        try:
+            new_map = self._fresh_counters_map(
+                max(1, *(cp_.counters_entries for cp_ in self._compiled_tables)), early)
+        except BaseException:
+            _drop_prewritten(blob_job)
+            raise
         progs = {}                      # (flavor, hook) -> Prog
         pres = {}
         events = at_map = None
@@ -817,7 +893,9 @@ class Engine:
                 # addrtype rules look addresses up in the mirror of the local routing table
                 at_map = addrtype.open_map()
                 shared[addrtype.ADDRTYPE_MAP] = at_map.fd
-            for f, cp in plan:
+            # the programs with the most classifier map entries first: their maps' fills
+            # (the worker's) start before the other programs load, not after
+            for f, cp in sorted(plan, key=_fill_size, reverse=True):
                 # tc/xdp programs read interface names from their attachment's ifnames map
                 mine = dict(shared, **{flavors.IFNAMES_MAP: pres[f].ifnames.fd}) \
                     if f in pres else shared
@@ -826,8 +904,11 @@ class Engine:
                     l2 = pres[self.hook_flavors[cp.hook]]
                     mine = dict(mine, **{flavors.SERVED_MAP: l2.served.fd})
                 progs[(f, cp.hook)] = self._load(cp, new_map, mine, fills)
+            # in the plan's order again, which the swaps below follow
+            progs = {(f, cp.hook): progs[(f, cp.hook)] for f, cp in plan}
         except BaseException:
             _wait_all(fills)
+            _drop_prewritten(blob_job)
             for p in progs.values():
                 p.close()
             new_map.close()
@@ -844,8 +925,9 @@ class Engine:
             faults.point("after_load")
             # step 1 of the commit: the new table and its program ids, before any swap
             self._save_state(table, self._pending_path, self.generation + 1,
-                             _pending_ids(progs))
+                             _pending_ids(progs), blob_job)
         except BaseException:
+            _drop_prewritten(blob_job)
             for p in progs.values():
                 p.close()
             new_map.close()
@@ -872,8 +954,13 @@ class Engine:
                     old_devices[f] = att.devices()
                     att.set_devices(next((d for h, d in self.devices.items()
                                           if self.hook_flavors[h] == f), None))
-            # every classifier map filled (_fill_later) before any program is attached: a
-            # packet must never see one half filled; a fill's error is the install's
+            # the swaps' own preparations (a first install's dispatchers) while the worker
+            # fills; then every classifier map filled (_fill_later) before any program is
+            # attached: a packet must never see one half filled; a fill's error is the install's
+            for f, hook in progs:
+                prepare = getattr(atts[f], "prepare", None)
+                if prepare is not None:
+                    prepare(hook)
             while fills:
                 fills.pop().result()
             # the nf side of a restricted chain first: it passes what `served` names, which
@@ -1148,6 +1235,10 @@ class Engine:
         if late is None or (late.added is None and not final):
             return
         self._late = None
+        # the replaced table it holds is freed after the reply, not in this request: at 16 700
+        # entries its objects take 1-3 ms to deallocate, which the next command's GET_ENTRIES
+        # (where this usually runs) spent before its answer
+        after_reply((late, late.table))
         late.finish()
         if late.added is not None and late.delta and \
                 late.carry(self.table, self.base, self.family):
@@ -1282,6 +1373,74 @@ class Engine:
 
 # ---- control plane at 10 000 rules (issue #7) ----
 
+class _Claim:
+    """Who does a job's work: the worker thread, if it starts it before the install needs the
+    result (take), else the install itself (the job then does nothing): on a busy machine the
+    worker may not have run yet, and waiting for it would cost more than the work."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner = None
+
+    def take(self, owner: str) -> bool:
+        with self.lock:
+            if self.owner is None:
+                self.owner = owner
+            return self.owner == owner
+
+
+def _write_blob_at(tmp: str, blob: bytes, at: int, claim: _Claim = None):
+    """Engine._prewrite_state's job: `blob` written at offset `at` of a new file `tmp`; returns
+    the open fd (closed by Engine._save_state or _drop_prewritten), None when the install
+    claimed the work first."""
+    if claim is not None and not claim.take("worker"):
+        return None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # root-only
+    try:
+        _pwrite_all(fd, blob, at)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pwrite_all(fd: int, data, at: int):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, f"short write at offset {at}")
+        view, at = view[n:], at + n
+
+
+def _take_prewritten(job):
+    """The fd of Engine._prewrite_state's file, now the caller's to close; None when there is
+    no job, the worker had not started it (it will not: the caller writes the file whole),
+    it failed (likewise), or it was taken already."""
+    if job is None:
+        return None
+    if job.claim.take("install"):
+        return None
+    job.done.wait()
+    fd, job.value = job.value, None
+    return fd
+
+
+def _drop_prewritten(job):
+    """A failed install: the file of Engine._prewrite_state's job closed and removed."""
+    if job is None:
+        return
+    fd = _take_prewritten(job)
+    if fd is not None:
+        os.close(fd)
+    _quietly(os.unlink, job.tmp)
+
+
+def _fill_size(plan_item) -> int:
+    """Entries of the classifier maps a (flavor, CompiledProgram) has (Engine._install_host)."""
+    return sum(len(spec.entries or ()) for spec in getattr(plan_item[1], "maps", ()))
+
+
 def _pending_ids(progs: dict) -> dict:
     """The pending state's {hook: prog id} of an install's {(flavor, hook): Prog}; a hook served
     per device (two programs) gets the list of both ids (_settle_locked)."""
@@ -1333,13 +1492,20 @@ def _hooks_of(table: Table):
     if getattr(table, "source_blob", None) is None:
         return table.hook_entry, table.underflow
     he, uf = [0xFFFFFFFF] * 5, [0xFFFFFFFF] * 5
+    # a table has one built-in chain per valid hook (translate_table: every valid hook has an
+    # entry point): the walk stops at the last one found (iptables puts them first, before its
+    # 3 000 user chains in a kube-proxy table, whose check cost ~0.5 ms an install)
+    left = bin(table.valid_hooks & 0x1F).count("1")
     for c in table.chains:
+        if not left:
+            break
         if c.builtin and table.valid_hooks & (1 << c.hook):
             # the chain's first entry (Chain.entries()[0], without listing its 10 000 rules)
             first = c.head_entry or (c.rules[0] if c.rules else c.policy_entry) or c.trailer[0]
             he[c.hook] = first.offset
             if c.policy_entry is not None:
                 uf[c.hook] = c.policy_entry.offset
+            left -= 1
     return he, uf
 
 
@@ -1617,16 +1783,16 @@ class _LateCounts:
 
     def __init__(self, old_map, old_table: Table, base: list, again: "_MapsAgain"):
         self.table, self.n = old_table, _entry_count(old_table)
-        self.early = _map_counts(old_map, min(self.n, old_map.max_entries))
-        self.returned = _plus(list(base[:self.n]) + [(0, 0)] * (self.n - len(base)),
-                              self.early)
         self.added = None           # the first add_counters after the install
         self.delta = None           # known after finish()
-        self.final = None
-        # the grace period starts after the early read (any that starts after the swap will
-        # do), so the final read, in the waiter thread once it is over, never precedes it; the
-        # old map's fd goes with it, a grace period after the swap (not when the helper is idle)
+        self.final = self.early = None
+        # the grace period starts before the early read (any that starts after the swap will
+        # do: a packet counting after the read entered an old program before the swap, so it
+        # is out by the period's end); the final read, in the waiter thread once the period is
+        # over, waits for the early read (early_read), so it never precedes it. The old map's
+        # fd goes with it, a grace period after the swap (not when the helper is idle)
         self.done = threading.Event()
+        self.early_read = threading.Event()
         # the old map comes back zeroed (to `again`) when its reader can clear it
         self.map_entries = old_map.max_entries
         self.recycles = bool(old_map.__dict__.get("_sums_reader"))
@@ -1635,10 +1801,18 @@ class _LateCounts:
         # the install and its reply, would hand it over only at the next switch interval
         # (5 ms): measured 0-6.5 ms between the put and the membarrier call, by which the
         # next command's GET_ENTRIES waited longer. Waiting here until the thread has
-        # started costs ~0.1 ms (the waiter is idle: the last install's wait was settled)
+        # started costs ~0.1 ms (the waiter is idle: the last install's wait was settled);
+        # the early read (~0.5 ms at 16 700 entries, a syscall without the GIL) then runs
+        # while the grace period does, instead of before it
         self.started = threading.Event()
         _rcu_waiter().put((self._wait_and_read, old_map))
         self.started.wait(self.START_WAIT)
+        try:
+            self.early = _map_counts(old_map, min(self.n, old_map.max_entries))
+        finally:
+            self.early_read.set()
+        self.returned = _plus(list(base[:self.n]) + [(0, 0)] * (self.n - len(base)),
+                              self.early)
 
     START_WAIT = 0.002     # a waiter not running by then (a busy machine) starts later
 
@@ -1647,6 +1821,9 @@ class _LateCounts:
         try:
             self.started.set()
             _wait_for_readers()
+            self.early_read.wait()
+            if self.early is None:
+                raise BpfilterError(errno.EIO, "the early read failed")
             n = min(self.n, old_map.max_entries)
             r = old_map.__dict__.get("_sums_reader")
             if r:

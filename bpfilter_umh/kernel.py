@@ -400,9 +400,11 @@ class Map(_Obj):
         return cls(fd, map_type, key_size, value_size, max_entries, name, flags)
 
     @classmethod
-    def from_fd(cls, fd: int) -> "Map":
-        """Adopt fd (closed on error)."""
-        _check_kind(fd, "map")
+    def from_fd(cls, fd: int, checked: bool = False) -> "Map":
+        """Adopt fd (closed on error). checked: the caller knows fd is a map (_check_kind done,
+        or BPF_MAP_GET_FD_BY_ID, which gives map fds only): no second /proc read."""
+        if not checked:
+            _check_kind(fd, "map")
         m = cls(fd, 0, 0, 0, 0)
         try:
             i = m.info()
@@ -415,7 +417,7 @@ class Map(_Obj):
 
     @classmethod
     def from_pin(cls, path: str) -> "Map":
-        return cls.from_fd(_check_kind(obj_get(path), "map", path))
+        return cls.from_fd(_check_kind(obj_get(path), "map", path), checked=True)
 
     def dup(self) -> "Map":
         """Another fd of this map with the attributes known here: from_fd's fdinfo read and
@@ -426,7 +428,7 @@ class Map(_Obj):
 
     @classmethod
     def from_id(cls, id_: int) -> "Map":
-        return cls.from_fd(_from_id(_libbpf.bpf_map_get_fd_by_id, id_, "map"))
+        return cls.from_fd(_from_id(_libbpf.bpf_map_get_fd_by_id, id_, "map"), checked=True)
 
     def info(self) -> dict:
         b = self._info(88)
@@ -584,8 +586,10 @@ class Prog(_Obj):
         raise BpfilterError(e, _load_message(name or f"type {prog_type}", e, log))
 
     @classmethod
-    def from_fd(cls, fd: int) -> "Prog":
-        _check_kind(fd, "prog")
+    def from_fd(cls, fd: int, checked: bool = False) -> "Prog":
+        """Adopt fd (closed on error); checked: as Map.from_fd."""
+        if not checked:
+            _check_kind(fd, "prog")
         p = cls(fd)
         try:
             i = p.info()
@@ -597,11 +601,11 @@ class Prog(_Obj):
 
     @classmethod
     def from_pin(cls, path: str) -> "Prog":
-        return cls.from_fd(_check_kind(obj_get(path), "prog", path))
+        return cls.from_fd(_check_kind(obj_get(path), "prog", path), checked=True)
 
     @classmethod
     def from_id(cls, id_: int) -> "Prog":
-        return cls.from_fd(_from_id(_libbpf.bpf_prog_get_fd_by_id, id_, "prog"))
+        return cls.from_fd(_from_id(_libbpf.bpf_prog_get_fd_by_id, id_, "prog"), checked=True)
 
     def info(self) -> dict:
         self._need_fd()

@@ -9,7 +9,10 @@ Shared contract (other stages rely on these names):
                                                  normalized (what GET_ENTRIES would then return)
                                                  and read-only: its Rule and Chain objects are
                                                  shared with the decodes before and after it
-                                                 (issue #7); copy.deepcopy it to edit it
+                                                 (issue #7); copy.deepcopy it to edit it. A user
+                                                 chain an append moved whole may make its
+                                                 entries on first access (_MovedChain: reads,
+                                                 compares and copies as a Chain)
   - Table.empty(name, family)                    the table the kernel creates in a fresh netns
   - Table.encode() -> bytes                      the entries blob (ipt_get_entries.entrytable)
   - Table.entries() -> list[Rule]                every entry in blob order; entry index == counter
@@ -44,6 +47,7 @@ import ipaddress
 import operator
 import struct
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -244,6 +248,100 @@ class Chain:
         return ([self.head_entry] if self.head_entry is not None else []) + self.body()
 
 
+class _Made:
+    """A field of a _MovedChain read before its entries are made: makes them (a non-data
+    descriptor: once made, the instance dict answers and this is not called)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj._make()[self.name]
+
+
+_MAKE_LOCK = threading.RLock()
+
+
+class _MovedChain(Chain):
+    """A user chain of a decode_replace table that is a previous table's chain moved whole
+    (issue #7: an append ahead of a fan-out's 3 333 service chains moves every one of them,
+    and after the decode nothing reads their entries until a later table is made from them).
+    Its entries are made on first access of rules, policy_entry, head_entry or trailer
+    (_Made), from `_src` (the chain moved, whose entries were made)
+    placed at entry index `_at` on: each a _Moved of the source entry with this table's
+    offset and comefrom (`_pos`: the decode's offsets, comefrom values, jump indexes and
+    each jump's landing index, lists nothing changes), a jump with a Jump of its own naming
+    its landing's offset (its chain, position and goto are the source's: the decode checked
+    that every jump lands on the entry it landed on, moved, in the chain it landed in).
+    Compares, copies (a plain Chain) and reads as a Chain."""
+
+    __slots__ = ("_src", "_at", "_pos")     # _src None once made
+
+    def _make(self) -> dict:
+        """The instance dict, with the entries made (once: under a lock, the engine compiles
+        in threads)."""
+        with _MAKE_LOCK:
+            if getattr(self, "_src", None) is not None:
+                self._place()
+        return self.__dict__
+
+    def _place(self) -> None:
+        src, at, pos = self._src, self._at, self._pos
+        offs, comefrom, jumps, landed = pos
+        ents = ([src.head_entry] if src.head_entry is not None else []) + src.rules
+        if src.policy_entry is not None:
+            ents.append(src.policy_entry)
+        new = object.__new__
+        out = []
+        for i, r in enumerate(ents, at):
+            m = new(_Moved)
+            m.__dict__ = r.__dict__
+            m.index, m.offset, m.comefrom = i, offs[i], comefrom[i]
+            out.append(m)
+        for k in range(bisect.bisect_left(jumps, at), bisect.bisect_left(jumps, at + len(ents))):
+            i = jumps[k]
+            m, t = out[i - at], ents[i - at].target
+            n = out[i - at] = new(_MovedJump)
+            n.__dict__ = m.__dict__
+            n.index, n.offset, n.comefrom = m.index, m.offset, m.comefrom
+            nj = n.target = new(Jump)
+            nj.chain, nj.goto, nj.offset, nj.entry, nj.chain_pos = \
+                t.chain, t.goto, offs[landed[k]], t.entry, t.chain_pos
+        head = src.head_entry is not None
+        end = len(out) - (src.policy_entry is not None)
+        d = self.__dict__
+        d["head_entry"] = out[0] if head else None
+        d["rules"] = out[head:end]
+        d["policy_entry"] = out[end] if end < len(out) else None
+        d["trailer"] = []
+        self._src = self._pos = None
+
+    rules = _Made("rules")
+    policy_entry = _Made("policy_entry")
+    head_entry = _Made("head_entry")
+    trailer = _Made("trailer")
+
+    def __eq__(self, other):
+        if isinstance(other, Chain):
+            return (self.name, self.hook, self.policy, self.rules, self.policy_entry,
+                    self.head_entry, self.trailer) == \
+                (other.name, other.hook, other.policy, other.rules, other.policy_entry,
+                 other.head_entry, other.trailer)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __reduce_ex__(self, protocol):
+        # copy, deepcopy and pickle see a plain Chain, its entries made
+        return Chain, (self.name, self.hook, self.policy, self.rules, self.policy_entry,
+                       self.head_entry, self.trailer)
+
+    def __repr__(self):
+        return "Chain" + Chain.__repr__(self)[len(type(self).__qualname__):]
+
+
 # --- raw entry walk (one record per entry, with what the checks need) -----------------------
 class _Hdr:
     """An ipt_entry/ip6t_entry header as unpacked by uapi.IPT_ENTRY_FAST/IP6T_ENTRY_FAST."""
@@ -292,6 +390,23 @@ def _address(packed: bytes):
 
 
 _new, _IPV4, _IPV6 = object.__new__, ipaddress.IPv4Address, ipaddress.IPv6Address
+_FROM_BYTES = int.from_bytes
+
+
+def _addr4(packed: bytes):
+    """_address of 4 bytes not in _ADDRESSES, without its checks (_walk_range bounds the
+    dict once per walk): a restore of the mixed shape makes 11 000, ~1.5 ms less."""
+    a = _ADDRESSES[packed] = _new(_IPV4)
+    a._ip = _FROM_BYTES(packed, "big")
+    return a
+
+
+def _addr6(packed: bytes):
+    """_addr4 of 16 bytes."""
+    a = _ADDRESSES[packed] = _new(_IPV6)
+    a._scope_id = None
+    a._ip = _FROM_BYTES(packed, "big")
+    return a
 
 
 @dataclass
@@ -408,11 +523,12 @@ def _moved_rules(old_rules, offs, first: int, comefrom, jumps) -> list:
     new = object.__new__
     n = len(old_rules)
     kind = [_Moved] * n
-    for j in jumps[bisect.bisect_left(jumps, first):]:
+    mine = jumps[bisect.bisect_left(jumps, first):bisect.bisect_left(jumps, first + n)]
+    for j in mine:
         kind[j - first] = _MovedJump
     out = [None] * n
     k = 0
-    for rule, o, c in zip(old_rules, offs[first:], comefrom[first:]):
+    for rule, o, c in zip(old_rules, offs[first:first + n], comefrom[first:first + n]):
         m = new(kind[k])
         m.__dict__ = rule.__dict__
         m.index = first + k
@@ -420,9 +536,96 @@ def _moved_rules(old_rules, offs, first: int, comefrom, jumps) -> list:
         m.comefrom = c
         out[k] = m
         k += 1
-    for j in jumps[bisect.bisect_left(jumps, first):]:
+    for j in mine:
         out[j - first].target = old_rules[j - first].target
     return out
+
+
+def _chain_range(chains, rules, firsts, ends, k) -> None:
+    """rules[firsts[k]:ends[k]]: chain k's entries (a _MovedChain's made now, where the
+    table's flat list has None: see _build)."""
+    b = firsts[k]
+    if rules[b] is None:
+        c = chains[k]
+        rules[b:ends[k]] = ([c.head_entry] if c.head_entry is not None else []) + c.body()
+
+
+def _fill_range(rules, chains, firsts, ends, lo: int, hi: int) -> None:
+    """rules[lo:hi] Rules: the chains holding them made where None (see _chain_range)."""
+    if lo >= hi:
+        return
+    for k in range(max(0, bisect.bisect_right(firsts, lo) - 1),
+                   bisect.bisect_right(firsts, hi - 1)):
+        if rules[firsts[k]] is None:
+            _chain_range(chains, rules, firsts, ends, k)
+
+
+def _sources(rules, chains, firsts, ends, lo: int) -> list:
+    """rules[lo:] with each unmade _MovedChain's entries (None) replaced by its source's,
+    which have the same attribute dicts (and a jump's, a Jump of another table): what
+    _moved_rules needs to place them anew, without making the chain first (half the work)."""
+    out = rules[lo:]
+    for k in range(max(0, bisect.bisect_left(firsts, lo)), len(chains)):
+        b = firsts[k]
+        if rules[b] is None:
+            c = chains[k]
+            s = (getattr(c, "_src", None) if type(c) is _MovedChain else None) or c
+            out[b - lo:ends[k] - lo] = ([s.head_entry] if s.head_entry is not None else []) \
+                + s.rules + ([s.policy_entry] if s.policy_entry is not None else [])
+    return out
+
+
+def _made_all(rules, chains, firsts, ends) -> None:
+    """Every entry of rules a Rule: the unmade _MovedChains' entries made (under one lock,
+    without a descriptor call per chain: ~2x cheaper than reading each)."""
+    with _MAKE_LOCK:
+        for c in chains:
+            if type(c) is _MovedChain and getattr(c, "_src", None) is not None:
+                c._place()
+    for k in range(len(chains)):
+        if rules[firsts[k]] is None:
+            _chain_range(chains, rules, firsts, ends, k)
+
+
+def _moved_spans(p_spans, nhead: int, first: int, shift: int, errs, lands, hook_at: bool):
+    """The chains' spans of a table that is the previous one (spans p_spans) with the
+    entries between its nhead and first + shift replaced by those between nhead and first
+    here, no chain start among either (then every span behind the change is the previous
+    one moved by shift, and the one holding the change ends shift earlier) but, `hook_at`,
+    a built-in chain's at nhead in both (its first entries changed), and no jump landing in
+    that chain behind the change (its position in the chain would change): (spans as
+    _build returns them, index of the chain holding the change), else None."""
+    _sp, p_tail, p_bounds, p_firsts, p_bodies, p_ends, p_names, p_hooks = p_spans
+    p_first = first + shift
+    lo = bisect.bisect_left(p_bounds, nhead)
+    if hook_at:
+        # the chain starting at nhead holds the change; its start stays
+        js = bisect.bisect_left(p_firsts, nhead)
+        if js == len(p_firsts) or p_firsts[js] != nhead or p_hooks[js] is None or \
+                lo == len(p_bounds) or p_bounds[lo] != nhead:
+            return None
+        lo += 1
+        if lo < bisect.bisect_left(p_bounds, p_first) or \
+                bisect.bisect_left(errs, nhead) != bisect.bisect_left(errs, first):
+            return None
+    else:
+        if lo != bisect.bisect_left(p_bounds, p_first) or \
+                bisect.bisect_left(errs, nhead) != bisect.bisect_left(errs, first):
+            return None
+        js = bisect.bisect_right(p_firsts, nhead - 1) - 1
+    if js < 0 or p_tail is not None and p_tail < p_first:
+        return None
+    end = p_ends[js] - shift
+    if not set(range(first, end)).isdisjoint(lands) if end - first < 64 else \
+            any(first <= e < end for e in lands):
+        return None
+    k = js + 1
+    firsts = p_firsts[:k] + [x - shift for x in p_firsts[k:]]
+    bodies = p_bodies[:k] + [x - shift for x in p_bodies[k:]]
+    ends = p_ends[:js] + [x - shift for x in p_ends[js:]]
+    bounds = p_bounds[:lo] + [x - shift for x in p_bounds[lo:]]
+    tail = p_tail - shift if p_tail is not None else None
+    return (None, tail, bounds, firsts, bodies, ends, p_names, p_hooks), js
 
 
 def _underflow_check(r, off, valid_hooks, underflow):
@@ -437,16 +640,19 @@ def _underflow_check(r, off, valid_hooks, underflow):
 # ---- the previous table's walk (issue #7: one append walks the entries that changed) ---------
 # iptables sends the whole table on every change; what changed is a few entries in one place.
 # {family: (blob, raws, ends, shared, memo)} of the last table decoded without error (shared:
-# (rules, comefrom) of a decode_replace table, whose Rule objects the next one may share;
-# memo: its _Memo). An entry of the new blob whose bytes equal an entry of the old one at the
-# same offset (before the change) or at the same distance from the end (after it), a jump's
-# verdict aside (it names an offset the change moved: the target's landing is checked by
-# mark_source_chains for the whole table), passed every check of its own bytes then (a
-# positive verdict is always verdict_ok()); of the offset-dependent checks of
-# check_entry_size_and_hooks, alignment and room in the blob hold where the distance to the
-# blob's start (prefix) or end (suffix, moved by a multiple of 8) is the same, and the underflow
-# check is run again on every hook's underflow entry. "Equal" leaves out comefrom and the
-# counters (libiptc sends back the live counters GET_ENTRIES showed); after a normalized decode
+# (rules, comefrom, table, spans, chains, lazy) of a decode_replace table, whose Rule and Chain
+# objects the next one may share: every entry's Rule in blob order, None where a _MovedChain
+# has not made its entries (lazy: there may be such), a weak reference to the table, its
+# chains' spans as columns (Table._build) and its chains; memo: its _Memo). An entry of the
+# new blob whose bytes equal an entry of the old one at the same offset (before the change) or
+# at the same distance from the end (after it), a jump's verdict aside (it names an offset the
+# change moved: the target's landing is checked by mark_source_chains for the whole table),
+# passed every check of its own bytes then (a positive verdict is always verdict_ok()); of
+# the offset-dependent checks of check_entry_size_and_hooks, alignment and room in the blob
+# hold where the distance to the blob's start (prefix) or end (suffix, moved by a multiple of
+# 8) is the same, and the underflow check is run again on every hook's underflow entry.
+# "Equal" leaves out comefrom and the counters (libiptc sends back the live counters
+# GET_ENTRIES showed); after a normalized decode
 # the blob kept is the one the kernel would keep (Table.kept_blob), so an append after a
 # restore (which sent comefrom 0) still matches byte for byte where no rule counted a packet.
 # A restore over the loaded table (kube-proxy's periodic full sync: the same table, or one rule
@@ -455,7 +661,10 @@ def _underflow_check(r, off, valid_hooks, underflow):
 # unchanged entries are then a few big slice compares, and the kept blob is the previous one's
 # bytes spliced around the change (_kept_spliced), not a patch of every entry. When nothing the
 # kernel's walk depends on changed, the comefrom values (_mark_again, _mark_same_kinds), the
-# chains' spans and the Chain objects outside the change are the previous table's (_build).
+# chains' spans and the Chain objects outside the change are the previous table's (_build);
+# when the entries behind the change only moved, its user chains there are the previous ones
+# moved whole, their entries made when read (_MovedChain: a fan-out append moves 3 333 chains
+# that nothing reads before the next decode, which moves them again).
 # The decode takes the entry out (pop) and owns its raws: moved ones are changed in place.
 _LAST_WALK: dict = {}
 # a user chain's name by its ERROR entry's payload (3 333 chains in a fan-out table)
@@ -463,11 +672,14 @@ _CHAIN_NAMES: dict = {}
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
-    """Length of the longest common prefix of a and b (bisection on slices: memcmp in C)."""
+    """Length of the longest common prefix of a and b (bisection; each step one memcmp of a
+    and a view of b: bytes.startswith copies neither, a slice compare copied both, ~1 ms of
+    a fan-out append's 2 MB)."""
     lo, hi = 0, min(len(a), len(b))
+    v = memoryview(b)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
+        if a.startswith(v[lo:mid], lo):
             lo = mid
         else:
             hi = mid - 1
@@ -475,11 +687,12 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 def _common_suffix(a: bytes, b: bytes) -> int:
-    """Length of the longest common suffix of a and b (bisection on slices, as above)."""
+    """Length of the longest common suffix of a and b (bisection, as above)."""
     lo, hi = 0, min(len(a), len(b))
+    v, na, nb = memoryview(b), len(a), len(b)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[len(a) - mid:len(a) - lo] == b[len(b) - mid:len(b) - lo]:
+        if a.startswith(v[nb - mid:nb - lo], na - mid):
             lo = mid
         else:
             hi = mid - 1
@@ -960,6 +1173,9 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
     split, vol = _ADDR_SPLIT[family].unpack_from, _VOL_READ[family].unpack_from
     zero_a, gap = bytes(asz), cnt > cf + 4
     new, addr = object.__new__, _ADDRESSES.get
+    mk = _addr4 if family == AF_INET else _addr6
+    if len(_ADDRESSES) >= ENTRY_CACHE_MAX:
+        _ADDRESSES.clear()
     u16 = _U16.unpack_from
     while off < size and (stop is None or off < stop):
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
@@ -1006,10 +1222,10 @@ def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> lis
                 # as its __init__ makes, ~3x faster than either)
                 ip = r.ip = h.ip = new(IpHeader)
                 s_, d_, sm, dm = split(e)
-                ip.src = addr(s_) or _address(s_)
-                ip.dst = addr(d_) or _address(d_)
-                ip.smsk = addr(sm) or _address(sm)
-                ip.dmsk = addr(dm) or _address(dm)
+                ip.src = addr(s_) or mk(s_)
+                ip.dst = addr(d_) or mk(d_)
+                ip.smsk = addr(sm) or mk(sm)
+                ip.dmsk = addr(dm) or mk(dm)
                 (ip.iniface, ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto, ip.flags,
                  ip.invflags, ip.tos, ip.pad) = t.ip
                 ms = f.matches
@@ -1352,6 +1568,36 @@ def _mark_source_chains(raws, size, hook_entry, valid_hooks, idx=None) -> list:
     return comefrom
 
 
+class _At:
+    """{offset: entry index} of a walk's entries, read from their offsets (sorted): a lookup
+    bisects them. The dict itself (dict()) is made only for the walks that look up every
+    jump's landing (_mark_fast, _mark_source_chains): an append that moves 16 000 entries
+    looks up a few (hooks, underflows) and checks the jumps' landings by their offsets."""
+    __slots__ = ("offs", "_d")
+
+    def __init__(self, offs):
+        self.offs, self._d = offs, None
+
+    def get(self, off, default=None):
+        offs = self.offs
+        i = bisect.bisect_left(offs, off)
+        return i if i < len(offs) and offs[i] == off else default
+
+    def __getitem__(self, off):
+        i = self.get(off)
+        if i is None:
+            raise KeyError(off)
+        return i
+
+    def __contains__(self, off) -> bool:
+        return self.get(off) is not None
+
+    def dict(self) -> dict:
+        if self._d is None:
+            self._d = dict(zip(self.offs, range(len(self.offs))))
+        return self._d
+
+
 class _Memo:
     """What a decode derives from its whole list of raw entries, made from the previous
     decode's (`prev`, its _Memo) for the entries reused from it (raws[:nhead], raws[-ntail:]):
@@ -1384,7 +1630,7 @@ class _Memo:
             tail = prev.offs[first + shift:]
             offs += tail if delta == 0 else [o + delta for o in tail]
         self.offs = offs
-        self.at = dict(zip(offs, range(n)))
+        self.at = _At(offs)
         kinds = ([], [], [])
         if prev is not None:
             for lst, p in zip(kinds, prev.kinds):
@@ -1439,6 +1685,11 @@ def _note_moved(table, p_table, raws, nhead: int, ntail: int, size: int, memo, p
     underflow on the entry it was on, moved: then every chain that holds no changed entry is
     the previous table's chain, its entries moved together by (-shift, delta)."""
     if p_table is None or p_memo is None or getattr(p_memo, "uflows", None) is None:
+        return
+    if any(k == pk == nhead for k, pk in zip(memo.hooks, p_memo.hooks)):
+        # a hook starting at the changed entries (an append to an empty built-in chain):
+        # the changed chain has no head entry before them, which compile's walk records
+        # (los) would need to see the change inside it
         return
     n, m = len(raws), len(p_raws)
     first, p_first = n - ntail, m - ntail
@@ -1499,7 +1750,7 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
     exactly when the entry before them is and is not a return: they take its comefrom (a walk
     reaching that entry goes on to the next, after the jump's walk for a jump), else 0.
     Work: per jump (a list comparison), not per entry."""
-    if p_memo is None or p_memo.marks is None or p_memo.lands is None or not nhead:
+    if p_memo is None or p_memo.marks is None or p_memo.lands is None:
         return None
     n, m = len(raws), len(p_raws)
     if not (ntail or nhead == n == m):      # (nhead == n == m: the same table again)
@@ -1518,21 +1769,28 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
         return None
     hooks = tuple(at.get(hook_entry[h]) if valid_hooks & (1 << h) else -1
                   for h in range(NF_INET_NUMHOOKS))
-    if any(h is None or nhead <= h < first for h in hooks):
-        return None
-    moved = lambda k: k if k < nhead else k - shift       # noqa: E731 - old index -> new
-    if hooks != tuple(-1 if k == -1 else moved(k) for k in p_memo.hooks):
-        return None
-    get = at.get
-    lands = [get(raws[j].verdict) for j in jumps]
-    if any(nhead <= k < p_first for k in p_lands):
+    # a hook may start at the changed entries when it did before (an append to an empty
+    # built-in chain: its walk starts at the new rule and goes on to its policy entry)
+    fill = 0
+    for h, k, pk in zip(range(NF_INET_NUMHOOKS), hooks, p_memo.hooks):
+        if k is None:
+            return None
+        if k == pk == nhead:
+            fill |= 1 << h
+        elif k != (pk if pk < nhead else pk - shift) or nhead <= k < first:
+            return None
+    if not set(range(nhead, p_first)).isdisjoint(p_lands) if p_first - nhead < 64 else \
+            any(nhead <= k < p_first for k in p_lands):
         return None                  # a jump landed on an entry that changed
-    if lands != [k if k < nhead else k - shift for k in p_lands]:
+    # each jump names the offset of the entry it landed on, moved (offsets are unique)
+    lands = [k if k < nhead else k - shift for k in p_lands]
+    offs = memo.offs
+    if [offs[k] for k in lands] != [raws[j].verdict for j in jumps]:
         return None
     memo.lands, memo.hooks = lands, hooks
     p_cf = p_memo.marks
-    before = raws[nhead - 1]
-    fill = 0 if _is_return(before) else p_cf[nhead - 1]
+    if nhead and not _is_return(raws[nhead - 1]):
+        fill |= p_cf[nhead - 1]
     return p_cf[:nhead] + [fill] * (first - nhead) + p_cf[p_first:]
 
 
@@ -1571,10 +1829,18 @@ def _mark_same_kinds(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo
                   for h in range(NF_INET_NUMHOOKS))
     if hooks != p_memo.hooks:
         return None
-    get = at.get
-    lands = [get(raws[j].verdict) for j in jumps]
-    if lands != p_memo.landed:
+    lands = p_memo.landed
+    if len(lands) != len(jumps):
         return None
+    if None in lands:
+        get = at.dict().get
+        if [get(raws[j].verdict) for j in jumps] != lands:
+            return None
+    else:
+        offs = memo.offs
+        if [offs[k] for k in lands] != [raws[j].verdict for j in jumps]:
+            return None
+    lands = list(lands)
     # (lands only where _mark_fast's table shape held before: what _mark_again relies on)
     memo.lands = lands if p_memo.lands is not None else None
     memo.landed, memo.hooks = lands, hooks
@@ -1987,14 +2253,15 @@ class Table:
         if comefrom is None:
             memo.hooks = tuple(at.get(hook_entry[h], -1) if valid_hooks & (1 << h) else -1
                                for h in range(NF_INET_NUMHOOKS))
-            comefrom = _mark_fast(raws, hook_entry, valid_hooks, at, memo)
+            comefrom = _mark_fast(raws, hook_entry, valid_hooks, at.dict(), memo)
         if comefrom is None:
             memo.lands = None
-            comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks, at)
+            comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks,
+                                           at.dict())
         memo.marks = comefrom
         if memo.landed is None:
             memo.landed = memo.lands if memo.lands is not None else \
-                [at.get(raws[j].verdict) for j in memo.kinds[0]]
+                list(map(at.dict().get, [raws[j].verdict for j in memo.kinds[0]]))
         memo.uflows = tuple(at.get(underflow[h], -1) if valid_hooks & (1 << h) else -1
                             for h in range(NF_INET_NUMHOOKS))
         # the reused entries were checked and remembered by an earlier decode
@@ -2004,9 +2271,10 @@ class Table:
         _LAST_WALK[family] = (blob, raws, ends, None, memo)
         # the previous shared decode's rules, for the entries reused from its walk
         reuse = (prev[3], nhead, ntail) if share and prev is not None and prev[3] else None
-        table, rules, spans = cls._build(raws, family, hook_entry, underflow, valid_hooks,
-                                         name, comefrom if normalize else None, at, memo.kinds,
-                                         reuse, offs, memo.landed, same_lands, share)
+        table, rules, spans, lazy = cls._build(
+            raws, family, hook_entry, underflow, valid_hooks, name,
+            comefrom if normalize else None, at, memo.kinds, reuse, offs, memo.landed,
+            same_lands, share, len(blob) - prev[4].size if marked_again else None)
         if normalize:
             # the entries whose comefrom or counters may differ from what the kernel keeps:
             # all of them, or (after a normalized decode, whose raws describe the bytes kept)
@@ -2021,7 +2289,9 @@ class Table:
             if p_memo is not None and p_memo.comefrom is not None:
                 shift = len(p_memo.comefrom) - n
                 cand = set(range(nhead, first))
-                cand.update(at[r.off] for r in touched)
+                # (many touched: entries that counted packets; a dict then, not bisections)
+                idx = at.dict() if len(touched) > 64 else at
+                cand.update(idx[r.off] for r in touched)
                 p_cf = p_memo.comefrom
                 if comefrom[:nhead] != p_cf[:nhead]:
                     cand.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
@@ -2041,8 +2311,8 @@ class Table:
             # GET_ENTRIES showed (these, with the live counters), iptables-restore comefrom 0;
             # _kept_blob set the raws' headers to match
             _LAST_WALK[family] = (table.kept_blob, raws, ends,
-                                  (rules, comefrom, weakref.ref(table), spans) if share
-                                  else None, memo)
+                                  (rules, comefrom, weakref.ref(table), spans, table.chains,
+                                   lazy) if share else None, memo)
             if reuse is not None and marked_again:
                 _note_moved(table, reuse[0][2](), raws, nhead, ntail, len(blob), memo,
                             prev[4], prev[1])
@@ -2054,13 +2324,17 @@ class Table:
 
     @classmethod
     def _build(cls, raws, family, hook_entry, underflow, valid_hooks, name, comefrom, at,
-               kinds, reuse=None, offs=None, lands=None, same_lands=False, share=False):
+               kinds, reuse=None, offs=None, lands=None, same_lands=False, share=False,
+               moved=None):
         """The Table of checked raw entries; `kinds` = _Memo.kinds; `offs` = _Memo.offs;
         `lands` = _Memo.lands (each jump's landing index, None: onto no entry);
-        `reuse` = ((rules, comefrom, table, spans) of the previous shared decode, nhead,
-        ntail) as _walk found them; `same_lands`: every jump lands on the entry index it
-        landed on in that table (_mark_again, _mark_same_kinds checked). Returns (table,
-        rules, spans): every entry's Rule in blob order, the chains' spans."""
+        `reuse` = ((rules, comefrom, table, spans, chains) of the previous shared decode,
+        nhead, ntail) as _walk found them; `same_lands`: every jump lands on the entry index
+        it landed on in that table (_mark_again, _mark_same_kinds checked); `moved`: the
+        offset the entries behind the change moved by, when _mark_again found the walk
+        unchanged (else None). Returns (table, rules, spans, lazy): every entry's Rule in
+        blob order (None in a _MovedChain not made yet), the chains' spans, whether the
+        table has _MovedChains (lazy: their entries are made on first access)."""
         lay = uapi.layout(family)
         n = len(raws)
         rules = [None] * n
@@ -2071,30 +2345,128 @@ class Table:
         # not placed
         own_lo, own_hi, placed = 0, n, ()
         p_table = None
+        fast = None             # the spans moved (_moved_spans) and the changed chain's index
+        lazy = keep = False
         if reuse is not None:
-            (p_rules, p_cf, p_ref, p_spans), nhead, ntail = reuse
+            (p_rules, p_cf, p_ref, p_spans, p_chains, p_lazy), nhead, ntail = reuse
             shift, first = len(p_rules) - n, n - ntail
             if offs is None:
                 offs = [r.off for r in raws]
+            if moved is not None and ntail and (shift or moved) and \
+                    lands is not None and len(p_chains) == len(p_spans[3]):
+                hook_at = any(valid_hooks & (1 << h) and at.get(hook_entry[h]) == nhead
+                              for h in range(NF_INET_NUMHOOKS))
+                fast = _moved_spans(p_spans, nhead, first, shift, errs, lands, hook_at)
+            if fast is not None:
+                # only where nothing reads the chains behind before the next decode: a change
+                # in a built-in chain without jumps (its program alone is compiled again;
+                # compile takes the others' walks moved). A change that reaches user chains
+                # (a user chain changed, or a jump in the changed chain: the compile walks
+                # them and reads each case chain's RETURN entry) makes them all: eagerly in
+                # one pass here is cheaper than chain by chain later
+                sp, js = fast
+                h, lo, hi = sp[7][js], sp[3][js], sp[5][js]
+                if h is None or h < 0 or \
+                        bisect.bisect_left(jumps, lo) != bisect.bisect_left(jumps, hi):
+                    fast = None
+        if fast is not None:
+            # the previous table with entries changed inside one chain (js), every entry
+            # behind the change moved by (-shift, `moved`), each jump landing on the entry it
+            # landed on before (_mark_again): the chains before js are the previous table's
+            # (but for a jump landing behind the change, its offset moved); js is made here;
+            # the user chains behind it are _MovedChains of the previous ones, whose entries
+            # no one reads before the next table is made from them (issue #7: 3 333 of a
+            # fan-out's, ~16 000 entries); the built-in chains and the final ERROR entry
+            # behind js are placed anew (_Moved)
+            spans, js = fast
+            _sp, tail, bounds, firsts, bodies, ends, cnames, hooks = spans
+            p_firsts, p_ends = p_spans[3], p_spans[5]
+            ns = len(firsts)
+            n_head = bisect.bisect_left(jumps, nhead)
+            # head jumps landing behind the change: their offset moved
+            again = [(i, e) for i, e in zip(jumps[:n_head], lands[:n_head]) if e >= first] \
+                if moved else []
+            remake = sorted({bisect.bisect_right(firsts, i) - 1 for i, _e in again} | {js})
+            eager = [k for k in range(js + 1, ns) if hooks[k] is not None]
+            for k in remake:
+                _chain_range(p_chains, p_rules, p_firsts, p_ends, k)
+            rules[:nhead] = p_rules[:nhead]
+            # behind the change: js's own entries, the built-in chains, the final ERROR entry
+            ranges = [(first, ends[js])] + [(firsts[k], ends[k]) for k in eager]
+            if tail is not None:
+                ranges.append((tail, tail + 1))
+            for lo, hi in ranges:
+                if hi > lo:
+                    rules[lo:hi] = _moved_rules(p_rules[lo + shift:hi + shift], offs, lo,
+                                                comefrom, jumps)
+            own_lo, own_hi, placed = nhead, n, set()
+            todo = range(nhead, first)
+            sel = again
+            for lo, hi in [(firsts[js], ends[js])] + ranges[1:]:
+                a, b = bisect.bisect_left(jumps, lo), bisect.bisect_left(jumps, hi)
+                sel += zip(jumps[a:b], lands[a:b])
+            chains = p_chains[:js + 1]
+            add = chains.append
+            new, mc = object.__new__, _MovedChain
+            pos = (offs, comefrom, jumps, lands)
+            k = js + 1
+            # (~0.2 us a chain: 3 333 of them; hook and policy: the class's None)
+            for pc, h, at_ in zip(p_chains[k:], hooks[k:], firsts[k:]):
+                if h is None:
+                    c = new(mc)
+                    c.name = pc.name
+                    # made from pc, or from pc's own source if pc is one not made
+                    c._src = (getattr(pc, "_src", None) if type(pc) is mc else None) or pc
+                    c._at = at_
+                    c._pos = pos
+                    add(c)
+                else:
+                    add(pc)             # made below
+            lazy = ns > js + 1 + len(eager) or p_lazy
+        elif reuse is not None:
             # a Rule carries position data (index, offset, comefrom; a jump its offset and
             # landing place): the previous table's is shared where all of it is the same (an
             # entry before the change, or after it when nothing moved), else placed anew (a
             # _Moved: the same attribute dict, the position its own). A jump whose landing
             # changed gets a Jump of its own (resolved below).
+            # the previous table's _MovedChains not made yet (None in p_rules) stay so where
+            # nothing moved (`keep`: the same entry count, the tail at its offset; a restore
+            # of the same table), shared with the rest of that table below, made where read
+            # here; else those before the change are made, those behind it read from the
+            # unmade chains' sources (_sources)
+            pf, pe = p_spans[3], p_spans[5]
+            keep = p_lazy and shift == 0
+            if keep:
+                _fill_range(p_rules, p_chains, pf, pe, nhead, min(first + 1, n))
+                keep = not ntail or raws[first].off == p_rules[first].offset
+            src = None
+            if p_lazy and not keep:
+                # the entries behind the change moved: placed anew below from the unmade
+                # chains' sources (_sources: nothing made for the previous table there); the
+                # entries read as the previous table's (before the change, the first after
+                # it) made
+                _fill_range(p_rules, p_chains, pf, pe, 0,
+                            min(max(first, first + shift) + 1, len(p_rules)))
+                src = _sources(p_rules, p_chains, pf, pe, first + shift)
             fix = set()
-            rules[:nhead] = p_rules[:nhead]
             if comefrom[:nhead] != p_cf[:nhead]:
                 fix.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
             own_lo, own_hi = nhead, first
+            same_tail = ntail and shift == 0 and raws[first].off == p_rules[first].offset
+            if same_tail and comefrom[first:] != p_cf[first:]:
+                fix.update(i for i in range(first, n) if comefrom[i] != p_cf[i])
+            if keep:
+                for i in fix:
+                    _fill_range(p_rules, p_chains, pf, pe, i, i + 1)
+            rules[:nhead] = p_rules[:nhead]
             if ntail:
-                if shift == 0 and raws[first].off == p_rules[first].offset:
+                if same_tail:
                     rules[first:] = p_rules[first:]
-                    if comefrom[first:] != p_cf[first:]:
-                        fix.update(i for i in range(first, n) if comefrom[i] != p_cf[i])
                 else:
                     # every entry behind the change moved: each placed anew (_Moved)
-                    rules[first:] = _moved_rules(p_rules[first + shift:], offs, first,
-                                                 comefrom, jumps)
+                    rules[first:] = _moved_rules(
+                        p_rules[first + shift:] if src is None else src, offs, first,
+                        comefrom, jumps)
                     own_hi = n
             for i in fix:
                 rules[i] = _placed(rules[i], i, offs[i], comefrom[i])
@@ -2201,26 +2573,40 @@ class Table:
         # the jumps land, then the chains (a jump whose landing changed gets a Rule of its own)
         hook_start = {at[hook_entry[h]]: h for h in range(NF_INET_NUMHOOKS)
                       if valid_hooks & (1 << h) and hook_entry[h] in at}
-        bounds = sorted(hook_start.keys() | set(errs)) if hook_start else errs
-        if p_table is not None and bounds == p_spans[2] and \
+        if fast is not None:
+            pass                        # the spans moved, the jumps to resolve chosen above
+        elif p_table is not None and \
+                (bounds := sorted(hook_start.keys() | set(errs)) if hook_start else errs) \
+                == p_spans[2] and \
                 bisect.bisect_left(errs, fresh_lo) == bisect.bisect_left(errs, fresh_hi):
             # the same chain starts, the same hooks (same_lands: _mark_again and
             # _mark_same_kinds compared them) and no new ERROR entry: the previous spans
-            spans, tail, bounds, firsts, bodies, ends, cnames = p_spans
+            spans = p_spans
+            _sp, tail, bounds, firsts, bodies, ends, cnames, hooks = p_spans
         else:
-            spans, tail = _spans(raws, hook_start, bounds)
+            bounds = sorted(hook_start.keys() | set(errs)) if hook_start else errs
+            sp, tail = _spans(raws, hook_start, bounds)
             # resolve jumps to (chain, position): a chain's body (rules, policy entry,
             # trailer) is its entries after the head, in blob order, so the position is the
             # distance from there
-            firsts = [sp[0] for sp in spans]
-            bodies = [sp[1] for sp in spans]
-            ends = [sp[2] for sp in spans]
-            cnames = [sp[4] for sp in spans]
-            if p_table is not None and (spans, tail) != p_spans[:2]:
+            firsts = [x[0] for x in sp]
+            bodies = [x[1] for x in sp]
+            ends = [x[2] for x in sp]
+            hooks = [x[3] for x in sp]
+            cnames = [x[4] for x in sp]
+            spans = (sp, tail, bounds, firsts, bodies, ends, cnames, hooks)
+            if p_table is not None and (sp, tail) != p_spans[:2] and \
+                    (tail, firsts, bodies, ends, cnames, hooks) != \
+                    (p_spans[1], p_spans[3], p_spans[4], p_spans[5], p_spans[6], p_spans[7]):
                 p_table = None
+        if keep and p_table is None:
+            # every chain is made from `rules` below: the unmade ones' entries made (at the
+            # indexes they had: nothing moved)
+            _made_all(rules, p_chains, pf, pe)
+            keep = False
         bisect_right = bisect.bisect_right
         lands = lands if lands is not None else [at.get(raws[i].verdict) for i in jumps]
-        sel = zip(jumps, lands)
+        sel = zip(jumps, lands) if fast is None else sel
         if p_table is not None:
             # the same chains, offsets and landings: a jump outside the changed entries names
             # what it named, landing where it did (its Jump is the previous one); the new
@@ -2249,10 +2635,15 @@ class Table:
                            "chain_pos": cp}
             rule.target = nj
         # the chains
-        ns = len(spans)
-        todo_chains = range(ns)
-        chains = [None] * ns
-        if p_table is not None and len(p_table.chains) == ns:
+        if fast is not None:
+            # js, the chains before it with a jump landing behind the change, the built-in
+            # chains behind it (the rest: the previous table's, _MovedChains)
+            todo_chains = sorted(set(remake) | set(eager))
+        else:
+            ns = len(firsts)
+            todo_chains = range(ns)
+            chains = [None] * ns
+        if fast is None and p_table is not None and len(p_table.chains) == ns:
             # the previous table's Chain objects (read-only, as its Rules) where all of their
             # entries are the previous table's Rules: outside the changed entries and fix,
             # a built-in chain's policy on the entry it was on
@@ -2269,7 +2660,9 @@ class Table:
             chains[:] = p_chains
             todo_chains = sorted(dirty)
         for j in todo_chains:
-            b, body, end, h, cname = spans[j]
+            b, body, end, h, cname = firsts[j], bodies[j], ends[j], hooks[j], cnames[j]
+            if keep and rules[b] is None:
+                _chain_range(p_chains, rules, firsts, ends, j)      # the previous spans
             if h is not None and h >= 0:
                 # built-in chain: the underflow entry is the policy, what follows it the trailer
                 k = at.get(underflow[h], -1)
@@ -2297,8 +2690,7 @@ class Table:
                     rules[body:end], None, None, []
             chains[j] = c
         return cls(name, family, valid_hooks, chains,
-                   rules[tail] if tail is not None else None), rules, \
-            (spans, tail, bounds, firsts, bodies, ends, cnames)
+                   rules[tail] if tail is not None else None), rules, spans, lazy or keep
 
     # --- layout and encode --------------------------------------------------------------------
     def entries(self) -> list:
