@@ -760,17 +760,23 @@ def vectors(rules: list):
         setattr(v, name, col)
     if best is not None:
         v.more = {kind: (best, bp, bs) for kind in best.more}   # completed on demand (column)
-    try:
-        if best is not None:
-            _VECS.remove(best)
-        elif len(_VECS) >= VECS_MAX:
-            _VECS.pop(0)
-    except (ValueError, IndexError):     # another thread's compile took it first
-        pass
-    _VECS.append(v)
+    _put_newest(_VECS, v, best, VECS_MAX)
     if scope is not None:
         scope[id(rules)] = (rules, v)
     return v
+
+
+def _put_newest(seen: list, item, replaces, cap: int) -> None:
+    """`item` put last in `seen` (the newest last, at most `cap`): `replaces` (the entry it
+    stands for, or None) taken out first, else the oldest when full."""
+    try:
+        if replaces is not None:
+            seen.remove(replaces)
+        elif len(seen) >= cap:
+            seen.pop(0)
+    except (ValueError, IndexError):     # another thread's compile took it first
+        pass
+    seen.append(item)
 
 
 def column(rules: list, vec: "_Vecs", kind: str, fn) -> list:
@@ -1008,14 +1014,7 @@ def lpm_entries(run: Run) -> list:
             return list(zip(keys, map(_values(run).__getitem__, bests)))
         keys, bests = _lpm_columns(None, range(n), field, codes=codes)
         got = _LpmSeen(field, getattr(run, "keys", None), codes, keys, bests)
-    try:
-        if got in _LPM_SEEN:
-            _LPM_SEEN.remove(got)
-        elif len(_LPM_SEEN) >= LPM_SEEN_MAX:
-            _LPM_SEEN.pop(0)
-    except (ValueError, IndexError):     # another thread's compile took it first
-        pass
-    _LPM_SEEN.append(got)
+    _put_newest(_LPM_SEEN, got, got if got in _LPM_SEEN else None, LPM_SEEN_MAX)
     return list(zip(got.lpm_keys, map(_values(run).__getitem__, got.bests)))
 
 

@@ -342,6 +342,67 @@ class _MovedChain(Chain):
         return "Chain" + Chain.__repr__(self)[len(type(self).__qualname__):]
 
 
+_CACHE_KEY = operator.attrgetter("cache_key")
+
+
+def _unmade(c: Chain):
+    """(source chain, placement) of a _MovedChain whose entries are not made, else None.
+    _place clears _src before _pos, so a placement read after a source is either whole or
+    None (made meanwhile by another thread: then the chain's own fields answer)."""
+    if type(c) is not _MovedChain:
+        return None
+    src = c._src
+    if src is None:
+        return None
+    pos = c._pos
+    return None if pos is None else (src, pos)
+
+
+def chain_body(c: Chain) -> tuple:
+    """(rules, policy entry) with the bytes of chain `c`'s: a _MovedChain not made answers
+    its source's (the same entries at other positions), so that reading its content does
+    not make it."""
+    un = _unmade(c)
+    if un is not None:
+        c = un[0]
+    return c.rules, c.policy_entry
+
+
+def chain_outline(c: Chain) -> tuple:
+    """(the rules' cache_keys, the policy entry's cache_key, the head entry's index or None,
+    the first body entry's index and offset (its first rule, else its policy entry), the
+    policy entry's index) of chain `c`, as read from its entries, but without making a
+    _MovedChain's: compile walks a fan-out's 3 333 leaf chains on the first append after a
+    restore, which moves them all. A moved entry's cache_key is its source's (the same
+    attribute dict); its index and offset are placed as _place places them. The policy
+    fields are None when the chain has no policy entry, the first entry's when it has no
+    entry at all. AttributeError for an entry without cache_key (not decoded from a blob)."""
+    un = _unmade(c) if type(c) is _MovedChain else None     # (a call less for the others)
+    if un is None:
+        rules, pe, he = c.rules, c.policy_entry, c.head_entry
+        first = rules[0] if rules else pe
+        return (tuple(map(_CACHE_KEY, rules)),
+                None if pe is None else pe.cache_key,
+                None if he is None else he.index,
+                None if first is None else first.index,
+                None if first is None else first.offset,
+                None if pe is None else pe.index)
+    src, (offs, _comefrom, _jumps, _landed) = un
+    rules, pe = src.rules, src.policy_entry
+    at = c._at
+    head = src.head_entry is not None
+    f = at + head                       # _place: the head entry at `at`, then the body
+    p = f + len(rules)
+    some = bool(rules) or pe is not None
+    return (tuple(map(_CACHE_KEY, rules)),
+            None if pe is None else pe.cache_key,
+            at if head else None,
+            f if some else None,
+            offs[f] if some else None,
+            None if pe is None else p)
+
+
+
 # --- raw entry walk (one record per entry, with what the checks need) -----------------------
 class _Hdr:
     """An ipt_entry/ip6t_entry header as unpacked by uapi.IPT_ENTRY_FAST/IP6T_ENTRY_FAST."""

@@ -12,6 +12,7 @@ what it installs.
 The kernel-vs-bpfilter differential of these paths at 10 000 rules is tests/test_differential_large.py
 (its fan-out ruleset is compiled with global functions: checked here).
 """
+import contextlib
 import copy
 import os
 import struct
@@ -28,7 +29,7 @@ import lab  # noqa: E402
 import rulesets  # noqa: E402
 from nsutil import Netns  # noqa: E402
 
-from bpfilter_umh import classify, engine, model  # noqa: E402
+from bpfilter_umh import classify, engine, faults, model  # noqa: E402
 from bpfilter_umh import kernel as K  # noqa: E402
 from bpfilter_umh.compile import COUNTERS_MAP, COUNT_SUB, KernelFacts, compile_table  # noqa: E402
 from bpfilter_umh.model import AF_INET, Table, decode_replace  # noqa: E402
@@ -58,6 +59,19 @@ def replace_buf(info, blob) -> bytes:
 def decoded(text: str) -> Table:
     info, blob = kernel_blob(text)
     return decode_replace(replace_buf(info, blob), AF_INET)[1]
+
+
+@contextlib.contextmanager
+def netns_engine(name: str):
+    """An IPv4 Engine in a throwaway namespace; flushed, closed and its faults disarmed after."""
+    with Netns(name) as ns, ns.inside():
+        e = engine.Engine.open(AF_INET)
+        try:
+            yield e
+        finally:
+            faults.disarm()
+            e.flush()
+            e.close()
 
 
 # ---- global functions ---------------------------------------------------------------------------

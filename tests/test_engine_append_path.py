@@ -27,8 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import rulesets  # noqa: E402
-from nsutil import Netns  # noqa: E402
-from test_cplane_scale import decoded  # noqa: E402 - the Table restore sends
+from test_cplane_scale import decoded, netns_engine  # noqa: E402 - the Table restore sends
 
 from bpfilter_umh import engine, faults  # noqa: E402
 from bpfilter_umh.errors import BpfilterError  # noqa: E402
@@ -126,14 +125,8 @@ def tables():
 
 @pytest.fixture
 def eng():
-    with Netns("eap") as ns, ns.inside():
-        e = engine.Engine.open(AF_INET)
-        try:
-            yield e
-        finally:
-            faults.disarm()
-            e.flush()
-            e.close()
+    with netns_engine("eap") as e:
+        yield e
 
 
 def _state(path: str):

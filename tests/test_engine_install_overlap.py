@@ -24,13 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import rulesets  # noqa: E402
-from nsutil import Netns  # noqa: E402
-from test_cplane_scale import decoded  # noqa: E402 - the Table restore sends
+from test_cplane_scale import decoded, netns_engine  # noqa: E402 - the Table restore sends
 
 from bpfilter_umh import engine, faults  # noqa: E402
 from bpfilter_umh import kernel as K  # noqa: E402
 from bpfilter_umh.errors import BpfilterError  # noqa: E402
-from bpfilter_umh.model import AF_INET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
 
@@ -91,14 +89,8 @@ def test_worker_fill_equals_per_element_fill(kind):
 def _early_maps_engine(monkeypatch, name: str):
     """An engine in a throwaway namespace that makes every counters map early (SPARE_MIN 1)."""
     monkeypatch.setattr(engine.Engine, "SPARE_MIN", 1)
-    with Netns(name) as ns, ns.inside():
-        e = engine.Engine.open(AF_INET)
-        try:
-            yield e
-        finally:
-            faults.disarm()
-            e.flush()
-            e.close()
+    with netns_engine(name) as e:
+        yield e
 
 
 @pytest.fixture
