@@ -2133,7 +2133,7 @@ def _shared_ok(cc) -> bool:
 
 
 def _shared_bodies(cc, run: Run, chain: str, by_k: list):
-    """{body key: [positions]}, {position: the case chain's RETURN entry}, _case_depth and
+    """{body key: [positions]}, {position: the case chain's RETURN entry index}, _case_depth and
     {position: the next rule of the run with its key, None after a goto} or None (then
     _case_map asks the rules), or None when some case cannot share a body or the bodies are too
     many for their cases."""
@@ -2155,9 +2155,9 @@ def _shared_bodies(cc, run: Run, chain: str, by_k: list):
 
 
 _NOT_WALKED = object()
-_TARGET, _CHAIN_POS, _ENTRY, _NAME, _CHAIN, _HOOK, _CACHE_KEY, _POLICY, _IP_FLAGS, _GOTO = map(
+_TARGET, _CHAIN_POS, _ENTRY, _NAME, _CHAIN, _HOOK, _CACHE_KEY, _IP_FLAGS, _GOTO = map(
     attrgetter, ("target", "chain_pos", "entry", "name", "chain", "hook", "cache_key",
-                 "policy_entry", "ip.flags", "goto"))
+                 "ip.flags", "goto"))
 
 
 def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
@@ -2193,10 +2193,13 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
             any(map(gt, starts, lens)):
         return _NOT_WALKED
     # from here on, what _each_body (so _case_key) answers for these cases
-    pes = list(map(_POLICY, targets))
+    # each case chain's RETURN entry index, read without making a moved chain's entries (an
+    # append to the chain that jumps to them moves them all: model._MovedChain)
+    from .model import policy_indexes
+    pes = policy_indexes(targets)
     pks = list(map(_SECOND, kns))           # each pe's cache_key (_program_key's pk)
     try:
-        if not all(pes) or None in map(_CACHE_KEY, rs) or None in pks or \
+        if None in pes or None in map(_CACHE_KEY, rs) or None in pks or \
                 any(map(ge, map(sub, lens, starts), repeat(small))):
             return None
     except AttributeError:                  # a rule without cache_key: _each_body's None
@@ -2237,7 +2240,7 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
 
 
 def _each_body(cc, run: Run, chain: str, by_k: list, small: int, known: dict):
-    """({body key: [positions]}, {position: the case chain's RETURN entry}, None) of the jump
+    """({body key: [positions]}, {position: the case chain's RETURN entry index}, None) of the jump
     cases one at a time, or None when some case cannot share a body."""
     bodies, anchors = {}, {}
     chains, rules, next_same, subs = cc.table.chains, run.rules, run.next_same, cc.subprogs
@@ -2258,7 +2261,7 @@ def _each_body(cc, run: Run, chain: str, by_k: list, small: int, known: dict):
             if ck is None:
                 return None
             bodies.setdefault(ck[2:6] + ck[7:], []).append(pos)
-            anchors[pos] = pe
+            anchors[pos] = pe.index
             continue
         pe = target.policy_entry
         if getattr(r, "cache_key", None) is None or pe is None or \
@@ -2272,7 +2275,7 @@ def _each_body(cc, run: Run, chain: str, by_k: list, small: int, known: dict):
                 return None
         bodies.setdefault((start, goto, tuple(kn[0][start:]), pe.cache_key, t.chain in subs),
                           []).append(pos)
-        anchors[pos] = pe
+        anchors[pos] = pe.index
     return bodies, anchors, None
 
 
@@ -2286,7 +2289,7 @@ def _case_depth(run: Run, by_k: list) -> int:
     return max(depth.values(), default=0)
 
 
-def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int, pe: Rule):
+def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int, pe_index: int):
     """The global function of the body of case `pos`, its counter keys relative to its argument
     (the RETURN entry index of the chain it runs), or None when the body cannot be shared."""
     from . import compile as C
@@ -2310,7 +2313,7 @@ def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int,
             if nx is None or nx.__class__ is Label or nx.dst != R1 or \
                     nx.code not in _SETS_R1 or (nx.code == _SETS_R1[1] and nx.src == R1):
                 return None
-            rel = it.imm - pe.index
+            rel = it.imm - pe_index
             body += [E.ldx(E.W, R1, FP, S_CASE_BASE, "the chain's RETURN entry (argument)"),
                      E.alu(E.ADD, R1, rel, bits=32, comment=f"{rel:+d}: count that entry"),
                      E.stx(E.W, FP, C.S_KEY, R1)]
@@ -2337,7 +2340,6 @@ def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int,
 
 _CASE_VALUE = struct.Struct("<IIII")
 _U32_KEY = struct.Struct("<I").pack
-_INDEX = attrgetter("index")
 
 
 def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = None) -> MapSpec:
@@ -2360,8 +2362,7 @@ def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = No
     for i in [i for i, nxt in enumerate(nxts) if nxt is not None]:
         act = _action(rules[nxts[i]].target)
         acts[i] = act + cases[nxts[i]] if act == ACT_CASE else act
-    rel = [(index - first) & 0xffffffff
-           for index in map(_INDEX, map(anchors.__getitem__, order))]
+    rel = [(index - first) & 0xffffffff for index in map(anchors.__getitem__, order)]
     value = [b""] * len(cases)
     for k, v in zip(map(cases.__getitem__, order),
                     map(_CASE_VALUE.pack, body, rel, [0 if n is None else n + 1 for n in nxts],

@@ -295,20 +295,24 @@ class _MovedChain(Chain):
             ents.append(src.policy_entry)
         new = object.__new__
         out = []
+        # the jumps' landings by entry index (a hub chain: every entry a jump, each made once
+        # as a _MovedJump with a Jump of its own)
+        lo, hi = bisect.bisect_left(jumps, at), bisect.bisect_left(jumps, at + len(ents))
+        land = dict(zip(jumps[lo:hi], landed[lo:hi])) if hi > lo else {}
         for i, r in enumerate(ents, at):
-            m = new(_Moved)
-            m.__dict__ = r.__dict__
+            k = land.get(i) if land else None
+            if k is None:
+                m = new(_Moved)
+                m.__dict__ = r.__dict__
+            else:
+                m = new(_MovedJump)
+                m.__dict__ = r.__dict__
+                t = r.target
+                nj = m.target = new(Jump)
+                nj.chain, nj.goto, nj.offset, nj.entry, nj.chain_pos = \
+                    t.chain, t.goto, offs[k], t.entry, t.chain_pos
             m.index, m.offset, m.comefrom = i, offs[i], comefrom[i]
             out.append(m)
-        for k in range(bisect.bisect_left(jumps, at), bisect.bisect_left(jumps, at + len(ents))):
-            i = jumps[k]
-            m, t = out[i - at], ents[i - at].target
-            n = out[i - at] = new(_MovedJump)
-            n.__dict__ = m.__dict__
-            n.index, n.offset, n.comefrom = m.index, m.offset, m.comefrom
-            nj = n.target = new(Jump)
-            nj.chain, nj.goto, nj.offset, nj.entry, nj.chain_pos = \
-                t.chain, t.goto, offs[landed[k]], t.entry, t.chain_pos
         head = src.head_entry is not None
         end = len(out) - (src.policy_entry is not None)
         d = self.__dict__
@@ -366,6 +370,25 @@ def chain_body(c: Chain) -> tuple:
     if un is not None:
         c = un[0]
     return c.rules, c.policy_entry
+
+
+def policy_indexes(chains) -> list:
+    """The index of each chain's policy (RETURN) entry, None where it has none, without making
+    a _MovedChain's entries (_place puts the head entry at _at, then the source's rules, then
+    its policy entry): classify reads the RETURN entry of each of a fan-out's 3 333 case
+    chains, which an append to the chain that jumps to them moves."""
+    out = []
+    add = out.append
+    mc = _MovedChain
+    for c in chains:
+        # (_unmade inline: a chain made meanwhile by another thread answers the same index)
+        if type(c) is mc and (src := c._src) is not None and c._pos is not None:
+            add(None if src.policy_entry is None else
+                c._at + (src.head_entry is not None) + len(src.rules))
+        else:
+            pe = c.policy_entry
+            add(None if pe is None else pe.index)
+    return out
 
 
 def chain_outline(c: Chain) -> tuple:
@@ -2419,16 +2442,17 @@ class Table:
                               for h in range(NF_INET_NUMHOOKS))
                 fast = _moved_spans(p_spans, nhead, first, shift, errs, lands, hook_at)
             if fast is not None:
-                # only where nothing reads the chains behind before the next decode: a change
-                # in a built-in chain without jumps (its program alone is compiled again;
-                # compile takes the others' walks moved). A change that reaches user chains
-                # (a user chain changed, or a jump in the changed chain: the compile walks
-                # them and reads each case chain's RETURN entry) makes them all: eagerly in
-                # one pass here is cheaper than chain by chain later
+                # only where the compile reads few of the chains behind: a change in a
+                # built-in chain (its program alone is compiled again; compile takes the
+                # others' walks moved). With jumps in it (bench/ruleset_bench.py's INPUT -j
+                # SVC) the compile reads the hub (made: its code lands in SVC's rules) and
+                # the leaves without making them (compile._walk_leaves: chain_outline,
+                # chain_body; classify._walked_bodies: policy_indexes). A change in a user
+                # chain makes them all: the compile of a chain holding the change walks
+                # them, eagerly in one pass here is cheaper than chain by chain later
                 sp, js = fast
-                h, lo, hi = sp[7][js], sp[3][js], sp[5][js]
-                if h is None or h < 0 or \
-                        bisect.bisect_left(jumps, lo) != bisect.bisect_left(jumps, hi):
+                h = sp[7][js]
+                if h is None or h < 0:
                     fast = None
         if fast is not None:
             # the previous table with entries changed inside one chain (js), every entry

@@ -107,6 +107,15 @@ def _first_append(to_input: bool):
 
 
 _real_outline = model.chain_outline
+_real_policy = model.policy_indexes
+
+
+def _policy_off_by_one(monkeypatch):
+    """A broken policy_indexes: an unmade chain's RETURN entry one too far."""
+    def broken(chains):
+        return [i if i is None or model._unmade(c) is None else i + 1
+                for c, i in zip(chains, _real_policy(chains))]
+    monkeypatch.setattr(model, "policy_indexes", broken)
 
 
 def _check_lazy_compiles_as_cold(monkeypatch, to_input, broken=False, made_ok=False):
@@ -122,18 +131,20 @@ def _check_lazy_compiles_as_cold(monkeypatch, to_input, broken=False, made_ok=Fa
     C.compile_table(prev, facts)                # the restore, compiled as the engine does
     t = decode_replace(bufs[1], AF_INET)[1]
     before = _unmade(t)
-    if not to_input:
-        assert before > 300
-    if broken:
+    assert before > 300
+    if broken == "outline":
         _off_by_one(monkeypatch)
+    elif broken == "policy":
+        _policy_off_by_one(monkeypatch)
     warm = _compiled(t, facts, monkeypatch)
-    # the leaves stay unmade: the walk's loop makes at most the chain holding the jumps (with
-    # --to-input's layout the jumps are in INPUT, whose program the append changes: its code
-    # reads every chain)
-    if not to_input and not made_ok:
+    # the leaves stay unmade: the compile makes at most the chain holding the jumps (SVC: with
+    # --to-input's layout INPUT's program, which the append changes, is compiled and its
+    # code lands in SVC; classify reads the leaves' RETURN entries through policy_indexes)
+    if not made_ok:
         assert _unmade(t) >= before - 1
     if broken:
         monkeypatch.setattr(model, "chain_outline", _real_outline)
+        monkeypatch.setattr(model, "policy_indexes", _real_policy)
     clear_caches()
     _clear()
     cold_t = decode_replace(bufs[1], AF_INET)[1]
@@ -162,5 +173,15 @@ def test_first_append_with_a_broken_outline_is_caught(monkeypatch):
     leaf: hence made_ok)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    warm, cold = _check_lazy_compiles_as_cold(monkeypatch, False, broken=True, made_ok=True)
+    warm, cold = _check_lazy_compiles_as_cold(monkeypatch, False, broken="outline",
+                                              made_ok=True)
     assert warm[1] != cold[1]
+
+
+def test_to_input_append_with_broken_policy_indexes_is_caught(monkeypatch):
+    """--to-input's first append with the leaves' RETURN entries one too far: INPUT's case map
+    (classify._case_map: each case's RETURN entry relative to the run) is not the cold one."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    warm, cold = _check_lazy_compiles_as_cold(monkeypatch, True, broken="policy")
+    assert {k: v[:2] for k, v in warm[0].items()} != {k: v[:2] for k, v in cold[0].items()}

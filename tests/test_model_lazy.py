@@ -250,9 +250,12 @@ def test_jump_landing_behind_the_change_in_its_chain(family):
 
 
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6])
-def test_a_change_reaching_user_chains_makes_them(family):
-    """An append to a chain with a jump (INPUT -j SVC) or to a user chain: the compile walks
-    the chains it reaches, so the decode makes every chain behind the change itself."""
+def test_an_append_to_a_jumping_chain_moves_the_chains_behind(family):
+    """An append to a built-in chain with a jump (INPUT -j SVC, bench/ruleset_bench.py's
+    layout): every user chain behind it (SVC and its 30 leaves) is moved whole, made on first
+    read (compile reads the leaves through chain_outline, classify their RETURN entries
+    through policy_indexes); a change in a user chain (SVC-3) makes every chain behind it.
+    Each table reads as a cold decode's."""
     t0 = _fanout(family, 30)
     t1 = _appended(t0, Rule(_ip(family, 90), target=Verdict(DROP)))
     t2 = _appended(t1, Rule(_ip(family, 91), target=Verdict(DROP)))
@@ -261,9 +264,47 @@ def test_a_change_reaching_user_chains_makes_them(family):
     bufs = [_buf(*_blob(t)) for t in (t0, t1, t2, t3)]
     want = [_cold(b, family) for b in bufs]
     clear_caches()
-    got = [decode_replace(b, family)[1] for b in bufs]
-    assert [_unmade(t) for t in got] == [0, 0, 0, 0]
+    got, unmade = [], []
+    for b in bufs:
+        # (counted before the next decode, which makes those it reads of this table)
+        got.append(decode_replace(b, family)[1])
+        unmade.append(_unmade(got[-1]))
+    assert unmade == [0, 31, 31, 0]
     for g, w in zip(got, want):
+        _same(g, w)
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6])
+def test_changes_around_input_jump_move_the_chains_behind(family):
+    """INPUT -j SVC with rules inserted before the jump (the jump itself moves: its entry
+    placed anew, landing where it did), after it, and deleted again: each table leaves SVC
+    and its leaves unmade and reads as a cold decode's, read right away and after the later
+    tables were decoded from it."""
+    ts = [_fanout(family, 30)]
+    for edit in ("insert", "append", "insert", "delete", "delete-last"):
+        t = copy.deepcopy(ts[-1])
+        rules = t.chain("INPUT").rules
+        if edit == "insert":
+            rules.insert(0, Rule(_ip(family, 80 + len(ts)), target=Verdict(DROP)))
+        elif edit == "append":
+            rules.append(Rule(_ip(family, 80 + len(ts)), target=Verdict(DROP)))
+        elif edit == "delete":
+            del rules[0]
+        else:
+            del rules[-1]
+        ts.append(t)
+    bufs = [_buf(*_blob(t)) for t in ts]
+    want = [_cold(b, family) for b in bufs]
+    clear_caches()
+    got, unmade = [], []
+    for b, w in zip(bufs, want):
+        got.append(decode_replace(b, family)[1])
+        unmade.append(_unmade(got[-1]))
+        _same(got[-1], w)
+    assert unmade == [0] + [31] * (len(ts) - 1)
+    clear_caches()
+    got = [decode_replace(b, family)[1] for b in bufs]
+    for g, w in reversed(list(zip(got, want))):
         _same(g, w)
 
 

@@ -46,7 +46,7 @@ def _checked(monkeypatch) -> list:
             if list(bodies.items()) != list(want[0].items()):
                 bad = ("bodies", list(bodies)[:2], list(want[0])[:2])
             elif anchors.keys() != want[1].keys() or \
-                    any(anchors[p] is not want[1][p] for p in anchors):
+                    any(anchors[p] != want[1][p] for p in anchors):
                 bad = ("anchors",)
             else:
                 for pos in by_k:
