@@ -86,7 +86,7 @@ from operator import and_, attrgetter, eq, ge, gt, is_, itemgetter, ne, or_, sub
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, Label
 from .errors import BpfilterError
-from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Jump, Rule, Verdict
+from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Jump, Rule, Verdict, policy_indexes
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
@@ -2195,7 +2195,6 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
     # from here on, what _each_body (so _case_key) answers for these cases
     # each case chain's RETURN entry index, read without making a moved chain's entries (an
     # append to the chain that jumps to them moves them all: model._MovedChain)
-    from .model import policy_indexes
     pes = policy_indexes(targets)
     pks = list(map(_SECOND, kns))           # each pe's cache_key (_program_key's pk)
     try:

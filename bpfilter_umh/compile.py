@@ -55,7 +55,7 @@ from . import classify, family, flavors, matchers, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
-                    Rule, Table, Verdict, moved_from)
+                    Rule, Table, Verdict, chain_body, chain_outline, moved_from)
 
 COUNTERS_MAP = "counters"
 BPF_PROG_TYPE_NETFILTER = 32
@@ -1551,7 +1551,6 @@ def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, rea
     Each chain is read through model.chain_outline (its keys and entry positions) and each
     content once through model.chain_body: neither makes a _MovedChain's entries (the first
     append after a restore moves a fan-out's 3 333 leaves, ~11 us each to make)."""
-    from .model import chain_body, chain_outline
     try:
         keys, pks, heads, fis, fos, pis = zip(*map(chain_outline, cs))
     except AttributeError:

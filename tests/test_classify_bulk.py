@@ -300,9 +300,8 @@ def test_walked_leaves_are_the_loops(monkeypatch, make):
 def test_broken_walked_leaves_are_caught(monkeypatch):
     """A chain's span read from its first rule instead of its head (_walk_leaves reads the
     head's index from model.chain_outline)."""
-    from bpfilter_umh import model
     t = _fanout_gotos()
     want = _walk(t, 1 << 30, monkeypatch)
-    real = model.chain_outline
-    monkeypatch.setattr(model, "chain_outline", lambda c: real(c)[:2] + (None,) + real(c)[3:])
+    real = C.chain_outline
+    monkeypatch.setattr(C, "chain_outline", lambda c: real(c)[:2] + (None,) + real(c)[3:])
     assert _walk(t, 1 << 30, monkeypatch, leaves_from=1) != want

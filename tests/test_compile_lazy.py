@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_model_incremental import clear_caches  # noqa: E402
 from test_model_lazy import _appends, _cold, _unmade  # noqa: E402
 
+from bpfilter_umh import classify  # noqa: E402
 from bpfilter_umh import compile as C  # noqa: E402
 from bpfilter_umh import model  # noqa: E402
 from bpfilter_umh.model import AF_INET, AF_INET6, decode_replace  # noqa: E402
@@ -59,14 +60,14 @@ def test_outlines_of_unmade_chains_are_cold(family):
 
 def _off_by_one(monkeypatch):
     """A broken chain_outline: an unmade chain's first index one too far."""
-    real = model.chain_outline
+    real = C.chain_outline
 
     def broken(c):
         out = real(c)
         if model._unmade(c) is not None:
             out = out[:3] + (out[3] + 1,) + out[4:]
         return out
-    monkeypatch.setattr(model, "chain_outline", broken)
+    monkeypatch.setattr(C, "chain_outline", broken)
 
 
 def test_off_by_one_outline_is_caught(monkeypatch):
@@ -74,8 +75,8 @@ def test_off_by_one_outline_is_caught(monkeypatch):
     bufs = _appends(family, 1)
     t = _lazy_tables(bufs, family)[1]
     _off_by_one(monkeypatch)
-    assert [model.chain_outline(c) for c in t.chains] != \
-        [model.chain_outline(c) for c in _cold(bufs[1], family).chains]
+    assert [C.chain_outline(c) for c in t.chains] != \
+        [C.chain_outline(c) for c in _cold(bufs[1], family).chains]
 
 
 # --- compile of a lazy table against a cold decode's (root: the kernel parses the rules) ---
@@ -115,12 +116,11 @@ def _policy_off_by_one(monkeypatch):
     def broken(chains):
         return [i if i is None or model._unmade(c) is None else i + 1
                 for c, i in zip(chains, _real_policy(chains))]
-    monkeypatch.setattr(model, "policy_indexes", broken)
+    monkeypatch.setattr(classify, "policy_indexes", broken)
 
 
 def _check_lazy_compiles_as_cold(monkeypatch, to_input, broken=False, made_ok=False):
     from test_compile_kept import _clear
-    from bpfilter_umh import classify
     from bpfilter_umh.compile import KernelFacts
     monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
     facts = KernelFacts.fake()
@@ -143,8 +143,8 @@ def _check_lazy_compiles_as_cold(monkeypatch, to_input, broken=False, made_ok=Fa
     if not made_ok:
         assert _unmade(t) >= before - 1
     if broken:
-        monkeypatch.setattr(model, "chain_outline", _real_outline)
-        monkeypatch.setattr(model, "policy_indexes", _real_policy)
+        monkeypatch.setattr(C, "chain_outline", _real_outline)
+        monkeypatch.setattr(classify, "policy_indexes", _real_policy)
     clear_caches()
     _clear()
     cold_t = decode_replace(bufs[1], AF_INET)[1]
