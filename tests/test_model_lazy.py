@@ -36,6 +36,20 @@ def _cold(buf, family):
     return decode_replace(buf, family)[1]
 
 
+def _decoded_in_turn(bufs, family, each=None):
+    """The bufs decoded one after the other from empty caches (each table from the one before),
+    with how many chains each left unmade, counted right after its decode (the next decode
+    makes those it reads of it); each(k, table): a check run at that moment too."""
+    clear_caches()
+    got, unmade = [], []
+    for k, b in enumerate(bufs):
+        got.append(decode_replace(b, family)[1])
+        unmade.append(_unmade(got[-1]))
+        if each is not None:
+            each(k, got[-1])
+    return got, unmade
+
+
 def _same(got, want):
     assert _positions(got) == _positions(want)
     assert got == want and want == got
@@ -107,11 +121,7 @@ def test_edits_after_lazy_tables_read_as_cold(family):
     more.chains[5].head_entry.target = model.error_target("NEW")
     bufs += [_buf(*_blob(x)) for x in (last, fewer, more)] + bufs[:1]
     want = [_cold(b, family) for b in bufs]
-    clear_caches()
-    got, unmade = [], []
-    for b in bufs:
-        got.append(decode_replace(b, family)[1])
-        unmade.append(_unmade(got[-1]))
+    got, unmade = _decoded_in_turn(bufs, family)
     # (the append to SVC-39 reaches user chains: made then, with the previous table's)
     assert unmade[1:4] == [len(got[3].chains) - 3] * 3 and unmade[4] == 0
     for t, w in zip(got, want):
@@ -263,12 +273,7 @@ def test_an_append_to_a_jumping_chain_moves_the_chains_behind(family):
     t3.chain("SVC-3").rules.append(Rule(_ip(family, 92), target=Verdict(DROP)))
     bufs = [_buf(*_blob(t)) for t in (t0, t1, t2, t3)]
     want = [_cold(b, family) for b in bufs]
-    clear_caches()
-    got, unmade = [], []
-    for b in bufs:
-        # (counted before the next decode, which makes those it reads of this table)
-        got.append(decode_replace(b, family)[1])
-        unmade.append(_unmade(got[-1]))
+    got, unmade = _decoded_in_turn(bufs, family)
     assert unmade == [0, 31, 31, 0]
     for g, w in zip(got, want):
         _same(g, w)
@@ -295,12 +300,7 @@ def test_changes_around_input_jump_move_the_chains_behind(family):
         ts.append(t)
     bufs = [_buf(*_blob(t)) for t in ts]
     want = [_cold(b, family) for b in bufs]
-    clear_caches()
-    got, unmade = [], []
-    for b, w in zip(bufs, want):
-        got.append(decode_replace(b, family)[1])
-        unmade.append(_unmade(got[-1]))
-        _same(got[-1], w)
+    got, unmade = _decoded_in_turn(bufs, family, lambda k, t: _same(t, want[k]))
     assert unmade == [0] + [31] * (len(ts) - 1)
     clear_caches()
     got = [decode_replace(b, family)[1] for b in bufs]
