@@ -1549,8 +1549,9 @@ def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, rea
     its keys and fewer than vec_min rules: their records, bases, spans, reads and chain_info
     added as the loop adds them; True. Else nothing added, False (the loop walks them).
     Each chain is read through model.chain_outline (its keys and entry positions) and each
-    content once through model.chain_body: neither makes a _MovedChain's entries (the first
-    append after a restore moves a fan-out's 3 333 leaves, ~11 us each to make)."""
+    content once through model.chain_body: neither makes a _MovedChain's entries (an append
+    ahead of a fan-out moves its 3 333 leaves, ~11 us each to make; they are walked when the
+    previous walk cannot be taken, _moved_program_key: no kept program for its key)."""
     try:
         keys, pks, heads, fis, fos, pis = zip(*map(chain_outline, cs))
     except AttributeError:
@@ -1720,6 +1721,15 @@ def _span(c: Chain) -> tuple:
             c.policy_entry.index + 1)
 
 
+def _starting_at(los: list, nhead: int):
+    """The place in `los` (the first entries of a walk's chain spans, sorted) of the chain
+    whose span starts at nhead, the first changed entry, or None. Rules put before a built-in
+    chain's first entry (nhead == p_first: an append to an empty INPUT) are in no span that
+    [nhead, p_first) meets (model.moved_from): they are the chain's starting there."""
+    k = bisect.bisect_left(los, nhead)
+    return k if k < len(los) and los[k] == nhead else None
+
+
 def _walk_behind(table: Table, top: Chain):
     """The previous table's walk of `top`'s name, moved to this table, when the only walked
     chain holding a changed entry (model.moved_from) is top itself: then every chain behind
@@ -1747,6 +1757,8 @@ def _walk_behind(table: Table, top: Chain):
         return None                     # a chain behind top changed
     if j >= 1 and his[j - 1] > nhead:
         return None
+    # (rules put before a chain's first entry, _starting_at: only a built-in chain's, and
+    # the only built-in chain of a walk is its top)
     if shift or delta:
         bases = [(i - shift, o + delta) if i >= p_first else (i, o) for i, o in bases]
         his = [b - shift if a >= p_first else b for a, b in zip(los, his)]
@@ -1823,7 +1835,7 @@ def _moved_program_key(table: Table, top: Chain, facts, fl, subprog_above, subpr
     if rest is not None and len(table.chains) != len(prev.chains):
         rest = None
     j = bisect.bisect_left(los, p_first) - 1
-    if j >= 0 and his[j] > nhead:
+    if j >= 0 and his[j] > nhead or _starting_at(los, nhead) is not None:
         return None, None               # a walked chain holds a changed entry: walk it
     flk = _flavor_key(fl)
     if flk is None or recs[0][0] != top.name or recs[0][1] != top.hook:

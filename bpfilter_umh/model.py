@@ -395,11 +395,11 @@ def chain_outline(c: Chain) -> tuple:
     """(the rules' cache_keys, the policy entry's cache_key, the head entry's index or None,
     the first body entry's index and offset (its first rule, else its policy entry), the
     policy entry's index) of chain `c`, as read from its entries, but without making a
-    _MovedChain's: compile walks a fan-out's 3 333 leaf chains on the first append after a
-    restore, which moves them all. A moved entry's cache_key is its source's (the same
-    attribute dict); its index and offset are placed as _place places them. The policy
-    fields are None when the chain has no policy entry, the first entry's when it has no
-    entry at all. AttributeError for an entry without cache_key (not decoded from a blob)."""
+    _MovedChain's: an append ahead of a fan-out moves its 3 333 leaf chains, which compile
+    walks when it cannot take the previous walk. A moved entry's cache_key is its source's
+    (the same attribute dict); its index and offset are placed as _place places them. The
+    policy fields are None when the chain has no policy entry, the first entry's when it has
+    no entry at all. AttributeError for an entry without cache_key (not decoded from a blob)."""
     un = _unmade(c) if type(c) is _MovedChain else None     # (a call less for the others)
     if un is None:
         rules, pe, he = c.rules, c.policy_entry, c.head_entry
@@ -756,31 +756,13 @@ _CHAIN_NAMES: dict = {}
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
-    """Length of the longest common prefix of a and b (bisection; each step one memcmp of a
-    and a view of b: bytes.startswith copies neither, a slice compare copied both, ~1 ms of
-    a fan-out append's 2 MB)."""
-    lo, hi = 0, min(len(a), len(b))
-    v = memoryview(b)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a.startswith(v[lo:mid], lo):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """Length of the longest common prefix of a and b (_common_prefix_from)."""
+    return _common_prefix_from(a, b, 0)
 
 
 def _common_suffix(a: bytes, b: bytes) -> int:
-    """Length of the longest common suffix of a and b (bisection, as above)."""
-    lo, hi = 0, min(len(a), len(b))
-    v, na, nb = memoryview(b), len(a), len(b)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a.startswith(v[nb - mid:nb - lo], na - mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    """Length of the longest common suffix of a and b (_common_suffix_to)."""
+    return _common_suffix_to(a, len(a), b, len(b))
 
 
 def _moved(r, off: int, verdict: int):
@@ -832,17 +814,41 @@ def _zeroed(prev, family: int):
     return z
 
 
+# how many entries that differ from the kept blob only in comefrom and the counters, and are no
+# evidence either way, _restored_over reads past at each end of the change
+_RESTORE_LOOK = 8
+
+
 def _restored_over(prev, blob: bytes, pre: int, family: int) -> bool:
-    """Whether `blob` looks like a restore over the previous kept table: the first entry
-    that differs from it (at byte `pre`), or else the last one (the change may be in the
-    first entry), differs in comefrom or the counters, and `blob` has them all zero there
-    (an append sends back the comefrom GET_ENTRIES showed)."""
-    old = prev[0]
-    if _zero_volatile_at(prev[4].offs, old, blob, pre, 0, family):
-        return True
+    """Whether `blob` looks like a restore over the previous kept table: near the start of
+    the change (the first byte that differs, `pre`, on) or its end (the last one back, the
+    entries moved by the size change) a rule entry kept with a nonzero comefrom (one that
+    mark_source_chains reached) is sent the same but for comefrom 0 (and the counters).
+    iptables-restore builds every entry anew, comefrom 0. libiptc's append sends each rule as
+    GET_ENTRIES showed it (comefrom kept, live counters) and builds only the entries it
+    derives from the chains with comefrom 0: each policy, chain head, RETURN and ERROR entry
+    (the first append to an empty INPUT after a restore of a fan-out on FORWARD differs from
+    the kept blob, but for the new rule, in the policies and SVC's RETURN entry alone: the
+    service chains' RETURN entries, behind a DROP, were never reached). Those, and the
+    unconditional verdicts among the rules, are read past, at most _RESTORE_LOOK at each end.
+    A guess: _reusable compares every entry either way, it only picks the bytes (kept, or with
+    comefrom zeroed) it compares with first.
+    A kept table without a rule (only policies, chain heads, RETURN, ERROR and unconditional
+    verdict entries: the table the helper starts with, a flushed one) gives no evidence
+    either way: there a restore is guessed as before, from the first or last byte that
+    differs lying in an entry's comefrom or counters sent as zero (so the restore's decode
+    notes its blob as sent zeroed, and the next restore of it compares at once)."""
+    old, memo = prev[0], prev[4]
     delta = len(blob) - len(old)
+    if len(memo.kinds[1]) + len(memo.kinds[2]) == len(memo.offs):
+        if _zero_volatile_at(memo.offs, old, blob, pre, 0, family):
+            return True
+        last = len(old) - _common_suffix(old, blob) - 1
+        return last >= 0 and _zero_volatile_at(memo.offs, old, blob, last, delta, family)
+    if _restore_evidence(prev, blob, pre, 0, False, family):
+        return True
     last = len(old) - _common_suffix(old, blob) - 1
-    return last >= 0 and _zero_volatile_at(prev[4].offs, old, blob, last, delta, family)
+    return last >= 0 and _restore_evidence(prev, blob, last, delta, True, family)
 
 
 def _zero_volatile_at(offs, old: bytes, blob: bytes, pos: int, delta: int, family: int) -> bool:
@@ -856,6 +862,86 @@ def _zero_volatile_at(offs, old: bytes, blob: bytes, pos: int, delta: int, famil
     n = o + delta
     return cf <= pos - o < cnt + 16 and n >= 0 and len(blob) >= n + cnt + 16 \
         and not any(blob[n + cf:n + cf + 4]) and not any(blob[n + cnt:n + cnt + 16])
+
+
+def _restore_evidence(prev, blob: bytes, pos: int, delta: int, back: bool, family: int) -> bool:
+    """_restored_over from byte pos of the kept blob, the first (back: the last) that differs
+    from blob (its entries there moved by delta), on to the next differences (back: before
+    it): True at a rule entry kept with comefrom set, sent with 0; False at an entry that
+    differs in more than comefrom and the counters, or after _RESTORE_LOOK others."""
+    old, ends, memo = prev[0], prev[2], prev[4]
+    offs, (_, errs, terms) = memo.offs, memo.kinds
+    cf = _VOLATILE[family][0]
+    for _ in range(_RESTORE_LOOK):
+        k = bisect.bisect_right(offs, pos) - 1
+        if k < 0:
+            return False
+        o, e = offs[k], ends[k]
+        n = o + delta
+        if n < 0 or n + e - o > len(blob):
+            return False
+        a, b = old[o:e], blob[n:n + e - o]
+        if not _same_but_volatile(a, b, family):
+            return False
+        if any(a[cf:cf + 4]) and not any(b[cf:cf + 4]) \
+                and not _sorted_has(errs, k) and not _sorted_has(terms, k):
+            return True
+        if back:
+            pos = o - 1 - _common_suffix_to(old, o, blob, n)
+            if pos < 0:
+                return False
+        else:
+            pos = e + _common_prefix_from(old, blob, e)
+            if pos >= min(len(old), len(blob)):
+                return False
+    return False
+
+
+def _sorted_has(lst: list, x: int) -> bool:
+    i = bisect.bisect_left(lst, x)
+    return i < len(lst) and lst[i] == x
+
+
+def _common_prefix_from(a: bytes, b: bytes, i: int) -> int:
+    """Length of the longest common prefix of a[i:] and b[i:]: steps doubling from 256 bytes
+    up to the first difference, then bisection (the next difference is usually an entry or a
+    chain away, not the rest of a 2 MB blob). Each step is one memcmp of a and a view of b:
+    bytes.startswith copies neither, a slice compare copied both (~1 ms of a fan-out append's
+    2 MB)."""
+    v, top = memoryview(b), min(len(a), len(b)) - i
+    lo, step = 0, 256
+    while lo < top:
+        m = min(top, lo + step)
+        if not a.startswith(v[i + lo:i + m], i + lo):
+            top = m - 1
+            break
+        lo, step = m, step * 2
+    while lo < top:
+        mid = (lo + top + 1) // 2
+        if a.startswith(v[i + lo:i + mid], i + lo):
+            lo = mid
+        else:
+            top = mid - 1
+    return lo
+
+
+def _common_suffix_to(a: bytes, na: int, b: bytes, nb: int) -> int:
+    """Length of the longest common suffix of a[:na] and b[:nb] (as _common_prefix_from)."""
+    v, top = memoryview(b), min(na, nb)
+    lo, step = 0, 256
+    while lo < top:
+        m = min(top, lo + step)
+        if not a.startswith(v[nb - m:nb - lo], na - m):
+            top = m - 1
+            break
+        lo, step = m, step * 2
+    while lo < top:
+        mid = (lo + top + 1) // 2
+        if a.startswith(v[nb - mid:nb - lo], na - mid):
+            lo = mid
+        else:
+            top = mid - 1
+    return lo
 
 
 def _reusable(prev, blob: bytes, family: int, touched: list, splice=None):
@@ -1770,11 +1856,8 @@ def _note_moved(table, p_table, raws, nhead: int, ntail: int, size: int, memo, p
     the previous table's chain, its entries moved together by (-shift, delta)."""
     if p_table is None or p_memo is None or getattr(p_memo, "uflows", None) is None:
         return
-    if any(k == pk == nhead for k, pk in zip(memo.hooks, p_memo.hooks)):
-        # a hook starting at the changed entries (an append to an empty built-in chain):
-        # the changed chain has no head entry before them, which compile's walk records
-        # (los) would need to see the change inside it
-        return
+    # (a hook starting at the changed entries, as the first append to an empty built-in chain
+    # makes it: the changed chain has no head entry before them; see moved_from)
     n, m = len(raws), len(p_raws)
     first, p_first = n - ntail, m - ntail
     shift = m - n
@@ -1804,7 +1887,12 @@ def moved_from(table):
     the previous decode_replace table with only plain rules (no jumps, returns or chain heads)
     changed between its entries nhead and p_first (new entries from there on are the previous
     table's from p_first on, index - shift, offset + delta), every jump, hook entry and
-    underflow landing where it did; else None. Only while both tables are alive."""
+    underflow landing where it did; else None. Only while both tables are alive.
+    The changed entries are in the chains whose entries [nhead, p_first) meets in the previous
+    table or, when entries were only inserted (nhead == p_first), maybe in the chain starting
+    at nhead: a built-in chain's rules put before its first entry (its hook entry stays at
+    nhead; an append to an empty built-in chain, the first after a restore of a fan-out on
+    FORWARD) have no head entry before them."""
     got = _MOVED.get(id(table))
     if got is None or got[0]() is not table:
         return None

@@ -313,8 +313,9 @@ def test_append_to_an_empty_input(family):
     """INPUT empty, the fan-out behind it (FORWARD -j SVC, as bench/cplane_bench.py loads
     it): the first append starts INPUT's walk at the new rule (model._mark_again: the
     comefrom values stay, the new rule takes INPUT's hook bit) and moves every chain behind
-    INPUT whole; deleting it again too. Each reads as cold; and moved_from does not name
-    such a table (the changed chain has no head entry for compile's walk records to see)."""
+    INPUT whole; deleting it again too. Each reads as cold; and moved_from names each one's
+    previous table, the rules put at INPUT's hook entry (nhead == p_first == 0: compile takes
+    the chain starting there to hold them, compile._starting_at) or taken from there."""
     t0 = _fanout_fwd(family, 30)
     t0.chain("INPUT").rules = []
     t1 = _appended(t0, Rule(_ip(family, 90), target=Verdict(DROP)))
@@ -327,8 +328,10 @@ def test_append_to_an_empty_input(family):
         got.append(decode_replace(b, family)[1])
         if k:
             assert _unmade(got[-1]) == len(got[-1].chains) - 3, k
-    assert model.moved_from(got[1]) is None and model.moved_from(got[4]) is None
-    assert model.moved_from(got[2]) is not None
+    # (nhead, p_first, shift): t1 from t0, t2 from t1, t0 from t2, t1 from t0
+    for k, want_mv in enumerate([(0, 0, -1), (1, 1, -1), (0, 2, 2), (0, 0, -1)], 1):
+        mv = model.moved_from(got[k])
+        assert mv is not None and mv[0] is got[k - 1] and mv[1:4] == want_mv, k
     for g, w in reversed(list(zip(got, want))):
         _same(g, w)
 
