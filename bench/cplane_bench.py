@@ -52,6 +52,7 @@ import statistics
 import sys
 import threading
 import time
+from socket import AF_INET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -154,24 +155,27 @@ def kernel_blobs(text: str, appends: int):
     with Netns("cb") as ns:
         lab.restore(ns, text)
         with ns.inside():
-            out.append(kx.snapshot(2))
+            out.append(kx.snapshot(AF_INET))
         for k in range(appends):
             ns.run(["iptables-legacy"] + APPEND.format(k=99 - k).split())
             with ns.inside():
-                out.append(kx.snapshot(2))
+                out.append(kx.snapshot(AF_INET))
     return out
 
 
 def restore_blob(blob: bytes) -> bytes:
     """iptables-restore sends comefrom 0 and zero counters (libiptc builds the blob anew)."""
-    out = bytearray(blob)
-    off = 0
-    while off < len(out):
-        nxt = int.from_bytes(out[off + 90:off + 92], "little")
-        out[off + 92:off + 96] = bytes(4)
-        out[off + 96:off + 112] = bytes(16)
-        off += nxt
-    return bytes(out)
+    import kernel_xt as kx
+    return kx.restored(blob, AF_INET)
+
+
+def appended_blob(info, blob: bytes) -> bytes:
+    """What iptables-legacy -A INPUT sends, from the kernel's entries after it: libiptc builds
+    the policies, the user chains' RETURN entries and the new rule (INPUT's last, before its
+    policy) with comefrom 0, and sends the other rules as GET_ENTRIES showed them."""
+    import kernel_xt as kx
+    new = next(o for o, n, _, _ in kx.entries(blob, AF_INET) if o + n == info.underflow[1])
+    return kx.libiptc_appended(info, blob, new, AF_INET)
 
 
 # ---- libiptc's request sequence, served in-process -----------------------------------------------
@@ -254,6 +258,7 @@ def run_shape(shape: str, n: int, appends: int, to_input: bool = False) -> dict:
                         blob = restore_blob(blob)
                         counters_for = lambda old, m=info.num_entries: [(0, 0)] * m  # noqa
                     else:
+                        blob = appended_blob(info, blob)
                         at = _appended_at(be())
                         # libiptc: the old rules keep their counters, the new one starts at 0
                         counters_for = lambda old, at=at: old[:at] + [(0, 0)] + old[at:]  # noqa

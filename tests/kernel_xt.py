@@ -96,3 +96,56 @@ def snapshot(family: int, table: str = "filter"):
     """(getinfo Container, entries blob) of the table now installed."""
     info = get_info(family, table)
     return info, get_entries(family, table, info.size)
+
+
+# ---- what the iptables binaries send, made from the kernel's own entries ----------------------
+
+def restored(blob: bytes, family: int) -> bytes:
+    """The blob as iptables-restore sends it: comefrom 0 and zero counters in every entry."""
+    from bpfilter_umh import model
+    cf, cnt, _ = model._VOLATILE[family]
+    out = bytearray(blob)
+    off = 0
+    while off < len(out):
+        nxt = int.from_bytes(out[off + cf - 2:off + cf], "little")
+        out[off + cf:off + cf + 4] = bytes(4)
+        out[off + cnt:off + cnt + 16] = bytes(16)
+        off += nxt
+    return bytes(out)
+
+
+def entries(blob: bytes, family: int):
+    """(offset, next_offset, target name, standard verdict) of each entry of blob."""
+    from bpfilter_umh import model
+    cf = model._VOLATILE[family][0]
+    o = 0
+    while o < len(blob):
+        n = int.from_bytes(blob[o + cf - 2:o + cf], "little")
+        to = int.from_bytes(blob[o + cf - 4:o + cf - 2], "little")
+        name = blob[o + to + 2:o + to + 31].split(b"\0")[0]
+        verdict = int.from_bytes(blob[o + to + 32:o + to + 36], "little", signed=True)
+        yield o, n, name, verdict
+        o += n
+
+
+def libiptc_appended(info, blob: bytes, new: int, family: int, counted: bool = False) -> bytes:
+    """What iptables-legacy -A sends, from the kernel's entries after the same append (checked
+    byte for byte against a capture at the door): each rule with the comefrom GET_ENTRIES
+    showed, the new rule (offset `new`), the policies and the user chains' RETURN entries
+    (libiptc builds them) with comefrom 0; `counted`: every other rule with live counters, as
+    if it had counted packets."""
+    from bpfilter_umh import model
+    cf, cnt, _ = model._VOLATILE[family]
+    out = bytearray(blob)
+    es = list(entries(blob, family))
+    zero = {new} | {info.underflow[h] for h in range(5) if info.valid_hooks >> h & 1}
+    zero |= {o for (o, _, name, v), nxt in zip(es, es[1:])
+             if name == b"" and v == model.XT_RETURN and nxt[2] == b"ERROR"}
+    for o in zero:
+        out[o + cf:o + cf + 4] = bytes(4)
+    if counted:
+        rules = [o for o, _, name, _ in es if o not in zero and name != b"ERROR"]
+        for k, o in enumerate(rules[::2]):
+            out[o + cnt:o + cnt + 16] = (k + 1).to_bytes(8, "little") + \
+                (60 * k + 60).to_bytes(8, "little")
+    return bytes(out)

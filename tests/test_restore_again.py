@@ -26,21 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import test_model_incremental as inc  # noqa: E402
+from kernel_xt import restored  # noqa: E402
 from bpfilter_umh import model  # noqa: E402
 from bpfilter_umh.model import AF_INET, AF_INET6, Jump, Verdict, decode_replace  # noqa: E402
-
-
-def restored(blob: bytes, family: int) -> bytes:
-    """The blob as iptables-restore sends it: comefrom 0 and zero counters in every entry."""
-    cf, cnt, _ = model._VOLATILE[family]
-    out = bytearray(blob)
-    off = 0
-    while off < len(out):
-        nxt = int.from_bytes(out[off + cf - 2:off + cf], "little")
-        out[off + cf:off + cf + 4] = bytes(4)
-        out[off + cnt:off + cnt + 16] = bytes(16)
-        off += nxt
-    return bytes(out)
 
 
 def _flip(rng, t):

@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import rulesets  # noqa: E402
 import test_model_incremental as inc  # noqa: E402
-from test_restore_again import restored  # noqa: E402
+import kernel_xt as kx  # noqa: E402
+from kernel_xt import restored  # noqa: E402
 
 from bpfilter_umh import model  # noqa: E402
 from bpfilter_umh.model import AF_INET, AF_INET6, decode_replace  # noqa: E402
@@ -64,7 +65,6 @@ def kernel():
     """{name: (getinfo, entries)} of each text as the kernel keeps it (after
     iptables-legacy-restore), "appended_a" after `iptables-legacy -A INPUT RULE` on base,
     "appended_b" after `-A INPUT RULE2` on that."""
-    import kernel_xt as kx
     import lab
     from nsutil import Netns
     out = {}
@@ -84,41 +84,15 @@ def kernel():
 
 
 def _entries(blob: bytes, family: int = AF_INET):
-    cf = model._VOLATILE[family][0]
-    o = 0
-    while o < len(blob):
-        n = int.from_bytes(blob[o + cf - 2:o + cf], "little")
-        to = int.from_bytes(blob[o + cf - 4:o + cf - 2], "little")
-        name = blob[o + to + 2:o + to + 31].split(b"\0")[0]
-        verdict = int.from_bytes(blob[o + to + 32:o + to + 36], "little", signed=True)
-        yield o, n, name, verdict
-        o += n
+    return kx.entries(blob, family)
 
 
 def _libiptc(info, blob: bytes, new: int, counted: bool = False,
              family: int = AF_INET) -> bytes:
-    """What iptables-legacy -A sends, from the kernel's entries after the same append: each
-    rule with the comefrom GET_ENTRIES showed, the new rule (offset `new`), the policies and
-    the RETURN entries (libiptc builds them) with comefrom 0; `counted`: every other rule with
-    the live counters libiptc read (as if it had counted packets)."""
-    cf, cnt, _ = model._VOLATILE[family]
-    out = bytearray(blob)
-    es = list(_entries(blob, family))
-    zero = {new} | {info.underflow[h] for h in range(5) if info.valid_hooks >> h & 1}
-    zero |= {o for (o, _, name, v), nxt in zip(es, es[1:])
-             if name == b"" and v == model.XT_RETURN and nxt[2] == b"ERROR"}
-    for o in zero:
-        out[o + cf:o + cf + 4] = bytes(4)
-    if counted:
-        rules = [o for o, _, name, _ in es if o not in zero and name != b"ERROR"]
-        for k, o in enumerate(rules[::2]):
-            out[o + cnt:o + cnt + 16] = (k + 1).to_bytes(8, "little") + \
-                (60 * k + 60).to_bytes(8, "little")
-    return bytes(out)
+    return kx.libiptc_appended(info, blob, new, family, counted)
 
 
 def _buf(info, blob: bytes) -> bytes:
-    import kernel_xt as kx
     return kx.replace_buffer("filter", info.valid_hooks, info.num_entries, len(blob),
                              list(info.hook_entry), list(info.underflow), 4, 0, blob)
 

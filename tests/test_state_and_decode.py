@@ -71,16 +71,6 @@ def kernel_blob(text: str):
             return kx.snapshot(AF_INET)
 
 
-def restore_blob(blob: bytes) -> bytes:
-    """What iptables-restore sends: the entries with comefrom 0 and zero counters."""
-    out = bytearray(blob)
-    off = 0
-    while off < len(out):
-        struct.pack_into("<IQQ", out, off + COMEFROM, 0, 0, 0)
-        off += struct.unpack_from("<H", out, off + NEXT_OFFSET)[0]
-    return bytes(out)
-
-
 def entry_offsets(blob: bytes) -> list:
     out, off = [], 0
     while off < len(blob):
@@ -159,7 +149,7 @@ def udp():
 def _install(b, info, blob):
     with b.inside():
         d = S.Dispatcher()
-        set_replace(d, info, restore_blob(blob))
+        set_replace(d, info, kx.restored(blob, AF_INET))
         return d
 
 
@@ -375,7 +365,7 @@ def test_warm_decode_equals_cold_with_live_counters(shape, monkeypatch):
     rnd = random.Random(shape)
     # (edit number, getinfo, blob): each edit as the kernel shows it, then with live counters
     # and comefrom values in 30% and in all entries; the restore as iptables-restore sends it
-    seq = [(0, snaps[0][0], restore_blob(snaps[0][1]))]
+    seq = [(0, snaps[0][0], kx.restored(snaps[0][1], AF_INET))]
     for k, (info, blob) in enumerate(snaps[1:], 1):
         seq += [(k, info, blob), (k, info, noisy(blob, 0.3, rnd)), (k, info, noisy(blob, 1.0, rnd))]
     # and back through the edits, counters in a few entries (entries moving the other way)
@@ -445,7 +435,7 @@ def test_warm_decode_equals_cold_with_live_counters(shape, monkeypatch):
 
 def _decoded(text: str):
     info, blob = kernel_blob(text)
-    return decode_replace(replace_buf(info, restore_blob(blob)), AF_INET)[1]
+    return decode_replace(replace_buf(info, kx.restored(blob, AF_INET)), AF_INET)[1]
 
 
 def test_after_reply_defers_gc_and_frees_the_replaced_table(udp, monkeypatch):
@@ -540,7 +530,7 @@ def test_helper_keeps_gc_off_until_the_work_after_the_reply(udp, installed_text,
             d = S.Dispatcher()
             get_entries(d)
             assert gc.isenabled() and not engine.AFTER_REPLY, "nothing queued: GC on at once"
-            set_replace(d, info, restore_blob(kblob))
+            set_replace(d, info, kx.restored(kblob, AF_INET))
             assert engine.AFTER_REPLY and not gc.isenabled() and engine.GC_HELD
             get_entries(d)          # the next request leaves it off too
             assert not gc.isenabled()
