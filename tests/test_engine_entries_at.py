@@ -1,10 +1,13 @@
 """GET_ENTRIES patches the live counters of the entries that counted into the installed blob;
-sockopt._entries_at finds those entries chain by chain instead of listing every entry. It must
-name the same entries (same objects, so the same offsets) as Table.entries() for every table
-layout: built-in chains only, user chains (head ERROR entries, RETURN entries), the final ERROR
-entry, and fall back to the full list where indexes are not what the layout gives."""
+engine.entry_offsets finds their offsets chain by chain instead of listing every entry. It must
+give the offsets Table.entries() gives for every table layout: built-in chains only, user
+chains (head ERROR entries, RETURN entries), the final ERROR entry, a table whose chains an
+append moved (model._MovedChain), which it must leave unmade (under traffic every GET_ENTRIES
+has counts to patch), and fall back to the full list where indexes are not what the layout
+gives."""
 import os
 import random
+import socket
 import sys
 
 import pytest
@@ -14,28 +17,50 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import rulesets  # noqa: E402
 from test_cplane_scale import decoded, to_input  # noqa: E402
+from bpfilter_umh import model  # noqa: E402
+from bpfilter_umh.engine import entry_offsets  # noqa: E402
 from bpfilter_umh.model import AF_INET, Table  # noqa: E402
-from bpfilter_umh.sockopt import _entries_at  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: iptables-legacy in a netns")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: iptables-legacy in a netns")
 
 
+def _samples(n, seed):
+    rng = random.Random(seed)
+    return ([0], [n - 1], list(range(n)), rng.sample(range(n), 17), rng.sample(range(n), 1))
+
+
+@needs_root
 @pytest.mark.parametrize("shape", ["blocklist", "mixed", "fanout"])
-def test_entries_at_names_the_entries_of_the_layout(shape):
+def test_entry_offsets_are_the_layouts(shape):
     t = decoded(to_input(rulesets.make(shape, 300, seed=2).text))
     entries = t.entries()
-    rng = random.Random(shape)
-    for wanted in ([0], [len(entries) - 1], list(range(len(entries))),
-                   rng.sample(range(len(entries)), 17), rng.sample(range(len(entries)), 1)):
-        got = _entries_at(t, wanted)
-        assert set(got) == set(wanted)
-        assert all(got[i] is entries[i] for i in wanted)
+    for wanted in _samples(len(entries), shape):
+        assert entry_offsets(t, wanted) == {i: entries[i].offset for i in wanted}
 
 
-def test_entries_at_falls_back_where_indexes_are_not_the_layouts():
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_entry_offsets_leave_moved_chains_unmade(family):
+    """After appends ahead of a fan-out (its service chains moved, unmade), the offsets of any
+    entries are a cold decode's, and no chain is made."""
+    from test_engine_late_counts import _moved_fanouts
+    from test_model_incremental import clear_caches
+    bufs = _moved_fanouts(family)[:3]
+    clear_caches()
+    tables = [model.decode_replace(b, family)[1] for b in bufs]
+    clear_caches()
+    cold = model.decode_replace(bufs[2], family)[1].entries()
+    t = tables[2]
+    unmade = sum(model._unmade(c) is not None for c in t.chains)
+    assert unmade == len(t.chains) - 3
+    for wanted in _samples(len(cold), family):
+        assert entry_offsets(t, wanted) == {i: cold[i].offset for i in wanted}
+        assert sum(model._unmade(c) is not None for c in t.chains) == unmade
+
+
+def test_entry_offsets_fall_back_where_indexes_are_not_the_layouts():
     t = Table.empty("filter", AF_INET)
     entries = t.entries()
-    for e in entries:
-        e.index = -1            # never laid out
-    got = _entries_at(t, [0, len(entries) - 1])
-    assert got == {0: entries[0], len(entries) - 1: entries[-1]}
+    for k, e in enumerate(entries):
+        e.index, e.offset = -1, 1000 + k     # never laid out
+    assert entry_offsets(t, [0, len(entries) - 1]) == {0: 1000, len(entries) - 1:
+                                                       1000 + len(entries) - 1}

@@ -6,6 +6,7 @@ kernel's final counts would have been (ip_tables.c: xt_replace_table waits, then
 The late packets are written into the replaced counters map while the (stubbed) grace period
 lasts, which is exactly where a packet still running the old program would count them."""
 import os
+import socket
 import struct
 import threading
 
@@ -191,3 +192,147 @@ def test_replaced_counters_map_serves_again_zeroed(helper):
     assert engine_mod._map_counts(m, m.max_entries) in ({}, [(0, 0)] * m.max_entries)
     assert eng.counters() == [(0, 0)] * t1.num_entries
     engine_mod.AFTER_REPLY.clear()
+
+
+# ---- which new entry continues a late one, in a fan-out whose chains an append moved ---------
+
+def _continuations_by_walk(old, new, wanted: set) -> dict:
+    """The oracle: every entry of both tables walked, each rule keyed by (chain, its
+    engine._rule_key, its rank among the chain's rules with that key), each policy by its
+    chain; {old index: (new index, new offset, is a rule)}."""
+    def where(t):
+        out = {}
+        for c in t.chains:
+            seen = {}
+            for r in c.rules:
+                k = engine_mod._rule_key(r)
+                seen[k] = rank = seen.get(k, -1) + 1
+                out[(c.name, k, rank)] = (r.index, r.offset, True)
+            if c.policy_entry is not None:
+                out[(c.name, None, 0)] = (c.policy_entry.index, c.policy_entry.offset, False)
+        return out
+    now = where(new)
+    return {j: now[k] for k, (j, _o, _r) in where(old).items() if j in wanted and k in now}
+
+
+def _moved_fanouts(family, services=30):
+    """Four bufs of a fan-out (FORWARD -j SVC, SVC jumping to `services` chains), each after
+    the first an append to INPUT ahead of them (the decode moves the chains behind it); the
+    fourth also inserts, at the head of SVC-3, a copy of its second rule (a chain changed:
+    its rules are found by key and rank)."""
+    from test_model_lazy import _fanout_fwd
+    from test_model_moved import _appended, _ip
+    from test_model_incremental import _blob, _buf
+    from bpfilter_umh.model import Rule, Verdict
+    import copy
+    t0 = _fanout_fwd(family, services)
+    t1 = _appended(t0, Rule(_ip(family, 90), target=Verdict(-1)))
+    t2 = _appended(t1, Rule(_ip(family, 91), target=Verdict(-1)))
+    t3 = _appended(t2, Rule(_ip(family, 92), target=Verdict(-1)))
+    s3 = t3.chain("SVC-3")
+    s3.rules.insert(0, copy.deepcopy(s3.rules[1]))
+    return [_buf(*_blob(t)) for t in (t0, t1, t2, t3)]
+
+
+def _late_entries(t) -> set:
+    """What a flood counts late, and more: FORWARD's jump to SVC, a jump of SVC and SVC's
+    RETURN, rules and RETURN entries of moved service chains (SVC-3: the changed one), INPUT's
+    policy, a head (ERROR) entry and the table's tail entry (continued by none)."""
+    from bpfilter_umh.model import chain_outline, policy_indexes
+    idx = {t.chain("FORWARD").rules[0].index}
+    svc, s3, s7, last = (t.chain(n) for n in ("SVC", "SVC-3", "SVC-7", t.chains[-1].name))
+    _k, _p, _h, first, _o, pol = chain_outline(svc)
+    idx |= {first + 5, pol}
+    for c in (s3, s7, last):
+        _k, _p, head, first, _o, pol = chain_outline(c)
+        idx |= {first, first + 1, pol, head}
+    idx |= set(policy_indexes([t.chain("INPUT")]))
+    idx.add(engine_mod._entry_count(t) - 1)
+    return idx
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_continuations_leave_moved_chains_unmade(family):
+    """engine._continuations over tables whose service chains an append moved (model's
+    _MovedChain) reads only the chains holding a late entry, makes none of them, and answers
+    what a walk over every entry of cold decodes of the same blobs answers."""
+    from bpfilter_umh import model
+    from test_model_incremental import clear_caches
+    bufs = _moved_fanouts(family)
+    cold = []
+    for b in bufs:
+        clear_caches()
+        cold.append(model.decode_replace(b, family)[1])
+    clear_caches()
+    tables = [model.decode_replace(b, family)[1] for b in bufs]
+
+    def unmade(t):
+        return sum(model._unmade(c) is not None for c in t.chains)
+    # (their unmade chains counted after the last decode, which makes some of the third's)
+    seen = []
+    for k in range(3):
+        old, new, cold_old, cold_new = tables[k], tables[k + 1], cold[k], cold[k + 1]
+        before = unmade(old), unmade(new)
+        seen.append(before)
+        wanted = _late_entries(cold_old)
+        got = engine_mod._continuations(old, new, wanted)
+        assert (unmade(old), unmade(new)) == before, "a chain's entries were made"
+        want = _continuations_by_walk(cold_old, cold_new, wanted)
+        assert got == want
+        assert len(want) >= 9                    # the head, tail entries are not continued
+    assert seen[1][0] > 0 and seen[1][1] > 0 and seen[2][0] > 0, seen
+    # SVC-3's rules after the insert: its old first rule is the new second; the old second is
+    # continued by the first rule equal to it, the copy put ahead (the k-th equal rule: what
+    # _continuations matched before it read moved chains without making them)
+    s3_old, s3_new = cold[2].chain("SVC-3"), cold[3].chain("SVC-3")
+    cont = engine_mod._continuations(tables[2], tables[3], {r.index for r in s3_old.rules})
+    new_ix = [r.index for r in s3_new.rules]
+    assert [cont[r.index][0] for r in s3_old.rules] == [new_ix[1], new_ix[0]]
+
+
+def test_late_counts_in_moved_chains_carried_exactly(helper):
+    """An append ahead of a fan-out (the new table's service chains moved, unmade) with late
+    packets in the chains it moved: each late count lands on the entry libiptc carried its
+    entry's count to, and settling makes none of the new table's chains."""
+    from bpfilter_umh import model
+    from test_model_incremental import clear_caches
+    eng, gate, late = helper
+    bufs = _moved_fanouts(socket.AF_INET)[:2]
+    clear_caches()
+    cold = [model.decode_replace(b, socket.AF_INET)[1] for b in bufs]
+    clear_caches()
+    t0 = model.decode_replace(bufs[0], socket.AF_INET)[1]
+    gate.set()
+    eng.install(t0)
+    engine_mod.run_after_reply()
+    t1 = model.decode_replace(bufs[1], socket.AF_INET)[1]
+    svc7, fwd = cold[0].chain("SVC-7"), cold[0].chain("FORWARD")
+    counted = {fwd.rules[0].index: (9, 900), svc7.rules[1].index: (3, 300),
+               svc7.policy_entry.index: (6, 600), cold[0].chain("INPUT").policy_entry.index:
+               (2, 200)}
+    m = eng._counters_map()
+    for i, (p, b) in counted.items():
+        _add(m, i, p, b)
+    lates = {svc7.rules[1].index: (1, 10), svc7.policy_entry.index: (2, 20),
+             fwd.rules[0].index: (4, 40), cold[0].chain("SVC").policy_entry.index: (5, 50)}
+    old = _install_with_late(eng, gate, late, t1, lates)
+    unmade = sum(model._unmade(c) is not None for c in t1.chains)
+    # libiptc's -A: each old entry's count to the entry continuing it, the new rule zero
+    cont = _continuations_by_walk(cold[0], cold[1], set(range(len(old))))
+    added = [(0, 0)] * cold[1].num_entries
+    for j, (i, _off, _rule) in cont.items():
+        added[i] = old[j]
+    eng.add_counters(added)
+    gate.set()
+    engine_mod.run_after_reply()
+    want = list(added)
+    for j, (p, b) in lates.items():
+        i = cont[j][0]
+        want[i] = (want[i][0] + p, want[i][1] + b)
+    assert eng.counters() == want
+    assert want[cont[svc7.rules[1].index][0]] == (4, 310)
+    assert want[cont[svc7.policy_entry.index][0]] == (8, 620)
+    # the install left the service chains unmade (compile reads their outlines), and so did
+    # the settling, though late counts were in two of them
+    assert unmade == len(t1.chains) - 3
+    assert sum(model._unmade(c) is not None for c in t1.chains) == unmade
