@@ -38,6 +38,7 @@ ipt_do_table's nulldevname); returns NF_DROP (0) or NF_ACCEPT (1).
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import errno
 import os
@@ -55,7 +56,8 @@ from . import classify, family, flavors, matchers, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
-                    Rule, Table, Verdict, chain_body, chain_outline, moved_from)
+                    Rule, Table, Verdict, chain_body, chain_entry, chain_outline, chain_source,
+                    moved_from, placement)
 
 COUNTERS_MAP = "counters"
 BPF_PROG_TYPE_NETFILTER = 32
@@ -339,6 +341,31 @@ def _reads(r) -> tuple:
                  or int(ip.dmsk) or int(ip.src) or int(ip.dst) or targets.needs_packet(r.target)))
 
 
+# The runs of a chain an append moved whole (model.chain_source: its source's rules, the same
+# list object from one append to the next while the chain stays unmade; a fan-out hub's 3 333
+# rules, ~1 ms to find): classify.find_runs' answer for that list, kept with the table compiled
+# (classify.kept_for) and the knobs it depends on, and taken for the next table
+# (model.moved_from), a copy of each run handed out (the compile sets fields of its runs).
+def _run_copy(run: "classify.Run") -> "classify.Run":
+    out = copy.copy(run)
+    out.next_same = {}          # filled by emit_run
+    return out
+
+
+def _moved_runs(table: Table, rules: list) -> list:
+    knobs = (_knobs(), classify.min_run())
+    mv = moved_from(table)
+    hit = classify.kept_of(mv[0]).get(("runs", id(rules))) if mv is not None else None
+    if hit is not None and hit[0] is rules and hit[2] == knobs and len(hit[1]) == len(rules) \
+            and all(map(is_, hit[1], rules)):
+        runs = list(map(_run_copy, hit[3]))
+    else:
+        runs = classify.find_runs(rules)
+        hit = (rules, tuple(rules), knobs, list(map(_run_copy, runs)))
+    classify.kept_for(table)[("runs", id(rules))] = hit
+    return runs
+
+
 class _ChainCompiler:
     """Emits one program for one built-in chain, inlining user chains."""
 
@@ -399,8 +426,7 @@ class _ChainCompiler:
                 self.needs_ip |= ip
                 return
         seen.add(chain.name)
-        rules = chain.rules
-        pe = chain.policy_entry
+        rules, pe = chain_body(chain)       # what the entries read: a moved chain's source's
         known = chain_info(self.table).get(id(chain))
         reads = _chain_reads(rules, pe, known[:2] if known is not None else None)
         jumpers = [rules[p] for p in known[2]] if known is not None else None
@@ -547,13 +573,22 @@ class _ChainCompiler:
 
     # ---- chains and rules ----
     def _chain_body(self, chain: Chain, ret: str, path: list, where: str, start: int = 0):
+        # a chain an append moved whole is read from its source's entries, not made (a fan-out
+        # hub: 3 333 jumps), each at index + d_index, offset + d_offset here (model.chain_source):
+        # the runs know it, and a rule no run holds is placed on its own (model.chain_entry)
+        rules, pe, d_index, d_offset = chain_source(chain)
+        placed = placement(chain)
         # runs of same-shape rules become one map lookup (classify.py, issue #7)
         # (a chain holding fewer rules than a run needs has none: 3 333 kube-proxy service
         # chains are not searched on every compile)
-        runs = {r.start: r for r in classify.find_runs(chain.rules)
+        runs = {r.start: r for r in (_moved_runs(self.table, rules) if placed is not None else
+                                     classify.find_runs(rules))
                 if r.start >= start} if self.table.family == AF_INET and \
-            len(chain.rules) - start >= classify.min_run() else {}
-        pos, rules, pe = start, chain.rules, chain.policy_entry
+            len(rules) - start >= classify.min_run() else {}
+        if d_index or d_offset or placed is not None:
+            for run in runs.values():
+                run.d_index, run.d_offset, run.placement = d_index, d_offset, placed
+        pos = start
         while pos < len(rules):
             if pos in runs:
                 classify.emit_run(self, runs[pos], chain.name, ret, where, path)
@@ -562,9 +597,19 @@ class _ChainCompiler:
             # the entry after a rule: the chain's next rule or its policy/RETURN entry (a
             # chain's entries are contiguous), without walking the table
             after = rules[pos + 1] if pos + 1 < len(rules) else pe
-            self._entry(rules[pos], chain.name, pos + 1, ret, "rule", path, where,
-                        after.offset if after is not None else None)
+            rule = rules[pos] if not (d_index or d_offset) else chain_entry(chain, pos)
+            self._entry(rule, chain.name, pos + 1, ret, "rule", path, where,
+                        after.offset + d_offset if after is not None else None)
             pos += 1
+
+    def _chain_return(self, chain: Chain, ret: str, path: list, where: str):
+        """The RETURN entry of user chain `chain`, inlined after its body (path and where name
+        the chain): read as _chain_body reads the rules, the chain not made."""
+        rules, pe, d_index, d_offset = chain_source(chain)
+        n = len(rules)
+        if d_index or d_offset:
+            pe = chain_entry(chain, n)
+        self._entry(pe, chain.name, n + 1, ret, "return", path, where)
 
     def _entry(self, rule: Rule, chain: str, pos: int, ret: str, kind: str,
                path: list, where: str, next_off: int = None):
@@ -645,8 +690,7 @@ class _ChainCompiler:
             return
         inner_where = f"{where} > {t.chain}"
         self._chain_body(target, inner_ret, path + [target.name], inner_where, start)
-        self._entry(target.policy_entry, t.chain, len(target.rules) + 1, inner_ret,
-                    "return", path + [target.name], inner_where)
+        self._chain_return(target, inner_ret, path + [target.name], inner_where)
         self.emit(Label(nxt))
 
     # ---- subprograms ----
@@ -684,8 +728,7 @@ class _ChainCompiler:
             ret = self.label("sub_return")
             where = f"sub {target.name}"
             self._chain_body(target, ret, [target.name], where, start)
-            self._entry(target.policy_entry, target.name, len(target.rules) + 1, ret,
-                        "return", [target.name], where)
+            self._chain_return(target, ret, [target.name], where)
             self.emit(Label(ret), E.mov(R0, SUB_RETURN), E.exit_("RETURN"))
             # one exit per subprogram: the verifier resumes the caller (prepare_func_exit) once
             # per state reaching an exit, and states meeting at one exit can be pruned there
@@ -719,7 +762,8 @@ class _ChainCompiler:
         if target.builtin:
             raise _unsupported(chain, pos, rule, f"a jump into built-in chain {t.chain}")
         start = getattr(t, "entry", 0)
-        if start is None or not 0 <= start <= len(target.rules):
+        # (the number of rules as the source's of a moved chain: not made for the check)
+        if start is None or not 0 <= start <= len(chain_body(target)[0]):
             raise _unsupported(chain, pos, rule, f"a jump to offset {t.offset} (not a rule of "
                                                  f"chain {t.chain})")
         return target, start
@@ -1780,9 +1824,8 @@ def _splice_behind(table: Table, order: list, behind, info: dict):
     for k in range(1, len(order)):
         if chains[where[k]] is not order[k]:
             return None
-    for k in range(1, len(where)):
-        c = chains[where[k]]
-        info[id(c)] = facts[k]
+    # (column by column: a fan-out's 3 333 case chains)
+    info.update(zip(map(id, map(chains.__getitem__, where[1:])), facts[1:]))
     PROG_STATS["walks_spliced"] += 1
     return recs[1:], bases[1:], rest
 

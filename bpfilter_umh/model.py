@@ -44,6 +44,7 @@ import copy
 import errno
 import gc
 import ipaddress
+import itertools
 import operator
 import struct
 import sys
@@ -264,6 +265,26 @@ class _Made:
 _MAKE_LOCK = threading.RLock()
 
 
+def _moved_entry(r: Rule, i: int, landing, offs, comefrom) -> Rule:
+    """Rule r of a moved chain's source placed at entry index i (offset and comefrom from the
+    decode's lists) as _MovedChain._place places each: a _Moved sharing r's attribute dict,
+    or, for a jump landing on entry index `landing`, a _MovedJump with a Jump of its own
+    naming that entry's offset."""
+    new = object.__new__
+    if landing is None:
+        m = new(_Moved)
+        m.__dict__ = r.__dict__
+    else:
+        m = new(_MovedJump)
+        m.__dict__ = r.__dict__
+        t = r.target
+        nj = m.target = new(Jump)
+        nj.chain, nj.goto, nj.offset, nj.entry, nj.chain_pos = \
+            t.chain, t.goto, offs[landing], t.entry, t.chain_pos
+    m.index, m.offset, m.comefrom = i, offs[i], comefrom[i]
+    return m
+
+
 class _MovedChain(Chain):
     """A user chain of a decode_replace table that is a previous table's chain moved whole
     (issue #7: an append ahead of a fan-out's 3 333 service chains moves every one of them,
@@ -296,7 +317,8 @@ class _MovedChain(Chain):
         new = object.__new__
         out = []
         # the jumps' landings by entry index (a hub chain: every entry a jump, each made once
-        # as a _MovedJump with a Jump of its own)
+        # as a _MovedJump with a Jump of its own; _moved_entry does the same for one entry,
+        # this loop inline: thousands of entries)
         lo, hi = bisect.bisect_left(jumps, at), bisect.bisect_left(jumps, at + len(ents))
         land = dict(zip(jumps[lo:hi], landed[lo:hi])) if hi > lo else {}
         for i, r in enumerate(ents, at):
@@ -372,11 +394,79 @@ def chain_body(c: Chain) -> tuple:
     return c.rules, c.policy_entry
 
 
+def chain_source(c: Chain) -> tuple:
+    """(rules, policy entry, d_index, d_offset) of chain `c` without making a _MovedChain's
+    entries: its source's entries, each of which is, in `c`, at entry index + d_index and byte
+    offset + d_offset (a chain moved whole keeps its entries' order and sizes); a chain's own
+    entries and (0, 0) otherwise. compile reads a fan-out hub this way: an append to INPUT in
+    front of it moves its 3 333 jumps, which _place would make one by one."""
+    un = _unmade(c)
+    if un is None:
+        return c.rules, c.policy_entry, 0, 0
+    src, (offs, _comefrom, _jumps, _landed) = un
+    rules, pe = src.rules, src.policy_entry
+    first = src.head_entry or (rules[0] if rules else pe)
+    if first is None:
+        return rules, pe, 0, 0
+    return rules, pe, c._at - first.index, offs[c._at] - first.offset
+
+
+def chain_entry(c: Chain, k: int):
+    """Entry k of chain `c`'s body (its rules, then its policy entry: None past them) as the
+    chain's own, without making a _MovedChain's entries: the one entry placed as _place
+    places it (compile reads a moved hub's RETURN entry and the few rules no run holds)."""
+    un = _unmade(c)
+    if un is None:
+        rules = c.rules
+        return rules[k] if k < len(rules) else (c.policy_entry if k == len(rules) else None)
+    src, (offs, comefrom, jumps, landed) = un
+    rules = src.rules
+    r = rules[k] if k < len(rules) else (src.policy_entry if k == len(rules) else None)
+    if r is None:
+        return None
+    i = c._at + (src.head_entry is not None) + k
+    j = bisect.bisect_left(jumps, i)
+    landing = landed[j] if j < len(jumps) and jumps[j] == i else None
+    return _moved_entry(r, i, landing, offs, comefrom)
+
+
+_SRC, _AT, _RULES, _POLICY_ENTRY, _HEAD_ENTRY, _POS = map(operator.attrgetter, (
+    "_src", "_at", "rules", "policy_entry", "head_entry", "_pos"))
+
+
+def placement(c: Chain):
+    """The placement (the decode's entry positions) of a _MovedChain not made, else None: one
+    object for every chain one decode_replace moved whole, each entry behind its change moved
+    by the same amount, so that such chains keep their distances to one another."""
+    un = _unmade(c)
+    return None if un is None else un[1]
+
+
+def placed_by(chains, pos) -> bool:
+    """Whether every chain of `chains` is a _MovedChain not made whose placement is `pos`
+    (column by column: a fan-out's 3 333 case chains). A chain made meanwhile by another
+    thread answers False."""
+    return all(map(operator.is_, map(type, chains), itertools.repeat(_MovedChain))) and \
+        all(map(operator.is_, map(_POS, chains), itertools.repeat(pos)))
+
+
 def policy_indexes(chains) -> list:
     """The index of each chain's policy (RETURN) entry, None where it has none, without making
     a _MovedChain's entries (_place puts the head entry at _at, then the source's rules, then
     its policy entry): classify reads the RETURN entry of each of a fan-out's 3 333 case
     chains, which an append to the chain that jumps to them moves."""
+    if chains and all(map(operator.is_, map(type, chains), itertools.repeat(_MovedChain))):
+        # a fan-out's case chains, all moved: column by column (C loops), each chain's
+        # source read once (its _src may turn None meanwhile: made by another thread; _at
+        # and the source's entries do not change, so a source read is still the answer)
+        # (`is not None` column by column: `None in` would call Chain's and Rule's __eq__)
+        none = itertools.repeat(None)
+        srcs = list(map(_SRC, chains))
+        if all(map(operator.is_not, srcs, none)) and \
+                all(map(operator.is_not, map(_POLICY_ENTRY, srcs), none)):
+            plus = operator.add
+            return list(map(plus, map(plus, map(_AT, chains), map(len, map(_RULES, srcs))),
+                            map(operator.is_not, map(_HEAD_ENTRY, srcs), none)))
     out = []
     add = out.append
     mc = _MovedChain

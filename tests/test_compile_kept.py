@@ -31,6 +31,7 @@ def _clear():
     C._CHAIN_FACTS.clear()
     classify._FN_CACHE.clear()
     classify._CASE_INFO.clear()
+    classify._KEPT_FOR.clear()
 
 
 def _programs(table, facts):

@@ -8,6 +8,15 @@ same bytes). Checked here: the outline of every chain of a lazy table is a cold 
 reading it makes nothing; a lazy table compiles (programs, _program_key's keys and bases,
 chain_info, the remembered walk) as a cold decode of the same blob and its leaves stay unmade;
 an outline whose first index is off by one is caught.
+
+Session 9: with --to-input's layout (INPUT -j SVC) INPUT's program, which an append changes, is
+compiled and inlines the hub SVC; it is read from its source (model.chain_source, chain_entry:
+its entries at their moved positions) and stays unmade too, and the hub run's shared bodies are
+the previous table's, moved (classify._moved_bodies) when the hub and its case chains moved
+together. Checked: the engine's compile of the first append is the cold one and makes no chain;
+the kept bodies are taken for the moved hub only (not past a changed chain between the hub and
+its case chains); kept RETURN entries one entry off are caught; moved chains of plain rules
+(jump, goto, tcp match) inlined one rule at a time compile as cold.
 """
 import os
 import sys
@@ -92,19 +101,24 @@ def _compiled(t, facts, monkeypatch):
     return _programs(t, facts), walk
 
 
-def _first_append(to_input: bool):
-    """(the restore's table, the first append's) from the kernel's blobs of rulesets' fan-out
-    (its jumps on FORWARD, or --to-input's layout) and one rule appended to INPUT."""
+def _first_append_texts(to_input: bool = True) -> tuple:
+    """(the restore's text, the first append's): rulesets' fan-out (its jumps on FORWARD, or
+    --to-input's layout) and one rule appended to INPUT."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__))), "bench"))
     import rulesets
-    from test_cplane_scale import kernel_blob, replace_buf
     base = rulesets.make("fanout", 1200, seed=5).text
     if to_input:
         base = base.replace("-A FORWARD ", "-A INPUT ")
     extra = "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP"
-    return [replace_buf(*kernel_blob(text))
-            for text in (base, base.replace("COMMIT", extra + "\nCOMMIT"))]
+    return base, base.replace("COMMIT", extra + "\nCOMMIT")
+
+
+def _first_append(to_input: bool):
+    """(the restore's table, the first append's) from the kernel's blobs of
+    _first_append_texts."""
+    from test_cplane_scale import kernel_blob, replace_buf
+    return [replace_buf(*kernel_blob(text)) for text in _first_append_texts(to_input)]
 
 
 _real_outline = model.chain_outline
@@ -136,10 +150,19 @@ def _check_lazy_compiles_as_cold(monkeypatch, to_input, broken=False, made_ok=Fa
         _off_by_one(monkeypatch)
     elif broken == "policy":
         _policy_off_by_one(monkeypatch)
+        classify._KEPT_FOR.clear()          # the RETURN entries read, not kept ones moved
+    from test_compile_kept import _programs
+    # the engine's compile of the append (the restore's walks remembered): the leaves stay
+    # unmade, and so does the chain holding the jumps (SVC: with --to-input's layout INPUT's
+    # program, which the append changes, is compiled and inlines SVC read from its source,
+    # model.chain_source; classify reads the leaves' RETURN entries through policy_indexes)
+    direct = _programs(t, facts)
+    if not made_ok:
+        # (in FORWARD's layout the append goes to the empty INPUT, and FORWARD's program is
+        # the restore's walk moved: compile._moved_program_key, model._note_moved)
+        assert _unmade(t) == before
+    # (the test's walk, from no remembered walk, makes SVC)
     warm = _compiled(t, facts, monkeypatch)
-    # the leaves stay unmade: the compile makes at most the chain holding the jumps (SVC: with
-    # --to-input's layout INPUT's program, which the append changes, is compiled and its
-    # code lands in SVC; classify reads the leaves' RETURN entries through policy_indexes)
     if not made_ok:
         assert _unmade(t) >= before - 1
     if broken:
@@ -151,16 +174,17 @@ def _check_lazy_compiles_as_cold(monkeypatch, to_input, broken=False, made_ok=Fa
     assert _unmade(cold_t) == 0
     cold = _compiled(cold_t, facts, monkeypatch)
     del prev
-    return warm, cold
+    return warm, cold, direct
 
 
 @pytest.mark.parametrize("to_input", [False, True])
 def test_first_append_compiles_as_cold(monkeypatch, to_input):
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    warm, cold = _check_lazy_compiles_as_cold(monkeypatch, to_input)
+    warm, cold, direct = _check_lazy_compiles_as_cold(monkeypatch, to_input)
     # (bytes and map entries; the warm ones are kept programs, the cold made anew, and the
     # where texts of a warm compile of --to-input's INPUT differ, as before round 3)
+    assert {k: v[:2] for k, v in direct.items()} == {k: v[:2] for k, v in cold[0].items()}
     assert {k: v[:2] for k, v in warm[0].items()} == {k: v[:2] for k, v in cold[0].items()}
     if not to_input:
         assert {k: v[:3] for k, v in warm[0].items()} == {k: v[:3] for k, v in cold[0].items()}
@@ -173,8 +197,8 @@ def test_first_append_with_a_broken_outline_is_caught(monkeypatch):
     leaf: hence made_ok)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    warm, cold = _check_lazy_compiles_as_cold(monkeypatch, False, broken="outline",
-                                              made_ok=True)
+    warm, cold, _direct = _check_lazy_compiles_as_cold(monkeypatch, False, broken="outline",
+                                                       made_ok=True)
     assert warm[1] != cold[1]
 
 
@@ -183,5 +207,138 @@ def test_to_input_append_with_broken_policy_indexes_is_caught(monkeypatch):
     (classify._case_map: each case's RETURN entry relative to the run) is not the cold one."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    warm, cold = _check_lazy_compiles_as_cold(monkeypatch, True, broken="policy")
+    warm, cold, direct = _check_lazy_compiles_as_cold(monkeypatch, True, broken="policy")
+    assert {k: v[:2] for k, v in direct.items()} != {k: v[:2] for k, v in cold[0].items()}
     assert {k: v[:2] for k, v in warm[0].items()} != {k: v[:2] for k, v in cold[0].items()}
+
+
+# --- the shared bodies of a moved hub, kept for the next table (classify._moved_bodies) ---
+
+def _hits(monkeypatch) -> list:
+    """Whether each classify._moved_bodies call took the kept bodies."""
+    real, out = classify._moved_bodies, []
+
+    def spy(*a):
+        got = real(*a)
+        out.append(got is not None)
+        return got
+    monkeypatch.setattr(classify, "_moved_bodies", spy)
+    return out
+
+
+def _kept_bodies_compile(monkeypatch):
+    """--to-input's fan-out with one more user chain, SVC+, empty and reached from nowhere,
+    between the hub and its case chains in the blob (libiptc sorts user chains by name):
+    restored, one rule appended to INPUT (the hub and its case chains moved whole: the kept
+    bodies are taken; the global functions made anew, so that the kept RETURN entries are
+    read), then one rule appended to SVC+ (the case chains behind it moved, the hub not: the
+    kept bodies must not be taken). Returns the hits, the two appends' tables, their
+    programs and a cold compile's of each."""
+    from test_compile_kept import _clear, _programs
+    from test_cplane_scale import decoded
+    from bpfilter_umh.compile import KernelFacts
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    facts = KernelFacts.fake()
+    base, first = (text.replace(":SVC ", ":SVC+ - [0:0]\n:SVC ") for text in _first_append_texts())
+    texts = [base, first, first.replace("COMMIT", "-A SVC+ -s 203.0.113.7/32 -j ACCEPT\nCOMMIT")]
+    clear_caches()
+    _clear()
+    hits = _hits(monkeypatch)
+    tables, warm, moved = [], [], []
+    for text in texts:
+        tables.append(decoded(text))
+        classify._FN_CACHE.clear()
+        warm.append(_programs(tables[-1], facts))
+        # the case chains moved with the hub, by one decode (before the next decode, which
+        # makes the chains in front of its change)
+        t = tables[-1]
+        hub, cases = t.chain("SVC"), [c for c in t.chains if c.name.startswith("SVC-")]
+        moved.append(model.placement(hub) is not None and
+                     model.placed_by(cases, model.placement(hub)))
+    assert moved == [False, True, False]
+    names = [c.name for c in tables[2].chains]
+    assert names.index("SVC") < names.index("SVC+") < names.index("SVC-0")
+    cold = []
+    for text in texts[1:]:
+        clear_caches()
+        _clear()
+        cold.append(_programs(decoded(text), facts))
+    return hits, tables[1:], warm[1:], cold
+
+
+def _code(programs) -> dict:
+    return {k: v[:2] for k, v in programs.items()}
+
+
+def test_kept_bodies_are_taken_for_a_moved_hub_only(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    hits, _tables, warm, cold = _kept_bodies_compile(monkeypatch)
+    assert hits[:3] == [False, True, False]
+    assert [_code(w) for w in warm] == [_code(c) for c in cold]
+
+
+def test_kept_bodies_moved_wrong_are_caught(monkeypatch):
+    """The kept RETURN entries moved one entry too far: the global function made for the first
+    append counts the wrong entries."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    real = classify._MovedAnchors.__getitem__
+    monkeypatch.setattr(classify._MovedAnchors, "__getitem__",
+                        lambda self, pos: real(self, pos) + 1)
+    hits, _tables, warm, cold = _kept_bodies_compile(monkeypatch)
+    assert hits[:3] == [False, True, False]
+    assert _code(warm[0])["INPUT"] != _code(cold[0])["INPUT"]
+    assert _code(warm[1]) == _code(cold[1])
+
+
+_PLAIN_CHAINS = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:A - [0:0]
+:B - [0:0]
+-A INPUT -s 192.0.2.0/24 -j A
+-A A -s 192.0.2.1/32 -j B
+-A A -s 192.0.2.3/32 -g B
+-A A -p tcp -m tcp --dport 22 -j DROP
+-A B -s 192.0.2.4/32 -j ACCEPT
+COMMIT
+"""
+
+
+def test_moved_chain_of_plain_rules_compiles_as_cold():
+    """User chains an append to INPUT moves whole, whose rules no run holds (a jump, a goto, a
+    tcp match), inlined into INPUT's program: each rule placed on its own (model.chain_entry),
+    the chains not made; the programs are a cold compile's. (Not here: a rule without -j,
+    libiptc's jump to the next entry, keeps decode_replace from moving the chains; a LOG
+    target or a limit match keeps the program from being kept, and the walks that find it out
+    read the chains' rules, making them.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    from test_compile_kept import _clear
+    from test_cplane_scale import decoded
+    from bpfilter_umh import ebpf as E
+    from bpfilter_umh.compile import KernelFacts
+    facts = KernelFacts.fake()
+    texts = [_PLAIN_CHAINS, _PLAIN_CHAINS.replace(
+        "COMMIT", "-A INPUT -s 203.0.113.99/32 -j DROP\nCOMMIT")]
+
+    def programs(t):
+        out = {}
+        for cp in C.compile_table(t, facts).programs:
+            names = sorted({i.map for i in cp.items if isinstance(i, E.Insn) and i.map})
+            out[cp.chain] = cp.assemble({name: 3 + k for k, name in enumerate(names)})
+        return out
+    clear_caches()
+    _clear()
+    prev = decoded(texts[0])
+    programs(prev)
+    t = decoded(texts[1])
+    assert _unmade(t) == 2
+    warm = programs(t)
+    assert _unmade(t) == 2
+    clear_caches()
+    _clear()
+    assert warm == programs(decoded(texts[1]))
+    del prev
