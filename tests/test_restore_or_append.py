@@ -115,8 +115,8 @@ CASES = {
 }
 
 
-def _decoded(bufs, monkeypatch):
-    """The tables of bufs decoded in turn, and what _restored_over said for the last one."""
+def _said(monkeypatch) -> list:
+    """The list each call of model._restored_over appends its answer to, from now on."""
     said = []
     real = model._restored_over
 
@@ -124,6 +124,12 @@ def _decoded(bufs, monkeypatch):
         said.append(real(*a))
         return said[-1]
     monkeypatch.setattr(model, "_restored_over", spy)
+    return said
+
+
+def _decoded(bufs, monkeypatch):
+    """The tables of bufs decoded in turn, and what _restored_over said for the last one."""
+    said = _said(monkeypatch)
     inc.clear_caches()
     out = []
     for b in bufs:
@@ -261,13 +267,7 @@ def test_libiptc_appends_to_an_empty_input_without_the_kernel(family, monkeypatc
         bufs.append(inc._buf(_libiptc(info, kept, new, k == 1, family), he, uf, vh, n))
     bufs.append(bufs[0])
     inc.clear_caches()
-    said = []
-    real = model._restored_over
-
-    def spy(*a):
-        said.append(real(*a))
-        return said[-1]
-    monkeypatch.setattr(model, "_restored_over", spy)
+    said = _said(monkeypatch)
     got = []
     for b in bufs:
         got.append(decode_replace(b, family)[1])
