@@ -738,6 +738,33 @@ def _fill_range(rules, chains, firsts, ends, lo: int, hi: int) -> None:
             _chain_range(chains, rules, firsts, ends, k)
 
 
+def _left_unmade(rules, chains, firsts, ends, nhead: int, jumps, lands, fix) -> set:
+    """The indexes of the chains that end before entry nhead (the first changed one), whose
+    entries are not made (None in rules: a _MovedChain) and that a table changed from nhead on
+    can share as they are: nothing of their entries changes there (the same indexes and
+    offsets before nhead) if none of them is in `fix` (sorted: the entries with a new
+    comefrom) and none is a jump landing at nhead or behind (its offset may move). A
+    fan-out's service chains before a change its hub's jumps do not reach (issue #7: making
+    2 000 of them took ~20 ms)."""
+    out = set()
+    ja = 0
+    for k in range(bisect.bisect_right(firsts, nhead - 1)):
+        b, e = firsts[k], ends[k]
+        if e > nhead:
+            break
+        if rules[b] is not None or type(chains[k]) is not _MovedChain or \
+                getattr(chains[k], "_src", None) is None:
+            continue
+        ja = bisect.bisect_left(jumps, b, ja)
+        jb = bisect.bisect_left(jumps, e, ja)
+        if any(x is None or x >= nhead for x in lands[ja:jb]):
+            continue
+        if fix and bisect.bisect_left(fix, b) != bisect.bisect_left(fix, e):
+            continue
+        out.add(k)
+    return out
+
+
 def _sources(rules, chains, firsts, ends, lo: int) -> list:
     """rules[lo:] with each unmade _MovedChain's entries (None) replaced by its source's,
     which have the same attribute dicts (and a jump's, a Jump of another table): what
@@ -2660,6 +2687,7 @@ class Table:
         p_table = None
         fast = None             # the spans moved (_moved_spans) and the changed chain's index
         lazy = keep = False
+        shared = ()             # chains shared unmade with the previous table (_left_unmade)
         if reuse is not None:
             (p_rules, p_cf, p_ref, p_spans, p_chains, p_lazy), nhead, ntail = reuse
             shift, first = len(p_rules) - n, n - ntail
@@ -2671,17 +2699,18 @@ class Table:
                               for h in range(NF_INET_NUMHOOKS))
                 fast = _moved_spans(p_spans, nhead, first, shift, errs, lands, hook_at)
             if fast is not None:
-                # only where the compile reads few of the chains behind: a change in a
-                # built-in chain (its program alone is compiled again; compile takes the
-                # others' walks moved). With jumps in it (bench/ruleset_bench.py's INPUT -j
-                # SVC) the compile reads the hub (made: its code lands in SVC's rules) and
-                # the leaves without making them (compile._walk_leaves: chain_outline,
-                # chain_body; classify._walked_bodies: policy_indexes). A change in a user
-                # chain makes them all: the compile of a chain holding the change walks
-                # them, eagerly in one pass here is cheaper than chain by chain later
+                # the compile reads few of the chains behind: with a change in a built-in
+                # chain its program alone is compiled again (compile takes the others'
+                # walks moved); with jumps in it (bench/ruleset_bench.py's INPUT -j SVC),
+                # or a change in a user chain one of them reaches (iptables -A SVC-3000
+                # of a fan-out), the compile reads the hub (made: its jumps moved) and the
+                # leaves without making them (compile._walk_leaves: chain_outline,
+                # chain_body; classify._walked_bodies: policy_indexes): measured, the
+                # compile of an append into a service chain makes 2 chains, the changed one
+                # and the hub (issue #7: the decode 20-50 ms before, 6-20 now)
                 sp, js = fast
                 h = sp[7][js]
-                if h is None or h < 0:
+                if h is not None and h < 0:
                     fast = None
         if fast is not None:
             # the previous table with entries changed inside one chain (js), every entry
@@ -2754,17 +2783,23 @@ class Table:
                 _fill_range(p_rules, p_chains, pf, pe, nhead, min(first + 1, n))
                 keep = not ntail or raws[first].off == p_rules[first].offset
             src = None
+            fix = set()
+            if comefrom[:nhead] != p_cf[:nhead]:
+                fix.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
             if p_lazy and not keep:
                 # the entries behind the change moved: placed anew below from the unmade
                 # chains' sources (_sources: nothing made for the previous table there); the
                 # entries read as the previous table's (before the change, the first after
-                # it) made
-                _fill_range(p_rules, p_chains, pf, pe, 0,
-                            min(max(first, first + shift) + 1, len(p_rules)))
+                # it) made, but for the unmade chains before the change that this table
+                # shares as they are (_left_unmade: None in rules, the same _MovedChain)
+                shared = _left_unmade(p_rules, p_chains, pf, pe, nhead, jumps, lands,
+                                      sorted(fix)) if lands is not None else set()
+                hi = min(max(first, first + shift) + 1, len(p_rules))
+                for k in range(bisect.bisect_right(pf, hi - 1)):
+                    if k not in shared and p_rules[pf[k]] is None:
+                        _chain_range(p_chains, p_rules, pf, pe, k)
                 src = _sources(p_rules, p_chains, pf, pe, first + shift)
-            fix = set()
-            if comefrom[:nhead] != p_cf[:nhead]:
-                fix.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
+                lazy = bool(shared)
             own_lo, own_hi = nhead, first
             same_tail = ntail and shift == 0 and raws[first].off == p_rules[first].offset
             if same_tail and comefrom[first:] != p_cf[first:]:
@@ -2940,6 +2975,8 @@ class Table:
                 body = bodies[j]
                 cname, entry, cp = cnames[j], (e - body if e >= body else -1), j
             rule = rules[i]
+            if rule is None:
+                continue                # in a chain shared unmade: landing where it did
             t = rule.target
             if fresh_lo <= i < fresh_hi:
                 t.chain, t.entry, t.chain_pos = cname, entry, cp    # made above
@@ -2979,6 +3016,9 @@ class Table:
             chains[:] = p_chains
             todo_chains = sorted(dirty)
         for j in todo_chains:
+            if j in shared:
+                chains[j] = p_chains[j]     # the previous table's, unmade
+                continue
             b, body, end, h, cname = firsts[j], bodies[j], ends[j], hooks[j], cnames[j]
             if keep and rules[b] is None:
                 _chain_range(p_chains, rules, firsts, ends, j)      # the previous spans

@@ -342,3 +342,45 @@ def test_moved_chain_of_plain_rules_compiles_as_cold():
     _clear()
     assert warm == programs(decoded(texts[1]))
     del prev
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_append_into_a_service_chain_compiles_as_cold(monkeypatch, to_input):
+    """After an append to INPUT, an append into a service chain in the middle (iptables -A
+    SVC-300): the decode moves the chains behind it whole and shares those before it, both
+    unmade (model._build), the compile makes at most the hub and the changed chain, and its
+    programs and walks are a cold decode's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    from test_compile_kept import _clear
+    from test_cplane_scale import kernel_blob, replace_buf
+    from bpfilter_umh.compile import KernelFacts
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    facts = KernelFacts.fake()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "bench"))
+    import rulesets
+    base = rulesets.make("fanout", 1200, seed=5).text
+    if to_input:
+        base = base.replace("-A FORWARD ", "-A INPUT ")
+    one = base.replace("COMMIT", "-A INPUT -s 203.0.113.99/32 -j DROP\nCOMMIT")
+    two = one.replace("COMMIT", "-A SVC-300 -s 203.0.113.98/32 -j DROP\nCOMMIT")
+    bufs = [replace_buf(*kernel_blob(text)) for text in (base, one, two)]
+    clear_caches()
+    _clear()
+    t = decode_replace(bufs[0], AF_INET)[1]
+    C.compile_table(t, facts)
+    t = decode_replace(bufs[1], AF_INET)[1]
+    C.compile_table(t, facts)
+    t = decode_replace(bufs[2], AF_INET)[1]
+    before = _unmade(t)
+    assert before >= len(t.chains) - 6    # made: the 3 built-in ones, SVC, SVC-300 (+1)
+    warm = _compiled(t, facts, monkeypatch)
+    assert _unmade(t) >= before - 1
+    clear_caches()
+    _clear()
+    cold_t = decode_replace(bufs[2], AF_INET)[1]
+    assert _unmade(cold_t) == 0
+    cold = _compiled(cold_t, facts, monkeypatch)
+    assert {k: v[:2] for k, v in warm[0].items()} == {k: v[:2] for k, v in cold[0].items()}
+    assert warm[1] == cold[1]

@@ -122,8 +122,13 @@ def test_edits_after_lazy_tables_read_as_cold(family):
     bufs += [_buf(*_blob(x)) for x in (last, fewer, more)] + bufs[:1]
     want = [_cold(b, family) for b in bufs]
     got, unmade = _decoded_in_turn(bufs, family)
-    # (the append to SVC-39 reaches user chains: made then, with the previous table's)
-    assert unmade[1:4] == [len(got[3].chains) - 3] * 3 and unmade[4] == 0
+    # the append to SVC-39 shares the chains before it unmade (SVC's jumps land where they
+    # did, on the chains' first entries); the new chain (an ERROR entry among the changed
+    # ones: the chains behind it are placed anew) shares SVC-0 unmade (model._left_unmade;
+    # SVC is made: its jumps to the chains behind the change moved)
+    assert unmade[1:4] == [len(got[3].chains) - 3] * 3
+    assert unmade[4] == len(got[4].chains) - 4, unmade
+    assert unmade[6] == 1 and got[6].chains[4] is got[5].chains[4]
     for t, w in zip(got, want):
         _same(t, w)
 
@@ -264,8 +269,9 @@ def test_an_append_to_a_jumping_chain_moves_the_chains_behind(family):
     """An append to a built-in chain with a jump (INPUT -j SVC, bench/ruleset_bench.py's
     layout): every user chain behind it (SVC and its 30 leaves) is moved whole, made on first
     read (compile reads the leaves through chain_outline, classify their RETURN entries
-    through policy_indexes); a change in a user chain (SVC-3) makes every chain behind it.
-    Each table reads as a cold decode's."""
+    through policy_indexes); a change in a user chain (SVC-3) moves the chains behind it
+    whole too and shares the service chains before it unmade (SVC, whose jumps land behind
+    the change, is made). Each table reads as a cold decode's."""
     t0 = _fanout(family, 30)
     t1 = _appended(t0, Rule(_ip(family, 90), target=Verdict(DROP)))
     t2 = _appended(t1, Rule(_ip(family, 91), target=Verdict(DROP)))
@@ -274,7 +280,9 @@ def test_an_append_to_a_jumping_chain_moves_the_chains_behind(family):
     bufs = [_buf(*_blob(t)) for t in (t0, t1, t2, t3)]
     want = [_cold(b, family) for b in bufs]
     got, unmade = _decoded_in_turn(bufs, family)
-    assert unmade == [0, 31, 31, 0]
+    assert unmade == [0, 31, 31, 29]
+    assert [c.name for c in got[3].chains if model._unmade(c)] == \
+        [f"SVC-{k}" for k in range(30) if k != 3]
     for g, w in zip(got, want):
         _same(g, w)
 
@@ -395,9 +403,9 @@ def test_same_size_changes_keep_unmade_chains(family):
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6])
 def test_append_into_a_service_chain_leaves_the_previous_table_lazy(family):
     """After appends that left chains unmade, an append into a service chain in the middle:
-    the decode places the entries behind the change from the unmade chains' sources
-    (model._sources), so the previous table's chains behind it stay unmade, and both tables
-    read as cold, the previous one read last."""
+    the decode moves the chains behind the change whole (each a _MovedChain of the unmade
+    chain's source) and shares those before it, so the previous table's chains stay unmade,
+    and both tables read as cold, the previous one read last."""
     ts = [_fanout_fwd(family, 40)]
     for k in range(3):
         ts.append(_appended(ts[-1], Rule(_ip(family, 90 + k), target=Verdict(DROP))))
@@ -407,8 +415,10 @@ def test_append_into_a_service_chain_leaves_the_previous_table_lazy(family):
     want = [_cold(b, family) for b in bufs]
     clear_caches()
     got = [decode_replace(b, family)[1] for b in bufs]
-    # SVC-22 .. SVC-39 of the previous table: not made by the decode of `mid` (SVC-21
-    # is: its head entry is the first behind the change, read to compare offsets)
-    assert _unmade(got[-2]) >= 18 and _unmade(got[-1]) == 0
+    # the previous table's service chains: not made by the decode of `mid`; SVC-0 ..
+    # SVC-19 shared unmade by `mid`, the 19 behind SVC-20 moved whole (SVC, whose jumps
+    # land behind the change, made)
+    assert _unmade(got[-2]) >= 18 and _unmade(got[-1]) == 39
+    assert all(got[-1].chains[k] is got[-2].chains[k] for k in range(4, 24))
     for t, w in reversed(list(zip(got, want))):
         _same(t, w)
