@@ -2152,6 +2152,8 @@ def _shared_bodies(cc, run: Run, chain: str, by_k: list):
     from .compile import chain_info
     small = min_run()
     kept = _moved_bodies(cc, run, chain, by_k, small)
+    if kept is None:
+        kept = _leaf_bodies(cc, run, chain, by_k, small)
     if kept is not None:
         bodies, anchors, depth, nexts = kept[:4]
     else:
@@ -2265,6 +2267,97 @@ def _moved_bodies(cc, run: Run, chain: str, by_k: list, small: int):
     kept_for(cc.table)[("bodies", chain, run.start)] = kept
     run.kept_bodies = kept
     return kept.bodies, _MovedAnchors(kept, d), kept.depth, kept.nexts, kept
+
+
+def carry_bodies(table, recs: tuple) -> None:
+    """Give `table` the shared bodies the previous table kept (model.moved_from) for the runs
+    of a program compile took whole (compile._kept_program) for it: recs, its walk's records,
+    name every chain the program reaches, each moved from the previous table by the same
+    amount (else the program is not taken), so what those bodies say of the previous table
+    holds of this one, moved with the run's first entry (_moved_bodies, _leaf_bodies). Else a
+    service chain's change after an append to INPUT finds nothing kept."""
+    mv = moved_from(table)
+    src = kept_of(mv[0]) if mv is not None else {}
+    names = None
+    for key, kept in src.items():
+        if key[0] != "bodies":
+            continue
+        if names is None:
+            names = {rec[0] for rec in recs}
+            dst = kept_for(table)
+        if key[1] in names and key not in dst:
+            dst[key] = kept
+
+
+def _leaf_bodies(cc, run: Run, chain: str, by_k: list, small: int):
+    """(bodies, anchors, depth, nexts) of the previous table's run when one case chain changed
+    (iptables -A SVC-3000): the compile's walk found the table to be the previous one with plain
+    rules changed in one leaf chain alone (compile._changed_leaf, its place in chain_info), the
+    run is ahead of the change and holds the same rules (objects, or of the same bytes: so the
+    same cases, landings, next rules and depth), and the subprograms and min_run are the same
+    (kept: the previous table's, its own or carried, carry_bodies). Then every other case
+    chain has the entries it had, moved or not (model.moved_from), so the same body key, and
+    its RETURN entry is where it was or, behind the change, moved by the shift; the changed
+    chain's cases are read again (_each_body) and put with the body of their new key, the
+    bodies in the order of their first case as _walked_bodies has them. ~1 ms instead of ~6.
+    None otherwise."""
+    from .compile import CHANGED_LEAF, chain_info
+    mv = moved_from(cc.table)
+    kept = kept_of(mv[0]).get(("bodies", chain, run.start)) if mv is not None else None
+    if kept is None or len(run.rules) != len(kept.rules) or kept.by_k != by_k or \
+            kept.small != small or kept.subs != cc.subprogs:
+        return None
+    _prev, nhead, _p_first, shift, _delta = mv
+    known = chain_info(cc.table)
+    leaf = [k for k in known if k.__class__ is tuple and k[0] == CHANGED_LEAF]
+    first = run.rules[0].index + run.d_index
+    if len(leaf) != 1 or run.rules[-1].index + run.d_index >= nhead or by_k != sorted(by_k):
+        return None                     # (a run behind the change: its anchors moved too)
+    # the run is ahead of the change, so its entries are the previous table's (the same bytes,
+    # landing where they did: model.moved_from), its chain made anew or not: the same rule
+    # objects or rules of the same bytes (its cases' landings are not in them, and are the
+    # previous table's)
+    if not all(map(is_, run.rules, kept.rules)):
+        try:
+            keys = list(map(_CACHE_KEY, run.rules))
+            if None in keys or keys != list(map(_CACHE_KEY, kept.rules)):
+                return None
+        except AttributeError:
+            return None
+    at = known[leaf[0]]
+    chains = cc.table.chains
+    if id(chains[at]) != leaf[0][1]:
+        return None
+    if kept.cps is None:
+        try:
+            kept.cps = list(map(_CHAIN_POS, map(_TARGET, map(kept.rules.__getitem__, by_k))))
+        except AttributeError:
+            kept.cps = []
+    if len(kept.cps) != len(by_k):
+        return None
+    mine = [pos for pos, cp in zip(by_k, kept.cps) if cp == at]
+    got = _each_body(cc, run, chain, mine, small, known) if mine else ({}, {}, None)
+    if got is None:
+        return None
+    # the run is ahead of the change: its first entry and so the previous table's RETURN
+    # entries (kept.anchors + d) are where they were; those behind the change moved
+    d = first - kept.first
+    olds = list(map(kept.anchors.__getitem__, by_k))
+    if d:
+        olds = [a + d for a in olds]
+    anchors = dict(zip(by_k, [a if a < nhead else a - shift for a in olds]))
+    anchors.update(got[1])
+    taken = set(mine)
+    bodies = {}
+    for key, members in kept.bodies.items():
+        if not taken.isdisjoint(members):
+            members = [m for m in members if m not in taken]
+        if members:
+            bodies[key] = members
+    for key, members in got[0].items():
+        bodies[key] = sorted(bodies.get(key, []) + members)
+    bodies = dict(sorted(bodies.items(), key=lambda kv: kv[1][0]))
+    return bodies, anchors, kept.depth, kept.nexts
 
 
 def _keep_bodies(cc, run: Run, chain: str, by_k: list, found: tuple, spec) -> None:

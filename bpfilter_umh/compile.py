@@ -48,7 +48,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_, is_not
+from operator import attrgetter, eq, is_, is_not, itemgetter
 from typing import Optional
 
 from . import ebpf as E
@@ -1421,6 +1421,7 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
             kept = _kept_program(key, bases)
         if kept is not None:
             out.programs.append(kept)
+            classify.carry_bodies(table, key[-1])
             continue
         cc = _compile_chain(table, chain, facts, fl, subprog_above, subprogs)
         items = cc.items
@@ -1467,14 +1468,17 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
 # an append ahead of the fan-out), the previous walk is taken, moved, for every built-in chain
 # whose walk reached no changed entry (_moved_program_key), and a built-in chain that holds the
 # change itself is walked alone, the chains behind it taken from the previous walk
-# (_walk_behind, _splice_behind). _WALK_RECORDS keeps each walk for the next table.
+# (_walk_behind, _splice_behind); so is one whose walk reached the change in a leaf chain (no
+# jump: iptables -A SVC-3000 of a fan-out), that chain's record read anew (_changed_leaf,
+# _leaf_anew). _WALK_RECORDS keeps each walk for the next table.
 PROG_CACHE_MAX = 64
 _PROG_CACHE: dict = {}          # key -> (bases, CompiledProgram, slots of its index insns)
 _CHAIN_FACTS: dict = {}         # (entries' cache_keys, policy's) -> positions of jumps, or None
 _SCAN_FACTS: dict = {}          # (entries' cache_keys, policy's) -> what _scan ORs of their _reads
 CHAIN_FACTS_MAX = 1 << 16
-# walks_moved: keys made by _moved_program_key; walks_spliced: walks _splice_behind ended
-PROG_STATS = {"made": 0, "reused": 0, "walks_moved": 0, "walks_spliced": 0}
+# walks_moved: keys made by _moved_program_key; walks_spliced: walks _splice_behind ended;
+# walks_leaf: those of them with a changed leaf chain made anew (_changed_leaf)
+PROG_STATS = {"made": 0, "reused": 0, "walks_moved": 0, "walks_spliced": 0, "walks_leaf": 0}
 _KEPT_MATCHES = frozenset({"tcp", "udp", "icmp", "icmp6", "comment"})
 _CLASSIFY_KNOBS = ("GLOBAL_ABOVE", "GLOBAL_GROUPS", "GLOBAL_GROUP_SLOTS", "GROUP_SLOTS",
                    "MULTI_FORM", "MULTI_NS_BASE", "MULTI_NS_PER_WORD", "SPLIT_MAX_SHAPES",
@@ -1731,6 +1735,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                     bases += rest_bases
                     sites.update(rest[2])
                     reads[:] = rest[3]
+                    spliced_facts = rest[1]
                     spliced = True
                     break
     rest = (None, None, dict(sites), tuple(reads))
@@ -1744,11 +1749,15 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     # found of each, for _walk_behind
     if spliced:
         # the chains behind top moved (behind), top's own span is this table's
-        old_top = behind[5]
+        # (and a changed leaf's, _changed_leaf: the new chain's)
+        old_top, leaf = behind[5], behind[6]
         spans = [sp for sp in zip(behind[2], behind[3]) if sp != old_top] + [_span(top)]
+        if leaf is not None:
+            spans.remove(leaf[1])
+            spans.append(_span(table.chains[behind[4][0][leaf[0]]]))
         spans.sort()
         los, his = [a for a, _ in spans], [b for _, b in spans]
-        rest = (behind[4][0], [info[id(top)]] + behind[4][1][1:]) + rest[2:]
+        rest = (behind[4][0], [info[id(top)]] + list(spliced_facts[1:])) + rest[2:]
     else:
         spans.sort()
         los, his = [a for a, _ in spans], [b for _, b in spans]
@@ -1776,11 +1785,12 @@ def _starting_at(los: list, nhead: int):
 
 def _walk_behind(table: Table, top: Chain):
     """The previous table's walk of `top`'s name, moved to this table, when the only walked
-    chain holding a changed entry (model.moved_from) is top itself: then every chain behind
-    it is the previous table's, and top's jumps, plain rules aside, are the same jumps (the
-    changed entries are none: model._note_moved), so the walk from top's targets on goes as
-    before. (recs, bases, los, his, rest, top's old span), bases, spans and top's span moved
-    to this table, or None."""
+    chain holding a changed entry (model.moved_from) is top itself or a leaf behind it
+    (_changed_leaf): then every other chain behind top is the previous table's, and top's
+    jumps, plain rules aside, are the same jumps (the changed entries are none:
+    model._note_moved), so the walk from top's targets on goes as before. (recs, bases, los,
+    his, rest, top's old span, leaf), bases, spans and top's span moved to this table; leaf:
+    None or (the changed leaf's place in the walk, its old span, not moved), or None."""
     mv = moved_from(table)
     if mv is None:
         return None
@@ -1797,8 +1807,13 @@ def _walk_behind(table: Table, top: Chain):
         return None
     old_span = _span(p_top)
     j = bisect.bisect_left(los, p_first) - 1
+    leaf = None
     if j >= 0 and his[j] > nhead and (los[j], his[j]) != old_span:
-        return None                     # a chain behind top changed
+        # a chain behind top changed: taken when it is a leaf of the walk (_changed_leaf)
+        k = _changed_leaf(recs, bases, rest, los[j], nhead)
+        if k is None:
+            return None
+        leaf = (k, (los[j], his[j]))
     if j >= 1 and his[j - 1] > nhead:
         return None
     # (rules put before a chain's first entry, _starting_at: only a built-in chain's, and
@@ -1809,14 +1824,50 @@ def _walk_behind(table: Table, top: Chain):
         los = [a - shift if a >= p_first else a for a in los]
         if old_span[0] >= p_first:
             old_span = (old_span[0] - shift, old_span[1] - shift)
-    return recs, bases, los, his, rest, old_span
+    # (a changed leaf's span starts before p_first, its end is at or after nhead: it did not
+    # move with the entries behind the change, and is replaced by the new chain's)
+    return recs, bases, los, his, rest, old_span, leaf
+
+
+def _changed_leaf(recs, bases, rest, lo: int, nhead: int):
+    """The place in the previous walk (recs, bases, rest) of the walked chain whose entries
+    span from `lo` and hold the changed entries from nhead on, when it is a user chain that
+    the walk reached and left as a leaf: no jump (its record has no landings) and no RETURN but
+    its own (the changed entries are plain rules: model.moved_from). Then the walk of the new
+    table reaches the same chains in the same order, and only that chain's record, base and
+    span change, when every jump to it lands on its first entry: a landing's record names the
+    rule it lands on by its place in the chain (Jump.entry), which rules put or taken before
+    it change. None otherwise."""
+    if rest is None or nhead <= lo:
+        return None                     # at a span's first entry: a built-in chain's head
+    # a user chain's first body entry (its base) follows its head entry (its span's first)
+    try:
+        k = list(map(_ITEM0, bases)).index(lo + 1)
+    except ValueError:
+        return None
+    if k == 0 or len(recs[k]) != 4 or rest[1][k][2]:
+        return None
+    for rec in recs:
+        if len(rec) != 5:
+            continue
+        try:
+            if not any(map(_ITEM2, rec[4])):    # every landing on a first entry (C loop)
+                continue
+        except IndexError:                      # a fall-through's record: (position,)
+            pass
+        if any(len(ld) == 4 and ld[1] == k and ld[2] for ld in rec[4]):
+            return None
+    return k
+
+
+_ITEM0, _ITEM2 = itemgetter(0), itemgetter(2)
 
 
 def _splice_behind(table: Table, order: list, behind, info: dict):
     """The previous walk's records, bases and chain facts of the chains behind top (order[0],
     just walked), when top's jumps reach the chains they reached before, in the same order;
     None otherwise (the walk goes on)."""
-    recs, bases, _los, _his, rest, _old = behind
+    recs, bases, _los, _his, rest, _old, leaf = behind
     where, facts = rest[0], rest[1]
     chains = table.chains
     if len(order) > len(where):
@@ -1824,10 +1875,60 @@ def _splice_behind(table: Table, order: list, behind, info: dict):
     for k in range(1, len(order)):
         if chains[where[k]] is not order[k]:
             return None
+    if leaf is not None:
+        got = _leaf_anew(chains[where[leaf[0]]], recs[leaf[0]], rest[3])
+        if got is None:
+            return None
+        k = leaf[0]
+        rec, base, fact, reads = got
+        recs, bases, facts = list(recs), list(bases), list(facts)
+        recs[k], bases[k], facts[k] = rec, base, fact
+        rest = (where, facts, rest[2], reads)
+        PROG_STATS["walks_leaf"] += 1
+        # the only chain of the table whose entries changed (the change is in its span
+        # alone: _walk_behind), for classify's jump cases (_leaf_bodies)
+        info[(CHANGED_LEAF, id(chains[where[k]]))] = where[k]
     # (column by column: a fan-out's 3 333 case chains)
     info.update(zip(map(id, map(chains.__getitem__, where[1:])), facts[1:]))
     PROG_STATS["walks_spliced"] += 1
     return recs[1:], bases[1:], rest
+
+
+CHANGED_LEAF = "changed leaf"
+
+
+def _leaf_anew(c: Chain, old_rec: tuple, old_reads: tuple):
+    """(record, base, chain facts, reads of the chains behind top) of the changed leaf chain c
+    of a spliced walk, read as _program_key's loop reads a chain, when c is still a leaf named
+    as before and what _scan ORs over the chains behind top stays exact: the previous OR with
+    c's reads added, when c's new reads cover what its old ones gave (else a read only c had
+    may be gone, which the OR cannot tell). None otherwise (the walk goes on)."""
+    rules, pe = c.rules, c.policy_entry
+    pk = getattr(pe, "cache_key", None)
+    if pk is None or c.name != old_rec[0] or c.hook is not None:
+        return None
+    try:
+        if len(rules) >= classify.VEC_MIN:
+            keys = tuple(classify.vectors(rules).keys)
+        else:
+            keys = tuple(map(_CACHE_KEY, rules))
+    except AttributeError:
+        return None
+    if None in keys:
+        return None
+    fk = (keys, pk)
+    jumps = _CHAIN_FACTS.get(fk, False)
+    if jumps is False:
+        jumps = _chain_facts(rules, pe, keys)
+    old = _SCAN_FACTS.get((old_rec[2], old_rec[3]))
+    if jumps is None or jumps or old is None:
+        return None
+    rd = _SCAN_FACTS.get(fk) or _chain_reads(rules, pe, fk)
+    if any(a and not b for a, b in zip(old, rd)):
+        return None
+    first = rules[0] if rules else pe
+    return ((c.name, c.hook, keys, pk), (first.index, first.offset), (keys, pk, jumps),
+            tuple(a or b for a, b in zip(old_reads, rd)))
 
 
 def _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs) -> tuple:
@@ -1920,7 +2021,9 @@ def chain_info(table: Table) -> dict:
     """{id(chain): (its rules' cache_keys, its policy/RETURN entry's, positions of its jump
     rules)} for the chains _program_key walked in this compile_table, and {("walk", id(top)):
     (the jump sites of each chain reached from top, what _scan ORs over them)} for each built-in
-    chain it walked whole, so the compile's other
+    chain it walked whole, and {(CHANGED_LEAF, id(chain)): its place in table.chains} for the
+    one chain of the table whose entries changed when a walk found it a leaf (_splice_behind,
+    for classify._leaf_bodies), so the compile's other
     walks (_scan, _jump_sites, classify's jump cases) do not walk the chains again (a fan-out
     table: 3 336 chains, each walked four times); {} outside compile_table."""
     hit = _WALKS.get(id(table))

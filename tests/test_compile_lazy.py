@@ -384,3 +384,156 @@ def test_append_into_a_service_chain_compiles_as_cold(monkeypatch, to_input):
     cold = _compiled(cold_t, facts, monkeypatch)
     assert {k: v[:2] for k, v in warm[0].items()} == {k: v[:2] for k, v in cold[0].items()}
     assert warm[1] == cold[1]
+
+
+def _leaf_texts(to_input: bool, change: str) -> tuple:
+    """(restore, an append to INPUT, the change) of a 1 200-rule fan-out on FORWARD or INPUT."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "bench"))
+    import rulesets
+    base = rulesets.make("fanout", 1200, seed=5).text
+    if to_input:
+        base = base.replace("-A FORWARD ", "-A INPUT ")
+    one = base.replace("COMMIT", "-A INPUT -s 203.0.113.99/32 -j DROP\nCOMMIT")
+    new = "-s 203.0.113.98/32 -p udp -m udp --dport 4 -j DROP"
+    kind, _, chain = change.partition(" ")
+    if kind == "append":            # iptables -A CHAIN
+        two = one.replace("COMMIT", f"-A {chain} {new}\nCOMMIT")
+    elif kind in ("insert", "insert2"):     # iptables -I CHAIN 1 (or 2)
+        at = one.index(f"-A {chain} ")
+        if kind == "insert2":
+            at = one.index("\n", at) + 1
+        two = one[:at] + f"-A {chain} {new}\n" + one[at:]
+    elif kind == "delete":          # iptables -D CHAIN -s 203.0.113.97/32 -j DROP
+        one = one.replace("COMMIT", f"-A {chain} -s 203.0.113.97/32 -j DROP\nCOMMIT")
+        two = one.replace(f"-A {chain} -s 203.0.113.97/32 -j DROP\n", "")
+    else:                           # jump: an append that jumps to another service chain
+        two = one.replace("COMMIT", f"-A {chain} -s 203.0.113.98/32 -j SVC-301\nCOMMIT")
+    return base, one, two
+
+
+def _walked_as_cold(monkeypatch, to_input: bool, change: str) -> tuple:
+    """(programs, remembered walks, chain_info by name) of a warm compile of the change after
+    an append to INPUT, the same of a cold decode+compile, and PROG_STATS' change in the warm
+    one."""
+    from test_compile_kept import _clear, _programs
+    from test_cplane_scale import kernel_blob, replace_buf
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    facts = C.KernelFacts.fake()
+    bufs = [replace_buf(*kernel_blob(text)) for text in _leaf_texts(to_input, change)]
+    infos = []
+    compile_chains = C._compile_chains
+
+    def spy(table, *a):
+        compile_chains(table, *a)
+        names = {id(c): c.name for c in table.chains}
+        infos.append({(k[0], names[k[1]]) if isinstance(k, tuple) else names[k]: v
+                      for k, v in C.chain_info(table).items()})
+    monkeypatch.setattr(C, "_compile_chains", spy)
+
+    def compiled(t):
+        programs = _programs(t, facts)
+        return programs, dict(C._WALK_RECORDS[id(t)][1]), infos[-1]
+    clear_caches()
+    _clear()
+    t = decode_replace(bufs[0], AF_INET)[1]
+    C.compile_table(t, facts)
+    prev = decode_replace(bufs[1], AF_INET)[1]     # installed while the next one compiles
+    C.compile_table(prev, facts)
+    t = decode_replace(bufs[2], AF_INET)[1]
+    stats = dict(C.PROG_STATS)
+    leaf_bodies, taken = classify._leaf_bodies, []
+
+    def spy_bodies(*a):
+        got = leaf_bodies(*a)
+        taken.append(got is not None)
+        return got
+    monkeypatch.setattr(classify, "_leaf_bodies", spy_bodies)
+    warm = compiled(t)
+    stats = {k: C.PROG_STATS[k] - v for k, v in stats.items()}
+    stats["leaf_bodies"] = sum(taken)
+    del prev
+    clear_caches()
+    _clear()
+    cold = compiled(decode_replace(bufs[2], AF_INET)[1])
+    return warm, cold, stats
+
+
+def _same(warm, cold):
+    # (code and maps, as above: the `where` texts of a warm compile may miss a case chain's
+    # RETURN entry that a cold one names, with or without the splice)
+    assert {k: v[:2] for k, v in warm[0].items()} == {k: v[:2] for k, v in cold[0].items()}
+    assert warm[1] == cold[1]
+    # chain_info of the chains both walked (a warm compile walks only what it compiles)
+    both = warm[2].keys() & cold[2].keys()
+    assert {k: warm[2][k] for k in both} == {k: cold[2][k] for k in both}
+    return both
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+@pytest.mark.parametrize("change", ["append SVC-300", "append SVC-0", "append SVC-99",
+                                    "append SVC-398", "insert2 SVC-300", "delete SVC-300",
+                                    "insert SVC-300"])
+def test_change_in_a_leaf_chain_splices_the_walk(monkeypatch, to_input, change):
+    """A change of plain rules in one service chain (a leaf of the walk of the built-in chain
+    that reaches the fan-out): the previous walk is taken with that chain's record made anew
+    (compile._changed_leaf, _leaf_anew), and the programs, remembered walks and chain facts
+    are a cold decode+compile's. SVC-0 is the first service chain in table order and walk
+    order, SVC-99 the last in table order (libiptc sorts by name), SVC-398 the last one the
+    hub jumps to. A rule put at a service chain's head is where the hub's jump lands, which
+    decode_replace does not take as a plain change (model.moved_from): walked, as cold."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    warm, cold, stats = _walked_as_cold(monkeypatch, to_input, change)
+    spliced = 0 if change.startswith("insert ") else 1
+    assert stats["walks_leaf"] == spliced and stats["walks_spliced"] == spliced, stats
+    # the hub's jump cases (classify._leaf_bodies), unless the program is a kept one (a delete
+    # that gives FORWARD the restore's program back)
+    assert stats["leaf_bodies"] == spliced or stats["made"] == 0, stats
+    both = _same(warm, cold)
+    assert change.split()[1] in both
+
+
+def test_jump_added_to_a_service_chain_walks_it(monkeypatch):
+    """An append of a jump into a service chain is no plain change (model.moved_from): the
+    walk is not spliced, and the compile is a cold one's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    warm, cold, stats = _walked_as_cold(monkeypatch, False, "jump SVC-300")
+    assert stats["walks_leaf"] == 0 and stats["walks_spliced"] == 0
+    _same(warm, cold)
+
+
+def test_leaf_made_wrong_is_caught(monkeypatch):
+    """The check above catches a spliced walk that keeps the changed chain's old record."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    leaf_anew = C._leaf_anew
+
+    def stale(c, old_rec, old_reads):
+        got = leaf_anew(c, old_rec, old_reads)
+        return got and (old_rec,) + got[1:]
+    monkeypatch.setattr(C, "_leaf_anew", stale)
+    warm, cold, stats = _walked_as_cold(monkeypatch, False, "append SVC-300")
+    assert stats["walks_leaf"] == 1
+    with pytest.raises(AssertionError):
+        _same(warm, cold)
+
+
+def test_leaf_bodies_moved_wrong_are_caught(monkeypatch):
+    """The check above catches jump cases taken from the previous table with a RETURN entry
+    not moved (classify._leaf_bodies: SVC-0 changed, the cases behind it moved)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    leaf_bodies = classify._leaf_bodies
+
+    def unmoved(cc, run, chain, by_k, small):
+        got = leaf_bodies(cc, run, chain, by_k, small)
+        if got is not None:
+            got[1][by_k[-1]] -= 1
+        return got
+    monkeypatch.setattr(classify, "_leaf_bodies", unmoved)
+    warm, cold, stats = _walked_as_cold(monkeypatch, False, "append SVC-0")
+    assert stats["leaf_bodies"] == 1
+    with pytest.raises(AssertionError):
+        _same(warm, cold)
