@@ -214,15 +214,16 @@ def test_to_input_append_with_broken_policy_indexes_is_caught(monkeypatch):
 
 # --- the shared bodies of a moved hub, kept for the next table (classify._moved_bodies) ---
 
-def _hits(monkeypatch) -> list:
-    """Whether each classify._moved_bodies call took the kept bodies."""
-    real, out = classify._moved_bodies, []
+def _hits(monkeypatch, name: str = "_moved_bodies") -> list:
+    """Whether each call of classify's `name` (_moved_bodies, _leaf_bodies) took the kept
+    bodies."""
+    real, out = getattr(classify, name), []
 
     def spy(*a):
         got = real(*a)
         out.append(got is not None)
         return got
-    monkeypatch.setattr(classify, "_moved_bodies", spy)
+    monkeypatch.setattr(classify, name, spy)
     return out
 
 
@@ -442,13 +443,7 @@ def _walked_as_cold(monkeypatch, to_input: bool, change: str) -> tuple:
     C.compile_table(prev, facts)
     t = decode_replace(bufs[2], AF_INET)[1]
     stats = dict(C.PROG_STATS)
-    leaf_bodies, taken = classify._leaf_bodies, []
-
-    def spy_bodies(*a):
-        got = leaf_bodies(*a)
-        taken.append(got is not None)
-        return got
-    monkeypatch.setattr(classify, "_leaf_bodies", spy_bodies)
+    taken = _hits(monkeypatch, "_leaf_bodies")
     warm = compiled(t)
     stats = {k: C.PROG_STATS[k] - v for k, v in stats.items()}
     stats["leaf_bodies"] = sum(taken)
