@@ -358,15 +358,7 @@ def test_append_into_a_service_chain_compiles_as_cold(monkeypatch, to_input):
     from bpfilter_umh.compile import KernelFacts
     monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
     facts = KernelFacts.fake()
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))), "bench"))
-    import rulesets
-    base = rulesets.make("fanout", 1200, seed=5).text
-    if to_input:
-        base = base.replace("-A FORWARD ", "-A INPUT ")
-    one = base.replace("COMMIT", "-A INPUT -s 203.0.113.99/32 -j DROP\nCOMMIT")
-    two = one.replace("COMMIT", "-A SVC-300 -s 203.0.113.98/32 -j DROP\nCOMMIT")
-    bufs = [replace_buf(*kernel_blob(text)) for text in (base, one, two)]
+    bufs = [replace_buf(*kernel_blob(text)) for text in _leaf_texts(to_input, "append SVC-300")]
     clear_caches()
     _clear()
     t = decode_replace(bufs[0], AF_INET)[1]
