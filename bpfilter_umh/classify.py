@@ -2247,6 +2247,8 @@ def _moved_bodies(cc, run: Run, chain: str, by_k: list, small: int):
     """(bodies, anchors, depth, nexts, kept) of the previous table's run when it can be taken
     (see above), else None."""
     pos = run.placement
+    if pos is not None and by_k and not _first_case_placed(cc, run, by_k, pos):
+        return None
     mv = moved_from(cc.table) if pos is not None else None
     kept = kept_of(mv[0]).get(("bodies", chain, run.start)) if mv is not None else None
     if kept is None or len(run.rules) != len(kept.rules) or kept.by_k != by_k or \
@@ -2269,9 +2271,21 @@ def _moved_bodies(cc, run: Run, chain: str, by_k: list, small: int):
     return kept.bodies, _MovedAnchors(kept, d), kept.depth, kept.nexts, kept
 
 
+def _first_case_placed(cc, run: Run, by_k: list, pos) -> bool:
+    """Whether the chain the run's first jump case lands in is placed by `pos` (the run's
+    chain's placement), as _moved_bodies then asks of every case chain: a hub left unmade
+    ahead of a change in one of its case chains (iptables -A SVC-3000: model._placed_whole)
+    has a placement no case chain has, and is turned down here, before 3 333 are read."""
+    t = getattr(run.rules[by_k[0]], "target", None)
+    cp = getattr(t, "chain_pos", None)
+    chains = cc.table.chains
+    return cp is not None and 0 <= cp < len(chains) and placed_by([chains[cp]], pos)
+
+
 def carry_bodies(table, recs: tuple) -> None:
-    """Give `table` the shared bodies the previous table kept (model.moved_from) for the runs
-    of a program compile took whole (compile._kept_program) for it: recs, its walk's records,
+    """Give `table` the shared bodies (and the runs, compile._moved_runs) the previous table
+    kept (model.moved_from) for the runs of a program compile took whole
+    (compile._kept_program) for it: recs, its walk's records,
     name every chain the program reaches, each moved from the previous table by the same
     amount (else the program is not taken), so what those bodies say of the previous table
     holds of this one, moved with the run's first entry (_moved_bodies, _leaf_bodies). Else a
@@ -2280,12 +2294,15 @@ def carry_bodies(table, recs: tuple) -> None:
     src = kept_of(mv[0]) if mv is not None else {}
     names = None
     for key, kept in src.items():
-        if key[0] != "bodies":
+        # the runs of a moved chain's rules (compile._moved_runs) go with them: its last item
+        # names the chain
+        chain = key[1] if key[0] == "bodies" else kept[-1] if key[0] == "runs" else None
+        if chain is None:
             continue
         if names is None:
             names = {rec[0] for rec in recs}
             dst = kept_for(table)
-        if key[1] in names and key not in dst:
+        if chain in names and key not in dst:
             dst[key] = kept
 
 
@@ -2309,7 +2326,7 @@ def _leaf_bodies(cc, run: Run, chain: str, by_k: list, small: int):
         return None
     _prev, nhead, _p_first, shift, _delta = mv
     known = chain_info(cc.table)
-    leaf = [k for k in known if k.__class__ is tuple and k[0] == CHANGED_LEAF]
+    leaf = known.get(CHANGED_LEAF, ())
     first = run.rules[0].index + run.d_index
     if len(leaf) != 1 or run.rules[-1].index + run.d_index >= nhead or by_k != sorted(by_k):
         return None                     # (a run behind the change: its anchors moved too)
@@ -2317,16 +2334,17 @@ def _leaf_bodies(cc, run: Run, chain: str, by_k: list, small: int):
     # landing where they did: model.moved_from), its chain made anew or not: the same rule
     # objects or rules of the same bytes (its cases' landings are not in them, and are the
     # previous table's)
-    if not all(map(is_, run.rules, kept.rules)):
+    same = all(map(is_, run.rules, kept.rules))
+    if not same:
         try:
             keys = list(map(_CACHE_KEY, run.rules))
             if None in keys or keys != list(map(_CACHE_KEY, kept.rules)):
                 return None
         except AttributeError:
             return None
-    at = known[leaf[0]]
+    (leaf_id, at), = leaf
     chains = cc.table.chains
-    if id(chains[at]) != leaf[0][1]:
+    if id(chains[at]) != leaf_id:
         return None
     if kept.cps is None:
         try:
@@ -2345,8 +2363,13 @@ def _leaf_bodies(cc, run: Run, chain: str, by_k: list, small: int):
     olds = list(map(kept.anchors.__getitem__, by_k))
     if d:
         olds = [a + d for a in olds]
-    anchors = dict(zip(by_k, [a if a < nhead else a - shift for a in olds]))
+    news = [a if a < nhead else a - shift for a in olds]
+    anchors = dict(zip(by_k, news))
     anchors.update(got[1])
+    # the cases whose case map value may change (_leaf_case_map): the changed chain's, and
+    # those whose RETURN entry moved against the run's first entry (behind the change)
+    run.leaf_cases = (kept, set(mine).union(compress(by_k, map(ne, olds, news))),
+                      kept.cps if same else None)
     taken = set(mine)
     bodies = {}
     for key, members in kept.bodies.items():
@@ -2370,9 +2393,11 @@ def _keep_bodies(cc, run: Run, chain: str, by_k: list, found: tuple, spec) -> No
     # (the answer's own objects, not copies: they would be freed after this compile otherwise)
     bodies, anchors, depth, nexts = found
     rules = run.rules
+    # the cases' chain positions, when _leaf_bodies read them of these same rules
+    leaf = run.__dict__.get("leaf_cases")
     kept_for(cc.table)[("bodies", chain, run.start)] = _KeptBodies(
-        rules, by_k, cc.subprogs, min_run(), None, rules[0].index + run.d_index, anchors,
-        bodies, depth, nexts, spec)
+        rules, by_k, cc.subprogs, min_run(), leaf[2] if leaf is not None else None,
+        rules[0].index + run.d_index, anchors, bodies, depth, nexts, spec)
 
 
 _NOT_WALKED = object()
@@ -2560,6 +2585,7 @@ def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int,
 
 _CASE_VALUE = struct.Struct("<IIII")
 _U32_KEY = struct.Struct("<I").pack
+_ITEM1 = itemgetter(1)
 
 
 def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = None) -> MapSpec:
@@ -2567,11 +2593,20 @@ def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = No
     next: 1 + the position of the next rule of the run with the case's key (0: none), action:
     that rule's (ACT_*); the same MapSpec for the same contents (its map is then kept:
     engine.create_maps)."""
-    first = run.rules[0].index + run.d_index
-    rules, cases, next_same = run.rules, run.cases, run.next_same
     # column by column (a fan-out's thousands of cases)
     order = [pos for members in bodies.values() for pos in members]
     body = [b for b, members in enumerate(bodies.values()) for _ in members]
+    value = [b""] * len(run.cases)
+    for k, v in zip(*_case_values(run, order, body, anchors, nexts)):
+        value[k] = v
+    return _case_spec(name, value)
+
+
+def _case_values(run: Run, order: list, body: list, anchors: dict, nexts: dict = None):
+    """(the case numbers k, their case map values) of the jump cases at positions `order`,
+    each of body number body[i] (_case_map)."""
+    first = run.rules[0].index + run.d_index
+    rules, cases, next_same = run.rules, run.cases, run.next_same
     if nexts is not None:           # _walked_bodies read them
         nxts = list(map(nexts.__getitem__, order))
     else:
@@ -2583,17 +2618,62 @@ def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = No
         act = _action(rules[nxts[i]].target)
         acts[i] = act + cases[nxts[i]] if act == ACT_CASE else act
     rel = [(index - first) & 0xffffffff for index in map(anchors.__getitem__, order)]
-    value = [b""] * len(cases)
-    for k, v in zip(map(cases.__getitem__, order),
-                    map(_CASE_VALUE.pack, body, rel, [0 if n is None else n + 1 for n in nxts],
-                        acts)):
+    return list(map(cases.__getitem__, order)), \
+        list(map(_CASE_VALUE.pack, body, rel, [0 if n is None else n + 1 for n in nxts], acts))
+
+
+def _leaf_case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = None):
+    """_case_map's answer made from the previous table's case map when _leaf_bodies took its
+    bodies (iptables -A SVC-3000): the values of the cases _leaf_bodies named (the changed
+    chain's, those whose RETURN entry moved against the run) and of those whose body number
+    changed made anew, the others' taken as they were (the same rules, so the same next rule
+    and action; the same body, RETURN entry and run start). None when there is no such map."""
+    got = run.__dict__.get("leaf_cases")
+    if got is None:
+        return None
+    kept, changed, _cps = got
+    old = kept.spec
+    if old is None or old.name != name or len(old.entries) != len(run.cases) or \
+            2 * len(changed) > len(old.entries):
+        return None                 # (most cases changed: _case_map makes them all for less)
+    # a body numbered anew (one before it gone or new): every case of it changes
+    was = {key: b for b, key in enumerate(kept.bodies)}
+    which = {}
+    for b, (key, members) in enumerate(bodies.items()):
+        if was.get(key) != b:
+            changed = changed.union(members)
+        for pos in changed.intersection(members):
+            which[pos] = b
+    order = sorted(which)
+    value = list(map(_ITEM1, old.entries))
+    for k, v in zip(*_case_values(run, order, list(map(which.__getitem__, order)), anchors,
+                                  nexts)):
         value[k] = v
+    return _case_spec(name, value)
+
+
+_CASE_KEYS: dict = {}            # n -> the keys 0..n-1 of a case map, packed
+
+
+def _case_keys(n: int) -> tuple:
+    """The packed keys of a case map of n cases (made once per n: each change of a fan-out's
+    service chain makes a case map of the same 3 333 keys)."""
+    keys = _CASE_KEYS.get(n)
+    if keys is None:
+        if len(_CASE_KEYS) >= 64:
+            _CASE_KEYS.clear()
+        keys = _CASE_KEYS[n] = tuple(map(_U32_KEY, range(n)))
+    return keys
+
+
+def _case_spec(name: str, value: list) -> MapSpec:
+    """The case map of the values `value` (by k): the same MapSpec for the same contents."""
     blob = b"".join(value)
     key = ("cases", name, blob)
     spec = _RUN_SPECS.get(key)
     if spec is None:
-        spec = MapSpec(name, BPF_MAP_TYPE_ARRAY, 4, 16,
-                       list(zip(map(_U32_KEY, range(len(value))), value)), 0, "bpfilter_case")
+        spec = MapSpec(name, BPF_MAP_TYPE_ARRAY, 4, 16, list(zip(_case_keys(len(value)), value)),
+                       0, "bpfilter_case")
         if len(_RUN_SPECS) >= RUN_SPECS_MAX:
             _RUN_SPECS.clear()
         _RUN_SPECS[key] = spec
@@ -2640,7 +2720,8 @@ def _shared_cases(cc, run: Run, chain: str, ret: str, after: str, exit0: str, ve
     name = f"case_{chain}_{run.start}"
     kept = run.__dict__.get("kept_bodies")
     spec = kept.spec if kept is not None and kept.spec is not None and kept.spec.name == name \
-        else _case_map(run, name, bodies, anchors, nexts)
+        else _leaf_case_map(run, name, bodies, anchors, nexts) or \
+        _case_map(run, name, bodies, anchors, nexts)
     cc.__dict__.setdefault("cls_maps", {})[name] = spec
     _keep_bodies(cc, run, chain, by_k, found, spec)
     for tpl, members in zip(made, bodies.values()):

@@ -345,14 +345,17 @@ def _reads(r) -> tuple:
 # list object from one append to the next while the chain stays unmade; a fan-out hub's 3 333
 # rules, ~1 ms to find): classify.find_runs' answer for that list, kept with the table compiled
 # (classify.kept_for) and the knobs it depends on, and taken for the next table
-# (model.moved_from), a copy of each run handed out (the compile sets fields of its runs).
+# (model.moved_from), a copy of each run handed out (the compile sets fields of its runs). A
+# table whose program of that chain is a kept one (an append to INPUT ahead of the hub) gets
+# them from the previous table too (classify.carry_bodies: they name their chain), so that the
+# next change (iptables -A SVC-3000) finds them (~2 ms).
 def _run_copy(run: "classify.Run") -> "classify.Run":
     out = copy.copy(run)
     out.next_same = {}          # filled by emit_run
     return out
 
 
-def _moved_runs(table: Table, rules: list) -> list:
+def _moved_runs(table: Table, rules: list, chain: str) -> list:
     knobs = (_knobs(), classify.min_run())
     mv = moved_from(table)
     hit = classify.kept_of(mv[0]).get(("runs", id(rules))) if mv is not None else None
@@ -361,9 +364,27 @@ def _moved_runs(table: Table, rules: list) -> list:
         runs = list(map(_run_copy, hit[3]))
     else:
         runs = classify.find_runs(rules)
-        hit = (rules, tuple(rules), knobs, list(map(_run_copy, runs)))
+        hit = (rules, tuple(rules), knobs, list(map(_run_copy, runs)), chain)
     classify.kept_for(table)[("runs", id(rules))] = hit
     return runs
+
+
+def _chain_runs(table: Table, rules: list, chain: str, placed) -> list:
+    """The runs of a chain's rules: a moved chain's through _moved_runs; a chain of its own
+    entries found anew, and kept the same way (a fan-out hub made by a restore is, after the
+    next append moves it, read from these same rules: the first iptables -A SVC-k after an
+    append to INPUT finds its runs, ~2 ms)."""
+    if placed is not None:
+        return _moved_runs(table, rules, chain)
+    runs = classify.find_runs(rules)
+    if len(rules) >= RUNS_KEPT_FROM:
+        classify.kept_for(table)[("runs", id(rules))] = (
+            rules, tuple(rules), (_knobs(), classify.min_run()), list(map(_run_copy, runs)),
+            chain)
+    return runs
+
+
+RUNS_KEPT_FROM = 256            # rules of a chain from which _chain_runs keeps its runs
 
 
 class _ChainCompiler:
@@ -581,8 +602,7 @@ class _ChainCompiler:
         # runs of same-shape rules become one map lookup (classify.py, issue #7)
         # (a chain holding fewer rules than a run needs has none: 3 333 kube-proxy service
         # chains are not searched on every compile)
-        runs = {r.start: r for r in (_moved_runs(self.table, rules) if placed is not None else
-                                     classify.find_runs(rules))
+        runs = {r.start: r for r in _chain_runs(self.table, rules, chain.name, placed)
                 if r.start >= start} if self.table.family == AF_INET and \
             len(rules) - start >= classify.min_run() else {}
         if d_index or d_offset or placed is not None:
@@ -1742,7 +1762,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     for name, k in top_sites.items():
         sites[name] = sites.get(name, 0) + k
     info[("walk", id(top))] = (sites, tuple(a or b for a, b in zip(top_reads, reads)))
-    recs = tuple(recs)
+    recs = _Records(recs)       # (kept with the walk: the next table's key hashes it again)
     # each walked chain's entries from its head (or first rule) to its policy/RETURN entry
     # (pk above: every walked chain has one), in entry order: for the next table's
     # _moved_program_key; and the walked chains' places in table.chains with what the walk
@@ -1751,12 +1771,10 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
         # the chains behind top moved (behind), top's own span is this table's
         # (and a changed leaf's, _changed_leaf: the new chain's)
         old_top, leaf = behind[5], behind[6]
-        spans = [sp for sp in zip(behind[2], behind[3]) if sp != old_top] + [_span(top)]
+        news = [(old_top, _span(top))]
         if leaf is not None:
-            spans.remove(leaf[1])
-            spans.append(_span(table.chains[behind[4][0][leaf[0]]]))
-        spans.sort()
-        los, his = [a for a, _ in spans], [b for _, b in spans]
+            news.append((leaf[1], _span(table.chains[behind[4][0][leaf[0]]])))
+        los, his = _spans_replaced(behind[2], behind[3], news)
         rest = (behind[4][0], [info[id(top)]] + list(spliced_facts[1:])) + rest[2:]
     else:
         spans.sort()
@@ -1765,6 +1783,27 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
         rest = ([pos[id(c)] for c in order], [info[id(c)] for c in order]) + rest[2:]
     _remember_walk(table, top.name, recs, bases, los, his, rest)
     return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
+
+
+def _spans_replaced(los: list, his: list, news: list) -> tuple:
+    """(los, his) of the spans (first entries sorted, ends) with each span `old` of news
+    [(old, new)] replaced by `new`: in place when it starts where the old one did (a change
+    ahead of a chain's first entry is in another span; only its end moves), else the spans
+    sorted again."""
+    los, his = list(los), list(his)
+    resort = False
+    for old, new in news:
+        k = bisect.bisect_left(los, old[0])
+        while k < len(los) and los[k] == old[0] and his[k] != old[1]:
+            k += 1
+        if k == len(los) or los[k] != old[0]:
+            raise ValueError(f"span {old} not in the walk")
+        los[k], his[k] = new
+        resort |= new[0] != old[0]
+    if resort:
+        spans = sorted(zip(los, his))
+        los, his = [a for a, _ in spans], [b for _, b in spans]
+    return los, his
 
 
 def _span(c: Chain) -> tuple:
@@ -1820,8 +1859,10 @@ def _walk_behind(table: Table, top: Chain):
     # the only built-in chain of a walk is its top)
     if shift or delta:
         bases = [(i - shift, o + delta) if i >= p_first else (i, o) for i, o in bases]
-        his = [b - shift if a >= p_first else b for a, b in zip(los, his)]
-        los = [a - shift if a >= p_first else a for a in los]
+        # (los is sorted: the spans from p_first on are its tail)
+        t = bisect.bisect_left(los, p_first)
+        his = his[:t] + [b - shift for b in his[t:]]
+        los = los[:t] + [a - shift for a in los[t:]]
         if old_span[0] >= p_first:
             old_span = (old_span[0] - shift, old_span[1] - shift)
     # (a changed leaf's span starts before p_first, its end is at or after nhead: it did not
@@ -1887,7 +1928,7 @@ def _splice_behind(table: Table, order: list, behind, info: dict):
         PROG_STATS["walks_leaf"] += 1
         # the only chain of the table whose entries changed (the change is in its span
         # alone: _walk_behind), for classify's jump cases (_leaf_bodies)
-        info[(CHANGED_LEAF, id(chains[where[k]]))] = where[k]
+        info.setdefault(CHANGED_LEAF, set()).add((id(chains[where[k]]), where[k]))
     # (column by column: a fan-out's 3 333 case chains)
     info.update(zip(map(id, map(chains.__getitem__, where[1:])), facts[1:]))
     PROG_STATS["walks_spliced"] += 1
@@ -1934,7 +1975,22 @@ def _leaf_anew(c: Chain, old_rec: tuple, old_reads: tuple):
 def _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs) -> tuple:
     count = _entry_count(table) > SHARED_COUNT_ABOVE
     subs = None if subprogs is None else frozenset(subprogs)
-    return (top.name, flk, facts, subprog_above, subs, table.family, count, knobs, recs)
+    return (top.name, flk, facts, subprog_above, subs, table.family, count, knobs,
+            recs if type(recs) is _Records else _Records(recs))
+
+
+class _Records(tuple):
+    """A walk's records (a tuple, equal to and hashing as one) that hash once: a compile looks
+    its key up in _PROG_CACHE, then keeps its program under it, and the next table whose walk
+    is this one moved (_moved_program_key: an append to INPUT) looks the same records up
+    again; a fan-out's 3 336 records (tuples of tuples, whose hash Python does not keep) take
+    ~0.7 ms to hash."""
+
+    def __hash__(self):
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = tuple.__hash__(self)
+        return h
 
 
 # {id(table): (weakref to the table, {built-in chain name: (recs, bases, los, his, rest)})}:
@@ -2021,7 +2077,7 @@ def chain_info(table: Table) -> dict:
     """{id(chain): (its rules' cache_keys, its policy/RETURN entry's, positions of its jump
     rules)} for the chains _program_key walked in this compile_table, and {("walk", id(top)):
     (the jump sites of each chain reached from top, what _scan ORs over them)} for each built-in
-    chain it walked whole, and {(CHANGED_LEAF, id(chain)): its place in table.chains} for the
+    chain it walked whole, and {CHANGED_LEAF: {(id(chain), its place in table.chains)}} for the
     one chain of the table whose entries changed when a walk found it a leaf (_splice_behind,
     for classify._leaf_bodies), so the compile's other
     walks (_scan, _jump_sites, classify's jump cases) do not walk the chains again (a fan-out

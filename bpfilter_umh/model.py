@@ -42,6 +42,7 @@ import bisect
 import collections
 import copy
 import errno
+import functools
 import gc
 import ipaddress
 import itertools
@@ -790,6 +791,31 @@ def _made_all(rules, chains, firsts, ends) -> None:
     for k in range(len(chains)):
         if rules[firsts[k]] is None:
             _chain_range(chains, rules, firsts, ends, k)
+
+
+def _ahead_unmade(held: set, hooks) -> set:
+    """Of the chains `held` (ahead of a change, each with a jump landing behind it, whose
+    offset moved), the user chains: they are left unmade (_placed_whole), as the chains behind
+    the change are. A fan-out hub ahead of iptables -A SVC-k: up to 3 332 jumps, which
+    making the hub placed one by one (the decode's _build of the first iptables -A SVC-3000
+    after an append to INPUT, the hub unmade in the previous table too: ~11 ms, ~2 now), and
+    nothing reads them before the next table is made from them (compile reads the hub through
+    chain_source). A built-in chain is made: the table's hooks and policies read it."""
+    return {k for k in held if hooks[k] is None}
+
+
+def _placed_whole(pc: Chain, at: int, pos) -> "_MovedChain":
+    """User chain pc of the previous table as a _MovedChain of this one, its head entry at
+    entry index `at` (where it was: ahead of the change), its entries placed by this decode's
+    `pos` when read: each jump then names its landing's offset here (_place), which the
+    change moved for those landing behind it. Made from pc, or from pc's own source if pc
+    is a _MovedChain not made."""
+    c = object.__new__(_MovedChain)
+    c.name = pc.name
+    c._src = (getattr(pc, "_src", None) if type(pc) is _MovedChain else None) or pc
+    c._at = at
+    c._pos = pos
+    return c
 
 
 def _moved_spans(p_spans, nhead: int, first: int, shift: int, errs, lands, hook_at: bool):
@@ -2703,11 +2729,12 @@ class Table:
                 # chain its program alone is compiled again (compile takes the others'
                 # walks moved); with jumps in it (bench/ruleset_bench.py's INPUT -j SVC),
                 # or a change in a user chain one of them reaches (iptables -A SVC-3000
-                # of a fan-out), the compile reads the hub (made: its jumps moved) and the
-                # leaves without making them (compile._walk_leaves: chain_outline,
-                # chain_body; classify._walked_bodies: policy_indexes): measured, the
-                # compile of an append into a service chain makes 2 chains, the changed one
-                # and the hub (issue #7: the decode 20-50 ms before, 6-20 now)
+                # of a fan-out), the compile reads the hub (through chain_source: left
+                # unmade ahead of the change, _ahead_unmade) and the leaves without making
+                # them (compile._walk_leaves: chain_outline, chain_body;
+                # classify._walked_bodies: policy_indexes): measured, the compile of an
+                # append into a service chain makes one chain, the changed one (issue #7:
+                # the decode 20-50 ms before, 6-20 in session 9)
                 sp, js = fast
                 h = sp[7][js]
                 if h is not None and h < 0:
@@ -2716,7 +2743,9 @@ class Table:
             # the previous table with entries changed inside one chain (js), every entry
             # behind the change moved by (-shift, `moved`), each jump landing on the entry it
             # landed on before (_mark_again): the chains before js are the previous table's
-            # (but for a jump landing behind the change, its offset moved); js is made here;
+            # (but for a jump landing behind the change, its offset moved: a user chain with
+            # one is placed where it is, unmade, _ahead_unmade; a built-in chain made anew);
+            # js is made here;
             # the user chains behind it are _MovedChains of the previous ones, whose entries
             # no one reads before the next table is made from them (issue #7: 3 333 of a
             # fan-out's, ~16 000 entries); the built-in chains and the final ERROR entry
@@ -2729,11 +2758,22 @@ class Table:
             # head jumps landing behind the change: their offset moved
             again = [(i, e) for i, e in zip(jumps[:n_head], lands[:n_head]) if e >= first] \
                 if moved else []
-            remake = sorted({bisect.bisect_right(firsts, i) - 1 for i, _e in again} | {js})
+            # (each jump's chain + 1, found once: a fan-out hub's up to 3 332 jumps)
+            where = list(map(functools.partial(bisect.bisect_right, firsts),
+                             map(operator.itemgetter(0), again)))
+            held = {k - 1 for k in where}
+            # the user chains among them stay unmade, placed where they are (_ahead_unmade)
+            ahead = _ahead_unmade(held - {js}, hooks)
+            if ahead:
+                again = [ie for ie, k in zip(again, where) if k - 1 not in ahead]
+            remake = sorted(held - ahead | {js})
             eager = [k for k in range(js + 1, ns) if hooks[k] is not None]
             for k in remake:
                 _chain_range(p_chains, p_rules, p_firsts, p_ends, k)
             rules[:nhead] = p_rules[:nhead]
+            for k in ahead:
+                # (None: a _MovedChain's entries not made, as the next decode reads `rules`)
+                rules[firsts[k]:ends[k]] = [None] * (ends[k] - firsts[k])
             # behind the change: js's own entries, the built-in chains, the final ERROR entry
             ranges = [(first, ends[js])] + [(firsts[k], ends[k]) for k in eager]
             if tail is not None:
@@ -2749,6 +2789,13 @@ class Table:
                 a, b = bisect.bisect_left(jumps, lo), bisect.bisect_left(jumps, hi)
                 sel += zip(jumps[a:b], lands[a:b])
             chains = p_chains[:js + 1]
+            if ahead:
+                # a placement of their own (the same lists): they did not move with the chains
+                # behind the change, which placed_by must not take them to have (classify's
+                # _moved_bodies: a hub's case map kept, each RETURN entry moved as the hub)
+                here = (offs, comefrom, jumps, lands)
+                for k in ahead:
+                    chains[k] = _placed_whole(p_chains[k], firsts[k], here)
             add = chains.append
             new, mc = object.__new__, _MovedChain
             pos = (offs, comefrom, jumps, lands)
@@ -2765,7 +2812,7 @@ class Table:
                     add(c)
                 else:
                     add(pc)             # made below
-            lazy = ns > js + 1 + len(eager) or p_lazy
+            lazy = ns > js + 1 + len(eager) or p_lazy or bool(ahead)
         elif reuse is not None:
             # a Rule carries position data (index, offset, comefrom; a jump its offset and
             # landing place): the previous table's is shared where all of it is the same (an

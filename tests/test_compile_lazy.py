@@ -19,6 +19,7 @@ its case chains); kept RETURN entries one entry off are caught; moved chains of 
 (jump, goto, tcp match) inlined one rule at a time compile as cold.
 """
 import os
+import struct
 import sys
 
 import pytest
@@ -397,6 +398,9 @@ def _leaf_texts(to_input: bool, change: str) -> tuple:
         if kind == "insert2":
             at = one.index("\n", at) + 1
         two = one[:at] + f"-A {chain} {new}\n" + one[at:]
+    elif kind == "renumber":        # SVC-100 with a body of its own, then an append to CHAIN
+        one = one.replace("COMMIT", "-A SVC-100 -s 203.0.113.97/32 -j DROP\nCOMMIT")
+        two = one.replace("COMMIT", f"-A {chain} {new}\nCOMMIT")
     elif kind == "delete":          # iptables -D CHAIN -s 203.0.113.97/32 -j DROP
         one = one.replace("COMMIT", f"-A {chain} -s 203.0.113.97/32 -j DROP\nCOMMIT")
         two = one.replace(f"-A {chain} -s 203.0.113.97/32 -j DROP\n", "")
@@ -420,7 +424,10 @@ def _walked_as_cold(monkeypatch, to_input: bool, change: str) -> tuple:
     def spy(table, *a):
         compile_chains(table, *a)
         names = {id(c): c.name for c in table.chains}
-        infos.append({(k[0], names[k[1]]) if isinstance(k, tuple) else names[k]: v
+        # (the changed leaf: its chain named, CHANGED_LEAF's value the set of (id, place))
+        infos.append({(k[0], names[k[1]]) if isinstance(k, tuple) else
+                      k if k == C.CHANGED_LEAF else names[k]:
+                      {(names[i], at) for i, at in v} if k == C.CHANGED_LEAF else v
                       for k, v in C.chain_info(table).items()})
     monkeypatch.setattr(C, "_compile_chains", spy)
 
@@ -479,6 +486,48 @@ def test_change_in_a_leaf_chain_splices_the_walk(monkeypatch, to_input, change):
     assert stats["leaf_bodies"] == spliced or stats["made"] == 0, stats
     both = _same(warm, cold)
     assert change.split()[1] in both
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_leaf_case_map_renumbers_bodies(monkeypatch, to_input):
+    """The hub's case map made from the previous one (classify._leaf_case_map) when the
+    changed chain's new body comes before another body in case order: SVC-100's body (its
+    own since the append before) is numbered one more, and its case's value changes though
+    its chain did not move (libiptc sorts chains by name: SVC-100 is ahead of SVC-50 in the
+    table, behind it in the hub). The maps are a cold compile's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    patched = _hits(monkeypatch, "_leaf_case_map")
+    warm, cold, stats = _walked_as_cold(monkeypatch, to_input, "renumber SVC-50")
+    assert stats["walks_leaf"] == 1 and stats["leaf_bodies"] == 1, stats
+    assert patched.count(True) == 1      # the warm compile (the cold one has none)
+    _same(warm, cold)
+    # the case map: an array of the hub's 399 cases, keyed 0..398 (classify._case_keys)
+    hub = "INPUT" if to_input else "FORWARD"
+    keys = [[k for k, _v in entries] for entries in warm[0][hub][1]]
+    assert [struct.pack("<I", k) for k in range(399)] in keys
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_hub_runs_are_found_once(monkeypatch, to_input):
+    """The hub's runs that the restore's compile found (classify.find_runs of its 399 jumps)
+    serve the compiles after it: kept for the hub the restore made (compile._chain_runs),
+    passed on through the append to INPUT (its program a kept one, classify.carry_bodies, or
+    compiled: compile._moved_runs), taken by the change in a service chain. find_runs reads
+    the hub twice: for the restore and for the cold compile."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    real, sizes = classify.find_runs, []
+
+    def spy(rules, *a, **kw):
+        if len(rules) >= 256:
+            sizes.append(len(rules))
+        return real(rules, *a, **kw)
+    monkeypatch.setattr(classify, "find_runs", spy)
+    warm, cold, stats = _walked_as_cold(monkeypatch, to_input, "append SVC-300")
+    assert stats["walks_leaf"] == 1, stats
+    assert len(sizes) == 2, sizes
+    _same(warm, cold)
 
 
 def test_jump_added_to_a_service_chain_walks_it(monkeypatch):

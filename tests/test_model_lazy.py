@@ -270,8 +270,9 @@ def test_an_append_to_a_jumping_chain_moves_the_chains_behind(family):
     layout): every user chain behind it (SVC and its 30 leaves) is moved whole, made on first
     read (compile reads the leaves through chain_outline, classify their RETURN entries
     through policy_indexes); a change in a user chain (SVC-3) moves the chains behind it
-    whole too and shares the service chains before it unmade (SVC, whose jumps land behind
-    the change, is made). Each table reads as a cold decode's."""
+    whole too and shares the service chains before it unmade; SVC, whose jumps land behind
+    the change, is left unmade too, placed where it is (model._placed_whole). Each table
+    reads as a cold decode's."""
     t0 = _fanout(family, 30)
     t1 = _appended(t0, Rule(_ip(family, 90), target=Verdict(DROP)))
     t2 = _appended(t1, Rule(_ip(family, 91), target=Verdict(DROP)))
@@ -280,9 +281,9 @@ def test_an_append_to_a_jumping_chain_moves_the_chains_behind(family):
     bufs = [_buf(*_blob(t)) for t in (t0, t1, t2, t3)]
     want = [_cold(b, family) for b in bufs]
     got, unmade = _decoded_in_turn(bufs, family)
-    assert unmade == [0, 31, 31, 29]
+    assert unmade == [0, 31, 31, 30]
     assert [c.name for c in got[3].chains if model._unmade(c)] == \
-        [f"SVC-{k}" for k in range(30) if k != 3]
+        ["SVC"] + [f"SVC-{k}" for k in range(30) if k != 3]
     for g, w in zip(got, want):
         _same(g, w)
 
@@ -400,6 +401,51 @@ def test_same_size_changes_keep_unmade_chains(family):
         _same(t, w)
 
 
+def _svc_appended(t, name, k):
+    """t with a rule appended to chain `name` (iptables -A SVC-k)."""
+    t2 = copy.deepcopy(t)
+    t2.chain(name).rules.append(Rule(_ip(t.family, 95 + k), target=Verdict(DROP)))
+    return t2
+
+
+@pytest.mark.parametrize("read_each", [True, False])
+@pytest.mark.parametrize("layout", ["forward", "input"])
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6])
+def test_hub_ahead_of_service_chain_appends_stays_unmade(family, layout, read_each):
+    """Appends into service chains (SVC-20 twice, SVC-0, SVC-30), each after the one before,
+    then one to INPUT and one to SVC-20 again, then tables of the same size (the same table,
+    same-size rules of SVC-10, INPUT, the hub): the hub, ahead of each service chain's change
+    with jumps landing behind it, is left unmade, placed where it is (model._placed_whole),
+    and the next decode takes it from there (moved whole, made, or placed where it is
+    again). Each table reads as a cold decode's, read right away (before the next decode,
+    which then finds the hub made: read_each) or only after all of them, the last first."""
+    t = _fanout_fwd(family, 40) if layout == "forward" else _fanout(family, 40)
+    ts = [t, _appended(t, Rule(_ip(family, 90), target=Verdict(DROP)))]
+    for k, name in enumerate(["SVC-20", "SVC-20", "SVC-0", "SVC-30"]):
+        ts.append(_svc_appended(ts[-1], name, k))
+    ts.append(_appended(ts[-1], Rule(_ip(family, 91), target=Verdict(DROP))))
+    ts.append(_svc_appended(ts[-1], "SVC-20", 9))
+    # then tables of the same size: the same again (kube-proxy's sync), a rule of a service
+    # chain ahead of SVC-20 replaced, one of INPUT, one of the hub
+    ts.append(ts[-1])
+    for name, k in (("SVC-10", 0), ("INPUT", -1), ("SVC", 3)):
+        ts.append(copy.deepcopy(ts[-1]))
+        ts[-1].chain(name).rules[k].ip.src = _ip(family, 79).src
+    bufs = [_buf(*_blob(x)) for x in ts]
+    want = [_cold(b, family) for b in bufs]
+    hub = []
+
+    def each(k, table):
+        hub.append(model._unmade(table.chain("SVC")) is not None)
+        if read_each:
+            _same(table, want[k])
+    got, _unmade_counts = _decoded_in_turn(bufs, family, each)
+    # (unmade when decoded, after every service chain append)
+    assert hub[2:6] == [True] * 4 and hub[7] is True
+    for g, w in reversed(list(zip(got, want))):
+        _same(g, w)
+
+
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6])
 def test_append_into_a_service_chain_leaves_the_previous_table_lazy(family):
     """After appends that left chains unmade, an append into a service chain in the middle:
@@ -416,9 +462,10 @@ def test_append_into_a_service_chain_leaves_the_previous_table_lazy(family):
     clear_caches()
     got = [decode_replace(b, family)[1] for b in bufs]
     # the previous table's service chains: not made by the decode of `mid`; SVC-0 ..
-    # SVC-19 shared unmade by `mid`, the 19 behind SVC-20 moved whole (SVC, whose jumps
-    # land behind the change, made)
-    assert _unmade(got[-2]) >= 18 and _unmade(got[-1]) == 39
+    # SVC-19 shared unmade by `mid`, the 19 behind SVC-20 moved whole, SVC (whose jumps
+    # land behind the change) placed where it is, unmade too (model._placed_whole)
+    assert _unmade(got[-2]) >= 18 and _unmade(got[-1]) == 40
+    assert model._unmade(got[-1].chain("SVC")) is not None
     assert all(got[-1].chains[k] is got[-2].chains[k] for k in range(4, 24))
     for t, w in reversed(list(zip(got, want))):
         _same(t, w)
