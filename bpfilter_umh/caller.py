@@ -43,14 +43,20 @@ class CallerMemory:
             return buf.raw
         return self._proc_mem(addr, n, None)
 
-    def read_into(self, buf: bytearray, start: int, addr: int, n: int):
-        """read(addr, n) into buf[start:start + n]: a table's megabytes copied once (read()
-        copies them twice, into a C buffer and out of it)."""
+    def read_bytes(self, addr: int, n: int) -> bytes:
+        """read(addr, n) straight into the bytes object returned: a table's megabytes copied
+        once (read() copies them twice, into a C buffer and out of it; a bytearray read into
+        and then made bytes, twice too). The object is new and nobody else holds it until it
+        is returned, so it is filled in place, as os.read and os.pread fill theirs; a copy
+        fewer is ~680 fewer pages faulted in when the heap has no room for it (2.7 MB)."""
         if n == 0:
-            return
-        view = libc.char_view(buf, start, n)
-        if not self._vm(libc.process_vm_readv, addr, libc.addressof(view), n):
-            buf[start:start + n] = self._proc_mem(addr, n, None)
+            return b""
+        out = bytes(n)          # n > 0: a new object, never a shared one
+        local, keep = libc.data_address(out)
+        if self._vm(libc.process_vm_readv, addr, local, n):
+            del keep
+            return out
+        return self._proc_mem(addr, n, None)
 
     def write(self, addr: int, data):
         if not data:

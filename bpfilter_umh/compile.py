@@ -1277,26 +1277,29 @@ def _jump_sites(table: Table, top: Chain) -> dict:
 def _nesting(table: Table, top: Chain, subs: frozenset) -> dict:
     """The deepest subprogram nesting at which each subprogram chain runs (1 = called by the
     main program)."""
-    by_name = {c.name: c for c in table.chains}
-    deepest, seen = {}, set()
-
-    def walk(chain: Chain, depth: int, path: tuple):
-        if (chain.name, depth) in seen:
-            return
-        seen.add((chain.name, depth))
-        for r in _jumping(table, chain):
-            t = r.target
-            if t.chain not in by_name or by_name[t.chain].builtin:
-                continue                  # the compiler reports these, naming the rule
-            if t.chain in path:
-                raise BpfilterError(errno.ELOOP, f"chain {chain.name}: loop through chain "
-                                                 f"{t.chain}")
-            d = depth + (t.chain in subs)
-            if t.chain in subs:
-                deepest[t.chain] = max(deepest.get(t.chain, 0), d)
-            walk(by_name[t.chain], d, path + (t.chain,))
-    walk(top, 0, (top.name,))
+    deepest = {}
+    _nest(table, {c.name: c for c in table.chains}, subs, deepest, set(), top, 0, (top.name,))
     return deepest
+
+
+def _nest(table, by_name: dict, subs, deepest: dict, seen: set, chain: Chain, depth: int,
+          path: tuple):
+    """_nesting's walk from `chain` (a module-level recursion, as classify._halving, so that
+    no closure cycle keeps the table alive until a GC pass)."""
+    if (chain.name, depth) in seen:
+        return
+    seen.add((chain.name, depth))
+    for r in _jumping(table, chain):
+        t = r.target
+        if t.chain not in by_name or by_name[t.chain].builtin:
+            continue                  # the compiler reports these, naming the rule
+        if t.chain in path:
+            raise BpfilterError(errno.ELOOP, f"chain {chain.name}: loop through chain "
+                                             f"{t.chain}")
+        d = depth + (t.chain in subs)
+        if t.chain in subs:
+            deepest[t.chain] = max(deepest.get(t.chain, 0), d)
+        _nest(table, by_name, subs, deepest, seen, by_name[t.chain], d, path + (t.chain,))
 
 
 def _main_stack(items: list, subprogram_labels) -> int:

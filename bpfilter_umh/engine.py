@@ -2497,8 +2497,18 @@ def load_with_func_info(cp, code: bytes, btf: bytes, func_info: bytes,
 _UNREACHABLE_EXIT = struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
+_ME = None      # (pid, start time) of this process, once read (_me)
+
+
 def _me():
-    return [os.getpid(), daemons.start_time(os.getpid())]
+    """[pid, start time]: who writes a state file (_alive tells a crashed writer from a live
+    one). The start time is read from /proc once per process: every install's state file
+    names the writer, and it never changes (a forked child has a pid of its own)."""
+    global _ME
+    pid = os.getpid()
+    if _ME is None or _ME[0] != pid or _ME[1] is None:
+        _ME = (pid, daemons.start_time(pid))
+    return list(_ME)
 
 
 def _alive(writer) -> bool:

@@ -554,11 +554,10 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
         # would take gigabytes, so the helper refuses earlier, before reading the caller's buffer
         raise BpfilterError(errno.ENOMEM, f"table size {size} exceeds the helper's limit "
                                           f"{max_table_size()} (BPFILTER_MAX_TABLE_SIZE)")
-    buf = bytearray(REPLACE_HDR.size + size)
-    buf[:REPLACE_HDR.size] = hdr_raw
-    mem.read_into(buf, REPLACE_HDR.size, req.addr + REPLACE_HDR.size, size)
+    # the entries as the bytes object the decode keeps (table.source_blob): one copy of them
+    blob = mem.read_bytes(req.addr + REPLACE_HDR.size, size)
     from .model import decode_replace
-    hdr, table = decode_replace(buf, req.family)   # translate_table's checks
+    hdr, table = decode_replace(hdr_raw, req.family, entries=blob)  # translate_table's checks
     _lookup(be, hdr.name)
     if valid_hooks != be.valid_hooks:
         raise BpfilterError(errno.EINVAL, f"valid_hooks {valid_hooks:#x} != {be.valid_hooks:#x}")
@@ -572,7 +571,7 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
     hooks = [v if valid_hooks >> (i % 5) & 1 else 0xFFFFFFFF for i, v in enumerate(rest[:10])]
     getinfo = GETINFO.pack(be.name.encode(), valid_hooks, *hooks, num_entries, size)
     try:
-        old = be.replace(table, memoryview(buf)[REPLACE_HDR.size:], getinfo)  # or nothing changed
+        old = be.replace(table, blob, getinfo)     # or nothing changed
     except BpfilterError as e:
         if e.errno != errno.EOPNOTSUPP or be.delegation is None or policy != "xtables":
             if e.errno == errno.EOPNOTSUPP:
@@ -582,7 +581,7 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
                 raise BpfilterError(e.errno, f"{e.message} (the table stays with the kernel's "
                                              f"xtables)") from None
             raise
-        old = be.delegation.hand_over(be, bytes(buf), e)
+        old = be.delegation.hand_over(be, hdr_raw + blob, e)
     else:
         if delegated:
             old = be.delegation.take_back(be)
