@@ -1601,6 +1601,22 @@ def _unlink_templates(heads: dict) -> None:
                 t.after = None
 
 
+def _own_fields(t, e: bytes):
+    """(verdict, target payload) of entry bytes e, read by template t (its fixed bytes
+    matched), or None where e's own fields fail a check t's first entry passed: a jump's
+    verdict must be > 0 (<= 0 is another template's, or fails verdict_ok()), an ERROR
+    target's name NUL-terminated (error_tg_ok(); the full walk then says where)."""
+    f = t.first
+    tv = t.tvar
+    if tv == _JUMP:
+        v = int.from_bytes(e[-8:-4], "little", signed=True)
+        return (v, f.tpayload) if v > 0 else None
+    if tv == _ERRNAME:
+        tp = e[t.hdr[1] + 32:t.hdr[1] + f.tsize]
+        return (f.verdict, tp) if b"\0" in tp[:uapi.XT_FUNCTION_MAXNAMELEN] else None
+    return f.verdict, f.tpayload
+
+
 def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, heads) -> list:
     """_walk_range's walk, the templates it makes put in `heads`."""
     size, hsz, out = len(blob), lay.entry_size, []
@@ -1642,47 +1658,24 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
             # the lookup finds what it would have guessed: the mixed shape's templates come in
             # no order, and a guess tried for each of its entries cost 3 ms
             t = last.after if guess and last is not None else None
+            vt = None
             if t is not None:
                 for seg, lo in t.segs:
                     if not e.startswith(seg, lo):
-                        t, guess = None, False
                         break
                 else:
-                    f = t.first
-                    tv = t.tvar
-                    v = f.verdict
-                    tp = f.tpayload
-                    if tv == _JUMP:
-                        v = int.from_bytes(e[-8:-4], "little", signed=True)
-                        if v <= 0:
-                            t, guess = None, False
-                    elif tv == _ERRNAME:
-                        tp = e[t.hdr[1] + 32:t.hdr[1] + f.tsize]
-                        if b"\0" not in tp[:uapi.XT_FUNCTION_MAXNAMELEN]:
-                            t, guess = None, False
+                    vt = _own_fields(t, e)
+                if vt is None:
+                    t, guess = None, False
             lays = heads.get(e[asz:cf]) if t is None else None
             if lays is not None:
                 for fixed, ts, _c in lays:
                     t = ts.get(fixed(e))
-                    if t is None:
-                        continue
-                    f = t.first
-                    tv = t.tvar
-                    v = f.verdict
-                    tp = f.tpayload
-                    if tv == _JUMP:
-                        # a verdict <= 0 is another template's (or no verdict_ok())
-                        v = int.from_bytes(e[-8:-4], "little", signed=True)
-                        if v > 0:
+                    if t is not None:
+                        vt = _own_fields(t, e)
+                        if vt is not None:
                             break
-                    elif tv == _ERRNAME:
-                        # error_tg_ok() fails without a NUL: the full walk says where
-                        tp = e[t.hdr[1] + 32:t.hdr[1] + f.tsize]
-                        if b"\0" in tp[:uapi.XT_FUNCTION_MAXNAMELEN]:
-                            break
-                    else:
-                        break
-                    t = None
+                        t = None
                 if last is not None and t is not None:
                     if last.after is t:
                         guess = True            # the guess would have been right
@@ -1692,6 +1685,8 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                 # the template's entry with its own key fields: every other check passed on
                 # its first entry (or, offset-dependent, runs here)
                 hits += 1
+                f, tv = t.first, t.tvar
+                v, tp = vt
                 r = new(_TRaw)
                 h = r.hdr = new(_CachedHdr)
                 h.nfcache, h.target_offset, h.next_offset, h.pad = t.hdr
