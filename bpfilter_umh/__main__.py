@@ -117,6 +117,8 @@ def serve_stdio(dispatcher) -> int:
     import select
     rd = lambda n: os.read(0, n)  # noqa: E731
     while True:
+        while _idle_work and not select.select([0], [], [], 0)[0] and _idle_step():
+            pass
         pending = _after_reply_pending()
         if pending == 2 or pending and not select.select([0], [], [], AFTER_REPLY_IDLE)[0]:
             _run_after_reply()
@@ -219,9 +221,11 @@ def serve_listen(dispatcher, idle: float) -> int:
             _run_after_reply()
             pending = _after_reply_pending()
         ended = False
-        events = sel.select(timeout=AFTER_REPLY_IDLE if pending else 0.5)
+        events = sel.select(timeout=0 if _idle_work else AFTER_REPLY_IDLE if pending else 0.5)
         now = time.monotonic()
         if not events:
+            if _idle_step():
+                continue
             if pending:
                 _run_after_reply()
                 continue
@@ -303,6 +307,36 @@ def preload():
         log.warning("preloading the request handlers failed: %s", e)
 
 
+# short steps of work a helper runs only while no request waits: iterators, each next() one step
+_idle_work = []
+
+
+def queue_start_work(engine):
+    """What a new helper does in its first idle moments instead of at its start: warming the
+    heap its first restore's objects come from (engine.warm_object_heap_steps: ~3 000 page
+    faults, ~15-20 ms here). A door that starts the helper waits for its socket, bound after
+    preload, so done there it would delay every first command; done in steps between requests
+    it runs before the first command when the helper was started ahead of it, or while
+    iptables-restore parses its input between GET_ENTRIES and SET_REPLACE (libiptc reads the
+    table at "*filter" and sends it back at COMMIT: ~30 ms at 10 000 rules), in another
+    process. A request that comes meanwhile waits for one step at most."""
+    _idle_work.append(engine.warm_object_heap_steps())
+
+
+def _idle_step() -> bool:
+    """Run one step of the idle work; False when none is left."""
+    while _idle_work:
+        try:
+            next(_idle_work[0])
+            return True
+        except StopIteration:
+            _idle_work.pop(0)
+        except Exception as e:      # noqa: BLE001 - a warm-up: never fatal to serving
+            log.warning("work while idle failed: %s", e)
+            _idle_work.pop(0)
+    return False
+
+
 USAGE = ("usage: python3 -m bpfilter_umh [--listen | --door] [--flavor nf|tc|xdp] "
          "[--flavor-dev IFNAMES] [--xdp-mode MODE] [--offload IFNAME] "
          "[--policy reject|xtables]\n"
@@ -341,6 +375,8 @@ def main(argv=None) -> int:
     engine = sys.modules.get(__package__ + ".engine")
     if engine is not None and AFTER_REPLY_IDLE >= 0:
         engine.AFTER_REPLY = []         # this process answers requests: see AFTER_REPLY_IDLE
+    if engine is not None:
+        queue_start_work(engine)
     if mode == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
     return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)
