@@ -540,7 +540,7 @@ class Engine:
 
     def _prewrite_state(self, table: Table, path: str):
         """The worker thread's job (_worker) writing the blob of `table`'s state file to
-        path + ".tmp", HEAD_ROOM bytes in, while the install compiles and loads: the header
+        path + ".pre.tmp", HEAD_ROOM bytes in, while the install compiles and loads: the header
         (the programs' ids) is known only after the loads, and _save_state then writes only
         it. None when there is nothing to gain (a small table)."""
         if getattr(table, "kept_blob", None) is None or \
@@ -553,9 +553,11 @@ class Engine:
             _private_dirs(os.path.dirname(path))
         except OSError:
             return None         # _save_state reports it
+        # the worker's own name: a worker given up on may still be creating or removing its
+        # file while the install writes path + ".tmp" (_Claim.collect)
         claim = _Claim()
-        job = _worker(_write_blob_at, path + ".tmp", blob, self.HEAD_ROOM, claim)
-        job.tmp, job.claim = path + ".tmp", claim
+        job = _worker(_write_blob_at, path + ".pre.tmp", blob, self.HEAD_ROOM, claim)
+        job.tmp, job.pre, job.claim = path + ".tmp", path + ".pre.tmp", claim
         return job
 
     PREWRITE_MIN = 256 << 10    # bytes of blob (~2 000 entries)
@@ -581,11 +583,12 @@ class Engine:
                     _pwrite_all(fd, head.ljust(self.HEAD_ROOM - 1) + b"\n", 0)
                     os.close(fd)
                     fd = None
-                    os.replace(tmp, path)
+                    os.replace(prewritten.pre, path)
                     return
             finally:
                 if fd is not None:
                     os.close(fd)        # a header past HEAD_ROOM: written whole below
+                    _quietly(os.unlink, prewritten.pre)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # root-only
         with open(fd, "wb") as f:
             # one file, renamed into place whole: a JSON header line, then the blob as it is
@@ -1429,11 +1432,16 @@ class Engine:
 class _Claim:
     """Who does a job's work: the worker thread, if it starts it before the install needs the
     result (take), else the install itself (the job then does nothing): on a busy machine the
-    worker may not have run yet, and waiting for it would cost more than the work."""
+    worker may not have run yet, and waiting for it would cost more than the work. A worker
+    that started but has not finished when the install needs its file is given up on too
+    (collect): on a loaded machine its last steps wait for the GIL and a CPU, each handover up
+    to a switch interval (5 ms), measured 21-28 ms for ~0.8 ms of its own work, while the
+    install writes the same file in ~1 ms; the worker then throws its file away (hand_over)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.owner = None
+        self.fd = None          # the worker's file, written whole, until the install collects it
 
     def take(self, owner: str) -> bool:
         with self.lock:
@@ -1441,11 +1449,31 @@ class _Claim:
                 self.owner = owner
             return self.owner == owner
 
+    def hand_over(self, fd: int) -> bool:
+        """The worker's file written: False when the install gave up on it meanwhile (the
+        worker then closes and removes it)."""
+        with self.lock:
+            if self.owner != "worker":
+                return False
+            self.fd = fd
+            return True
+
+    def collect(self):
+        """The install's side: the fd of the worker's finished file (now the caller's), else
+        None, and the work is the install's from now on (a worker still writing throws its
+        file away, one not started never writes it)."""
+        with self.lock:
+            fd, self.fd = self.fd, None
+            if fd is None:
+                self.owner = "install"
+            return fd
+
 
 def _write_blob_at(tmp: str, blob: bytes, at: int, claim: _Claim = None):
     """Engine._prewrite_state's job: `blob` written at offset `at` of a new file `tmp`; returns
     the open fd (closed by Engine._save_state or _drop_prewritten), None when the install
-    claimed the work first."""
+    claimed the work first or gave up waiting for it (the file is then removed: the install
+    wrote its own, under another name)."""
     if claim is not None and not claim.take("worker"):
         return None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # root-only
@@ -1453,7 +1481,12 @@ def _write_blob_at(tmp: str, blob: bytes, at: int, claim: _Claim = None):
         _pwrite_all(fd, blob, at)
     except BaseException:
         os.close(fd)
+        _quietly(os.unlink, tmp)
         raise
+    if claim is not None and not claim.hand_over(fd):
+        os.close(fd)
+        _quietly(os.unlink, tmp)
+        return None
     return fd
 
 
@@ -1467,25 +1500,27 @@ def _pwrite_all(fd: int, data, at: int):
 
 
 def _take_prewritten(job):
-    """The fd of Engine._prewrite_state's file, now the caller's to close; None when there is
-    no job, the worker had not started it (it will not: the caller writes the file whole),
-    it failed (likewise), or it was taken already."""
+    """The fd of Engine._prewrite_state's file (job.pre), now the caller's to close; None when
+    there is no job, or the worker has not finished it (not started: it will not; still
+    writing: it removes its file), or it failed, or it was taken already: the caller then
+    writes the file whole, under its own name (job.tmp), never waiting for the worker."""
     if job is None:
         return None
-    if job.claim.take("install"):
-        return None
-    job.done.wait()
-    fd, job.value = job.value, None
-    return fd
+    return job.claim.collect()
 
 
 def _drop_prewritten(job):
-    """A failed install: the file of Engine._prewrite_state's job closed and removed."""
+    """A failed install: the file of Engine._prewrite_state's job closed and removed, and the
+    install's own temporary (a whole write that failed)."""
     if job is None:
         return
+    # a failure is no hurry: the worker's file is closed and removed before the error is
+    # reported, whoever removes it
+    job.done.wait()
     fd = _take_prewritten(job)
     if fd is not None:
         os.close(fd)
+        _quietly(os.unlink, job.pre)
     _quietly(os.unlink, job.tmp)
 
 

@@ -9,7 +9,8 @@ what the engine moved off the requests' path must keep every guarantee it had.
   - the pending state's blob is written by the worker thread while the table compiles, its
     header (the programs' ids) afterwards: the committed state file reads back as the table
     installed (an engine opened afterwards adopts it); a worker that has not started the job
-    when the install needs the file leaves it to the install, a header longer than the room
+    when the install needs the file leaves it to the install, one still writing it is not
+    waited for (the install writes its own, the worker removes its), a header longer than the room
     kept is written whole, and a failed install leaves no pending file nor its temporary;
   - the hook offsets of the state file (_hooks_of, which stops at the last built-in chain) are
     the table's own.
@@ -192,6 +193,43 @@ def test_install_writes_the_blob_when_the_worker_is_late(eng, tables, monkeypatc
     assert data.index(b"\n") < engine.Engine.HEAD_ROOM - 1       # written whole
     assert blob == bytes(t1.kept_blob)
     assert _leftovers(eng) == []
+
+
+@needs_root
+def test_install_gives_up_on_a_worker_still_writing(eng, tables, monkeypatch):
+    """The worker has started the file but not finished it when the install needs it (on a
+    loaded machine its last steps wait for the GIL and a CPU): the install does not wait, it
+    writes the file whole under its own name; the worker, finishing later, removes its own."""
+    t1, _t2 = tables
+    monkeypatch.setattr(engine.Engine, "SPARE_MIN", 10**9)     # no counters map made early
+    gate, writing = threading.Event(), threading.Event()
+    real_pwrite, save = engine._pwrite_all, engine.Engine._save_state
+
+    def slow_pwrite(fd, data, at):
+        if threading.current_thread() is not threading.main_thread():
+            writing.set()
+            assert gate.wait(10)        # the worker stays inside its write
+        return real_pwrite(fd, data, at)
+
+    def saved(self, *a):
+        assert writing.wait(10)         # the worker has claimed the job and opened its file
+        try:
+            return save(self, *a)
+        finally:
+            gate.set()
+    monkeypatch.setattr(engine, "_pwrite_all", slow_pwrite)
+    monkeypatch.setattr(engine.Engine, "_save_state", saved)
+    t0 = time.monotonic()
+    try:
+        eng.install(t1)
+    finally:
+        gate.set()
+    assert time.monotonic() - t0 < 10           # not waited for the gate's timeout
+    engine._worker(lambda: None).result()       # the given-up job has finished
+    (st, blob), data = _state(eng.state_path)
+    assert data.index(b"\n") < engine.Engine.HEAD_ROOM - 1       # written whole, by the install
+    assert blob == bytes(t1.kept_blob) and st["generation"] == eng.generation == 1
+    assert _leftovers(eng) == []                # the worker's file removed by the worker
 
 
 @needs_root
