@@ -1099,7 +1099,10 @@ def _lpm_columns(rules: list, positions, field: str, run: Run = None, codes=None
     smallest position among the rules whose prefix contains it (itself or a shorter one), so the
     trie's longest match answers the first rule that matches the address. `codes`: the
     _prefix_codes of those rules when the caller has them (then `rules` and `run` are unused)."""
-    # a prefix as one int, network << 6 | length: ints sort as the (network, length) tuples
+    # a prefix as one int, network << 6 | length: ints sort as the (network, length) tuples.
+    # Sorted by their floats: a code has 38 bits, past one CPython int digit (30), so ints are
+    # compared through the generic path; a float below 2**53 is the int exactly and sorted()
+    # compares floats with its float-only fast path (~15% of the sort for 10 000 prefixes)
     if codes is None:
         codes = _prefix_codes(positions, field, run)
     if codes is None:
@@ -1109,7 +1112,7 @@ def _lpm_columns(rules: list, positions, field: str, run: Run = None, codes=None
             return [k for k, _ in got], [p for _, p in got]
         codes = [net << 6 | plen for net, plen in prefixes]
     first = dict(zip(reversed(codes), reversed(positions)))   # the first position stays
-    order = sorted(first)
+    order = sorted(first, key=float)
     # Prefixes are nested or disjoint, and in this order a prefix containing others is followed
     # by one of them: when no prefix ends past the next one's start, none contains another and
     # each keeps its own position
