@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane reliability reliability-long clean
+.PHONY: deps launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane fuzz-deps reliability reliability-long clean
 
 deps:
 	sh tools/install-deps.sh
@@ -43,13 +43,16 @@ kmod:
 test-kmod: deps
 	$(MAKE) -C kmod test PYTHON=$(PYTHON)
 
+# the fuzz steps of both forms run atheris (libFuzzer): installed here, as deps installs the rest
+fuzz-deps: deps
+	$(PYTHON) -c 'import atheris' 2>/dev/null || $(PYTHON) -m pip install -q atheris
+
 # issue #9: kills, replacements under load, injected faults, fuzzing, invocations; counts survivors
-reliability: deps
+reliability: fuzz-deps
 	$(PYTHON) tools/reliability.py
 
 # the long form: 1000 swaps, 10 000 invocations, 1M decoder + 1M request fuzz inputs (atheris)
-reliability-long: deps
-	$(PYTHON) -c 'import atheris' 2>/dev/null || $(PYTHON) -m pip install -q atheris
+reliability-long: fuzz-deps
 	$(PYTHON) tools/reliability.py --long
 
 # Benchmarks (not tests): ratios measured side by side in one run
