@@ -212,12 +212,6 @@ def warm_object_heap_steps(size: int = HEAP_WARM):
     log.debug("object heap warmed: %d MiB", size >> 20)
 
 
-def warm_object_heap(size: int = HEAP_WARM):
-    """warm_object_heap_steps, all at once."""
-    for _ in warm_object_heap_steps(size):
-        pass
-
-
 def _grow_fd_table():
     """A process's file table grows by reallocation, and while more than one thread shares it
     the kernel waits for an RCU grace period first (fs/file.c expand_fdtable: synchronize_rcu

@@ -1258,8 +1258,7 @@ def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: in
     # those of a block of consecutive jumps at the end (a hub, behind the jumps of the chains
     # before it) as one strided slice where they are uniform, the others one by one
     k = _consecutive_from(js)
-    uni = _uniform_jumps(old, raws, js[k:], a, delta, cf) if len(js) - k >= _UNIFORM_MIN \
-        else None
+    uni = _uniform_jumps(old, raws, js[k:], a, delta, cf)
     one_by_one = js[:k] if uni is not None else js
     ps = [raws[j].off + raws[j].hdr.target_offset + 32 for j in one_by_one]
     vs = _verdicts_at(blob, ps, delta)

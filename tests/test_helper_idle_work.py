@@ -34,7 +34,8 @@ import resource, sys
 sys.path.insert(0, {root!r})
 from bpfilter_umh import engine
 if {warm}:
-    engine.warm_object_heap()
+    for _step in engine.warm_object_heap_steps():
+        pass
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 keep = [(i, str(i) * 3, [i]) for i in range(40000)]
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
