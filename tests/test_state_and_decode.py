@@ -294,7 +294,7 @@ def test_torn_pending_is_discarded(udp, installed_text):
 
 # ---- warm decode == cold decode ----------------------------------------------------------------
 
-MODEL_CACHES = ("_ENTRY_CACHE", "_LAST_WALK", "_ADDRESSES", "_PAYLOADS", "_COMPILED")
+MODEL_CACHES = ("_ENTRY_CACHE", "_LAST_WALK", "_ADDRESSES", "_ADDR_INTS", "_PAYLOADS", "_COMPILED")
 
 
 def clear_caches():
