@@ -80,7 +80,7 @@ from . import faults
 from . import flavors
 from . import addrtype, responder, targets
 from . import kernel as K
-from .compile import COUNTERS_MAP, CompiledProgram, KernelFacts, compile_table
+from .compile import COUNTERS_MAP, CompiledProgram, KernelFacts, compile_table, encode_kept
 from .errors import BpfilterError
 from .model import (AF_INET, HOOK_NAMES, NF_ACCEPT, Jump, Table, Verdict, _unmade,
                     chain_outline)
@@ -1300,6 +1300,8 @@ class Engine:
         the GC pass (see install), the next install's counters map."""
         self._late_after_reply()
         _quietly(os.unlink, self.state_path + ".replaced")    # the replaced state file
+        # the bytecode the next append's moved programs are patched from (compile.encode_kept)
+        encode_kept(cp for ct in getattr(self, "_compiled_tables", ()) for cp in ct.programs)
         _collect_and_freeze()
         self._make_spare()
         if self._map is not None:
