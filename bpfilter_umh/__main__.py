@@ -76,8 +76,9 @@ def peer_allowed(conn: socket.socket) -> bool:
 
 
 # work an install leaves for after its reply (engine.AFTER_REPLY: freeing the replaced table;
-# the RCU wait's end and the counts the replaced programs made meanwhile, the GC pass, the next
-# install's counters map) starts once no request has come for this long, or when the command
+# the RCU wait's end and the counts the replaced programs made meanwhile, the gc.freeze, the
+# next install's counters map; a GC pass over the whole heap waits for an idle moment:
+# _full_pass_if_due) starts once no request has come for this long, or when the command
 # has ended (serve_listen: its door went away): libiptc sends SET_ADD_COUNTERS right after
 # SET_REPLACE returns, and that one should not wait behind a GC pass.
 # BPFILTER_AFTER_REPLY_IDLE=-1: no queue (the engine waits for the RCU grace period before its
@@ -113,6 +114,35 @@ def _run_after_reply():
         log.warning("work after the reply failed: %s", e)
 
 
+# serve_stdio: how long no request must come before a due GC pass runs (serve_listen: its
+# select's idle timeout, the same)
+IDLE_PASS_AFTER = 0.5
+
+
+def _full_pass_pending() -> bool:
+    engine = sys.modules.get(__package__ + ".engine")
+    return engine is not None and hasattr(engine, "full_pass_due") and engine.full_pass_due()
+
+
+def _full_pass_if_due() -> bool:
+    """The GC pass over the whole heap, when the engine says the process has grown
+    (engine._collect_and_freeze): here, where no request has come for the select's idle
+    timeout and no door is connected, rather than after the reply of whichever command made it
+    due, where the next command (~2 ms later) would wait behind it."""
+    if not _full_pass_pending():
+        return False
+    engine = sys.modules[__package__ + ".engine"]
+    t0 = time.perf_counter()
+    try:
+        found = engine.full_pass_if_due()
+    except Exception as e:      # noqa: BLE001 - a GC pass: never fatal to serving
+        log.warning("GC pass failed: %s", e)
+        return False
+    log.debug("GC pass while idle: %s unreachable, %.1f ms", found,
+              (time.perf_counter() - t0) * 1e3)
+    return True
+
+
 def serve_stdio(dispatcher) -> int:
     import select
     rd = lambda n: os.read(0, n)  # noqa: E731
@@ -122,6 +152,8 @@ def serve_stdio(dispatcher) -> int:
         pending = _after_reply_pending()
         if pending == 2 or pending and not select.select([0], [], [], AFTER_REPLY_IDLE)[0]:
             _run_after_reply()
+        if _full_pass_pending() and not select.select([0], [], [], IDLE_PASS_AFTER)[0]:
+            _full_pass_if_due()
         try:
             buf = read_exact(rd, REQUEST.size)
             if not buf:
@@ -228,6 +260,8 @@ def serve_listen(dispatcher, idle: float) -> int:
                 continue
             if pending:
                 _run_after_reply()
+                continue
+            if clients == 0 and _full_pass_if_due():
                 continue
             if clients == 0 and now - last >= idle:
                 srv.close()

@@ -2106,8 +2106,9 @@ def _halving(cc, a: int, b: int, bound, leaf, gt: str):
     """Cases a..b told apart on R1 by halving: the left half when R1 <= bound(mid), leaf(k)
     emitted for case k. A recursion at module level, not a closure that calls itself: such a
     closure is a reference cycle (its cell holds it) keeping cc and cc's table alive until a GC
-    pass, and the helper runs one every engine.FULL_PASS_EVERY installs (measured: every
-    append's replaced table was kept, 11 MB a command on a 10 000-rule fan-out)."""
+    pass, and the helper runs one only once its process has grown (engine._collect_and_freeze;
+    measured: every append's replaced table was kept, 11 MB a command on a 10 000-rule
+    fan-out)."""
     if a == b:
         cc.emit(leaf(a))
         return

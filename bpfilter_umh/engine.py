@@ -1297,7 +1297,8 @@ class Engine:
 
     def _after_install(self):
         """A helper's work after an install's reply (one item of AFTER_REPLY): the late counts,
-        the GC pass (see install), the next install's counters map."""
+        the freeze (see install; a GC pass only when the process has grown), the next
+        install's counters map."""
         self._late_after_reply()
         _quietly(os.unlink, self.state_path + ".replaced")    # the replaced state file
         # the bytecode the next append's moved programs are patched from (compile.encode_kept)
@@ -2599,9 +2600,9 @@ def _alive(writer) -> bool:
 
 # ---- work done after the reply (issue #7: what the caller need not wait for) ----
 # None, or (in the helper, __main__) the list of what to do once the caller has its answer and
-# no request is waiting: an install's gc.freeze (and every FULL_PASS_EVERY installs a GC pass
-# over the whole heap, 70-250 ms at 10 000 rules), and freeing the replaced table (~5-10 ms of
-# deallocation).
+# no request is waiting: an install's gc.freeze (and, once the process has grown, a GC pass
+# over the whole heap, 70-250 ms at 10 000 rules: _collect_and_freeze), and freeing the
+# replaced table (~5-10 ms of deallocation).
 AFTER_REPLY = None
 # True while a helper's request left the automatic GC off for its queued work to turn back on
 # (sockopt.Dispatcher.serve): run_after_reply does, once that work is done
@@ -2635,26 +2636,74 @@ def run_after_reply() -> int:
     return n
 
 
-# a helper's full GC pass: once every this many installs (see _collect_and_freeze)
+# a helper's full GC pass (unfreeze, collect, freeze the survivors again). Installs leave no
+# garbage cycles (measured, 30 appends to a 10-rule table, a pass after each: 0-16 unreachable
+# objects, all the ctypes.CDLL each _wait_for_readers made, which it no longer makes; 10 appends
+# to the 10 000-rule fan-out: 0), so a pass every few installs cost 10-17 ms (at 10 rules;
+# 50-250 ms at 10 000) for nothing, and delayed the command that came meanwhile. It is due only
+# once the process's peak resident size has grown past FULL_PASS_GROWTH times what it was at the
+# last pass (or the first install): garbage that is never collected makes the process grow, and
+# one that does not grow has none worth a pass. The helper runs it at its next idle moment
+# (full_pass_if_due: no request for the select's idle timeout, no door connected), or at once
+# after FULL_PASS_EVERY installs without one, so the heap stays bounded under a steady stream
+# too. The peak (getrusage: ~1.5 us), not the frozen count: gc.get_freeze_count() walks the
+# frozen list, 12 ms at 10 000 rules.
+FULL_PASS_GROWTH = 2.0
+try:
+    FULL_PASS_GROWTH = float(os.environ.get("BPFILTER_FULL_PASS_GROWTH", FULL_PASS_GROWTH))
+except ValueError:
+    pass
 FULL_PASS_EVERY = 16
-_installs_since_pass = 0
+_peak_at_pass = None    # the peak resident size at the last pass (None: none yet), KiB
+_due_installs = 0       # installs since the pass became due (0: not due)
+
+
+def _peak_rss() -> int:
+    """The process's peak resident size in KiB (ru_maxrss: it never goes down)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _collect_and_freeze():
-    """See install: the survivors of an install (the installed table, the caches) frozen. In a
-    helper they are frozen without a GC pass first: they live until the next install, and the
-    cycles an install leaves are few (measured at 10 000 rules: a pass after a restore found 0
-    unreachable objects in 67-207 ms, after an append 8 in 2-42 ms), while that pass delayed
-    whichever request came in the middle of it. Every FULL_PASS_EVERY installs the whole heap is
-    collected once (unfreeze, collect, freeze), so what cycles installs left stays bounded."""
-    global _installs_since_pass
+    """See install: the survivors of an install (the installed table, the caches) frozen,
+    without a GC pass first: they live until the next install, and a pass over what an install
+    made (~100 000 objects at 10 000 rules) found nothing but delayed the next request. The full
+    pass is due once the process has grown (FULL_PASS_GROWTH)."""
+    global _peak_at_pass, _due_installs
     import gc
-    _installs_since_pass += 1
-    if _installs_since_pass >= FULL_PASS_EVERY:
-        _installs_since_pass = 0
-        gc.unfreeze()
-        gc.collect()
     gc.freeze()
+    peak = _peak_rss()
+    if _peak_at_pass is None:
+        _peak_at_pass = peak
+    if peak <= _peak_at_pass * FULL_PASS_GROWTH:
+        return
+    _due_installs += 1
+    if _due_installs >= FULL_PASS_EVERY:
+        full_pass()
+
+
+def full_pass_due() -> bool:
+    return _due_installs > 0
+
+
+def full_pass() -> int:
+    """The whole heap collected, frozen objects included, then frozen again; returns what
+    gc.collect() found unreachable."""
+    global _peak_at_pass, _due_installs
+    import gc
+    gc.unfreeze()
+    found = gc.collect()
+    gc.freeze()
+    _peak_at_pass, _due_installs = _peak_rss(), 0
+    return found
+
+
+def full_pass_if_due():
+    """A helper's idle moment: the full pass if the process has grown (_collect_and_freeze).
+    None when it was not due, else what it found unreachable."""
+    if not _due_installs:
+        return None
+    return full_pass()
 
 
 def _wait_for_readers():
@@ -2663,8 +2712,9 @@ def _wait_for_readers():
     program, inside rcu_read_lock (include/linux/netfilter.h nf_hook). Without it a packet that
     entered the old program just before the swap could count after the old counters were read:
     lost, as xt_replace_table's wait on xt_recseq prevents in the kernel. ~13 ms here."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
+    # libc.py's syscall, not a ctypes.CDLL per call: a CDLL's function pointer class is a
+    # reference cycle (a type), left for the GC after every install
+    from . import libc
     libc.syscall(324, 1, 0, 0)      # SYS_membarrier, MEMBARRIER_CMD_GLOBAL; errors: best effort
 
 

@@ -1,12 +1,13 @@
 """A compiled table is freed when its last reference goes, without a GC pass.
 
 The helper freezes what an install leaves (engine._collect_and_freeze) and runs a GC pass only
-every FULL_PASS_EVERY installs: a reference cycle holding the replaced table keeps its blobs
-(~5.5 MB at 10 000 rules) and objects until then, so the helper's heap grows by that much per
-append and each command faults its buffers in anew. Measured through the helper (the fan-out of
-bench/rulesets.py on INPUT, 10 000 rules): the heap grew 6-11 MB per `iptables -A INPUT` (30.6
--> 108.3 MB in eight appends) while classify._tree's recursive closure (`node`, which names
-itself) held its _ChainCompiler, and with it the table, in a cycle; 22.3 -> 29.9 MB without it.
+once the process has grown (engine.FULL_PASS_GROWTH): a reference cycle holding the replaced
+table keeps its blobs (~5.5 MB at 10 000 rules) and objects until then, so the helper's heap
+grows by that much per append and each command faults its buffers in anew. Measured through
+the helper (the fan-out of bench/rulesets.py on INPUT, 10 000 rules): the heap grew 6-11 MB per
+`iptables -A INPUT` (30.6 -> 108.3 MB in eight appends) while classify._tree's recursive
+closure (`node`, which names itself) held its _ChainCompiler, and with it the table, in a
+cycle; 22.3 -> 29.9 MB without it.
 """
 from __future__ import annotations
 

@@ -441,7 +441,7 @@ def _decoded(text: str):
 def test_after_reply_defers_gc_and_frees_the_replaced_table(udp, monkeypatch):
     a, b, probe = udp
     monkeypatch.setattr(engine, "AFTER_REPLY", [])
-    monkeypatch.setattr(engine, "FULL_PASS_EVERY", 1000)    # not this install's turn
+    monkeypatch.setattr(engine, "FULL_PASS_EVERY", 1000)    # no pass at once, even if due
     text = lab_text(200)
     ta = _decoded(text)
     tb = _decoded(text.replace(TOP[1], TOP[1].replace("ACCEPT", "DROP")))
@@ -470,29 +470,117 @@ def test_after_reply_defers_gc_and_frees_the_replaced_table(udp, monkeypatch):
     assert probe.verdicts() == {**VERDICTS, 7002: False}
 
 
-def test_helper_collects_the_whole_heap_every_few_installs(monkeypatch):
-    """A helper freezes an install's survivors without a GC pass; every FULL_PASS_EVERY
-    installs it collects the whole heap once, frozen objects included, so a garbage cycle left
-    by an install is freed then (and not before)."""
+def _garbage_cycles(n: int) -> list:
+    """n garbage reference cycles; weak references to them."""
     class Cycle:
         pass
-    monkeypatch.setattr(engine, "FULL_PASS_EVERY", 2)
-    monkeypatch.setattr(engine, "_installs_since_pass", 0)
-    was = gc.isenabled()
-    gc.disable()            # no automatic pass may free the cycle before the helper's
-    try:
+    refs = []
+    for _ in range(n):
         c = Cycle()
         c.me = c
-        ref = weakref.ref(c)
-        del c
-        engine._collect_and_freeze()        # first install: frozen, no pass
-        assert ref() is not None and gc.get_freeze_count() > 0
-        engine._collect_and_freeze()        # second: the whole heap collected, then frozen
-        assert ref() is None, "the full pass must free cycles frozen by earlier installs"
+        refs.append(weakref.ref(c))
+    return refs
+
+
+@pytest.fixture
+def gc_held(monkeypatch):
+    """The automatic GC off (no pass may free a cycle before the helper's), the engine's
+    full-pass bookkeeping fresh, the process's peak size told by the test (peak[0], KiB);
+    everything unfrozen after."""
+    peak = [100000]
+    monkeypatch.setattr(engine, "_peak_at_pass", None)
+    monkeypatch.setattr(engine, "_due_installs", 0)
+    monkeypatch.setattr(engine, "_peak_rss", lambda: peak[0])
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield peak
     finally:
         gc.unfreeze()
         if was:
             gc.enable()
+
+
+def test_helper_runs_no_gc_pass_while_the_process_stays_put(gc_held, monkeypatch):
+    """A helper freezes an install's survivors without a GC pass, and while the process does
+    not grow past FULL_PASS_GROWTH times its size at the first install, no install runs one: a
+    garbage cycle frozen by one install stays (a pass every few installs found nothing, at
+    10-250 ms)."""
+    peak = gc_held
+    passes = []
+    real = engine.full_pass
+    monkeypatch.setattr(engine, "full_pass", lambda: passes.append(1) or real())
+    refs = _garbage_cycles(1)
+    for k in range(3 * engine.FULL_PASS_EVERY):
+        peak[0] = 100000 + k * 1000             # grows, by less than twice
+        engine._collect_and_freeze()
+    assert passes == [] and not engine.full_pass_due()
+    assert refs[0]() is not None, "no pass may have run"
+    assert engine.full_pass_if_due() is None
+
+
+def test_helper_collects_the_whole_heap_once_it_has_grown(gc_held):
+    """Past FULL_PASS_GROWTH times its size at the last pass the process's full pass is due:
+    it runs at the helper's idle moment (full_pass_if_due) and frees the cycles frozen by
+    earlier installs; without an idle moment, FULL_PASS_EVERY installs later at once."""
+    peak = gc_held
+    engine._collect_and_freeze()                    # the first install: the size to grow from
+    refs = _garbage_cycles(100)
+    peak[0] = int(100000 * engine.FULL_PASS_GROWTH) + 1
+    engine._collect_and_freeze()
+    assert engine.full_pass_due() and all(r() is not None for r in refs)
+    assert engine.full_pass_if_due() >= len(refs)
+    assert all(r() is None for r in refs), "the full pass must free cycles frozen earlier"
+    assert not engine.full_pass_due() and engine._peak_at_pass == peak[0]
+    # no idle moment: the install FULL_PASS_EVERY after the pass became due runs it
+    refs = _garbage_cycles(100)
+    peak[0] = int(peak[0] * engine.FULL_PASS_GROWTH) + 1
+    for k in range(engine.FULL_PASS_EVERY):
+        assert all(r() is not None for r in refs), f"a pass ran {k} installs after due"
+        engine._collect_and_freeze()
+    assert all(r() is None for r in refs) and not engine.full_pass_due()
+
+
+def test_an_install_leaves_no_garbage_cycle(udp, monkeypatch):
+    """What a helper's install and its work after the reply leave is freed by reference
+    counting alone: a full GC pass after them finds nothing (it once found the ctypes.CDLL
+    _wait_for_readers made per install, 8 objects a command, frozen until a pass)."""
+    a, b, probe = udp
+    monkeypatch.setattr(engine, "AFTER_REPLY", [])
+    text = lab_text(20)
+    tables = [_decoded(text), _decoded(text.replace(TOP[1], TOP[1].replace("ACCEPT", "DROP"))),
+              _decoded(text)]
+    with b.inside():
+        eng = Engine.open()
+        eng.install(tables[0])
+        engine.run_after_reply()
+        was = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            found = []
+            for t in tables[1:]:
+                gc.collect()
+                eng.install(t)
+                with monkeypatch.context() as m:
+                    m.setattr(engine, "_collect_and_freeze", lambda: None)
+                    engine.run_after_reply()
+                eng._late_after_reply()     # the RCU wait's end, if after_reply requeued it
+                time.sleep(0.05)
+                engine.run_after_reply()
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                try:
+                    gc.collect()
+                finally:
+                    gc.set_debug(0)
+                found.append(sorted({type(o).__name__ for o in gc.garbage}))
+                gc.garbage.clear()
+        finally:
+            if was:
+                gc.enable()
+    assert probe.verdicts() == VERDICTS
+    assert found == [[], []], f"garbage cycles left by an install: {found}"
 
 
 def test_without_queue_the_install_collects_itself(udp, monkeypatch):
@@ -610,3 +698,67 @@ def test_stdio_runs_the_queue_past_its_bound_and_when_idle():
     rc, bound, log = _stdio_log([(1, 0.3), (1, 0.3), (1, 0.0)])
     assert [x for x in log] == [("serve", 0), ("run", 2), ("serve", 0), ("run", 2),
                                 ("serve", 0)], log
+
+
+STDIO_PASS = STDIO.replace('''        engine.after_reply(lambda: None)
+        return Reply(0, 0)''', '''        engine.after_reply(lambda: None)
+        engine._due_installs = 1         # each install makes the whole-heap pass due
+        return Reply(0, 0)
+engine.full_pass = lambda: log.append(("pass", 0)) or engine.__dict__.update(_due_installs=0)''')
+
+
+def test_stdio_runs_a_due_gc_pass_only_when_idle(monkeypatch):
+    """The kernel shim's transport: a whole-heap GC pass made due by an install
+    (engine._collect_and_freeze) waits until no request has come for IDLE_PASS_AFTER, not
+    run between the requests of a burst (nor right after the queued work)."""
+    monkeypatch.setattr(sys.modules[__name__], "STDIO", STDIO_PASS)
+    rc, _bound, log = _stdio_log([(1, 0.1), (1, 0.1), (1, 0.1), (1, 1.0), (1, 0.0)])
+    assert rc == 0
+    assert [w for w, _n in log if w != "run"] == ["serve"] * 4 + ["pass", "serve"], log
+
+
+def _tracked() -> int:
+    """Objects the cyclic GC tracks, frozen or not, without a pass (which would free what a
+    helper keeps)."""
+    return gc.get_freeze_count() + len(gc.get_objects())
+
+
+def test_helper_heap_stays_flat_over_many_installs(udp, monkeypatch):
+    """A helper's installs, each with its work after the reply and no GC pass at all (the
+    pass is not due: the process does not grow): two tables installed in turn 40 times, the
+    objects alive after the 10th and the 40th install are as many (a cycle per install, such
+    as the ctypes.CDLL _wait_for_readers once made, adds 8 objects a command)."""
+    a, b, probe = udp
+    monkeypatch.setattr(engine, "AFTER_REPLY", [])
+    monkeypatch.setattr(engine, "_peak_at_pass", None)
+    monkeypatch.setattr(engine, "_due_installs", 0)
+    passes = []
+    real = engine.full_pass
+    monkeypatch.setattr(engine, "full_pass", lambda: passes.append(1) or real())
+    text = lab_text(20)
+    tables = [_decoded(text), _decoded(text.replace(TOP[1], TOP[1].replace("ACCEPT", "DROP")))]
+    counts = []
+    was = gc.isenabled()
+    gc.collect()
+    try:
+        with b.inside():
+            eng = Engine.open()
+            for k in range(40):
+                gc.disable()            # as the helper's requests (sockopt.Dispatcher.serve)
+                eng.install(tables[k % 2])
+                engine.run_after_reply()
+                eng._late_after_reply()
+                engine.run_after_reply()
+                gc.enable()
+                if k in (9, 39):
+                    time.sleep(0.05)    # the late counts' thread done
+                    eng._late_after_reply()
+                    engine.run_after_reply()
+                    counts.append(_tracked())
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+    assert passes == [], "no pass is due while the process does not grow"
+    assert probe.verdicts() == {**VERDICTS, 7002: False}
+    assert counts[1] - counts[0] < 100, counts

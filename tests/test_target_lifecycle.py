@@ -104,3 +104,45 @@ def test_responder_exits_when_its_ring_goes():
         finally:
             with ns.inside():
                 eng.flush()
+
+
+def test_stop_costs_nothing_when_nothing_runs(monkeypatch):
+    """Every install of a table without REJECT/LOG (and, IPv4, without addrtype) stops the
+    responder and the addrtype watcher: with neither a pid file nor a pin there, neither stop
+    reads a pid file nor unpins anything (they cost ~40 us each per install when they did). A
+    pin left alone (its process and pid file gone) is still removed."""
+    from bpfilter_umh import addrtype, daemons, responder
+    from bpfilter_umh import kernel as K
+    from bpfilter_umh.engine import Engine
+    from bpfilter_umh.model import AF_INET
+    without = table_of(WITHOUT)
+    calls = []
+    real_stop, real_unpin = daemons.stop, K.unpin
+    monkeypatch.setattr(daemons, "stop", lambda p: calls.append(("stop", p)) or real_stop(p))
+
+    def unpin(p, *a):
+        if os.path.basename(p) in ("events", "addrtype"):     # not the programs' pins
+            calls.append(("unpin", p))
+        return real_unpin(p, *a)
+    monkeypatch.setattr(K, "unpin", unpin)
+    with Netns("lz") as ns:
+        with ns.inside():
+            eng = Engine.open(AF_INET)
+        try:
+            with ns.inside():
+                eng.install(without)
+                calls.clear()
+                eng.install(without)
+            assert calls == [], "the stops did work with nothing to stop"
+            with ns.inside():
+                pin = responder.events_pin("ipv4", eng.cookie)
+                ring = responder.open_events("ipv4")     # a ring pinned, no responder
+                ring.close()
+                assert os.path.exists(pin)
+                eng.install(without)
+            assert not os.path.exists(pin), "a left pin must still be removed"
+            assert ("unpin", pin) in calls
+            assert not any(addrtype.pin_path(eng.cookie) == p for _c, p in calls)
+        finally:
+            with ns.inside():
+                eng.flush()
