@@ -667,16 +667,24 @@ def _jump_verdict(e: bytes, family: int):
 
 
 class _CachedHdr:
+    """_Hdr's fields, set by the maker (_cached_hdr, the walk, _with_volatile). Made by
+    calling the class (no __init__): ~0.1 us less than object.__new__(cls), whose call packs
+    its argument into a new tuple; the walk makes one per entry. One class for all of them:
+    the readers' attribute loads stay specialized to one type (3.11's LOAD_ATTR_SLOT)."""
     __slots__ = _Hdr.__slots__
 
-    def __init__(self, c, blob, off, family):
-        self.nfcache, self.target_offset, self.next_offset, self.pad = c.hdr_fields
-        ip = self.ip = object.__new__(IpHeader)      # IpHeader's fields, without its __init__
-        ip.__dict__ = c.ip_fields.copy()
-        cf, cnt, _ = _VOLATILE[family]
-        self.comefrom = int.from_bytes(blob[off + cf:off + cf + 4], "little")
-        self.pcnt = int.from_bytes(blob[off + cnt:off + cnt + 8], "little")
-        self.bcnt = int.from_bytes(blob[off + cnt + 8:off + cnt + 16], "little")
+
+def _cached_hdr(c, blob, off, family):
+    """The header of the entry at `off` whose bytes are those of _ENTRY_CACHE value c."""
+    h = _CachedHdr()
+    h.nfcache, h.target_offset, h.next_offset, h.pad = c.hdr_fields
+    ip = h.ip = object.__new__(IpHeader)        # IpHeader's fields, without its __init__
+    ip.__dict__ = c.ip_fields.copy()
+    cf, cnt, _ = _VOLATILE[family]
+    h.comefrom = int.from_bytes(blob[off + cf:off + cf + 4], "little")
+    h.pcnt = int.from_bytes(blob[off + cnt:off + cnt + 8], "little")
+    h.bcnt = int.from_bytes(blob[off + cnt + 8:off + cnt + 16], "little")
+    return h
 
 
 def _remember(raws, family):
@@ -941,7 +949,7 @@ def _same_but_volatile(a: bytes, b: bytes, family: int) -> bool:
 
 def _with_volatile(hdr, e: bytes, family: int):
     """A copy of an entry header with comefrom and the counters read from entry bytes e."""
-    n = object.__new__(_CachedHdr)
+    n = _CachedHdr()
     n.ip, n.nfcache, n.target_offset, n.next_offset, n.pad = \
         hdr.ip, hdr.nfcache, hdr.target_offset, hdr.next_offset, hdr.pad
     cf, cnt, _ = _VOLATILE[family]
@@ -1664,6 +1672,16 @@ def _run_cycle(t):
     return cyc
 
 
+def _same_cycle(t, cyc) -> bool:
+    """Whether the templates the guesses from t go through are `cyc` (t first) again: the
+    links (t.after) change wherever another template comes between."""
+    for c in cyc:
+        if t is not c:
+            return False
+        t = t.after
+    return t is cyc[0]
+
+
 class _RunPlan:
     """How a run of a cycle of templates is read: `period` (bytes), `fixed` (the period's
     fixed bytes, zero where its entries have their own), `cols` ((width, index) of each word
@@ -1761,8 +1779,10 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int):
     ms, tname, trev, tsize, tp, std, v = \
         f.matches, f.tname, f.trev, f.tsize, f.tpayload, f.std, f.verdict
     ctail = f.key[cf:]          # the key after the entry's first cf bytes: the template's
-    uncond_t, zero_a, jump = t.uncond, bytes(len(taddrs)), kind == _JUMP_TAIL
+    uncond_t, jump = t.uncond, kind == _JUMP_TAIL
     new, (split, addr, mk) = object.__new__, _run_addresses(family)
+    # the addresses compared as read (bytes.startswith parses its arguments: ~2x the time)
+    taddrs, zero_a = split(taddrs), split(bytes(len(taddrs)))
     out = []
     put = out.append
     # (one statement per field: a tuple assignment of more than three builds the tuple)
@@ -1771,8 +1791,8 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int):
             if x <= 0:
                 break
             v = x
-        r = new(_TRaw)
-        h = r.hdr = new(_CachedHdr)
+        r = _TRaw()
+        h = r.hdr = _CachedHdr()
         h.nfcache = nfc
         h.target_offset = toff
         h.next_offset = nxt
@@ -1780,11 +1800,12 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int):
         h.comefrom = c
         h.pcnt = pc
         h.bcnt = bc
-        if head.startswith(taddrs):
+        a4 = split(head)
+        if a4 == taddrs:
             r.ip = h.ip = fip
         else:
             ip = r.ip = h.ip = new(IpHeader)
-            s_, d_, sm, dm = split(head)
+            s_, d_, sm, dm = a4
             ip.src = addr(s_) or mk(s_)
             ip.dst = addr(d_) or mk(d_)
             ip.smsk = addr(sm) or mk(sm)
@@ -1797,7 +1818,7 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int):
         r.trev = trev
         r.tsize = tsize
         r.tpayload = tp
-        r.uncond = uncond_t and head.startswith(zero_a)
+        r.uncond = uncond_t and a4 == zero_a
         r.std = std
         r.verdict = v
         r.key = head + ctail
@@ -1818,11 +1839,12 @@ def _own_tail_raws(t, rows, off: int, step: int, family: int):
     ms0, tname, trev, tsize, tp0, std, v0 = \
         f.matches, f.tname, f.trev, f.tsize, f.tpayload, f.std, f.verdict
     gapb = f.key[cf:cf + cnt - cf - 4]      # ip6t_entry's padding after comefrom
-    uncond_t, zero_a = t.uncond, bytes(len(taddrs))
+    uncond_t = t.uncond
     mvar = [(k, lo - end, hi - end) for k, lo, hi in t.mvar]
     jump, errname = t.tvar == _JUMP, t.tvar == _ERRNAME
     tlo, thi, nlen = toff + 32 - end, toff + tsize - end, uapi.XT_FUNCTION_MAXNAMELEN
     new, (split, addr, mk) = object.__new__, _run_addresses(family)
+    taddrs, zero_a = split(taddrs), split(bytes(len(taddrs)))      # (as _run_raws)
     out = []
     put = out.append
     for head, c, pc, bc, x in rows:
@@ -1843,8 +1865,8 @@ def _own_tail_raws(t, rows, off: int, step: int, family: int):
             for k, lo, hi in mvar:
                 m = ms[k]
                 ms[k] = (m[0], m[1], x[lo:hi], m[3])
-        r = new(_TRaw)
-        h = r.hdr = new(_CachedHdr)
+        r = _TRaw()
+        h = r.hdr = _CachedHdr()
         h.nfcache = nfc
         h.target_offset = toff
         h.next_offset = nxt
@@ -1852,11 +1874,12 @@ def _own_tail_raws(t, rows, off: int, step: int, family: int):
         h.comefrom = c
         h.pcnt = pc
         h.bcnt = bc
-        if head.startswith(taddrs):
+        a4 = split(head)
+        if a4 == taddrs:
             r.ip = h.ip = fip
         else:
             ip = r.ip = h.ip = new(IpHeader)
-            s_, d_, sm, dm = split(head)
+            s_, d_, sm, dm = a4
             ip.src = addr(s_) or mk(s_)
             ip.dst = addr(d_) or mk(d_)
             ip.smsk = addr(sm) or mk(sm)
@@ -1869,7 +1892,7 @@ def _own_tail_raws(t, rows, off: int, step: int, family: int):
         r.trev = trev
         r.tsize = tsize
         r.tpayload = tp
-        r.uncond = uncond_t and head.startswith(zero_a)
+        r.uncond = uncond_t and a4 == zero_a
         r.std = std
         r.verdict = v
         r.key = key
@@ -1964,6 +1987,11 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
     # read nothing: a shape whose guesses hit in short streaks tries few)
     streak, need = 0, RUN_AFTER
     plans = {}                              # _RunPlan by cycle of templates, this walk
+    # {template a run was read from: its cycle then}, where the last run tried from it read
+    # something: an entry whose next template is one of them, with the same cycle again, tries
+    # the run at once. A blocklist's ACCEPT breaks its run of DROPs, and the DROPs after it
+    # took 7 entries of the per-entry path each time (relinking, then RUN_AFTER guess hits)
+    ran = {}
     limit = size if stop is None else min(size, stop)
     while off < size and (stop is None or off < stop):
         # check_entry_size_and_hooks(): alignment, header inside, next_offset inside
@@ -2015,8 +2043,8 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                 hits += 1
                 f, tv = t.first, t.tvar
                 v, tp = vt
-                r = new(_TRaw)
-                h = r.hdr = new(_CachedHdr)
+                r = _TRaw()
+                h = r.hdr = _CachedHdr()
                 h.nfcache, h.target_offset, h.next_offset, h.pad = t.hdr
                 h.comefrom, h.pcnt, h.bcnt = vol(e, cf)
                 a_ = e[:asz]
@@ -2058,11 +2086,20 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                 out.append(r)
                 off += nxt
                 last = t
-                if streak >= need:
-                    # the guesses have hit a few times in a row: the run they are in, at once
-                    streak = 0
-                    run = _walk_run(blob, t.after, off, limit, plans, family)
-                    need = RUN_AFTER if run is not None else 2 * need
+                nt = t.after
+                if streak >= need or (nt in ran and _same_cycle(nt, ran[nt])):
+                    # the guesses have hit a few times in a row, or go on into a run read
+                    # before: the run they are in, at once (the run reads only what the
+                    # guesses would, so where it starts changes nothing but the time)
+                    early, streak = streak < need, 0
+                    run = _walk_run(blob, nt, off, limit, plans, family)
+                    if run is not None:
+                        need = RUN_AFTER
+                        ran[nt] = run[1]
+                    else:
+                        ran.pop(nt, None)
+                        if not early:
+                            need *= 2
                     if run is not None:
                         got, cyc = run
                         _run_underflows(got, uflows, valid_hooks, underflow)
@@ -2080,7 +2117,7 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
         if c is not None:
             # every check of the entry's own bytes passed when it was cached
             v = c.verdict if c.verdict <= 0 else _jump_verdict(e, family)
-            h = _CachedHdr(c, blob, off, family)
+            h = _cached_hdr(c, blob, off, family)
             r = _Raw(off, h, h.ip, c.matches, c.tname, c.trev, c.tsize, c.tpayload, c.uncond,
                      c.std, v, c.mdata, c.tdata, key)
             if off in uflows:

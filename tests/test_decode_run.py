@@ -369,3 +369,30 @@ def test_no_run_from_a_template_nothing_followed(family, monkeypatch, small_chun
     for name in CACHES:
         getattr(model, name).clear()
     assert got["run"] == got["entry"]
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+def test_a_run_broken_by_another_template_goes_on_at_once(family, monkeypatch, small_chunks):
+    """A blocklist's DROPs with an ACCEPT every 17 entries: after each ACCEPT the run of
+    DROPs (its cycle read before, and the same again) is tried as soon as the links lead
+    back into it, not after RUN_AFTER guess hits: the ACCEPT and the two DROPs after it
+    (looked up, their links set anew) are the only entries of the per-entry path there.
+    The walks still read the same (walks_agree)."""
+    t = copy.deepcopy(Table.empty("filter", family))
+    n = 17 * 20
+    t.chain("INPUT").rules = [Rule(_hdr(family, src=_addr(family, k)),
+                                   target=Verdict(ACCEPT if k % 17 == 9 else DROP))
+                              for k in range(n)]
+    t.layout()
+    blob = t.encode()
+    _out, by_run = walks_agree(blob, family, monkeypatch, t.underflow, t.valid_hooks)
+    ents = _ents(t)
+    by_run = set(by_run)
+    outside = [k for k, (o, _s) in enumerate(ents) if o not in by_run]
+    accepts = [k for k in range(n) if k % 17 == 9]
+    # before the first run: the first entry (walked in full), one looked up (its link set),
+    # RUN_AFTER guess hits; then each ACCEPT and the two DROPs after it
+    first = [k for k in outside if k < accepts[0]]
+    rest = [k for k in outside if accepts[0] <= k < n]
+    assert len(first) <= 2 + model.RUN_AFTER, outside
+    assert rest == [a + d for a in accepts for d in range(3)], outside
