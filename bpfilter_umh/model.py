@@ -1769,102 +1769,54 @@ def _run_addresses(family: int):
 def _run_raws(t, rows, off: int, step: int, kind: int, family: int):
     """The raw entries of template t read from `rows` (_RunPlan.reads' struct, one per
     period; the first at offset `off`, then every `step` bytes), as the per-entry path makes
-    a guess hit's; stops before the first whose own fields fail (_own_fields)."""
-    if kind == _OWN_TAIL:
-        return _own_tail_raws(t, rows, off, step, family)
-    cf = _VOLATILE[family][0]
-    f = t.first
-    fip, taddrs, tip = f.ip, t.addrs, t.ip
-    nfc, toff, nxt, hpad = t.hdr
-    ms, tname, trev, tsize, tp, std, v = \
-        f.matches, f.tname, f.trev, f.tsize, f.tpayload, f.std, f.verdict
-    ctail = f.key[cf:]          # the key after the entry's first cf bytes: the template's
-    uncond_t, jump = t.uncond, kind == _JUMP_TAIL
-    new, (split, addr, mk) = object.__new__, _run_addresses(family)
-    # the addresses compared as read (bytes.startswith parses its arguments: ~2x the time)
-    taddrs, zero_a = split(taddrs), split(bytes(len(taddrs)))
-    out = []
-    put = out.append
-    # (one statement per field: a tuple assignment of more than three builds the tuple)
-    for head, c, pc, bc, x in rows:
-        if jump:
-            if x <= 0:
-                break
-            v = x
-        r = _TRaw()
-        h = r.hdr = _CachedHdr()
-        h.nfcache = nfc
-        h.target_offset = toff
-        h.next_offset = nxt
-        h.pad = hpad
-        h.comefrom = c
-        h.pcnt = pc
-        h.bcnt = bc
-        a4 = split(head)
-        if a4 == taddrs:
-            r.ip = h.ip = fip
-        else:
-            ip = r.ip = h.ip = new(IpHeader)
-            s_, d_, sm, dm = a4
-            ip.src = addr(s_) or mk(s_)
-            ip.dst = addr(d_) or mk(d_)
-            ip.smsk = addr(sm) or mk(sm)
-            ip.dmsk = addr(dm) or mk(dm)
-            (ip.iniface, ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto,
-             ip.flags, ip.invflags, ip.tos, ip.pad) = tip
-        r.off = off
-        r.matches = ms
-        r.tname = tname
-        r.trev = trev
-        r.tsize = tsize
-        r.tpayload = tp
-        r.uncond = uncond_t and a4 == zero_a
-        r.std = std
-        r.verdict = v
-        r.key = head + ctail
-        r.tpl = t
-        r.mdata = r.tdata = r.dup = r.built_norm = r.built_raw = None
-        put(r)
-        off += step
-    return out
-
-
-def _own_tail_raws(t, rows, off: int, step: int, family: int):
-    """_run_raws of a template with key fields after the counters (rows' x: those bytes): a
-    match's ports, a jump's verdict with them, an errorname."""
+    a guess hit's; stops before the first whose own fields fail (_own_fields). `kind`: what a
+    row's last value x is: nothing (_FIXED_TAIL), a jump's verdict (_JUMP_TAIL), or the bytes
+    after the counters, which hold key fields (_OWN_TAIL: a match's ports, a jump's verdict
+    with them, an errorname)."""
     cf, cnt, end = _VOLATILE[family]
     f = t.first
     fip, taddrs, tip = f.ip, t.addrs, t.ip
     nfc, toff, nxt, hpad = t.hdr
     ms0, tname, trev, tsize, tp0, std, v0 = \
         f.matches, f.tname, f.trev, f.tsize, f.tpayload, f.std, f.verdict
+    ctail = f.key[cf:]          # the key after the entry's first cf bytes: the template's
     gapb = f.key[cf:cf + cnt - cf - 4]      # ip6t_entry's padding after comefrom
-    uncond_t = t.uncond
-    mvar = [(k, lo - end, hi - end) for k, lo, hi in t.mvar]
-    jump, errname = t.tvar == _JUMP, t.tvar == _ERRNAME
+    uncond_t, own = t.uncond, kind == _OWN_TAIL
+    jump = kind == _JUMP_TAIL or own and t.tvar == _JUMP
+    errname = own and t.tvar == _ERRNAME
+    mvar = [(k, lo - end, hi - end) for k, lo, hi in t.mvar] if own else ()
     tlo, thi, nlen = toff + 32 - end, toff + tsize - end, uapi.XT_FUNCTION_MAXNAMELEN
     new, (split, addr, mk) = object.__new__, _run_addresses(family)
-    taddrs, zero_a = split(taddrs), split(bytes(len(taddrs)))      # (as _run_raws)
+    # the addresses compared as read (bytes.startswith parses its arguments: ~2x the time)
+    taddrs, zero_a = split(taddrs), split(bytes(len(taddrs)))
+    v, tp, ms = v0, tp0, ms0
     out = []
     put = out.append
+    # (one statement per field: a tuple assignment of more than three builds the tuple)
     for head, c, pc, bc, x in rows:
-        v, tp, ms = v0, tp0, ms0
-        if jump:
-            v = int.from_bytes(x[-8:-4], "little", signed=True)
-            if v <= 0:
-                break
-            key = head + gapb + x[:-8] + b"\xff\xff\xff\x7f" + x[-4:]
-        else:
-            key = head + gapb + x if gapb else head + x
-            if errname:
-                tp = x[tlo:thi]
-                if tp.find(0, 0, nlen) < 0:        # no NUL in the errorname
+        if own:
+            if jump:
+                v = int.from_bytes(x[-8:-4], "little", signed=True)
+                if v <= 0:
                     break
-        if mvar:
-            ms = list(ms0)
-            for k, lo, hi in mvar:
-                m = ms[k]
-                ms[k] = (m[0], m[1], x[lo:hi], m[3])
+                key = head + gapb + x[:-8] + b"\xff\xff\xff\x7f" + x[-4:]
+            else:
+                key = head + gapb + x if gapb else head + x
+                if errname:
+                    tp = x[tlo:thi]
+                    if tp.find(0, 0, nlen) < 0:        # no NUL in the errorname
+                        break
+            if mvar:
+                ms = list(ms0)
+                for k, lo, hi in mvar:
+                    m = ms[k]
+                    ms[k] = (m[0], m[1], x[lo:hi], m[3])
+        else:
+            if jump:
+                if x <= 0:
+                    break
+                v = x
+            key = head + ctail
         r = _TRaw()
         h = r.hdr = _CachedHdr()
         h.nfcache = nfc
