@@ -204,20 +204,13 @@ def start() -> int:
     return daemons.start(_pidfile(), "bpfilter_umh.addrtype", ["ipv4"], ready=True)
 
 
-# cookie -> (pid file, mirror pin): stop()'s paths, made once per netns
-_STOP_PATHS: dict = {}
-
-
 def stop(cookie: int = None):
     """Stop the watcher (if any) and remove the mirror's pin."""
-    if cookie is not None:
+    if cookie is not None and not os.path.lexists(_pidfile(cookie)) and \
+            not os.path.lexists(pin_path(cookie)):
         # every IPv4 install of a table without addrtype comes here: with neither the pid file
         # nor the pin there is nothing to stop (see responder.stop)
-        paths = _STOP_PATHS.get(cookie)
-        if paths is None:
-            paths = _STOP_PATHS[cookie] = (_pidfile(cookie), pin_path(cookie))
-        if not os.path.lexists(paths[0]) and not os.path.lexists(paths[1]):
-            return
+        return
     from . import kernel as K
     daemons.stop(_pidfile(cookie))
     pin = pin_path(cookie)

@@ -96,27 +96,14 @@ def start(family_dir: str) -> int:
                          ready=True)
 
 
-# (family_dir, cookie) -> (pid file, ring pin): stop()'s paths, made once per netns
-_STOP_PATHS: dict = {}
-
-
-def _stop_paths(family_dir: str, cookie: int) -> tuple:
-    paths = _STOP_PATHS.get((family_dir, cookie))
-    if paths is None:
-        paths = _STOP_PATHS[(family_dir, cookie)] = (_pidfile(family_dir, cookie),
-                                                     events_pin(family_dir, cookie))
-    return paths
-
-
 def stop(family_dir: str, cookie: int = None):
     """Stop the responder (if any) and remove the ring's pin."""
-    if cookie is not None:
+    if cookie is not None and not os.path.lexists(_pidfile(family_dir, cookie)) and \
+            not os.path.lexists(events_pin(family_dir, cookie)):
         # every install of a table without REJECT or LOG comes here: with neither the pid
-        # file nor the pin there is nothing to stop, two stats instead of the paths made anew,
-        # a pid file opened, an unlink and an rmdir that fail (~40 us)
-        pidfile, pin = _stop_paths(family_dir, cookie)
-        if not os.path.lexists(pidfile) and not os.path.lexists(pin):
-            return
+        # file nor the pin there is nothing to stop, two stats instead of a pid file opened,
+        # an unlink and an rmdir that fail (~40 us)
+        return
     from . import kernel as K
     daemons.stop(_pidfile(family_dir, cookie))
     pin = events_pin(family_dir, cookie)
