@@ -1,7 +1,7 @@
 """A helper's GC pass over its whole heap (engine.full_pass) runs where no command waits.
 
 A helper freezes what each install leaves (engine._collect_and_freeze) and collects its whole
-heap only once the frozen heap has grown (FULL_PASS_GROWTH). That pass, 10-17 ms at 10 rules and
+heap only once the process has grown (its peak resident size: FULL_PASS_GROWTH). That pass, 10-17 ms at 10 rules and
 70-250 ms at 10 000, once ran after every 16th install's reply, where the next command of a
 back-to-back burst (bin/bpfilter-exec: ~2 ms later) waited behind it. Now serve_listen runs it
 only when no request has come for its select's idle timeout and no door is connected. Here the
@@ -55,6 +55,8 @@ def test_gc_pass_waits_for_the_burst_to_end():
             if helper.poll() is None:
                 helper.kill()
                 helper.wait()
+            # the appends' programs, pins and state file go with the namespace's state
+            ns.run([PY, "-m", "bpfilter_umh.cli", "flush"], check=False, env=env)
         text = open(log).read()
     lines = text.splitlines()
     served = [i for i, l in enumerate(lines) if re.search(r"pid \d+ \S+: [0-9.]+ ms", l)]
