@@ -27,6 +27,7 @@ import sys
 import time
 
 from .errors import BpfilterError
+from . import heap
 from .frames import (BPFILTER_CMD_ADOPT, BPFILTER_CMD_HOLD, HELPER_SOCKET, REQUEST, Reply,
                      Request, read_exact)
 from .sockopt import log        # logging imported on first use: `exec` runs through here too
@@ -154,6 +155,8 @@ def serve_stdio(dispatcher) -> int:
             _run_after_reply()
         if _full_pass_pending() and not select.select([0], [], [], IDLE_PASS_AFTER)[0]:
             _full_pass_if_due()
+        if heap.held() and not select.select([0], [], [], heap.RELEASE_IDLE)[0]:
+            heap.release_if_small(dispatcher)
         try:
             buf = read_exact(rd, REQUEST.size)
             if not buf:
@@ -263,6 +266,9 @@ def serve_listen(dispatcher, idle: float) -> int:
                 continue
             if clients == 0 and _full_pass_if_due():
                 continue
+            if clients == 0 and now - last >= heap.RELEASE_IDLE and \
+                    heap.release_if_small(dispatcher):
+                continue
             if clients == 0 and now - last >= idle:
                 srv.close()
                 log.info("helper %d idle for %.1fs, exiting", os.getpid(), idle)
@@ -345,16 +351,16 @@ def preload():
 _idle_work = []
 
 
-def queue_start_work(engine):
-    """What a new helper does in its first idle moments instead of at its start: warming the
-    heap its first restore's objects come from (engine.warm_object_heap_steps: ~3 000 page
-    faults, ~15-20 ms here). A door that starts the helper waits for its socket, bound after
+def queue_start_work():
+    """What a new helper does in its first idle moments instead of at its start: faulting in
+    the heap its first restore and appends take their memory from (heap.reserve_steps: ~12 000
+    page faults, ~60 ms here). A door that starts the helper waits for its socket, bound after
     preload, so done there it would delay every first command; done in steps between requests
     it runs before the first command when the helper was started ahead of it, or while
     iptables-restore parses its input between GET_ENTRIES and SET_REPLACE (libiptc reads the
     table at "*filter" and sends it back at COMMIT: ~30 ms at 10 000 rules), in another
     process. A request that comes meanwhile waits for one step at most."""
-    _idle_work.append(engine.warm_object_heap_steps())
+    _idle_work.append(heap.reserve_steps())
 
 
 def _idle_step() -> bool:
@@ -403,6 +409,7 @@ def main(argv=None) -> int:
     # joins the host mount namespace first (CAP_SYS_ADMIN); only a door's helper may hand a
     # table to the kernel's xtables (policy xtables): under the kernel shim they are not there
     dispatcher = Dispatcher(door=bool(mode))
+    heap.configure()                    # before preload starts the engine's threads
     if os.environ.get("BPFILTER_KEEP_CAPS") != "1":
         drop_capabilities()
     preload()
@@ -410,7 +417,7 @@ def main(argv=None) -> int:
     if engine is not None and AFTER_REPLY_IDLE >= 0:
         engine.AFTER_REPLY = []         # this process answers requests: see AFTER_REPLY_IDLE
     if engine is not None:
-        queue_start_work(engine)
+        queue_start_work()
     if mode == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
     return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)

@@ -172,46 +172,6 @@ def _prefault_heap():
     del buf
 
 
-# a restore's decode and compile make their objects (entries, rules, the classifier's specs)
-# through CPython's small-object allocator, whose arenas are fresh 1 MiB mmap()s faulted in page
-# by page on first touch, and unmapped again once every object in them is gone
-# (Objects/obmalloc.c). A helper's first restore of 10 000 rules faulted ~2 750 pages in its
-# SET_REPLACE (~2 270 in decode, ~480 in compile), 5-13 ms of its CPU here; HEAP_WARM is about
-# what that restore makes.
-HEAP_WARM = 12 << 20
-# the allocator's arena size on 64-bit builds (ARENA_BITS 20); arenas are not aligned to it
-_ARENA = 1 << 20
-_heap_pins = []
-
-
-def warm_object_heap_steps(size: int = HEAP_WARM):
-    """Fault in `size` bytes of the small-object allocator's arenas and keep them mapped, an
-    arena a step (~1 ms; then ~0.3 ms a step to free them), so that a helper's first restore's
-    objects land on pages already there instead of faulting them in inside the request: a
-    helper runs a step only while no request waits (__main__.queue_start_work). The arenas are
-    filled with small objects, then all are freed but one per quarter arena: an arena with an
-    object left stays mapped, and its free pools serve any size class (an arena spans at least
-    three whole quarters, so each keeps one). Done once per process: afterwards the installed
-    table lives on the warm heap."""
-    if _heap_pins:
-        return
-    per_step = _ARENA // 480
-    chunks = []
-    for _ in range(size // _ARENA):
-        chunks.append([bytes(440) for _ in range(per_step)])     # 473 bytes: the 480 class
-        yield
-    seen = set()
-    while chunks:
-        for o in chunks.pop():          # freed here but for its pins: one arena a step
-            quarter = id(o) // (_ARENA // 4)
-            if quarter not in seen:
-                seen.add(quarter)
-                _heap_pins.append(o)
-        yield
-    from .sockopt import log
-    log.debug("object heap warmed: %d MiB", size >> 20)
-
-
 def _grow_fd_table():
     """A process's file table grows by reallocation, and while more than one thread shares it
     the kernel waits for an RCU grace period first (fs/file.c expand_fdtable: synchronize_rcu
@@ -2659,9 +2619,12 @@ _due_installs = 0       # installs since the pass became due (0: not due)
 
 
 def _peak_rss() -> int:
-    """The process's peak resident size in KiB (ru_maxrss: it never goes down)."""
+    """The process's peak resident size in KiB (ru_maxrss: it never goes down), but for what
+    a helper's heap reserve added to it (heap.reserve_kib: faulted in at its start, before
+    any table)."""
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from . import heap
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - heap.reserve_kib()
 
 
 def _collect_and_freeze():

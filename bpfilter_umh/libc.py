@@ -1,4 +1,4 @@
-"""The few libc functions the door calls, through the _ctypes extension alone.
+"""The few libc functions the door and the helper call, through the _ctypes extension alone.
 
 `import ctypes` defines its whole type zoo at import and costs a `python3 -S` process ~3-4 ms
 (measured: `python3 -S -c 'import ctypes'` 12.1 ms against 8.3 ms for `-c pass`); the door runs
@@ -16,6 +16,10 @@ class _Int(_ctypes._SimpleCData):
 
 class _Long(_ctypes._SimpleCData):
     _type_ = "l"
+
+
+class _ULong(_ctypes._SimpleCData):
+    _type_ = "L"
 
 
 class _Char(_ctypes._SimpleCData):
@@ -41,6 +45,10 @@ prctl = _function("prctl")
 setns = _function("setns")
 process_vm_readv = _function("process_vm_readv", _Long)
 process_vm_writev = _function("process_vm_writev", _Long)
+# the helper's heap reserve (heap.py): malloc's thresholds, and giving its free pages back
+mallopt = _function("mallopt")
+malloc_trim = _function("malloc_trim")
+malloc_trim.argtypes = (_ULong,)
 get_errno = _ctypes.get_errno
 addressof = _ctypes.addressof
 

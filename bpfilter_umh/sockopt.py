@@ -346,15 +346,18 @@ class Dispatcher:
                 gc.enable()
 
     def _serve_timed(self, req: Request) -> Reply:
-        t0 = time.perf_counter()
+        import resource
+        t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         try:
             if req.netns_cookie and req.netns_cookie != self.home_cookie:
                 rep = self._serve_in_netns(req)
             else:
                 rep = self._serve(req, self.home_cookie)
-            log.debug("pid %d %s: %.1f ms", req.pid, CMD_NAMES.get((bool(req.is_set), req.cmd),
-                                                                    req.cmd),
-                      (time.perf_counter() - t0) * 1e3)
+            # and the minor page faults the request took (~4.8 us each here: heap.py)
+            log.debug("pid %d %s: %.1f ms, %d faults", req.pid,
+                      CMD_NAMES.get((bool(req.is_set), req.cmd), req.cmd),
+                      (time.perf_counter() - t0) * 1e3,
+                      resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             return rep
         except Exception as e:  # the one place failures become errno
             err = to_errno(e)

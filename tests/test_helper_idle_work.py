@@ -1,6 +1,6 @@
 """A helper's work between requests (__main__.queue_start_work): the heap its first restore's
-objects come from is faulted in while no request waits (engine.warm_object_heap_steps), so the
-first SET_REPLACE of a fresh helper does not fault its pages in itself. What must hold:
+objects come from is faulted in while no request waits (heap.reserve_steps), so the first
+SET_REPLACE of a fresh helper does not fault its pages in itself. What must hold:
 
   - after the warm-up, making ~8 MiB of small objects faults in a fraction of the pages it
     faults in a process without it (the arenas stay mapped);
@@ -24,7 +24,7 @@ from nsutil import Netns
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
-WARMED = "object heap warmed"
+WARMED = "heap reserve warmed"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
 
@@ -32,9 +32,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network n
 _FAULTS = """
 import resource, sys
 sys.path.insert(0, {root!r})
-from bpfilter_umh import engine
+from bpfilter_umh import heap
 if {warm}:
-    for _step in engine.warm_object_heap_steps():
+    for _step in heap.reserve_steps(16 << 20):     # 10 MiB of it in object arenas
         pass
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 keep = [(i, str(i) * 3, [i]) for i in range(40000)]
