@@ -7,14 +7,16 @@ test_decode_cold.py:
     the template's first entry built, and their objects as documented: the matches and the
     extension target of an entry decoded before with the same bytes are that entry's objects
     (_ENTRY_CACHE), those of a template's entries the template's but for each entry's own
-    payloads (tcp/udp ports, an ERROR target's name); a standard target, the matches list
-    and the Rule are each entry's own;
+    payloads (tcp/udp ports, an ERROR target's name); a Jump, the matches list and the Rule
+    are each entry's own, a Verdict one per verdict in a read-only table (decode_replace's),
+    each entry's own in a table callers may edit (Table.decode without share);
   - a restore sends comefrom 0: the kept blob writes the comefrom of the entries a hook
     reaches, the others' stay 0 (model._kept_zeroed), and the raw entries describe it.
 """
 import copy
 import os
 import sys
+import tracemalloc
 
 import pytest
 from construct import Container
@@ -92,11 +94,15 @@ def test_rules_share_objects_as_documented(family):
     first = decode_replace(buf, family)[1]
     raws = model._LAST_WALK[family][1]
     objs = _objects(first)
-    # each entry's own Rule, matches list and standard target
+    # each entry's own Rule, matches list and Jump (_build resolves it in place); one
+    # Verdict per verdict (the table is read-only: nobody edits a target)
     for k in (0, 1):
         assert len({id(o[k]) for o in objs}) == len(objs)
-    std = [o[3] for o in objs if isinstance(o[3], (model.Verdict, model.Jump))]
-    assert len({id(x) for x in std}) == len(std) > 20
+    jumps = [o[3] for o in objs if isinstance(o[3], model.Jump)]
+    assert len({id(x) for x in jumps}) == len(jumps) > 10
+    verdicts = [o[3] for o in objs if isinstance(o[3], model.Verdict)]
+    assert len({id(x) for x in verdicts}) == len({x.verdict for x in verdicts}) >= 2
+    assert len(verdicts) > 30
     # an entry with the bytes of one before it: that one's match objects and extension
     # target; any other read by a template: the template's match objects but for the
     # payloads it brings (mvar: its own Match), an ERROR target of its own, another
@@ -107,7 +113,7 @@ def test_rules_share_objects_as_documented(family):
         f_ms, f_tgt = first_of.setdefault(r.key, (ms, tgt))
         if f_ms is not ms:
             assert len(ms) == len(f_ms) and all(a is b for a, b in zip(ms, f_ms))
-            assert (tgt is f_tgt) == isinstance(tgt, ExtTarget)
+            assert (tgt is f_tgt) == isinstance(tgt, (ExtTarget, model.Verdict))
             dups += 1
         elif r.tpl is not None:
             by_tpl.setdefault(r.tpl, []).append((r, ms, tgt))
@@ -124,7 +130,8 @@ def test_rules_share_objects_as_documented(family):
     assert checked > 30
     # a second decode of the same bytes (the walk not reused: _LAST_WALK dropped, the
     # entries in _ENTRY_CACHE): every match and extension target is the first decode's,
-    # every standard target, matches list and Rule new
+    # every standard target (one Verdict per verdict of this decode), matches list and Rule
+    # new
     model._LAST_WALK.clear()
     again = _objects(decode_replace(buf, family)[1])
     assert len(again) == len(objs)
@@ -132,6 +139,81 @@ def test_rules_share_objects_as_documented(family):
         assert r0 == r1 and r0 is not r1 and l0 is not l1
         assert all(a is b for a, b in zip(ms0, ms1))
         assert (t0 is t1) == isinstance(t0, ExtTarget)
+    _clear()
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_an_editable_table_has_a_verdict_per_entry(family, normalize):
+    """Table.decode without share gives a table its caller may edit: each entry's own
+    Verdict (one rule's verdict changed changes no other), though the same bytes decoded by
+    decode_replace share one per verdict."""
+    t = _slack_table(family)
+    blob = t.encode()
+    _clear()
+    table = Table.decode(blob, family, t.hook_entry, t.underflow, t.valid_hooks,
+                         normalize=normalize)
+    verdicts = [r.target for r in table.entries() if type(r.target) is Verdict]
+    assert len(verdicts) > 30 and len({x.verdict for x in verdicts}) >= 2
+    assert len({id(x) for x in verdicts}) == len(verdicts)
+    verdicts[0].verdict = -3
+    assert sum(x.verdict == -3 for x in verdicts) == 1
+    _clear()
+
+
+def _peak_of(monkeypatch, name: str, peaks: list):
+    """model.<name> wrapped: each call's peak of memory allocated (tracemalloc) appended to
+    peaks."""
+    real = getattr(model, name)
+
+    def traced(*a, **kw):
+        tracemalloc.start()
+        try:
+            out = real(*a, **kw)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        return out
+    monkeypatch.setattr(model, name, traced)
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+@pytest.mark.parametrize("sent", ["restore", "comefrom", "counted"])
+def test_the_kept_blob_costs_one_copy(family, sent, monkeypatch):
+    """The kept blob (comefrom as mark_source_chains() sets it, the counters zeroed) is one
+    copy of the blob sent, patched in place (model._writable_copy): a bytearray patched, then
+    bytes() of it, held two copies at once (a 10 000-rule table: ~2.7 MB each, ~680 fresh
+    pages in a freshly started helper). For a restore (comefrom 0: _kept_zeroed), entries
+    with another comefrom and no counts (_kept_comefrom), entries with counters (_kept_blob's
+    own patches); and the previous kept blob with comefrom zeroed (_zeroed, what a restore
+    over it is compared with). Each gives the bytes the kernel keeps."""
+    t = copy.deepcopy(template_table(family, 40))
+    for r in t.entries():
+        r.comefrom = 0
+    t.layout()
+    restored = t.encode()
+    _clear()
+    want = decode_replace(_table_buf(t, restored), family)[1].kept_blob
+    assert want != restored
+    for k, r in enumerate(t.entries()):
+        r.comefrom = 0x1F if sent != "restore" else 0
+        if sent == "counted" and k % 2:
+            r.counters = (k, 100 * k)
+    blob = t.encode()
+    peaks = []
+    _peak_of(monkeypatch, "_kept_blob", peaks)
+    _clear()
+    table = decode_replace(_table_buf(t, blob), family)[1]
+    assert table.kept_blob == want
+    # (a second copy: 2x the blob at least)
+    assert len(peaks) == 1 and peaks[0] < 1.75 * len(blob), (peaks, len(blob))
+    prev = model._LAST_WALK[family]
+    assert prev[0] == want
+    prev[4].zeroed = None
+    peaks.clear()
+    _peak_of(monkeypatch, "_zeroed", peaks)
+    assert model._zeroed(prev, family) == restored
+    assert len(peaks) == 1 and peaks[0] < 1.75 * len(restored), (peaks, len(restored))
     _clear()
 
 
