@@ -82,9 +82,9 @@ def test_lpm_first_is_the_definition(monkeypatch, seed):
 
 
 def test_lpm_first_top_of_the_address_space(monkeypatch):
-    """_lpm_columns sorts its codes (network << 6 | length, up to 38 bits) as floats: exact
-    below 2**53, so neighbours at the very top (255.255.255.x, codes 64 apart near 2**38) and a
-    /31 holding a /32 keep their order."""
+    """_lpm_columns sorts its codes (network << 8 | length, up to 40 bits) as the floats
+    2**52 + code: exact below 2**53, so neighbours at the very top (255.255.255.x, codes 256
+    apart near 2**40) and a /31 holding a /32 keep their order."""
     prefixes = [(0xffffff00 | b, 32) for b in range(255, -1, -3)] + \
         [(0xfffffffe, 31), (0xffffff00, 24), (0xfffffff0, 28), (0xffffffff, 32)]
     monkeypatch.setattr(classify, "_prefixes", lambda rules, positions, field, run=None: prefixes)
