@@ -351,7 +351,7 @@ def preload():
 _idle_work = []
 
 
-def queue_start_work():
+def queue_start_work(dispatcher=None, listen: bool = False):
     """What a new helper does in its first idle moments instead of at its start: faulting in
     the heap its first restore and appends take their memory from (heap.reserve_steps: ~12 000
     page faults, ~60 ms here). A door that starts the helper waits for its socket, bound after
@@ -359,8 +359,34 @@ def queue_start_work():
     it runs before the first command when the helper was started ahead of it, or while
     iptables-restore parses its input between GET_ENTRIES and SET_REPLACE (libiptc reads the
     table at "*filter" and sends it back at COMMIT: ~30 ms at 10 000 rules), in another
-    process. A request that comes meanwhile waits for one step at most."""
+    process. A request that comes meanwhile waits for one step at most. Before it, what a new
+    helper's first command would otherwise set up inside its requests (_first_command_steps)."""
+    if dispatcher is not None:
+        _idle_work.append(_first_command_steps(dispatcher, listen))
     _idle_work.append(heap.reserve_steps())
+
+
+def _first_command_steps(dispatcher, listen: bool):
+    """What the first command of a new helper would otherwise pay for inside its requests,
+    ~1 ms each here: in a --listen helper, the import of doorserve (and of caller.py behind
+    it), which the first BPFILTER_CMD_ADOPT of bin/bpfilter-exec made (_adopt serves the
+    listener with doorserve.Door); the IPv4 backend of the helper's own namespace, which the
+    first GET_INFO made (Engine.open: the empty table, or the state a previous helper pinned
+    and the pending install it may have left, settled as that request would); and the table
+    encoded once, which GET_INFO answers from. It is the backend a request of this namespace
+    gets (Dispatcher.backend keys it by the home cookie); a state changed after this is
+    re-adopted at the next request (Backend.refresh). A failure here is left for the request
+    that needs it to report. Only IPv4: iptables is the common first command, and an IPv6
+    backend nobody asks for would hold its table for nothing."""
+    if listen:
+        from . import doorserve  # noqa: F401
+        yield
+    from .xtopts import AF_INET
+    backend = dispatcher.backend(dispatcher.home_cookie, AF_INET)
+    yield
+    backend.getinfo()           # Backend._snapshot: 0.35 ms for the empty table
+    log.debug("set up while idle: %sthe IPv4 table (%d entries)",
+              "the door's serving code, " if listen else "", backend.table.num_entries)
 
 
 def _idle_step() -> bool:
@@ -417,7 +443,7 @@ def main(argv=None) -> int:
     if engine is not None and AFTER_REPLY_IDLE >= 0:
         engine.AFTER_REPLY = []         # this process answers requests: see AFTER_REPLY_IDLE
     if engine is not None:
-        queue_start_work()
+        queue_start_work(dispatcher, listen=mode == ["--listen"])
     if mode == ["--listen"]:
         return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
     return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)

@@ -187,3 +187,24 @@ def test_filter_is_the_python_doors(launcher):
     with open(os.path.join(ROOT, "build", "door_filter.h")) as f:
         assert f.read() == filter_c_initializer()
     assert struct.calcsize("=HBBI") == 8
+
+
+def _has_static_libc() -> bool:
+    cc = os.environ.get("CC", "cc")
+    p = subprocess.run([cc, "-static", "-x", "c", "-", "-o", os.devnull],
+                       input="int main(void){return 0;}\n", text=True, capture_output=True)
+    return p.returncode == 0
+
+
+def test_launcher_static_where_it_can(launcher):
+    """The Makefile links the launcher statically when the toolchain has a static libc (no
+    ld.so at each command's start): no PT_INTERP program header then."""
+    if not _has_static_libc():
+        pytest.skip("no static libc: the launcher is linked dynamically")
+    with open(launcher, "rb") as f:
+        elf = f.read(1 << 16)
+    # ELF64 little endian: e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    types = [struct.unpack_from("<I", elf, phoff + i * phentsize)[0] for i in range(phnum)]
+    assert 3 not in types, "the launcher asks for a dynamic loader (PT_INTERP)"   # PT_INTERP
