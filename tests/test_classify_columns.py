@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rulesets  # noqa: E402
 from test_classify_fast import root  # noqa: E402
+from test_classify_lpm_seen import _cold  # noqa: E402  (every compile cache emptied)
 from test_cplane_scale import decoded  # noqa: E402
 
 from bpfilter_umh import classify  # noqa: E402
@@ -31,14 +32,6 @@ from bpfilter_umh import compile as C  # noqa: E402
 from bpfilter_umh.engine import kernel_facts  # noqa: E402
 
 N = 1500
-
-
-def _cold():
-    for d in (C._PROG_CACHE, classify._FN_CACHE, classify._RUN_SPECS, classify._SEEN_RUNS,
-              classify._MEMO, classify._CLASSES, classify._LAYOUTS, classify._LAYOUT_OF):
-        d.clear()
-    classify._VECS.clear()
-    classify._LPM_SEEN.clear()
 
 
 # ---- LPM runs ----------------------------------------------------------------------------------

@@ -123,29 +123,14 @@ def test_small_table_gives_the_reserve_back():
 def test_stdio_helper_gives_the_reserve_back():
     """The kernel shim's transport: its helper lives as long as the shim, so it too gives a
     reserve its (empty) tables do not need back once idle; and it still answers after that."""
-    import ctypes
     import select
-    from bpfilter_umh import frames
+    from test_helper_idle_work import stdio_get_info, stdio_helper
     with Netns("hrs") as ns:
         path = ROOT + (":" + ns.env["PYTHONPATH"] if ns.env.get("PYTHONPATH") else "")
-        helper = ns.popen([PY, "-m", "bpfilter_umh"], cwd=ROOT,
-                          env=dict(ns.env, PYTHONPATH=path, BPFILTER_LOG="DEBUG"),
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
+        with stdio_helper(ns, dict(ns.env, PYTHONPATH=path, BPFILTER_LOG="DEBUG")) as helper:
             seen, end = "", time.monotonic() + 30
             while RELEASED not in seen and time.monotonic() < end:
                 if select.select([helper.stderr], [], [], 1.0)[0]:
                     seen += helper.stderr.readline().decode()
             assert WARMED in seen and RELEASED in seen, seen
-            info = ctypes.create_string_buffer(b"filter".ljust(84, b"\0"), 84)
-            req = frames.Request(64, 0, 2, os.getpid(), 84, ctypes.addressof(info), 0)
-            helper.stdin.write(req.pack())
-            helper.stdin.flush()
-            rep = frames.Reply.unpack(helper.stdout.read(frames.REPLY.size))
-            assert (rep.status, rep.len) == (0, 84)
-            helper.stdin.close()
-            assert helper.wait(timeout=30) == 0
-        finally:
-            if helper.poll() is None:
-                helper.kill()
-                helper.wait()
+            stdio_get_info(helper)

@@ -9,6 +9,7 @@ SET_REPLACE of a fresh helper does not fault its pages in itself. What must hold
 
 Real helpers, in namespaces of ours.
 """
+import contextlib
 import ctypes
 import os
 import select
@@ -86,29 +87,40 @@ def _read_until(stream, text: str, timeout: float = 30.0) -> str:
     return seen
 
 
+@contextlib.contextmanager
+def stdio_helper(ns, env: dict):
+    """A helper on stdin/stdout (the kernel shim's transport) in `ns`; at the end its channel
+    closed and a clean exit asserted, or it is killed."""
+    helper = ns.popen([PY, "-m", "bpfilter_umh"], env=env, cwd=ROOT, stdin=subprocess.PIPE,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield helper
+        helper.stdin.close()
+        assert helper.wait(timeout=30) == 0
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+
+
+def stdio_get_info(helper):
+    """IPT_SO_GET_INFO of "filter" sent to a stdio helper (the kernel shim's framing), answered."""
+    info = ctypes.create_string_buffer(b"filter".ljust(84, b"\0"), 84)
+    # cookie 0: the helper's own namespace (ours); pid: whose memory holds the buffer
+    req = frames.Request(64, 0, 2, os.getpid(), 84, ctypes.addressof(info), 0)
+    helper.stdin.write(req.pack())
+    helper.stdin.flush()
+    rep = frames.Reply.unpack(helper.stdout.read(frames.REPLY.size))
+    assert (rep.status, rep.len) == (0, 84)
+
+
 def test_stdio_helper_warms_between_requests():
     """The kernel shim's transport: a GET_INFO answered, the warm-up done while stdin is idle,
     and the helper ends cleanly when its channel closes."""
-    with Netns("iw") as ns:
-        helper = ns.popen([PY, "-m", "bpfilter_umh"], env=_env(ns), cwd=ROOT,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=False)
-        try:
-            info = ctypes.create_string_buffer(b"filter".ljust(84, b"\0"), 84)
-            # cookie 0: the helper's own namespace (ours); pid: whose memory holds the buffer
-            req = frames.Request(64, 0, 2, os.getpid(), 84, ctypes.addressof(info), 0)
-            helper.stdin.write(req.pack())
-            helper.stdin.flush()
-            rep = frames.Reply.unpack(helper.stdout.read(frames.REPLY.size))
-            assert (rep.status, rep.len) == (0, 84)
-            seen = _read_until(helper.stderr, WARMED)
-            assert WARMED in seen, seen
-            helper.stdin.close()
-            assert helper.wait(timeout=30) == 0
-        finally:
-            if helper.poll() is None:
-                helper.kill()
-                helper.wait()
+    with Netns("iw") as ns, stdio_helper(ns, _env(ns)) as helper:
+        stdio_get_info(helper)
+        seen = _read_until(helper.stderr, WARMED)
+        assert WARMED in seen, seen
 
 
 def test_listen_helper_warms_while_idle():
