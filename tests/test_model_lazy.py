@@ -469,3 +469,19 @@ def test_append_into_a_service_chain_leaves_the_previous_table_lazy(family):
     assert all(got[-1].chains[k] is got[-2].chains[k] for k in range(4, 24))
     for t, w in reversed(list(zip(got, want))):
         _same(t, w)
+
+
+def test_the_heap_reserves_size_check_leaves_moved_chains_unmade():
+    """heap.release_if_small asks, at a helper's idle moments, how big its installed tables are:
+    the count must come from what the decode kept, not from reading the chains, which would make
+    every chain an append moved whole (a fan-out's thousands) in an idle helper."""
+    import types
+    from bpfilter_umh import heap
+    (_, t), unmade = _decoded_in_turn(_appends(AF_INET, 1), AF_INET)
+    assert unmade[1] > 0
+    # the dispatcher's shape as heap reads it: backends whose engine holds the installed table
+    dispatcher = types.SimpleNamespace(backends={
+        1: types.SimpleNamespace(engine=types.SimpleNamespace(table=t))})
+    got = heap.installed_entries(dispatcher)
+    assert _unmade(t) == unmade[1]
+    assert got == t.num_entries         # (this count makes them)
