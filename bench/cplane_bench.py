@@ -10,8 +10,9 @@ sent, num_counters = the running table's), SET_ADD_COUNTERS (the old counters re
 rule's zero). A restore sends comefrom 0 (as iptables-restore does), an append what GET_ENTRIES
 showed. The caller's own work (building buffers) is not counted, and no GC pass of this process
 runs during a command (the caller is another process for a real helper). What a helper does
-at its start, before its first request (__main__.preload: imports, engine.warm_up), is done
-before the first command, where the measured tree has it.
+at its start, before its first request (__main__.preload: imports, engine.warm_up), and in its
+first idle moments (__main__.queue_start_work: the heap reserve), is done before the first
+command, where the measured tree has it.
 
 Phases (ms per command; functions wrapped with a timer by this script, nothing in the package
 changes; median over the appends, (min-max)):
@@ -319,10 +320,18 @@ def main(argv=None) -> int:
     instrument()
     if hasattr(engine, "AFTER_REPLY"):
         engine.AFTER_REPLY = []         # as the helper (__main__) has it
-    # and what a helper does at its start, before its first request (imports, engine.warm_up)
+    # and what a helper does at its start, before its first request (malloc's thresholds,
+    # imports, engine.warm_up), then in its first idle moments (the heap reserve), where the
+    # measured tree has them
     from bpfilter_umh import __main__ as helper_main
+    if hasattr(helper_main, "heap"):
+        helper_main.heap.configure()
     if hasattr(helper_main, "preload"):
         helper_main.preload()
+    if hasattr(helper_main, "queue_start_work"):
+        helper_main.queue_start_work()
+        while helper_main._idle_step():
+            pass
     print(f"# bpfilter_umh from {os.path.dirname(bpfilter_umh.__file__)}; N = {a.n}; "
           f"{a.appends} appends; ms, median (min-max); load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)

@@ -135,11 +135,15 @@ def warm_up():
     path names (~4 ms), the kernel feature probes NfAttachment.open requires (a program load
     and a link in a throwaway netns: ~2 ms), the kernel facts (a JSON file; the vmlinux BTF
     parse, 0.2-0.6 s, once per boot), and the worker thread (_worker), after the file table
-    is grown (_grow_fd_table), the heap a SET_REPLACE's buffer comes from (_prefault_heap) and
-    the model's first empty tables (Engine.__init__: 0.3 ms more the first time). Best effort:
-    a failure here is the first request's to report."""
+    is grown (_grow_fd_table), the heap a SET_REPLACE's buffer comes from (_prefault_heap;
+    only without a heap reserve, which faults that heap in first while idle instead of
+    before the helper serves: 7.5-9 ms of every on-demand start) and the model's first empty
+    tables (Engine.__init__: 0.3 ms more the first time). Best effort: a failure here is the
+    first request's to report."""
     _grow_fd_table()
-    _prefault_heap()
+    from . import heap
+    if not heap.RESERVE:
+        _prefault_heap()        # else the reserve's first idle steps (heap.REQUEST_BUFFER)
     for family in FAMILY_NAMES:
         Table.empty("filter", family)
     K.warm_types()

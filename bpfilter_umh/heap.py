@@ -56,8 +56,14 @@ TRIM_HELD, TRIM_RELEASED = 64 * _MIB, 16 * _MIB
 MMAP_THRESHOLD = 32 * _MIB
 
 # what a released reserve keeps: the object arenas a helper kept before the reserve (its first
-# restore's decode at 10 000 rules), and a heap top as big as engine._prefault_heap leaves
+# restore's decode at 10 000 rules), and a heap top as big as a helper without one prefaults
+# (engine._prefault_heap)
 KEEP_OBJECTS, TRIM_PAD = 12 * _MIB, 8 * _MIB
+
+# the heap the reserve faults in first: a SET_REPLACE's buffer and the kept copy of its blob
+# (~2.4-2.8 MB each at 10 000 rules), what engine._prefault_heap faults in at the start of a
+# helper without a reserve
+REQUEST_BUFFER = 8 * _MIB
 
 # the small-object allocator's arena size on 64-bit builds (ARENA_BITS 20); arenas are not
 # aligned to it
@@ -76,23 +82,33 @@ def configure():
 
 
 def reserve_steps(size: int = None):
-    """Fault in the reserve, ~1 MiB a step (~1.2 ms), the small-object part first (a restore's
-    decode needs it first): a helper runs a step only while no request waits
-    (__main__.queue_start_work). Done once per process."""
+    """Fault in the reserve, ~1 MiB a step (~1.2 ms): first REQUEST_BUFFER of malloc heap (a
+    SET_REPLACE's first need is the buffer its blob is read into: sockopt.do_replace), then
+    the small-object part (the decode's), then the rest of the heap. A helper runs a step only
+    while no request waits (__main__.queue_start_work). Done once per process."""
     size = RESERVE if size is None else size
     if not size or _state["warmed"]:
         return
     _state["warmed"] = size     # from here on in the peak (reserve_kib)
     objects = int(size * OBJECT_SHARE) // _ARENA
+    heap_mib = size // _MIB - objects
+    # freed at once, so that a request meanwhile finds it; the last steps take it again (no
+    # faults: ~0.1 ms a MiB) and grow the heap past it
+    yield from _heap_steps(min(heap_mib, REQUEST_BUFFER // _MIB))
     yield from _object_steps(objects)
-    blocks = []
-    for _ in range(size // _MIB - objects):
-        blocks.append(bytearray(_MIB))       # malloc'ed and written (bytes() would calloc)
-        yield
-    del blocks                  # into the heap's top or bins, kept there: TRIM_HELD
+    yield from _heap_steps(heap_mib)
     _state["held"] = True
     from .sockopt import log
     log.debug("heap reserve warmed: %d MiB (%d MiB of object arenas)", size >> 20, objects)
+
+
+def _heap_steps(mib: int):
+    """The heap grown to hold mib MiB more than it has in use, faulted in, one MiB a step, then
+    freed: into the heap's top or bins, kept there (TRIM_HELD)."""
+    blocks = []
+    for _ in range(mib):
+        blocks.append(bytearray(_MIB))       # malloc'ed and written (bytes() would calloc)
+        yield
 
 
 def _object_steps(arenas: int):
