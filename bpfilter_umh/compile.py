@@ -469,7 +469,7 @@ class _ChainCompiler:
         if chain.name in seen:
             return
         if not seen:
-            walk = chain_info(self.table).get(("walk", id(chain)))
+            walk = chain_walk(self.table, chain)
             if walk is not None:        # _program_key's walk read every chain it reaches
                 ifn, l4, ip = walk[1]
                 self.needs_ifnames |= ifn
@@ -1214,8 +1214,9 @@ def _via_main_frame(items: list) -> list:
 # One compile_table's walk of the table's entries, shared by its chains (10 000 entries walked
 # once instead of once per chain and once per jump-site count): {id(table): [table, entry count,
 # {offset: the next entry's offset}, {chain name: chain}, chain_info's dict, {id(chain): its
-# index}]}, each part made when first asked (a program taken from _PROG_CACHE needs no walk),
-# dropped when compile_table returns (callers edit tables).
+# index}, chain facts still to put in chain_info's dict (_defer_chain_facts)]}, each part made
+# when first asked (a program taken from _PROG_CACHE needs no walk), dropped when compile_table
+# returns (callers edit tables).
 _WALKS: dict = {}
 
 
@@ -1283,7 +1284,7 @@ def _jumping(table: Table, chain: Chain) -> list:
 
 def _jump_sites(table: Table, top: Chain) -> dict:
     """How many jump/goto rules reachable from `top` target each user chain."""
-    walk = chain_info(table).get(("walk", id(top)))
+    walk = chain_walk(table, top)
     if walk is not None:                # _program_key counted them on its walk
         return dict(walk[0])
     by_name = {c.name: c for c in table.chains}
@@ -1435,7 +1436,7 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
     if hasattr(table, "entries"):
-        _WALKS[id(table)] = [table, None, None, None, {}, None]
+        _WALKS[id(table)] = [table, None, None, None, {}, None, []]
     scope = classify._VEC_SCOPE
     classify._VEC_SCOPE = {}
     try:
@@ -1451,7 +1452,9 @@ def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, su
                     out: CompiledTable):
     knobs = _knobs()
     for chain in table.chains:
-        if not chain.builtin:
+        # (Chain.builtin, read as its property does: a property call per chain was ~0.35 ms
+        # of a fan-out append's 3 337 chains)
+        if chain.hook is None:
             continue
         if chain.policy_entry is None:
             raise BpfilterError(errno.EINVAL, f"chain {chain.name}: no underflow entry")
@@ -1693,7 +1696,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
         return None, None
     chains = table.chains
     nchains = len(chains)
-    by_name = _first_by_name(table)
+    by_name = _FirstByName(table)
     info = chain_info(table)
     order, seen, recs, bases, spans = [top], {id(top): 0}, [], [], []
     facts_of, vec_min, scan_of = _CHAIN_FACTS.get, classify.VEC_MIN, _SCAN_FACTS.get
@@ -1740,8 +1743,8 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
             reads[0] |= rd[0]
             reads[1] |= rd[1]
             reads[2] |= rd[2]
-        lands = _plain_lands(rules, jumps, c.policy_entry, chains, by_name, seen, order,
-                             sites) if len(jumps) >= PLAIN_LANDS_FROM else None
+        lands = _plain_lands(rules, jumps, c.policy_entry, chains, by_name.as_dict(), seen,
+                             order, sites) if len(jumps) >= PLAIN_LANDS_FROM else None
         if jumps and lands is None:
             lands = []
             last = len(rules) - 1
@@ -1753,10 +1756,14 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                     lands.append((p,))
                     continue
                 cp = getattr(t, "chain_pos", -1)
-                tgt = chains[cp] if cp is not None and 0 <= cp < nchains and \
-                    chains[cp].name == t.chain else by_name.get(t.chain)
-                if tgt is None or by_name.get(t.chain) is not tgt:
-                    return None, None           # _scan and _landing would disagree: compile it
+                if cp is not None and 0 <= cp < nchains and chains[cp].name == t.chain:
+                    tgt = chains[cp]
+                    if not by_name.first_at(cp):
+                        return None, None       # _scan and _landing would disagree: compile it
+                else:
+                    tgt = by_name.get(t.chain)
+                    if tgt is None:
+                        return None, None
                 k = seen.get(id(tgt))
                 if k is None:
                     k = seen[id(tgt)] = len(order)
@@ -1957,8 +1964,8 @@ def _splice_behind(table: Table, order: list, behind, info: dict):
         # the only chain of the table whose entries changed (the change is in its span
         # alone: _walk_behind), for classify's jump cases (_leaf_bodies)
         info.setdefault(CHANGED_LEAF, set()).add((id(chains[where[k]]), where[k]))
-    # (column by column: a fan-out's 3 333 case chains)
-    info.update(zip(map(id, map(chains.__getitem__, where[1:])), facts[1:]))
+    # (column by column: a fan-out's 3 333 case chains; when next read)
+    _defer_chain_facts(table, info, chains, where[1:], facts[1:])
     PROG_STATS["walks_spliced"] += 1
     return recs[1:], bases[1:], rest
 
@@ -2008,17 +2015,49 @@ def _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs) -> tup
 
 
 class _Records(tuple):
-    """A walk's records (a tuple, equal to and hashing as one) that hash once: a compile looks
-    its key up in _PROG_CACHE, then keeps its program under it, and the next table whose walk
-    is this one moved (_moved_program_key: an append to INPUT) looks the same records up
-    again; a fan-out's 3 336 records (tuples of tuples, whose hash Python does not keep) take
-    ~0.7 ms to hash."""
+    """A walk's records (a tuple, equal to one) that hash once, and from a sample: a compile
+    looks its key up in _PROG_CACHE, then keeps its program under it, and the next table whose
+    walk is this one moved (_moved_program_key: an append to INPUT) looks the same records up
+    again. A walk that reaches a changed chain is new records every time (an append to INPUT
+    of a fan-out: INPUT's record, then the hub's and the 3 333 service chains' spliced from
+    the previous walk, _splice_behind), and hashing all of them (tuples of tuples: the hub's
+    record alone holds 3 333 landings; Python keeps no tuple's hash) took ~0.9 ms of every
+    such append. Equal records have equal samples (_record_sample), so the hash agrees with
+    equality; records that differ only outside the sample collide, and the dict tells them
+    apart by comparing them (in C, records shared with the previous walk by identity), which
+    costs no more than hashing them all did. Only _Records are hashed this way: _key_of makes
+    every key's records one."""
 
     def __hash__(self):
         h = self.__dict__.get("_hash")
         if h is None:
-            h = self.__dict__["_hash"] = tuple.__hash__(self)
+            h = self.__dict__["_hash"] = hash(_records_sample(self))
         return h
+
+
+# records sampled at each end of a walk by _Records' hash: the top chain's own (where a
+# change to it shows) and the last ones the walk reached
+_RECORDS_SAMPLE = 8
+
+
+def _records_sample(recs: tuple) -> tuple:
+    """What _Records' hash reads of a walk's records: their count and a bounded sample of each
+    record at both ends (equal records: equal samples)."""
+    k = _RECORDS_SAMPLE
+    ends = recs if len(recs) <= 2 * k else recs[:k] + recs[-k:]
+    return (len(recs),) + tuple(map(_record_sample, ends))
+
+
+def _record_sample(rec: tuple) -> tuple:
+    """A bounded part of one chain record (name, hook, rule keys, policy key[, landings]): the
+    name, hook and policy key whole (str, None or int, bytes: their hashes are kept or cheap),
+    the rule keys and landings by their count and first few."""
+    keys = rec[2]
+    out = (rec[0], rec[1], len(keys), keys[:4], rec[3])
+    if len(rec) > 4:
+        lands = rec[4]
+        out += (len(lands), lands[:4], lands[-1:])
+    return out
 
 
 # {id(table): (weakref to the table, {built-in chain name: (recs, bases, los, his, rest)})}:
@@ -2077,6 +2116,42 @@ def _moved_program_key(table: Table, top: Chain, facts, fl, subprog_above, subpr
     return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
 
 
+class _FirstByName:
+    """_first_by_name(table), made on first use: a walk spliced after its top chain
+    (_splice_behind: an append to INPUT of --to-input's fan-out) resolves top's few jumps
+    alone, each naming its chain's place (chain_pos), and asks only whether no chain before
+    that place has its name (first_at): a look at those chains when they are few, instead of
+    the name of each of 3 337 chains put in a dict (~0.35 ms of every such append)."""
+    __slots__ = ("table", "_by")
+
+    # places up to which first_at reads the chains before it instead of making the dict
+    SCAN_MAX = 64
+
+    def __init__(self, table: Table):
+        self.table, self._by = table, None
+
+    def as_dict(self) -> dict:
+        if self._by is None:
+            self._by = _first_by_name(self.table)
+        return self._by
+
+    def get(self, name: str, default=None):
+        return self.as_dict().get(name, default)
+
+    def first_at(self, cp: int) -> bool:
+        """Whether table.chains[cp] is the first chain of its name (Table.chain's, _scan's,
+        _landing's by name)."""
+        chains = self.table.chains
+        c = chains[cp]
+        if self._by is None and cp <= self.SCAN_MAX:
+            name = c.name
+            for x in chains[:cp]:
+                if x.name == name:
+                    return False
+            return True
+        return self.as_dict().get(c.name) is c
+
+
 def _first_by_name(table: Table) -> dict:
     """{name: first chain of that name}, once per compile_table (_WALKS)."""
     hit = _WALKS.get(id(table))
@@ -2111,7 +2186,42 @@ def chain_info(table: Table) -> dict:
     walks (_scan, _jump_sites, classify's jump cases) do not walk the chains again (a fan-out
     table: 3 336 chains, each walked four times); {} outside compile_table."""
     hit = _WALKS.get(id(table))
-    return hit[4] if hit is not None and hit[0] is table else {}
+    if hit is None or hit[0] is not table:
+        return {}
+    info = hit[4]
+    if len(hit) > 6 and hit[6]:
+        # the facts a spliced walk took from the previous one, put in the order they came
+        for chains, where, facts in hit[6]:
+            info.update(zip(map(id, map(chains.__getitem__, where)), facts))
+        hit[6].clear()
+    return info
+
+
+def chain_walk(table: Table, top: Chain):
+    """chain_info(table).get(("walk", id(top))): the jump sites and reads of _program_key's
+    walk of built-in chain `top` in this compile_table, or None; read without putting the
+    deferred chain facts in (_defer_chain_facts), which a program whose walk is all its
+    compile asks of chain_info (an append to INPUT: _scan and _jump_sites) never needs."""
+    hit = _WALKS.get(id(table))
+    if hit is None or hit[0] is not table:
+        return None
+    return hit[4].get(("walk", id(top)))
+
+
+def _defer_chain_facts(table: Table, info: dict, chains: list, where, facts) -> None:
+    """Put the facts of chains[where[k]] (facts[k]) in chain_info's dict `info` when it is
+    next read (chain_info), not now: _splice_behind's are those of every chain behind the top
+    one (a fan-out's 3 333 service chains, ~0.7 ms a compile), and the compile of an append to
+    INPUT, whose program is compiled from the moved walk and the kept bodies of the hub's run
+    (classify._moved_bodies), reads none of them. Every reader and writer of the dict gets it
+    from chain_info (_program_key at its start: later facts go in after these, as they came),
+    but for chain_walk's walk records, which these are not. Outside compile_table (no dict
+    kept, or one kept without the list of deferred facts), put in now."""
+    hit = _WALKS.get(id(table))
+    if hit is None or hit[0] is not table or hit[4] is not info or len(hit) < 7:
+        info.update(zip(map(id, map(chains.__getitem__, where)), facts))
+        return
+    hit[6].append((chains, where, facts))
 
 
 def _keep_program(key, bases, cc: "_ChainCompiler", cp: CompiledProgram):

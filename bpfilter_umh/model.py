@@ -3618,8 +3618,10 @@ class Table:
                 if h is None:
                     c = new(mc)
                     c.name = pc.name
-                    # made from pc, or from pc's own source if pc is one not made
-                    c._src = (getattr(pc, "_src", None) if type(pc) is mc else None) or pc
+                    # made from pc, or from pc's own source if pc is one not made (every
+                    # _MovedChain has _src set where it is made: read without getattr's
+                    # default, ~0.2 ms of a fan-out append's 3 333)
+                    c._src = (pc._src or pc) if type(pc) is mc else pc
                     c._at = at_
                     c._pos = pos
                     add(c)
