@@ -55,12 +55,15 @@ flavor switch left behind are emptied (the new slot filters first: for an instan
 neither).
 
 Kernel work beside the Python work (issue #7): one worker thread (_worker) makes a large
-table's counters map and writes the pending state's blob while the table compiles, fills the
-classifier maps while the programs load (a program may be verified before its maps are filled,
-never attached before), and makes a helper's spare counters map after its reply; the syscalls
-run without the GIL, on another CPU.
-A helper grows its file table, parses its C types and pre-faults the heap its request buffers
-come from at start (warm_up).
+table's counters map and writes the pending state's blob while the table compiles, fills each
+large classifier map from the moment the compile has made its entries (Engine._start_fill), the
+others while the programs load (a program may be verified before its maps are filled, never
+attached before), and makes a helper's spare counters map after its reply; the syscalls run
+without the GIL, on another CPU, and during an install the worker gets the GIL back within
+WORKER_SWITCH (_worker_served).
+A helper grows its file table and parses its C types at start (warm_up); the heap its request
+buffers come from is faulted in by its first idle steps (heap.reserve_steps), or at start when
+it has no heap reserve.
 """
 from __future__ import annotations
 
@@ -137,9 +140,12 @@ def warm_up():
     parse, 0.2-0.6 s, once per boot), and the worker thread (_worker), after the file table
     is grown (_grow_fd_table), the heap a SET_REPLACE's buffer comes from (_prefault_heap;
     only without a heap reserve, which faults that heap in first while idle instead of
-    before the helper serves: 7.5-9 ms of every on-demand start) and the model's first empty
-    tables (Engine.__init__: 0.3 ms more the first time). Best effort: a failure here is the
-    first request's to report."""
+    before the helper serves: 7.5-9 ms of every on-demand start), the model's first empty
+    tables (Engine.__init__: 0.3 ms more the first time) and the helper's start time that
+    state files name (_me: a read of /proc/PID/stat, 0.2-5 ms in the first install, where the
+    worker's trie fill runs beside it). Best effort: a failure here is the first request's to
+    report."""
+    _me()
     _grow_fd_table()
     from . import heap
     if not heap.RESERVE:
@@ -287,6 +293,7 @@ class Engine:
         # classifier maps of the installed programs, kept open for reuse by the next install:
         # {id(MapSpec): (MapSpec, Map)}; _cls_next collects the ones an install in progress uses
         self._cls_maps, self._cls_next = {}, {}
+        self._early_fills = {}          # maps made and being filled while compiling (_start_fill)
         self._spare_map = self._spare_job = None
         self._spare = None              # a zeroed counters map made after a reply (see below)
         self._maps_again = _MapsAgain()  # replaced counters maps, zeroed (_LateCounts)
@@ -805,6 +812,16 @@ class Engine:
         offload engine (offload.py): compiled, checked and loaded for the device first (a
         refusal changes nothing), then the host ruleset is swapped as always, then the device's
         program is replaced in one step. Returns the replaced table's counters."""
+        with _worker_served():
+            try:
+                old = self._install(table)
+            except BaseException:
+                self._drop_early_fills(wait=True)
+                raise
+            self._drop_early_fills(wait=False)
+            return old
+
+    def _install(self, table: Table) -> list:
         if not self.offload and not self.offloaded:
             # offload.py is imported only when a device offloads (its import: ~2 ms, which a
             # helper's first install, the restore, spent)
@@ -1082,7 +1099,53 @@ class Engine:
     def _compile(self, table: Table) -> list:
         """[(flavor, CompiledProgram)]: the table compiled once per flavor in use, each
         compilation giving the programs of the hooks that flavor serves (user chains are inlined
-        or subprograms in each, so every hook's program stands alone)."""
+        or subprograms in each, so every hook's program stands alone). The classifier maps it
+        makes anew are created and their fills started as they are made (_start_fill)."""
+        from . import classify
+        classify.SPEC_MADE = self._start_fill
+        try:
+            return self._compile_plan(table)
+        finally:
+            classify.SPEC_MADE = None
+
+    # classifier maps of fewer entries are made when their program loads (create_maps): their
+    # fills take microseconds, and a compile may make specs it then does not use
+    EARLY_FILL_MIN = 256
+
+    def _start_fill(self, spec):
+        """classify.map_spec's hook during _compile: the map of a new MapSpec created now and
+        filled by the worker thread (_fill_later) while the compile goes on (a blocklist's trie
+        is made near the end of INPUT's compile, and its ~10 ms of inserts were the install's
+        last wait). create_maps takes it (_early_fills); one nothing took is closed at the
+        install's end (_drop_early_fills). A map the kernel refuses is left to create_maps,
+        which makes it again and reports the kernel's error where it always did."""
+        if len(spec.entries) < self.EARLY_FILL_MIN or id(spec) in self._early_fills or \
+                id(spec) in self._cls_maps:         # installed: shared, never filled again
+            return
+        try:
+            m = K.Map.create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
+                             name=spec.kname, flags=spec.flags)
+        except BpfilterError:
+            return
+        try:
+            job = _fill_later(m, spec.entries)
+        except BaseException:
+            m.close()
+            raise
+        self._early_fills[id(spec)] = (spec, m, job)
+
+    def _drop_early_fills(self, wait: bool):
+        """The maps _start_fill made that no program took (an install that failed, or a spec
+        the compile did not use) closed. `wait` (a failed install): once their fills are over,
+        so no descriptor of them is left in the worker's hands when the install's error is
+        raised; an install that succeeded does not wait (the job closes its own dup)."""
+        early, self._early_fills = self._early_fills, {}
+        for _spec, m, job in early.values():
+            if wait:
+                job.done.wait()
+            m.close()
+
+    def _compile_plan(self, table: Table) -> list:
         if len(self.flavors_used) == 1:
             ct = compile_table(table, kernel_facts(), self.flavors_used[0])
             self._compiled_tables = [ct]
@@ -1130,7 +1193,7 @@ class Engine:
               fills: list = None) -> "K.Prog":
         """cp loaded with its maps (create_maps; with `fills`, filled by the worker thread,
         their jobs appended there)."""
-        extra = create_maps(cp, self._cls_maps, self._cls_next, fills)
+        extra = create_maps(cp, self._cls_maps, self._cls_next, fills, self._early_fills)
         try:
             code = cp.assemble({COUNTERS_MAP: counters_map.fd, **(shared or {}),
                                 **{name: m.fd for name, m in extra.items()}})
@@ -2055,6 +2118,31 @@ def _discard_early(job):
         m.close()
 
 
+# The worker's wait for the GIL during an install (_worker_served), seconds. CPython hands the GIL
+# to a waiting thread only after the running one held it for sys.getswitchinterval() (5 ms by
+# default): a job queued while this thread compiles or loads in Python started up to 5 ms late,
+# and each job waits again to return from its syscall (a restore's trie fill began ~3.5 ms after
+# it was queued, and its end was the install's longest wait). The worker holds the GIL only
+# between its syscalls (microseconds), so a short interval costs the Python work next to nothing.
+WORKER_SWITCH = 0.0002
+
+
+class _worker_served:
+    """Within: the worker thread gets the GIL within WORKER_SWITCH of asking for it. Nested
+    installs (offload's) and other threads' settings are kept: the previous interval comes back
+    on exit."""
+
+    def __enter__(self):
+        self.before = sys.getswitchinterval()
+        if self.before > WORKER_SWITCH:
+            sys.setswitchinterval(WORKER_SWITCH)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setswitchinterval(self.before)
+        return False
+
+
 def _worker(fn, *args) -> _Job:
     """Run fn(*args) in the install's worker thread: the kernel's side of making a map (a
     PERCPU_ARRAY's per-entry allocations, a trie's inserts) runs there without the GIL while
@@ -2354,7 +2442,7 @@ COUNTERS_MAP_NAME = "bpfilter_cnt"
 
 
 def create_maps(cp: CompiledProgram, live: dict = None, keep: dict = None,
-                fills: list = None) -> dict:
+                fills: list = None, early: dict = None) -> dict:
     """{symbolic name: Map} for every MapSpec of `cp`, created and filled (closed on error).
     Filled before load and never written again: a new ruleset gets new maps, except that a
     MapSpec found in `live` ({id(spec): (spec, Map)}, the installed programs' maps) is the same
@@ -2363,12 +2451,18 @@ def create_maps(cp: CompiledProgram, live: dict = None, keep: dict = None,
     (a packet sees the same contents through either program). Every map used is recorded in
     `keep` with its own fd (a dup), so the engine can offer it to the next install. With
     `fills` (a list), a new map is filled by the worker thread (_fill_later), its job appended
-    there: the caller waits for every job before a program using the maps is attached."""
+    there: the caller waits for every job before a program using the maps is attached. `early`
+    ({id(spec): (spec, Map, job)}, with `fills`): maps made and being filled already
+    (Engine._start_fill); one is taken (out of `early`) and its job appended to `fills`."""
     out = {}
     try:
         for spec in getattr(cp, "maps", ()):
             if live is not None and id(spec) in live and live[id(spec)][0] is spec:
                 m = out[spec.name] = live[id(spec)][1].dup()
+            elif early and id(spec) in early and early[id(spec)][0] is spec:
+                _spec, m, job = early.pop(id(spec))
+                out[spec.name] = m
+                fills.append(job)
             else:
                 m = out[spec.name] = K.Map.create(spec.map_type, spec.key_size,
                                                   spec.value_size, spec.max_entries,
@@ -2435,10 +2529,10 @@ def _fill_prepared(m, entries: list, batch):
 
 def _fill_later(m, entries: list) -> "_Job":
     """_fill in the worker thread (_worker): the kernel's inserts (an LPM trie of 10 000
-    prefixes: 8-10 ms in trie_update_elem) run while this thread loads programs; a program may
-    be loaded before its map is filled (the verifier checks the map's types, not its
-    contents), but must not be attached before the job is done (Engine._install_host waits for
-    it before the swap). The job fills and closes a dup of m, so m may close first."""
+    prefixes: 8-17 ms in trie_update_elem) run while this thread compiles or loads programs; a
+    program may be loaded before its map is filled (the verifier checks the map's types, not
+    its contents), but must not be attached before the job is done (Engine._install_host waits
+    for it before the swap). The job fills and closes a dup of m, so m may close first."""
     own = m.dup()
     try:
         batch = _fill_batch(own, entries)
