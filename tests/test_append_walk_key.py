@@ -170,36 +170,16 @@ def test_appends_to_input_make_no_name_dict(monkeypatch):
     a cold compile's programs."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    import rulesets
-    from test_append_moved import _same_programs
-    from test_compile_kept import _clear, _programs
-    from test_cplane_scale import decoded
-    from bpfilter_umh.compile import KernelFacts
-    facts = KernelFacts.fake()
-    text = rulesets.make("fanout", 1200, seed=5).text.replace("-A FORWARD ", "-A INPUT ")
     made = []
     real = C._first_by_name
     monkeypatch.setattr(C, "_first_by_name", lambda t: made.append(t) or real(t))
-    _clear()
-    tables = [decoded(text)]           # (alive: the next decode moves from them)
-    _programs(tables[0], facts)
-    assert made                         # the restore's walk reads the hub's 399 jumps: the dict
-    made.clear()
-    for k in range(2):
-        text = text.replace("COMMIT", EXTRA.format(k=90 + k) + "\nCOMMIT")
-        t = decoded(text)
-        tables.append(t)
-        spliced = C.PROG_STATS["walks_spliced"]
-        warm = _programs(t, facts)
-        assert C.PROG_STATS["walks_spliced"] - spliced == 1
+
+    def restored():
+        assert made                     # the restore's walk reads the hub's 399 jumps: the dict
+
+    def appended(k):
         assert made == [], k
-        _clear()
-        cold = _programs(t, facts)
-        _same_programs(warm, cold, k)
-        made.clear()
-        _clear()
-        _programs(t, facts)             # the next append finds this table's programs kept
-        made.clear()
+    _appends_to_input(monkeypatch, restored, made.clear, appended, global_above=None)
 
 
 def _jump_to_second_of_a_name():
@@ -243,27 +223,36 @@ def test_a_jump_to_the_second_chain_of_its_name_gets_no_key():
     assert C._program_key(t, t.chain("INPUT"), *args)[0] is not None
 
 
-def _appends_to_input(monkeypatch):
+def _appends_to_input(monkeypatch, restored=None, before=None, after=None, global_above=0):
     """The restore of --to-input's fan-out (1 200 rules, from the kernel), then two appends to
-    INPUT, each compiled and compared with a compile with every cache empty."""
+    INPUT, each compiled (its walk spliced after INPUT) and compared with a compile with every
+    cache empty. restored(): after the restore's compile; before(k) / after(k): around append
+    k's compile; global_above: classify.GLOBAL_ABOVE (None: as it is)."""
     import rulesets
     from test_append_moved import _same_programs
     from test_compile_kept import _clear, _programs
     from test_cplane_scale import decoded
     from bpfilter_umh.compile import KernelFacts
-    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    if global_above is not None:
+        monkeypatch.setattr(classify, "GLOBAL_ABOVE", global_above)
     facts = KernelFacts.fake()
     text = rulesets.make("fanout", 1200, seed=5).text.replace("-A FORWARD ", "-A INPUT ")
     _clear()
-    tables = [decoded(text)]
+    tables = [decoded(text)]           # (alive: the next decode moves from them)
     _programs(tables[0], facts)
+    if restored is not None:
+        restored()
     for k in range(2):
         text = text.replace("COMMIT", EXTRA.format(k=90 + k) + "\nCOMMIT")
         t = decoded(text)
         tables.append(t)
+        if before is not None:
+            before()
         spliced = C.PROG_STATS["walks_spliced"]
         warm = _programs(t, facts)
         assert C.PROG_STATS["walks_spliced"] - spliced == 1
+        if after is not None:
+            after(k)
         _clear()
         cold = _programs(t, facts)
         _same_programs(warm, cold, k)
@@ -283,14 +272,9 @@ def _watch(monkeypatch, module, name, log):
 
 def test_appends_to_input_leave_the_spliced_facts_unread(monkeypatch):
     """Each append's compile takes the hub's kept bodies and asks chain_info nothing while
-    the spliced facts wait (that those compiles equal cold ones: the tests above and below)."""
+    the spliced facts wait (and gives a cold compile's programs)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces")
-    import rulesets
-    from test_compile_kept import _clear, _programs
-    from test_cplane_scale import decoded
-    from bpfilter_umh.compile import KernelFacts
-    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
     waiting, moved = [], []
     real = C.chain_info
 
@@ -301,21 +285,15 @@ def test_appends_to_input_leave_the_spliced_facts_unread(monkeypatch):
         return real(table)
     monkeypatch.setattr(C, "chain_info", asked)
     _watch(monkeypatch, classify, "_moved_bodies", moved)
-    facts = KernelFacts.fake()
-    text = rulesets.make("fanout", 1200, seed=5).text.replace("-A FORWARD ", "-A INPUT ")
-    _clear()
-    tables = [decoded(text)]
-    _programs(tables[0], facts)
-    for k in range(2):
-        text = text.replace("COMMIT", EXTRA.format(k=90 + k) + "\nCOMMIT")
-        tables.append(decoded(text))
+
+    def before():
         waiting.clear()
         moved.clear()
-        spliced = C.PROG_STATS["walks_spliced"]
-        _programs(tables[-1], facts)
-        assert C.PROG_STATS["walks_spliced"] - spliced == 1
+
+    def after(k):
         assert any(m is not None for m in moved), k        # the hub's kept bodies
         assert waiting == [], k
+    _appends_to_input(monkeypatch, before=before, after=after)
 
 
 def test_hub_bodies_read_from_the_deferred_facts(monkeypatch):

@@ -21,8 +21,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import rulesets  # noqa: E402
-from test_cplane_scale import decoded, netns_engine  # noqa: E402 - the Table restore sends
+from test_cplane_scale import netns_engine  # noqa: E402
+from test_engine_install_overlap import _blocklist, _slot_maps  # noqa: E402
+from test_engine_install_overlap import _refused_keeps_old as refused_keeps_old  # noqa: E402
 
 from bpfilter_umh import attach, classify, daemons, engine  # noqa: E402
 from bpfilter_umh import compile as C  # noqa: E402
@@ -32,13 +33,15 @@ from bpfilter_umh.errors import BpfilterError  # noqa: E402
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
 
 
-def _blocklist(seed: int):
-    return decoded(rulesets.make("blocklist", 2000, seed=seed).text.replace("-A FORWARD ",
-                                                                              "-A INPUT "))
+def _slow_fills(monkeypatch, seconds: float):
+    """Every early fill (a map of EARLY_FILL_MIN entries or more) takes `seconds` longer."""
+    real_fill = engine._fill_prepared
 
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    def slow(m, entries, batch):
+        if len(entries) >= engine.Engine.EARLY_FILL_MIN:
+            time.sleep(seconds)
+        return real_fill(m, entries, batch)
+    monkeypatch.setattr(engine, "_fill_prepared", slow)
 
 
 @pytest.fixture
@@ -51,20 +54,14 @@ def eng():
 
 
 def _trie_id(eng) -> int:
-    progs = eng._installed_programs()
+    """The id of the trie INPUT's installed program uses."""
+    maps = _slot_maps(eng)
     try:
-        ids = progs[1].info()["map_ids"]
+        assert "bpfilter_lpm" in maps, "INPUT's program has no trie"
+        return maps["bpfilter_lpm"].info()["id"]
     finally:
-        for p in progs.values():
-            p.close()
-    for i in ids:
-        m = K.Map.from_id(i)
-        try:
-            if m.name == "bpfilter_lpm":
-                return i
-        finally:
+        for m in maps.values():
             m.close()
-    raise AssertionError("INPUT's program has no trie")
 
 
 def test_trie_made_while_compiling_is_the_one_loaded(eng, monkeypatch):
@@ -88,13 +85,7 @@ def test_trie_made_while_compiling_is_the_one_loaded(eng, monkeypatch):
 def test_slow_early_fill_is_over_before_any_attach(eng, monkeypatch):
     """The kernel's inserts taking longer than everything else: no hook is swapped before the
     trie is full."""
-    real_fill = engine._fill_prepared
-
-    def slow(m, entries, batch):
-        if len(entries) >= engine.Engine.EARLY_FILL_MIN:
-            time.sleep(0.3)
-        return real_fill(m, entries, batch)
-    monkeypatch.setattr(engine, "_fill_prepared", slow)
+    _slow_fills(monkeypatch, 0.3)
     seen, early = [], []
     real_start = engine.Engine._start_fill
 
@@ -121,16 +112,8 @@ def test_slow_early_fill_is_over_before_any_attach(eng, monkeypatch):
 
 
 def _refused_keeps_old(eng, new_table, err: int):
-    old_table = eng.table
-    ids = eng._slot_ids()
-    before = _fds()
-    with pytest.raises(BpfilterError) as e:
-        eng.install(new_table)
-    assert e.value.errno == err
-    assert eng.table is old_table
-    assert eng._slot_ids() == ids
-    assert not os.path.exists(eng._pending_path)
-    assert _fds() == before, "a refused install left descriptors open"
+    """test_engine_install_overlap's checks of a refused install, and no early map left."""
+    refused_keeps_old(eng, new_table, err)
     assert eng._early_fills == {}
     assert classify.SPEC_MADE is None
 
@@ -155,14 +138,8 @@ def test_failed_early_fill_fails_the_install(eng, monkeypatch):
 @pytest.mark.parametrize("where", ["compile", "load"])
 def test_failure_after_an_early_fill_keeps_the_old_ruleset(eng, monkeypatch, where):
     eng.install(_blocklist(25))
-    real_fill = engine._fill_prepared
-
-    def slow(m, entries, batch):
-        # still filling when the install fails: its descriptor must be closed before the error
-        if len(entries) >= engine.Engine.EARLY_FILL_MIN:
-            time.sleep(0.2)
-        return real_fill(m, entries, batch)
-    monkeypatch.setattr(engine, "_fill_prepared", slow)
+    # still filling when the install fails: its descriptor must be closed before the error
+    _slow_fills(monkeypatch, 0.2)
     started = []
     real_start = engine.Engine._start_fill
 
