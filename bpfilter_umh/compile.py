@@ -380,7 +380,7 @@ def _chain_runs(table: Table, rules: list, chain: str, placed) -> list:
     append to INPUT finds its runs, ~2 ms)."""
     if placed is not None:
         return _moved_runs(table, rules, chain)
-    runs = classify.find_runs(rules)
+    runs = classify.chain_runs(rules)
     if len(rules) >= RUNS_KEPT_FROM:
         classify.kept_for(table)[("runs", id(rules))] = (
             rules, tuple(rules), (_knobs(), classify.min_run()), list(map(_run_copy, runs)),
@@ -1437,14 +1437,16 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
                                               f"compiler")
     if hasattr(table, "entries"):
         _WALKS[id(table)] = [table, None, None, None, {}, None, []]
-    scope = classify._VEC_SCOPE
+    scope, early = classify._VEC_SCOPE, classify._EARLY_RUNS
     classify._VEC_SCOPE = {}
+    # an engine install's compile: a new chain's tries made as soon as its runs are known
+    classify._EARLY_RUNS = {} if classify.SPEC_MADE is not None else None
     try:
         out = CompiledTable(counters_entries=max(1, _entry_count(table)))
         _compile_chains(table, facts, fl, subprog_above, subprogs, out)
     finally:
         _WALKS.pop(id(table), None)
-        classify._VEC_SCOPE = scope
+        classify._VEC_SCOPE, classify._EARLY_RUNS = scope, early
     return out
 
 
@@ -1701,6 +1703,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     order, seen, recs, bases, spans = [top], {id(top): 0}, [], [], []
     facts_of, vec_min, scan_of = _CHAIN_FACTS.get, classify.VEC_MIN, _SCAN_FACTS.get
     cache_key = _CACHE_KEY
+    early_maps = classify.early_lpm_maps if classify._EARLY_RUNS is not None else None
     sites, reads = {}, [False, False, False]    # for _jump_sites and _scan (see chain_info)
     # the previous table's walk of the chains behind `top`, when only top's own chain changed
     # (_walk_behind): then the walk stops after top
@@ -1725,6 +1728,8 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
             if len(rules) >= vec_min:
                 vec = classify.vectors(rules)
                 keys = tuple(vec.keys)
+                if early_maps is not None and c is top:
+                    early_maps(rules, c.name, vec)
             else:
                 keys = tuple(map(cache_key, rules))
         except AttributeError:                  # no vectors, or a rule without cache_key

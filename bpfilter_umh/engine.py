@@ -2499,19 +2499,34 @@ def _fill_batch(m, entries: list):
         return None
     if m.percpu:
         return None
+    keys, vals = _joined(m, entries)
+    if keys is None:
+        return None
+    ffi = K._ffi
+    keys = ffi.from_buffer(keys)
+    vals = ffi.from_buffer(vals)
+    attr = ffi.new("char[]", 56)
+    struct.pack_into("<QQQQIIQQ", ffi.buffer(attr), 0, 0, 0, int(ffi.cast("uintptr_t", keys)),
+                     int(ffi.cast("uintptr_t", vals)), len(entries), m.fd, 0, 0)
+    return attr, keys, vals
+
+
+def _joined(m, entries: list) -> tuple:
+    """(keys, values) of `entries`, each joined in one buffer for a batch into m, or
+    (None, None) when an entry's key or value is not of m's sizes. Entries that come joined
+    (classify.Entries: a trie's, ~1.5 ms of this thread's work at 10 000 prefixes before
+    the fill could start) are taken as they are when their totals are m's."""
+    joined = getattr(entries, "joined", None)
+    if joined is not None and len(joined[0]) == m.key_size * len(entries) and \
+            len(joined[1]) == m.value_size * len(entries):
+        return joined
     # the lengths checked and the arrays joined by C loops (map, set, join): a generator per
     # entry cost ~1.5 ms at 10 000 entries
     keys = list(map(operator.itemgetter(0), entries))
     vals = list(map(operator.itemgetter(1), entries))
     if set(map(len, keys)) != {m.key_size} or set(map(len, vals)) != {m.value_size}:
-        return None
-    ffi = K._ffi
-    keys = ffi.from_buffer(b"".join(keys))
-    vals = ffi.from_buffer(b"".join(vals))
-    attr = ffi.new("char[]", 56)
-    struct.pack_into("<QQQQIIQQ", ffi.buffer(attr), 0, 0, 0, int(ffi.cast("uintptr_t", keys)),
-                     int(ffi.cast("uintptr_t", vals)), len(entries), m.fd, 0, 0)
-    return attr, keys, vals
+        return None, None
+    return b"".join(keys), b"".join(vals)
 
 
 def _fill_prepared(m, entries: list, batch):
