@@ -69,6 +69,16 @@ def _content(m) -> dict:
     return {k: m.lookup(k) for k in m.keys()}
 
 
+def _filled(ents) -> dict:
+    """The contents of a new trie after engine._fill(trie, ents)."""
+    m = _trie(len(ents))
+    try:
+        engine._fill(m, ents)
+        return _content(m)
+    finally:
+        m.close()
+
+
 @needs_root
 def test_fill_takes_the_joined_buffers():
     pairs, other = _pairs(300, 1), _pairs(300, 2)
@@ -76,12 +86,7 @@ def test_fill_takes_the_joined_buffers():
     # (joined buffers that differ from the pairs: only a test makes such; they show which
     # of the two the fill read)
     ents.joined = (b"".join(k for k, _ in other), b"".join(v for _, v in other))
-    m = _trie(len(ents))
-    try:
-        engine._fill(m, ents)
-        assert _content(m) == dict(other)
-    finally:
-        m.close()
+    assert _filled(ents) == dict(other)
 
 
 @needs_root
@@ -91,12 +96,7 @@ def test_fill_of_joined_buffers_of_other_sizes_reads_the_pairs():
     # one value too many: whichever the fill read, it was not these buffers if the trie holds
     # the pairs' values
     ents.joined = (b"".join(k for k, _ in pairs), b"".join(v for _, v in other))
-    m = _trie(len(ents))
-    try:
-        engine._fill(m, ents)
-        assert _content(m) == dict(pairs)
-    finally:
-        m.close()
+    assert _filled(ents) == dict(pairs)
 
 
 @needs_root
