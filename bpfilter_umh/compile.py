@@ -1220,12 +1220,19 @@ def _via_main_frame(items: list) -> list:
 _WALKS: dict = {}
 
 
+def _walk_of(table: Table):
+    """table's _WALKS entry in the compile_table running, or None (outside one, or a table the
+    compile did not start with)."""
+    hit = _WALKS.get(id(table))
+    return hit if hit is not None and hit[0] is table else None
+
+
 def _next_offsets(table: Table) -> tuple:
     """(number of entries, {offset: offset of the entry after it}): a standard target whose
     verdict is the next entry's offset is how iptables writes a rule without -j (libiptc's
     fall-through jump)."""
-    hit = _WALKS.get(id(table))
-    if hit is not None and hit[0] is table and hit[2] is not None:
+    hit = _walk_of(table)
+    if hit is not None and hit[2] is not None:
         return hit[1], hit[2]
     entries = table.entries()
     out = len(entries), {a.offset: b.offset for a, b in zip(entries, entries[1:])}
@@ -1397,8 +1404,8 @@ def _compile_ready(table, chain, facts, fl, subs=frozenset()) -> "_ChainCompiler
 
 def _entry_count(table: Table) -> int:
     if hasattr(table, "entries"):
-        hit = _WALKS.get(id(table))
-        if hit is not None and hit[0] is table:
+        hit = _walk_of(table)
+        if hit is not None:
             if hit[1] is None:
                 hit[1] = _entries_in(table)
             return hit[1]
@@ -2159,24 +2166,24 @@ class _FirstByName:
 
 def _first_by_name(table: Table) -> dict:
     """{name: first chain of that name}, once per compile_table (_WALKS)."""
-    hit = _WALKS.get(id(table))
-    by = hit[3] if hit is not None and hit[0] is table else None
+    hit = _walk_of(table)
+    by = hit[3] if hit is not None else None
     if by is None:
         by = {}
         for c in table.chains:
             by.setdefault(c.name, c)
-        if hit is not None and hit[0] is table:
+        if hit is not None:
             hit[3] = by
     return by
 
 
 def _chain_places(table: Table) -> dict:
     """{id(chain): its index in table.chains}, once per compile_table (_WALKS)."""
-    hit = _WALKS.get(id(table))
-    if hit is not None and hit[0] is table and hit[5] is not None:
+    hit = _walk_of(table)
+    if hit is not None and hit[5] is not None:
         return hit[5]
     out = {id(c): k for k, c in enumerate(table.chains)}
-    if hit is not None and hit[0] is table:
+    if hit is not None:
         hit[5] = out
     return out
 
@@ -2190,14 +2197,14 @@ def chain_info(table: Table) -> dict:
     for classify._leaf_bodies), so the compile's other
     walks (_scan, _jump_sites, classify's jump cases) do not walk the chains again (a fan-out
     table: 3 336 chains, each walked four times); {} outside compile_table."""
-    hit = _WALKS.get(id(table))
-    if hit is None or hit[0] is not table:
+    hit = _walk_of(table)
+    if hit is None:
         return {}
     info = hit[4]
     if len(hit) > 6 and hit[6]:
         # the facts a spliced walk took from the previous one, put in the order they came
         for chains, where, facts in hit[6]:
-            info.update(zip(map(id, map(chains.__getitem__, where)), facts))
+            _put_chain_facts(info, chains, where, facts)
         hit[6].clear()
     return info
 
@@ -2207,10 +2214,8 @@ def chain_walk(table: Table, top: Chain):
     walk of built-in chain `top` in this compile_table, or None; read without putting the
     deferred chain facts in (_defer_chain_facts), which a program whose walk is all its
     compile asks of chain_info (an append to INPUT: _scan and _jump_sites) never needs."""
-    hit = _WALKS.get(id(table))
-    if hit is None or hit[0] is not table:
-        return None
-    return hit[4].get(("walk", id(top)))
+    hit = _walk_of(table)
+    return hit[4].get(("walk", id(top))) if hit is not None else None
 
 
 def _defer_chain_facts(table: Table, info: dict, chains: list, where, facts) -> None:
@@ -2222,11 +2227,17 @@ def _defer_chain_facts(table: Table, info: dict, chains: list, where, facts) -> 
     from chain_info (_program_key at its start: later facts go in after these, as they came),
     but for chain_walk's walk records, which these are not. Outside compile_table (no dict
     kept, or one kept without the list of deferred facts), put in now."""
-    hit = _WALKS.get(id(table))
-    if hit is None or hit[0] is not table or hit[4] is not info or len(hit) < 7:
-        info.update(zip(map(id, map(chains.__getitem__, where)), facts))
+    hit = _walk_of(table)
+    if hit is None or hit[4] is not info or len(hit) < 7:
+        _put_chain_facts(info, chains, where, facts)
         return
     hit[6].append((chains, where, facts))
+
+
+def _put_chain_facts(info: dict, chains: list, where, facts) -> None:
+    """chain_info's dict `info` given facts[k] for chains[where[k]] (column by column: a
+    fan-out's 3 333 case chains)."""
+    info.update(zip(map(id, map(chains.__getitem__, where)), facts))
 
 
 def _keep_program(key, bases, cc: "_ChainCompiler", cp: CompiledProgram):

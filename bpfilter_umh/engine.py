@@ -1123,8 +1123,7 @@ class Engine:
                 id(spec) in self._cls_maps:         # installed: shared, never filled again
             return
         try:
-            m = K.Map.create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
-                             name=spec.kname, flags=spec.flags)
+            m = _spec_map(spec)
         except BpfilterError:
             return
         try:
@@ -2441,6 +2440,12 @@ def _conntrack_for(new: Table, old: Table, family: int):
 COUNTERS_MAP_NAME = "bpfilter_cnt"
 
 
+def _spec_map(spec) -> "K.Map":
+    """A new, empty map of classifier MapSpec `spec`."""
+    return K.Map.create(spec.map_type, spec.key_size, spec.value_size, spec.max_entries,
+                        name=spec.kname, flags=spec.flags)
+
+
 def create_maps(cp: CompiledProgram, live: dict = None, keep: dict = None,
                 fills: list = None, early: dict = None) -> dict:
     """{symbolic name: Map} for every MapSpec of `cp`, created and filled (closed on error).
@@ -2464,9 +2469,7 @@ def create_maps(cp: CompiledProgram, live: dict = None, keep: dict = None,
                 out[spec.name] = m
                 fills.append(job)
             else:
-                m = out[spec.name] = K.Map.create(spec.map_type, spec.key_size,
-                                                  spec.value_size, spec.max_entries,
-                                                  name=spec.kname, flags=spec.flags)
+                m = out[spec.name] = _spec_map(spec)
                 if fills is not None and spec.entries:
                     fills.append(_fill_later(m, spec.entries))
                 else:
