@@ -18,6 +18,9 @@ SO_NETNS_COOKIE = 71            # include/uapi/asm-generic/socket.h
 # the cookies of every namespace this process made: a leak check on a shared machine counts only
 # these (other runs make and remove namespaces, and their state directories, at the same time)
 COOKIES = set()
+# the cookies of the namespaces closed since conftest last checked them for bpfilter state left
+# behind (a table installed and never flushed: `ip netns del` leaves its pins and state dir)
+CLOSED = []
 
 
 def _libc():
@@ -92,6 +95,8 @@ class Netns:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        if hasattr(self, "cookie"):
+            CLOSED.append(self.cookie)
         with contextlib.suppress(OSError):
             for f in os.listdir(self._lockdir):
                 os.unlink(os.path.join(self._lockdir, f))

@@ -13,6 +13,7 @@ encoding, which the first GET_INFO made. What must hold:
 
 Real helpers and engines, in namespaces of ours.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -70,6 +71,19 @@ COMMIT
 """
 
 
+@contextlib.contextmanager
+def flushed_netns(tag: str):
+    """A namespace of ours whose bpfilter state is flushed before it is deleted, whatever
+    happens: `ip netns del` alone leaves the pins and /run/bpfilter/<cookie> of a table installed
+    in it (gc.py's leftovers), and a restore here installs one through the door's own helper."""
+    with Netns(tag) as ns:
+        try:
+            yield ns
+        finally:
+            ns.run([PY, "-m", "bpfilter_umh.cli", "flush"], env=dict(ns.env, PYTHONPATH=ROOT),
+                   check=False)
+
+
 def _warm(ns, restore=None) -> dict:
     env = dict(ns.env, BPFILTER_HEAP_RESERVE="0", PYTHONPATH=ROOT)
     p = ns.run([PY, "-c", _WARM.format(root=ROOT, restore=restore, text=TEXT)], env=env,
@@ -78,7 +92,7 @@ def _warm(ns, restore=None) -> dict:
 
 
 def test_first_command_set_up_while_idle():
-    with Netns("fc") as ns:
+    with flushed_netns("fc") as ns:
         seen = _warm(ns)
         assert not seen["doorserve_before"], seen       # else the test proves nothing
         assert seen["doorserve"] and seen["backend"] and seen["encoded"], seen
@@ -90,7 +104,7 @@ def test_first_command_set_up_while_idle():
 
 def test_state_changed_after_warm_up_is_readopted():
     """A table installed by another process after the warm-up: the first GET_INFO sees it."""
-    with Netns("fcr") as ns:
+    with flushed_netns("fcr") as ns:
         door = [PY, "-S", os.path.join(ROOT, "bin", "bpfilter"), "exec", "--",
                 "iptables-legacy-restore"]
         seen = _warm(ns, restore=door)
@@ -103,7 +117,7 @@ def test_listen_helper_then_launcher():
     between (the launcher hands it the door: BPFILTER_CMD_ADOPT)."""
     if not os.path.exists(LAUNCHER):
         subprocess.run(["make", "-C", ROOT, "launcher"], check=True, capture_output=True)
-    with Netns("fcl") as ns:
+    with flushed_netns("fcl") as ns:
         env = dict(ns.env, PYTHONPATH=ROOT, BPFILTER_LOG="DEBUG", BPFILTER_IDLE_EXIT="2")
         helper = ns.popen([PY, "-m", "bpfilter_umh", "--listen"], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -128,5 +142,3 @@ def test_listen_helper_then_launcher():
             if helper.poll() is None:
                 helper.kill()
                 helper.wait()
-            ns.run([PY, "-m", "bpfilter_umh.cli", "flush"], env=dict(ns.env, PYTHONPATH=ROOT),
-                   check=False)
