@@ -361,9 +361,22 @@ def queue_start_work(dispatcher=None, listen: bool = False):
     table at "*filter" and sends it back at COMMIT: ~30 ms at 10 000 rules), in another
     process. A request that comes meanwhile waits for one step at most. Before it, what a new
     helper's first command would otherwise set up inside its requests (_first_command_steps)."""
+    _idle_work.append(_first_spare_step())
     if dispatcher is not None:
         _idle_work.append(_first_command_steps(dispatcher, listen))
     _idle_work.append(heap.reserve_steps())
+
+
+def _first_spare_step():
+    """The first install's counters map (engine.make_first_spare): queued to the engine's
+    worker thread first, so the kernel's allocations (~25 ms at 32 768 entries) run beside the
+    steps below, not inside the first restore."""
+    engine = sys.modules.get(__package__ + ".engine")
+    if engine is not None and hasattr(engine, "make_first_spare"):
+        engine.make_first_spare()
+        log.debug("set up while idle: the first install's counters map (%d entries)",
+                  engine.first_spare_entries())
+    yield
 
 
 def _first_command_steps(dispatcher, listen: bool):

@@ -1613,7 +1613,19 @@ def hash_entries(run: Run) -> list:
         for ks, v in zip(keys, values):
             for k in ks:
                 put(k, v)
-    return list(seen.items())
+    return _hash_items(seen)
+
+
+def _hash_items(seen: dict) -> list:
+    """A hash map's {key: value} as its [(key, value)], an Entries whose keys and values come
+    joined for the fill (engine._fill_batch) when every key has one size and every value one
+    size (the map's, which the engine checks by their totals): made here from the dict in
+    ~0.2 ms at 6 700 entries, where the install's main thread split and checked the pairs
+    again (~0.65 ms) before the worker's fill could start."""
+    items = Entries(seen.items())
+    if len(set(map(len, seen))) == 1 and len(set(map(len, seen.values()))) == 1:
+        items.joined = (b"".join(seen), b"".join(seen.values()))
+    return items
 
 
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
@@ -3444,7 +3456,7 @@ def _split_hash_entries(rules: list, shapes: list, run: Run = None) -> list:
             for ks, v in zip(keys, values):
                 for k in ks:
                     put(k, v)
-    return list(seen.items())
+    return _hash_items(seen)
 
 
 def _hash_shapes(shapes: list) -> list:

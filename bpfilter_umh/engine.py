@@ -684,7 +684,8 @@ class Engine:
     def _fresh_counters_map(self, entries: int, early: "_Job" = None):
         """A counters map nobody has used (all zero) with room for `entries`: one a replaced
         table's counts were cleared from (_MapsAgain), or the spare one, when big enough (and not
-        far bigger), or the one _early_counters_map had made, else a new one."""
+        far bigger), or a new helper's first spare (make_first_spare), or the one
+        _early_counters_map had made, else a new one."""
         made = _early_result(early)
         again = self._maps_again.take(entries, entries + 2 * self.SPARE_SLACK)
         if again is not None:
@@ -698,6 +699,11 @@ class Engine:
                     made.close()
                 return spare
             spare.close()
+        first = _take_first_spare(entries, self.SPARE_MIN, self.SPARE_SLACK)
+        if first is not None:
+            if made is not None:
+                made.close()
+            return first
         if made is not None:
             if entries <= made.max_entries <= entries + 2 * self.SPARE_SLACK:
                 return made
@@ -710,11 +716,13 @@ class Engine:
         install, or a table that grew or shrank by more than SPARE_SLACK. The map has the
         compiled tables' counters_entries (one per entry of the blob: compile_table), plus
         SPARE_SLACK for the appends after it (their installs then recycle it, _MapsAgain);
-        None for tables under SPARE_MIN entries (their maps take well under a millisecond)."""
+        None for tables under SPARE_MIN entries (their maps take well under a millisecond), and
+        where the first spare will serve (made while the helper was idle: make_first_spare)."""
         n = max(1, _entry_count(table))
         most = n + 2 * self.SPARE_SLACK
         if n < self.SPARE_MIN or self._maps_again.has(n, most) or \
-                (self._spare is not None and n <= self._spare.max_entries <= most):
+                (self._spare is not None and n <= self._spare.max_entries <= most) or \
+                _first_spare_fits(n, self.SPARE_MIN):
             return None
         return _worker(K.Map.create, K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, n + self.SPARE_SLACK,
                        COUNTERS_MAP_NAME)
@@ -1219,7 +1227,7 @@ class Engine:
         out = list(base[:n]) + [(0, 0)] * (n - len(base))
         if m is None:
             return out
-        got = _map_counts(m, min(n, m.max_entries))
+        got = _map_counts(m, min(n, _counted(m)))
         if isinstance(got, list) and len(got) == n and base.count((0, 0)) == len(base):
             return got      # nothing to add to (a fresh base): the sums are the counters
         return _plus(out, got)
@@ -1234,7 +1242,7 @@ class Engine:
         # settling waits for the last install's RCU grace period (_LateCounts.finish, up to
         # ~15 ms for a command right after an append), and this read, of counts the settling
         # does not touch (it adds to the base), need not wait behind it
-        got = _map_counts(m, min(n, m.max_entries)) if m is not None else None
+        got = _map_counts(m, min(n, _counted(m))) if m is not None else None
         self._settle_late()
         base = self.base
         if self._base_nz is None or self._base_nz[0] is not base:
@@ -1704,7 +1712,7 @@ class _SumsReader:
         if ncpu is None or ncpu > 256 or m.map_type != K.BPF_MAP_TYPE_PERCPU_ARRAY or \
                 m.value_size != 16:
             raise BpfilterError(errno.EOPNOTSUPP, "no in-kernel sums for this map")
-        self.entries = m.max_entries
+        self.entries = _counted(m)
         self.lock = threading.Lock()
         self.prog = self.clear_prog = self.mem = None
         self.out = K.Map.create(K.BPF_MAP_TYPE_ARRAY, 4, 16, self.entries, name="bpfilter_sums",
@@ -1840,6 +1848,84 @@ def _close_counters(m):
     m.close()
 
 
+def _counted(m) -> int:
+    """How many entries of counters map m programs may count in and its reads walk: its
+    max_entries, or fewer for a first spare taken by a smaller table (_take_first_spare)."""
+    return m.__dict__.get("counted", m.max_entries)
+
+
+# ---- the first install's counters map, made while a new helper waits for its first command ----
+# A helper's first install of a large table has no spare (_make_spare makes one only after an
+# install) and made its counters map beside the compile (_early_counters_map): 7-9 ms of the
+# kernel's per-CPU allocations at 10 000 entries alone (bpf_array_alloc_percpu: one pcpu_alloc
+# per entry), 15-35 ms beside the compile on a 2-CPU machine, whose Python ran ~5 ms slower
+# meanwhile. Nothing tells the first table's size before its blob comes, so the map a new helper
+# makes while idle (make_first_spare: __main__.queue_start_work, before the first request or
+# while iptables-restore parses its input) has a fixed size: FIRST_SPARE_BYTES of per-CPU memory
+# (16 bytes an entry on every possible CPU: 1 MiB is 32 768 entries on 2 CPUs, 2 048 on 32), at
+# most FIRST_SPARE_MAX entries (a 10 000-rule restore takes 10 004-16 928 entries). The first
+# install of SPARE_MIN..that many entries takes it: a map larger than its table costs memory
+# only (the programs index their own entries, and the reads walk only those: _counted). The
+# first install it does not fit closes it, so a helper holds it only until its first install
+# (and exits when idle: BPFILTER_IDLE_EXIT).
+FIRST_SPARE_BYTES = 1 << 20
+FIRST_SPARE_MAX = 32768
+_first_spare = None         # the worker's _Job making it, until an install takes or closes it
+
+
+def first_spare_entries() -> int:
+    """The entries of the map make_first_spare makes (0: none on this machine)."""
+    n = min(FIRST_SPARE_MAX, FIRST_SPARE_BYTES // (16 * K.possible_cpus()))
+    return n if n >= Engine.SPARE_MIN else 0
+
+
+def make_first_spare():
+    """Queue the first spare's creation to the worker thread (_worker), once per process: the
+    kernel's allocations run there while the helper is idle, without the GIL."""
+    global _first_spare
+    n = first_spare_entries()
+    if _first_spare is not None or not n:
+        return
+    job = _worker(K.Map.create, K.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, n, COUNTERS_MAP_NAME)
+    job.entries = n
+    _first_spare = job
+
+
+def _first_spare_fits(entries: int, least: int) -> bool:
+    """Would _take_first_spare give a map for `entries` (without waiting for the worker)?"""
+    job = _first_spare
+    return job is not None and least <= entries <= job.entries and \
+        (not job.done.is_set() or job.error is None)
+
+
+def _take_first_spare(entries: int, least: int, slack: int):
+    """The first spare for an install of `entries` counters (waiting for the worker if it is
+    still making it), marked to count and read entries + slack of them (_counted: what a map
+    _early_counters_map makes has); None when there is none, it failed, or it does not fit.
+    One that does not fit is closed by the worker once it has made it (jobs run in order): a
+    small table's install, which makes its own map in microseconds, does not wait for it."""
+    global _first_spare
+    job, _first_spare = _first_spare, None
+    if job is None:
+        return None
+    if not least <= entries <= job.entries:
+        _worker(_discard_early, job)
+        return None
+    m = _early_result(job)
+    if m is not None:
+        m.counted = min(m.max_entries, entries + slack)
+    return m
+
+
+def drop_first_spare():
+    """Close the first spare, if any (its creation waited for)."""
+    global _first_spare
+    job, _first_spare = _first_spare, None
+    m = _early_result(job)
+    if m is not None:
+        m.close()
+
+
 def _map_counts(m, n: int):
     """What counters map m counted in entries 0..n-1, summed over CPUs: _nonzero_sums' dict or
     list. Read by the map's _SumsReader when it has one, else with the batch lookup, else one
@@ -1905,7 +1991,7 @@ class _LateCounts:
         self.done = threading.Event()
         self.early_read = threading.Event()
         # the old map comes back zeroed (to `again`) when its reader can clear it
-        self.map_entries = old_map.max_entries
+        self.map_entries = _counted(old_map)
         self.recycles = bool(old_map.__dict__.get("_sums_reader"))
         self.again = again
         # the waiter thread needs the GIL to start the wait, and this thread, going on with
@@ -1919,7 +2005,7 @@ class _LateCounts:
         _rcu_waiter().put((self._wait_and_read, old_map))
         self.started.wait(self.START_WAIT)
         try:
-            self.early = _map_counts(old_map, min(self.n, old_map.max_entries))
+            self.early = _map_counts(old_map, min(self.n, _counted(old_map)))
         finally:
             self.early_read.set()
         self.returned = _plus(list(base[:self.n]) + [(0, 0)] * (self.n - len(base)),
@@ -1935,7 +2021,7 @@ class _LateCounts:
             self.early_read.wait()
             if self.early is None:
                 raise BpfilterError(errno.EIO, "the early read failed")
-            n = min(self.n, old_map.max_entries)
+            n = min(self.n, _counted(old_map))
             r = old_map.__dict__.get("_sums_reader")
             if r:
                 # no program counts in it any more: summed and zeroed in one pass (every entry,
@@ -2022,7 +2108,7 @@ class _MapsAgain:
     def has(self, least: int, most: int) -> bool:
         """Would take(least, most) find a map?"""
         with self.lock:
-            return any(least <= m.max_entries <= most for m in self.maps)
+            return any(least <= _counted(m) <= most for m in self.maps)
 
     def take(self, least: int, most: int):
         """A map of least..most entries, or None; the others close."""
@@ -2030,7 +2116,7 @@ class _MapsAgain:
             maps, self.maps = self.maps, []
         found = None
         for m in maps:
-            if found is None and least <= m.max_entries <= most:
+            if found is None and least <= _counted(m) <= most:
                 found = m
             else:
                 _close_counters(m)
@@ -2159,10 +2245,26 @@ def _worker(fn, *args) -> _Job:
                 del job
         t = threading.Thread(target=serve, name="bpfilter-maps", daemon=True)
         t.start()
+        if _install_worker is None:
+            import atexit
+            atexit.register(_worker_drained)
         _install_worker = (t, q)
     job = _Job(fn, *args)
     _install_worker[1].put(job)
     return job
+
+
+def _worker_drained(timeout: float = 5.0):
+    """At exit (atexit, before the interpreter finalizes): the worker's queued jobs over. A
+    daemon thread still inside a C call (libbpf's bpf_map_create, through cffi) while the
+    process exits can crash it: SIGSEGV in 5 of 25 runs of a process that exited ~20 ms after
+    queueing the first spare (make_first_spare: ~25 ms of the kernel's allocations), none of 25
+    with this wait, which costs an exit at most what is left of the worker's jobs."""
+    w = _install_worker
+    if w is not None and w[0].is_alive() and threading.current_thread() is not w[0]:
+        job = _Job(lambda: None)
+        w[1].put(job)
+        job.done.wait(timeout)
 
 
 def _rule_key(r) -> str:
