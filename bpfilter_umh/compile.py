@@ -55,6 +55,7 @@ from . import ebpf as E
 from . import classify, family, flavors, matchers, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
+from .model import _ShiftedInts       # the walks' moved spans (_shifted)
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
                     Rule, Table, Verdict, chain_body, chain_entry, chain_outline, chain_source,
                     moved_from, placement)
@@ -1799,7 +1800,12 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
                 if got is not None:
                     rest_recs, rest_bases, rest = got
                     recs += rest_recs
-                    bases += rest_bases
+                    if type(rest_bases) is _MovedBases:
+                        # top's base, then the moved ones (not made into pairs: see there)
+                        bases = _MovedBases(tuple(bases) + rest_bases.head, rest_bases.src,
+                                            rest_bases.di, rest_bases.do, rest_bases.src_min)
+                    else:
+                        bases += rest_bases
                     sites.update(rest[2])
                     reads[:] = rest[3]
                     spliced_facts = rest[1]
@@ -1836,7 +1842,21 @@ def _spans_replaced(los: list, his: list, news: list) -> tuple:
     """(los, his) of the spans (first entries sorted, ends) with each span `old` of news
     [(old, new)] replaced by `new`: in place when it starts where the old one did (a change
     ahead of a chain's first entry is in another span; only its end moves), else the spans
-    sorted again."""
+    sorted again. Spans moved whole (_ShiftedInts, from one place on) stay so where each span
+    replaced lies ahead of that place and starts where it did (the top chain of a walk spliced
+    behind it): their lists copied, their ints not made."""
+    if type(los) is _ShiftedInts and type(his) is _ShiftedInts and los.t == his.t:
+        t = los.t
+        src_lo, src_hi = list(los.src), list(his.src)
+        for old, new in news:
+            k = bisect.bisect_left(los, old[0])
+            while k < len(los) and los[k] == old[0] and his[k] != old[1]:
+                k += 1
+            if k >= t or los[k] != old[0] or new[0] != old[0]:
+                break
+            src_lo[k], src_hi[k] = new
+        else:
+            return _ShiftedInts(src_lo, t, los.d), _ShiftedInts(src_hi, t, his.d)
     los, his = list(los), list(his)
     resort = False
     for old, new in news:
@@ -1851,6 +1871,117 @@ def _spans_replaced(los: list, his: list, news: list) -> tuple:
         spans = sorted(zip(los, his))
         los, his = [a for a, _ in spans], [b for _, b in spans]
     return los, his
+
+
+def _shifted(ints, t: int, d: int):
+    """`ints` (a sorted walk's span starts, or the ends beside them) with each from place t on
+    moved by d: a _ShiftedInts of the same src where ints is one moved from the same place,
+    of ints itself (or its ints, moved from another place) where it is a long list; else a
+    list."""
+    if type(ints) is _ShiftedInts:
+        if ints.t == t:
+            return _ShiftedInts(ints.src, t, ints.d + d)
+        ints = ints.ints()          # (a list nothing changes, as src must be)
+    if len(ints) >= MOVED_BASES_FROM:
+        return _ShiftedInts(ints, t, d)
+    return ints[:t] + [x + d for x in ints[t:]]
+
+
+class _MovedBases:
+    """A walk's bases (see above: (index, offset) of each walked chain's first body entry) as
+    `head`, a few pairs as they are, then each pair of `src` (a previous walk's bases, never
+    changed) moved by (di, do): the bases of a walk taken moved from the previous table's
+    (_moved_program_key, _walk_behind), whose 3 333 chains behind an append (a fan-out's hub
+    and service chains) all moved by one entry, kept as that move instead of 3 333 new pairs a
+    table, and _kept_program finds them moved uniformly from the bases kept with a program
+    without reading them (_uniform_move). `src_min`: the least index in src. Reads as a
+    sequence of the pairs (made once, when first iterated)."""
+    __slots__ = ("head", "src", "di", "do", "src_min", "_all")
+
+    def __init__(self, head: tuple, src, di: int, do: int, src_min: int):
+        self.head, self.src, self.di, self.do, self.src_min = head, src, di, do, src_min
+        self._all = None
+
+    def pairs(self) -> tuple:
+        if self._all is None:
+            di, do = self.di, self.do
+            self._all = self.head + tuple([(i + di, o + do) for i, o in self.src])
+        return self._all
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.src)
+
+    def __iter__(self):
+        return iter(self.pairs())
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            if k == slice(1, None) and self.head:
+                return _MovedBases(self.head[1:], self.src, self.di, self.do, self.src_min)
+            return self.pairs()[k]
+        if 0 <= k < len(self.head):
+            return self.head[k]
+        return self.pairs()[k]
+
+    def __eq__(self, other):
+        try:
+            return list(self.pairs()) == list(other)
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"_MovedBases({list(self.pairs())!r})"
+
+
+# walks of at least this many chains get their moved bases as a _MovedBases
+MOVED_BASES_FROM = 64
+
+
+def _moved_bases(bases, p_first: int, shift: int, delta: int):
+    """`bases` with each pair whose index is p_first or more moved by (-shift, delta): as a
+    _MovedBases when all but a few at the start move (a walk from a chain ahead of the change
+    into the chains behind it, or one wholly behind it: the head pairs placed one by one, the
+    rest one move), else a list of the pairs."""
+    def one(i, o):
+        return (i - shift, o + delta) if i >= p_first else (i, o)
+    if type(bases) is _MovedBases:
+        if bases.src_min + bases.di >= p_first:
+            return _MovedBases(tuple([one(i, o) for i, o in bases.head]), bases.src,
+                               bases.di - shift, bases.do + delta, bases.src_min)
+    elif len(bases) >= MOVED_BASES_FROM:
+        # a plain walk's list (its least index found once, then carried with it): all of it
+        # moved (then the list itself is src: a program kept with it finds the move at
+        # once), or all but its top chain's
+        low = min(map(_ITEM0, bases[1:]))
+        if low >= p_first:
+            first = bases[0]
+            if first[0] >= p_first:
+                return _MovedBases((), bases, -shift, delta, min(low, first[0]))
+            return _MovedBases((first,), bases[1:], -shift, delta, low)
+    return [one(i, o) for i, o in bases]
+
+
+def _uniform_move(old_bases, bases):
+    """(d_index, d_offset) when every pair of `bases` is the pair of old_bases at its place
+    moved by that, else None; from the moves alone where both are one src moved (or bases is
+    old_bases moved), else pair by pair."""
+    if type(bases) is _MovedBases and len(bases) == len(old_bases):
+        if bases.src is old_bases and not bases.head:
+            return bases.di, bases.do
+        if type(old_bases) is _MovedBases and old_bases.src is bases.src and \
+                len(old_bases.head) == len(bases.head):
+            d = (bases.di - old_bases.di, bases.do - old_bases.do)
+            for (i0, o0), (i1, o1) in zip(old_bases.head, bases.head):
+                if (i1 - i0, o1 - o0) != d:
+                    return None
+            return d
+    d_idx, d_off = bases[0][0] - old_bases[0][0], bases[0][1] - old_bases[0][1]
+    for (i0, o0), (i1, o1) in zip(old_bases, bases):
+        if i1 - i0 != d_idx or o1 - o0 != d_off:
+            return None
+    return d_idx, d_off
 
 
 def _span(c: Chain) -> tuple:
@@ -1905,11 +2036,11 @@ def _walk_behind(table: Table, top: Chain):
     # (rules put before a chain's first entry, _starting_at: only a built-in chain's, and
     # the only built-in chain of a walk is its top)
     if shift or delta:
-        bases = [(i - shift, o + delta) if i >= p_first else (i, o) for i, o in bases]
+        bases = _moved_bases(bases, p_first, shift, delta)
         # (los is sorted: the spans from p_first on are its tail)
         t = bisect.bisect_left(los, p_first)
-        his = his[:t] + [b - shift for b in his[t:]]
-        los = los[:t] + [a - shift for a in los[t:]]
+        his = _shifted(his, t, -shift)
+        los = _shifted(los, t, -shift)
         if old_span[0] >= p_first:
             old_span = (old_span[0] - shift, old_span[1] - shift)
     # (a changed leaf's span starts before p_first, its end is at or after nhead: it did not
@@ -2120,9 +2251,11 @@ def _moved_program_key(table: Table, top: Chain, facts, fl, subprog_above, subpr
     if flk is None or recs[0][0] != top.name or recs[0][1] != top.hook:
         return None, None
     if shift or delta:
-        bases = [(i - shift, o + delta) if i >= p_first else (i, o) for i, o in bases]
-        his = [b - shift if a >= p_first else b for a, b in zip(los, his)]
-        los = [a - shift if a >= p_first else a for a in los]
+        bases = _moved_bases(bases, p_first, shift, delta)
+        # (los is sorted: the spans from p_first on are its tail)
+        t = bisect.bisect_left(los, p_first)
+        his = _shifted(his, t, -shift)
+        los = _shifted(los, t, -shift)
     _remember_walk(table, top.name, recs, bases, los, his, rest)
     PROG_STATS["walks_moved"] += 1
     return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
@@ -2257,7 +2390,10 @@ def _keep_program(key, bases, cc: "_ChainCompiler", cp: CompiledProgram):
     # a copy: the caller owns cp (offload.py rewrites a program's items)
     mine = dataclasses.replace(cp, items=list(cp.items), where=dict(cp.where),
                                maps=list(cp.maps))
-    _PROG_CACHE[key] = (tuple(bases), mine, slots)
+    # the walk's own bases (a list nothing changes once the walk returns it, or a
+    # _MovedBases): the same object _WALK_RECORDS holds, so that the next table's bases, that
+    # one moved, are found moved uniformly without reading them (_uniform_move)
+    _PROG_CACHE[key] = (bases, mine, slots)
     cp.__dict__["_kept_copy"] = mine        # encode_kept
 
 
@@ -2269,10 +2405,10 @@ def _kept_program(key, bases) -> Optional[CompiledProgram]:
     if hit is None:
         return None
     old_bases, cp, slots = hit
-    d_idx, d_off = bases[0][0] - old_bases[0][0], bases[0][1] - old_bases[0][1]
-    for (i0, o0), (i1, o1) in zip(old_bases, bases):
-        if i1 - i0 != d_idx or o1 - o0 != d_off:
-            return None
+    d = _uniform_move(old_bases, bases)
+    if d is None:
+        return None
+    d_idx, d_off = d
     if cp.fn_parts:
         # a global function template dropped from classify._FN_CACHE (tests clear it to compile
         # afresh) means "compile afresh" here too

@@ -451,9 +451,12 @@ def placement(c: Chain):
 def placed_by(chains, pos) -> bool:
     """Whether every chain of `chains` is a _MovedChain not made whose placement is `pos`
     (column by column: a fan-out's 3 333 case chains). A chain made meanwhile by another
-    thread answers False."""
-    return all(map(operator.is_, map(type, chains), itertools.repeat(_MovedChain))) and \
-        all(map(operator.is_, map(_POS, chains), itertools.repeat(pos)))
+    thread answers False. One pass: only a _MovedChain has a _pos (a plain Chain raises
+    AttributeError), and a made one's is None; `pos` is never None."""
+    try:
+        return all(map(operator.is_, map(_POS, chains), itertools.repeat(pos)))
+    except AttributeError:
+        return False
 
 
 def policy_indexes(chains) -> list:
@@ -990,7 +993,7 @@ def _zeroed(prev, family: int):
 _RESTORE_LOOK = 8
 
 
-def _restored_over(prev, blob: bytes, pre: int, family: int) -> bool:
+def _restored_over(prev, blob: bytes, pre: int, family: int, suffix: list = None) -> bool:
     """Whether `blob` looks like a restore over the previous kept table: near the start of
     the change (the first byte that differs, `pre`, on) or its end (the last one back, the
     entries moved by the size change) a rule entry kept with a nonzero comefrom (one that
@@ -1008,18 +1011,32 @@ def _restored_over(prev, blob: bytes, pre: int, family: int) -> bool:
     verdict entries: the table the helper starts with, a flushed one) gives no evidence
     either way: there a restore is guessed as before, from the first or last byte that
     differs lying in an entry's comefrom or counters sent as zero (so the restore's decode
-    notes its blob as sent zeroed, and the next restore of it compares at once)."""
+    notes its blob as sent zeroed, and the next restore of it compares at once).
+    `suffix`: a list the length of the common suffix of the kept blob and `blob` is put in
+    when it is found here (_reusable needs it too: a memcmp of up to the whole blob, ~0.2 ms
+    of a 10 000-rule append, made once)."""
     old, memo = prev[0], prev[4]
     delta = len(blob) - len(old)
     if len(memo.kinds[1]) + len(memo.kinds[2]) == len(memo.offs):
         if _zero_volatile_at(memo.offs, old, blob, pre, 0, family):
             return True
-        last = len(old) - _common_suffix(old, blob) - 1
+        last = len(old) - _suffix_of(old, blob, suffix) - 1
         return last >= 0 and _zero_volatile_at(memo.offs, old, blob, last, delta, family)
     if _restore_evidence(prev, blob, pre, 0, False, family):
         return True
-    last = len(old) - _common_suffix(old, blob) - 1
+    last = len(old) - _suffix_of(old, blob, suffix) - 1
     return last >= 0 and _restore_evidence(prev, blob, last, delta, True, family)
+
+
+def _suffix_of(old: bytes, blob: bytes, cell) -> int:
+    """_common_suffix(old, blob), taken from `cell` (a list) when found before, put there
+    when found now."""
+    if cell:
+        return cell[0]
+    n = _common_suffix(old, blob)
+    if cell is not None:
+        cell.append(n)
+    return n
 
 
 def _zero_volatile_at(offs, old: bytes, blob: bytes, pos: int, delta: int, family: int) -> bool:
@@ -1136,12 +1153,16 @@ def _reusable(prev, blob: bytes, family: int, touched: list, splice=None):
     if delta % 8:
         return [], []
     pre = _common_prefix(old, blob)
-    if splice is not None and pre < len(blob) and _restored_over(prev, blob, pre, family):
+    # the common suffix of `old` and blob, once found (by _restored_over, or below)
+    suf = []
+    if splice is not None and pre < len(blob) and \
+            _restored_over(prev, blob, pre, family, suf):
         z = _zeroed(prev, family)
         pz = _common_prefix(z, blob)
         if pz >= pre:
             splice["kept"] = old
             old, pre = z, pz
+            suf.clear()         # (of the kept blob, not of `old` now)
     nhead = bisect.bisect_right(ends, pre)
     if splice:
         splice["head"] = (nhead, ends[nhead - 1] if nhead else 0)
@@ -1180,7 +1201,7 @@ def _reusable(prev, blob: bytes, family: int, touched: list, splice=None):
     nhead = i
     floor = head[-1].off + head[-1].hdr.next_offset if head else 0  # the first offset after it
     # old entries from this offset on lie in the common suffix: byte-equal where they moved to
-    same_from = len(old) - _common_suffix(old, blob)
+    same_from = len(old) - _suffix_of(old, blob, suf)
     # those wholly in it (and after the head), at once: moved by delta, nothing else changes
     js = max(nhead, _first_at_or_after(raws, max(same_from, floor - delta)))
     suffix = raws[js:]
@@ -1196,15 +1217,22 @@ def _reusable(prev, blob: bytes, family: int, touched: list, splice=None):
     low = js
     k0 = max(nhead, _first_at_or_after(raws, floor - delta))   # the first that may move
     j, run = js - 1, 16
+    # all of raws[k0:js] in one run first, when the first of them is the same moved (an append
+    # ahead of a fan-out's hub: one comparison of its 3 333 jumps, not eight of growing runs);
+    # else, or when that run is not equal, runs of growing length as below
+    whole = js - k0 > _WHOLE_RUN_MIN and _moved_alike(raws[k0], old, blob, delta, family)
     while j >= nhead:
         if run and j >= k0:
             # runs as in the head, backwards: raws[b:j + 1]
-            b = max(k0, j + 1 - run)
+            b = k0 if whole else max(k0, j + 1 - run)
             if _equal_but_moved(old, blob, raws, ends, pj, b, j + 1, delta, family, touched):
                 if delta:
                     for x in raws[b:j + 1]:
                         x.off += delta
                 low, j, run = b, b - 1, run * 2
+                continue
+            if whole:
+                whole = False
                 continue
             run = 0
         r = raws[j]
@@ -1248,6 +1276,22 @@ def _reusable(prev, blob: bytes, family: int, touched: list, splice=None):
     return head, raws[low:]
 
 
+# raws between the head and the common suffix from which _reusable tries them all in one run
+_WHOLE_RUN_MIN = 64
+
+
+def _moved_alike(r, old: bytes, blob: bytes, delta: int, family: int) -> bool:
+    """Whether old raw entry r is in blob moved by delta, the same but for comefrom, the
+    counters and (a jump) the offset it names: what _equal_but_moved takes of each entry.
+    Nothing changes."""
+    o, n = r.off, r.hdr.next_offset
+    if o + delta < 0:
+        return False
+    e_old, e_new = old[o:o + n], blob[o + delta:o + delta + n]
+    return _same_but_volatile(e_old, e_new, family) or \
+        _moved_jump(r, e_old, e_new, family) is not None
+
+
 def _moved_jump(r, e_old: bytes, e_new: bytes, family: int):
     """The verdict in e_new when raw entry r (bytes e_old) is a jump and e_new differs from
     e_old only in that verdict (a positive one: still a jump), comefrom and the counters;
@@ -1277,7 +1321,7 @@ def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: in
     # one copy of the old bytes (bytearray of a bytes slice copied them twice), and blob's
     # compared through a view, not copied (a run over a fan-out's hub: ~400 KB)
     exp = bytearray(memoryview(old)[a:b])
-    js = jumps[bisect.bisect_left(jumps, lo):bisect.bisect_left(jumps, hi)]
+    js = jumps[_bisect_left(jumps, lo):_bisect_left(jumps, hi)]
     # the jumps' verdicts (xt_standard_target.verdict) read from blob and written into exp:
     # those of a block of consecutive jumps at the end (a hub, behind the jumps of the chains
     # before it) as one strided slice where they are uniform, the others one by one
@@ -2536,7 +2580,7 @@ class _At:
 
     def get(self, off, default=None):
         offs = self.offs
-        i = bisect.bisect_left(offs, off)
+        i = _bisect_left(offs, off)
         return i if i < len(offs) and offs[i] == off else default
 
     def __getitem__(self, off):
@@ -2552,6 +2596,111 @@ class _At:
         if self._d is None:
             self._d = dict(zip(self.offs, range(len(self.offs))))
         return self._d
+
+
+class _ShiftedInts:
+    """A list of ints as the list `src` (never changed once made) with each from place t on
+    moved by d: what a decode derives of the entries an append moves whole (a fan-out's
+    16 000 entries behind INPUT: their offsets, the indexes of the jumps, chain heads and
+    returns among them, model._Memo), and a walk's span starts and ends behind the change
+    (compile._moved_program_key, _walk_behind), kept as that move instead of as new ints
+    each table (the next move adds to d, the next table's src is the lists joined in C).
+    Reads as a list of the ints (made once, when iterated); an int or a slice read alone
+    (bisect, the few entries a decode places) is not made into the list."""
+    __slots__ = ("src", "t", "d", "_all")
+
+    def __init__(self, src: list, t: int, d: int):
+        self.src, self.t, self.d, self._all = src, t, d, None
+
+    def ints(self) -> list:
+        if self._all is None:
+            t, d = self.t, self.d
+            self._all = self.src[:t] + [x + d for x in self.src[t:]]
+        return self._all
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __iter__(self):
+        return iter(self.ints())
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            if self._all is not None or k.step not in (None, 1):
+                return self.ints()[k]
+            a, b, _ = k.indices(len(self.src))
+            src, t, d = self.src, self.t, self.d
+            if b <= t:
+                return src[a:b]
+            return src[a:t] + [x + d for x in src[max(a, t):b]] if a < t else \
+                [x + d for x in src[a:b]]
+        if k < 0:
+            k += len(self.src)
+        return self.src[k] + self.d if k >= self.t else self.src[k]
+
+    def __eq__(self, other):
+        try:
+            return self.ints() == list(other)
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"_ShiftedInts({self.ints()!r})"
+
+
+def _bisect_left(seq, x) -> int:
+    """bisect.bisect_left(seq, x) of a sorted list or _ShiftedInts: a sorted one's src is
+    sorted on each side of t (its ints from t on are src's moved by d), so two bisections of
+    src in C instead of one calling __getitem__ per step."""
+    if type(seq) is _ShiftedInts:
+        src, t = seq.src, seq.t
+        i = bisect.bisect_left(src, x, 0, t)
+        return i if i < t else bisect.bisect_left(src, x - seq.d, t)
+    return bisect.bisect_left(seq, x)
+
+
+# lists of at least this many ints a decode or a walk keeps moved (_ShiftedInts)
+SHIFTED_FROM = 64
+
+
+def _spliced_ints(p, head: int, mid: list, tail: int, d: int):
+    """p[:head] + mid + [x + d for x in p[tail:]], p a list or a _ShiftedInts: a _ShiftedInts
+    made of p's src in C where p's moved part starts between head and tail (or p is a list)
+    and the tail is long, else a list."""
+    if type(p) is _ShiftedInts and head <= p.t <= tail and len(p.src) - tail >= SHIFTED_FROM:
+        src = p.src
+        return _ShiftedInts(src[:head] + mid + src[tail:], head + len(mid), p.d + d)
+    # (slices of a _ShiftedInts make only their ints)
+    if len(p) - tail >= SHIFTED_FROM and d:
+        return _ShiftedInts(p[:head] + mid + p[tail:], head + len(mid), d)
+    out = p[:head] + mid
+    out += p[tail:] if d == 0 else [x + d for x in p[tail:]]
+    return out
+
+
+def _values_at(seq, ks) -> list:
+    """[seq[k] for k in ks], seq a list or a _ShiftedInts (one list comprehension either way)."""
+    if type(seq) is _ShiftedInts:
+        src, t, d = seq.src, seq.t, seq.d
+        return [src[k] + d if k >= t else src[k] for k in ks]
+    return [seq[k] for k in ks]
+
+
+def _verdicts_of(raws, jumps) -> list:
+    """[raws[j].verdict for j in jumps], jumps a list or a _ShiftedInts."""
+    if type(jumps) is _ShiftedInts:
+        src, t, d = jumps.src, jumps.t, jumps.d
+        return [raws[j].verdict for j in src[:t]] + [raws[j + d].verdict for j in src[t:]]
+    return [raws[j].verdict for j in jumps]
+
+
+def _ends_of(offs, size: int):
+    """Each entry's end (the next one's offset, the blob's size for the last) from offs."""
+    if type(offs) is _ShiftedInts and offs.t >= 1:
+        return _ShiftedInts(offs.src[1:] + [size - offs.d], offs.t - 1, offs.d)
+    return offs[1:] + [size]
 
 
 class _Memo:
@@ -2586,18 +2735,17 @@ class _Memo:
         else:
             tn, mn = {}, {}
         kinds = ([], [], [])
-        if prev is not None:
-            for lst, p in zip(kinds, prev.kinds):
-                lst += p[:bisect.bisect_left(p, nhead)]
         offs = self._scan(mid, nhead, kinds, tn, mn)
         if prev is not None:
-            offs = prev.offs[:nhead] + offs
-        if ntail:
-            delta = size - prev.size
-            tail = prev.offs[first + shift:]
-            offs += tail if delta == 0 else [o + delta for o in tail]
-            for lst, p in zip(kinds, prev.kinds):
-                lst += [i - shift for i in p[bisect.bisect_left(p, first + shift):]]
+            # the entries before the change as they were, the new ones, those behind it
+            # moved: as _ShiftedInts where many moved (an append ahead of a fan-out moves
+            # 16 000 offsets and 10 000 kinds' indexes: one C join of the lists, no new ints)
+            offs = _spliced_ints(prev.offs, nhead, offs, first + shift if ntail else
+                                 len(prev.offs), size - prev.size if ntail else 0)
+            kinds = tuple(
+                _spliced_ints(p, _bisect_left(p, nhead), lst,
+                              _bisect_left(p, first + shift) if ntail else len(p), -shift)
+                for lst, p in zip(kinds, prev.kinds))
         self.offs = offs
         self.at = _At(offs)
         self.kinds = kinds
@@ -2764,8 +2912,7 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
         return None                  # a jump landed on an entry that changed
     # each jump names the offset of the entry it landed on, moved (offsets are unique)
     lands = [k if k < nhead else k - shift for k in p_lands]
-    offs = memo.offs
-    if [offs[k] for k in lands] != [raws[j].verdict for j in jumps]:
+    if _values_at(memo.offs, lands) != _verdicts_of(raws, jumps):
         return None
     memo.lands, memo.hooks = lands, hooks
     p_cf = p_memo.marks
@@ -2814,11 +2961,10 @@ def _mark_same_kinds(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo
         return None
     if None in lands:
         get = at.dict().get
-        if [get(raws[j].verdict) for j in jumps] != lands:
+        if list(map(get, _verdicts_of(raws, jumps))) != lands:
             return None
     else:
-        offs = memo.offs
-        if [offs[k] for k in lands] != [raws[j].verdict for j in jumps]:
+        if _values_at(memo.offs, lands) != _verdicts_of(raws, jumps):
             return None
     lands = list(lands)
     # (lands only where _mark_fast's table shape held before: what _mark_again relies on)
@@ -2845,7 +2991,8 @@ def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
     current jump, so a jump finds the loop bit set exactly when it lands on the start of a
     range on the stack: ELOOP there, at the same entry and in the same order (jumps in entry
     order, hooks in hook order) as the kernel. Work: per range and per jump, not per entry."""
-    jumps, _errs, terms = memo.kinds
+    # (as lists: _start_ranges reads them an index at a time)
+    jumps, _errs, terms = (x.ints() if type(x) is _ShiftedInts else x for x in memo.kinds)
     hooks = [h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)]
     get = at.get
     lands = [get(raws[j].verdict) for j in jumps]
@@ -3538,7 +3685,7 @@ class Table:
         # the reused entries were checked and remembered by an earlier decode
         _find_check(mid, family)
         cached = _remember(mid, family)
-        ends = offs[1:] + [len(blob)]      # the entries tile the blob (_walk checked)
+        ends = _ends_of(offs, len(blob))    # the entries tile the blob (_walk checked)
         _LAST_WALK[family] = (blob, raws, ends, None, memo)
         # the previous shared decode's rules, for the entries reused from its walk
         reuse = (prev[3], nhead, ntail) if share and prev is not None and prev[3] else None
@@ -3694,7 +3841,7 @@ class Table:
             todo = range(nhead, first)
             sel = again
             for lo, hi in [(firsts[js], ends[js])] + ranges[1:]:
-                a, b = bisect.bisect_left(jumps, lo), bisect.bisect_left(jumps, hi)
+                a, b = _bisect_left(jumps, lo), _bisect_left(jumps, hi)
                 sel += zip(jumps[a:b], lands[a:b])
             chains = p_chains[:js + 1]
             if ahead:
