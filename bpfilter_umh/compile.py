@@ -37,7 +37,6 @@ ipt_do_table's nulldevname); returns NF_DROP (0) or NF_ACCEPT (1).
 """
 from __future__ import annotations
 
-import bisect
 import copy
 import dataclasses
 import errno
@@ -55,7 +54,7 @@ from . import ebpf as E
 from . import classify, family, flavors, matchers, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
-from .model import _ShiftedInts       # the walks' moved spans (_shifted)
+from .model import _ShiftedInts, _bisect_left   # the walks' moved spans (_shifted)
 from .model import (AF_INET, AF_INET6, NF_ACCEPT, NF_DROP, XT_RETURN, Chain, ExtTarget, Jump,
                     Rule, Table, Verdict, chain_body, chain_entry, chain_outline, chain_source,
                     moved_from, placement)
@@ -1849,7 +1848,7 @@ def _spans_replaced(los: list, his: list, news: list) -> tuple:
         t = los.t
         src_lo, src_hi = list(los.src), list(his.src)
         for old, new in news:
-            k = bisect.bisect_left(los, old[0])
+            k = _bisect_left(los, old[0])
             while k < len(los) and los[k] == old[0] and his[k] != old[1]:
                 k += 1
             if k >= t or los[k] != old[0] or new[0] != old[0]:
@@ -1860,7 +1859,7 @@ def _spans_replaced(los: list, his: list, news: list) -> tuple:
     los, his = list(los), list(his)
     resort = False
     for old, new in news:
-        k = bisect.bisect_left(los, old[0])
+        k = _bisect_left(los, old[0])
         while k < len(los) and los[k] == old[0] and his[k] != old[1]:
             k += 1
         if k == len(los) or los[k] != old[0]:
@@ -1996,7 +1995,7 @@ def _starting_at(los: list, nhead: int):
     whose span starts at nhead, the first changed entry, or None. Rules put before a built-in
     chain's first entry (nhead == p_first: an append to an empty INPUT) are in no span that
     [nhead, p_first) meets (model.moved_from): they are the chain's starting there."""
-    k = bisect.bisect_left(los, nhead)
+    k = _bisect_left(los, nhead)
     return k if k < len(los) and los[k] == nhead else None
 
 
@@ -2023,7 +2022,7 @@ def _walk_behind(table: Table, top: Chain):
     if p_top.name != top.name or p_top.hook != top.hook:
         return None
     old_span = _span(p_top)
-    j = bisect.bisect_left(los, p_first) - 1
+    j = _bisect_left(los, p_first) - 1
     leaf = None
     if j >= 0 and his[j] > nhead and (los[j], his[j]) != old_span:
         # a chain behind top changed: taken when it is a leaf of the walk (_changed_leaf)
@@ -2038,7 +2037,7 @@ def _walk_behind(table: Table, top: Chain):
     if shift or delta:
         bases = _moved_bases(bases, p_first, shift, delta)
         # (los is sorted: the spans from p_first on are its tail)
-        t = bisect.bisect_left(los, p_first)
+        t = _bisect_left(los, p_first)
         his = _shifted(his, t, -shift)
         los = _shifted(los, t, -shift)
         if old_span[0] >= p_first:
@@ -2244,7 +2243,7 @@ def _moved_program_key(table: Table, top: Chain, facts, fl, subprog_above, subpr
     recs, bases, los, his, rest = got[1][top.name]
     if rest is not None and len(table.chains) != len(prev.chains):
         rest = None
-    j = bisect.bisect_left(los, p_first) - 1
+    j = _bisect_left(los, p_first) - 1
     if j >= 0 and his[j] > nhead or _starting_at(los, nhead) is not None:
         return None, None               # a walked chain holds a changed entry: walk it
     flk = _flavor_key(fl)
@@ -2253,7 +2252,7 @@ def _moved_program_key(table: Table, top: Chain, facts, fl, subprog_above, subpr
     if shift or delta:
         bases = _moved_bases(bases, p_first, shift, delta)
         # (los is sorted: the spans from p_first on are its tail)
-        t = bisect.bisect_left(los, p_first)
+        t = _bisect_left(los, p_first)
         his = _shifted(his, t, -shift)
         los = _shifted(los, t, -shift)
     _remember_walk(table, top.name, recs, bases, los, his, rest)
