@@ -182,7 +182,7 @@ busy() {
 }
 attempt=0
 inside=0
-while [ $attempt -lt 3 ] && [ $inside -eq 0 ]; do
+while [ $attempt -lt 6 ] && [ $inside -eq 0 ]; do
     attempt=$((attempt + 1))
     # an attempt whose kill came after the reply may have left the 4000 rules: the old set back
     [ $attempt -eq 1 ] || iptables-legacy-restore < /tmp/s1 > /dev/null 2>&1
