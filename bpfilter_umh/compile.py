@@ -204,12 +204,7 @@ class CompiledProgram:
             return None
         n_fn = sum(len(tpl.items) for tpl, _ in self.fn_parts)
         main = self.items[:len(self.items) - n_fn]
-        at, slot = {}, 0
-        for it in main:
-            if isinstance(it, Label):
-                at[it.name] = slot
-            else:
-                slot += it.slots
+        at, slot = _label_slots(main)
         fn_at, pos = {}, slot
         for (tpl, _), code in zip(self.fn_parts, codes):
             fn_at[tpl.head] = pos
@@ -227,7 +222,7 @@ class CompiledProgram:
             starts = E.subprogram_starts(self.items)
         else:
             main, at, fn_at, _, codes = lay
-            called = {it.target for it in main if isinstance(it, Insn) and it.is_local_call}
+            called = set(_local_calls(main).values())
             if any(c[1] for c in codes):
                 called.add(COUNT_SUB)
             starts = sorted((fn_at[t] if t in fn_at else at[t], t) for t in called)
@@ -266,13 +261,9 @@ class CompiledProgram:
         main, at, fn_at, main_slots, codes = lay
         stubs = [x for tpl, _ in self.fn_parts for x in (Label(tpl.head), E.exit_())]
         code = bytearray(self._encode_main(main, stubs, map_fds, kf)[:main_slots * 8])
-        slot = 0
-        for it in main:
-            if isinstance(it, Label):
-                continue
-            if it.target in fn_at and it.is_local_call:
-                struct.pack_into("<i", code, slot * 8 + 4, fn_at[it.target] - slot - 1)
-            slot += it.slots
+        for slot, target in _local_calls(main).items():
+            if target in fn_at:
+                struct.pack_into("<i", code, slot * 8 + 4, fn_at[target] - slot - 1)
         count_at = at.get(COUNT_SUB)
         for (tpl, values), (fcode, calls, rslots) in zip(self.fn_parts, codes):
             start, part = fn_at[tpl.head], bytearray(fcode)
@@ -286,6 +277,40 @@ class CompiledProgram:
     def _encode_main(self, main: list, stubs: list, map_fds: dict, kf: dict) -> bytes:
         """The main part's bytecode, each function's head standing in at its end (assemble)."""
         return E.assemble(main + stubs, map_fds, kf)
+
+
+_LDDW, _CALL_LOCAL = E._LDDW, E.BPF_JMP | E.CALL
+
+
+def _label_slots(items: list) -> tuple:
+    """({label: slot}, slots) of `items`: the slot each label stands at, and the slots of the
+    whole list (an lddw takes two). Read by opcode, not through Insn's properties (a fan-out
+    append's INPUT program has ~500 items: the property calls were ~0.3 ms of its layout)."""
+    at, slot = {}, 0
+    for it in items:
+        if it.__class__ is Label:
+            at[it.name] = slot
+        elif it.__class__ is Insn:
+            slot += 2 if it.code == _LDDW else 1
+        elif isinstance(it, Label):
+            at[it.name] = slot
+        else:
+            slot += it.slots
+    return at, slot
+
+
+def _local_calls(items: list) -> dict:
+    """{slot: target label} of the bpf-to-bpf calls in `items` (Insn.is_local_call), read by
+    opcode as _label_slots reads the slots."""
+    out, slot = {}, 0
+    for it in items:
+        if it.__class__ is Label or isinstance(it, Label):
+            continue
+        code = it.code
+        if code == _CALL_LOCAL and it.src == E.BPF_PSEUDO_CALL:
+            out[slot] = it.target
+        slot += 2 if code == _LDDW else 1
+    return out
 
 
 @dataclass
@@ -1362,7 +1387,9 @@ def _compile_chain(table: Table, chain: Chain, facts: KernelFacts, fl, subprog_a
     depth and stack limits."""
     sites = _jump_sites(table, chain)
     if subprogs is None:
-        subs = frozenset(n for n, k in sites.items() if k > 1)
+        # (a fan-out's 3 334 chains are each reached once: max() answers without a Python loop)
+        subs = frozenset(n for n, k in sites.items() if k > 1) \
+            if max(sites.values(), default=0) > 1 else frozenset()
         if not subs:
             return _compile_ready(table, chain, facts, fl)
         try:
@@ -1460,11 +1487,10 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
 def _compile_chains(table: Table, facts: KernelFacts, fl, subprog_above: int, subprogs,
                     out: CompiledTable):
     knobs = _knobs()
-    for chain in table.chains:
-        # (Chain.builtin, read as its property does: a property call per chain was ~0.35 ms
-        # of a fan-out append's 3 337 chains)
-        if chain.hook is None:
-            continue
+    chains = table.chains
+    # the built-in chains: Chain.hook read by C-level maps, not Chain.builtin (a property call
+    # per chain was ~0.35 ms of a fan-out append's 3 337 chains) nor a Python loop over them
+    for chain in compress(chains, map(is_not, map(_HOOK, chains), repeat(None))):
         if chain.policy_entry is None:
             raise BpfilterError(errno.EINVAL, f"chain {chain.name}: no underflow entry")
         fl.check_chain(chain)           # refuses, naming the chain, what the flavor cannot serve
@@ -1550,9 +1576,16 @@ def _knobs() -> tuple:
     """What the code depends on besides the entries: module settings tests change, the
     environment switches, this module's thresholds."""
     ks = tuple(repr(getattr(classify, k, None)) for k in _CLASSIFY_KNOBS)
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BPFILTER_")))
+    env = tuple(sorted((k, os.environ[k]) for k in _bpfilter_names()))
     return ks + (repr(classify.LOOKUP_NS), repr(classify.SPLIT_NS), SHARED_COUNT_ABOVE,
                  SUBPROG_UPTO, MAX_CALL_FRAMES, MAX_BPF_STACK, E.GOTO_SHORT) + env
+
+
+def _bpfilter_names() -> list:
+    """The names of the BPFILTER_* environment variables. Only the names are read on the way:
+    os.environ.items() decodes every variable's value too, through the Mapping machinery
+    (~0.1 ms a call, two calls a compile)."""
+    return [k for k in os.environ if k.startswith("BPFILTER_")]
 
 
 def _flavor_key(fl):

@@ -254,7 +254,9 @@ def _insns_and_labels(items: Iterable[Item]):
     insns, where, labels_at = [], {}, {}
     append = insns.append
     for it in items:
-        if it.__class__ is Label or isinstance(it, Label):
+        if it.__class__ is Insn:        # most items: no isinstance call for them
+            append(it)
+        elif it.__class__ is Label or isinstance(it, Label):
             if it.name in where:
                 raise BpfilterError(errno.EINVAL, f"ebpf: label {it.name!r} defined twice")
             where[it.name] = len(insns)
