@@ -831,6 +831,24 @@ def _ahead_unmade(held: set, hooks) -> set:
     return {k for k in held if hooks[k] is None}
 
 
+# (a spans' hooks list, the indexes of its chains with a hook): the last one asked for
+# (_hooked_after); the spans' lists never change once made, and a table moved by an append
+# keeps the previous one's hooks list. One tuple, read and replaced whole
+_HOOKED = (None, [])
+
+
+def _hooked_after(hooks: list, js: int) -> list:
+    """The indexes k > js of the chains whose hook (spans' column) is not None: the
+    built-in chains (and hooks < 0) behind chain js, found once per hooks list instead of a
+    test of each of a fan-out's 3 334 chains each append."""
+    global _HOOKED
+    got = _HOOKED
+    if got[0] is not hooks:
+        got = _HOOKED = (hooks, [k for k, h in enumerate(hooks) if h is not None])
+    hooked = got[1]
+    return hooked[bisect.bisect_right(hooked, js):]
+
+
 def _placed_whole(pc: Chain, at: int, pos) -> "_MovedChain":
     """User chain pc of the previous table as a _MovedChain of this one, its head entry at
     entry index `at` (where it was: ahead of the change), its entries placed by this decode's
@@ -1338,13 +1356,16 @@ def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: in
     # one copy of the old bytes (bytearray of a bytes slice copied them twice), and blob's
     # compared through a view, not copied (a run over a fan-out's hub: ~400 KB)
     exp = bytearray(memoryview(old)[a:b])
-    js = jumps[_bisect_left(jumps, lo):_bisect_left(jumps, hi)]
+    ja, jb = _bisect_left(jumps, lo), _bisect_left(jumps, hi)
     # the jumps' verdicts (xt_standard_target.verdict) read from blob and written into exp:
     # those of a block of consecutive jumps at the end (a hub, behind the jumps of the chains
-    # before it) as one strided slice where they are uniform, the others one by one
-    k = _consecutive_from(js)
-    uni = _uniform_jumps(old, raws, js[k:], a, delta, cf)
-    one_by_one = js[:k] if uni is not None else js
+    # before it) as one strided slice where they are uniform, the others one by one. The
+    # block is found by bisecting `jumps` in place and taken as a range: the jumps of a
+    # moved table are a _ShiftedInts, whose slice makes a list of new ints (a hub's 3 333)
+    k = _consecutive_in(jumps, ja, jb)
+    block = range(jumps[k], jumps[jb - 1] + 1) if k < jb else range(0)
+    uni = _uniform_jumps(old, raws, block, a, delta, cf)
+    one_by_one = jumps[ja:k] if uni is not None else jumps[ja:jb]
     ps = [raws[j].off + raws[j].hdr.target_offset + 32 for j in one_by_one]
     vs = _verdicts_at(blob, ps, delta)
     if vs is None:
@@ -1366,7 +1387,7 @@ def _equal_but_moved(old: bytes, blob: bytes, raws, ends, jumps, lo: int, hi: in
     for j, v in zip(one_by_one, vs):
         raws[j].verdict = v
     if uni is not None:
-        for r, v in zip(raws[js[k]:js[-1] + 1], us):
+        for r, v in zip(raws[block.start:block.stop], us):
             r.verdict = v
     for r in vol:
         n = r.off + delta
@@ -1405,14 +1426,18 @@ def _volatile_changes(exp: bytearray, new, raws, ends, lo: int, hi: int, a: int,
 _UNIFORM_MIN = 32
 
 
-def _consecutive_from(js: list) -> int:
-    """The least k for which js[k:] (sorted entry indexes) are consecutive, by bisection: js[k:]
-    is consecutive exactly when js[-1] - js[k] == len(js) - 1 - k, and then so is every
-    shorter tail."""
-    lo, hi = 0, len(js)
+def _consecutive_in(seq, lo: int, hi: int) -> int:
+    """The least k in [lo, hi] for which seq[k:hi] (sorted ints, a list or a _ShiftedInts)
+    are consecutive, by bisection: seq[k:hi] is consecutive exactly when
+    seq[hi - 1] - seq[k] == hi - 1 - k, and then so is every shorter tail. Read in place (a
+    _ShiftedInts an int at a time: a bisection reads a dozen, a slice would make them all)."""
+    if hi <= lo:
+        return hi
+    end = hi - 1
+    last = seq[end]
     while lo < hi:
         mid = (lo + hi) // 2
-        if js[-1] - js[mid] == len(js) - 1 - mid:
+        if last - seq[mid] == end - mid:
             hi = mid
         else:
             lo = mid + 1
@@ -1433,14 +1458,23 @@ def _uniform_jumps(old: bytes, raws, js: list, a: int, delta: int, cf: int):
     h = raws[js[0]].hdr
     size, tgt = h.next_offset, h.target_offset
     start = raws[js[0]].off
-    end = start + n * size
-    if (start + tgt) & 3 or size & 3 or a & 3 or delta & 3 or end > len(old):
+    if a & 3 or delta & 3 or not _strided_entries(old, start, size, tgt, n, cf):
         return None
+    return start + tgt + 32, size, n
+
+
+def _strided_entries(buf: bytes, start: int, size: int, tgt: int, n: int, cf: int) -> bool:
+    """Whether n entries of buf from offset `start` on all have next_offset `size` and
+    target_offset `tgt` (so they lie at that stride, and their verdicts too), every offset
+    4-aligned and the last inside buf: checked in four strided slices (see _uniform_jumps)."""
+    end = start + n * size
+    if start < 0 or (start + tgt) & 3 or size & 3 or size <= 0 or end > len(buf):
+        return False
     for field, want in ((cf - 2, size), (cf - 4, tgt)):
         for lane in (0, 1):             # u16, little-endian
-            if old[start + field + lane:end:size] != bytes((want >> 8 * lane & 0xFF,)) * n:
-                return None
-    return start + tgt + 32, size, n
+            if buf[start + field + lane:end:size] != bytes((want >> 8 * lane & 0xFF,)) * n:
+                return False
+    return True
 
 
 def _copy_strided_verdicts(exp: bytearray, blob: bytes, a: int, delta: int, p0: int,
@@ -2873,13 +2907,33 @@ def moved_from(table):
     return None if prev is None else (prev,) + got[2:]
 
 
+def _free_with_table(prev) -> None:
+    """Let what is left of the previous walk (`prev`, as _LAST_WALK held it: its raws list,
+    its memo's lists, its rules list; the entries reused went into this walk) go when the
+    table that walk made does, instead of here: ~1 ms of deallocation of a fan-out append
+    inside the request, after it for a helper (engine.after_reply frees the replaced table
+    once the caller has its answer). Kept by a finalizer, not on the table itself: a
+    copy.deepcopy of the table (with_counters) must not copy it. Without that table (not a
+    shared decode, or gone already) it goes now."""
+    if prev is None or prev[3] is None:
+        return
+    p_table = prev[3][2]()
+    if p_table is not None:
+        weakref.finalize(p_table, _nothing, prev)
+
+
+def _nothing(*_) -> None:
+    """A finalizer's callback: what it keeps goes with it."""
+
+
 def _is_return(r) -> bool:
     """An unconditional standard verdict (RETURN, a policy, an unconditional ACCEPT/DROP):
     where mark_source_chains()'s walk turns back."""
     return r.std and r.verdict < 0 and r.uncond
 
 
-def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_memo, p_raws):
+def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_memo, p_raws,
+                blob: bytes = None, old: bytes = None, family: int = None):
     """mark_source_chains() of a table that differs from the previous one (p_memo, p_raws,
     whose walk gave p_memo.marks) only in entries its walk passes straight through: the
     comefrom values of the previous table moved with their entries, or None when that does
@@ -2894,7 +2948,9 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
     previous table's (none), and the entries put in the place of the changed ones are reached
     exactly when the entry before them is and is not a return: they take its comefrom (a walk
     reaching that entry goes on to the next, after the jump's walk for a jump), else 0.
-    Work: per jump (a list comparison), not per entry."""
+    Work: per jump (a list comparison), not per entry; `blob`, `old` (the previous walk's
+    bytes) and `family`, where given, let a hub's jumps be compared as one block
+    (_hub_lands_moved)."""
     if p_memo is None or p_memo.marks is None or p_memo.lands is None:
         return None
     n, m = len(raws), len(p_raws)
@@ -2927,15 +2983,92 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
     if not set(range(nhead, p_first)).isdisjoint(p_lands) if p_first - nhead < 64 else \
             any(nhead <= k < p_first for k in p_lands):
         return None                  # a jump landed on an entry that changed
-    # each jump names the offset of the entry it landed on, moved (offsets are unique)
+    # each jump names the offset of the entry it landed on, moved (offsets are unique): the
+    # jumps of a hub behind the change compared as one block, the others one by one
     lands = [k if k < nhead else k - shift for k in p_lands]
-    if _values_at(memo.offs, lands) != _verdicts_of(raws, jumps):
+    k = _hub_lands_moved(raws, jumps, p_memo, p_lands, memo.offs, nhead, first, p_first,
+                         blob, old, family)
+    if k == len(jumps):
+        if _values_at(memo.offs, lands) != _verdicts_of(raws, jumps):
+            return None
+    elif _values_at(memo.offs, lands[:k]) != [raws[j].verdict for j in jumps[:k]]:
         return None
     memo.lands, memo.hooks = lands, hooks
     p_cf = p_memo.marks
     if nhead and not _is_return(raws[nhead - 1]):
         fill |= p_cf[nhead - 1]
     return p_cf[:nhead] + [fill] * (first - nhead) + p_cf[p_first:]
+
+
+# the words' sign bits and ones of a block of int32 verdicts read as one little-endian int
+# (_verdicts_moved), by block length
+_SIGNS: dict = {}
+
+
+def _verdicts_moved(old: bytes, po: int, blob: bytes, pn: int, size: int, n: int, d: int) -> bool:
+    """Whether the n int32 verdicts at stride `size` from offset pn of blob are those from po
+    of old plus d, all of them jump offsets (>= 0). Each side's words are copied out by one
+    strided slice and read as one little-endian int, so the check is a few big-int operations
+    in C, not n: with every word below 2**31 (no sign bit) and |d| < 2**31, adding d to each
+    word carries into no other, so the sums are equal exactly when every word is."""
+    step = size >> 2
+    wo = memoryview(old)[:len(old) & ~3].cast("i")
+    wn = memoryview(blob)[:len(blob) & ~3].cast("i")
+    qo, qn = po >> 2, pn >> 2
+    xo = int.from_bytes(wo[qo:qo + (n - 1) * step + 1:step].tobytes(), "little")
+    xn = int.from_bytes(wn[qn:qn + (n - 1) * step + 1:step].tobytes(), "little")
+    wo.release()
+    wn.release()
+    got = _SIGNS.get(n)
+    if got is None:
+        if len(_SIGNS) > 64:
+            _SIGNS.clear()
+        got = _SIGNS[n] = (int.from_bytes(b"\0\0\0\x80" * n, "little"),
+                           int.from_bytes(b"\1\0\0\0" * n, "little"))
+    signs, ones = got
+    if (xo | xn) & signs or not -(1 << 31) < d < 1 << 31:
+        return False
+    return xn == xo + d * ones if d >= 0 else xo == xn - d * ones
+
+
+def _hub_lands_moved(raws, jumps, p_memo, p_lands, offs, nhead: int, first: int,
+                     p_first: int, blob: bytes, old: bytes, family: int) -> int:
+    """_mark_again's check that each jump names the offset of the entry it lands on
+    (offs[lands[i]]), for a block at the end of the jumps: consecutive entries of one size
+    and target_offset in both tables (a kube-proxy hub: 3 333 jumps), all landing before the
+    change (where offsets stayed) or all behind it (moved by the size change d). Jump i of
+    the previous table named the offset of its landing (p_lands[i]: each decode checked it,
+    or found the landing by that offset), so jump i names its landing now exactly when its
+    verdict is the previous one plus 0 or d: one block compare of the two blobs' verdict
+    words (_verdicts_moved; a raw entry's verdict is its entry's word). Returns k: jumps[k:]
+    checked here; len(jumps) when no block was (they are then compared one by one)."""
+    n = len(jumps)
+    if blob is None or old is None or family is None or sys.byteorder != "little":
+        return n
+    k = _consecutive_in(jumps, 0, n)
+    cnt = n - k
+    p_jumps = p_memo.kinds[0]
+    if cnt < _UNIFORM_MIN or len(p_jumps) != n or p_jumps[n - 1] - p_jumps[k] != cnt - 1:
+        return n
+    pl = p_lands[k:]
+    try:
+        if min(pl) >= p_first:
+            d = len(blob) - len(old)
+        elif max(pl) < nhead:
+            d = 0
+        else:
+            return n
+    except TypeError:           # (None: a landing onto no entry; min compares it, in C)
+        return n
+    j0, pj0 = jumps[k], p_jumps[k]
+    h = raws[j0].hdr
+    size, tgt = h.next_offset, h.target_offset
+    cf = _VOLATILE[family][0]
+    o0, n0 = p_memo.offs[pj0], offs[j0]
+    if not (_strided_entries(old, o0, size, tgt, cnt, cf) and
+            _strided_entries(blob, n0, size, tgt, cnt, cf)):
+        return n
+    return k if _verdicts_moved(old, o0 + tgt + 32, blob, n0 + tgt + 32, size, cnt, d) else n
 
 
 def _walk_kind(r) -> int:
@@ -3678,7 +3811,8 @@ class Table:
         _check_table_hooks(raws, hook_entry, underflow, valid_hooks, at)
         comefrom = _mark_again(raws, nhead, ntail, hook_entry, valid_hooks, memo,
                                prev[4] if prev is not None else None,
-                               prev[1] if prev is not None else None)
+                               prev[1] if prev is not None else None, blob,
+                               prev[0] if prev is not None else None, family)
         marked_again = comefrom is not None
         if comefrom is None and prev is not None:
             comefrom = _mark_same_kinds(raws, nhead, ntail, hook_entry, valid_hooks, memo,
@@ -3727,10 +3861,14 @@ class Table:
                 idx = at.dict() if len(touched) > 64 else at
                 cand.update(idx[r.off] for r in touched)
                 p_cf = p_memo.comefrom
-                if comefrom[:nhead] != p_cf[:nhead]:
-                    cand.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
-                if comefrom[first:] != p_cf[first + shift:]:
-                    cand.update(i for i in range(first, n) if comefrom[i] != p_cf[i + shift])
+                # (comefrom made by _mark_again from p_cf, the marks it read: p_cf's head and
+                # tail as they are, nothing to compare there: two slices of a fan-out's 16 000)
+                if not (marked_again and p_cf is p_memo.marks):
+                    if comefrom[:nhead] != p_cf[:nhead]:
+                        cand.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
+                    if comefrom[first:] != p_cf[first + shift:]:
+                        cand.update(i for i in range(first, n)
+                                    if comefrom[i] != p_cf[i + shift])
                 if splice:
                     # the reused entries outside the spliced runs: blob's bytes, comefrom 0
                     # and zero counters (where not in cand: comefrom written alone)
@@ -3756,6 +3894,7 @@ class Table:
         # REJECT/LOG, addrtype, conntrack?" of every install (engine._uses)
         table.target_names = frozenset(uapi.cstr(k) for k, c in memo.tnames.items() if c)
         table.match_names = frozenset(uapi.cstr(k) for k, c in memo.mnames.items() if c)
+        _free_with_table(prev)
         return table
 
     @classmethod
@@ -3839,7 +3978,7 @@ class Table:
             if ahead:
                 again = [ie for ie, k in zip(again, where) if k - 1 not in ahead]
             remake = sorted(held - ahead | {js})
-            eager = [k for k in range(js + 1, ns) if hooks[k] is not None]
+            eager = _hooked_after(hooks, js)
             for k in remake:
                 _chain_range(p_chains, p_rules, p_firsts, p_ends, k)
             rules[:nhead] = p_rules[:nhead]
@@ -3871,10 +4010,11 @@ class Table:
             add = chains.append
             new, mc = object.__new__, _MovedChain
             pos = (offs, comefrom, jumps, lands)
-            k = js + 1
-            # (~0.2 us a chain: 3 333 of them; hook and policy: the class's None)
-            for pc, h, at_ in zip(p_chains[k:], hooks[k:], firsts[k:]):
-                if h is None:
+            # (~0.2 us a chain: 3 333 of them; hook and policy: the class's None); the user
+            # chains between two built-in ones (eager) a run at a time, no hook to test
+            run = js + 1
+            for b in eager + [ns]:
+                for pc, at_ in zip(p_chains[run:b], firsts[run:b]):
                     c = new(mc)
                     c.name = pc.name
                     # made from pc, or from pc's own source if pc is one not made (every
@@ -3884,8 +4024,9 @@ class Table:
                     c._at = at_
                     c._pos = pos
                     add(c)
-                else:
-                    add(pc)             # made below
+                if b < ns:
+                    add(p_chains[b])    # a built-in chain: made below
+                run = b + 1
             lazy = ns > js + 1 + len(eager) or p_lazy or bool(ahead)
         elif reuse is not None:
             # a Rule carries position data (index, offset, comefrom; a jump its offset and
