@@ -170,6 +170,7 @@ def serve_stdio(dispatcher) -> int:
         data = rep.pack()
         while data:
             data = data[os.write(1, data):]
+        _queue_topup()
 
 
 def _recv_frame(conn: socket.socket):
@@ -246,6 +247,7 @@ def serve_listen(dispatcher, idle: float) -> int:
     last = time.monotonic()
     log.info("helper %d serving netns cookie %d", os.getpid(), dispatcher.home_cookie)
     while True:
+        _queue_topup()          # (after a request served here or by an adopted door)
         pending = _after_reply_pending()
         # the last door gone and nothing waiting: the command that queued the work has ended
         # (a door closes its connection, an adopted listener hangs up, at its command's end),
@@ -343,6 +345,8 @@ def preload():
         # and what the first install would do on first use (cffi's type parsing, the kernel
         # feature probes, the kernel facts): engine.warm_up
         sys.modules[__package__ + ".engine"].warm_up()
+        # the bytes layout heap.new_bytes checks once (the first SET_REPLACE's buffer)
+        heap.can_write()
     except Exception as e:     # noqa: BLE001 - the request that needs it reports the error
         log.warning("preloading the request handlers failed: %s", e)
 
@@ -400,6 +404,13 @@ def _first_command_steps(dispatcher, listen: bool):
     backend.getinfo()           # Backend._snapshot: 0.35 ms for the empty table
     log.debug("set up while idle: %sthe IPv4 table (%d entries)",
               "the door's serving code, " if listen else "", backend.table.num_entries)
+
+
+def _queue_topup():
+    """After a request: the heap a big table's next appends take, faulted in while idle, when
+    that request read a table of a bigger size class than any before (heap.topup_steps)."""
+    if heap.topup_due():
+        _idle_work.append(heap.topup_steps())
 
 
 def _idle_step() -> bool:

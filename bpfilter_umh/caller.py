@@ -43,15 +43,19 @@ class CallerMemory:
             return buf.raw
         return self._proc_mem(addr, n, None)
 
-    def read_bytes(self, addr: int, n: int) -> bytes:
+    def read_bytes(self, addr: int, n: int, spare: bool = False) -> bytes:
         """read(addr, n) straight into the bytes object returned: a table's megabytes copied
         once (read() copies them twice, into a C buffer and out of it; a bytearray read into
         and then made bytes, twice too). The object is new and nobody else holds it until it
         is returned, so it is filled in place, as os.read and os.pread fill theirs; a copy
-        fewer is ~680 fewer pages faulted in when the heap has no room for it (2.7 MB)."""
+        fewer is ~680 fewer pages faulted in when the heap has no room for it (2.7 MB). Its
+        block is of a size class (heap.new_bytes): the next append's blob, a rule longer, fits
+        the hole this one leaves. spare: and a block of that class set aside for the copy
+        the caller makes next (heap.new_bytes)."""
         if n == 0:
             return b""
-        out = bytes(n)          # n > 0: a new object, never a shared one
+        from .heap import new_bytes     # (the helper's: the door never reads a table)
+        out = new_bytes(n, spare)   # n > 0: a new object, never a shared one
         local, keep = libc.data_address(out)
         if self._vm(libc.process_vm_readv, addr, local, n):
             del keep

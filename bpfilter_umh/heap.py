@@ -69,7 +69,7 @@ REQUEST_BUFFER = 8 * _MIB
 # aligned to it
 _ARENA = 1 << 20
 _pins = []
-_state = {"warmed": 0, "held": False, "kept_pins": 0}
+_state = {"warmed": 0, "held": False, "kept_pins": 0, "topup": 0, "topped": 0}
 
 
 def configure():
@@ -152,6 +152,7 @@ def release():
     libc.mallopt(M_TRIM_THRESHOLD, TRIM_RELEASED)
     libc.malloc_trim(TRIM_PAD)
     _state["held"] = False
+    _state["topped"] = 0        # (its top given back: a big table's next class tops up again)
     from .sockopt import log
     log.debug("heap reserve released")
 
@@ -178,3 +179,218 @@ def release_if_small(dispatcher) -> bool:
         return False
     release()
     return True
+
+
+# ---- a table's blobs in size classes ---------------------------------------------------------
+# A table's entries arrive as one bytes object (the SET_REPLACE's buffer: caller.read_bytes) and
+# the decode keeps a second one (model._kept_blob: what GET_ENTRIES shows); at 10 000 rules each
+# is ~2.7 MB, a malloc block from the heap (under MMAP_THRESHOLD), alive as long as the table.
+# An append makes both 200-odd bytes longer than the replaced table's, whose blocks are the
+# holes the next append finds: glibc's malloc takes the smallest free chunk that holds a request
+# (malloc/malloc.c _int_malloc, best fit from the large bins), and a hole a few hundred bytes
+# short holds nothing of that size, so each of the first appends after a restore grew the heap's
+# top by one or two blobs (~680 fresh pages each, ~3.3 ms: 1 354, 678, 1 355 faults, until
+# freed neighbours happened to coalesce). Allocated in size classes, the blocks of a table and
+# of the next few hundred appends' are the same size: each append's blob fits the hole of the
+# table two installs back exactly, pages faulted in long ago.
+
+# blobs from this size up get a class (below it a block is a few pages at most)
+CLASS_MIN = 256 << 10
+# classes per power of two: a block at most 1/16 bigger than its bytes; a 2.7 MB blob's class
+# is 2.75 MiB, room for ~550 appends of a 200-byte rule before the next class
+CLASS_STEPS_LOG2 = 4
+
+_layout = {}
+# (class size, a new bytes object of that size): the block new_bytes(spare=True) set aside,
+# which the next new_bytes of that class hands out
+_spare = []
+
+
+def class_size(n: int) -> int:
+    """n rounded up to its size class (n itself below CLASS_MIN)."""
+    if n < CLASS_MIN:
+        return n
+    step = 1 << (n.bit_length() - 1 - CLASS_STEPS_LOG2)
+    return -(-n // step) * step
+
+
+def _bytes_layout():
+    """(PyBytes_FromStringAndSize, PyMemoryView_FromMemory, offset of ob_size, offset of
+    ob_sval) checked on a probe object, or None where the layout is not CPython's
+    PyBytesObject (then new_bytes allocates exactly)."""
+    if "api" in _layout:
+        return _layout["api"]
+    api = None
+    try:
+        import ctypes
+        import sys
+        if sys.implementation.name == "cpython":
+            new = ctypes.pythonapi.PyBytes_FromStringAndSize
+            new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+            view = ctypes.pythonapi.PyMemoryView_FromMemory
+            view.restype = ctypes.py_object
+            view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+            # PyVarObject: ob_refcnt, ob_type, ob_size; PyBytesObject's ob_sval last, its
+            # terminating NUL counted in tp_basicsize
+            size_at = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
+            data_at = bytes.__basicsize__ - 1
+            probe = new(None, 4099)
+            at = ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value
+            if ctypes.c_ssize_t.from_address(id(probe) + size_at).value == 4099 and \
+                    at == id(probe) + data_at:
+                api = (new, view, size_at, data_at, ctypes)
+    except (AttributeError, OSError, ValueError):
+        api = None
+    _layout["api"] = api
+    return api
+
+
+def new_bytes(n: int, spare: bool = False) -> bytes:
+    """A new bytes object of n > 0 bytes, its contents to be filled before anyone else sees it,
+    whose malloc block is class_size(n) bytes: made at the class's size, then its ob_size set
+    to n and the NUL every bytes object ends with written after the n-th byte. free() gives
+    back the block by its own chunk header (the object's size is not asked), so the whole block
+    is a hole again when the object goes. spare: a second block of that class made at once
+    and kept, which the next new_bytes of the class hands out (see _spare). Below CLASS_MIN,
+    or where the layout is not CPython's, bytes(n)."""
+    api = _bytes_layout() if n >= CLASS_MIN else None
+    if api is None:
+        return bytes(n)
+    new, _view, size_at, data_at, ctypes = api
+    cap = class_size(n)
+    if _spare and _spare[0] == cap:
+        out = _spare.pop()      # (new, unshared: only _spare held it)
+        _spare.clear()
+    else:
+        out = new(None, cap)
+    if spare:
+        # the block of the decode's copy (model._kept_blob) taken now, beside this one: made
+        # after the decode's own allocations, it found the hole it would fit cut into by them
+        _spare[:] = (cap, new(None, cap))
+    if cap != n:
+        ctypes.c_ssize_t.from_address(id(out) + size_at).value = n
+        ctypes.c_char.from_address(id(out) + data_at + n).value = b"\0"
+    return out
+
+
+def drop_spare():
+    """The block new_bytes(spare=True) set aside, freed if no copy took it (a decode that kept
+    the caller's bytes, or refused them), or if one did not fit in it."""
+    _spare.clear()
+
+
+def can_write() -> bool:
+    """Whether writable_view works here (CPython's bytes layout, checked)."""
+    return _bytes_layout() is not None
+
+
+def writable_view(out: bytes) -> memoryview:
+    """A writable memoryview (format B) of new_bytes' object, to fill it: only while nobody
+    else holds the object (a bytes object is immutable once shared: hashed, compared, kept).
+    The view does not keep `out` alive; release it when done."""
+    api = _bytes_layout()
+    if api is None:
+        raise ValueError("no writable view of a bytes object here")
+    _new, view, _size_at, data_at, _ctypes = api
+    return view(id(out) + data_at, len(out), 0x200)     # PyBUF_WRITE
+
+
+# ---- the heap a big table's first appends take, faulted in while idle ------------------------
+# A replaced table is freed only after the next command (engine.AFTER_REPLY), so the first two
+# appends after a restore find no table's blocks to reuse: four blobs' blocks (each append's
+# request buffer and kept copy), ~11 MiB at 10 000 rules, come from the heap's top, ~2 800 fresh
+# pages in their SET_REPLACEs (~13 ms). From the third append on, each takes the holes of the
+# table replaced two installs back (new_bytes' classes). So once a SET_REPLACE has installed a
+# blob of a class bigger than any before, the helper's idle moments fault in the top such
+# blocks would take: the blocks malloc()ed (not touched: nothing faulted), freed back into the
+# top (TRIM_HELD keeps it), and that range populated a step at a time by
+# madvise(MADV_POPULATE_WRITE) (mm/madvise.c, Linux 5.14: the pages faulted in as by a write,
+# their contents left alone, so a range a request has taken meanwhile is unharmed). A helper
+# with a big table grows to that size with its first appends anyway (measured at 10 000 rules,
+# six appends: 87 MiB resident with or without it).
+# Five blocks, not four: with four, one append in two or three runs of ten still took a block
+# from the top (~700 faults), where an after-reply's free came after the next request or the
+# holes were cut into; with five, none in the runs measured.
+TOPUP_BLOCKS = 5
+# classes from this size up are topped up (a 256 KiB blob's block is ~64 pages)
+TOPUP_MIN = 1 << 20
+# and up to this size (~30 000 rules): the blocks freed must stay in the heap's top (under
+# TRIM_HELD, and each under MMAP_THRESHOLD)
+TOPUP_MAX = 8 * _MIB
+# and this much more: what else is allocated meanwhile (the log line, the next command's
+# requests) takes the top's start, and the blocks come after it
+TOPUP_PAD = _MIB
+MADV_POPULATE_WRITE = 23
+_PAGE = 4096
+# populated a step (~0.25 ms where none is present yet): what a request arriving meanwhile
+# waits at most
+TOPUP_STEP = 256 << 10
+
+
+def installed(size: int):
+    """A SET_REPLACE installed a blob of `size` bytes: topup_due from here on if its class is
+    bigger than any the heap was topped up for (a refused one tops up nothing: a caller's
+    bad request costs the helper no memory past the request's own)."""
+    cap = class_size(size)
+    if TOPUP_MIN <= cap <= TOPUP_MAX and cap > _state["topped"]:
+        _state["topup"] = max(cap, _state["topup"])
+
+
+def topup_due() -> bool:
+    """Whether a SET_REPLACE read a blob of a class bigger than the heap was topped up for."""
+    return bool(RESERVE) and _state["topup"] > _state["topped"]
+
+
+def _malloc_api():
+    """(sbrk, madvise, mallinfo2) of this process's libc, or None."""
+    if "malloc" in _layout:
+        return _layout["malloc"]
+    api = None
+    try:
+        import ctypes
+        c = ctypes.CDLL(None, use_errno=True)
+        sbrk, madvise, info = c.sbrk, c.madvise, c.mallinfo2
+        sbrk.restype, sbrk.argtypes = ctypes.c_void_p, (ctypes.c_ssize_t,)
+        madvise.restype = ctypes.c_int
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+        class Mallinfo2(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+        info.restype = Mallinfo2
+        api = (sbrk, madvise, info)
+    except (AttributeError, OSError):
+        api = None
+    _layout["malloc"] = api
+    return api
+
+
+def topup_steps():
+    """The steps that fault in the heap top TOPUP_BLOCKS blocks of the class topup_due saw
+    would take, TOPUP_STEP a step; a helper runs a step only while no request waits
+    (__main__). topup_due is False from here on (until a bigger class)."""
+    cap = _state["topup"]
+    _state["topped"] = max(cap, _state["topped"])
+    return _topup(cap)
+
+
+def _topup(cap: int):
+    bapi, mapi = _bytes_layout(), _malloc_api()
+    if bapi is None or mapi is None or not RESERVE:
+        return
+    new, sbrk, madvise, info = bapi[0], *mapi
+    # where the top chunk starts (mallinfo2's keepcost: its size) before the blocks take it
+    lo = (sbrk(0) - info().keepcost) & ~(_PAGE - 1)
+    blocks = [new(None, cap) for _ in range(TOPUP_BLOCKS)] + [new(None, TOPUP_PAD)]
+    hi = sbrk(0)
+    del blocks
+    from .sockopt import log
+    log.debug("heap top-up: %d KiB for blocks of %d KiB", (hi - lo) >> 10, cap >> 10)
+    while lo < hi:
+        yield
+        # (a trimmed top is not there to populate: madvise stops at the break)
+        end = min(lo + TOPUP_STEP, hi, sbrk(0))
+        if end <= lo or madvise(lo, end - lo, MADV_POPULATE_WRITE) != 0:
+            return          # EINVAL before Linux 5.14
+        lo = end

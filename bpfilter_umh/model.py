@@ -2357,21 +2357,29 @@ def _kept_blob(blob: bytes, raws, comefrom: list, family: int, cand=None,
 
 
 def _writable_copy(data: bytes):
-    """(an io.BytesIO holding a copy of `data`, a writable memoryview of that copy): bytes
-    to patch in place, which _bytes_written then hands out as the bytes object itself. A
-    bytearray patched and then bytes() of it copied the blob twice (~2.7 MB for 10 000 rules;
-    in a freshly started helper each copy faults in ~680 fresh pages, ~2.5 ms measured): a
-    BytesIO made from bytes shares them until written, getbuffer() copies them once, and
-    once no view is left getvalue() returns that buffer uncopied when it holds exactly the
-    data (CPython's copy-on-write BytesIO; elsewhere getvalue() copies: the same bytes)."""
+    """(the holder of a copy of `data`, a writable memoryview of that copy): bytes to patch in
+    place, which _bytes_written then hands out as the bytes object itself, copied once (a
+    bytearray patched and then bytes() of it copied the blob twice: ~2.7 MB for 10 000 rules,
+    ~680 fresh pages each where the heap has no room). The copy is a bytes object of
+    heap.new_bytes, its block of a size class (the next table's copy, a few entries longer,
+    fits the hole this one leaves), written through a view while nobody else holds it. Where
+    that is not possible (heap.can_write) or the blob is small: an io.BytesIO of `data`, which
+    shares it until written; getbuffer() copies it once, and once no view is left getvalue()
+    returns that buffer uncopied (CPython's copy-on-write BytesIO; elsewhere a copy)."""
+    from . import heap
+    if len(data) >= heap.CLASS_MIN and heap.can_write():
+        out = heap.new_bytes(len(data))
+        view = heap.writable_view(out)
+        view[:] = data
+        return out, view
     bio = io.BytesIO(data)
     return bio, bio.getbuffer()
 
 
-def _bytes_written(bio, view) -> bytes:
-    """The bytes of _writable_copy's (bio, view), every view cast from `view` released."""
+def _bytes_written(holder, view) -> bytes:
+    """The bytes of _writable_copy's (holder, view), every view cast from `view` released."""
     view.release()
-    return bio.getvalue()
+    return holder if type(holder) is bytes else holder.getvalue()
 
 
 _U32, _U64X2, _U16 = struct.Struct("<I"), struct.Struct("<QQ"), struct.Struct("<H")
@@ -2384,11 +2392,26 @@ _NO_COUNTS = bytes(16)
 
 def _kept_joined(blob: bytes, todo: list, cf: int, cnt: int) -> bytes:
     """_kept_blob's few patches (an append: the new rule, the entries libiptc built anew,
-    those that counted) as one bytes.join of blob's runs between them: the kept blob of a
-    10 000-rule table is ~2.7 MB, and each copy of it that the heap has no free room for is
-    ~680 fresh pages faulted in (~2 ms measured; the blob grows by an entry per append, so
-    the room the last one left rarely fits). `todo`: (raw, comefrom) in blob order; each raw's
-    header is set to describe the kept bytes (comefrom as given, counters zero)."""
+    those that counted) in one copy of blob: the kept blob of a 10 000-rule table is ~2.7 MB,
+    and each copy of it that the heap has no free room for is ~680 fresh pages faulted in
+    (~2 ms measured). A big blob is copied into a block of its size class (_writable_copy: the
+    next append's copy fits the hole this one leaves, where an exact-sized block two hundred
+    bytes short of it fit nothing) and patched there; a small one, or where no such copy can
+    be made, is one bytes.join of blob's runs between the patches. `todo`: (raw, comefrom) in
+    blob order; each raw's header is set to describe the kept bytes (comefrom as given,
+    counters zero)."""
+    from . import heap
+    if len(blob) >= heap.CLASS_MIN and heap.can_write():
+        out, view = _writable_copy(blob)
+        u32, u64x2 = _U32.pack_into, _U64X2.pack_into     # as _kept_blob's own writes
+        for r, c in todo:
+            h = r.hdr
+            u32(view, r.off + cf, c)
+            if h.pcnt or h.bcnt:
+                # ip6t_entry's padding between comefrom and the counters kept as given
+                u64x2(view, r.off + cnt, 0, 0)
+            h.comefrom, h.pcnt, h.bcnt = c, 0, 0
+        return _bytes_written(out, view)
     view = memoryview(blob)
     parts, pos = [], 0
     pack = _U32.pack            # as _kept_blob's own writes

@@ -558,9 +558,14 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
         raise BpfilterError(errno.ENOMEM, f"table size {size} exceeds the helper's limit "
                                           f"{max_table_size()} (BPFILTER_MAX_TABLE_SIZE)")
     # the entries as the bytes object the decode keeps (table.source_blob): one copy of them
-    blob = mem.read_bytes(req.addr + REPLACE_HDR.size, size)
+    # (and a block for the decode's copy of them, table.kept_blob, set aside meanwhile)
+    from . import heap
     from .model import decode_replace
-    hdr, table = decode_replace(hdr_raw, req.family, entries=blob)  # translate_table's checks
+    try:
+        blob = mem.read_bytes(req.addr + REPLACE_HDR.size, size, spare=True)
+        hdr, table = decode_replace(hdr_raw, req.family, entries=blob)  # translate_table's checks
+    finally:
+        heap.drop_spare()
     _lookup(be, hdr.name)
     if valid_hooks != be.valid_hooks:
         raise BpfilterError(errno.EINVAL, f"valid_hooks {valid_hooks:#x} != {be.valid_hooks:#x}")
@@ -588,6 +593,7 @@ def do_replace(be, mem: CallerMemory, req: Request, policy: str = "reject") -> R
     else:
         if delegated:
             old = be.delegation.take_back(be)
+        heap.installed(size)        # (the heap its next appends take: topped up while idle)
     try:
         mem.write(counters_ptr, pack_counters(old))
     except BpfilterError as e:
