@@ -235,7 +235,7 @@ def _bytes_layout():
             size_at = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
             data_at = bytes.__basicsize__ - 1
             probe = new(None, 4099)
-            at = ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value
+            at = libc.data_address(probe)[0]
             if ctypes.c_ssize_t.from_address(id(probe) + size_at).value == 4099 and \
                     at == id(probe) + data_at:
                 api = (new, view, size_at, data_at, ctypes)
@@ -342,24 +342,21 @@ def topup_due() -> bool:
 
 
 def _malloc_api():
-    """(sbrk, madvise, mallinfo2) of this process's libc, or None."""
+    """(sbrk, madvise, mallinfo2) of this process's libc, or None: the first two are libc.py's;
+    mallinfo2 returns a struct by value, which only ctypes declares."""
     if "malloc" in _layout:
         return _layout["malloc"]
     api = None
     try:
         import ctypes
-        c = ctypes.CDLL(None, use_errno=True)
-        sbrk, madvise, info = c.sbrk, c.madvise, c.mallinfo2
-        sbrk.restype, sbrk.argtypes = ctypes.c_void_p, (ctypes.c_ssize_t,)
-        madvise.restype = ctypes.c_int
-        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        info = ctypes.CDLL(None).mallinfo2
 
         class Mallinfo2(ctypes.Structure):
             _fields_ = [(f, ctypes.c_size_t) for f in (
                 "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                 "uordblks", "fordblks", "keepcost")]
         info.restype = Mallinfo2
-        api = (sbrk, madvise, info)
+        api = (libc.sbrk, libc.madvise, info)
     except (AttributeError, OSError):
         api = None
     _layout["malloc"] = api

@@ -49,6 +49,12 @@ process_vm_writev = _function("process_vm_writev", _Long)
 mallopt = _function("mallopt")
 malloc_trim = _function("malloc_trim")
 malloc_trim.argtypes = (_ULong,)
+# and the heap's top faulted in while idle (heap._topup): where the break is, and populating
+# a range of pages (addresses and lengths passed as unsigned long, not as C int)
+sbrk = _function("sbrk", _Long)
+sbrk.argtypes = (_Long,)
+madvise = _function("madvise")
+madvise.argtypes = (_ULong, _ULong, _Int)
 get_errno = _ctypes.get_errno
 addressof = _ctypes.addressof
 
