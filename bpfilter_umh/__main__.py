@@ -15,8 +15,10 @@ Policy xtables needs a door (--listen or --door): the kernel shim's helper alway
 Both transports hand each frame to the same Dispatcher, one request at a time: requests are
 serialized like the xtables lock serializes the kernel's replace (net/netfilter/x_tables.c
 xt_find_table_lock holds xt[af].mutex).  In --listen mode the helper exits once it has had no
-client for BPFILTER_IDLE_EXIT seconds (default 5): all state is pinned by the engine, so the next
-door simply starts a new helper, and nothing keeps running after a test.
+client for BPFILTER_IDLE_EXIT seconds (default 5; BPFILTER_IDLE_EXIT_BIG, default 600, while it
+holds a table of 1 000 entries or more, which a new helper would take ~0.5-2 s to adopt and
+compile again): all state is pinned by the engine, so the next door simply starts a new helper,
+and nothing keeps running after a test (a test's namespace ends its processes).
 """
 import ctypes
 import errno
@@ -230,7 +232,27 @@ def _adopt(dispatcher, req: Request, fds):
     return door
 
 
-def serve_listen(dispatcher, idle: float) -> int:
+# How long a --listen helper stays without a client. A helper holding a big table stays longer:
+# a new one needs ~0.2 s to start (interpreter, modules, engine.warm_up) and ~0.15 s more to
+# adopt a 10 000-rule table from the state file before its first command is answered, then
+# compiles that table anew on its first change (measured at 10 000 rules: one iptables -A 0.7 s
+# for a blocklist and 1.8 s for a fan-out against ~50 ms through a running helper).
+# BPFILTER_IDLE_EXIT set alone holds for every table (tests and benches set it).
+IDLE_EXIT = 5.0
+IDLE_EXIT_BIG = 600.0
+
+
+def idle_exit() -> tuple:
+    """(seconds idle before exiting, the same while holding a table of heap.SMALL_TABLE
+    entries or more): BPFILTER_IDLE_EXIT and BPFILTER_IDLE_EXIT_BIG."""
+    small = os.environ.get("BPFILTER_IDLE_EXIT")
+    big = os.environ.get("BPFILTER_IDLE_EXIT_BIG")
+    if big is None:
+        big = small if small is not None else IDLE_EXIT_BIG
+    return float(small if small is not None else IDLE_EXIT), float(big)
+
+
+def serve_listen(dispatcher, idle: float, idle_big: float = None) -> int:
     import selectors
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -271,9 +293,11 @@ def serve_listen(dispatcher, idle: float) -> int:
             if clients == 0 and now - last >= heap.RELEASE_IDLE and \
                     heap.release_if_small(dispatcher):
                 continue
-            if clients == 0 and now - last >= idle:
+            if clients == 0 and now - last >= idle and (
+                    idle_big is None or now - last >= idle_big or
+                    heap.installed_entries(dispatcher) < heap.SMALL_TABLE):
                 srv.close()
-                log.info("helper %d idle for %.1fs, exiting", os.getpid(), idle)
+                log.info("helper %d idle for %.1fs, exiting", os.getpid(), now - last)
                 return 0
             continue
         last = now
@@ -469,7 +493,7 @@ def main(argv=None) -> int:
     if engine is not None:
         queue_start_work(dispatcher, listen=mode == ["--listen"])
     if mode == ["--listen"]:
-        return serve_listen(dispatcher, float(os.environ.get("BPFILTER_IDLE_EXIT", "5")))
+        return serve_listen(dispatcher, *idle_exit())
     return serve_stdio(dispatcher)      # the kernel shim's channel, or one door's (--door)
 
 

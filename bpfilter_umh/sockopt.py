@@ -220,10 +220,27 @@ class Backend:
         entry count and the GET_ENTRIES blob come from it, live counters patched in."""
         t = self.table
         if self._snap is None or self._snap[0] is not t:
+            self._snap = self._kept_snapshot(t)
+        if self._snap is None:
             # also lays out (Rule.offset is set); counters zero: entries_blob adds the live ones
             blob = t.encode(counters=[(0, 0)] * t.num_entries)
             self._snap = (t, blob, t.entries(), t.getinfo_bytes())
         return self._snap
+
+    def _kept_snapshot(self, t):
+        """The snapshot of a table adopted from the state file (engine._read_state), from the
+        blob the kernel would keep, which the state holds: None for any other table."""
+        kept, hooks = getattr(t, "kept_blob", None), getattr(t, "kept_hooks", None)
+        if kept is None or hooks is None or getattr(t, "source_blob", None) is None:
+            return None
+        from .engine import _entry_count
+        he, uf = hooks
+        # hooks outside valid_hooks read 0xFFFFFFFF, as do_replace answers them
+        vh = t.valid_hooks
+        he = [v if vh >> h & 1 else 0xFFFFFFFF for h, v in enumerate(he)]
+        uf = [v if vh >> h & 1 else 0xFFFFFFFF for h, v in enumerate(uf)]
+        info = GETINFO.pack(t.name.encode(), vh, *he, *uf, _entry_count(t), len(kept))
+        return (t, kept, None, info)
 
     @property
     def valid_hooks(self) -> int:
