@@ -134,8 +134,16 @@ def _refuse_encode(table, size: int):
 
 
 def _helper(ns, env):
-    return ns.popen([PY, "-m", "bpfilter_umh", "--listen"], cwd=ROOT, env=env,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A --listen helper, returned once it serves (a command before that would start the
+    door's own helper, and ours would find the socket taken and exit)."""
+    helper = ns.popen([PY, "-m", "bpfilter_umh", "--listen"], cwd=ROOT, env=env,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "serving netns cookie" not in seen:
+        line = helper.stderr.readline()
+        assert line, seen
+        seen += line
+    return helper
 
 
 def _waits_on(helper, seconds: float) -> bool:
