@@ -184,6 +184,67 @@ class ExtTarget:
 Target = Union[Verdict, Jump, ExtTarget]
 
 
+class _ParsedOnRead:
+    """`data` of a _PortsMatch / _NamedError: parsed from the object's own payload (`raw`)
+    on first read, then kept in the instance dict (a non-data descriptor: the dict answers
+    from then on). Two threads reading it at once parse it twice, equal values."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        d = obj.__dict__["data"] = obj._own.data_of(obj._j, obj.raw)
+        return d
+
+
+class _PortsMatch(Match):
+    """A tcp/udp Match of an entry read by a template whose entries differ in their ports
+    (_Template.mvar), its payload not parsed until `data` is read: `_own` (an _OwnPorts)
+    has the template's first entry's parsed payload, `_j` which of its mvar this is. A first
+    restore's compile reads the ports from the entries' bytes (classify: the cache_keys) and
+    `data` only of a class's first rule: a fan-out's 3 332 hub rules parsed 3 of them (issue
+    #7). Compares, copies (a plain Match) and reads as a Match."""
+    __slots__ = ("_own", "_j")
+    data = _ParsedOnRead()
+
+    def __eq__(self, other):
+        if isinstance(other, Match):
+            return (self.name, self.revision, self.data) == \
+                (other.name, other.revision, other.data)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "Match" + Match.__repr__(self)[len(type(self).__qualname__):]
+
+    def __reduce_ex__(self, protocol):
+        return Match, (self.name, self.revision, self.data, self.raw)
+
+
+class _NamedError(ExtTarget):
+    """The ERROR target of a user chain's head entry read by a template (_Template.tvar
+    _ERRNAME), its xt_error_target not parsed until `data` is read (`_own`: an _OwnName).
+    Nothing in a first restore's compile reads it (the chain's name is _spans'), and a
+    fan-out has 3 333 of them. Compares, copies (a plain ExtTarget) and reads as one."""
+    __slots__ = ("_own",)
+    _j = 0                      # (_ParsedOnRead: one payload, the target's)
+    data = _ParsedOnRead()
+
+    def __eq__(self, other):
+        if isinstance(other, ExtTarget):
+            return (self.name, self.revision, self.data) == \
+                (other.name, other.revision, other.data)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "ExtTarget" + ExtTarget.__repr__(self)[len(type(self).__qualname__):]
+
+    def __reduce_ex__(self, protocol):
+        return ExtTarget, (self.name, self.revision, self.data, self.raw)
+
+
 @dataclass
 class Rule:
     ip: IpHeader
@@ -3357,11 +3418,9 @@ def _find_check(raws, family):
     xt_check_target() size and protocol checks, and the extension's checkentry."""
     lay = uapi.layout(family)
     found = {}              # (kind, name bytes, revision) -> (name, extension), this call
-    ranges = {}             # a source port range's 4 bytes (a u32) -> its ListContainer
-    # {template: its first entry's (mdata, tdata)} of the templates whose entries have no
-    # payload of their own (below), once their first entry passed: an entry read by one
-    # (a walk's own _TRaw: mdata and dup None) takes them at once (a blocklist's 10 000
-    # entries, a fan-out's 10 000 ACCEPT, DROP and RETURN entries)
+    # {template: what its entries' mdata and tdata are} once the template's first entry
+    # passed (below): an entry read by one (a walk's own _TRaw: mdata and dup None) takes
+    # them at once (a blocklist's 10 000 entries, a fan-out's 16 600)
     plain = {}
     plain_get = plain.get
     for r in raws:
@@ -3379,41 +3438,19 @@ def _find_check(raws, family):
         f = t.first if t is not None else None
         if f is not None and f.mdata is not None:
             # the template's first entry passed every check (it comes first, as the kernel
-            # checks); this entry's own payloads parsed
-            if not t.mvar and t.tvar != _ERRNAME:
-                # no payload of its own (a blocklist's entries, RETURN entries)
-                r.mdata, r.tdata = plain[t] = f.mdata, f.tdata
-                continue
+            # checks); the entry's payloads are the first entry's but for its own (its
+            # tcp/udp ports, its chain's name), which are parsed when read (_OwnPorts,
+            # _OwnName: one for all the template's entries)
+            md, td = f.mdata, f.tdata
             if t.mvar:
-                md = list(f.mdata)
-                ms = r.matches
-                base = t.mbase
-                if base is None:
-                    base = t.mbase = _port_bases(t)
-                for (k, _lo, _hi), b in zip(t.mvar, base):
-                    # the first entry's parsed xt_tcp / xt_udp with this entry's ports, what
-                    # the codec gives (the other fields are the template's); a source range
-                    # one ListContainer per call, shared (read-only, as the Match objects
-                    # shared between entries): rules rarely name source ports (a fan-out's
-                    # 3 332 jumps: one range, any), their destination ports mostly differ
-                    sp, c, d = _PORT_RANGES(ms[k][2])
-                    n = md[k] = _CONTAINER(b)
-                    n["spts"] = ranges.get(sp) or _port_range(ranges, sp)
-                    n["dpts"] = _LIST((c, d))
-                r.mdata = md
-            else:
-                r.mdata = f.mdata
+                md = t.mbase
+                if md is None:
+                    md = t.mbase = _OwnPorts(t.mvar, _mdata(f))
             if t.tvar == _ERRNAME:
-                base = t.tbase
-                if base is None:
-                    base = t.tbase = f.tdata.copy()
-                    base.pop("_io", None)
-                # the first entry's parsed xt_error_target (errorname alone) with this
-                # entry's name
-                n = r.tdata = _CONTAINER(base)
-                n["errorname"] = r.tpayload[:uapi.XT_FUNCTION_MAXNAMELEN]
-            else:
-                r.tdata = f.tdata
+                td = t.tbase
+                if td is None:
+                    td = t.tbase = _OwnName(_tdata(f))
+            r.mdata, r.tdata = plain[t] = md, td
             continue
         ip, crule = r.ip, None
         decoded = []
@@ -3463,15 +3500,71 @@ def _port_range(ranges: dict, pair: int):
     return got
 
 
-def _port_bases(t) -> list:
-    """The first entry's parsed tcp/udp payloads of t.mvar, without construct's "_io" entry
-    (a parse by construct itself has one; equality skips it)."""
-    out = []
-    for k, _lo, _hi in t.mvar:
-        b = t.first.mdata[k].copy()
-        b.pop("_io", None)
-        out.append(b)
-    return out
+def _without_io(c):
+    """A copy of parsed payload c without construct's "_io" entry (a parse by construct
+    itself has one; equality skips it)."""
+    b = c.copy()
+    b.pop("_io", None)
+    return b
+
+
+class _OwnPorts:
+    """The parsed payloads (raw entry's mdata) of the entries of a template whose entries
+    differ in their tcp/udp ports (mvar: (match index, start, end) of each such payload),
+    for all of them: the template's first entry's, each mvar payload parsed with the
+    entry's own ports when asked (data_of; _mdata: the whole list). What the codec gives,
+    the other fields being the template's. A first restore reads few of them (_PortsMatch)."""
+    __slots__ = ("mvar", "first", "bases", "ranges")
+
+    def __init__(self, mvar, first: list):
+        self.mvar, self.first = mvar, first
+        self.bases = [_without_io(first[k]) for k, _lo, _hi in mvar]
+        # a source range's 4 bytes (a u32) -> its ListContainer, shared (read-only, as the
+        # Match objects shared between entries): rules rarely name source ports (a
+        # fan-out's 3 332 jumps: one range, any), their destination ports mostly differ
+        self.ranges = {}
+
+    def data_of(self, j: int, payload: bytes):
+        """mvar[j]'s payload parsed: xt_tcp / xt_udp with these ports."""
+        sp, c, d = _PORT_RANGES(payload)
+        n = _CONTAINER(self.bases[j])
+        n["spts"] = self.ranges.get(sp) or _port_range(self.ranges, sp)
+        n["dpts"] = _LIST((c, d))
+        return n
+
+    def of(self, matches) -> list:
+        """The parsed payloads of the entry whose matches are `matches`."""
+        md = list(self.first)
+        for j, (k, _lo, _hi) in enumerate(self.mvar):
+            md[k] = self.data_of(j, matches[k][2])
+        return md
+
+
+class _OwnName:
+    """The parsed ERROR payload (raw entry's tdata) of the entries of a template of user
+    chain heads (tvar _ERRNAME), for all of them: the first entry's xt_error_target
+    (errorname alone) with the entry's own name when asked (data_of; _tdata)."""
+    __slots__ = ("base",)
+
+    def __init__(self, first):
+        self.base = _without_io(first)
+
+    def data_of(self, _j, payload: bytes):
+        n = _CONTAINER(self.base)
+        n["errorname"] = payload[:uapi.XT_FUNCTION_MAXNAMELEN]
+        return n
+
+
+def _mdata(r) -> list:
+    """Raw entry r's parsed match payloads (r.mdata, the ones of its own parsed now)."""
+    md = r.mdata
+    return md.of(r.matches) if type(md) is _OwnPorts else md
+
+
+def _tdata(r):
+    """Raw entry r's parsed target payload (r.tdata, parsed now if it is its own)."""
+    td = r.tdata
+    return td.data_of(0, r.tpayload) if type(td) is _OwnName else td
 
 
 def _spans(raws, hook_start: dict, bounds: list):
@@ -3555,6 +3648,12 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
     # entries made in a few statements, with the objects the path below would give them
     plain = {}
     plain_get = plain.get
+    # {template: _owned_parts} of the templates whose entries have payloads of their own
+    # parsed when read (_find_check's _OwnPorts / _OwnName), in a read-only table: a
+    # fan-out's 3 332 hub jumps and 3 333 chain heads made as the path below makes them
+    # from the template's objects (the first entry's, t.built), without its tests
+    owned = {}
+    owned_get = owned.get
     # (zip of slices, not indexing: ~0.1 us an entry less)
     for i, r, c, cf in zip(todo, run, cs,
                            comefrom[lo:hi] if to_user else itertools.repeat(None)):
@@ -3582,6 +3681,53 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                 rule.cache_key = r.key
                 rules[i] = rule
                 continue
+        elif owned:
+            o = owned_get(r.tpl)
+            if o is not None and r.mdata is o[0] and r.tdata is o[1] and \
+                    (c is None or c.built_norm is None):
+                md, _td, tr, ports, named = o
+                ms = [*tr.ms]
+                for j, k in ports:
+                    m0 = ms[k]
+                    m = ms[k] = new(_PortsMatch)
+                    m.name, m.revision, m.raw, m._own, m._j = \
+                        m0.name, m0.revision, r.matches[k][2], md, j
+                tgt = tr.tgt
+                if named is not None:
+                    tgt = new(_NamedError)
+                    tgt.name, tgt.revision, tgt.raw, tgt._own = \
+                        named.name, named.revision, r.tpayload, r.tdata
+                if c is not None:
+                    c.built_norm = (tuple(ms), tgt)
+                if r.std:
+                    # (the standard target as below)
+                    v = r.verdict
+                    if v < 0:
+                        tgt = verdicts.get(v)
+                        if tgt is None:
+                            tgt = verdicts[v] = new(Verdict)
+                            tgt.verdict = v
+                    else:
+                        tgt = new(Jump)
+                        tgt.chain = ""
+                        tgt.goto = bool(r.ip.flags & f_goto)
+                        tgt.offset = v
+                        tgt.entry = None
+                        tgt.chain_pos = -1
+                rule = new(Rule)
+                rule.ip = r.ip
+                rule.matches = ms
+                rule.target = tgt
+                rule.counters = zero
+                rule.index = i
+                rule.offset = r.off
+                rule.nfcache = tr.nfcache
+                rule.comefrom = cf
+                rule.tail = tr.tail
+                rule.pad = tr.pad
+                rule.cache_key = r.key
+                rules[i] = rule
+                continue
         key = r.key
         built = (c.built_norm if to_user else c.built_raw) if c is not None else None
         t = r.tpl
@@ -3600,20 +3746,38 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                     else:
                         c.built_raw = tr.same
             else:
-                for k, _lo, _hi in tr.mvar:
-                    m0 = ms[k]
-                    m = ms[k] = new(Match)
-                    m.name, m.revision, m.data, m.raw = \
-                        m0.name, m0.revision, r.mdata[k], r.matches[k][2]
+                md = r.mdata
+                if tr.mvar and type(md) is _OwnPorts and md.mvar is tr.mvar:
+                    # (_find_check's: parsed when read)
+                    for j, (k, _lo, _hi) in enumerate(tr.mvar):
+                        m0 = ms[k]
+                        m = ms[k] = new(_PortsMatch)
+                        m.name, m.revision, m.raw, m._own, m._j = \
+                            m0.name, m0.revision, r.matches[k][2], md, j
+                elif tr.mvar:
+                    md = _mdata(r)
+                    for k, _lo, _hi in tr.mvar:
+                        m0 = ms[k]
+                        m = ms[k] = new(Match)
+                        m.name, m.revision, m.data, m.raw = \
+                            m0.name, m0.revision, md[k], r.matches[k][2]
                 if tr.errname:
-                    tgt = new(ExtTarget)
-                    tgt.name, tgt.revision, tgt.data, tgt.raw = \
-                        tr.tgt.name, tr.tgt.revision, r.tdata, r.tpayload
+                    td = r.tdata
+                    if type(td) is _OwnName:
+                        tgt = new(_NamedError)
+                        tgt.name, tgt.revision, tgt.raw, tgt._own = \
+                            tr.tgt.name, tr.tgt.revision, r.tpayload, td
+                    else:
+                        tgt = new(ExtTarget)
+                        tgt.name, tgt.revision, tgt.data, tgt.raw = \
+                            tr.tgt.name, tr.tgt.revision, td, r.tpayload
                 if c is not None:
                     if to_user:
                         c.built_norm = (tuple(ms), tgt)
                     else:
                         c.built_raw = (tuple(ms), tgt)
+                if share and to_user and t not in owned:
+                    owned[t] = _owned_parts(tr, r)
             nfcache, tail, pad = tr.nfcache, tr.tail, tr.pad
         else:
             if built is not None:
@@ -3712,11 +3876,27 @@ def _plain_parts(t, r, token, verdicts: dict, nfcache: int, tail: int, pad: byte
     return (tb.same if tb is not None and tb.token is token else None, fv, nfcache, tail, pad)
 
 
+def _owned_parts(tr, r):
+    """_make_rules' entry of `owned` for the template of raw entry r (tr: its t.built), made
+    at r, or None: (r's mdata and tdata, which the template's later entries share where
+    _find_check gave them their own payloads parsed when read, tr, (mvar index, match index)
+    of each such payload, the ERROR target to name or None). Not for a template whose own
+    payloads _find_check parsed (a dup's, a cached entry's): the path with its tests."""
+    md, td = r.mdata, r.tdata
+    if tr.mvar and not (type(md) is _OwnPorts and md.mvar is tr.mvar):
+        return None
+    if tr.errname and type(td) is not _OwnName:
+        return None
+    return (md, td, tr, tuple((j, k) for j, (k, _lo, _hi) in enumerate(tr.mvar)),
+            tr.tgt if tr.errname else None)
+
+
 def _made_extensions(r, found: dict, family: int, to_user: bool):
     """(matches, ExtTarget or None) of raw entry r made from its payloads (_payload_data: as
     _find_check parsed them); `found` caches the extension lookups of one _build."""
     new = object.__new__
     ms, tgt = [], None
+    md = _mdata(r) if r.matches else None
     for k, (nm, rev, payload, _) in enumerate(r.matches):
         got = found.get((ext.MATCH, nm, rev))
         if got is None:
@@ -3724,13 +3904,13 @@ def _made_extensions(r, found: dict, family: int, to_user: bool):
             got = found[(ext.MATCH, nm, rev)] = \
                 (mname, ext.lookup(ext.MATCH, family, mname, rev))
         m = new(Match)
-        data, raw = _payload_data(got[1], payload, r.mdata[k], to_user)
+        data, raw = _payload_data(got[1], payload, md[k], to_user)
         m.__dict__ = {"name": got[0], "revision": rev, "data": data, "raw": raw}
         ms.append(m)
     if not r.std:
         tname = uapi.cstr(r.tname)
         e = ext.lookup(ext.TARGET, family, tname, r.trev)
-        tgt = ExtTarget(tname, r.trev, *_payload_data(e, r.tpayload, r.tdata, to_user))
+        tgt = ExtTarget(tname, r.trev, *_payload_data(e, r.tpayload, _tdata(r), to_user))
     return ms, tgt
 
 

@@ -14,6 +14,7 @@ refusal (errno and message), for
     replaced (key fields and template fields alike), IPv4 and IPv6.
 """
 import copy
+import dataclasses
 import ipaddress
 import os
 import random
@@ -29,13 +30,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernel_xt as kx  # noqa: E402
 from bpfilter_umh import model, uapi  # noqa: E402
 from bpfilter_umh.errors import BpfilterError  # noqa: E402
-from bpfilter_umh.model import (AF_INET, AF_INET6, XT_RETURN, Chain, IpHeader,  # noqa: E402
-                                Jump, Match, Rule, Table, Verdict, decode_replace,
+from bpfilter_umh.model import (AF_INET, AF_INET6, XT_RETURN, Chain, ExtTarget,  # noqa: E402
+                                IpHeader, Jump, Match, Rule, Table, Verdict, decode_replace,
                                 error_target)
 
 ACCEPT, DROP = -2, -1
 CACHES = ("_ENTRY_CACHE", "_LAST_WALK", "_PAYLOADS", "_CHAIN_NAMES")
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
+
+
+def _target_facts(t) -> tuple:
+    """(kind, fields) of target t by value: the dataclass it is (a target whose payload is
+    parsed when read, model._NamedError, is the ExtTarget it subclasses) and every field."""
+    kind = next(k for k in (Verdict, Jump, ExtTarget) if isinstance(t, k))
+    return kind.__name__, {f.name: getattr(t, f.name) for f in dataclasses.fields(t)}
 
 
 def _facts(t: Table):
@@ -44,8 +52,7 @@ def _facts(t: Table):
     ents = t.entries()
     per = []
     for r in ents:
-        tgt = dict(vars(r.target))
-        per.append((model._RULE_FIELDS(r), type(r.target).__name__, tgt,
+        per.append((model._RULE_FIELDS(r), *_target_facts(r.target),
                     [(m.name, m.revision, m.data, m.raw) for m in r.matches],
                     getattr(r, "cache_key", None)))
     return (t, per, t.kept_blob, t.target_names, t.match_names,

@@ -27,8 +27,8 @@ from bpfilter_umh import extensions as ext, model  # noqa: E402
 from bpfilter_umh import xt_ext  # noqa: E402,F401 - registers its codecs
 from bpfilter_umh.errors import BpfilterError  # noqa: E402
 from bpfilter_umh.model import (  # noqa: E402
-    AF_INET, AF_INET6, XT_RETURN, Chain, IpHeader, Jump, Rule, Table, Verdict, decode_replace,
-    error_target)
+    AF_INET, AF_INET6, XT_RETURN, Chain, ExtTarget, IpHeader, Jump, Rule, Table, Verdict,
+    decode_replace, error_target)
 from test_model_incremental import _blob, _buf, _facts, clear_caches  # noqa: E402
 
 ACCEPT, DROP = -2, -1
@@ -73,8 +73,14 @@ def _appended(t, rule):
     return t2
 
 
+def _kind(target) -> str:
+    """The dataclass a target is (a model._NamedError, an ERROR target whose payload is
+    parsed when read, is the ExtTarget it subclasses)."""
+    return next(k.__name__ for k in (Verdict, Jump, ExtTarget) if isinstance(target, k))
+
+
 def _positions(table):
-    return [(r.index, r.offset, r.comefrom, type(r.target).__name__,
+    return [(r.index, r.offset, r.comefrom, _kind(r.target),
              getattr(r.target, "offset", None), getattr(r.target, "chain_pos", None),
              getattr(r.target, "entry", None)) for r in table.entries()]
 
