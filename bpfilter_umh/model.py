@@ -2265,6 +2265,16 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
             h = _cached_hdr(c, blob, off, family)
             r = _Raw(off, h, h.ip, c.matches, c.tname, c.trev, c.tsize, c.tpayload, c.uncond,
                      c.std, v, c.mdata, c.tdata, key)
+            if TEMPLATES and (made < 64 or hits * 4 >= made):
+                # a cached entry starts a template as one walked in full does: without one,
+                # each later entry like it is looked up in the cache too, never guessed nor
+                # read in a run (the same rules restored in a second namespace, or again
+                # after a flush: the walk and _make_rules took 2-5x a first restore's)
+                t = _add_template(heads, r, e, family, ipsz)
+                if prev_t is not None:
+                    prev_t.after = t
+                last = t
+                made += 1
             if off in uflows:
                 _underflow_check(r, off, valid_hooks, underflow)
             out.append(r)
@@ -4607,7 +4617,17 @@ class Table:
                                     policy_entry=pe))
         tail = Rule(IpHeader.any(family),
                     target=ExtTarget("ERROR", 0, ext.xt_error_payload.parse(_errname("ERROR"))))
-        return cls(name, family, hooks, chains, tail).normalized()
+        # decoded beside the last walk, not after it: a helper opens an empty table for each
+        # namespace it serves first, whose decode would compare its 4 entries with the last
+        # table's walk (~20-30 ms after a 10 000-rule table) and drop that walk, which the next
+        # decode reuses
+        prev = _LAST_WALK.pop(family, None)
+        try:
+            return cls(name, family, hooks, chains, tail).normalized()
+        finally:
+            _LAST_WALK.pop(family, None)
+            if prev is not None:
+                _LAST_WALK[family] = prev
 
 
 _STD_HDR = uapi.XT_EXT_HDR_FAST.pack(uapi.SIZEOF_XT_STANDARD_TARGET, b"", 0)

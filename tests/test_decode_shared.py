@@ -149,15 +149,18 @@ def test_plain_template_rules_share_the_template_objects(family, rep):
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
 def test_the_cache_hits_after_a_cold_decode_decode_alike(family, monkeypatch):
     """The raws a cold decode put in _ENTRY_CACHE (their mdata, tdata and built_norm set by
-    the template paths) give the next decode (the previous walk dropped: every entry a cache
-    hit) what the full walk gives, made of the first decode's objects."""
+    the template paths) give the next decode (the previous walk dropped: entries found in the
+    cache, which start templates as entries walked in full do, the rest read by those) what
+    the full walk gives, made of the first decode's objects."""
     t = fanout_table(family)
     buf = _table_buf(t, t.encode())
     same(buf, family)
     first, _raws = _cold(buf, family)
     model._LAST_WALK.clear()
     again = decode_replace(buf, family)[1]
-    assert all(r.tpl is None for r in model._LAST_WALK[family][1])     # all from the cache
+    # a cache hit per template, the other entries read by the templates they started
+    walked = model._LAST_WALK[family][1]
+    assert sum(r.tpl is None for r in walked) * 20 < len(walked)
     assert _facts(again) == _facts(first)
     # the cache values kept the first decode's objects (built_norm): the LOG rules' one
     # target, each rule's matches
