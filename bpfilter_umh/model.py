@@ -1607,22 +1607,24 @@ def _first_at_or_after(raws, off: int) -> int:
 
 
 def _walk(blob: bytes, lay, hook_entry, underflow, valid_hooks, prev=None, touched=None,
-          splice=None):
+          splice=None, runs=None):
     """translate_table()'s first loop: check_entry_size_and_hooks() on every entry, on the
     entries the previous table (`prev`, from _LAST_WALK) did not have. Returns (raws, nhead,
     ntail): raws[:nhead] are the previous walk's first nhead entries (same offsets), raws[-ntail:]
     (ntail > 0) its last ntail (moved by the size change); reused entries with other comefrom
-    or counters go to `touched`. `splice`: see _reusable."""
+    or counters go to `touched`. `splice`: see _reusable. `runs` (a list): the runs of the
+    entries walked anew are put there (_WalkRun, indexes from raws[nhead])."""
     if prev is None:
-        return _walk_range(blob, lay, underflow, valid_hooks, 0, None), 0, 0
+        return _walk_range(blob, lay, underflow, valid_hooks, 0, None, runs), 0, 0
     head, tail = _reusable(prev, blob, lay.family, [] if touched is None else touched, splice)
     start = head[-1].off + head[-1].hdr.next_offset if head else 0
     stop = tail[0].off if tail else None
-    mid = _walk_range(blob, lay, underflow, valid_hooks, start, stop)
+    mid = _walk_range(blob, lay, underflow, valid_hooks, start, stop, runs)
     end = mid[-1].off + mid[-1].hdr.next_offset if mid else start
     ntail = len(tail)
     if stop is not None and end != stop:
-        # the new entries did not end where the reused ones begin: walk on from there
+        # the new entries did not end where the reused ones begin: walk on from there (its
+        # runs not noted: the readers of `runs` read the entries outside them one by one)
         tail, ntail = _walk_range(blob, lay, underflow, valid_hooks, end, None), 0
         if splice:
             splice["tail"] = (0, len(splice["kept"]), len(blob))
@@ -1759,11 +1761,12 @@ def _add_template(heads: dict, r, e: bytes, family: int, ipsz: int):
     return t
 
 
-def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop) -> list:
-    """The walk from offset `off` up to `stop` (None: the blob's end)."""
+def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop, runs=None) -> list:
+    """The walk from offset `off` up to `stop` (None: the blob's end); the runs it read put
+    in `runs` (a list, or None)."""
     heads = {}                              # templates of this walk (_add_template)
     try:
-        return _walk_entries(blob, lay, underflow, valid_hooks, off, stop, heads)
+        return _walk_entries(blob, lay, underflow, valid_hooks, off, stop, heads, runs)
     finally:
         _unlink_templates(heads)
 
@@ -1927,7 +1930,8 @@ def _run_addresses(family: int):
     return _ADDR_SPLIT[family].unpack_from, _ADDRESSES.get, _addr6
 
 
-def _run_raws(t, rows, off: int, step: int, kind: int, family: int, rep: bool = False):
+def _run_raws(t, rows, off: int, step: int, kind: int, family: int, rep: bool,
+              counted: list):
     """The raw entries of template t read from `rows` (_RunPlan.reads' struct, one per
     period; the first at offset `off`, then every `step` bytes), as the per-entry path makes
     a guess hit's; stops before the first whose own fields fail (_own_fields). `kind`: what a
@@ -1935,7 +1939,8 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int, rep: bool = 
     after the counters, which hold key fields (_OWN_TAIL: a match's ports, a jump's verdict
     with them, an errorname). `rep`: the first two rows have the same bytes up to comefrom
     (below: an entry like the one before shares its key and IpHeader; not tried otherwise,
-    a blocklist's entries never are)."""
+    a blocklist's entries never are). `counted` (a list): the offset of each entry read with
+    comefrom or a counter not zero is appended (_WalkRun.zero)."""
     cf, cnt, end = _VOLATILE[family]
     f = t.first
     fip, taddrs, tip = f.ip, t.addrs, t.ip
@@ -1970,6 +1975,8 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int, rep: bool = 
     put = out.append
     # (one statement per field: a tuple assignment of more than three builds the tuple)
     for head, c, pc, bc, x in rows:
+        if c or pc or bc:
+            counted.append(off)
         if own:
             if jump:
                 v = verdict_at(x, vo)[0]
@@ -2043,9 +2050,11 @@ def _run_raws(t, rows, off: int, step: int, kind: int, family: int, rep: bool = 
     return out
 
 
-def _read_periods(blob: bytes, plan, base: int, k: int, family: int) -> list:
+def _read_periods(blob: bytes, plan, base: int, k: int, family: int, counted: list) -> list:
     """The raw entries of the first k periods at `base` (their fixed bytes checked), in blob
-    order, up to the first period with an entry whose own fields fail."""
+    order, up to the first period with an entry whose own fields fail. The offsets of the
+    entries read with comefrom or counters not zero appended to `counted` (some may be
+    after the last period returned)."""
     size = plan.period
     chunk = memoryview(blob)[base:base + k * size]
     cols = []
@@ -2055,7 +2064,7 @@ def _read_periods(blob: bytes, plan, base: int, k: int, family: int) -> list:
         # fields after the counters never share, _run_raws)
         rep = k > 1 and kind != _OWN_TAIL and \
             blob[base + p:base + p + cf] == blob[base + p + size:base + p + size + cf]
-        col = _run_raws(t, st.iter_unpack(chunk), base + p, size, kind, family, rep)
+        col = _run_raws(t, st.iter_unpack(chunk), base + p, size, kind, family, rep, counted)
         k = min(k, len(col))
         cols.append(col)
     if len(cols) == 1:
@@ -2076,19 +2085,34 @@ def _walk_run(blob: bytes, t, off: int, limit: int, plans: dict, family: int):
         plan = plans[key] = _run_plan(cyc, family)
     if plan is None:
         return None
-    size, k, out = plan.period, RUN_FIRST, []
+    size, k, out, counted = plan.period, RUN_FIRST, [], []
     while True:
         kk = min(k, (limit - off) // size)
         if kk <= 0:
             break
         g = _good_periods(blob, plan, off, kk)
-        got = _read_periods(blob, plan, off, g, family) if g else []
+        got = _read_periods(blob, plan, off, g, family, counted) if g else []
         out += got
         off += len(got) // len(cyc) * size
         if len(got) < kk * len(cyc):
             break
         k = min(2 * k, RUN_MOST)
-    return (out, cyc) if out else None
+    # (entries read past the run's last period are not its own)
+    return (out, cyc, not any(o < off for o in counted)) if out else None
+
+
+class _WalkRun:
+    """A run the walk read (_walk_run): its entries are raws[lo:hi] of the walk's list, whole
+    periods of the cycle of templates `cyc` (entry lo + j * len(cyc) + q read by cyc[q]), the
+    first at offset `base`; `zero`: every entry has comefrom and the counters zero. What the
+    decode derives from each entry of a template is the template's first entry's but for the
+    entry's own fields (addresses, key fields, comefrom and the counters), so _Memo._scan and
+    _volatile_zero read a run per template, not per entry (a blocklist's 10 000 entries are
+    some 80 runs, a fan-out's 16 000 two)."""
+    __slots__ = ("lo", "hi", "cyc", "base", "zero")
+
+    def __init__(self, lo: int, hi: int, cyc, base: int, zero: bool):
+        self.lo, self.hi, self.cyc, self.base, self.zero = lo, hi, cyc, base, zero
 
 
 def _run_underflows(got, uflows, valid_hooks, underflow) -> None:
@@ -2102,8 +2126,10 @@ def _run_underflows(got, uflows, valid_hooks, underflow) -> None:
                 _underflow_check(r, u, valid_hooks, underflow)
 
 
-def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, heads) -> list:
-    """_walk_range's walk, the templates it makes put in `heads`."""
+def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, heads,
+                  runs=None) -> list:
+    """_walk_range's walk, the templates it makes put in `heads`, the runs it reads in
+    `runs` (a list: _WalkRun, indexes into the list returned; or None)."""
     size, hsz, out = len(blob), lay.entry_size, []
     cache, family = _ENTRY_CACHE, lay.family
     # the offsets check_underflow() looks at (the valid hooks' underflows)
@@ -2246,8 +2272,11 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                         if not early:
                             need *= 2
                     if run is not None:
-                        got, cyc = run
+                        got, cyc, zero = run
                         _run_underflows(got, uflows, valid_hooks, underflow)
+                        if runs is not None:
+                            runs.append(_WalkRun(len(out), len(out) + len(got), cyc,
+                                                 got[0].off, zero))
                         out += got
                         hits += len(got)
                         off, last = got[-1].off + got[-1].hdr.next_offset, cyc[-1]
@@ -2364,9 +2393,22 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
     return out
 
 
-def _volatile_zero(raws) -> bool:
+def _volatile_zero(raws, runs=(), at: int = 0) -> bool:
     """Whether every raw entry's header has comefrom and the counters zero (what
-    iptables-restore sends). (A loop, not any() of a generator: ~2x faster.)"""
+    iptables-restore sends). `runs`: the walk's runs (_WalkRun, indexes from raws[at]; their
+    headers not changed since the walk read them), whose entries the walk read these of
+    (_run_raws); the entries outside them one by one."""
+    lo = 0
+    for run in runs:
+        if not run.zero or not _volatile_zero_of(raws[lo:at + run.lo]):
+            return False
+        lo = at + run.hi
+    return _volatile_zero_of(raws[lo:] if lo else raws)
+
+
+def _volatile_zero_of(raws) -> bool:
+    """_volatile_zero of each entry's header. (A loop, not any() of a generator: ~2x
+    faster.)"""
     for r in raws:
         h = r.hdr
         if h.comefrom or h.pcnt or h.bcnt:
@@ -2558,17 +2600,21 @@ def _kept_spliced(blob: bytes, raws, comefrom: list, family: int, cand, splice,
     if not cand and not any(between) and h_end == len(blob) == len(kept):
         return kept                     # the same table again
     cf, cnt, _ = _VOLATILE[family]
-    # one copy of each part (memoryview slices copy nothing)
     t_new = max(t_new, h_end)
     t_old = t_new - len(blob) + len(kept)
-    out = bytearray(memoryview(kept)[:h_end])
-    out += memoryview(blob)[h_end:t_new]
-    out += memoryview(kept)[t_old:]
+    # blob's bytes copied once, where they are handed out (_writable_copy), the spliced runs'
+    # kept bytes over them: a bytearray of the parts, then bytes() of it, copied the blob
+    # twice or three times (a first restore over the helper's small table: ~2.7 MB each for
+    # a fan-out of 16 000 entries). The kept blob is as long as blob: the runs are the same
+    # entries, moved by nothing but their comefrom
+    holder, out = _writable_copy(blob)
+    out[:h_end] = memoryview(kept)[:h_end]
+    out[t_new:] = memoryview(kept)[t_old:]
     u64x2, u32 = _U64X2.pack_into, _U32.pack_into
     # the entries between the spliced runs (not in cand: as in the previous kept blob but for
     # comefrom and a jump's offset): comefrom only, their counters zero already; one native
     # u32 array where the machine is little-endian (the entries are 8-aligned)
-    words = memoryview(out)[:len(out) & ~3].cast("I") if sys.byteorder == "little" else None
+    words = out[:len(out) & ~3].cast("I") if sys.byteorder == "little" else None
     for rng in between:
         for i in rng:
             if i in cand:
@@ -2601,7 +2647,7 @@ def _kept_spliced(blob: bytes, raws, comefrom: list, family: int, cand, splice,
         u64x2(out, r.off + cnt, 0, 0)
         h = r.hdr
         h.comefrom, h.pcnt, h.bcnt = c, 0, 0
-    return bytes(out)
+    return _bytes_written(holder, out)
 
 
 def _verdict_ok(v: int) -> bool:
@@ -2853,9 +2899,10 @@ class _Memo:
     decode's (`prev`, its _Memo) for the entries reused from it (raws[:nhead], raws[-ntail:]):
     offs (each entry's offset), at ({offset: index}), kinds (sorted indexes of the jumps, of
     the ERROR entries and of the unconditional standard verdicts), tnames/mnames (how many
-    entries name each target / match), comefrom (set by a normalized decode)."""
+    entries name each target / match), comefrom (set by a normalized decode). `runs`: the
+    walk's runs of the new entries (_WalkRun, indexes from raws[nhead]), read per template."""
 
-    def __init__(self, raws, nhead, ntail, size, prev, p_raws=None):
+    def __init__(self, raws, nhead, ntail, size, prev, p_raws=None, runs=()):
         n = len(raws)
         first = n - ntail
         self.size, self.comefrom = size, None
@@ -2868,6 +2915,8 @@ class _Memo:
         # each jump's landing (as lands) however the comefrom values were found
         self.landed = None
         if prev is None or p_raws is None or not (nhead or ntail):
+            if nhead:
+                runs = ()           # (their indexes are from raws[nhead])
             nhead = ntail = 0
             first = n
             prev = None
@@ -2880,7 +2929,7 @@ class _Memo:
         else:
             tn, mn = {}, {}
         kinds = ([], [], [])
-        offs = self._scan(mid, nhead, kinds, tn, mn)
+        offs = self._scan(mid, nhead, kinds, tn, mn, runs)
         if prev is not None:
             # the entries before the change as they were, the new ones, those behind it
             # moved: as _ShiftedInts where many moved (an append ahead of a fan-out moves
@@ -2897,16 +2946,86 @@ class _Memo:
         self.tnames, self.mnames = tn, mn
 
     @staticmethod
-    def _scan(mid, first: int, kinds, tn: dict, mn: dict) -> list:
+    def _scan(mid, first: int, kinds, tn: dict, mn: dict, runs=()) -> list:
         """The offsets of the raw entries `mid` (indexes from `first` on), their indexes
         appended to kinds (jumps, ERROR entries, unconditional standard verdicts) and their
         target and match names counted into tn, mn: one pass over the entries, not three (a
-        restore's 10 000-16 000), whether a target name is ERROR found once per name."""
-        offs = []
+        restore's 10 000-16 000); the entries of the walk's `runs` (indexes into mid) per
+        template (_scan_run), the others one by one (_scan_entries)."""
+        offs, is_error, at = [], {}, 0
+        for run in runs:
+            if run.lo > at:
+                _Memo._scan_entries(mid[at:run.lo], first + at, offs, kinds, tn, mn, is_error)
+            _Memo._scan_run(mid, run, first, offs, kinds, tn, mn)
+            at = run.hi
+        _Memo._scan_entries(mid[at:] if at else mid, first + at, offs, kinds, tn, mn,
+                            is_error)
+        return offs
+
+    @staticmethod
+    def _scan_run(mid, run, first: int, offs: list, kinds, tn: dict, mn: dict) -> None:
+        """_scan_entries of the entries of a run (mid[run.lo:run.hi]): each entry's target
+        name, match names, std and the sign of its verdict are its template's first entry's
+        (_run_raws: a jump's own verdict is > 0, as the first's); whether it is
+        unconditional depends on its own addresses too, read per entry only for a template
+        whose other fields allow it (t.uncond). Work per template, the lists made in C."""
+        lo, hi, cyc = run.lo, run.hi, run.cyc
+        n = len(cyc)
+        k = (hi - lo) // n
+        ents = mid[lo:hi]
+        # template q's entries sit every period from its offset in the first period
+        size = sum(t.hdr[2] for t in cyc)
+        p, firsts = run.base, []
+        for t in cyc:
+            firsts.append(p)
+            p += t.hdr[2]
+        offs += _interleaved([range(o, o + k * size, size) for o in firsts])
+        jq, eq, tq = [], [], []        # the templates (index in cyc) of each kind
+        for q, t in enumerate(cyc):
+            f = t.first
+            tname = f.tname
+            tn[tname] = tn.get(tname, 0) + k
+            for m in f.matches:
+                mn[m[0]] = mn.get(m[0], 0) + k
+            if f.std:
+                if f.verdict >= 0:
+                    jq.append(q)
+                elif t.uncond:
+                    tq.append(q)
+            elif tname.split(b"\0", 1)[0] == b"ERROR":
+                eq.append(q)
+        jumps, errs, terms = kinds
+        # template q's entries: every n-th from lo + q (a range: no index made one by one)
+        at = first + lo
+        jumps += _interleaved([range(at + q, first + hi, n) for q in jq])
+        errs += _interleaved([range(at + q, first + hi, n) for q in eq])
+        if tq:
+            # unconditional where its addresses are zero: all, or those that are
+            each = []
+            for q in tq:
+                # (a comprehension, not map(attrgetter): its getattr is not specialized to
+                # the slots, ~2x the time)
+                un = [r.uncond for r in ents[q::n]]
+                r = range(at + q, first + hi, n)
+                if all(un):
+                    each.append(r)
+                elif any(un):
+                    each.append(list(itertools.compress(r, un)))
+            if not each:
+                pass
+            elif all(type(r) is range for r in each):
+                terms += _interleaved(each)
+            else:
+                terms += sorted(itertools.chain.from_iterable(each))
+
+    @staticmethod
+    def _scan_entries(mid, first: int, offs: list, kinds, tn: dict, mn: dict,
+                      is_error: dict) -> None:
+        """_scan of entries `mid` (indexes from `first` on) one by one, whether a target
+        name is ERROR found once per name (`is_error`)."""
         jumps, errs, terms = kinds
         put, jump, err, term = offs.append, jumps.append, errs.append, terms.append
         tget, mget = tn.get, mn.get
-        is_error = {}
         for i, r in enumerate(mid, first):
             put(r.off)
             tname = r.tname
@@ -2926,7 +3045,6 @@ class _Memo:
                     e = is_error[tname] = tname.split(b"\0", 1)[0] == b"ERROR"
                 if e:
                     err(i)
-        return offs
 
     @staticmethod
     def _count(tn, mn, raws, d):
@@ -2938,6 +3056,14 @@ class _Memo:
 
 
 _TNAME, _MATCHES = operator.attrgetter("tname"), operator.attrgetter("matches")
+
+
+def _interleaved(ranges: list):
+    """The ints of equally long ranges with the same step, whose starts lie within one step
+    and ascend, in ascending order (a run's entries of some of its templates)."""
+    if len(ranges) == 1:
+        return ranges[0]
+    return itertools.chain.from_iterable(zip(*ranges))
 
 
 # {id(table): (weakref to it, weakref to the table it moved from, nhead, p_first, shift, delta)}
@@ -3052,12 +3178,14 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
         return None
     first, p_first = n - ntail, m - ntail
     shift = m - n
-    for r in raws[nhead:first]:
-        if r.std and (r.verdict >= 0 or r.uncond):
-            return None
-    for r in p_raws[nhead:p_first]:
-        if r.std and (r.verdict >= 0 or r.uncond):
-            return None
+    # a jump or a return among the changed entries: the memos list both kinds (the jumps:
+    # standard verdicts >= 0; the returns: unconditional standard verdicts < 0), so a
+    # bisection each, not a look at every new entry (a restore's 10 000)
+    if _any_between(memo.kinds[0], nhead, first) or _any_between(memo.kinds[2], nhead, first):
+        return None
+    if _any_between(p_memo.kinds[0], nhead, p_first) or \
+            _any_between(p_memo.kinds[2], nhead, p_first):
+        return None
     at, jumps = memo.at, memo.kinds[0]
     p_lands = p_memo.lands
     if len(jumps) != len(p_lands):
@@ -3092,6 +3220,12 @@ def _mark_again(raws, nhead: int, ntail: int, hook_entry, valid_hooks, memo, p_m
     if nhead and not _is_return(raws[nhead - 1]):
         fill |= p_cf[nhead - 1]
     return p_cf[:nhead] + [fill] * (first - nhead) + p_cf[p_first:]
+
+
+def _any_between(seq, lo: int, hi: int) -> bool:
+    """Whether the sorted ints `seq` (a list or _ShiftedInts) hold one in [lo, hi)."""
+    i = _bisect_left(seq, lo)
+    return i < len(seq) and seq[i] < hi
 
 
 # the words' sign bits and ones of a block of int32 verdicts read as one little-endian int
@@ -3234,12 +3368,16 @@ def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
     NF_INET_NUMHOOKS) are those from the start of each range on the walk's stack to its
     current jump, so a jump finds the loop bit set exactly when it lands on the start of a
     range on the stack: ELOOP there, at the same entry and in the same order (jumps in entry
-    order, hooks in hook order) as the kernel. Work: per range and per jump, not per entry."""
+    order, hooks in hook order) as the kernel. Work: per range and per jump, not per entry.
+    `at`: the entries' _At (or an {offset: index} dict)."""
     # (as lists: _start_ranges reads them an index at a time)
     jumps, _errs, terms = (x.ints() if type(x) is _ShiftedInts else x for x in memo.kinds)
     hooks = [h for h in range(NF_INET_NUMHOOKS) if valid_hooks & (1 << h)]
-    get = at.get
-    lands = [get(raws[j].verdict) for j in jumps]
+    if type(at) is _At:
+        lands = _indexes_in(at.offs, [raws[j].verdict for j in jumps])
+    else:
+        get = at.get
+        lands = [get(raws[j].verdict) for j in jumps]
     if None in lands:
         return None                  # onto no entry: the entry walk says where it fails
     memo.lands = lands
@@ -3283,6 +3421,17 @@ def _mark_fast(raws, hook_entry, valid_hooks, at, memo):
             t = end[st] + 1
             comefrom[st:t] = [m] * (t - st)
     return comefrom
+
+
+def _indexes_in(offs, values: list) -> list:
+    """The index of each of `values` in the sorted offsets `offs` (a list or _ShiftedInts),
+    None where it is none of them: a bisection in C each. _mark_fast looks up the landing of
+    every jump (a fan-out's 3 334): at.dict() of all the entries (16 672) took longer than
+    these lookups, and no other step of a decode that _mark_fast marks reads it."""
+    if type(offs) is _ShiftedInts:
+        offs = offs.ints()
+    bl, n = bisect.bisect_left, len(offs)
+    return [i if (i := bl(offs, v)) < n and offs[i] == v else None for v in values]
 
 
 def _start_ranges(starts: list, terms: list, jumps: list):
@@ -4009,8 +4158,9 @@ class Table:
         # previous decode kept what the kernel keeps (normalized: its raws describe those bytes)
         splice = {} if normalize and prev is not None and prev[4].comefrom is not None \
             else None
+        runs = []                           # the runs of the entries walked anew (_WalkRun)
         raws, nhead, ntail = _walk(blob, lay, hook_entry, underflow, valid_hooks, prev, touched,
-                                   splice)
+                                   splice, runs)
         n = len(raws)
         if num_entries is not None and n != num_entries:
             _err(errno.EINVAL, None, f"num_entries {num_entries} but the blob has {n}")
@@ -4019,7 +4169,7 @@ class Table:
         # what the previous decode derived from its entries, for the ones reused from it: the
         # offsets, the indexes of jumps, ERROR and unconditional verdict entries, the names
         memo = _Memo(raws, nhead, ntail, len(blob), prev[4] if prev is not None else None,
-                     prev[1] if prev is not None else None)
+                     prev[1] if prev is not None else None, runs)
         offs, at = memo.offs, memo.at
         _check_table_hooks(raws, hook_entry, underflow, valid_hooks, at)
         comefrom = _mark_again(raws, nhead, ntail, hook_entry, valid_hooks, memo,
@@ -4035,7 +4185,7 @@ class Table:
         if comefrom is None:
             memo.hooks = tuple(at.get(hook_entry[h], -1) if valid_hooks & (1 << h) else -1
                                for h in range(NF_INET_NUMHOOKS))
-            comefrom = _mark_fast(raws, hook_entry, valid_hooks, at.dict(), memo)
+            comefrom = _mark_fast(raws, hook_entry, valid_hooks, at, memo)
         if comefrom is None:
             memo.lands = None
             comefrom = _mark_source_chains(raws, len(blob), hook_entry, valid_hooks,
@@ -4043,7 +4193,7 @@ class Table:
         memo.marks = comefrom
         if memo.landed is None:
             memo.landed = memo.lands if memo.lands is not None else \
-                list(map(at.dict().get, [raws[j].verdict for j in memo.kinds[0]]))
+                _indexes_in(at.offs, [raws[j].verdict for j in memo.kinds[0]])
         memo.uflows = tuple(at.get(underflow[h], -1) if valid_hooks & (1 << h) else -1
                             for h in range(NF_INET_NUMHOOKS))
         # the reused entries were checked and remembered by an earlier decode
@@ -4066,22 +4216,30 @@ class Table:
             p_memo = prev[4] if prev is not None else None
             # every entry of the blob sent has comefrom 0 and zero counters (a restore: the
             # next restore of the same table compares with this blob, _zeroed)
-            sent_zeroed = not touched and _volatile_zero(raws[nhead:first] if splice else raws)
+            sent_zeroed = not touched and (_volatile_zero(raws[nhead:first], runs) if splice
+                                           else _volatile_zero(raws, runs, nhead))
             if p_memo is not None and p_memo.comefrom is not None:
                 shift = len(p_memo.comefrom) - n
-                cand = set(range(nhead, first))
+                # the new entries, and the reused ones touched or with a new comefrom (a
+                # range where there are none: a set of a restore's 16 000 new ones took
+                # ~0.6 ms; _kept_blob reads it by `in`, len(), iteration, sorted())
+                more = set()
                 # (many touched: entries that counted packets; a dict then, not bisections)
                 idx = at.dict() if len(touched) > 64 else at
-                cand.update(idx[r.off] for r in touched)
+                more.update(idx[r.off] for r in touched)
                 p_cf = p_memo.comefrom
                 # (comefrom made by _mark_again from p_cf, the marks it read: p_cf's head and
                 # tail as they are, nothing to compare there: two slices of a fan-out's 16 000)
                 if not (marked_again and p_cf is p_memo.marks):
                     if comefrom[:nhead] != p_cf[:nhead]:
-                        cand.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
+                        more.update(i for i in range(nhead) if comefrom[i] != p_cf[i])
                     if comefrom[first:] != p_cf[first + shift:]:
-                        cand.update(i for i in range(first, n)
+                        more.update(i for i in range(first, n)
                                     if comefrom[i] != p_cf[i + shift])
+                cand = range(nhead, first)
+                if more:
+                    cand = set(cand)
+                    cand.update(more)
                 if splice:
                     # the reused entries outside the spliced runs: blob's bytes, comefrom 0
                     # and zero counters (where not in cand: comefrom written alone)
