@@ -703,19 +703,45 @@ def _classes_coded(lay: _Layout, keys: list, codes: bytes, rules: list, pos,
         classes.clear()
     got = []
     append, get, cut = got.append, classes.get, lay.cut
+    # A key's class found or made (so in _CLASSES) is the class of every later key of its
+    # template and code: the key before's (a fan-out hub's 3 333 jumps are all one template:
+    # a bytes compare each), else this chain's last one of the template (`seen`, {template:
+    # (code, class)}: a hash of the template alone, where a lookup makes and hashes a tuple)
+    last_t = last_c = last = None
+    seen = {}
+    seen_get = seen.get
     for p, key, code in zip(pos, keys, codes):
-        c = get((lay, cut(key), code))
-        if c is None:
-            if _layout(key) is not lay:
-                c = _ELSEWHERE
-            elif not code & SLOW_CODE:          # a class not seen: this rule is its rep
-                r = rules[p]
-                c = classes[(lay, cut(key), code)] = _Class(r, _rule_facts(r), lay) \
-                    if _key_is_rule(r, key, lay) else _Class(None, None, None)
+        t = cut(key)
+        if code == last_c and t == last_t:
+            append(last)
+            continue
+        c = seen_get(t)
+        if c is not None and c[0] == code:
+            c = c[1]
+        else:
+            c = get((lay, t, code))
+            if c is None:
+                if _layout(key) is not lay:
+                    c = _ELSEWHERE
+                elif not code & SLOW_CODE:      # a class not seen: this rule is its rep
+                    r = rules[p]
+                    c = classes[(lay, t, code)] = _Class(r, _rule_facts(r), lay) \
+                        if _key_is_rule(r, key, lay) else _Class(None, None, None)
+            if c is None or c is _ELSEWHERE:
+                last_t = None                   # (not in _CLASSES: asked again, as before)
+                append(c)
+                continue
+            seen[t] = (code, c)
+        last_t, last_c, last = t, code, c
         append(c)
+    # (the classes told apart by identity: a set of them, not a list compared 10 000 times;
+    # the keys answered below were None or _ELSEWHERE and get no class without a rep, so it
+    # still tells whether got holds one)
+    distinct = set(got)
     # the keys of lay whose code has SLOW_CODE: their classes are their tuples'
-    slow = list(compress(range(len(got)), map(is_, got, repeat(None)))) if None in got else ()
-    if _ELSEWHERE in got:           # (never the first key: it is of layout lay)
+    slow = list(compress(range(len(got)), map(is_, got, repeat(None)))) \
+        if None in distinct else ()
+    if _ELSEWHERE in distinct:      # (never the first key: it is of layout lay)
         other = list(compress(range(len(got)), map(is_, got, repeat(_ELSEWHERE))))
         for i, c in zip(other, _classes_of_length(rules, [pos[i] for i in other],
                                                   [keys[i] for i in other], tries - 1)):
@@ -724,7 +750,7 @@ def _classes_coded(lay: _Layout, keys: list, codes: bytes, rules: list, pos,
         for i, c in zip(slow, _classes_each([rules[pos[i]] for i in slow],
                                             [keys[i] for i in slow])):
             got[i] = c
-    if any(c is not None and c.rep is None for c in set(got)):
+    if any(c is not None and c.rep is None for c in distinct):
         got = [c if c is not None and c.rep is not None else None for c in got]
     return got
 
@@ -2612,6 +2638,21 @@ def _keep_bodies(cc, run: Run, chain: str, by_k: list, found: tuple, spec) -> No
 
 
 _NOT_WALKED = object()
+
+
+def _walked_policy_indexes(table, ids: list, targets: list) -> list:
+    """policy_indexes(targets) (ids: their ids) as compile._walk_leaves read them in this
+    compile_table (compile.policy_indexes_walked), else read from the chains (a chain the walk
+    did not read so: a spliced walk's, one of a chain with jumps)."""
+    from .compile import policy_indexes_walked
+    at = policy_indexes_walked(table)
+    if at:
+        got = list(map(at.get, ids))
+        if None not in got:
+            return got
+    return policy_indexes(targets)
+
+
 _TARGET, _CHAIN_POS, _ENTRY, _NAME, _CHAIN, _HOOK, _CACHE_KEY, _IP_FLAGS, _GOTO, _IP_PROTO = map(
     attrgetter, ("target", "chain_pos", "entry", "name", "chain", "hook", "cache_key",
                  "ip.flags", "goto", "ip.proto"))
@@ -2639,7 +2680,8 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
             min(starts) < 0:
         return _NOT_WALKED
     targets = list(map(chains.__getitem__, cps))
-    kns = list(map(known.get, map(id, targets)))
+    ids = list(map(id, targets))
+    kns = list(map(known.get, ids))
     if None in kns:
         return _NOT_WALKED
     k0s = list(map(_FIRST, kns))
@@ -2652,7 +2694,7 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
     # from here on, what _each_body (so _case_key) answers for these cases
     # each case chain's RETURN entry index, read without making a moved chain's entries (an
     # append to the chain that jumps to them moves them all: model._MovedChain)
-    pes = policy_indexes(targets)
+    pes = _walked_policy_indexes(cc.table, ids, targets)
     pks = list(map(_SECOND, kns))           # each pe's cache_key (_program_key's pk)
     try:
         if None in pes or None in map(_CACHE_KEY, rs) or None in pks or \

@@ -1239,7 +1239,8 @@ def _via_main_frame(items: list) -> list:
 # One compile_table's walk of the table's entries, shared by its chains (10 000 entries walked
 # once instead of once per chain and once per jump-site count): {id(table): [table, entry count,
 # {offset: the next entry's offset}, {chain name: chain}, chain_info's dict, {id(chain): its
-# index}, chain facts still to put in chain_info's dict (_defer_chain_facts)]}, each part made
+# index}, chain facts still to put in chain_info's dict (_defer_chain_facts), {id(chain): its
+# policy entry's index} (policy_indexes_walked)]}, each part made
 # when first asked (a program taken from _PROG_CACHE needs no walk), dropped when compile_table
 # returns (callers edit tables).
 _WALKS: dict = {}
@@ -1470,7 +1471,7 @@ def compile_table(table: Table, facts: KernelFacts, flavor: str = "nf",
         raise BpfilterError(errno.EOPNOTSUPP, f"family {table.family} is not supported by the "
                                               f"compiler")
     if hasattr(table, "entries"):
-        _WALKS[id(table)] = [table, None, None, None, {}, None, []]
+        _WALKS[id(table)] = [table, None, None, None, {}, None, [], {}]
     scope, early = classify._VEC_SCOPE, classify._EARLY_RUNS
     classify._VEC_SCOPE = {}
     # an engine install's compile: a new chain's tries made as soon as its runs are known
@@ -1684,7 +1685,7 @@ def _each_content(fks: list) -> dict:
 
 
 def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, reads: list,
-                 facts_of, scan_of, vec_min: int) -> bool:
+                 facts_of, scan_of, vec_min: int, policy_at: dict = None) -> bool:
     """_program_key's loop over the chains `cs` column by column (a fan-out's thousands of
     service chains) when none of them jumps (so the walk reaches no other chain) and each has
     its keys and fewer than vec_min rules: their records, bases, spans, reads and chain_info
@@ -1692,7 +1693,8 @@ def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, rea
     Each chain is read through model.chain_outline (its keys and entry positions) and each
     content once through model.chain_body: neither makes a _MovedChain's entries (an append
     ahead of a fan-out moves its 3 333 leaves, ~11 us each to make; they are walked when the
-    previous walk cannot be taken, _moved_program_key: no kept program for its key)."""
+    previous walk cannot be taken, _moved_program_key: no kept program for its key).
+    `policy_at` (policy_indexes_walked's dict, or None): each chain's policy entry index put in."""
     try:
         keys, pks, heads, fis, fos, pis = zip(*map(chain_outline, cs))
     except AttributeError:
@@ -1719,7 +1721,10 @@ def _walk_leaves(cs: list, info: dict, recs: list, bases: list, spans: list, rea
             reads[0] |= rd[0]
             reads[1] |= rd[1]
             reads[2] |= rd[2]
-    info.update(zip(map(id, cs), zip(keys, pks, jumps)))
+    ids = list(map(id, cs))
+    info.update(zip(ids, zip(keys, pks, jumps)))
+    if policy_at is not None:           # (for classify's case chains: _walked_bodies)
+        policy_at.update(zip(ids, pis))
     recs.extend(zip(map(_NAME, cs), map(_HOOK, cs), keys, pks))
     bases.extend(zip(fis, fos))
     spans.extend(zip([f if h is None else h for h, f in zip(heads, fis)],
@@ -1755,7 +1760,7 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
     while i < len(order):
         if i >= leaves_at and len(order) - i >= LEAVES_FROM:
             if _walk_leaves(order[i:], info, recs, bases, spans, reads, facts_of, scan_of,
-                            vec_min):
+                            vec_min, policy_indexes_walked(table)):
                 break                           # the rest of the walk: chains without jumps
             leaves_at = len(order)
         c = order[i]
@@ -1863,9 +1868,11 @@ def _program_key(table: Table, top: Chain, facts, fl, subprog_above, subprogs,
         rest = (behind[4][0], [info[id(top)]] + list(spliced_facts[1:])) + rest[2:]
     else:
         spans.sort()
-        los, his = [a for a, _ in spans], [b for _, b in spans]
-        pos = _chain_places(table)
-        rest = ([pos[id(c)] for c in order], [info[id(c)] for c in order]) + rest[2:]
+        los, his = list(map(_ITEM0, spans)), list(map(_ITEM1, spans))
+        # (C loops: a fan-out walks 3 336 chains)
+        ids = list(map(id, order))
+        rest = (list(map(_chain_places(table).__getitem__, ids)),
+                list(map(info.__getitem__, ids))) + rest[2:]
     _remember_walk(table, top.name, recs, bases, los, his, rest)
     return _key_of(table, top, flk, facts, subprog_above, subprogs, knobs, recs), bases
 
@@ -2111,7 +2118,7 @@ def _changed_leaf(recs, bases, rest, lo: int, nhead: int):
     return k
 
 
-_ITEM0, _ITEM2 = itemgetter(0), itemgetter(2)
+_ITEM0, _ITEM1, _ITEM2 = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 def _splice_behind(table: Table, order: list, behind, info: dict):
@@ -2347,7 +2354,7 @@ def _chain_places(table: Table) -> dict:
     hit = _walk_of(table)
     if hit is not None and hit[5] is not None:
         return hit[5]
-    out = {id(c): k for k, c in enumerate(table.chains)}
+    out = dict(zip(map(id, table.chains), range(len(table.chains))))
     if hit is not None:
         hit[5] = out
     return out
@@ -2372,6 +2379,15 @@ def chain_info(table: Table) -> dict:
             _put_chain_facts(info, chains, where, facts)
         hit[6].clear()
     return info
+
+
+def policy_indexes_walked(table: Table):
+    """{id(chain): the index of its policy (RETURN) entry} of the chains _walk_leaves read in
+    this compile_table (model.chain_outline reads it with the chain's keys), so classify's
+    case chains are not read again (_walked_bodies: a fan-out's 3 333, ~1.2 ms cold); None
+    outside compile_table."""
+    hit = _walk_of(table)
+    return hit[7] if hit is not None and len(hit) > 7 else None
 
 
 def chain_walk(table: Table, top: Chain):
