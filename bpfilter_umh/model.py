@@ -196,7 +196,30 @@ class _ParsedOnRead:
         return d
 
 
-class _PortsMatch(Match):
+class _ReadsAsPlain:
+    """What a _PortsMatch / _NamedError shares: `data` parsed when read (_ParsedOnRead), and
+    compared, shown, copied and pickled as the plain dataclass it stands for (`_plain`)."""
+    __slots__ = ()
+    _plain = None
+    data = _ParsedOnRead()
+
+    def __eq__(self, other):
+        if isinstance(other, self._plain):
+            return (self.name, self.revision, self.data) == \
+                (other.name, other.revision, other.data)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return self._plain.__name__ + \
+            self._plain.__repr__(self)[len(type(self).__qualname__):]
+
+    def __reduce_ex__(self, protocol):
+        return self._plain, (self.name, self.revision, self.data, self.raw)
+
+
+class _PortsMatch(_ReadsAsPlain, Match):
     """A tcp/udp Match of an entry read by a template whose entries differ in their ports
     (_Template.mvar), its payload not parsed until `data` is read: `_own` (an _OwnPorts)
     has the template's first entry's parsed payload, `_j` which of its mvar this is. A first
@@ -204,45 +227,17 @@ class _PortsMatch(Match):
     `data` only of a class's first rule: a fan-out's 3 332 hub rules parsed 3 of them (issue
     #7). Compares, copies (a plain Match) and reads as a Match."""
     __slots__ = ("_own", "_j")
-    data = _ParsedOnRead()
-
-    def __eq__(self, other):
-        if isinstance(other, Match):
-            return (self.name, self.revision, self.data) == \
-                (other.name, other.revision, other.data)
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self):
-        return "Match" + Match.__repr__(self)[len(type(self).__qualname__):]
-
-    def __reduce_ex__(self, protocol):
-        return Match, (self.name, self.revision, self.data, self.raw)
+    _plain = Match
 
 
-class _NamedError(ExtTarget):
+class _NamedError(_ReadsAsPlain, ExtTarget):
     """The ERROR target of a user chain's head entry read by a template (_Template.tvar
     _ERRNAME), its xt_error_target not parsed until `data` is read (`_own`: an _OwnName).
     Nothing in a first restore's compile reads it (the chain's name is _spans'), and a
     fan-out has 3 333 of them. Compares, copies (a plain ExtTarget) and reads as one."""
     __slots__ = ("_own",)
+    _plain = ExtTarget
     _j = 0                      # (_ParsedOnRead: one payload, the target's)
-    data = _ParsedOnRead()
-
-    def __eq__(self, other):
-        if isinstance(other, ExtTarget):
-            return (self.name, self.revision, self.data) == \
-                (other.name, other.revision, other.data)
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self):
-        return "ExtTarget" + ExtTarget.__repr__(self)[len(type(self).__qualname__):]
-
-    def __reduce_ex__(self, protocol):
-        return ExtTarget, (self.name, self.revision, self.data, self.raw)
 
 
 @dataclass
@@ -1761,6 +1756,15 @@ def _add_template(heads: dict, r, e: bytes, family: int, ipsz: int):
     return t
 
 
+def _template_after(heads: dict, prev_t, r, e: bytes, family: int, ipsz: int):
+    """The template of raw entry r (bytes e: _add_template), linked as the one that came
+    after prev_t (the template of the entry before, or None)."""
+    t = _add_template(heads, r, e, family, ipsz)
+    if prev_t is not None:
+        prev_t.after = t
+    return t
+
+
 def _walk_range(blob: bytes, lay, underflow, valid_hooks, off: int, stop, runs=None) -> list:
     """The walk from offset `off` up to `stop` (None: the blob's end); the runs it read put
     in `runs` (a list, or None)."""
@@ -2299,10 +2303,7 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                 # each later entry like it is looked up in the cache too, never guessed nor
                 # read in a run (the same rules restored in a second namespace, or again
                 # after a flush: the walk and _make_rules took 2-5x a first restore's)
-                t = _add_template(heads, r, e, family, ipsz)
-                if prev_t is not None:
-                    prev_t.after = t
-                last = t
+                last = _template_after(heads, prev_t, r, e, family, ipsz)
                 made += 1
             if off in uflows:
                 _underflow_check(r, off, valid_hooks, underflow)
@@ -2380,10 +2381,7 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                  uncond, tname == b"", verdict, None, None, key)
         seen[key] = r
         if TEMPLATES and (made < 64 or hits * 4 >= made):
-            t = _add_template(heads, r, e, family, ipsz)
-            if prev_t is not None:
-                prev_t.after = t
-            last = t
+            last = _template_after(heads, prev_t, r, e, family, ipsz)
             made += 1
         # hooks and underflows on this entry
         if off in uflows:
@@ -3764,6 +3762,18 @@ _ZERO_COUNTS = (0, 0)          # a normalized Rule's counters (one tuple: it is 
 _CHAIN_AT_MIN = 64
 
 
+def _unplaced_jump(offset: int, goto: int) -> Jump:
+    """The Jump of a standard target with verdict `offset` (> 0), its chain and entry set
+    once every chain is known (_build); made without the dataclass's __init__."""
+    tgt = object.__new__(Jump)
+    tgt.chain = ""
+    tgt.goto = bool(goto)
+    tgt.offset = offset
+    tgt.entry = None
+    tgt.chain_pos = -1
+    return tgt
+
+
 def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                 cached=None) -> None:
     """Table._build's Rules of the entries raws[todo] (into rules[i]); `comefrom` as _build's
@@ -3867,12 +3877,7 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                             tgt = verdicts[v] = new(Verdict)
                             tgt.verdict = v
                     else:
-                        tgt = new(Jump)
-                        tgt.chain = ""
-                        tgt.goto = bool(r.ip.flags & f_goto)
-                        tgt.offset = v
-                        tgt.entry = None
-                        tgt.chain_pos = -1
+                        tgt = _unplaced_jump(v, r.ip.flags & f_goto)
                 rule = new(Rule)
                 rule.ip = r.ip
                 rule.matches = ms
@@ -3973,12 +3978,7 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                     if share:
                         verdicts[v] = tgt
             else:
-                tgt = new(Jump)
-                tgt.chain = ""
-                tgt.goto = bool(r.ip.flags & f_goto)
-                tgt.offset = v
-                tgt.entry = None
-                tgt.chain_pos = -1
+                tgt = _unplaced_jump(v, r.ip.flags & f_goto)
         # a copy: callers may edit a rule's IpHeader, and the raw is kept for the next
         # decode (_LAST_WALK, _ENTRY_CACHE); not for a read-only table (`share`: nobody
         # edits its rules, and a cache hit copies the raw's IpHeader)

@@ -29,10 +29,10 @@ import kernel_xt as kx  # noqa: E402
 import lab  # noqa: E402
 import rulesets  # noqa: E402
 from nsutil import Netns  # noqa: E402
+from test_state_and_decode import _serve  # noqa: E402
 
 from bpfilter_umh import heap, model  # noqa: E402
 from bpfilter_umh import sockopt as S  # noqa: E402
-from bpfilter_umh.frames import Request  # noqa: E402
 from bpfilter_umh.model import AF_INET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
@@ -41,14 +41,6 @@ PY = sys.executable
 LAUNCHER = os.path.join(ROOT, "build", "bpfilter-exec")
 NAME = b"filter".ljust(32, b"\0")
 APPEND = "-A INPUT -s 203.0.113.7/32 -p udp -m udp --dport 4 -j DROP"
-
-
-def _serve(d, cmd, is_set, data: bytes, size: int = None):
-    buf = ctypes.create_string_buffer(bytes(data), size or max(1, len(data)))
-    rep = d.serve(Request(cmd, is_set, AF_INET, os.getpid(), size or len(data),
-                          ctypes.addressof(buf), 0))
-    assert rep.status == 0, (cmd, is_set, rep.status)
-    return buf
 
 
 def _info_and_entries(d):
