@@ -104,7 +104,10 @@ def test_broken_layout_check_is_caught(monkeypatch):
     _fresh()
     first = classify._layout(keys[0])
     monkeypatch.setattr(classify, "_layout", lambda key: first)
-    fast = classify._classes(rules, keys)
+    try:
+        fast = classify._classes(rules, keys)
+    finally:
+        _fresh()        # the wrong classes made here must not answer a later test's rules
     assert not all(a is b for a, b in zip(each, fast))
 
 
@@ -131,6 +134,11 @@ def test_broken_column_set_is_caught():
     want = {C._reads(r) for r in rules}
     assert len(want) > 1
     classes = {c for c in vec.cls if c is not None}
-    for c in classes:
-        c.more["scan"] = C._reads(next(iter(classes)).rep)
-    assert classify.column_set(rules, vec, "scan", C._reads) != want
+    try:
+        for c in classes:
+            c.more["scan"] = C._reads(next(iter(classes)).rep)
+        assert classify.column_set(rules, vec, "scan", C._reads) != want
+    finally:
+        # the classes given wrong answers must not answer a later test's rules
+        _fresh()
+        classify._VECS.clear()
