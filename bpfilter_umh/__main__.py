@@ -16,7 +16,7 @@ Both transports hand each frame to the same Dispatcher, one request at a time: r
 serialized like the xtables lock serializes the kernel's replace (net/netfilter/x_tables.c
 xt_find_table_lock holds xt[af].mutex).  In --listen mode the helper exits once it has had no
 client for BPFILTER_IDLE_EXIT seconds (default 5; BPFILTER_IDLE_EXIT_BIG, default 600, while it
-holds a table of 1 000 entries or more, which a new helper would take ~0.5-2 s to adopt and
+holds a table of 1 000 entries or more, which a new helper would take ~0.3-0.6 s to adopt and
 compile again): all state is pinned by the engine, so the next door simply starts a new helper,
 and nothing keeps running after a test (a test's namespace ends its processes).
 """
@@ -235,8 +235,9 @@ def _adopt(dispatcher, req: Request, fds):
 # How long a --listen helper stays without a client. A helper holding a big table stays longer:
 # a new one needs ~0.2 s to start (interpreter, modules, engine.warm_up) and ~0.15 s more to
 # adopt a 10 000-rule table from the state file before its first command is answered, then
-# compiles that table anew on its first change (measured at 10 000 rules: one iptables -A 0.7 s
-# for a blocklist and 1.8 s for a fan-out against ~50 ms through a running helper).
+# compiles that table anew on its first change (measured at 10 000 rules: one iptables -A
+# through a new helper 0.35 s for a blocklist and 0.55 s for a fan-out, 35-47 ms through a
+# running one).
 # BPFILTER_IDLE_EXIT set alone holds for every table (tests and benches set it).
 IDLE_EXIT = 5.0
 IDLE_EXIT_BIG = 600.0
