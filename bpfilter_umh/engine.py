@@ -333,8 +333,12 @@ class Engine:
     def _read_state(path: str):
         with open(path, "rb") as f:
             st, blob = _parse_state(f.read())
+        if not st.get("kept"):
+            table = Table.decode(blob, st["family"], st["hook_entry"], st["underflow"],
+                                 st["valid_hooks"], st["name"])
+            return st, table
         # decoded as decode_replace decodes a SET_REPLACE's entries (normalized, read-only):
-        # the state's blob is what the kernel keeps (comefrom set, counters zero: _state_blob),
+        # the state's blob is what the kernel keeps (comefrom set, counters zero: _save_state),
         # so the table carries it as its kept blob, from which a new helper answers GET_INFO
         # and GET_ENTRIES (sockopt Backend._snapshot) instead of encoding the table (~190 ms at
         # 10 000 rules, in a new helper's first command), and the next SET_REPLACE's decode
@@ -544,8 +548,13 @@ class Engine:
         table = self.table if table is None else table
         he, uf = _hooks_of(table)
         blob = _state_blob(table)
+        # kept: the blob is the one the kernel would keep (a decode_replace table's kept blob,
+        # comefrom as mark_source_chains sets it), which a new helper answers from as it is
+        # (_read_state); a table made otherwise (Engine.install of a built Table) is encoded
+        # with its rules' own comefrom, and is adopted as written
         st = dict(name=table.name, family=self.family, valid_hooks=table.valid_hooks,
-                  hook_entry=he, underflow=uf, blob_size=len(blob), flavor=self.flavor,
+                  hook_entry=he, underflow=uf, blob_size=len(blob), kept=_kept_form(table),
+                  flavor=self.flavor,
                   generation=self.generation if generation is None else generation,
                   prog_ids=prog_ids or {}, writer=_me())
         path = path or self.state_path
@@ -1592,6 +1601,12 @@ def _pending_ids(progs: dict) -> dict:
     return {h: v[0] if len(v) == 1 else v for h, v in ids.items()}
 
 
+def _kept_form(table: Table) -> bool:
+    """Whether _state_blob(table) is the blob the kernel would keep (decode_replace's)."""
+    return getattr(table, "kept_blob", None) is not None and \
+        getattr(table, "source_blob", None) is not None
+
+
 def _state_blob(table: Table) -> bytes:
     """The table as GET_ENTRIES shows it, counters zero. A table decode_replace made carries
     the caller's blob (source_blob): the kernel keeps those entries as given except comefrom
@@ -1599,9 +1614,8 @@ def _state_blob(table: Table) -> bytes:
     gives the same bytes as encode() at a fraction of the cost (~0.5 s at 10 000 rules).
     decode_replace patches them already (Table.kept_blob, only the entries that differ)."""
     from .model import _VOLATILE
-    kept = getattr(table, "kept_blob", None)
-    if kept is not None and getattr(table, "source_blob", None) is not None:
-        return kept
+    if _kept_form(table):
+        return table.kept_blob
     src = getattr(table, "source_blob", None)
     if src is None:
         return table.encode()
