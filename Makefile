@@ -1,10 +1,16 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane fuzz-deps reliability reliability-long clean
+.PHONY: deps ffi launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-cplane fuzz-deps reliability reliability-long clean
 
 deps:
 	sh tools/install-deps.sh
+
+# kernel.py's C declarations stored parsed (cffi's out-of-line ABI mode): run after editing
+# bpfilter_umh/kernel_cdef.py (tests/test_kernel_ffi.py fails until then; the helper meanwhile
+# parses the declarations at its start, as without the file)
+ffi:
+	$(PYTHON) tools/gen_kernel_ffi.py
 
 # bpfilter exec without Python's start-up (bin/bpfilter-exec.c): hands the door to the running
 # helper; the filter it installs is door.py's, written out as a C initializer
@@ -22,9 +28,16 @@ build/door_filter.h: bpfilter_umh/door.py
 LAUNCHER_STATIC = $(shell printf 'int main(void){return 0;}\n' | \
 	$(CC) -static -x c - -o /dev/null 2>/dev/null && echo -static)
 
+# The fallback door (no helper running yet: the cold start) runs the interpreter the build ran,
+# by its own path: `python3` looked up in PATH can be a wrapper (pyenv's shim is a bash script
+# that costs ~140 ms per start here, more than the helper's whole cold command) or another
+# Python without the package's dependencies.
+LAUNCHER_PYTHON = $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
+
 build/bpfilter-exec: bin/bpfilter-exec.c kmod/bpfilter_msg.h build/door_filter.h Makefile
 	$(CC) -O2 -Wall -Wextra $(LAUNCHER_STATIC) -I kmod -I build \
-		-DBPFILTER_ROOT='"$(CURDIR)"' -DBPFILTER_PYTHON='"$(PYTHON)"' -o $@ bin/bpfilter-exec.c
+		-DBPFILTER_ROOT='"$(CURDIR)"' -DBPFILTER_PYTHON='"$(LAUNCHER_PYTHON)"' \
+		-o $@ bin/bpfilter-exec.c
 
 # The README's test command: installs what it needs, then runs every test on the real kernel.
 test: deps

@@ -133,6 +133,21 @@ def test_falls_back_to_python_door(launcher, dns):
     assert p.returncode == 0 and "getsockopt" in open(trace).read()
 
 
+def test_falls_back_to_the_python_it_was_built_with(launcher, dns, tmp_path):
+    # the fallback door runs the interpreter `make launcher` ran, by its path (the Makefile's
+    # LAUNCHER_PYTHON), not the first python3 in PATH: here that one is a stand-in that fails
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\necho not this python >&2\nexit 3\n")
+    fake.chmod(0o755)
+    path = f"{tmp_path}:/usr/sbin:/usr/bin:/sbin:/bin"
+    p, pid = launch(dns, ["sh", "-c", "echo $$; iptables-legacy -A INPUT -j DROP"],
+                    env=env_of(dns, BPFILTER_IDLE_EXIT="5", PATH=path))
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout) != pid                 # the Python door ran it
+    p, _ = launch(dns, ["iptables-legacy", "-S", "INPUT"], env=env_of(dns, PATH=path))
+    assert p.stdout.splitlines() == ["-P INPUT ACCEPT", "-A INPUT -j DROP"], p.stderr
+
+
 def test_adopted_doors_served_side_by_side(launcher, dns):
     # several commands at once, each with its own listener in the helper's loop; iptables
     # serializes the changes on the xtables lock (-w), the helper the requests
