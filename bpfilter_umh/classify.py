@@ -619,15 +619,23 @@ CLASS_GROUPS_MAX = 8           # key lengths in one chain (and layouts of one le
 
 def _layout_codes(lay: _Layout, keys: list):
     """[_vc_code] of keys of layout lay as bytes (SLOW_CODE where it is a tuple), or None
-    (keys of other lengths, more than two tcp/udp matches). Read a byte column at a time:
+    (keys of another length than lay's, more than two tcp/udp matches). The keys are all of
+    one length (_classes_of_length's). Read a byte column at a time:
     byte j of every key is one strided slice of the keys joined, as a big int its bits 8i..8i+7
     are key i's byte, so an AND, OR or XOR of columns is the byte operation on every key at
     once and bytes.translate makes each byte a 0/1 flag (~1 ms for 10 000 keys where reading
     each key's fields takes ~5)."""
     m, n = len(keys), lay.n
-    if len(lay.ports) > 2 or set(map(len, keys)) != {n}:
+    # (keys of one length: the first one's length is every one's, not asked of each key again,
+    # ~0.4 ms of a cold blocklist's 10 000; the joined length checks it once more)
+    if len(lay.ports) > 2 or not keys or len(keys[0]) != n:
         return None
     joined = b"".join(keys)
+    if len(joined) != m * n:
+        return None
+    scope = _VEC_SCOPE
+    if scope is not None:           # for the LPM runs of these keys (_joined_keys)
+        scope[_JOINED] = (keys, n, joined)
     ones = (1 << 8 * m) - 1
 
     def col(j):
@@ -659,20 +667,17 @@ def _classes(rules: list, keys: list) -> list:
     lookup a rule (_classes_coded: a class's first rule checked to be of that layout); a chain
     of many lengths (or keys _layout_codes refuses) rule by rule."""
     n = len(keys)
-    lens = list(map(len, keys))
-    groups = set(lens)
+    groups = set(map(len, keys))
     if len(groups) > CLASS_GROUPS_MAX:
         return _classes_each(rules, keys)
+    if len(groups) == 1:            # (the lengths not listed: ~0.4 ms of a cold 10 000)
+        return _classes_of_length(rules, range(n), keys, CLASS_GROUPS_MAX)
+    lens = list(map(len, keys))
     out = [None] * n
     for size in groups:
-        if len(groups) == 1:
-            pos, ks = range(n), keys
-        else:
-            pos = list(compress(range(n), map(eq, lens, repeat(size))))
-            ks = list(map(keys.__getitem__, pos))
+        pos = list(compress(range(n), map(eq, lens, repeat(size))))
+        ks = list(map(keys.__getitem__, pos))
         got = _classes_of_length(rules, pos, ks, CLASS_GROUPS_MAX)
-        if len(groups) == 1:
-            return got
         list(map(out.__setitem__, pos, got))
     return out
 
@@ -1102,9 +1107,9 @@ def lpm_entries(run: Run) -> list:
         keys, bests = _lpm_columns(None, range(n), field, codes=codes)
         got = _LpmSeen(field, getattr(run, "keys", None), codes, keys, bests)
     _put_newest(_LPM_SEEN, got, got if got in _LPM_SEEN else None, LPM_SEEN_MAX)
-    keys, vals = got.lpm_keys, list(_best_values(run, got.bests))
+    keys, (vals, joined) = got.lpm_keys, _best_value_column(run, got.bests)
     out = Entries(zip(keys, vals))
-    out.joined = (b"".join(keys), b"".join(vals))
+    out.joined = (b"".join(keys), joined)
     return out
 
 
@@ -1126,6 +1131,26 @@ def _best_values(run: Run, bests: list):
     if ACT_CASE in acts:
         return map(_values(run).__getitem__, bests)
     return map(_VALUE.pack, bests, map(acts.__getitem__, bests))
+
+
+_U32 = array("I")
+
+
+def _best_value_column(run: Run, bests: list) -> tuple:
+    """(_best_values as a list, those values joined): packed as one array of u32 pairs {the
+    position, its action} and cut 8 bytes a value by one struct unpack (~0.3 ms less than
+    packing each of a 10 000-prefix trie's ~8 700 values and joining them) where no action is a
+    jump case's and the host's u32 is _VALUE's (little-endian, 4 bytes), else as _best_values."""
+    acts = _run_acts(run)
+    if len(bests) < 2 or ACT_CASE in acts or sys.byteorder != "little" or _U32.itemsize != 4:
+        vals = list(_best_values(run, bests))
+        return vals, b"".join(vals)
+    m = len(bests)
+    col = array("I", bytes(8 * m))
+    col[0::2] = array("I", bests)
+    col[1::2] = array("I", itemgetter(*bests)(acts))
+    joined = col.tobytes()
+    return list(struct.Struct("8s" * m).unpack(joined)), joined
 
 
 # The trie keys and first positions of the LPM runs compiled last. _lpm_columns is a function
@@ -1314,9 +1339,11 @@ def _run_prefix_codes(run: Run, field: str):
     if not keys:
         return None
     n = len(keys[0])
-    if set(map(len, keys)) != {n}:
-        return _prefix_codes(range(len(keys)), field, run)
-    joined = b"".join(keys)
+    joined = _joined_keys(keys, n, run.start)
+    if joined is None:
+        if set(map(len, keys)) != {n}:
+            return _prefix_codes(range(len(keys)), field, run)
+        joined = b"".join(keys)
     addr = 0 if field == "src" else 4          # ipt_ip: src, dst, smsk, dmsk (be32)
     masks = [joined[addr + 8 + k::n] for k in range(4)]
     if not _prefix_masks(masks):
@@ -1333,6 +1360,26 @@ def _run_prefix_codes(run: Run, field: str):
     if sys.byteorder != "little":
         codes.byteswap()
     return codes
+
+
+_JOINED = ("joined",)           # _VEC_SCOPE's key of the keys _layout_codes joined last
+
+
+def _joined_keys(keys, n: int, start: int):
+    """b"".join(keys) (keys: a run's, from its chain's position `start` on, the first one n
+    bytes long) cut from the keys _layout_codes joined in this compile_table when they are its
+    keys from `start` on, the same objects (so all n bytes long), else None: a cold
+    blocklist's 10 000 keys were joined and their lengths asked twice (~0.8 ms)."""
+    scope = _VEC_SCOPE
+    hit = scope.get(_JOINED) if scope is not None else None
+    if hit is None:
+        return None
+    seen, size, joined = hit
+    m = len(keys)
+    if size != n or len(seen) < start + m or \
+            not all(map(is_, keys, seen[start:start + m] if start or m < len(seen) else seen)):
+        return None
+    return joined if start == 0 and m == len(seen) else joined[start * n:(start + m) * n]
 
 
 _BITS = bytes(bin(b).count("1") for b in range(256))
@@ -2640,6 +2687,25 @@ def _keep_bodies(cc, run: Run, chain: str, by_k: list, found: tuple, spec) -> No
 _NOT_WALKED = object()
 
 
+def _landed_columns(rs: list, landed: dict):
+    """(targets, chain_pos, entries, landing chains, their ids, their names) of the jump rules
+    rs (a run's cases, in order) as compile._plain_lands read them for _program_key's walk in
+    this compile_table (landed: compile.lands_walked), when rs are the first jumps it read of
+    their chain (the same rule objects, so the same targets in the same table), else None.
+    Reading them again was ~1.3 ms of a cold fan-out compile's 3 333 cases."""
+    got = landed.get(id(rs[0])) if landed else None
+    if got is None:
+        return None
+    walked = got[0]
+    m = len(rs)
+    if m > len(walked) or not all(map(is_, rs, walked)):
+        return None
+    if m == len(walked):
+        return got[1:]
+    return tuple(col[:m] for col in got[1:])
+
+
+
 def _walked_policy_indexes(table, ids: list, targets: list) -> list:
     """policy_indexes(targets) (ids: their ids) as compile._walk_leaves read them in this
     compile_table (compile.policy_indexes_walked), else read from the chains (a chain the walk
@@ -2670,26 +2736,35 @@ def _walked_bodies(cc, run: Run, by_k: list, small: int, known: dict):
         return _NOT_WALKED
     chains, rules = cc.table.chains, run.rules
     rs = [rules[pos] for pos in by_k]
-    try:
-        ts = list(map(_TARGET, rs))
-        cps = list(map(_CHAIN_POS, ts))
-        starts = list(map(_ENTRY, ts))
-    except AttributeError:
-        return _NOT_WALKED
-    if None in cps or None in starts or min(cps) < 0 or max(cps) >= len(chains) or \
-            min(starts) < 0:
-        return _NOT_WALKED
-    targets = list(map(chains.__getitem__, cps))
-    ids = list(map(id, targets))
+    from .compile import lands_walked
+    landed = _landed_columns(rs, lands_walked(cc.table))
+    if landed is not None:
+        # the walk read these very jumps (compile._plain_lands): their targets, landing chains
+        # (placed in table.chains, named as their jumps name them) and entries, as read below
+        ts, cps, starts, targets, ids, names = landed
+        if None in starts or min(starts) < 0:
+            return _NOT_WALKED
+    else:
+        try:
+            ts = list(map(_TARGET, rs))
+            cps = list(map(_CHAIN_POS, ts))
+            starts = list(map(_ENTRY, ts))
+        except AttributeError:
+            return _NOT_WALKED
+        if None in cps or None in starts or min(cps) < 0 or max(cps) >= len(chains) or \
+                min(starts) < 0:
+            return _NOT_WALKED
+        targets = list(map(chains.__getitem__, cps))
+        ids = list(map(id, targets))
+        names = list(map(_CHAIN, ts))
+        if list(map(_NAME, targets)) != names:
+            return _NOT_WALKED
     kns = list(map(known.get, ids))
     if None in kns:
         return _NOT_WALKED
     k0s = list(map(_FIRST, kns))
     lens = list(map(len, k0s))
-    names = list(map(_CHAIN, ts))
-    if list(map(_NAME, targets)) != names or \
-            list(map(_HOOK, targets)).count(None) != len(targets) or \
-            any(map(gt, starts, lens)):
+    if list(map(_HOOK, targets)).count(None) != len(targets) or any(map(gt, starts, lens)):
         return _NOT_WALKED
     # from here on, what _each_body (so _case_key) answers for these cases
     # each case chain's RETURN entry index, read without making a moved chain's entries (an

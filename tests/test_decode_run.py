@@ -375,9 +375,12 @@ def test_no_run_from_a_template_nothing_followed(family, monkeypatch, small_chun
 def test_a_run_broken_by_another_template_goes_on_at_once(family, monkeypatch, small_chunks):
     """A blocklist's DROPs with an ACCEPT every 17 entries: after each ACCEPT the run of
     DROPs (its cycle read before, and the same again) is tried as soon as the links lead
-    back into it, not after RUN_AFTER guess hits: the ACCEPT and the two DROPs after it
-    (looked up, their links set anew) are the only entries of the per-entry path there.
-    The walks still read the same (walks_agree)."""
+    back into it, not after RUN_AFTER guess hits. After the first ACCEPT, the ACCEPT and the
+    two DROPs after it (looked up, their links set anew) take the per-entry path; after
+    each later one, the ACCEPT alone: it leads to the DROPs (ACCEPT.after), whose run's
+    links (DROP.after, which the ACCEPT's lookup set to the ACCEPT) are set back as the run
+    read them (model._relink) and the run read from the next entry on. The walks still
+    read the same (walks_agree)."""
     t = copy.deepcopy(Table.empty("filter", family))
     n = 17 * 20
     t.chain("INPUT").rules = [Rule(_hdr(family, src=_addr(family, k)),
@@ -391,8 +394,9 @@ def test_a_run_broken_by_another_template_goes_on_at_once(family, monkeypatch, s
     outside = [k for k, (o, _s) in enumerate(ents) if o not in by_run]
     accepts = [k for k in range(n) if k % 17 == 9]
     # before the first run: the first entry (walked in full), one looked up (its link set),
-    # RUN_AFTER guess hits; then each ACCEPT and the two DROPs after it
+    # RUN_AFTER guess hits; then the first ACCEPT and the two DROPs after it, then each
+    # ACCEPT alone
     first = [k for k in outside if k < accepts[0]]
     rest = [k for k in outside if accepts[0] <= k < n]
     assert len(first) <= 2 + model.RUN_AFTER, outside
-    assert rest == [a + d for a in accepts for d in range(3)], outside
+    assert rest == [accepts[0] + d for d in range(3)] + accepts[1:], outside

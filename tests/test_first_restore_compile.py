@@ -19,6 +19,7 @@ from test_shared_bodies import _packets, _text  # noqa: E402
 from bpfilter_umh import classify  # noqa: E402
 from bpfilter_umh import compile as C  # noqa: E402
 from bpfilter_umh.compile import KernelFacts, compile_table  # noqa: E402
+from bpfilter_umh.model import Jump  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, BPF")
 
@@ -156,3 +157,222 @@ def test_classes_of_neighbours_are_each_rules(monkeypatch):
     # their template and code (11/8 and 12/8 after 10/8, the second 0/8, 12.1/16, 12.3/16),
     # nor 14/8 and 15/8 (the last of their template, 13/8, has their code)
     assert gets == 6, gets
+
+
+# ---- compile._plain_lands: the walk's new chains and jump sites as C loops ---------------------
+
+def _walk_loops(seen: dict, order: list, found: dict, sites: dict, counts: dict) -> None:
+    """What compile._add_new and _add_counts stand for: the walk's loops."""
+    for i, c in found.items():
+        if i not in seen:
+            seen[i] = len(order)
+            order.append(c)
+    for name, n in counts.items():
+        sites[name] = sites.get(name, 0) + n
+
+
+@pytest.mark.parametrize("known", [(), (1,), (1, 3, 4)])
+def test_new_chains_and_sites_as_the_loops(known):
+    """Chains seen already keep their place, new ones are appended in order; counts add to the
+    sites there are (dict order included: the walk's key and records follow it)."""
+    found = {1: "a", 2: "b", 3: "c", 5: "e"}
+    counts = {"a": 2, "b": 1, "c": 3}
+
+    def start():
+        seen = {0: 0}
+        order = ["top"]
+        for i in known:
+            seen[i] = len(order)
+            order.append(f"old{i}")
+        sites = {"x": 1}
+        sites.update({"abc"[i - 1]: 5 for i in known if i <= 3})
+        return seen, order, sites
+
+    seen, order, sites = start()
+    C._add_new(seen, order, dict(found))
+    C._add_counts(sites, dict(counts))
+    s2, o2, si2 = start()
+    _walk_loops(s2, o2, dict(found), si2, dict(counts))
+    assert list(seen.items()) == list(s2.items()) and order == o2
+    assert list(sites.items()) == list(si2.items())
+
+
+def test_plain_lands_walk_as_the_loop(monkeypatch):
+    """A hub's jumps read column by column (_plain_lands) give the program key, bases and jump
+    sites the walk's own loop gives (a chain jumped to twice: S50, S60 and S70)."""
+    got = {}
+    for tag, plain in (("plain", C._plain_lands), ("loop", lambda *a: None)):
+        monkeypatch.setattr(C, "_plain_lands", plain)
+        _fresh(monkeypatch, f"lands-{tag}")
+        keys, sites = [], []
+        pk, js = C._program_key, C._jump_sites
+        monkeypatch.setattr(C, "_program_key", lambda *a: keys.append(pk(*a)) or keys[-1])
+        monkeypatch.setattr(C, "_jump_sites", lambda *a: sites.append(js(*a)) or sites[-1])
+        _input(decoded(_text()))
+        monkeypatch.setattr(C, "_program_key", pk)
+        monkeypatch.setattr(C, "_jump_sites", js)
+        # (the keys hold the BPFILTER_* environment: the tag told apart)
+        got[tag] = (repr(keys).replace(f"lands-{tag}", "lands"), [list(s.items()) for s in sites])
+    assert "None" not in got["plain"][0][:20]
+    assert any(dict(s).get("S50") == 2 for s in got["plain"][1])
+    assert got["plain"] == got["loop"]
+
+
+# ---- classify._walked_bodies: the jumps' columns as the walk read them ------------------------
+
+def _hub_text(before: str = "", after: str = "") -> str:
+    """test_shared_bodies' fan-out with a jump of another shape (no match: not in the run)
+    before or after the hub's run of service jumps."""
+    lines = _text().split("\n")
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("-A SVC "))
+    last = max(i for i, ln in enumerate(lines) if ln.startswith("-A SVC "))
+    if after:
+        lines.insert(last + 1, after)
+    if before:
+        lines.insert(at, before)
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("before, after, taken", [
+    ("", "", "whole"),
+    ("", "-A SVC -j S7", "first ones"),             # the run's cases: the chain's first jumps
+    ("-A SVC -j S7", "", None),                     # a jump before the run's: read again
+], ids=["all", "run-first", "jump-before"])
+def test_walked_bodies_take_the_walks_columns(monkeypatch, before, after, taken):
+    """The jump cases' shared bodies take the targets, landing chains and entries the walk read
+    of these very jumps (compile._plain_lands), when the run's cases are the chain's first
+    jumps; the case map and the program are the ones reading them again gives, with the same
+    verdicts and counters on the kernel."""
+    monkeypatch.setattr(classify, "GLOBAL_ABOVE", 0)
+    text = _hub_text(before, after)
+    seen = []
+    real = classify._landed_columns
+    monkeypatch.setattr(classify, "_landed_columns",
+                        lambda rs, landed: seen.append((len(rs), real(rs, landed))) or seen[-1][1])
+    _fresh(monkeypatch, f"landed-{taken}")
+    table = decoded(text)
+    fast = _input(table)
+    assert seen, "no jump cases read"
+    n, got = seen[0]
+    if taken is None:
+        assert got is None
+    else:
+        assert got is not None and len(got[0]) == n
+        walked = table.chain("SVC").rules
+        assert [r.target for r in walked if isinstance(r.target, Jump)][:n] == got[0]
+        if taken == "first ones":
+            assert n < sum(isinstance(r.target, Jump) for r in walked)
+    monkeypatch.setattr(classify, "_landed_columns", lambda rs, landed: None)
+    _fresh(monkeypatch, f"read-{taken}")
+    slow = _input(decoded(text))
+    assert fast.items == slow.items
+    assert _case_map(fast).entries == _case_map(slow).entries
+    results = _run_each((fast, slow), _packets(), table.num_entries, "lc")
+    assert results[0] == results[1]
+    assert len(set(results[0][0])) == 2, "both verdicts taken"
+
+
+def test_landed_columns_of_the_same_jumps_only():
+    """The walk's columns answer the jump rules it read, from the first one on: all of them,
+    the first ones (the columns cut as long), not rules among which one is another object,
+    nor more rules than it read, nor rules from another first one."""
+    a, b, c, x = object(), object(), object(), object()
+    cols = (["ta", "tb", "tc"], [1, 2, 3], [0, 0, 0], ["A", "B", "C"], [11, 12, 13],
+            ["a", "b", "c"])
+    known = {id(a): ([a, b, c],) + cols}
+    assert classify._landed_columns([a, b, c], known) == cols
+    assert classify._landed_columns([a, b], known) == tuple(col[:2] for col in cols)
+    assert classify._landed_columns([a, x, c], known) is None
+    assert classify._landed_columns([a, b, c, x], known) is None
+    assert classify._landed_columns([b, c], known) is None
+    assert classify._landed_columns([a, b], None) is None          # outside compile_table
+
+
+# ---- classify: a cold blocklist's class codes and trie values --------------------------------
+
+def _blocklist_run(n: int = 2000, seed: int = 31):
+    from test_lpm_joined import _blocklist, _lpm_runs
+    runs = _lpm_runs(_blocklist(n, seed))
+    assert runs, "the blocklist has no LPM run"
+    return max(runs, key=lambda r: len(r.rules))
+
+
+def test_layout_codes_refuse_keys_of_other_lengths():
+    """The keys _layout_codes reads are of one length (_classes_of_length's): keys whose first
+    one is not of the layout's length, or whose joined length is not as many of it, give no
+    codes (read strided, they would be another key's bytes)."""
+    run = _blocklist_run(300, 5)
+    keys = list(run.keys)
+    lay = classify._layout(keys[0])
+    assert classify._layout_codes(lay, keys) is not None
+    assert classify._layout_codes(lay, keys[:3] + [keys[3] + bytes(4)] + keys[4:]) is None
+    assert classify._layout_codes(lay, [keys[0][:-4]] + keys[1:]) is None
+    assert classify._layout_codes(lay, []) is None
+
+
+def test_trie_values_as_packed_each(monkeypatch):
+    """A cold LPM run's trie values (their positions' _values, first rules picked by
+    _lpm_columns) and their joined buffer are the ones packing each value gives (two
+    blocklists of DROP and ACCEPT rules), and so for a run with a jump case among its actions
+    (_values': the case's number added) and for one value."""
+    for text_run in (_blocklist_run(), _blocklist_run(600, 8)):
+        classify._LPM_SEEN.clear()
+        got = classify.lpm_entries(text_run)
+        values = classify._values(text_run)
+        want = [values[p] for p in classify._LPM_SEEN[-1].bests]
+        assert [v for _, v in got] == want
+        assert got.joined[1] == b"".join(want)
+    run = _blocklist_run(300, 9)
+    acts = list(classify._run_acts(run))
+    run.acts = acts[:5] + [classify.ACT_CASE] + acts[6:]     # a jump case among them
+    run.cases = {5: 2}                  # (the third jump: its value is ACT_CASE + 2)
+    bests = sorted(set(range(0, len(acts), 3)) | {5})
+    vals, joined = classify._best_value_column(run, bests)
+    want = [classify._values(run)[p] for p in bests]
+    assert vals == want and joined == b"".join(want)
+    run.acts = acts
+    assert classify._best_value_column(run, [7]) == ([classify._values(run)[7]],
+                                                     classify._values(run)[7])
+
+
+def test_prefix_codes_from_the_joined_keys(monkeypatch):
+    """A cold blocklist's LPM run reads its prefixes from the keys _layout_codes joined for its
+    classes (not joined again), with the trie entries reading them again gives."""
+    from test_lpm_joined import _blocklist
+    table = _blocklist(2000, 31)
+    tries = {}
+    for tag in ("joined", "again"):
+        got = []
+        real = classify._joined_keys
+        if tag == "again":
+            real = lambda keys, n, start: None     # noqa: E731
+        monkeypatch.setattr(classify, "_joined_keys",
+                            lambda keys, n, start: got.append(real(keys, n, start)) or got[-1])
+        # (nothing kept of an earlier compile of these rules: their lists, runs, MapSpecs)
+        for cache in ("_LPM_SEEN", "_VECS"):
+            monkeypatch.setattr(classify, cache, [])
+        for cache in ("_RUN_SPECS", "_SEEN_RUNS"):
+            monkeypatch.setattr(classify, cache, {})
+        _fresh(monkeypatch, f"prefixes-{tag}")
+        prog = _input(table)
+        assert len(got) == 1 and (got[0] is not None) is (tag == "joined")
+        tries[tag] = [(m.name, m.entries) for m in prog.maps if m.map_type ==
+                      classify.BPF_MAP_TYPE_LPM_TRIE]
+    assert tries["joined"] and len(tries["joined"][0][1]) > 1000
+    assert tries["joined"] == tries["again"]
+
+
+def test_joined_keys_of_the_same_keys_only(monkeypatch):
+    """The joined keys answer keys that are theirs from a position on (the same objects, of
+    their length), cut there; other keys, another length, or outside a compile: None."""
+    keys = [bytes([k]) * 4 for k in range(6)]
+    monkeypatch.setattr(classify, "_VEC_SCOPE", {classify._JOINED: (keys, 4, b"".join(keys))})
+    assert classify._joined_keys(keys, 4, 0) == b"".join(keys)
+    assert classify._joined_keys(tuple(keys[2:5]), 4, 2) == b"".join(keys[2:5])
+    assert classify._joined_keys(keys[:3] + [bytes([9]) * 4], 4, 0) is None
+    assert classify._joined_keys([bytes(bytearray(k)) for k in keys[:2]], 4, 0) is None   # equal, others
+    assert classify._joined_keys(keys[4:], 4, 3) is None
+    assert classify._joined_keys(keys[4:], 4, 5) is None
+    assert classify._joined_keys(keys, 8, 0) is None
+    monkeypatch.setattr(classify, "_VEC_SCOPE", None)
+    assert classify._joined_keys(keys, 4, 0) is None

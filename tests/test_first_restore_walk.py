@@ -11,7 +11,9 @@ entry:
   - _volatile_zero: the same answer as each header read, with comefrom or a counter set in
     any one entry (in a run, or read by a run's column past its last period);
   - _mark_fast looks up the jumps' landings by bisection (_indexes_in), not a dict of every
-    entry's offset: the same comefrom and landings, None for an offset that is no entry.
+    entry's offset: the same comefrom and landings, None for an offset that is no entry;
+    those that land on an entry after an ERROR head (a user chain's first) in a dict of
+    those entries' offsets (_landings), the same indexes.
 """
 import bisect
 import copy
@@ -203,6 +205,40 @@ def test_indexes_in_finds_what_a_dict_does():
     assert bisect.bisect_left(moved, moved[41]) == 41
 
 
+def test_landings_find_what_indexes_in_does(monkeypatch):
+    """_landings: the entries after the ERROR entries looked up in a dict, any other value
+    bisected: the same index as _indexes_in for values on those entries, on other entries,
+    between entries and outside the table, an ERROR entry last, and offsets moved by an
+    append (_ShiftedInts); the values on entries after an ERROR entry bisected none."""
+    offs = list(range(0, 8000, 152)) + list(range(8000, 20000, 112))
+    n = len(offs)
+    errs = list(range(3, n, 4)) + [n - 1]           # the last: no entry after it
+    after = [offs[e + 1] for e in errs[:-1]]
+    values = after[::-1] + [o + d for o in offs[::7] for d in (-8, 0, 8)] + \
+        [-1, 0, 19888, 19999, 10 ** 9] + after
+    assert any(v not in after and v in offs for v in values)
+    got = model._landings(offs, values, errs)
+    assert got == model._indexes_in(offs, values)
+    assert got[:len(after)] == [e + 1 for e in errs[:-1]][::-1]
+    sh = model._ShiftedInts(offs, 40, 256)
+    moved = sh.ints()
+    values = [moved[e + 1] for e in errs[:-1]] + [o + x for o in moved[::5] for x in (-256, 0, 8)]
+    assert model._landings(sh, values, errs) == model._indexes_in(moved, values)
+    # a table of one ERROR entry or none: bisected alone
+    assert model._landings(offs, after, errs[:1]) == model._indexes_in(offs, after)
+    assert model._landings(offs, after, []) == model._indexes_in(offs, after)
+    bisected = []
+
+    def counted(*a):
+        bisected.append(a[1])
+        return bisect.bisect_left(*a)
+    monkeypatch.setattr(model, "bisect", type(bisect)("bisect"))
+    model.bisect.bisect_left = counted
+    assert model._landings(offs, after + [1, 152], errs) == \
+        [e + 1 for e in errs[:-1]] + [None, 1]
+    assert bisected == [1, 152]
+
+
 @FAMILIES
 @pytest.mark.parametrize("shape", ["runs", "fanout"])
 def test_mark_fast_by_bisection_equals_by_dict(family, shape):
@@ -352,3 +388,27 @@ def test_mark_again_refuses_a_changed_jump_or_return(family, kind):
     assert len(got) == 1
     assert (got[0] is not None) == (kind == "plain"), kind
     assert _facts(warm) == _facts(cold)
+
+
+@FAMILIES
+def test_a_jump_with_ports_reads_its_own_padding_in_a_run(family, monkeypatch):
+    """A jump with key fields in a run (a fan-out hub's `-p tcp --dport P -j SVC`: _OWN_TAIL)
+    has its verdict and the 4 bytes after it read apart from the rest (_run_plan): those
+    bytes (xt_standard_target's padding, which the kernel does not check) are the entry's
+    own, in its key, as the per-entry walk reads them, here not zero in every hub entry."""
+    from test_decode_run import _ents, walks_agree
+    t = run_table(family)
+    blob = bytearray(_zeroed(t.encode(), family))
+    hub = [(o, s) for (o, s), r in zip(_ents(t), t.entries())
+           if r.matches and isinstance(r.target, model.Jump)]
+    assert len(hub) == 40
+    for o, s in hub:
+        blob[o + s - 4:o + s] = b"\x01\x02\x03\x04"
+    (ok, facts), by_run = walks_agree(bytes(blob), family, monkeypatch, t.underflow,
+                                      t.valid_hooks)
+    assert ok == "ok"
+    assert len(set(o for o, _s in hub) & set(by_run)) >= 30
+    raws, _runs = _walked(bytes(blob), t, family)
+    at = {r.off: r for r in raws}
+    for o, s in hub:
+        assert at[o].key.endswith(b"\xff\xff\xff\x7f\x01\x02\x03\x04")
