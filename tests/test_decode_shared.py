@@ -46,6 +46,12 @@ def fanout_table(family: int, n: int = N, rep: int = 3) -> Table:
              model.Jump(users[k])) for k in range(n)]
     t.chain("OUTPUT").rules = [Rule(IpHeader.any(family), target=copy.deepcopy(log))
                                for _k in range(n)]
+    return service_chains(t, users, family)
+
+
+def service_chains(t: Table, users: list, family: int) -> Table:
+    """t with user chains `users` appended, each an ERROR head, "-s <one prefix> -j ACCEPT",
+    "-j DROP" and RETURN (a kube-proxy service chain), laid out."""
     for u in users:
         t.chains.append(Chain(u, head_entry=Rule(IpHeader.any(family), target=error_target(u)),
                               rules=[Rule(_hdr(family, src=_addr(family, 3)),

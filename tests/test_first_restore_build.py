@@ -21,10 +21,10 @@ from bpfilter_umh.model import (AF_INET, AF_INET6, XT_RETURN, Chain, ExtTarget, 
                                 Jump, Rule, Table, Verdict, decode_replace, error_target)
 
 from test_decode_run import _addr, _hdr                                   # noqa: E402
-from test_decode_shared import fanout_table                               # noqa: E402
+from test_decode_shared import fanout_table, service_chains               # noqa: E402
 from test_decode_template import CACHES, _facts, _table_buf, _zeroed      # noqa: E402
 
-ACCEPT, DROP = -2, -1
+DROP = -1
 FAMILIES = pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
 
 
@@ -180,15 +180,7 @@ def _split_table(family: int, n: int = 40) -> Table:
                               for k in range(0, n, 3)]
     t.chain("FORWARD").rules = [Rule(IpHeader.any(family), target=Jump(users[k]))
                                 for k in range(1, n, 3)]
-    for u in users:
-        t.chains.append(Chain(u, head_entry=Rule(IpHeader.any(family), target=error_target(u)),
-                              rules=[Rule(_hdr(family, src=_addr(family, 3)),
-                                          target=Verdict(ACCEPT)),
-                                     Rule(IpHeader.any(family), target=Verdict(DROP))],
-                              policy_entry=Rule(IpHeader.any(family),
-                                                target=Verdict(XT_RETURN))))
-    t.layout()
-    return t
+    return service_chains(t, users, family)
 
 
 def _kept_writes(monkeypatch):
