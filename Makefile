@@ -32,7 +32,7 @@ LAUNCHER_STATIC = $(shell printf 'int main(void){return 0;}\n' | \
 # by its own path: `python3` looked up in PATH can be a wrapper (pyenv's shim is a bash script
 # that costs ~140 ms per start here, more than the helper's whole cold command) or another
 # Python without the package's dependencies.
-LAUNCHER_PYTHON = $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
+LAUNCHER_PYTHON = $(or $(shell $(PYTHON) -c 'import sys; print(sys.executable)'),$(PYTHON))
 
 build/bpfilter-exec: bin/bpfilter-exec.c kmod/bpfilter_msg.h build/door_filter.h Makefile
 	$(CC) -O2 -Wall -Wextra $(LAUNCHER_STATIC) -I kmod -I build \
