@@ -25,11 +25,11 @@ from construct import Container
 
 from bpfilter_umh import compile as C
 from bpfilter_umh import engine, model
-from bpfilter_umh.model import (AF_INET, AF_INET6, XT_RETURN, Chain, ExtTarget, IpHeader,
-                                Jump, Match, Rule, Table, Verdict, decode_replace, error_target)
+from bpfilter_umh.model import (AF_INET, AF_INET6, ExtTarget, Jump, Match, Rule, Table,
+                                decode_replace, error_target)
 
 from test_decode_run import _addr, _hdr                                # noqa: E402
-from test_decode_shared import ACCEPT, DROP, N, _cold, fanout_table   # noqa: E402
+from test_decode_shared import N, _cold, fanout_table, service_chains    # noqa: E402
 from test_decode_template import (CACHES, _facts, _table_buf, _target_facts,  # noqa: E402
                                   _tcp, same)
 
@@ -168,16 +168,7 @@ def _services(n: int) -> Table:
              [Match("tcp", 0, Container(spts=[0, 65535], dpts=[1000 + k, 1000 + k], option=0,
                                         flg_mask=0, flg_cmp=0, invflags=0))],
              Jump(f"svc{k}")) for k in range(n)]
-    for k in range(n):
-        t.chains.append(Chain(f"svc{k}", head_entry=Rule(IpHeader.any(AF_INET),
-                                                         target=error_target(f"svc{k}")),
-                              rules=[Rule(_hdr(AF_INET, src=_addr(AF_INET, 3)),
-                                          target=Verdict(ACCEPT)),
-                                     Rule(IpHeader.any(AF_INET), target=Verdict(DROP))],
-                              policy_entry=Rule(IpHeader.any(AF_INET),
-                                                target=Verdict(XT_RETURN))))
-    t.layout()
-    return t
+    return service_chains(t, [f"svc{k}" for k in range(n)], AF_INET)
 
 
 def test_a_compile_parses_few_of_them():
