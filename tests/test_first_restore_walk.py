@@ -317,6 +317,23 @@ def test_a_counter_read_past_a_runs_last_period_is_not_the_runs(family):
     assert tried >= len(fwd[10:-4]) // 2, tried
 
 
+def _cold_and_after(t, t2, family: int, fn: str):
+    """(t2 decoded cold, t2 decoded after t, what model.`fn` returned in that second decode:
+    a list, a call each)."""
+    buf1 = _table_buf(t, _zeroed(t.encode(), family))
+    buf2 = _table_buf(t2, _zeroed(t2.encode(), family))
+    cold = decode_replace(buf2, family)[1]
+    for name in CACHES:
+        getattr(model, name).clear()
+    decode_replace(buf1, family)
+    got = []
+    real = getattr(model, fn)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(model, fn, lambda *a, **k: got.append(real(*a, **k)) or got[-1])
+        warm = decode_replace(buf2, family)[1]
+    return cold, warm, got
+
+
 @FAMILIES
 @pytest.mark.parametrize("n", [40, 400], ids=["small", "big"])
 def test_a_restore_over_the_table_keeps_what_a_cold_decode_keeps(family, n):
@@ -331,18 +348,8 @@ def test_a_restore_over_the_table_keeps_what_a_cold_decode_keeps(family, n):
     rules.insert(len(rules) // 2, Rule(_hdr(family, src=_addr(family, 9999)),
                                        target=Verdict(DROP)))
     t2.layout()
-    buf1 = _table_buf(t, _zeroed(t.encode(), family))
-    buf2 = _table_buf(t2, _zeroed(t2.encode(), family))
-    assert (len(buf2) > (256 << 10)) == (n == 400)
-    cold = decode_replace(buf2, family)[1]
-    for name in CACHES:
-        getattr(model, name).clear()
-    decode_replace(buf1, family)
-    spliced = []
-    real = model._kept_spliced
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(model, "_kept_spliced", lambda *a, **k: spliced.append(1) or real(*a, **k))
-        warm = decode_replace(buf2, family)[1]
+    assert (len(_table_buf(t2, _zeroed(t2.encode(), family))) > (256 << 10)) == (n == 400)
+    cold, warm, spliced = _cold_and_after(t, t2, family, "_kept_spliced")
     assert spliced
     assert type(warm.kept_blob) is bytes
     assert warm.kept_blob == cold.kept_blob
@@ -374,17 +381,7 @@ def test_mark_again_refuses_a_changed_jump_or_return(family, kind):
         assert u.rules[1].target.verdict == DROP and u.rules[1].ip.src == IpHeader.any(family).src
         u1.rules[1] = Rule(_hdr(family, src=_addr(family, 778)), target=Verdict(DROP))
     t2.layout()
-    buf1 = _table_buf(t, _zeroed(t.encode(), family))
-    buf2 = _table_buf(t2, _zeroed(t2.encode(), family))
-    cold = decode_replace(buf2, family)[1]
-    for name in CACHES:
-        getattr(model, name).clear()
-    decode_replace(buf1, family)
-    got = []
-    real = model._mark_again
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(model, "_mark_again", lambda *a, **k: got.append(real(*a, **k)) or got[-1])
-        warm = decode_replace(buf2, family)[1]
+    cold, warm, got = _cold_and_after(t, t2, family, "_mark_again")
     assert len(got) == 1
     assert (got[0] is not None) == (kind == "plain"), kind
     assert _facts(warm) == _facts(cold)
