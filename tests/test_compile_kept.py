@@ -195,3 +195,35 @@ def test_kept_split_run_equals_a_cold_compile(monkeypatch):
         _clear_all()
         classify._SEEN_RUNS.clear()
         _programs(base_t, facts)             # the next variant starts from the base again
+
+
+def test_changed_long_chain_memos_and_run_keys(monkeypatch):
+    """An append to a long chain (INPUT, >= classify.VEC_MIN rules): _program_key's lookups of
+    its facts and reads miss and it computes them without looking again (missed=True); what it
+    memoizes is what a lookup-first call computes from empty memos. Its runs carry the keys
+    _keep_seen_runs took from the chain's vectors, and _run_key reads the same key from them
+    as from the run's rules."""
+    facts = KernelFacts.fake()
+    base, variants = _texts()
+    _clear()
+    compile_table(decoded(base), facts)
+    t = decoded(dict(variants)["append to INPUT"])
+    compile_table(t, facts)
+    chain = t.chain("INPUT")
+    rules, pe = chain.rules, chain.policy_entry
+    assert len(rules) >= classify.VEC_MIN
+    keys = tuple(r.cache_key for r in rules)
+    fk = (keys, pe.cache_key)
+    assert fk in C._CHAIN_FACTS and fk in C._SCAN_FACTS, "the append's memos not kept"
+    got_facts, got_reads = C._CHAIN_FACTS[fk], C._SCAN_FACTS[fk]
+    C._CHAIN_FACTS.clear()
+    C._SCAN_FACTS.clear()
+    assert C._chain_facts(rules, pe, keys) == got_facts
+    assert C._chain_reads(rules, pe, fk) == got_reads
+    runs = [r for r in classify.find_runs(rules) if getattr(r, "keys", None)]
+    assert runs
+    for run in runs:
+        assert run.keys == tuple(r.cache_key for r in run.rules)
+        from_vec = classify._run_key(run, "INPUT")
+        del run.keys
+        assert from_vec is not None and from_vec == classify._run_key(run, "INPUT")

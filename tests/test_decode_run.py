@@ -91,12 +91,13 @@ def small_chunks(monkeypatch):
 
 def _facts(r, templates: bool):
     """Every field of raw entry r (its header and IpHeader by value; the template it was read
-    by, and a dup, by their first entry's offset)."""
+    by, and a dup, by their first entry's offset). A header's ip is the raw's own, or None
+    where runs share it (model._shared_hdr): either passes."""
     h = r.hdr
     own = tuple((f, getattr(r, f, None)) for f in model._TRaw.__slots__
                 if f not in ("hdr", "ip", "tpl", "dup"))
     out = (own, (h.nfcache, h.target_offset, h.next_offset, h.pad, h.comefrom, h.pcnt,
-                 h.bcnt), vars(r.ip), r.ip is h.ip)
+                 h.bcnt), vars(r.ip), h.ip is None or r.ip is h.ip)
     if templates:
         out += (None if r.tpl is None else r.tpl.first.off,
                 None if r.dup is None else r.dup.off)

@@ -4,6 +4,8 @@
   - a run's entries with the same bytes up to comefrom as the entry before them (a fan-out's
     ACCEPT, DROP and RETURN entries, one of each per service chain) share its key object and
     IpHeader (model._run_raws), also where the template's first entry has other addresses;
+  - a run's entries sent with comefrom and the counters zero share one header
+    (model._shared_hdr), which the kept blob's comefrom replaces rather than writes into;
   - _find_check gives an entry of a template without payloads of its own its first entry's
     parsed payloads at once (`plain`), and _make_rules makes the Rule of one in a read-only
     table from the template (`plain`, _plain_parts): the same objects the general path gives.
@@ -119,7 +121,11 @@ def test_equal_entries_of_a_run_share_key_and_ipheader(family, monkeypatch):
         keys = {id(r.key) for r in run}
         ips = {id(r.ip) for r in run}
         assert len(keys) == 1 and len(ips) == 1, (verdict, len(keys), len(ips))
-        assert all(r.hdr.ip is r.ip for r in run)
+        # and one header (model._shared_hdr: sent with comefrom and the counters zero; given
+        # the kept blob's comefrom, the same for all of them, one shared header again), whose
+        # ip is None: each raw's own is r.ip
+        hdrs = {id(r.hdr) for r in run}
+        assert len(hdrs) == 1 and run[0].hdr.ip is None, (verdict, len(hdrs))
     # the blocklist's entries: an IpHeader of their own address each (by value: same())
     drops = [r for r in raws if r.std and r.verdict == DROP and r.ip.smsk != any_ip.smsk]
     assert len(drops) == N
@@ -178,3 +184,107 @@ def test_the_cache_hits_after_a_cold_decode_decode_alike(family, monkeypatch):
     # and the full walk, cold, says the same
     monkeypatch.setattr(model, "TEMPLATES", False)
     assert _facts(_cold(buf, family)[0]) == _facts(again)
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+def test_shared_headers_describe_the_kept_blob(family):
+    """A run's entries sent with comefrom and the counters zero share one header
+    (model._shared_hdr, its ip None); what writes the kept blob's comefrom into the walk's
+    headers gives an entry a header of its own instead of writing into the shared one."""
+    t = fanout_table(family)
+    _table, raws = _cold(_table_buf(t, t.encode()), family)
+    model._run_deferred()           # (the headers set after the reply, where deferred)
+    _headers_as_kept(family)
+    shared = [r for r in raws if r.hdr.ip is None]
+    assert len(shared) >= 3 * N
+    # the same table restored again with a rule more at INPUT's start (every entry after it
+    # moved: the previous walk's raws reused, their headers copied or written, _kept_spliced)
+    t2 = copy.deepcopy(t)
+    t2.chain("INPUT").rules.insert(0, Rule(_hdr(family, src=_addr(family, 99)),
+                                           target=Verdict(DROP)))
+    t2.layout()
+    decode_replace(_table_buf(t2, t2.encode()), family)
+    model._run_deferred()
+    assert _headers_as_kept(family) == t2.num_entries
+    # two raws of one shared header given other comefroms: each its own value, the header
+    # they shared (and the raws still sharing it) unchanged
+    h = shared[0].hdr
+    alike = [r for r in shared if r.hdr is h]
+    assert len(alike) >= 4
+    was = (h.comefrom, h.nfcache, h.target_offset, h.next_offset, h.pad)
+    model._kept_hdr(alike[0], 7)
+    model._kept_headers(alike[1:4], [9, 9, 11])
+    assert [r.hdr.comefrom for r in alike[:5]] == [7, 9, 9, 11, was[0]]
+    assert (h.comefrom, h.nfcache, h.target_offset, h.next_offset, h.pad) == was
+    assert all(r.hdr is h for r in alike[4:])
+    # those given one comefrom share one header again, shared (ip None), the fields kept
+    assert alike[1].hdr is alike[2].hdr is not alike[3].hdr
+    for r in alike[:4]:
+        n = r.hdr
+        assert n is not h and n.ip is None and (n.pcnt, n.bcnt) == (0, 0)
+        assert (n.nfcache, n.target_offset, n.next_offset, n.pad) == was[1:]
+
+
+def _headers_as_kept(family: int) -> int:
+    """Check that every raw of the last walk has a header as the kept blob has its entry
+    (comefrom, counters zero) whose ip is None (shared) or the raw's own; returns how many."""
+    kept, raws = model._LAST_WALK[family][0], model._LAST_WALK[family][1]
+    cf, cnt, _ = model._VOLATILE[family]
+    for r in raws:
+        h = r.hdr
+        assert h.ip is None or h.ip is r.ip
+        assert (h.comefrom, h.pcnt, h.bcnt) == (
+            int.from_bytes(kept[r.off + cf:r.off + cf + 4], "little"),
+            int.from_bytes(kept[r.off + cnt:r.off + cnt + 8], "little"),
+            int.from_bytes(kept[r.off + cnt + 8:r.off + cnt + 16], "little")), r.off
+    return len(raws)
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+@pytest.mark.parametrize("writer", ["comefrom", "cand", "few", "zeroed", "between",
+                                    "spliced"])
+def test_kept_writers_leave_shared_headers_alone(family, writer):
+    """Each way of writing the kept blob's comefrom into the walk's headers, given raws that
+    share headers (a cold restore's runs) and a comefrom of their own each (one of three in
+    turn, so that raws sharing a header get others): every raw's header as the returned blob
+    has its entry."""
+    t = fanout_table(family)
+    buf = _table_buf(t, t.encode())
+    _table, raws = _cold(buf, family)
+    model._run_deferred()
+    blob = model._LAST_WALK[family][0]
+    cf, cnt, _ = model._VOLATILE[family]
+    # the entries as sent (comefrom zero), their raws' headers to match (those that shared
+    # one sharing one again)
+    sent, memo = bytearray(blob), {}
+    for r in raws:
+        sent[r.off + cf:r.off + cf + 4] = bytes(4)
+        model._kept_hdr(r, 0, memo)
+    sent = bytes(sent)
+    n = len(raws)
+    assert sum(r.hdr.ip is None for r in raws) >= 3 * N
+    assert len({id(r.hdr) for r in raws}) < n // 4
+    comefrom = [k % 3 + 1 for k in range(n)]
+    if writer == "comefrom":
+        out = model._kept_comefrom(sent, raws, comefrom, cf)
+    elif writer == "cand":
+        out = model._kept_blob(sent, raws, comefrom, family, cand=set(range(n)))
+    elif writer == "few":           # (_kept_joined)
+        few = set(range(0, n, n // 40))
+        out = model._kept_blob(sent, raws, comefrom, family, cand=few)
+        comefrom = [c if k in few else 0 for k, c in enumerate(comefrom)]
+    elif writer == "zeroed":        # (_kept_zeroed, _kept_headers)
+        out = model._kept_blob(sent, raws, comefrom, family, zeroed=range(n))
+    else:
+        # _kept_spliced with nothing spliced: every entry between the runs (or walked anew,
+        # zeroed)
+        splice = {"kept": sent, "head": (0, 0), "tail": (n, len(sent), len(sent)),
+                  "between": [range(n)] if writer == "between" else ()}
+        cand = set() if writer == "between" else set(range(n))
+        out = model._kept_spliced(sent, raws, comefrom, family, cand, splice,
+                                  None if writer == "between" else range(n))
+    for r, c in zip(raws, comefrom):
+        h = r.hdr
+        assert h.ip is None or h.ip is r.ip
+        assert int.from_bytes(out[r.off + cf:r.off + cf + 4], "little") == c == h.comefrom, r.off
+        assert not any(out[r.off + cnt:r.off + cnt + 16]) and h.pcnt == h.bcnt == 0

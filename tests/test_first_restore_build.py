@@ -281,3 +281,164 @@ def test_entries_an_editable_decode_cached_leave_the_first_restore_without_looku
     logs = [k for k, r in enumerate(first.entries())
             if type(r.target) is ExtTarget and r.target.name == "LOG"]
     assert logs and all(again.entries()[k].target is first.entries()[k].target for k in logs)
+
+
+def _sharing(table, raws):
+    """Which objects the decode shared: per entry, for its Rule's matches list, each match,
+    target and IpHeader, its raw's mdata, tdata and built_norm (and their parts), the index
+    of the first entry (in blob order) holding that object, and the values compared."""
+    first = {}
+
+    def at(k, obj):
+        return first.setdefault(id(obj), (k, obj))[0]
+    out = []
+    for k, (rule, r) in enumerate(zip(table.entries(), raws)):
+        b = r.built_norm
+        out.append((at(k, rule.matches), [at(k, m) for m in rule.matches], at(k, rule.target),
+                    at(k, rule.ip), at(k, r.mdata), at(k, r.tdata),
+                    None if b is None else (at(k, b), [at(k, m) for m in b[0]], at(k, b[1])),
+                    rule.index, rule.offset, rule.comefrom, rule.cache_key))
+    return out
+
+
+def _entry_by_entry(monkeypatch):
+    """The decode's paths per template of a run (_made_strided, _checked_periods) turned
+    off: every entry made and checked one by one."""
+    monkeypatch.setattr(model, "_made_strided", lambda raws, rules, cf, strided, *a: sorted(
+        i for lo, hi, per in strided for i in range(lo + per, hi)))
+    monkeypatch.setattr(model, "_checked_periods", lambda raws, runs, plain: [raws])
+
+
+@FAMILIES
+def test_a_runs_later_periods_are_made_per_template_as_entry_by_entry(family, monkeypatch):
+    """A first restore makes the Rules of the later periods of the walk's runs per template
+    (_made_strided) and gives their raws the template's checked payloads per template
+    (_checked_periods): the table, the kept blob, every object shared or not as entry by
+    entry, the cache values' objects after the reply."""
+    t = fanout_table(family)
+    buf = _sent(t, family)
+    made = []
+    strided = model._made_strided
+    monkeypatch.setattr(model, "_made_strided", lambda *a: made.append(a[3]) or
+                        made.append(strided(*a)) or made[-1])
+    table = decode_replace(buf, family)[1]
+    raws = model._LAST_WALK[family][1]
+    facts, shared = _facts(table), _sharing(table, raws)
+    # the runs: the blocklist, the plain jumps, the hub and the service chains, and the
+    # LOG rules, made per template but for the jumps without ports (a Jump of their own,
+    # _TemplateRules.same: neither plain nor owned, left to the entries' path)
+    runs, rest = made[0], made[1]
+    assert len(made) == 2
+    assert all(raws[i].std and raws[i].verdict > 0 and not raws[i].matches for i in rest)
+    later = sum(hi - lo - per for lo, hi, per in runs)
+    assert later - len(rest) > 5 * 40
+    assert any(per == 4 for _lo, _hi, per in runs)
+    _clear()
+    monkeypatch.undo()
+    _entry_by_entry(monkeypatch)
+    ref = decode_replace(buf, family)[1]
+    ref_raws = model._LAST_WALK[family][1]
+    assert _facts(ref) == facts
+    assert _sharing(ref, ref_raws) == shared
+
+
+@FAMILIES
+def test_a_runs_entry_with_payloads_of_its_own_is_made_by_the_entrys_path(family):
+    """_made_strided leaves to the per-entry path an entry whose checked payloads are not its
+    template's shared ones (here: parsed by _find_check as an entry before the template's
+    first passed), and that path makes it as it would have."""
+    t = fanout_table(family)
+    buf = _sent(t, family)
+    ref = decode_replace(buf, family)[1]
+    _clear()
+    calls = []
+    check = model._find_check
+
+    def own_payloads(raws, fam, runs=()):
+        lay = check(raws, fam, runs)
+        # a hub entry of a later period: its payloads parsed as its own
+        hub = [r for r in raws if r.tpl is not None and type(r.mdata) is model._OwnPorts]
+        r = hub[len(hub) // 2]
+        r.mdata = model._mdata(r)
+        calls.append(r.off)
+        return lay
+    model._find_check, saved = own_payloads, model._find_check
+    try:
+        got = decode_replace(buf, family)[1]
+    finally:
+        model._find_check = saved
+    assert len(calls) == 1
+    assert _facts(got) == _facts(ref)
+    (rule,) = [r for r in got.entries() if r.offset == calls[0]]
+    assert type(rule.matches[0]) is model.Match and rule.matches[0] == \
+        [r for r in ref.entries() if r.offset == calls[0]][0].matches[0]
+
+
+def _spans_one_by_one(raws, hook_start, bounds):
+    """_spans as a loop over the chain starts (the reference of the C-level one)."""
+    n = len(raws)
+    spans, tail = [], None
+    if n and (not bounds or bounds[0] > 0):
+        spans.append((0, 0, bounds[0] if bounds else n, -1, ""))
+    names = model._CHAIN_NAMES
+    for b, end in zip(bounds, list(bounds[1:]) + [n]):
+        h = hook_start.get(b)
+        if h is not None:
+            spans.append((b, b, end, h, model.HOOK_NAMES[h]))
+        elif b == n - 1:
+            tail = b
+            break
+        else:
+            p = raws[b].tpayload
+            cname = names.get(p)
+            if cname is None:
+                k = p.find(0)
+                cname = names[p] = (p[:k] if k >= 0 else p).decode("latin-1")
+            spans.append((b, b + 1, end, None, cname))
+    return spans, tail
+
+
+class _P:
+    def __init__(self, tpayload):
+        self.tpayload = tpayload
+
+
+@pytest.mark.parametrize("case", ["hooks between", "no tail", "lead", "hook last", "none"])
+def test_the_chains_spans_as_a_loop_of_the_starts_gives_them(case):
+    """_spans' user chains made per slice of starts between the hook starts (map, zip): the
+    spans, the tail and the name objects a loop over the starts gives; a name cached before
+    (or met twice) is the one object; a payload without a NUL is a name of 32 bytes."""
+    def payload(k):
+        return (b"c%d\0" % k + bytes([k % 7]) * 5).ljust(32, b"\0") if k % 5 else \
+            bytes([65 + k % 26]) * 32
+    raws = [_P(payload(k)) for k in range(60)]
+    raws[12] = _P(payload(9))                   # two chains of one name
+    hook_start = {0: 0, 20: 1, 33: 3}
+    bounds = [0, 3, 5, 9, 12, 20, 21, 25, 33, 40, 47, 59]
+    if case == "no tail":
+        bounds = bounds[:-1]
+    elif case == "lead":
+        hook_start = {20: 1}
+        bounds = [4, 9, 20, 30, 59]
+    elif case == "hook last":
+        hook_start = {59: 4, 0: 0}
+        bounds = [0, 9, 30, 59]
+    elif case == "none":
+        hook_start, bounds = {}, []
+    model._CHAIN_NAMES.clear()
+    model._CHAIN_NAMES[raws[21].tpayload] = cached = "".join(["c2", "1"])
+    want = _spans_one_by_one(raws, hook_start, bounds)
+    want_names = dict(model._CHAIN_NAMES)
+    model._CHAIN_NAMES.clear()
+    model._CHAIN_NAMES[raws[21].tpayload] = cached
+    got = model._spans(raws, hook_start, bounds)
+    assert got == want
+    assert model._CHAIN_NAMES == want_names
+    names = {s[0]: s[4] for s in got[0]}
+    if 21 in names:
+        assert names[21] is cached
+    if 9 in names and 12 in names:
+        assert names[9] is names[12]
+    # a second decode's spans: the names cached by the first, the same objects
+    again = model._spans(raws, hook_start, bounds)
+    assert again == got and all(x[4] is y[4] for x, y in zip(again[0], got[0]))

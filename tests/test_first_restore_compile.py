@@ -5,7 +5,8 @@
   (RETURN entry - run start per case) is the one a compile without the walk makes, and the
   program gives the same verdicts and counters (BPF_PROG_TEST_RUN, real kernel);
 - classify._classes_coded takes a key of the template and code of the key before (or of the
-  last key of its template) without a lookup: against _classes_each."""
+  last key of its template) without a lookup: against _classes_each; _classes_by_pair (one
+  lookup a distinct template and code) gives the loop's classes."""
 import os
 import sys
 
@@ -145,10 +146,13 @@ def test_classes_of_neighbours_are_each_rules(monkeypatch):
     fast = _both_orders(rules)
     assert sum(c is not None for c in fast) >= len(rules) - 3     # (the port ranges: none)
     keys = [r.cache_key for r in rules]
-    counting.clear()
-    counting.gets = 0
     lay = classify._layout(keys[0])
     codes = classify._layout_codes(lay, keys[:13])
+    # the loop (_classes_by_pair declining)
+    real_by_pair = classify._classes_by_pair
+    monkeypatch.setattr(classify, "_classes_by_pair", lambda *a: None)
+    counting.clear()
+    counting.gets = 0
     got = classify._classes_coded(lay, keys[:13], codes, rules, range(13))
     gets = counting.gets
     assert all(a is b for a, b in zip(got, classify._classes_each(rules[:13], keys[:13])))
@@ -157,6 +161,42 @@ def test_classes_of_neighbours_are_each_rules(monkeypatch):
     # their template and code (11/8 and 12/8 after 10/8, the second 0/8, 12.1/16, 12.3/16),
     # nor 14/8 and 15/8 (the last of their template, 13/8, has their code)
     assert gets == 6, gets
+    # _classes_by_pair: one lookup a distinct (template, code) pair, the same classes
+    monkeypatch.setattr(classify, "_classes_by_pair", real_by_pair)
+    counting.clear()
+    counting.gets = 0
+    got = classify._classes_coded(lay, keys[:13], codes, rules, range(13))
+    assert counting.gets == 5, counting.gets  # /8 DROP, 0/8, /16 DROP, /16 ACCEPT, /8 + dst
+    assert all(a is b for a, b in zip(got, classify._classes_each(rules[:13], keys[:13])))
+
+
+@pytest.mark.parametrize("at", [range(13), range(16, 19), range(3), range(3, 5),
+                                range(13, 23), [0, 6, 5], [0, 3, 5], [6, 8, 7, 9]])
+def test_classes_by_pair_are_the_loops(monkeypatch, at):
+    """_classes_by_pair (one dict of the (template, code) pairs; one count where the keys are
+    a single pair, a fan-out hub's) gives each rule the class the loop gives, the same rule
+    its class's rep, and declines (None) where a key has SLOW_CODE (a port range: 13..15) or
+    another layout (udp after tcp), the loop then answering as before. [0, 6, 5]: one code,
+    the first and last keys of one template, the middle one of another (not one pair)."""
+    rules = _runs_of_templates()
+    keys = [rules[p].cache_key for p in at]
+    lay = classify._layout(keys[0])
+    codes = classify._layout_codes(lay, keys)
+    assert codes is not None                # (keys of one length, as _classes_coded's)
+    real_by_pair = classify._classes_by_pair
+
+    def reps(by_pair):
+        monkeypatch.setattr(classify, "_CLASSES", {})
+        monkeypatch.setattr(classify, "_classes_by_pair", by_pair)
+        got = classify._classes_coded(lay, keys, codes, rules, at, 8)
+        return [None if c is None else c.rep for c in got]
+
+    monkeypatch.setattr(classify, "_CLASSES", {})
+    taken = real_by_pair(lay, keys, codes, rules, at) is not None
+    assert taken == (max(at) < 13 or min(at) == 16), (at, taken)
+    fast, loop = reps(real_by_pair), reps(lambda *x: None)
+    assert len(fast) == len(at) and all(x is y for x, y in zip(fast, loop)), at
+    assert any(x is not None for x in fast)
 
 
 # ---- compile._plain_lands: the walk's new chains and jump sites as C loops ---------------------
