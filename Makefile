@@ -85,9 +85,10 @@ bench-flavors: deps
 	$(PYTHON) bench/flavor_bench.py
 
 # N = 10..10 000 per ruleset shape, kernel vs each flavor; writes bench/results.md and the plot
+# (the control plane three times per row, medians: one run swings by tens of percent here)
 bench-rulesets: deps launcher
 	$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
-	$(PYTHON) bench/ruleset_bench.py --md bench/results.md --plot bench/cost_vs_n.png
+	$(PYTHON) bench/ruleset_bench.py --repeat 3 --md bench/results.md --plot bench/cost_vs_n.png
 
 # where one SET_REPLACE's time goes at 10 000 rules, per shape (restore, then appends)
 bench-cplane: deps

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -243,7 +244,7 @@ def _flush_bpfilter(ns):
 APPEND = "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP"
 
 
-def control_plane(text: str, appends: int = 3) -> dict:
+def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter")) -> dict:
     """Wall time of iptables-legacy-restore of `text` and of one `iptables-legacy -A` on the
     loaded table (the best of `appends`, each adding one more rule), kernel and through
     the launcher (build/bpfilter-exec), and the appends again through the Python door. For
@@ -260,7 +261,7 @@ def control_plane(text: str, appends: int = 3) -> dict:
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "bpfilter_umh")],
                    check=False, stdout=subprocess.DEVNULL)
     env_root = dict(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for who in ("kernel", "bpfilter"):
+    for who in order:
         with Netns("cp") as ns:
             env = dict(ns.env, **env_root)
             pre = [] if who == "kernel" else [LAUNCHER, "--"]
@@ -307,6 +308,36 @@ def control_plane(text: str, appends: int = 3) -> dict:
                     if helper is not None:
                         helper.wait(timeout=60)
                         out.update(_helper_times(log, 2 * appends))
+    return out
+
+
+def control_plane_repeated(text: str, repeat: int) -> dict:
+    """control_plane `repeat` times, kernel first and bpfilter first in turn (whichever runs
+    second finds the page cache and the CPUs' frequency as the first left them), each value
+    the median of the runs (lists element-wise: the first append stays the first; the helper's
+    parts key by key). The restores' walls and their ratio per run are kept as samples: on a
+    shared 2-CPU machine one run's restore swings by tens of percent, so a single ratio can
+    neither show nor refute a change of that size."""
+    if repeat <= 1:
+        return control_plane(text)
+    runs = [control_plane(text, order=("kernel", "bpfilter") if i % 2 == 0 else
+                          ("bpfilter", "kernel")) for i in range(repeat)]
+    out = {}
+    for key in {k for r in runs for k in r}:
+        vals = [r[key] for r in runs if key in r]
+        v0 = vals[0]
+        if isinstance(v0, float):
+            out[key] = statistics.median(vals)
+        elif isinstance(v0, list) and all(len(v) == len(v0) for v in vals):
+            out[key] = [statistics.median(x) for x in zip(*vals)]
+        elif isinstance(v0, dict):
+            out[key] = {k: statistics.median(v[k] for v in vals if k in v) for k in v0}
+        else:
+            out[key] = v0               # an error text: the first run's
+    pairs = [(r["kernel_restore_s"], r["bpfilter_restore_s"]) for r in runs
+             if r.get("kernel_restore_s") and r.get("bpfilter_restore_s")]
+    out["restore_samples"] = pairs
+    out["repeats"] = repeat
     return out
 
 
@@ -386,6 +417,9 @@ def main():
     ap.add_argument("--flavors", default="nf,tc,xdp")
     ap.add_argument("--no-flood", action="store_true")
     ap.add_argument("--no-control", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="control-plane runs per row, kernel and bpfilter first in turn; "
+                         "medians are reported, the restores' ratios of every run beside them")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
@@ -432,7 +466,7 @@ def main():
                 base_flood = min(base_flood, row["flood_base"])
                 results["flood_no_rules_ns"] = base_flood
             if not args.no_control:
-                row.update(control_plane(text))
+                row.update(control_plane_repeated(text, args.repeat))
             results["rows"].append(row)
             print(line(row, row.get("flood_base", base_flood)), flush=True)
     with open(args.json, "w") as f:
@@ -479,6 +513,10 @@ def line(row, base) -> str:
               f"{fmt(row.get('kernel_append_s'), ' s')} bpfilter {fmt(row.get('bpfilter_append_s'), ' s')}"
               f" (helper {fmt(row.get('helper_append_s'), ' s')}, Python door "
               f"{fmt(row.get('pydoor_append_s'), ' s')})")
+    if len(row.get("restore_samples", ())) > 1:
+        ratios = sorted(b / k for k, b in row["restore_samples"])
+        s += (f" | restore ratio median {statistics.median(ratios):.1f}x of {len(ratios)} "
+              f"[{ratios[0]:.1f}-{ratios[-1]:.1f}]")
     if "kernel_again_s" in row:
         s += "".join(f" | {step} kernel {fmt(row.get(f'kernel_{step}_s'), ' s')} bpfilter "
                      f"{fmt(row.get(f'bpfilter_{step}_s'), ' s')}" for step in ("again", "changed"))
@@ -559,9 +597,13 @@ def write_md(results, path):
                              f"{ak / max(1.0, b - 30):.0f}x")
         kr, br = hi.get("kernel_restore_s"), hi.get("bpfilter_restore_s")
         if kr and br:
+            ratios = sorted(b / k for k, b in hi.get("restore_samples", ()))
             parts.append(f"restore bpfilter/kernel = {br / kr:.1f}x wall"
                          + (f", {hi['helper_restore_s'] / kr:.1f}x helper-side"
-                            if hi.get("helper_restore_s") else "") + " (goal <= 2)")
+                            if hi.get("helper_restore_s") else "")
+                         + (f" (medians of {len(ratios)} runs; each run's ratio "
+                            f"{ratios[0]:.1f}-{ratios[-1]:.1f})" if len(ratios) > 1 else "")
+                         + " (goal <= 2)")
         for st in ("again", "changed"):
             k, b = hi.get(f"kernel_{st}_s"), hi.get(f"bpfilter_{st}_s")
             if k and b:
