@@ -121,8 +121,11 @@ def test_the_decodes_copy_is_the_spare_block():
 
 
 class _Hdr:
+    """A raw's header of its own: its ip set (model._shared_hdr's, which several raws share,
+    has ip None and is replaced rather than written: test_decode_shared)."""
     def __init__(self, comefrom, pcnt, bcnt):
         self.comefrom, self.pcnt, self.bcnt = comefrom, pcnt, bcnt
+        self.ip = "own"
 
 
 class _Raw:
