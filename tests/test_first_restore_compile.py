@@ -199,6 +199,103 @@ def test_classes_by_pair_are_the_loops(monkeypatch, at):
     assert any(x is not None for x in fast)
 
 
+# ---- classify._pair_numbers: the (template, code) pairs as a byte a key ---------------------
+
+def _chain_keys(rules: list) -> list:
+    from test_classify_fast import _decode
+    from test_compile_util import ACCEPT, RETURN, rule, table
+    got = _decode(table({"FORWARD": (ACCEPT, rules)}, {"u": [rule(RETURN)]})).chain("FORWARD")
+    return got.rules
+
+
+def _pairs_told(lay, keys: list, codes: bytes, ids: bytes) -> None:
+    """ids[i] == ids[j] exactly where keys i and j have one template and one code."""
+    pairs = list(zip(map(lay.cut, keys), codes))
+    first = {}
+    for i, p in enumerate(pairs):
+        first.setdefault(p, i)
+    assert len(ids) == len(keys)
+    assert len(set(ids)) == len(first)
+    assert all(ids[i] == ids[first[p]] for i, p in enumerate(pairs))
+
+
+def _masks_rules(dst_lengths=(32,), src_lengths=range(16, 33)):
+    """Rules of one layout whose source mask is each of src_lengths (/16../32: 17 templates, two
+    mask byte columns of 9 distinct bytes, which with the codes' 2 and the verdict's 2 make a
+    radix past 256: the numbers so far are ranked again), times the destination masks given,
+    with a verdict that changes every 5 rules, and a zero source (another code) every 7."""
+    from test_compile_util import ACCEPT, DROP, rule
+    out = []
+    for d in dst_lengths:
+        for k in src_lengths:
+            for x in range(2):
+                src = "0.0.0.0/%d" % k if (k + x) % 7 == 0 else "%d.0.0.0/%d" % (128 + x, k)
+                out.append(rule(DROP if len(out) // 5 % 2 else ACCEPT, src=src,
+                                dst="10.0.0.0/%d" % d))
+    return out
+
+
+@pytest.mark.parametrize("name", ["templates", "masks", "one_pair", "tcp"])
+def test_pair_numbers_are_the_pairs(name):
+    """_pair_numbers numbers the keys as their (template, code) pairs, whether the keys differ
+    in a few columns (the runs of templates), in many (every mask length, ranked again past a
+    radix of 256), in none but the key fields (one pair) or where the template leaves ports out
+    too (tcp matches); past 256 pairs it declines."""
+    from test_compile_util import ACCEPT, rule, tcp
+    if name == "templates":
+        rules = _runs_of_templates()[:13]
+    elif name == "masks":
+        rules = _chain_keys(_masks_rules())
+    elif name == "one_pair":
+        rules = _chain_keys([rule(ACCEPT, src="10.0.%d.0/24" % k) for k in range(40)])
+    else:
+        rules = _chain_keys([rule(ACCEPT, tcp(dport=(80 + k % 3, 80 + k % 3)), proto=6,
+                                  dst="10.0.0.%d/32" % k) for k in range(30)])
+    keys = [r.cache_key for r in rules]
+    lay = classify._layout(keys[0])
+    codes = classify._layout_codes(lay, keys)
+    assert codes is not None
+    if name == "tcp":
+        assert len(lay.out) == 2            # the addresses and the ports
+    ids = classify._pair_numbers(lay, keys, codes)
+    assert ids is not None
+    _pairs_told(lay, keys, codes, ids)
+    if name == "one_pair":
+        assert len(set(ids)) == 1
+    many = _chain_keys(_masks_rules(range(0, 33, 4), range(33)))       # 33 x 9 templates
+    keys = [r.cache_key for r in many]
+    lay = classify._layout(keys[0])
+    assert classify._pair_numbers(lay, keys, classify._layout_codes(lay, keys)) is None
+
+
+@pytest.mark.parametrize("name", ["masks", "templates"])
+def test_classes_by_number_are_the_loops(monkeypatch, name):
+    """_classes_by_pair through _pair_numbers gives each rule the class the loop gives (the same
+    rule its class's rep) and makes the classes in the loop's order."""
+    rules = _chain_keys(_masks_rules()) if name == "masks" else _runs_of_templates()[:13]
+    keys = [r.cache_key for r in rules]
+    lay = classify._layout(keys[0])
+    codes = classify._layout_codes(lay, keys)
+    at = range(len(keys))
+
+    def reps(by_pair):
+        monkeypatch.setattr(classify, "_CLASSES", {})
+        monkeypatch.setattr(classify, "_classes_by_pair", by_pair)
+        got = classify._classes_coded(lay, keys, codes, rules, at, 8)
+        return [None if c is None else c.rep for c in got], \
+            [c.rep for c in classify._CLASSES.values()]
+
+    called = []
+    real = classify._classes_by_number
+    monkeypatch.setattr(classify, "_classes_by_number",
+                        lambda *a: called.append(1) or real(*a))
+    fast, made = reps(classify._classes_by_pair)
+    assert called, "_classes_by_number not taken"
+    loop, loop_made = reps(lambda *x: None)
+    assert len(fast) == len(keys) and all(x is y for x, y in zip(fast, loop))
+    assert len(made) == len(loop_made) and all(x is y for x, y in zip(made, loop_made))
+
+
 # ---- compile._plain_lands: the walk's new chains and jump sites as C loops ---------------------
 
 def _walk_loops(seen: dict, order: list, found: dict, sites: dict, counts: dict) -> None:
