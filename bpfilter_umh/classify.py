@@ -804,17 +804,11 @@ def _classes_by_pair(lay: _Layout, keys: list, codes: bytes, rules: list, pos):
         # (one code for every key, a blocklist's: the template alone tells the pair)
         tk = ts if one_code else list(zip(ts, codes))
         first = dict(zip(reversed(tk), range(m - 1, -1, -1)))     # pair -> its first index
-    classes, get = _CLASSES, _CLASSES.get
     made = []
     for i in sorted(first.values()):
-        t, code, key = ts[i], codes[i], keys[i]
-        c = get((lay, t, code))
+        c = _pair_class(lay, ts[i], codes[i], keys[i], rules, pos[i])
         if c is None:
-            if code & SLOW_CODE or _layout(key) is not lay:
-                return None
-            r = rules[pos[i]]
-            c = classes[(lay, t, code)] = _Class(r, _rule_facts(r), lay) \
-                if _key_is_rule(r, key, lay) else _Class(None, None, None)
+            return None
         made.append(c)
         if tk is not None:
             first[tk[i]] = c
@@ -827,23 +821,31 @@ def _classes_by_pair(lay: _Layout, keys: list, codes: bytes, rules: list, pos):
     return got
 
 
+def _pair_class(lay: _Layout, t, code: int, key: bytes, rules: list, p: int):
+    """The class of the pair (template t of `lay`, code), made from rules[p] (`key`: its key)
+    when first asked; None where _classes_by_pair declines (a slow code, a key of another
+    layout). Asked once per distinct pair of a chain, not per key."""
+    c = _CLASSES.get((lay, t, code))
+    if c is None:
+        if code & SLOW_CODE or _layout(key) is not lay:
+            return None
+        r = rules[p]
+        c = _CLASSES[(lay, t, code)] = _Class(r, _rule_facts(r), lay) \
+            if _key_is_rule(r, key, lay) else _Class(None, None, None)
+    return c
+
+
 def _classes_by_number(lay: _Layout, keys: list, codes: bytes, rules: list, pos,
                        ids: bytes):
     """_classes_by_pair's answer from the keys' pair numbers (_pair_numbers): each number's
     first key asked in the keys' order (bytes.index), every key then one item of a 256-list
     (itemgetter over the numbers), or None where _classes_by_pair declines."""
-    classes, get = _CLASSES, _CLASSES.get
     got_of = [None] * 256
     firsts = sorted(map(ids.index, _byte_values(ids)))
     for i in firsts:
-        t, code, key = lay.cut(keys[i]), codes[i], keys[i]
-        c = get((lay, t, code))
+        c = _pair_class(lay, lay.cut(keys[i]), codes[i], keys[i], rules, pos[i])
         if c is None:
-            if code & SLOW_CODE or _layout(key) is not lay:
-                return None
-            r = rules[pos[i]]
-            c = classes[(lay, t, code)] = _Class(r, _rule_facts(r), lay) \
-                if _key_is_rule(r, key, lay) else _Class(None, None, None)
+            return None
         got_of[ids[i]] = c if c.rep is not None else None
     if len(firsts) == 1:
         return [got_of[ids[0]]] * len(keys)
