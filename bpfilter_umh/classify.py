@@ -2722,8 +2722,7 @@ def _moved_bodies(cc, run: Run, chain: str, by_k: list, small: int):
         except AttributeError:
             kept.cps = []
     cps, chains = kept.cps, cc.table.chains
-    if kept.span is None:
-        kept.cover()
+    kept.cover()
     span = kept.span
     if span:
         # the case chains are one slice of the table's chains: no None test, min, max and
