@@ -13,8 +13,8 @@ model._hooked_after's list of the built-in chains is the leading range where ipt
 them (_hooked_of), not a comprehension over every chain.
 
 Checked: the kept positions are the rules' own after the restore, their range is found after
-its reply, the append takes the kept bodies through the range and compiles as a cold decode; _cover_of's and _hooked_of's answers
-on the layouts they take and the ones they turn down.
+its reply, the append takes the kept bodies through the range and compiles as a cold decode;
+_cover_of's and _hooked_of's answers on the layouts they take and the ones they turn down.
 """
 import os
 import sys
