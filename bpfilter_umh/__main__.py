@@ -397,13 +397,13 @@ def queue_start_work(dispatcher=None, listen: bool = False):
 
 
 def _first_spare_step():
-    """The first install's counters map (engine.make_first_spare): queued to the engine's
-    worker thread first, so the kernel's allocations (~25 ms at 32 768 entries) run beside the
-    steps below, not inside the first restore."""
+    """The first two installs' counters maps (engine.make_first_spare): queued to the engine's
+    worker thread first, so the kernel's allocations (~25-50 ms each at 32 768 entries) run
+    beside the steps below, not inside the first restore and the command after it."""
     engine = sys.modules.get(__package__ + ".engine")
     if engine is not None and hasattr(engine, "make_first_spare"):
         engine.make_first_spare()
-        log.debug("set up while idle: the first install's counters map (%d entries)",
+        log.debug("set up while idle: the first two installs' counters maps (%d entries each)",
                   engine.first_spare_entries())
     yield
 

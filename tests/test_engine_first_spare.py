@@ -10,8 +10,12 @@ its counters map beside the compile. What must hold:
     first entries + SPARE_SLACK only (_counted), the in-kernel reader included;
   - replaced, it serves a later install again (the helper's recycling, _MapsAgain) like a map
     made for its table;
+  - a second map of its size, made by a thread of its own once the first is made, serves the
+    second install: no counters map is made by the first two installs nor after their replies
+    (the spare made after the first reply cost an append right after a large restore 10-13 ms);
   - a table it does not fit (fewer than SPARE_MIN entries, or more than it has) gets a map of
-    its own, without waiting for the worker, and the spare is closed by the worker;
+    its own, without waiting for the worker, and the spare is closed by the worker, the second
+    by its thread (or never made);
   - a spare the kernel refused leaves the install to make its map, which succeeds;
   - a process exits only once the worker's jobs are over (engine._worker_drained): a helper
     that exited while the worker was still inside the first spare's BPF_MAP_CREATE (libbpf)
@@ -108,14 +112,17 @@ def test_first_install_runs_on_it(sizes, monkeypatch):
     engine.make_first_spare()
     spare = _spare_map()
     spare_id = spare.info()["id"]
+    second = engine._second_spare
+    second_id = second.result().info()["id"]
     made = _made_counters_maps(monkeypatch)
     t1, t2 = _small_tables()
     n1 = engine._entry_count(t1)
     with netns_engine("ifs") as eng:
         eng.install(t1)
         assert made == []                   # no counters map made by the install
-        assert engine._first_spare is None
-        engine.run_after_reply()            # the spare for the next install, the reader
+        assert engine._first_spare is second and engine._second_spare is None
+        engine.run_after_reply()            # the reader (no spare: the second one serves)
+        assert made == [] and eng._spare is None
         cnt = eng._counters_map()
         assert cnt.info()["id"] == spare_id
         assert engine._counted(cnt) == n1 + SLACK
@@ -125,11 +132,16 @@ def test_first_install_runs_on_it(sizes, monkeypatch):
         _count(cnt, 0, 3, 300)
         _count(cnt, n1 - 1, 1, 100)
         assert eng.counters_nonzero() == {0: (3, 300), n1 - 1: (1, 100)}
-        # replaced: its counts are returned, and it is zeroed for a later install
+        # replaced: its counts are returned, and it is zeroed for a later install; the second
+        # install runs on the second spare, and makes no map either
         old = eng.install(t2)
         assert old == [(3, 300)] + [(0, 0)] * (n1 - 2) + [(1, 100)]
+        assert made == [] and engine._first_spare is None
+        assert eng._counters_map().info()["id"] == second_id
+        assert engine._counted(eng._counters_map()) == engine._entry_count(t2) + SLACK
         at = t2.chain("INPUT").rules[-1].index
         eng.add_counters(old[:at] + [(0, 0)] + old[at:])
+        assert eng.counters() == old[:at] + [(0, 0)] + old[at:]
         engine.run_after_reply()
         # the third install recycles it (_MapsAgain: sized by _counted, as a map made for t1)
         eng.install(t1)
@@ -146,15 +158,53 @@ def test_a_table_it_does_not_fit_makes_its_own(sizes, monkeypatch):
     engine.make_first_spare()
     spare = _spare_map()
     made = _made_counters_maps(monkeypatch)
+    second = engine._second_spare
     with netns_engine("ifn") as eng:
         eng.install(t1)
-        assert engine._first_spare is None
+        assert engine._first_spare is None and engine._second_spare is None
         cnt = eng._counters_map()
         assert cnt.max_entries == engine._entry_count(t1) == engine._counted(cnt)
         assert made[:1] == [engine._entry_count(t1)]
         engine._worker(lambda: None).result()     # the worker's jobs before it are over
         assert spare.fd == -1                       # closed by the worker
+        _second_given_up(second)
         engine.run_after_reply()
+
+
+def _second_given_up(second):
+    """The second spare closed by its thread, or never made (its job ended empty)."""
+    t = engine._second_thread
+    if t is not None:
+        t.join(10)
+    assert second.done.is_set() and second.unwanted and second.error is None
+    assert second.value is None or second.value.fd == -1
+
+
+def test_drop_gives_up_both(sizes):
+    engine.make_first_spare()
+    first, second = _spare_map(), engine._second_spare
+    engine.drop_first_spare()
+    assert first.fd == -1
+    assert engine._first_spare is None and engine._second_spare is None
+    _second_given_up(second)
+
+
+def test_a_second_spare_given_up_before_its_thread_is_never_made(sizes, monkeypatch):
+    """The worker starts the second spare's thread after the first spare's job; given up before
+    that (the first install did not fit), it is not made at all."""
+    gate = engine._Job(lambda: None)
+    engine._worker(gate.done.wait)      # the worker waits here, before both spares' jobs
+    made = _made_counters_maps(monkeypatch)
+    try:
+        engine.make_first_spare()
+        second = engine._second_spare
+        engine._give_up_second(second)
+    finally:
+        gate.done.set()
+    engine._worker(lambda: None).result()
+    assert second.done.is_set() and second.value is None
+    assert made == [SPARE]              # the first spare alone
+    _second_given_up(second)
 
 
 def test_a_larger_table_makes_its_own(sizes, monkeypatch):
