@@ -1991,7 +1991,9 @@ def _take_first_spare(entries: int, least: int, slack: int):
     still making it), marked to count and read entries + slack of them (_counted: what a map
     _early_counters_map makes has); None when there is none, it failed, or it does not fit.
     One that does not fit is closed by the worker once it has made it (jobs run in order): a
-    small table's install, which makes its own map in microseconds, does not wait for it."""
+    small table's install, which makes its own map in microseconds, does not wait for it.
+    Taken, it leaves the second spare in its place, for the next install; not taken, the
+    second is given up too."""
     global _first_spare, _second_spare
     job, _first_spare = _first_spare, None
     second, _second_spare = _second_spare, None
