@@ -173,6 +173,7 @@ def test_a_table_it_does_not_fit_makes_its_own(sizes, monkeypatch):
 
 def _second_given_up(second):
     """The second spare closed by its thread, or never made (its job ended empty)."""
+    engine._worker(lambda: None).result()   # the worker has started its thread, or not
     t = engine._second_thread
     if t is not None:
         t.join(10)
