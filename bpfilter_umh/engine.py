@@ -1918,7 +1918,8 @@ def _counted(m) -> int:
 # gives up both.
 FIRST_SPARE_BYTES = 1 << 20
 FIRST_SPARE_MAX = 32768
-_first_spare = None         # the worker's _Job making it, until an install takes or closes it
+_first_spare = None         # the worker's _Job making it, until an install takes or closes it;
+                            # then the second spare's, for the install after the first
 _second_spare = None        # the _Job making the second, until the first is taken or given up
 _second_thread = None       # the thread that makes it (an exit waits for it: _worker_drained)
 _spare_lock = threading.Lock()      # a second spare given up is closed once, by one thread
