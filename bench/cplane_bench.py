@@ -38,9 +38,23 @@ changes; median over the appends, (min-max)):
   after      the work the helper leaves for after its reply (engine.AFTER_REPLY, where the tree
              has it: the GC pass and gc.freeze, freeing the replaced table), not in total
 
+--floors adds, per shape, what a cold restore's decode costs at the least, beside its phases (ms,
+the best of 5; issue #7: the restore's 2x asks the helper to answer in about the binary's own
+parse time, bench/results.md):
+  objects    one _TRaw, IpHeader, IPv4Address and Rule an entry with every field set once, the
+             entry's key and matches list: what model._run_raws and _made_strided make of a
+             blocklist entry, nothing else done; the floor of any decode that makes them
+  columns    where the largest chain is one run of equal-size entries that differ only in the
+             source prefix (and verdict, comefrom, counters): every entry checked against the
+             first and the sources and masks read as byte columns, the prefix codes made, and the
+             trie's entries (classify._lpm_columns, the compiler's own): a decode that makes no
+             object per entry, up to what the kernel needs
+  fill       those entries into a new LPM trie (engine._fill: one BPF_MAP_UPDATE_BATCH)
+
     python3 bench/cplane_bench.py [--shapes blocklist,fanout] [--n 10000] [--appends 3]
                                   [--pkg DIR]     (import bpfilter_umh from DIR: compare trees)
                                   [--to-input]    (FORWARD rules on INPUT, as ruleset_bench.py)
+                                  [--floors]
 Needs root. Touches only the namespaces it creates and removes (the engine is flushed first).
 """
 from __future__ import annotations
@@ -50,6 +64,7 @@ import ctypes
 import functools
 import os
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -297,6 +312,152 @@ def run_shape(shape: str, n: int, appends: int, to_input: bool = False) -> dict:
     return rows
 
 
+# ---- --floors: what a cold restore's decode costs at the least -----------------------------------
+
+FLOOR_RUNS = 5
+
+
+def _best_ms(fn, runs: int = FLOOR_RUNS) -> float:
+    """The best wall time of fn() in ms, with no GC pass (as the helper serves a request)."""
+    import gc
+    best = None
+    for _ in range(runs):
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            got = fn()
+            t = (time.perf_counter() - t0) * 1e3
+        finally:
+            gc.enable()
+        del got
+        best = t if best is None else min(best, t)
+    return best
+
+
+def _objects_maker():
+    """make(n, heads, tail) -> the objects of n entries as the decode makes a blocklist's: the
+    loop written out from the classes' own fields (each a STORE_ATTR, as in model.py's loops)."""
+    import dataclasses
+    import ipaddress
+    from bpfilter_umh import model
+    ip_f = [f.name for f in dataclasses.fields(model.IpHeader)]
+    rule_f = [f.name for f in dataclasses.fields(model.Rule)]
+    raw_f = [f for f in model._TRaw.__slots__ if f not in ("ip", "key")]
+    body = ["def make(n, heads, tail):", "    out = []", "    put = out.append",
+            "    for i in range(n):", "        key = heads[i] + tail", "        a = new(V4)",
+            "        a._ip = i", "        ip = new(Ip)"]
+    body += [f"        ip.{f} = a" for f in ip_f]
+    body += ["        r = Raw()", "        r.ip = ip", "        r.key = key"]
+    body += [f"        r.{f} = None" for f in raw_f]
+    body += ["        rule = new(Rule)"]
+    body += [f"        rule.{f} = " + {"ip": "ip", "matches": "[]"}.get(f, "0") for f in rule_f]
+    body += ["        rule.cache_key = key", "        put((r, rule))", "    return out"]
+    scope = dict(new=object.__new__, V4=ipaddress.IPv4Address, Ip=model.IpHeader,
+                 Raw=model._TRaw, Rule=model.Rule)
+    exec("\n".join(body), scope)        # noqa: S102 - the bench's own text
+    return scope["make"]
+
+
+def objects_floor(n: int) -> float:
+    make = _objects_maker()
+    heads = [bytes(84) + i.to_bytes(8, "little") for i in range(n)]
+    tail = bytes(60)
+    return _best_ms(lambda: make(n, heads, tail))
+
+
+def _prefix_run(info, blob: bytes):
+    """(offset, entry size, count) of the largest built-in chain's rules where they hold most of
+    the table's entries and are one run of equal-size IPv4 entries that differ from the first
+    only in the source address and mask, the standard verdict, comefrom and the counters (read
+    by columns_floor); else None."""
+    from bpfilter_umh import model
+    cf, _cnt, end = model._VOLATILE[AF_INET]
+    spans = [(info.underflow[h] - info.hook_entry[h], info.hook_entry[h])
+             for h in range(5) if info.valid_hooks >> h & 1]
+    size, lo = max(spans)
+    if size <= 0:
+        return None
+    es = int.from_bytes(blob[lo + cf - 2:lo + cf], "little")
+    if es % 8 or size % es or es != end + 40 or 2 * (size // es) < info.num_entries:
+        return None                                 # (es: ipt_entry + xt_standard_target)
+    return lo, es, size // es
+
+
+def columns_floor(info, blob: bytes):
+    """(ms, trie entries) of the columnar read of _prefix_run's entries, or None."""
+    from array import array
+    from itertools import repeat
+    from operator import lshift, or_
+    from bpfilter_umh import classify, model
+    run = _prefix_run(info, blob)
+    if run is None:
+        return None
+    lo, es, n = run
+    cf, _cnt, end = model._VOLATILE[AF_INET]
+    verdict = end + 32                              # xt_standard_target's int after its header
+    out = {}
+
+    def read():
+        b = bytearray(blob[lo:lo + n * es])
+        w = memoryview(b).cast("I")
+        per = es // 4
+        src, msk, vd = (w[o // 4::per].tobytes() for o in (0, 8, verdict))
+        zeros = array("I", bytes(4 * n))
+        for o in (0, 8, verdict, *range(cf, end, 4)):
+            w[o // 4::per] = zeros
+        tpl = b[:es]
+        if b != tpl * n:
+            out["ok"] = False
+            return
+        s, m = array("I", src), array("I", msk)
+        s.byteswap()
+        m.byteswap()
+        codes = array("Q", map(or_, map(lshift, s, repeat(8)), map(classify._PLEN.get, m)))
+        keys, bests = classify._lpm_columns(None, range(n), "src", codes=codes)
+        v = array("i", vd)
+        col = array("I", bytes(8 * len(bests)))
+        col[0::2] = array("I", bests)
+        col[1::2] = array("I", [v[i] & 0xff for i in bests])
+        out["ok"] = True
+        out["entries"] = list(zip(keys, struct.Struct("8s" * len(bests)).unpack(col.tobytes())))
+    ms = _best_ms(read)
+    return (ms, out["entries"]) if out.get("ok") else None
+
+
+def fill_floor(entries: list) -> float:
+    """ms of engine._fill of `entries` into a new LPM trie (this thread's namespace)."""
+    from bpfilter_umh import engine
+    from bpfilter_umh import kernel as K
+    best = None
+    for _ in range(FLOOR_RUNS):
+        m = K.Map.create(K.BPF_MAP_TYPE_LPM_TRIE, 8, 8, len(entries), name="bpfilter_floor",
+                         flags=K.BPF_F_NO_PREALLOC)
+        try:
+            t0 = time.perf_counter()
+            engine._fill(m, entries)
+            t = (time.perf_counter() - t0) * 1e3
+        finally:
+            m.close()
+        best = t if best is None else min(best, t)
+    return best
+
+
+def floors(shape: str, n: int) -> dict:
+    """The --floors row of a shape (ms; None where it does not apply)."""
+    import rulesets
+    from nsutil import Netns
+    info, blob = kernel_blobs(rulesets.make(shape, n).text, 0)[0]
+    out = {"entries": info.num_entries, "objects": objects_floor(info.num_entries),
+           "columns": None, "fill": None}
+    got = columns_floor(info, restore_blob(blob))
+    if got is not None:
+        out["columns"] = got[0]
+        with Netns("cf") as ns, ns.inside():
+            out["fill"] = fill_floor(got[1])
+    return out
+
+
 def _cell(vals) -> str:
     med = statistics.median(vals)
     lo, hi = min(vals), max(vals)
@@ -313,6 +474,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pkg", default=None, help="directory holding the bpfilter_umh to measure")
     ap.add_argument("--to-input", action="store_true",
                     help="the shape's FORWARD rules on INPUT, where the appends go")
+    ap.add_argument("--floors", action="store_true",
+                    help="what a cold restore's decode costs at the least, per shape")
     a = ap.parse_args(argv)
     _setup_path(a.pkg)
     import bpfilter_umh
@@ -343,6 +506,15 @@ def main(argv=None) -> int:
             if rows[step]:
                 print(f"| {shape} | {step} | " + " | ".join(
                     _cell([r[p] for r in rows[step]]) for p in PHASES) + " |", flush=True)
+    if a.floors:
+        print(f"\n# floors: ms, the best of {FLOOR_RUNS}; n/a: not one prefix run")
+        print("| shape | entries | objects | columns | fill |")
+        print("|---|---|---|---|---|", flush=True)
+        for shape in a.shapes.split(","):
+            f = floors(shape, a.n)
+            print(f"| {shape} | {f['entries']} | " + " | ".join(
+                "n/a" if f[k] is None else f"{f[k]:.1f}" for k in ("objects", "columns", "fill"))
+                + " |", flush=True)
     return 0
 
 

@@ -1754,21 +1754,32 @@ def _raw_at(raws, off: int):
 #   - tcp/udp ports: tcp_mt_check()/udp_mt_check() read only invflags; xt_check_match() the
 #     protocol (ipt_ip, in the template) and the payload size
 #   - a jump's verdict: verdict_ok() for any verdict > 0 (an entry with another is no hit)
+#   - a standard verdict (ACCEPT, DROP, QUEUE, RETURN) of a conditional entry without
+#     tcp/udp ports (_VERDICT): verdict_ok() per entry, a verdict < 0, and the entry not
+#     unconditional() (its addresses not all zero where nothing else makes it conditional),
+#     so every entry of the template goes on to the next one in mark_source_chains(),
+#     whatever its verdict. A blocklist's DROP and ACCEPT entries are one template, so one run
+#     (_walk_run), not a run of DROPs broken at each ACCEPT (its 83 ACCEPTs: a cold decode of
+#     10 000 entries 5 ms longer than with none). An unconditional one (a policy, a `-j DROP`)
+#     has its verdict in its template, which takes unconditional entries only (_TERM): a
+#     fan-out's service chains stay a cycle of four templates (ERROR head, rule, DROP,
+#     RETURN), and every entry has one template it can be read by, whichever path reads it
 #   - an ERROR entry's errorname: error_tg_ok() wants a NUL in it (per entry; no hit without)
 # {(kind, name, revision): (start, end)} of the payload bytes a template leaves to its entries:
 # xt_tcp's and xt_udp's spts[2], dpts[2] (u16, host order), which _find_check reads per entry
 _KEY_FIELDS = {(ext.MATCH, b"tcp", 0): (0, 8), (ext.MATCH, b"udp", 0): (0, 8)}
-_JUMP, _ERRNAME = 1, 2          # _Template.tvar: the target's own field
+_JUMP, _ERRNAME, _VERDICT = 1, 2, 3      # _Template.tvar: the target's own field,
+_TERM = 4                       # or none but the entries' addresses all zero (see above)
 TEMPLATES = True                # False: every entry walked in full (tests compare the two)
 
 
 class _Template:
     """Entries equal but for their key fields (see above). `first`: the raw entry walked in
     full; `mvar`: (match index, start, end) of each match payload the entry brings, `mext`
-    their extensions; `tvar`: 0, _JUMP or _ERRNAME; `uncond`: the first entry's ipt_ip is
-    zero outside the addresses and it has no matches (unconditional() then depends on the
-    addresses alone); `ip`, `hdr`: the first entry's IpHeader fields after the addresses and
-    its header fields (nfcache, target_offset, next_offset, pad)."""
+    their extensions; `tvar`: 0, _JUMP, _ERRNAME, _VERDICT or _TERM; `uncond`: the first
+    entry's ipt_ip is zero outside the addresses and it has no matches (unconditional() then
+    depends on the addresses alone); `ip`, `hdr`: the first entry's IpHeader fields after the
+    addresses and its header fields (nfcache, target_offset, next_offset, pad)."""
     __slots__ = ("first", "mvar", "mext", "tvar", "uncond", "ip", "hdr", "built", "mbase",
                  "tbase", "addrs", "segs", "after")
 
@@ -1807,9 +1818,10 @@ class _TRaw:
 
 def _add_template(heads: dict, r, e: bytes, family: int, ipsz: int):
     """Make raw entry r (walked in full, bytes e) the first of a template in `heads`
-    ({bytes after the addresses up to comefrom: [(fixed, {fixed bytes: _Template}, cuts)]};
-    `fixed` an itemgetter of the bytes a template holds, one per way of cutting). Returns the
-    template of e's fixed bytes (r's, or one made before with those)."""
+    ({bytes after the addresses up to comefrom: [(fixed, {fixed bytes: _Template}, (cuts,
+    tvar))]}; `fixed` an itemgetter of the bytes a template holds, one per way of cutting and
+    kind of target field). Returns the template of e's fixed bytes (r's, or one made before
+    with those)."""
     cf, cnt, end = _VOLATILE[family]
     a = _ADDR_SPLIT[family].size
     cuts = []                   # (start, end) of the bytes left to each entry, in order
@@ -1839,6 +1851,12 @@ def _add_template(heads: dict, r, e: bytes, family: int, ipsz: int):
             and not any(r.tpayload[uapi.XT_FUNCTION_MAXNAMELEN:]):
         tvar = _ERRNAME
         cuts.append((toff + 32, toff + 32 + uapi.XT_FUNCTION_MAXNAMELEN))
+    elif r.std and r.verdict < 0 and not mvar:
+        if r.uncond:
+            tvar = _TERM
+        else:
+            tvar = _VERDICT
+            cuts.append((toff + 32, toff + 36))
     # the fixed bytes: after the addresses, comefrom and the counters skipped, key fields cut
     parts, at = [slice(a, cf)], end
     if cnt > cf + 4:
@@ -1851,7 +1869,10 @@ def _add_template(heads: dict, r, e: bytes, family: int, ipsz: int):
     segs = tuple((e[p], p.start) for p in parts if p.stop > p.start)
     t = _Template(r, tuple(mvar), tuple(mext), tvar, uncond, e[:a], segs)
     lays = heads.setdefault(e[a:cf], [])
-    cuts = tuple(cuts)
+    # (a jump's and a standard verdict's templates cut the same bytes: the kind tells their
+    # templates apart, which would otherwise share one dict, the first one made answering
+    # for the entries of both)
+    cuts = (tuple(cuts), tvar)
     for fixed, ts, c in lays:
         if c == cuts:
             return ts.setdefault(fixed(e), t)
@@ -1893,8 +1914,10 @@ def _unlink_templates(heads: dict) -> None:
 def _own_fields(t, e: bytes):
     """(verdict, target payload) of entry bytes e, read by template t (its fixed bytes
     matched), or None where e's own fields fail a check t's first entry passed: a jump's
-    verdict must be > 0 (<= 0 is another template's, or fails verdict_ok()), an ERROR
-    target's name NUL-terminated (error_tg_ok(); the full walk then says where)."""
+    verdict must be > 0 (<= 0 is another template's, or fails verdict_ok()), a standard
+    verdict < 0 and verdict_ok() on a conditional entry, an unconditional entry's addresses
+    all zero, an ERROR target's name NUL-terminated (error_tg_ok(); the full walk then says
+    where)."""
     f = t.first
     tv = t.tvar
     if tv == _JUMP:
@@ -1903,11 +1926,18 @@ def _own_fields(t, e: bytes):
     if tv == _ERRNAME:
         tp = e[t.hdr[1] + 32:t.hdr[1] + f.tsize]
         return (f.verdict, tp) if b"\0" in tp[:uapi.XT_FUNCTION_MAXNAMELEN] else None
+    if tv == _VERDICT:
+        v = _NEG_VERDICTS.get(e[-8:-4])
+        if v is None or t.uncond and not any(e[:len(t.addrs)]):
+            return None             # (unconditional: a _TERM template's)
+        return v, f.tpayload
+    if tv == _TERM and any(e[:len(t.addrs)]):
+        return None                 # (conditional: a _VERDICT template's)
     return f.verdict, f.tpayload
 
 
 # ---- runs (issue #7: a restore's 10 000 entries are long runs of one template) ------------
-# A blocklist's entries are runs of one template (60 on average between its ACCEPTs), a
+# A blocklist's entries are one run of one template (its DROPs and ACCEPTs: _VERDICT), a
 # fan-out's service chains a cycle of four (ERROR head, rule, DROP, RETURN) and its hub a run
 # of jumps. Every entry of such a run is a guess hit (_walk_entries): the templates it goes
 # through are fixed by the links (t.after) the walk made, so the entries sit at a fixed
@@ -1925,6 +1955,7 @@ RUN_MOST = 1024
 _RUN_CYCLE = 8      # templates of a cycle at most
 _WORDS = {8: "Q", 4: "I", 2: "H", 1: "B"}
 _FIXED_TAIL, _JUMP_TAIL, _OWN_TAIL = 0, 1, 2    # _RunPlan.reads: what a row's 5th value is
+_VERDICT_TAIL = 3                               # (a standard verdict's 4 bytes)
 
 
 def _run_cycle(t):
@@ -1976,9 +2007,10 @@ class _RunPlan:
     of the entries' own bytes, in a view of that width), `reads` ((template, offset in the
     period, struct of one period, kind, addresses struct) per template: the struct reads
     (entry bytes up to comefrom, comefrom, pcnt, bcnt, x, verdict, pad): x is b""
-    (_FIXED_TAIL, _JUMP_TAIL) or the bytes after the counters (_OWN_TAIL: key fields there)
-    up to a jump's verdict, which is read apart with the 4 bytes after it (_JUMP_TAIL, a
-    jump with key fields), b"" where there is none; the addresses struct reads the entry's
+    (_FIXED_TAIL, _JUMP_TAIL, _VERDICT_TAIL) or the bytes after the counters (_OWN_TAIL: key
+    fields there) up to a jump's verdict, which is read apart with the 4 bytes after it
+    (_JUMP_TAIL, a jump with key fields), b"" where there is none; a _VERDICT template's
+    verdict is read as its 4 bytes (_VERDICT_TAIL); the addresses struct reads the entry's
     four addresses (src, dst, smsk, dmsk) as _run_addresses keys them: big-endian ints
     (IPv4), 16 bytes each (IPv6)."""
     __slots__ = ("period", "fixed", "cols", "reads")
@@ -2010,6 +2042,8 @@ def _run_plan(cyc, family: int):
             tail, kind = f"{n - end}s0s0s", _OWN_TAIL
         elif t.tvar == _JUMP:
             tail, kind = f"{n - end - 8}x0si4x0s", _JUMP_TAIL
+        elif t.tvar == _VERDICT:
+            tail, kind = f"{n - end - 8}x0s4s4x0s", _VERDICT_TAIL
         else:
             tail, kind = f"{n - end}x0s0s0s", _FIXED_TAIL
         reads.append((t, p, struct.Struct(f"={p}x{cf}sI{gap}QQ{tail}{size - p - n}x"), kind,
@@ -2078,12 +2112,13 @@ def _run_raws(t, rows, addrs, off: int, step: int, kind: int, family: int, rep: 
     addresses read from its row where needed); the first at offset `off`, then every `step`
     bytes, as the per-entry path makes a guess hit's; stops before the first whose own fields
     fail (_own_fields). `kind`: what a row's x, verdict, pad are: nothing (_FIXED_TAIL), a
-    jump's verdict (_JUMP_TAIL), or the bytes after the counters, which hold key fields
-    (_OWN_TAIL: a match's ports, an errorname), up to a jump's verdict and the 4 bytes after
-    it where it has one. `rep`: the first two rows have the same bytes up to comefrom
-    (below: an entry like the one before shares its key and IpHeader; not tried otherwise,
-    a blocklist's entries never are). `counted` (a list): the offset of each entry read with
-    comefrom or a counter not zero is appended (_WalkRun.zero)."""
+    jump's verdict (_JUMP_TAIL), a standard verdict's bytes (_VERDICT_TAIL), or the bytes
+    after the counters, which hold key fields (_OWN_TAIL: a match's ports, an errorname), up
+    to a jump's verdict and the 4 bytes after it where it has one. `rep`: the first two rows
+    have the same bytes up to comefrom (below: an entry like the one before shares its key
+    and IpHeader; not tried otherwise, a blocklist's entries never are). `counted` (a list):
+    the offset of each entry read with comefrom or a counter not zero is appended
+    (_WalkRun.zero)."""
     cf, cnt, end = _VOLATILE[family]
     f = t.first
     fip, taddrs, tip = f.ip, t.addrs, t.ip
@@ -2095,6 +2130,17 @@ def _run_raws(t, rows, addrs, off: int, step: int, kind: int, family: int, rep: 
     uncond_t, own = t.uncond, kind == _OWN_TAIL
     jump = kind == _JUMP_TAIL or own and t.tvar == _JUMP
     errname = own and t.tvar == _ERRNAME
+    # a _VERDICT template's key after the entry's first cf bytes, by verdict: the template's
+    # with the verdict's bytes in place (one lookup and one concatenation an entry, as the
+    # template's own tail is)
+    # (its target payload stays the first entry's, as a jump's does: a standard target is
+    # made of the verdict)
+    verd = kind == _VERDICT_TAIL
+    if verd:
+        at = cnt - cf - 4 + nxt - end - 8       # the verdict in the key's tail (ctail below)
+        tails = {b: f.key[cf:cf + at] + b + f.key[cf + at + 4:] for b in _NEG_VERDICTS}
+        negv = _NEG_VERDICTS.get
+    term = t.tvar == _TERM
     mvar = [(k, lo - end, hi - end) for k, lo, hi in t.mvar] if own else ()
     tlo, thi, nlen = toff + 32 - end, toff + tsize - end, uapi.XT_FUNCTION_MAXNAMELEN
     new, (split, addr, mk) = object.__new__, _run_addresses(family)
@@ -2117,11 +2163,10 @@ def _run_raws(t, rows, addrs, off: int, step: int, kind: int, family: int, rep: 
     # with the same bytes there (a fan-out's 3 333 DROP, ACCEPT and RETURN entries each) has
     # the same key object (no copy of ~160 bytes, nor its hash: bytes keep theirs, and an
     # _ENTRY_CACHE lookup of the same object compares no bytes) and shares the IpHeader (as
-    # one with the first entry's addresses does: nothing edits a walk's headers; a fan-out's
-    # "-s 192.0.2.0/27 -j ACCEPT" are a template whose first entry is a built-in chain's
-    # policy, no addresses: one IpHeader each before). Only where `rep` (never for own key
-    # fields): a blocklist's run pays no compare
-    lhead = lkey = lip = lun = None
+    # one with the first entry's addresses does: nothing edits a walk's headers). Only where
+    # `rep` (never for own key fields but a standard verdict, compared too): a blocklist's
+    # run pays no compare
+    lhead = lkey = lip = lun = lvx = None
     v, tp, ms = v0, tp0, ms0
     out = []
     put = out.append
@@ -2151,6 +2196,15 @@ def _run_raws(t, rows, addrs, off: int, step: int, kind: int, family: int, rep: 
                 for k, lo, hi in mvar:
                     m = ms[k]
                     ms[k] = (m[0], m[1], x[lo:hi], m[3])
+        elif verd:
+            v = negv(vx)
+            if v is None:
+                break               # (_own_fields: no hit)
+            if rep and head == lhead and vx == lvx:
+                key = lkey          # (a user chain's `-s X -j ACCEPT` in each of 3 333)
+            else:
+                key = head + tails[vx]
+                lvx = vx
         else:
             if jump:
                 if vx <= 0:
@@ -2169,6 +2223,8 @@ def _run_raws(t, rows, addrs, off: int, step: int, kind: int, family: int, rep: 
                 a4 = split(head)
             if a4 == taddrs:
                 r.ip = ip = fip
+            elif term:
+                break               # (a conditional entry: a _VERDICT template's)
             else:
                 ip = r.ip = new(IpHeader)
                 s_, d_, sm, dm = a4
@@ -2203,6 +2259,8 @@ def _run_raws(t, rows, addrs, off: int, step: int, kind: int, family: int, rep: 
                 (ip.iniface, ip.outiface, ip.iniface_mask, ip.outiface_mask, ip.proto,
                  ip.flags, ip.invflags, ip.tos, ip.pad) = tip
             r.uncond = un = uncond_t and a4 == zero_a
+            if un and verd:
+                break               # (unconditional: a _TERM template's)
             if rep:
                 lhead = head
                 lkey = key
@@ -2352,8 +2410,9 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
     plans = {}                              # _RunPlan by cycle of templates, this walk
     # {template a run was read from: its cycle then}, where the last run tried from it read
     # something: an entry whose next template is one of them, with the same cycle again, tries
-    # the run at once. A blocklist's ACCEPT breaks its run of DROPs, and the DROPs after it
-    # took 7 entries of the per-entry path each time (relinking, then RUN_AFTER guess hits)
+    # the run at once. An entry of another template breaks a run (a udp ACCEPT among a
+    # blocklist's DROPs), and the DROPs after it took 7 entries of the per-entry path each
+    # time (relinking, then RUN_AFTER guess hits)
     ran = {}
     limit = size if stop is None else min(size, stop)
     while off < size and (stop is None or off < stop):
@@ -2454,10 +2513,10 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                 was = None
                 if back is not None and not _same_cycle(nt, back):
                     # the guesses go on into a run read before whose links the entry that
-                    # broke it changed (a blocklist's ACCEPT relinked DROP.after to itself):
-                    # the links as that run read them, and the run at once (the links set
-                    # back where it reads nothing). The DROPs after each ACCEPT took the
-                    # per-entry path until a wrong guess relinked them
+                    # broke it changed (a udp ACCEPT among DROPs relinked DROP.after to
+                    # itself): the links as that run read them, and the run at once (the
+                    # links set back where it reads nothing). The DROPs after each ACCEPT
+                    # took the per-entry path until a wrong guess relinked them
                     was = _relink(back)
                 if streak >= need or back is not None:
                     # the guesses have hit a few times in a row, or go on into a run read
@@ -2467,7 +2526,14 @@ def _walk_entries(blob: bytes, lay, underflow, valid_hooks, off: int, stop, head
                     run = _walk_run(blob, nt, off, limit, plans, family)
                     if run is not None:
                         need = RUN_AFTER
-                        ran[nt] = run[1]
+                        if len(run[0]) > len(run[1]):
+                            ran[nt] = run[1]
+                        else:
+                            # one period: the template ends no run here; remembered, every
+                            # entry going into it would try that run again at once (a
+                            # blocklist's DROP and ACCEPT template is also each user chain's
+                            # `-s X -j ACCEPT`, in a cycle of its own there)
+                            ran.pop(nt, None)
                     else:
                         ran.pop(nt, None)
                         if was is not None:
@@ -2940,6 +3006,12 @@ def _verdict_ok(v: int) -> bool:
     return False
 
 
+# {a standard verdict's bytes: the verdict} of the verdicts < 0 verdict_ok() takes: what a
+# _VERDICT template's entry may have (one lookup reads and checks it)
+_NEG_VERDICTS = {v.to_bytes(4, "little", signed=True): v for v in range(-NF_REPEAT - 2, 0)
+                 if _verdict_ok(v)}
+
+
 def _payload_data(e, payload: bytes, decoded, to_user: bool):
     """(data, raw) of one extension payload; `decoded` is what _find_check() already parsed.
     With to_user, the payload as xt_data_to_user() shows it (zeros after usersize)."""
@@ -3247,13 +3319,13 @@ class _Memo:
     def _scan_run(mid, run, first: int, offs: list, kinds, tn: dict, mn: dict) -> None:
         """_scan_entries of the entries of a run (mid[run.lo:run.hi]): each entry's target
         name, match names, std and the sign of its verdict are its template's first entry's
-        (_run_raws: a jump's own verdict is > 0, as the first's); whether it is
-        unconditional depends on its own addresses too, read per entry only for a template
-        whose other fields allow it (t.uncond). Work per template, the lists made in C."""
+        (_run_raws: a jump's own verdict is > 0, as the first's, a _VERDICT entry's < 0), and
+        so is whether it is an unconditional standard verdict: a _TERM template's entries
+        all are, no other template's entry is (_add_template, _own_fields). Work per
+        template, the lists made in C."""
         lo, hi, cyc = run.lo, run.hi, run.cyc
         n = len(cyc)
         k = (hi - lo) // n
-        ents = mid[lo:hi]
         # template q's entries sit every period from its offset in the first period
         size = sum(t.hdr[2] for t in cyc)
         p, firsts = run.base, []
@@ -3271,7 +3343,7 @@ class _Memo:
             if f.std:
                 if f.verdict >= 0:
                     jq.append(q)
-                elif t.uncond:
+                elif t.tvar == _TERM:
                     tq.append(q)
             elif tname.split(b"\0", 1)[0] == b"ERROR":
                 eq.append(q)
@@ -3280,24 +3352,7 @@ class _Memo:
         at = first + lo
         jumps += _interleaved([range(at + q, first + hi, n) for q in jq])
         errs += _interleaved([range(at + q, first + hi, n) for q in eq])
-        if tq:
-            # unconditional where its addresses are zero: all, or those that are
-            each = []
-            for q in tq:
-                # (a comprehension, not map(attrgetter): its getattr is not specialized to
-                # the slots, ~2x the time)
-                un = [r.uncond for r in ents[q::n]]
-                r = range(at + q, first + hi, n)
-                if all(un):
-                    each.append(r)
-                elif any(un):
-                    each.append(list(itertools.compress(r, un)))
-            if not each:
-                pass
-            elif all(type(r) is range for r in each):
-                terms += _interleaved(each)
-            else:
-                terms += sorted(itertools.chain.from_iterable(each))
+        terms += _interleaved([range(at + q, first + hi, n) for q in tq])
 
     @staticmethod
     def _scan_entries(mid, first: int, offs: list, kinds, tn: dict, mn: dict,
@@ -4253,10 +4308,13 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                     if b is not None and c is not None:
                         c.built_norm = b
                 if b is not None:
+                    tgt = fv if fv is not None else b[1]
+                    if tgt is _EACH:
+                        tgt = verdicts.get(r.verdict) or _shared_verdict(verdicts, r.verdict)
                     rule = new(Rule)
                     rule.ip = r.ip
                     rule.matches = [*b[0]]
-                    rule.target = fv if fv is not None else b[1]
+                    rule.target = tgt
                     rule.counters = zero
                     rule.index = i
                     rule.offset = r.off
@@ -4477,8 +4535,12 @@ def _made_strided(raws, rules: list, comefrom: list, strided, plain: dict, owned
                 same, fv, nfcache, tail, pad = p
                 ms0 = same[0]
                 tgt = fv if fv is not None else same[1]
+                each = tgt is _EACH
+                vget = verdicts.get
                 for i, r, cf in zip(idx, raws[s:b:per], comefrom[s:b:per]):
                     r.built_norm = same
+                    if each:
+                        tgt = vget(r.verdict) or _shared_verdict(verdicts, r.verdict)
                     rule = new(Rule)
                     rule.ip = r.ip
                     rule.matches = [*ms0]
@@ -4586,25 +4648,40 @@ def _seeded(t, r, token, to_user: bool, six: bool):
 
 
 def _plain_template(t) -> bool:
-    """Whether every entry of template t has the same target: no jump offset or errorname
-    of its own (tvar), and its first entry's standard target a verdict (a jump fixed in the
-    template's bytes gets a Jump of its own per entry, resolved in place)."""
+    """Whether every entry of template t has the template's target but for a standard
+    verdict of its own (_VERDICT): no jump offset or errorname of its own (tvar), and its
+    first entry's standard target a verdict (a jump fixed in the template's bytes gets a
+    Jump of its own per entry, resolved in place)."""
     f = t.first
-    return not t.tvar and not t.mvar and (not f.std or f.verdict < 0)
+    return t.tvar in (0, _VERDICT, _TERM) and not t.mvar and (not f.std or f.verdict < 0)
+
+
+# _plain_parts' target of a _VERDICT template: each entry's own verdict's Verdict
+_EACH = object()
+
+
+def _shared_verdict(verdicts: dict, v: int):
+    """The Verdict of verdict v in `verdicts` (a read-only table's: one per verdict), made
+    there if missing."""
+    tgt = verdicts.get(v)
+    if tgt is None:
+        tgt = verdicts[v] = object.__new__(Verdict)
+        tgt.verdict = v
+    return tgt
 
 
 def _plain_parts(t, r, token, verdicts: dict, nfcache: int, tail: int, pad: bytes):
     """_make_rules' entry of `plain` for template t (None where it is not _plain_template),
-    made at its entry r: the target (a Verdict, shared in `verdicts`) is the template's, and
-    the header fields (nfcache, tail, pad) are those of every entry of t."""
+    made at its entry r: the target (a Verdict, shared in `verdicts`) is the template's
+    (_EACH: the entry's own verdict's), and the header fields (nfcache, tail, pad) are those
+    of every entry of t."""
     if not _plain_template(t):
         return None
     fv = None
-    if r.std:
-        fv = verdicts.get(r.verdict)
-        if fv is None:
-            fv = verdicts[r.verdict] = object.__new__(Verdict)
-            fv.verdict = r.verdict
+    if t.tvar == _VERDICT:
+        fv = _EACH
+    elif r.std:
+        fv = _shared_verdict(verdicts, r.verdict)
     tb = t.built
     return (tb.same if tb is not None and tb.token is token else None, fv, nfcache, tail, pad)
 

@@ -12,6 +12,7 @@ by), and refuse exactly what the full walk refuses (errno and message), for
   - an underflow inside a run (check_underflow()).
 """
 import copy
+import errno
 import ipaddress
 import random
 
@@ -54,8 +55,9 @@ def _hdr(family, src=None, dst=None, proto=0):
 
 
 def run_table(family: int, n: int = N) -> Table:
-    """INPUT: n source prefixes dropped (one in 17 accepted: another template), then n
-    unconditional DROPs (the same template, addresses all zero); FORWARD: n jumps to user
+    """INPUT: n source prefixes dropped (one in 17 accepted: the same template, the verdict
+    its own), then n unconditional DROPs (another template: addresses all zero); FORWARD: n
+    jumps to user
     chains, then n jumps with tcp ports (a fan-out's hub); OUTPUT: n udp ports; user chains
     u0.. (ERROR head, a rule, RETURN: a cycle of three templates)."""
     t = copy.deepcopy(Table.empty("filter", family))
@@ -374,19 +376,21 @@ def test_no_run_from_a_template_nothing_followed(family, monkeypatch, small_chun
 
 @pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
 def test_a_run_broken_by_another_template_goes_on_at_once(family, monkeypatch, small_chunks):
-    """A blocklist's DROPs with an ACCEPT every 17 entries: after each ACCEPT the run of
-    DROPs (its cycle read before, and the same again) is tried as soon as the links lead
-    back into it, not after RUN_AFTER guess hits. After the first ACCEPT, the ACCEPT and the
-    two DROPs after it (looked up, their links set anew) take the per-entry path; after
-    each later one, the ACCEPT alone: it leads to the DROPs (ACCEPT.after), whose run's
-    links (DROP.after, which the ACCEPT's lookup set to the ACCEPT) are set back as the run
-    read them (model._relink) and the run read from the next entry on. The walks still
+    """A blocklist's DROPs with a udp ACCEPT (another template: an ACCEPT of the DROPs' shape
+    is theirs, test_verdicts_of_one_shape_are_one_run) every 17 entries: after each ACCEPT
+    the run of DROPs (its cycle read before, and the same again) is tried as soon as the
+    links lead back into it, not after RUN_AFTER guess hits. After the first ACCEPT, the
+    ACCEPT and the two DROPs after it (looked up, their links set anew) take the per-entry
+    path; after each later one, the ACCEPT alone: it leads to the DROPs (ACCEPT.after), whose
+    run's links (DROP.after, which the ACCEPT's lookup set to the ACCEPT) are set back as the
+    run read them (model._relink) and the run read from the next entry on. The walks still
     read the same (walks_agree)."""
     t = copy.deepcopy(Table.empty("filter", family))
     n = 17 * 20
-    t.chain("INPUT").rules = [Rule(_hdr(family, src=_addr(family, k)),
-                                   target=Verdict(ACCEPT if k % 17 == 9 else DROP))
-                              for k in range(n)]
+    t.chain("INPUT").rules = [
+        Rule(_hdr(family, src=_addr(family, k), proto=17), target=Verdict(ACCEPT))
+        if k % 17 == 9 else Rule(_hdr(family, src=_addr(family, k)), target=Verdict(DROP))
+        for k in range(n)]
     t.layout()
     blob = t.encode()
     _out, by_run = walks_agree(blob, family, monkeypatch, t.underflow, t.valid_hooks)
@@ -401,3 +405,49 @@ def test_a_run_broken_by_another_template_goes_on_at_once(family, monkeypatch, s
     rest = [k for k in outside if accepts[0] <= k < n]
     assert len(first) <= 2 + model.RUN_AFTER, outside
     assert rest == [accepts[0] + d for d in range(3)] + accepts[1:], outside
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6], ids=["v4", "v6"])
+def test_verdicts_of_one_shape_are_one_run(family, monkeypatch, small_chunks):
+    """Conditional entries that differ in their addresses and their standard verdict
+    (ACCEPT, DROP, RETURN, QUEUE in no order: a blocklist with exceptions) are one template
+    (model._VERDICT): one run from the first few entries on, each entry with its own verdict,
+    as the full walk reads it (walks_agree). The unconditional entries among them (a bare
+    `-j DROP`, the policy) are templates of their own verdict (model._TERM), so the cycle a
+    user chain is (ERROR head, `-s X -j ACCEPT`, RETURN) stays one; a verdict verdict_ok()
+    refuses stops the run where the full walk says why."""
+    rng = random.Random(7)
+    verdicts = [ACCEPT, DROP, XT_RETURN, -4]            # -4: NF_QUEUE
+    n = 300
+    t = copy.deepcopy(Table.empty("filter", family))
+    users = [f"u{k}" for k in range(40)]
+    t.chain("INPUT").rules = [Rule(_hdr(family, src=_addr(family, k)),
+                                   target=Verdict(rng.choice(verdicts))) for k in range(n)]
+    t.chain("FORWARD").rules = [Rule(IpHeader.any(family), target=Jump(u)) for u in users]
+    for u in users:
+        t.chains.append(Chain(u, head_entry=Rule(IpHeader.any(family), target=error_target(u)),
+                              rules=[Rule(_hdr(family, src=_addr(family, 3)),
+                                          target=Verdict(ACCEPT))],
+                              policy_entry=Rule(IpHeader.any(family),
+                                                target=Verdict(XT_RETURN))))
+    t.layout()
+    blob = t.encode()
+    out, by_run = walks_agree(blob, family, monkeypatch, t.underflow, t.valid_hooks)
+    assert out[0] == "ok"
+    by_run = set(by_run)
+    ents = _ents(t)
+    outside = [k for k, (o, _s) in enumerate(ents[:n]) if o not in by_run]
+    assert outside and max(outside) < 2 + model.RUN_AFTER + 2, outside
+    # the user chains' rules and RETURNs are read by runs too (a cycle of three templates)
+    chains_at = ents[n + 2 + len(users) + 2][0]
+    assert sum(1 for o in by_run if o >= chains_at) >= 3 * len(users) * 3 // 4
+    buf = _table_buf(t, blob)
+    assert same(buf, family) >= t.num_entries - 12
+    # a verdict verdict_ok() refuses (-3, NF_STOLEN) in the middle of the run: the walks
+    # refuse the table alike, at that entry
+    bad = bytearray(blob)
+    o, size = ents[n // 2]
+    bad[o + size - 8:o + size - 4] = (-3).to_bytes(4, "little", signed=True)
+    out, _by_run = walks_agree(bytes(bad), family, monkeypatch, t.underflow, t.valid_hooks)
+    assert out[:2] == ("error", errno.EINVAL) and "bad verdict -3" in out[2], out
+    assert f"offset {o}:" in out[2], out

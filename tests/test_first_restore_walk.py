@@ -6,8 +6,8 @@ entry:
 
   - _Memo._scan: each entry's offset, whether it is a jump, an ERROR head or an
     unconditional standard verdict, its target and match names: the same lists and counts
-    as entry by entry, for runs of one template and cycles of several, runs whose
-    unconditional template has entries with and without addresses;
+    as entry by entry, for runs of one template and cycles of several, cycles of an
+    unconditional verdict's template (model._TERM) and a conditional one's (model._VERDICT);
   - _volatile_zero: the same answer as each header read, with comefrom or a counter set in
     any one entry (in a run, or read by a run's column past its last period);
   - _mark_fast looks up the jumps' landings by bisection (_indexes_in), not a dict of every
@@ -46,11 +46,12 @@ def _clean(monkeypatch):
 
 
 def mixed_table(family: int, n: int = 40):
-    """INPUT: runs of DROPs whose addresses are zero in some entries and not in others (one
-    template: unconditional() then depends on each entry's addresses), every 5th zero."""
+    """INPUT: DROPs whose addresses are zero in every other entry: a cycle of two templates,
+    the unconditional DROPs' (model._TERM: their addresses all zero) and the others'
+    (model._VERDICT: not unconditional)."""
     t = copy.deepcopy(model.Table.empty("filter", family))
     t.chain("INPUT").rules = [
-        Rule(IpHeader.any(family) if k % 5 == 2 else _hdr(family, src=_addr(family, k)),
+        Rule(IpHeader.any(family) if k % 2 else _hdr(family, src=_addr(family, k)),
              target=Verdict(DROP)) for k in range(n)]
     t.layout()
     return t
@@ -88,7 +89,7 @@ def test_memo_of_runs_equals_entry_by_entry(family, shape):
     one_by_one = model._Memo(raws, 0, 0, len(blob), None, None)
     assert _memo_facts(by_run) == _memo_facts(one_by_one)
     # what each shape exercises: cycles of templates (jumps, ERROR heads, two unconditional
-    # verdicts a period), runs of an unconditional template with and without addresses
+    # verdicts a period), a cycle of an unconditional and a conditional verdict
     jumps, errs, terms = one_by_one.kinds
     if shape != "mixed":
         assert any(len(r.cyc) > 1 for r in runs)
