@@ -54,6 +54,17 @@ def _hdr(family, src=None, dst=None, proto=0):
     return ip
 
 
+def _add_user_chains(t: Table, family: int, users: list) -> None:
+    """User chains `users` appended to t, each an ERROR head, `-s X -j ACCEPT` and RETURN (a
+    cycle of three templates)."""
+    for u in users:
+        t.chains.append(Chain(u, head_entry=Rule(IpHeader.any(family), target=error_target(u)),
+                              rules=[Rule(_hdr(family, src=_addr(family, 3)),
+                                          target=Verdict(ACCEPT))],
+                              policy_entry=Rule(IpHeader.any(family),
+                                                target=Verdict(XT_RETURN))))
+
+
 def run_table(family: int, n: int = N) -> Table:
     """INPUT: n source prefixes dropped (one in 17 accepted: the same template, the verdict
     its own), then n unconditional DROPs (another template: addresses all zero); FORWARD: n
@@ -72,12 +83,7 @@ def run_table(family: int, n: int = N) -> Table:
               Jump(users[k])) for k in range(n)]
     t.chain("OUTPUT").rules = [Rule(_hdr(family, proto=17), [_udp(53, 1000 + k)],
                                     Verdict(ACCEPT)) for k in range(n)]
-    for u in users:
-        t.chains.append(Chain(u, head_entry=Rule(IpHeader.any(family), target=error_target(u)),
-                              rules=[Rule(_hdr(family, src=_addr(family, 3)),
-                                          target=Verdict(ACCEPT))],
-                              policy_entry=Rule(IpHeader.any(family),
-                                                target=Verdict(XT_RETURN))))
+    _add_user_chains(t, family, users)
     t.layout()
     return t
 
@@ -424,12 +430,7 @@ def test_verdicts_of_one_shape_are_one_run(family, monkeypatch, small_chunks):
     t.chain("INPUT").rules = [Rule(_hdr(family, src=_addr(family, k)),
                                    target=Verdict(rng.choice(verdicts))) for k in range(n)]
     t.chain("FORWARD").rules = [Rule(IpHeader.any(family), target=Jump(u)) for u in users]
-    for u in users:
-        t.chains.append(Chain(u, head_entry=Rule(IpHeader.any(family), target=error_target(u)),
-                              rules=[Rule(_hdr(family, src=_addr(family, 3)),
-                                          target=Verdict(ACCEPT))],
-                              policy_entry=Rule(IpHeader.any(family),
-                                                target=Verdict(XT_RETURN))))
+    _add_user_chains(t, family, users)
     t.layout()
     blob = t.encode()
     out, by_run = walks_agree(blob, family, monkeypatch, t.underflow, t.valid_hooks)
