@@ -3006,10 +3006,10 @@ def _verdict_ok(v: int) -> bool:
     return False
 
 
-# {a standard verdict's bytes: the verdict} of the verdicts < 0 verdict_ok() takes: what a
-# _VERDICT template's entry may have (one lookup reads and checks it)
-_NEG_VERDICTS = {v.to_bytes(4, "little", signed=True): v for v in range(-NF_REPEAT - 2, 0)
-                 if _verdict_ok(v)}
+# {a standard verdict's bytes: the verdict} of the verdicts < 0 verdict_ok() takes (DROP,
+# ACCEPT, QUEUE, RETURN): what a _VERDICT template's entry may have (one lookup reads and
+# checks it)
+_NEG_VERDICTS = {v.to_bytes(4, "little", signed=True): v for v in VERDICT_NAMES}
 
 
 def _payload_data(e, payload: bytes, decoded, to_user: bool):
@@ -4354,10 +4354,7 @@ def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
                         # (the standard target as below)
                         v = r.verdict
                         if v < 0:
-                            tgt = verdicts.get(v)
-                            if tgt is None:
-                                tgt = verdicts[v] = new(Verdict)
-                                tgt.verdict = v
+                            tgt = verdicts.get(v) or _shared_verdict(verdicts, v)
                         else:
                             tgt = _unplaced_jump(v, r.ip.flags & f_goto)
                     rule = new(Rule)
@@ -4603,10 +4600,7 @@ def _made_strided(raws, rules: list, comefrom: list, strided, plain: dict, owned
                 if r.std:
                     v = r.verdict
                     if v < 0:
-                        tgt = verdicts.get(v)
-                        if tgt is None:
-                            tgt = verdicts[v] = new(Verdict)
-                            tgt.verdict = v
+                        tgt = verdicts.get(v) or _shared_verdict(verdicts, v)
                     else:
                         # (_unplaced_jump's, without its call)
                         tgt = new(Jump)
