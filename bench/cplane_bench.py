@@ -161,9 +161,16 @@ def instrument():
 
 # ---- the blobs iptables sends --------------------------------------------------------------------
 
+_KERNEL_BLOBS = {}      # text -> kernel_blobs' list, the longest made in this run
+
+
 def kernel_blobs(text: str, appends: int):
     """[(getinfo, entries blob)]: the table after iptables-legacy-restore of `text`, then after
-    each append, as the kernel holds them (comefrom set by mark_source_chains)."""
+    each append, as the kernel holds them (comefrom set by mark_source_chains). Made once per
+    text in a run (--floors reads the restore's again)."""
+    kept = _KERNEL_BLOBS.get(text)
+    if kept is not None and len(kept) > appends:
+        return kept[:appends + 1]
     import kernel_xt as kx
     import lab
     from nsutil import Netns
@@ -176,6 +183,7 @@ def kernel_blobs(text: str, appends: int):
             ns.run(["iptables-legacy"] + APPEND.format(k=99 - k).split())
             with ns.inside():
                 out.append(kx.snapshot(AF_INET))
+    _KERNEL_BLOBS[text] = out
     return out
 
 
