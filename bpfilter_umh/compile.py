@@ -438,16 +438,6 @@ def _verdict_exit(value: int, comment: str) -> tuple:
     return got
 
 
-def _unknown_to_verifier(slot: int, value: int, comment: str = "") -> tuple:
-    """A u64 stack slot set to `value` in two 4-byte halves: the second, off the 8-byte grid,
-    makes the slot bytes of no known value to the verifier (check_stack_write_fixed_off:
-    STACK_MISC, not a spilled constant), so the paths that stored different values meet as one
-    state. S_L4LEN's 0, 8 and 20, spilled as constants, were marked precise by the first compare
-    the verifier decided with them (a tcp/udp match's truncated-header test) and kept three
-    copies of every later state: the mixed shape's program took 1 695 instructions to verify."""
-    return (E.st(E.W, FP, slot, value, comment), E.st(E.W, FP, slot + 4, 0))
-
-
 def _hotdrop_exit(drop: int) -> tuple:
     return _verdict_exit(drop, "hotdrop")
 
@@ -635,22 +625,21 @@ class _ChainCompiler:
         """The first 20 (TCP) or 8 (UDP/ICMP) bytes at thoff, read once; S_L4LEN says how many
         were there, so each match can hotdrop exactly where skb_header_pointer would fail."""
         done, have8, common = "l4_done", "l4_try8", "l4_common"
-        self.emit(*_unknown_to_verifier(S_L4LEN, 0))
-        for slot in (S_SPORT, S_DPORT, S_TCPFLAGS, S_DOFF, S_ICMPTYPE, S_ICMPCODE):
+        for slot in (S_L4LEN, S_SPORT, S_DPORT, S_TCPFLAGS, S_DOFF, S_ICMPTYPE, S_ICMPCODE):
             self.emit(E.st(E.DW, FP, slot, 0))
         self.emit(
             E.ldx(E.DW, R1, FP, S_FRAGOFF),
             E.jmp(E.JNE, R1, 0, done, comment="non-first fragment: no L4 header"),
             *self._slice(E.ldx(E.DW, R2, FP, S_THOFF), 20),
             E.jmp(E.JEQ, R0, 0, have8),
-            *_unknown_to_verifier(S_L4LEN, 20, "a whole TCP header"),
+            E.st(E.DW, FP, S_L4LEN, 20, "a whole TCP header"),
             E.ldx(E.B, R1, R0, 12), E.alu(E.RSH, R1, 4), E.stx(E.DW, FP, S_DOFF, R1),
             E.ldx(E.B, R1, R0, 13), E.stx(E.DW, FP, S_TCPFLAGS, R1),
             E.ja(common),
             Label(have8),
             *self._slice(E.ldx(E.DW, R2, FP, S_THOFF), 8),
             E.jmp(E.JEQ, R0, 0, done),
-            *_unknown_to_verifier(S_L4LEN, 8, "a UDP/ICMP header"),
+            E.st(E.DW, FP, S_L4LEN, 8, "a UDP/ICMP header"),
             Label(common),
             E.ldx(E.H, R1, R0, 0), E.be16(R1), E.stx(E.DW, FP, S_SPORT, R1),
             E.ldx(E.H, R1, R0, 2), E.be16(R1), E.stx(E.DW, FP, S_DPORT, R1),
