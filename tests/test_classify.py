@@ -9,6 +9,7 @@ The linear compiler is itself checked against the kernel by the differential sui
 import ipaddress
 import os
 import random
+import re
 import struct
 
 import pytest
@@ -233,7 +234,7 @@ def random_packets(seed: int, n: int):
 class Loaded:
     """One table compiled (classified or not), INPUT loaded with its own counters + lookup maps."""
 
-    def __init__(self, tbl, monkeypatch, min_run: int, **compile_kw):
+    def __init__(self, tbl, monkeypatch, min_run: int, log_level: int = 0, **compile_kw):
         from bpfilter_umh import kernel as K
         from bpfilter_umh.engine import create_maps
         monkeypatch.setenv("BPFILTER_CLASSIFY_MIN_RUN", str(min_run))
@@ -247,7 +248,9 @@ class Loaded:
             code = self.cp.assemble({COUNTERS_MAP: self.map.fd,
                                      **{k: m.fd for k, m in extra.items()}})
             self.prog = K.Prog.load(self.cp.prog_type, code, license=self.cp.license,
-                                    expected_attach_type=self.cp.expected_attach_type)
+                                    expected_attach_type=self.cp.expected_attach_type,
+                                    log_level=log_level)
+            self.insns = len(code) // 8
         finally:
             for m in extra.values():
                 m.close()
@@ -406,6 +409,44 @@ def test_split_prefilter_never_hides_a_match(seed, monkeypatch):
         lc, cc = lin.counters(), cls.counters()
         assert lc == cc
         assert sum(p for p, _ in cc[:len(pairs)]) > len(pkts) // 4
+    finally:
+        cls.close()
+        lin.close()
+
+
+BPF_LOG_STATS = 4
+
+
+@root
+def test_split_run_of_many_shapes_verifies_in_a_pass(monkeypatch):
+    """A split run of SPLIT_MAX_SHAPES shapes (each `-s A/32 -d B/m` with its own m) is verified
+    in about one pass over its code: the smallest position so far is bytes of no known value to
+    the verifier, so the paths after a shape's lookup, hit or miss, are one state. Kept in a
+    register (-1, or what a hit gave), the verifier walked 12x the code at 16 shapes (9 519
+    instructions for 752, 13 ms; 5 shapes 8x). And it answers as linear code."""
+    monkeypatch.setattr(classify, "MULTI_NS_BASE", 0.0)
+    monkeypatch.setattr(classify, "MULTI_FORM", "split")
+    rnd = random.Random(16)
+    shapes = classify.SPLIT_MAX_SHAPES
+    pairs = [(_addr(rnd), _addr(rnd, "172.16.0.0"), 32 - k) for _ in range(8)
+             for k in range(shapes)]
+    rules = [rule(rnd.choice([ACCEPT, DROP]), src=f"{s}/32",
+                  dst=str(ipaddress.ip_network(f"{d}/{m}", strict=False)))
+             for s, d, m in pairs]
+    tbl = table({"INPUT": (ACCEPT, rules)})
+    cls = Loaded(tbl, monkeypatch, 4, log_level=BPF_LOG_STATS)
+    lin = Loaded(tbl, monkeypatch, 0)
+    try:
+        assert any(m.name.endswith("_bloom") for m in cls.cp.maps), cls.cp.maps
+        insns = cls.insns
+        got = re.search(r"processed (\d+) insns", cls.prog.log)
+        assert got, cls.prog.log[-400:]
+        assert int(got.group(1)) <= 3 * insns, (got.group(0), insns)
+        pkts = [ipv4(s, d, 17, udp_hdr(1, 2)) for s, d, _ in rnd.sample(pairs, 40)]
+        pkts += [ipv4(_addr(rnd), _addr(rnd, "172.16.0.0"), 6, tcp_hdr(1, 2)) for _ in range(40)]
+        for i, pkt in enumerate(pkts):
+            assert lin.run(pkt) == cls.run(pkt), f"packet {i} {pkt.hex()}"
+        assert lin.counters() == cls.counters()
     finally:
         cls.close()
         lin.close()
