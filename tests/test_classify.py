@@ -423,7 +423,8 @@ def test_split_run_of_many_shapes_verifies_in_a_pass(monkeypatch):
     in about one pass over its code: the smallest position so far is bytes of no known value to
     the verifier, so the paths after a shape's lookup, hit or miss, are one state. Kept in a
     register (-1, or what a hit gave), the verifier walked 12x the code at 16 shapes (9 519
-    instructions for 752, 13 ms; 5 shapes 8x). And it answers as linear code."""
+    instructions for 752, 13 ms; the mixed shape's 5 shapes 9-10x). And it answers as linear
+    code."""
     monkeypatch.setattr(classify, "MULTI_NS_BASE", 0.0)
     monkeypatch.setattr(classify, "MULTI_FORM", "split")
     rnd = random.Random(16)
