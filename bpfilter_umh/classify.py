@@ -3943,9 +3943,10 @@ def _split_lookup(cc, name: str, sig, gid: int, first: int, base: int, bits: int
     from . import compile as C
     R3, R8 = E.R3, E.R8
     skip = cc.label("s_next")
+    # (r9 kept to the compare below: the key, the prefilter and the helper call leave it be)
+    cc.emit(E.ldx(E.W, E.R9, FP, S_CLS_BEST, "the smallest position so far"))
     if first:
-        cc.emit(E.ldx(E.W, E.R9, FP, S_CLS_BEST, "the smallest position so far"),
-                E.jmp(E.JLT, E.R9, first << 8, skip, comment="an earlier rule already matched"))
+        cc.emit(E.jmp(E.JLT, E.R9, first << 8, skip, comment="an earlier rule already matched"))
     if sig[0] == "lpm":
         slot = C.S_SADDR if sig[1] == "src" else C.S_DADDR
         cc.emit(E.ldx(E.DW, R2, FP, slot, f"prefilter: the {sig[1]} address's /16"),
@@ -3974,8 +3975,7 @@ def _split_lookup(cc, name: str, sig, gid: int, first: int, base: int, bits: int
         cc.emit(E.ld_map_fd(R1, f"{name}_hash"))
     cc.emit(E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY), E.call(E.BPF_FUNC_map_lookup_elem),
             E.jmp(E.JEQ, R0, 0, skip), E.ldx(E.W, R1, R0, 0, "position << 8 | action"),
-            E.ldx(E.W, E.R9, FP, S_CLS_BEST), E.jmp(E.JGE, R1, E.R9, skip),
-            E.stx(E.W, FP, S_CLS_BEST, R1), Label(skip))
+            E.jmp(E.JGE, R1, E.R9, skip), E.stx(E.W, FP, S_CLS_BEST, R1), Label(skip))
 
 
 def _l4_protos(run: Run, l4: list) -> list:
