@@ -11,6 +11,8 @@
     rule-by-rule loop: the same entries in the same order.
 
 Each comparison is also run against a deliberately broken fast path, which it must catch.
+
+And the programs' hash keys (classify._key): made in registers, stored as two whole u64 words.
 """
 import os
 import random
@@ -192,3 +194,34 @@ def test_broken_entries_are_caught(split_run, monkeypatch):
     monkeypatch.setattr(classify, "_one_key_each",
                         lambda *a: (lambda r: r[::-1] if r else r)(real(*a)))
     assert classify._split_hash_entries(run.rules, shapes, run) != want
+
+
+def _key_area_accesses(text: str):
+    """(class, size, off) of every stack load and store in the hash key's 16 bytes
+    (classify.S_CLS_KEY) in the compiled programs of `text`'s chains."""
+    from bpfilter_umh import ebpf as E
+    from bpfilter_umh.compile import KernelFacts, compile_table
+    out = []
+    for cp in compile_table(decoded(text), KernelFacts.fake(), "nf").programs:
+        for it in cp.items:
+            cls = getattr(it, "code", 0) & 0x07
+            if isinstance(it, E.Insn) and cls in (E.BPF_LDX, E.BPF_ST, E.BPF_STX) and \
+                    E.R10 in (it.src if cls == E.BPF_LDX else it.dst,) and \
+                    classify.S_CLS_KEY <= it.off < classify.S_CLS_KEY + 16:
+                out.append((cls, it.code & 0x18, it.off - classify.S_CLS_KEY))
+    return out
+
+
+@pytest.mark.parametrize("shape", ["mixed", "tuple", "fanout"])
+def test_hash_keys_are_stored_in_whole_words(shape):
+    """A hash key is made in registers and stored as two u64s (classify._key): the program never
+    loads it back (the Bloom hash takes the words from registers), and its second word, read by
+    htab's jhash and the Bloom hash alike, is never written a field at a time (a load of bytes
+    several narrower stores wrote is not forwarded on x86: a mixed 10 000-rule run's packet took
+    56 ns with the key stored field by field, 30 ns with this)."""
+    rs = rulesets.make(shape, 1500, seed=5)
+    got = _key_area_accesses(rs.text)
+    from bpfilter_umh import ebpf as E
+    assert any(c == E.BPF_STX and s == E.DW and o == 8 for c, s, o in got), got
+    assert not [a for a in got if a[0] == E.BPF_LDX], got
+    assert not [a for a in got if a[2] >= 8 and a[1] != E.DW], got
