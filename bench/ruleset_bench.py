@@ -125,10 +125,10 @@ def side_by_side(tables: dict, rounds: int = SIDE_ROUNDS) -> dict:
     """The empty program and each table's INPUT (nf, classifier on; {N: Table}) test-run in
     turn, `rounds` times: medians of each, and per round the largest N's ns over the smallest
     N's and each N's ns minus the empty program's, as medians with their ranges. The rows'
-    test-run columns are measured minutes apart, and this machine's speed moves by 2x within
-    minutes (2026-12-01 10:26: mixed N=10 25 ns, N=10 000 56 ns in its row, 2.24x; the same
-    two programs in turn an hour later 1.38x, and 31 ns against 25 ns in a faster spell), so a
-    ratio of two rows says as much about the machine as about the programs."""
+    test-run columns are measured minutes apart, and this machine's speed moves by up to 2x
+    within minutes: on 2026-12-01 the mixed shape's rows at 10:26 gave N=10 000 / N=10 = 2.24
+    (56 / 25 ns), the same two programs in turn 2.0-2.15 at 10:33 and 1.1-1.2 in a faster
+    spell, so a ratio of two rows says as much about the machine as about the programs."""
     progs = {"empty": load_chain(table_of(EMPTY_TEXT), "INPUT")}
     try:
         for n, t in sorted(tables.items()):
