@@ -597,6 +597,10 @@ def _load_message(what: str, e: int, log: str) -> str:
         msg += f"; verifier log (last {len(tail)} of {len(lines)} lines):\n" + "\n".join(tail)
     elif e == errno.EPERM:
         msg += " (needs CAP_BPF/CAP_SYS_ADMIN)"
+    elif e in (errno.E2BIG, errno.EFAULT):
+        # (not retried with a log: the verifier would run the whole program again)
+        msg += (" (how the verifier refuses a program past its limits: 1 000 000 instructions"
+                " processed, or 8 192 branches pending, which 6.18 reports as EFAULT)")
     return msg
 
 

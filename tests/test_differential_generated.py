@@ -58,6 +58,21 @@ def test_generated_ruleset(seed, labs):
 _shrinks_left = [int(os.environ.get("BPFILTER_DIFF_SHRINK", "3"))]
 
 
+@pytest.mark.parametrize("seed", range(BASE, BASE + min(N, 40)))
+def test_generated_ruleset_conditions_ored(seed, labs, monkeypatch):
+    """The same rulesets with no rule's first condition short-circuiting (a program's entries
+    past _ChainCompiler.SHORT_CIRCUIT_MAX: every condition ORed into one test): the same
+    outcome and counters as the kernel's."""
+    from bpfilter_umh import compile as C
+    monkeypatch.setattr(C._ChainCompiler, "SHORT_CIRCUIT_MAX", 0)
+    ref, cand = labs
+    case = rulegen.generate(seed)
+    diffs = differential(ref, cand, case.text(), case.probes)
+    if diffs:
+        pytest.fail("\n".join([f"seed {seed}, conditions ORed", case.text()] + diffs[:20]),
+                    pytrace=False)
+
+
 BIG_N = int(os.environ.get("BPFILTER_DIFF_BIG_SEEDS", "10"))
 BIG_LIMIT = 45       # seconds per case: the kernel's own iptables takes well under one
 
