@@ -106,9 +106,12 @@ def load_chain(table: Table, chain: str, flavor: str = "nf"):
     return prog, cnt, cp, time.monotonic() - t0
 
 
-def test_run_ns(prog, flavor: str) -> float:
-    frame = flood_frame()
-    ctx = bytes([1, 2]) + bytes(6) if flavor == "nf" else None
+NF_CTX = bytes([1, 2]) + bytes(6)     # struct nf_hook_state: hook LOCAL_IN, pf NFPROTO_IPV4
+
+
+def test_run_ns(prog, flavor: str, frame: bytes = None, nf_ctx: bytes = NF_CTX) -> float:
+    frame = frame or flood_frame()
+    ctx = nf_ctx if flavor == "nf" else None
     best = None
     for _ in range(3):
         ret, dur, _ = prog.test_run(frame, ctx, repeat=TEST_RUN_REPEAT)
@@ -121,22 +124,24 @@ EMPTY_TEXT = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEP
 SIDE_ROUNDS = 9
 
 
-def side_by_side(tables: dict, rounds: int = SIDE_ROUNDS) -> dict:
+def side_by_side(tables: dict, rounds: int = SIDE_ROUNDS, empty: Table = None,
+                 frame: bytes = None, nf_ctx: bytes = NF_CTX) -> dict:
     """The empty program and each table's INPUT (nf, classifier on; {N: Table}) test-run in
     turn, `rounds` times: medians of each, and per round the largest N's ns over the smallest
     N's and each N's ns minus the empty program's, as medians with their ranges. The rows'
     test-run columns are measured minutes apart, and this machine's speed moves by up to 2x
     within minutes: on 2026-12-01 the mixed shape's rows at 10:26 gave N=10 000 / N=10 = 2.24
     (56 / 25 ns), the same two programs in turn 2.0-2.15 at 10:33 and 1.1-1.2 in a faster
-    spell, so a ratio of two rows says as much about the machine as about the programs."""
-    progs = {"empty": load_chain(table_of(EMPTY_TEXT), "INPUT")}
+    spell, so a ratio of two rows says as much about the machine as about the programs.
+    `empty`, `frame`, `nf_ctx`: another family's empty table, packet and hook context."""
+    progs = {"empty": load_chain(empty or table_of(EMPTY_TEXT), "INPUT")}
     try:
         for n, t in sorted(tables.items()):
             progs[n] = load_chain(t, "INPUT")
         got = {k: [] for k in progs}
         for _ in range(rounds):
             for k, (prog, *_rest) in progs.items():
-                got[k].append(test_run_ns(prog, "nf"))
+                got[k].append(test_run_ns(prog, "nf", frame, nf_ctx))
     finally:
         for prog, cnt, *_rest in progs.values():
             prog.close()
@@ -294,14 +299,17 @@ def _flush_bpfilter(ns):
 APPEND = "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP"
 
 
-def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter")) -> dict:
+def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter"),
+                  restore: str = "iptables-legacy-restore", binary: str = "iptables-legacy",
+                  append: str = APPEND) -> dict:
     """Wall time of iptables-legacy-restore of `text` and of one `iptables-legacy -A` on the
     loaded table (the best of `appends`, each adding one more rule), kernel and through
     the launcher (build/bpfilter-exec), and the appends again through the Python door. For
     bpfilter the helper of the namespace is started first (as a running system has it: the
     kernel shim starts it once, the door's stays while used), with its per-request log, so the
     helper's own time from request to reply is reported beside the wall time (which adds the
-    door's start-up and the iptables binary)."""
+    door's start-up and the iptables binary). `restore`, `binary`, `append`: the ip6tables
+    commands for an IPv6 ruleset."""
     out = {}
     if not os.access(LAUNCHER, os.X_OK):
         subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={sys.executable}"],
@@ -324,18 +332,16 @@ def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter")) -> 
                 _wait_for_helper(log)
             try:
                 t0 = time.monotonic()
-                p = ns.run(pre + ["iptables-legacy-restore"], input=text, check=False, env=env,
-                           timeout=900)
+                p = ns.run(pre + [restore], input=text, check=False, env=env, timeout=900)
                 out[f"{who}_restore_s"] = time.monotonic() - t0
                 if p.returncode:
                     out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
                     continue
                 doors = [(who, pre)] + ([("pydoor", PY_DOOR)] if who == "bpfilter" else [])
                 for k, (what, door) in enumerate(d for d in doors for _ in range(appends)):
-                    cmd = APPEND.replace("203.0.113.99", f"203.0.113.{99 - k}")
+                    cmd = append.replace("99", f"{99 - k}", 1)   # one more rule each time
                     t0 = time.monotonic()
-                    p = ns.run(door + ["iptables-legacy"] + cmd.split(), check=False, env=env,
-                               timeout=900)
+                    p = ns.run(door + [binary] + cmd.split(), check=False, env=env, timeout=900)
                     out.setdefault(f"{what}_appends_s", []).append(time.monotonic() - t0)
                     if p.returncode:
                         out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
@@ -346,8 +352,7 @@ def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter")) -> 
                 # same text twice (the second replaces a table with itself), then one rule changed
                 for step, t in (("reload", text), ("again", text), ("changed", one_changed(text))):
                     t0 = time.monotonic()
-                    p = ns.run(pre + ["iptables-legacy-restore"], input=t, check=False, env=env,
-                               timeout=900)
+                    p = ns.run(pre + [restore], input=t, check=False, env=env, timeout=900)
                     out[f"{who}_{step}_s"] = time.monotonic() - t0
                     if p.returncode:
                         out[f"{who}_error"] = (p.stdout + p.stderr)[-300:]
@@ -361,7 +366,7 @@ def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter")) -> 
     return out
 
 
-def control_plane_repeated(text: str, repeat: int) -> dict:
+def control_plane_repeated(text: str, repeat: int, **kw) -> dict:
     """control_plane `repeat` times, kernel first and bpfilter first in turn (whichever runs
     second finds the page cache and the CPUs' frequency as the first left them), each value
     the median of the runs (lists element-wise: the first append stays the first; the helper's
@@ -369,9 +374,9 @@ def control_plane_repeated(text: str, repeat: int) -> dict:
     shared 2-CPU machine one run's restore swings by tens of percent, so a single ratio can
     neither show nor refute a change of that size."""
     if repeat <= 1:
-        return control_plane(text)
+        return control_plane(text, **kw)
     runs = [control_plane(text, order=("kernel", "bpfilter") if i % 2 == 0 else
-                          ("bpfilter", "kernel")) for i in range(repeat)]
+                          ("bpfilter", "kernel"), **kw) for i in range(repeat)]
     out = {}
     for key in {k for r in runs for k in r}:
         vals = [r[key] for r in runs if key in r]

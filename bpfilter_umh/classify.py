@@ -21,6 +21,9 @@ Shapes (decided per rule by rule_shape(); a run ends at the first rule of anothe
                       whose prefix contains that key. The longest key matching a packet has as its
                       ancestors exactly the run's rules matching the packet (every matching prefix
                       is a key no longer than it), so its value is the first match.
+  lpm6 src / lpm6 dst the same in an IPv6 table (key {prefixlen, 16-byte addr}); a rule with
+                      any flag (IP6T_F_PROTO: -p, even -p all), interface, match or jump stays
+                      linear. IPv6 tables get no hash or multi runs.
   hash                same masks for every rule of the run: source/destination with fixed netmasks,
                       protocol, tcp/udp source and destination port (single port, range, or any;
                       ranges are expanded into keys); `-d 10.0.0.7 -p tcp --dport 443 -j ACCEPT`.
@@ -102,7 +105,7 @@ BPF_F_NO_PREALLOC = 1          # LPM tries must be created with it (kernel/bpf/l
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 LINEAR_NS = 1.2                # per rule of linear code (design.md §5, compile.py's author)
-LOOKUP_NS = {"lpm": 60.0, "hash": 40.0}
+LOOKUP_NS = {"lpm": 60.0, "lpm6": 60.0, "hash": 40.0}
 MAX_KEYS = 1 << 20             # expanded port ranges of one run; beyond that the run stays linear
 
 ACT_DROP, ACT_ACCEPT, ACT_RETURN = 0, 1, 2
@@ -110,7 +113,7 @@ ACT_CASE = 3                   # 3 + k: the k-th jump rule of the run (classify.
 IPT_F_GOTO = 0x02
 ACT_NAMES = {ACT_DROP: "DROP", ACT_ACCEPT: "ACCEPT", ACT_RETURN: "RETURN"}
 
-# Stack slots. Runs are classified in IPv4 tables only, so they reuse family.py's IPv6-only slots
+# Stack slots. IPv4 tables' runs reuse family.py's IPv6-only slots
 # (S_SADDR6/S_DADDR6, -352..-320) rather than deepen the main frame: the frames of a call chain
 # share 512 bytes (check_max_stack_depth), and compile.py calls user chains as subprograms.
 S_CLS_KEY = -336               # 16-byte lookup key
@@ -124,6 +127,13 @@ S_CLS_ACT = -344               # the action read from the map value
 # shape's program of 5 shapes in 4 643 instructions (now 2 352), 16 shapes in 9 519 (13 ms;
 # now 1 230, 2 ms)
 S_CLS_BEST = S_CLS_ACT + 4
+# An IPv6 table's runs (lpm6) cannot use those: S_SADDR6/S_DADDR6 hold the packet's addresses for
+# every later rule. Their key {u32 prefixlen; 16 bytes} and action go in compile.py's S_OPT
+# (-248..-200), which holds TCP options only while one rule tests --tcp-option (zeroed and
+# filled there each time), so it is free between rules: the action at -248, the key's address
+# 8-aligned at -232 (the verifier wants aligned stack access) behind its prefixlen at -236.
+S_CLS_ACT6 = -248
+S_CLS_KEY6 = -236
 
 
 @dataclass
@@ -166,11 +176,11 @@ class Run:
     def text(self, chain: str = "") -> str:
         if self.kind == "multi":
             return _multi_text(self, chain)
-        what = "saddr prefix" if self.sig == ("lpm", "src") else \
-            "daddr prefix" if self.sig[0] == "lpm" else _hash_text(self.sig)
+        what = "saddr prefix" if self.sig[1:] == ("src",) else \
+            "daddr prefix" if self.sig[1:] == ("dst",) else _hash_text(self.sig)
         jumps = f", {len(self.cases)} of them jumps" if self.cases else ""
         return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
-                f"rules{jumps}): one {'LPM trie' if self.kind == 'lpm' else 'hash'} lookup on "
+                f"rules{jumps}): one {'hash' if self.kind == 'hash' else 'LPM trie'} lookup on "
                 f"{what}")
 
 
@@ -294,6 +304,8 @@ def _rule_class(rule: Rule) -> tuple:
     of a rule: the checks these share (interfaces, addresses, the tcp/udp match) made once,
     ~10 us a rule at 10 000 rules."""
     ip = rule.ip
+    if isinstance(ip.src, ipaddress.IPv6Address):
+        return _rule_class6(rule)
     if ip.invflags or any(ip.iniface_mask) or any(ip.outiface_mask) or getattr(ip, "tos", 0) \
             or not isinstance(ip.src, ipaddress.IPv4Address):
         return _NO_CLASS
@@ -308,6 +320,33 @@ def _rule_class(rule: Rule) -> tuple:
     nkeys = len(_port_values(l4[1], "spts")) * len(_port_values(l4[1], "dpts")) \
         if shape is not None and shape[0] == "hash" and shape[4] else 0
     return shape, _multi(ip, a, sm, dm, ms, l4), nkeys
+
+
+_ALL6 = (1 << 128) - 1
+
+
+def _plen6(mask) -> int:
+    """The prefix length of an IPv6 netmask, or -1 when it is not contiguous."""
+    host = ~int(mask) & _ALL6
+    return -1 if host & (host + 1) else 128 - host.bit_length()
+
+
+def _rule_class6(rule: Rule) -> tuple:
+    """An ip6t_ip6 rule's class: the lpm6 shapes only, a source or a destination prefix and
+    nothing else (no interface, no flags: IP6T_F_PROTO makes even `-p all` walk the extension
+    headers and hotdrop a failed walk; no match but comments; ACCEPT, DROP or RETURN). IPv6
+    tables get no hash or multi runs: a 5-tuple key of two 16-byte addresses is another layout
+    than the IPv4 one these read from the entries' bytes (not done, issue #7's note)."""
+    ip = rule.ip
+    if ip.invflags or ip.flags or any(ip.iniface_mask) or any(ip.outiface_mask) \
+            or _matches(rule) or _action(rule.target) not in (ACT_DROP, ACT_ACCEPT, ACT_RETURN):
+        return _NO_CLASS
+    sp, dp = _plen6(ip.smsk), _plen6(ip.dmsk)
+    if dp == 0 and sp >= 0:
+        return ("lpm6", "src"), False, 0
+    if sp == 0 and dp >= 0:
+        return ("lpm6", "dst"), False, 0
+    return _NO_CLASS
 
 
 def _shape(ip, t, a: int, sm: int, dm: int, ms: list, l4):
@@ -387,7 +426,7 @@ def early_lpm_maps(rules: list, chain: str, vec) -> None:
     runs = find_runs(rules)
     early[id(rules)] = (rules, runs)
     for run in runs:
-        if run.kind == "lpm" and len(run.rules) >= EARLY_LPM_MIN:
+        if run.kind in ("lpm", "lpm6") and len(run.rules) >= EARLY_LPM_MIN:
             map_spec(run, f"cls_{chain}_{run.start}")       # emit_run's name for its map
 
 
@@ -1200,7 +1239,7 @@ def _plain_run(rules: list, i: int, j: int, sig, vec):
     if run.kind == "hash" and sig[4]:
         run.protos = tuple(sorted(set(map(_IP_PROTO, run.rules))))
     run.cases = _cases(run.rules, vec, i)
-    if run.kind == "lpm" or (sum(vec.l4keys[i:j]) if vec is not None and sig[4]
+    if run.kind != "hash" or (sum(vec.l4keys[i:j]) if vec is not None and sig[4]
                              else _key_count(run)) <= MAX_KEYS:
         return run
     return None
@@ -1595,6 +1634,31 @@ def _lpm_first_slow(prefixes: list, positions) -> list:
 
 
 _PLEN_LE = [struct.pack("<I", n) for n in range(33)]     # an LPM key's u32 prefixlen
+_PLEN_LE6 = [struct.pack("<I", n) for n in range(129)]
+
+
+def lpm6_entries(run: Run) -> list:
+    """lpm_entries of an IPv6 run: key = {u32 prefixlen; 16 bytes of the network}, value = the
+    first rule of the run whose prefix contains the key's. ip6_packet_match compares
+    ipv6_masked_addr_cmp(), which ignores the rule's address bits outside its mask, so the
+    network is address & mask (IPv4's rule with such bits never matches and is no run's)."""
+    field = "src" if run.sig[1] == "src" else "dst"
+    first = {}                              # (network, plen) -> position, the first one kept
+    for pos, r in enumerate(run.rules):
+        a, m = getattr(r.ip, field), getattr(r.ip, field[0] + "msk")
+        first.setdefault((int(a) & int(m), _plen6(m)), pos)
+    vals = _values(run)
+    # the sweep of _lpm_first_slow: in (network, length) order a prefix's ancestors are the
+    # prefixes still open when it starts, innermost on top
+    out, stack = [], []
+    for (net, plen), best in sorted(first.items()):
+        while stack and stack[-1][0] <= net:
+            stack.pop()
+        if stack and stack[-1][1] < best:
+            best = stack[-1][1]
+        stack.append((net + (1 << (128 - plen)), best))
+        out.append((_PLEN_LE6[plen] + net.to_bytes(16, "big"), vals[best]))
+    return out
 
 
 def _port_values(d, name) -> range:
@@ -1965,6 +2029,9 @@ def _map_spec(run: Run, name: str) -> MapSpec:
     if run.kind == "lpm":
         return MapSpec(name, BPF_MAP_TYPE_LPM_TRIE, 8, 8, lpm_entries(run), BPF_F_NO_PREALLOC,
                        "bpfilter_lpm")
+    if run.kind == "lpm6":
+        return MapSpec(name, BPF_MAP_TYPE_LPM_TRIE, 20, 8, lpm6_entries(run), BPF_F_NO_PREALLOC,
+                       "bpfilter_lpm6")
     return MapSpec(name, BPF_MAP_TYPE_HASH, 16, 8, hash_entries(run), 0, "bpfilter_hash")
 
 
@@ -2014,14 +2081,22 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
     exit0 = cc.label("group_exit")            # with jump cases, the end of the run is far away
     cc.emit(E.ja(key), Label(miss), E.ja(exit0 if run.cases else after), Label(hot),
             E.mov(R0, _rc(cc, ACT_DROP), comment="hotdrop"), E.exit_(), Label(key))
+    key_slot, act_slot = _run_slots(run)
     if run.kind == "lpm":
         slot = C.S_SADDR if run.sig[1] == "src" else C.S_DADDR
         cc.emit(E.st(E.W, FP, S_CLS_KEY, 32, "LPM key: prefixlen 32"),
                 E.ldx(E.DW, R1, FP, slot, f"{run.sig[1]} address"),
                 E.stx(E.W, FP, S_CLS_KEY + 4, R1))
+    elif run.kind == "lpm6":
+        from .family import S_DADDR6, S_SADDR6
+        slot = S_SADDR6 if run.sig[1] == "src" else S_DADDR6
+        cc.emit(E.st(E.W, FP, key_slot, 128, "LPM key: prefixlen 128"),
+                E.ldx(E.DW, R1, FP, slot, f"{run.sig[1]} address"),
+                E.stx(E.DW, FP, key_slot + 4, R1),
+                E.ldx(E.DW, R1, FP, slot + 8), E.stx(E.DW, FP, key_slot + 12, R1))
     else:
         _hash_key_code(cc, run, miss, hot, C)
-    cc.emit(E.ld_map_fd(R1, name), E.mov(R2, FP), E.alu(E.ADD, R2, S_CLS_KEY),
+    cc.emit(E.ld_map_fd(R1, name), E.mov(R2, FP), E.alu(E.ADD, R2, key_slot),
             E.call(E.BPF_FUNC_map_lookup_elem),
             E.jmp(E.JEQ, R0, 0, miss, comment="no rule of the run matches"),
             E.ldx(E.W, R1, R0, 0, "position of the first matching rule in the run"),
@@ -2029,10 +2104,15 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
                                comment="+ the run's first entry: its entry index")),
             E.stx(E.W, FP, C.S_KEY, R1),
             E.ldx(E.W, R1, R0, 4, "its action"),
-            E.stx(E.DW, FP, S_CLS_ACT, R1))
+            E.stx(E.DW, FP, act_slot, R1))
     _count_dynamic(cc, C)
     _dispatch(cc, run, chain, ret, where, path, after, exit0)
     cc.emit(Label(after))
+
+
+def _run_slots(run: Run) -> tuple:
+    """(key slot, action slot) of a plain run's lookup: an IPv6 run's are its own (S_CLS_KEY6)."""
+    return (S_CLS_KEY6, S_CLS_ACT6) if run.kind == "lpm6" else (S_CLS_KEY, S_CLS_ACT)
 
 
 GROUP_SLOTS = 12000   # instructions of inlined jump cases between two hops (see _dispatch)
@@ -3401,7 +3481,7 @@ def _dispatch(cc, run: Run, chain: str, ret: str, where: str, path: list, after:
     vret = rets[0] if G else ret
     fall = None if G else verdicts[-1]
     if len(verdicts) + len(by_k) > 1:
-        cc.emit(E.ldx(E.DW, R1, FP, S_CLS_ACT))
+        cc.emit(E.ldx(E.DW, R1, FP, _run_slots(run)[1]))
     for a in verdicts:
         if a != fall:
             cc.emit(E.jmp(E.JEQ, R1, a, v_lbl[a]))

@@ -668,8 +668,7 @@ class _ChainCompiler:
         # (a chain holding fewer rules than a run needs has none: 3 333 kube-proxy service
         # chains are not searched on every compile)
         runs = {r.start: r for r in _chain_runs(self.table, rules, chain.name, placed)
-                if r.start >= start} if self.table.family == AF_INET and \
-            len(rules) - start >= classify.min_run() else {}
+                if r.start >= start} if len(rules) - start >= classify.min_run() else {}
         if d_index or d_offset or placed is not None:
             for run in runs.values():
                 run.d_index, run.d_offset, run.placement = d_index, d_offset, placed
