@@ -1614,22 +1614,22 @@ def _prefix_masks(masks: list) -> bool:
     return True
 
 
-def _lpm_first_slow(prefixes: list, positions) -> list:
+def _lpm_first_slow(prefixes: list, positions, bits: int = 32) -> list:
     """_lpm_columns as [(LPM key, position)], over (network, length) tuples (a length may be
     -1: a mask that is not a prefix, which the shapes of lpm runs exclude; kept as it always
-    was)."""
+    was). bits: 128 for IPv6 prefixes (lpm6_entries)."""
     first = {}                              # (network int, plen) -> position
     for pos, k in zip(positions, prefixes):
         first.setdefault(k, pos)
     out, stack = [], []
-    plens = _PLEN_LE
+    plens = _PLEN_LE if bits == 32 else _PLEN_LE6
     for (net, plen), best in sorted(first.items()):
         while stack and stack[-1][0] <= net:
             stack.pop()
         if stack and stack[-1][1] < best:
             best = stack[-1][1]
-        stack.append((net + (1 << (32 - plen)), best))
-        out.append((plens[plen] + net.to_bytes(4, "big"), best))
+        stack.append((net + (1 << (bits - plen)), best))
+        out.append((plens[plen] + net.to_bytes(bits // 8, "big"), best))
     return out
 
 
@@ -1643,22 +1643,11 @@ def lpm6_entries(run: Run) -> list:
     ipv6_masked_addr_cmp(), which ignores the rule's address bits outside its mask, so the
     network is address & mask (IPv4's rule with such bits never matches and is no run's)."""
     field = "src" if run.sig[1] == "src" else "dst"
-    first = {}                              # (network, plen) -> position, the first one kept
-    for pos, r in enumerate(run.rules):
-        a, m = getattr(r.ip, field), getattr(r.ip, field[0] + "msk")
-        first.setdefault((int(a) & int(m), _plen6(m)), pos)
+    prefixes = [(int(a) & int(m), _plen6(m)) for a, m in
+                ((getattr(r.ip, field), getattr(r.ip, field[0] + "msk")) for r in run.rules)]
     vals = _values(run)
-    # the sweep of _lpm_first_slow: in (network, length) order a prefix's ancestors are the
-    # prefixes still open when it starts, innermost on top
-    out, stack = [], []
-    for (net, plen), best in sorted(first.items()):
-        while stack and stack[-1][0] <= net:
-            stack.pop()
-        if stack and stack[-1][1] < best:
-            best = stack[-1][1]
-        stack.append((net + (1 << (128 - plen)), best))
-        out.append((_PLEN_LE6[plen] + net.to_bytes(16, "big"), vals[best]))
-    return out
+    return [(k, vals[best]) for k, best in
+            _lpm_first_slow(prefixes, range(len(prefixes)), 128)]
 
 
 def _port_values(d, name) -> range:

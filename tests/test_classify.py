@@ -270,6 +270,17 @@ class Loaded:
         self.map.close()
 
 
+def assert_same(lin, cls, packets, seed):
+    """Each packet gets the same verdict from both, and every entry the same counters."""
+    for i, pkt in enumerate(packets):
+        a, b = lin.run(pkt), cls.run(pkt)
+        assert a == b, f"seed {seed} packet {i} {pkt.hex()}: linear {a} classified {b}"
+    lc, cc = lin.counters(), cls.counters()
+    diff = [(i, x, y) for i, (x, y) in enumerate(zip(lc, cc)) if x != y]
+    assert not diff, f"seed {seed}: counters differ (entry, linear, classified): {diff[:10]}"
+    assert sum(p for p, _ in cc) > 0
+
+
 @root
 @pytest.mark.parametrize("seed", range(int(os.environ.get("BPFILTER_CLASSIFY_SEEDS", "40"))))
 def test_classified_equals_linear(seed, monkeypatch):
@@ -279,13 +290,7 @@ def test_classified_equals_linear(seed, monkeypatch):
     try:
         assert cls.cp.maps and not lin.cp.maps
         assert "lookup on" in cls.cp.listing()
-        for i, pkt in enumerate(random_packets(seed, 400)):
-            a, b = lin.run(pkt), cls.run(pkt)
-            assert a == b, f"seed {seed} packet {i} {pkt.hex()}: linear {a} classified {b}"
-        lc, cc = lin.counters(), cls.counters()
-        diff = [(i, x, y) for i, (x, y) in enumerate(zip(lc, cc)) if x != y]
-        assert not diff, f"seed {seed}: counters differ (entry, linear, classified): {diff[:10]}"
-        assert sum(p for p, _ in cc) > 0
+        assert_same(lin, cls, random_packets(seed, 400), seed)
     finally:
         cls.close()
         lin.close()
