@@ -22,7 +22,7 @@ N = int(os.environ.get("BPFILTER_LARGE_N", "10000"))
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, BPF links")
 
-SRC_SPACE = ipaddress.IPv6Network("2001:db8:4000::/36")     # the security table counts 2001:db8::/32
+SRC_SPACE = ipaddress.IPv6Network("2001:db8:4000::/36")     # security counts 2001:db8::/32
 DST_SPACE = ipaddress.IPv6Network("2001:db8:2::/64")        # routed to h1 (the server's link)
 ACTIONS = ["DROP"] * 4 + ["ACCEPT"] * 4 + ["RETURN"] * 2
 
