@@ -71,23 +71,10 @@ def table6(text: str):
 
 
 def test_run(table, min_run=None) -> dict:
-    old = os.environ.get("BPFILTER_CLASSIFY_MIN_RUN")
-    if min_run is not None:
-        os.environ["BPFILTER_CLASSIFY_MIN_RUN"] = str(min_run)
-    try:
-        prog, cnt, cp, secs = RB.load_chain(table, "INPUT")
-    finally:
-        if min_run is not None:
-            if old is None:
-                os.environ.pop("BPFILTER_CLASSIFY_MIN_RUN", None)
-            else:
-                os.environ["BPFILTER_CLASSIFY_MIN_RUN"] = old
-    try:
-        return dict(ns=RB.test_run_ns(prog, "nf", flood_frame6(), NF_CTX6), load_s=secs,
-                    insns=prog.info()["xlated_prog_len"] // 8, maps=len(cp.maps))
-    finally:
-        prog.close()
-        cnt.close()
+    got = RB.bench_test_run(table, min_run, frame=flood_frame6(), nf_ctx=NF_CTX6)
+    if "error" in got:
+        raise RuntimeError(got["error"])
+    return got
 
 
 def main():

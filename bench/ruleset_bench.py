@@ -168,7 +168,8 @@ def side_line(shape: str, side: dict) -> str:
             f"over the empty program +{a['median']:.0f} ns [{a['min']:.0f}-{a['max']:.0f}]")
 
 
-def bench_test_run(table: Table, env_min_run=None, flavor="nf") -> dict:
+def bench_test_run(table: Table, env_min_run=None, flavor="nf", frame: bytes = None,
+                   nf_ctx: bytes = NF_CTX) -> dict:
     old = os.environ.get("BPFILTER_CLASSIFY_MIN_RUN")
     if env_min_run is not None:
         os.environ["BPFILTER_CLASSIFY_MIN_RUN"] = str(env_min_run)
@@ -183,7 +184,7 @@ def bench_test_run(table: Table, env_min_run=None, flavor="nf") -> dict:
             else:
                 os.environ["BPFILTER_CLASSIFY_MIN_RUN"] = old
     try:
-        ns = test_run_ns(prog, flavor)
+        ns = test_run_ns(prog, flavor, frame, nf_ctx)
         info = prog.info()
         return dict(ns=ns, load_s=secs, insns=info["xlated_prog_len"] // 8,
                     jited=info["jited_prog_len"], maps=len(cp.maps),
