@@ -219,13 +219,21 @@ def _owned(b) -> dict:
     return json.loads(b.run([PY, "-c", code], env=env_of(b)).stdout)
 
 
+def _fd_count(pid: int, pause: float = 0.0) -> int:
+    time.sleep(pause)
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def sequential_invocations(b, n: int) -> dict:
     """n iptables-legacy invocations (alternating -A and -D) under one door. Afterwards: the
     helper holds as many fds as before, the namespace's pins are the same files, its slots hold
     one program per hook and one counters map; after a flush those objects are gone (by id)."""
     bexec(b, "iptables-legacy -A INPUT -p udp --dport 7009 -j DROP")
     helper = helper_pids(b)[0]
-    fds0 = len(os.listdir(f"/proc/{helper}/fd"))
+    # the fewest fds over half a second (it exits after 2 s idle): the -A's own door connection
+    # may still be open for a moment (as below); counted here, it would hide a leak of one fd
+    # (and CI once read 7 here, 6 after the loop, and called that a leak)
+    fds0 = min(_fd_count(helper, pause=0.1) for _ in range(5))
     own0 = _owned(b)
     t0 = time.monotonic()
     loop = (f"i=0; while [ $i -lt {n // 2} ]; do "
@@ -240,7 +248,7 @@ def sequential_invocations(b, n: int) -> dict:
     # helper reads its end) and the replaced counters map (closed a grace period after the swap,
     # engine._LateCounts); a leak stays
     for _ in range(20) if helpers == [helper] else ():
-        fds1 = len(os.listdir(f"/proc/{helper}/fd"))
+        fds1 = _fd_count(helper)
         if fds1 <= fds0:
             break
         time.sleep(0.1)
@@ -259,7 +267,8 @@ def sequential_invocations(b, n: int) -> dict:
 
 def leaks(r: dict) -> list:
     bad = []
-    if r["helper_fds"][0] != r["helper_fds"][1]:
+    fds0, fds1 = r["helper_fds"]
+    if fds1 is None or fds1 > fds0:
         bad.append(f"helper fds {r['helper_fds']}")
     if not r["pins_same"]:
         bad.append("pin files changed")
