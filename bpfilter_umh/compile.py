@@ -44,6 +44,7 @@ import os
 import re
 import struct
 import weakref
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress, repeat
@@ -51,7 +52,7 @@ from operator import attrgetter, eq, is_, is_not, itemgetter
 from typing import Optional
 
 from . import ebpf as E
-from . import classify, family, flavors, matchers, targets
+from . import classify, family, flavors, matchers, stretch, targets
 from .ebpf import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Insn, Label
 from .errors import BpfilterError
 from .model import _ShiftedInts, _bisect_left   # the walks' moved spans (_shifted)
@@ -465,6 +466,7 @@ class _ChainCompiler:
         self.sub_labels = {}                   # (chain, start) -> label of its subprogram
         self.sub_queue = []                    # subprograms still to emit
         self.in_sub = False
+        self.in_piece = False                  # emitting a piece of a linear stretch (stretch.py)
         self.fl = flavor if flavor is not None else flavors.get("nf")
         self.v6 = table.family == AF_INET6     # the IPv6 family layer is in family.py
         self.items: list = []
@@ -594,12 +596,25 @@ class _ChainCompiler:
         funcs = getattr(self, "global_funcs", [])
         if not funcs:
             return E.prune(items)
-        # each function's head stands in for it while the rest is pruned (every one is called)
+        # each function's head stands in for it while the rest is pruned
         stubs = [x for body in funcs for x in (body[0], E.exit_())]
         main = E.prune(items + stubs)
         if main[len(main) - len(stubs):] != stubs:
-            raise BpfilterError(errno.EINVAL, f"chain {self.chain.name}: a global function is "
-                                              f"never called")
+            # a linear stretch's piece after a rule that always decides (an unconditional goto
+            # or verdict) is never called: it goes with its call site (stretch.py)
+            kept = {x.name for x in main if x.__class__ is Label}
+            called = [k for k, body in enumerate(funcs) if body[0].name in kept]
+            if any(not funcs[k][0].name.startswith(stretch.PIECE_STEM)
+                   for k in set(range(len(funcs))) - set(called)):
+                raise BpfilterError(errno.EINVAL, f"chain {self.chain.name}: a global function "
+                                                  f"is never called")
+            for name in ("global_funcs", "global_labels", "global_parts"):
+                whole = getattr(self, name)
+                whole[:] = [whole[k] for k in called]
+            if not funcs:
+                return E.prune(items)
+            stubs = [x for body in funcs for x in (body[0], E.exit_())]
+            main = E.prune(items + stubs)
         zero = [E.st(E.DW, FP, off, 0, "slots a global function reads: initialized"
                      if off == -classify.FRAME_LO else "")
                 for off in range(-classify.FRAME_LO, S_DYNPTR, 8)]
@@ -672,18 +687,27 @@ class _ChainCompiler:
         if d_index or d_offset or placed is not None:
             for run in runs.values():
                 run.d_index, run.d_offset, run.placement = d_index, d_offset, placed
-        pos = start
+
+        def entry_at(p: int) -> tuple:
+            # (rule p, the offset of the entry after it: the chain's next rule or its
+            # policy/RETURN entry, as a chain's entries are contiguous, without walking the table)
+            after = rules[p + 1] if p + 1 < len(rules) else pe
+            rule = rules[p] if not (d_index or d_offset) else chain_entry(chain, p)
+            return rule, after.offset + d_offset if after is not None else None
+        pos, starts = start, sorted(runs)
         while pos < len(rules):
             if pos in runs:
                 classify.emit_run(self, runs[pos], chain.name, ret, where, path)
                 pos = runs[pos].end
                 continue
-            # the entry after a rule: the chain's next rule or its policy/RETURN entry (a
-            # chain's entries are contiguous), without walking the table
-            after = rules[pos + 1] if pos + 1 < len(rules) else pe
-            rule = rules[pos] if not (d_index or d_offset) else chain_entry(chain, pos)
-            self._entry(rule, chain.name, pos + 1, ret, "rule", path, where,
-                        after.offset + d_offset if after is not None else None)
+            later = bisect_right(starts, pos)
+            end = starts[later] if later < len(starts) else len(rules)
+            if stretch.wanted(self, end - pos):     # long linear code: global functions
+                stretch.emit(self, chain, rules, pos, end, ret, path, where, entry_at)
+                pos = end
+                continue
+            rule, next_off = entry_at(pos)
+            self._entry(rule, chain.name, pos + 1, ret, "rule", path, where, next_off)
             pos += 1
 
     def _chain_return(self, chain: Chain, ret: str, path: list, where: str):
@@ -728,7 +752,8 @@ class _ChainCompiler:
         if isinstance(t, Jump):
             fail = self.label("skip")    # the inlined body may be too long for a 16-bit offset
         self.acc_live, self.fail = False, fail
-        self.first_cond = self.rule_count <= self.SHORT_CIRCUIT_MAX
+        # (a piece of a linear stretch is verified on its own: stretch.py)
+        self.first_cond = self.rule_count <= self.SHORT_CIRCUIT_MAX or self.in_piece
         if self.v6:
             family.ip6_packet_match(self, rule, fail, S_PROTO)
         else:
@@ -1062,7 +1087,12 @@ class _ChainCompiler:
         stack offsets: r9 holds the position of the next option kind, r8 the options length."""
         found, notfound, done = self.label("opt_found"), self.label("opt_none"), self.label("opt_done")
         yes, no = (fail, done) if inv else (done, fail)
+        # doff is 4 bits as parsed, but a call of a global function before this rule (a
+        # piece of a linear stretch, jump cases) passed the slots to it as writable memory,
+        # and the verifier forgets what they held (check_mem_reg): the mask bounds the
+        # options' length for bpf_dynptr_read again
         self.emit(E.ldx(E.DW, R8, FP, S_DOFF, f"{'! ' if inv else ''}--tcp-option {option}"),
+                  E.alu(E.AND, R8, 0xf),
                   E.jmp(E.JLT, R8, 5, hot, comment="doff*4 < sizeof(struct tcphdr): hotdrop"),
                   E.alu(E.LSH, R8, 2), E.alu(E.SUB, R8, 20),
                   E.jmp(E.JEQ, R8, 0, notfound, comment="no options"))
@@ -1591,7 +1621,7 @@ def _knobs() -> tuple:
     env = tuple(sorted((k, os.environ[k]) for k in _bpfilter_names()))
     return ks + (repr(classify.LOOKUP_NS), repr(classify.SPLIT_NS), SHARED_COUNT_ABOVE,
                  SUBPROG_UPTO, MAX_CALL_FRAMES, MAX_BPF_STACK, E.GOTO_SHORT,
-                 _ChainCompiler.SHORT_CIRCUIT_MAX) + env
+                 _ChainCompiler.SHORT_CIRCUIT_MAX, stretch.STRETCH_MIN, stretch.PIECE_RULES) + env
 
 
 def _bpfilter_names() -> list:

@@ -65,7 +65,11 @@ MAX_EXTHDRS = 16
 # -312 .. -249)
 S_SADDR6 = -336       # 16 bytes of ipv6hdr->saddr, as in the packet
 S_DADDR6 = -352       # 16 bytes of ipv6hdr->daddr
-S_WALKERR = -360      # 1 when ipv6_find_hdr() would have failed (or the walk went too deep)
+# 1 when ipv6_find_hdr() would have failed (or the walk went too deep): in compile.py's
+# S_SADDR, which an IPv6 table never uses (its addresses are the two above), so that every slot
+# rule code reads is among those a global function sees (classify.FRAME_LO: a linear stretch's
+# pieces, stretch.py), and the frame is no deeper than an IPv4 one
+S_WALKERR = -40
 
 
 def parse_ipv6(cc, drop: str, s_proto: int, s_fragoff: int, s_thoff: int):

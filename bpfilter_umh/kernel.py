@@ -581,8 +581,10 @@ class Prog(_Obj):
         t, id_ = struct.unpack_from("<II", b, 0)
         jl, xl = struct.unpack_from("<II", b, 16)
         nmaps = min(struct.unpack_from("<I", b, 52)[0], 64)
+        # verified_insns (offset 216): what the verifier processed, main program and functions
         return dict(type=t, id=id_, tag=b[8:16].hex(), jited_prog_len=jl, xlated_prog_len=xl,
-                    name=b[64:80].split(b"\0")[0].decode(), map_ids=list(ids[0:nmaps]))
+                    name=b[64:80].split(b"\0")[0].decode(), map_ids=list(ids[0:nmaps]),
+                    verified_insns=struct.unpack_from("<I", b, 216)[0])
 
     def test_run(self, *a, **kw):
         self._need_fd()
