@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps ffi launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-ipv6 bench-cplane fuzz-deps reliability reliability-long clean
+.PHONY: deps ffi launcher test test-fast differential demo kmod test-kmod bench bench-door bench-flavors bench-rulesets bench-ipv6 bench-linear bench-cplane fuzz-deps reliability reliability-long clean
 
 deps:
 	sh tools/install-deps.sh
@@ -76,7 +76,7 @@ reliability-long: fuzz-deps
 	$(PYTHON) tools/reliability.py --long
 
 # Benchmarks (not tests): ratios measured side by side in one run
-bench: bench-door bench-flavors bench-rulesets bench-ipv6 bench-cplane
+bench: bench-door bench-flavors bench-rulesets bench-ipv6 bench-linear bench-cplane
 
 bench-door: deps launcher
 	$(PYTHON) bench/door_bench.py
@@ -93,6 +93,10 @@ bench-rulesets: deps launcher
 # an IPv6 prefix blocklist, N = 10..10 000: test-run, side by side, restore and append vs the kernel
 bench-ipv6: deps launcher
 	$(PYTHON) bench/ipv6_bench.py
+
+# chains no classified run takes: linear code cut into global functions (stretch.py)
+bench-linear: deps launcher
+	$(PYTHON) bench/linear_bench.py
 
 # where one SET_REPLACE's time goes at 10 000 rules, per shape (restore, then appends)
 bench-cplane: deps

@@ -247,3 +247,26 @@ MAKERS = {"blocklist": blocklist, "ports": ports, "tuple": tuple5, "mixed": mixe
 
 def make(shape: str, n: int, seed: int = 0) -> Ruleset:
     return MAKERS[shape](n, seed)
+
+
+def iface_chain(n: int) -> Ruleset:
+    """n rules `-i IFACE -s 10.X.Y.0/24 -j DROP|ACCEPT` in INPUT, a `-i eth0 -s 10.X.0.0/16 -j
+    ACCEPT` after every 500th: a chain no classified run takes (runs read no interface), linear
+    code cut into global functions (bpfilter_umh/stretch.py); probes from c0 (arriving on eth0)
+    aimed at rules early, in the middle and at the end of the chain, and one no rule matches.
+    Not among SHAPES: bench/linear_bench.py and the differential tests use it."""
+    ifaces = ("eth0", "eth1", "longifname12345", "eth0")
+    rs = Ruleset("iface", n, "INPUT")
+    for i in range(n):
+        x, y = i // 256 % 256, i % 256
+        rs.lines.append(f"-A INPUT -i {ifaces[i % 4]} -s 10.{x}.{y}.0/24 -j "
+                        f"{'ACCEPT' if i % 3 == 0 else 'DROP'}")
+        if i % 500 == 499:
+            rs.lines.append(f"-A INPUT -i eth0 -s 10.{x}.0.0/16 -j ACCEPT")
+    rs.probes = [Probe("INPUT", "c0", f"10.{i // 256 % 256}.{i % 256}.7", INPUT_DST,
+                       IPPROTO_UDP, 1024, 53)
+                 for i in sorted({0, 1, 2, 3, 5, 6, n // 2, n // 2 + 1, n - 3, n - 2, n - 1})]
+    rs.miss = Probe("INPUT", "c0", "203.0.113.200", INPUT_DST, IPPROTO_UDP, 1024, 53)
+    rs.probes.append(rs.miss)
+    return rs
+

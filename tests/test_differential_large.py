@@ -92,24 +92,9 @@ def test_appends_to_a_run(shape, labs):
 # ---- a large chain no run takes: linear code past the verifier's jump-sequence limit ------------
 
 def _iface_chain(n: int) -> tuple:
-    """(restore text, probes): n rules `-i IFACE -s 10.X.Y.0/24 -j DROP|ACCEPT` (no run takes
-    an interface), a `-i eth0 -s 10.X.0.0/16 -j ACCEPT` after every 500th, and probes from c0
-    (arriving on eth0) aimed at rules early, in the middle and at the end of the chain."""
-    from probes import IPPROTO_UDP, Probe
-    ifaces = ("eth0", "eth1", "longifname12345", "eth0")
-    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    for i in range(n):
-        x, y = i // 256 % 256, i % 256
-        lines.append(f"-A INPUT -i {ifaces[i % 4]} -s 10.{x}.{y}.0/24 -j "
-                     f"{'ACCEPT' if i % 3 == 0 else 'DROP'}")
-        if i % 500 == 499:
-            lines.append(f"-A INPUT -i eth0 -s 10.{x}.0.0/16 -j ACCEPT")
-    lines.append("COMMIT")
-    probes = [Probe("INPUT", "c0", f"10.{i // 256 % 256}.{i % 256}.7", rulesets.INPUT_DST,
-                    IPPROTO_UDP, 1024, 53)
-              for i in sorted({0, 1, 2, 3, 5, 6, n // 2, n // 2 + 1, n - 3, n - 2, n - 1})]
-    probes.append(Probe("INPUT", "c0", "203.0.113.200", rulesets.INPUT_DST, IPPROTO_UDP, 1024, 53))
-    return "\n".join(lines) + "\n", number(probes)
+    """(restore text, probes) of rulesets.iface_chain(n), the probes numbered."""
+    rs = rulesets.iface_chain(n)
+    return rs.text, number(rs.probes)
 
 
 def test_large_linear_chain(labs):
