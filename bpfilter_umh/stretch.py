@@ -40,7 +40,7 @@ import zlib
 from . import classify
 from . import ebpf as E
 from .ebpf import FP, R0, R1, R2, R9, Label
-from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Jump, Verdict
+from .model import NF_ACCEPT, NF_DROP, XT_RETURN, Verdict
 
 STRETCH_MIN = 512          # linear rules in a row from which they become functions
 PIECE_RULES = 128          # rules per function, about (see _cut)
@@ -68,7 +68,7 @@ def _budget(cc) -> int:
 
 
 def _plain(rule) -> bool:
-    """Can the rule's target be answered by a piece (ACCEPT, DROP, RETURN, no target)?"""
+    """Can the rule's target be answered by a piece (ACCEPT, DROP or RETURN)?"""
     t = rule.target
     if isinstance(t, Verdict):
         return t.verdict in (-NF_ACCEPT - 1, -NF_DROP - 1, XT_RETURN)
@@ -229,8 +229,8 @@ def _make_piece(cc, chain, lo: int, hi: int, ret: str, path: list, where: str, e
                       E.stx(E.DW, FP, C.S_SUB_MAIN, R1, "keep it"),
                       # r8/r9 must be readable: a rewritten store saves one of them
                       E.mov(E.R8, 0), E.mov(R9, 0)] + C._via_main_frame(body)
-    relocs = [(p, ordinal.get(it.imm, -1)) for p, it in enumerate(out) if it.__class__ is not Label
-              and it.code == classify._ST_KEY and it.off == C.S_KEY]
+    relocs = [(p, ordinal.get(it.imm, -1)) for p, it in enumerate(out)
+              if it.__class__ is not Label and it.code == classify._ST_KEY and it.off == C.S_KEY]
     renamed, names, sfx = classify._own_labels(out)
     tpl = _Piece(fn + sfx, renamed, relocs, {})
     tpl.ordinals = {}
