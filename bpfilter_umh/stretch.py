@@ -201,8 +201,11 @@ def _make_piece(cc, chain, lo: int, hi: int, ret: str, path: list, where: str, e
     labels = {it.name for it in body if it.__class__ is Label}
     # jumps leave the piece only for the chain's RETURN (calls: the counting subprogram)
     leaves = {it.target for it in body if it.__class__ is not Label} - labels
-    if classify._uses_context(body) or leaves - {None, ret, C.COUNT_SUB} or \
-            not _in_window(body):
+    moved = None
+    if not classify._uses_context(body) and not leaves - {None, ret, C.COUNT_SUB} and \
+            _in_window(body):
+        moved = _via_r9(body)
+    if moved is None:
         cc.rule_count = count           # emitted again inline by the caller
         for name in labels:
             cc.where.pop(name, None)
@@ -213,22 +216,15 @@ def _make_piece(cc, chain, lo: int, hi: int, ret: str, path: list, where: str, e
     ordinal = {entry_at(p)[0].index: p - lo for p in range(lo, hi)}
     fn, fret = cc.label(f"{PIECE_STEM}{chain.name}_{lo + 1}"), cc.label("fn_return")
     body = [E.Insn(it.code, it.dst, it.src, it.off, it.imm, fret, it.map, it.kfunc, it.comment)
-            if it.__class__ is not Label and it.target == ret else it for it in body]
+            if it.__class__ is not Label and it.target == ret else it for it in moved]
     body += [E.mov(R0, classify.FN_CONTINUE), E.exit_("no rule of the piece decided"),
              Label(fret), E.mov(R0, classify.FN_RETURN), E.exit_("RETURN")]
     ok = cc.label("fn_frame")
-    head = [Label(fn, f"global function: {where} rules {lo + 1}..{hi} (linear)"),
-            E.jmp(E.JNE, R1, 0, ok), E.mov(R0, cc.fl.DROP), E.exit_(), Label(ok)]
-    body = classify._prune_function(body)
-    held = _via_r9(body)
-    if held is not None:
-        out = head + [E.mov(R9, R1), E.alu(E.ADD, R9, classify.FRAME_LO,
-                                            comment="r9 = the caller's frame pointer")] + held
-    else:
-        out = head + [E.alu(E.ADD, R1, classify.FRAME_LO, comment="r1 = the caller's frame pointer"),
-                      E.stx(E.DW, FP, C.S_SUB_MAIN, R1, "keep it"),
-                      # r8/r9 must be readable: a rewritten store saves one of them
-                      E.mov(E.R8, 0), E.mov(R9, 0)] + C._via_main_frame(body)
+    out = [Label(fn, f"global function: {where} rules {lo + 1}..{hi} (linear)"),
+           E.jmp(E.JNE, R1, 0, ok), E.mov(R0, cc.fl.DROP), E.exit_(), Label(ok),
+           E.mov(R9, R1), E.alu(E.ADD, R9, classify.FRAME_LO,
+                                comment="r9 = the caller's frame pointer")] + \
+        classify._prune_function(body)
     relocs = [(p, ordinal.get(it.imm, -1)) for p, it in enumerate(out)
               if it.__class__ is not Label and it.code == classify._ST_KEY and it.off == C.S_KEY]
     renamed, names, sfx = classify._own_labels(out)
@@ -259,12 +255,12 @@ def _call(cc, head: str, ret: str, what: str):
 
 def _via_r9(items: list) -> list:
     """The piece's code with its fp-relative slot accesses made r9-relative, r9 holding the
-    caller's frame pointer for the whole piece; None when the code uses r9 itself (then
-    compile._via_main_frame, which reloads the pointer where a register is free). Rule code
-    that reads only the slots leaves r9 alone (r6-r9 are the context-reading matchers' and
-    --tcp-option's), and calls keep it (callee-saved): one load an access, where reloading the
-    pointer after every label cost ~2 ns a rule (3 000 `-i -s` rules: 28 -> 23 us a packet,
-    as linear code inline). Opcodes read directly: a 10 000-rule chain has ~200 000."""
+    caller's frame pointer for the whole piece; None when the code uses r9 itself (the rules
+    stay inline then). Rule code that reads only the slots leaves r9 alone (r6-r9 are the
+    context-reading matchers' and --tcp-option's), and calls keep it (callee-saved): one load
+    an access, where compile._via_main_frame (the jump-case functions') reloads the pointer
+    after every label, ~2 ns a rule (3 000 `-i -s` rules: 28 -> 23 us a packet, as linear code
+    inline). Opcodes read directly: a 10 000-rule chain has ~200 000."""
     out = []
     put = out.append
     Insn = E.Insn
