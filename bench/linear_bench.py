@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -44,19 +43,13 @@ def edits(n: int) -> list:
 
 def control(text: str, n: int, env_extra: dict = None, kernel: bool = False) -> dict:
     """Wall seconds of the restore and each edit, kernel or bpfilter (launcher, helper first)."""
-    if not os.access(RB.LAUNCHER, os.X_OK):
-        subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={sys.executable}"],
-                       check=True)
+    RB.ensure_launcher()
     out = {}
     with Netns("lin") as ns:
         env = dict(ns.env, PYTHONPATH=ROOT, **(env_extra or {}))
         pre, helper = [], None
         if not kernel:
-            log = os.path.join(ns._lockdir, "helper.log")
-            henv = dict(env, BPFILTER_LOG="DEBUG", BPFILTER_IDLE_EXIT="60")
-            helper = ns.popen([sys.executable, "-m", "bpfilter_umh", "--listen"], env=henv,
-                              stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-            RB._wait_for_helper(log)
+            helper, _log = RB.start_helper(ns, env, idle_exit="60")
             pre = [RB.LAUNCHER, "--"]
         try:
             cmds = [("restore", ["iptables-legacy-restore"], text)] + \

@@ -312,9 +312,7 @@ def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter"),
     door's start-up and the iptables binary). `restore`, `binary`, `append`: the ip6tables
     commands for an IPv6 ruleset."""
     out = {}
-    if not os.access(LAUNCHER, os.X_OK):
-        subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={sys.executable}"],
-                       check=True)
+    ensure_launcher()
     # the modules compiled once, as an installed package has them: with PYTHONDONTWRITEBYTECODE
     # every command would compile the door's modules again (~7 ms)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "bpfilter_umh")],
@@ -326,11 +324,7 @@ def control_plane(text: str, appends: int = 3, order=("kernel", "bpfilter"),
             pre = [] if who == "kernel" else [LAUNCHER, "--"]
             helper = log = None
             if who == "bpfilter":
-                log = os.path.join(ns._lockdir, "helper.log")
-                henv = dict(env, BPFILTER_LOG="DEBUG", BPFILTER_IDLE_EXIT="3")
-                helper = ns.popen([sys.executable, "-m", "bpfilter_umh", "--listen"], env=henv,
-                                  stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-                _wait_for_helper(log)
+                helper, log = start_helper(ns, env)
             try:
                 t0 = time.monotonic()
                 p = ns.run(pre + [restore], input=text, check=False, env=env, timeout=900)
@@ -410,6 +404,24 @@ def one_changed(text: str) -> str:
 # the debug line a helper logs once its start-up idle work is over (__main__.queue_start_work:
 # the heap reserve faulted in, ~60 ms of CPU in steps); none when BPFILTER_HEAP_RESERVE=0
 _WARMED = "heap reserve warmed"
+
+
+def ensure_launcher():
+    """build/bpfilter-exec, made when missing."""
+    if not os.access(LAUNCHER, os.X_OK):
+        subprocess.run(["make", "-s", "-C", ROOT, "launcher", f"PYTHON={sys.executable}"],
+                       check=True)
+
+
+def start_helper(ns, env: dict, idle_exit: str = "3") -> tuple:
+    """(process, log path) of the namespace's helper, started before the commands with its
+    per-request log, and waited for until it serves (_wait_for_helper)."""
+    log = os.path.join(ns._lockdir, "helper.log")
+    henv = dict(env, BPFILTER_LOG="DEBUG", BPFILTER_IDLE_EXIT=idle_exit)
+    helper = ns.popen([sys.executable, "-m", "bpfilter_umh", "--listen"], env=henv,
+                      stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    _wait_for_helper(log)
+    return helper, log
 
 
 def _wait_for_helper(log: str, timeout: float = 30.0):
