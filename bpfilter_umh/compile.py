@@ -283,6 +283,8 @@ class CompiledProgram:
 
 
 _LDDW, _CALL_LOCAL = E._LDDW, E.BPF_JMP | E.CALL
+_ALL64, _IMM_MAX = (1 << 64) - 1, 1 << 31
+_MOV_X = E.BPF_ALU64 | E.MOV | E.BPF_X
 
 
 def _label_slots(items: list) -> tuple:
@@ -763,7 +765,12 @@ class _ChainCompiler:
         for m in rule.matches:
             self._match(m, rule, chain, pos, fail, hot)
         if self.acc_live:
-            self.emit(E.jmp(E.JNE, ACC, 0, fail, comment="a later condition failed"))
+            last = self.items[-1]
+            if last.__class__ is Insn and last.code == _MOV_X and last.dst == ACC:
+                # the accumulator holds one condition's value: test that register instead
+                self.items[-1] = E.jmp(E.JNE, last.src, 0, fail, comment="a later condition failed")
+            else:
+                self.emit(E.jmp(E.JNE, ACC, 0, fail, comment="a later condition failed"))
         self._count(rule.index)
         if t is None:
             self.emit(E.ja(nxt, "no target: continue"), *self._hotdrop_tail(hot, nxt))
@@ -879,14 +886,22 @@ class _ChainCompiler:
         return target, start
 
     def _count(self, index: int):
-        """ADD_COUNTER(*counter, skb->len, 1) on this CPU's slot of entry `index`."""
+        """ADD_COUNTER(*counter, skb->len, 1) on this CPU's slot of entry `index`. A piece of a
+        linear stretch only stores the key: its caller counts (stretch._call)."""
         key = E.st(E.W, FP, S_KEY, index, f"count entry {index}")
         self.index_insns.append(key)
+        self.emit(key)
+        if not self.in_piece:
+            self.count_key()
+
+    def count_key(self):
+        """ADD_COUNTER on the entry whose index S_KEY holds; a key past the map's end (a
+        lookup that finds nothing) counts nothing."""
         if self.shared_count:
-            self.emit(key, *_COUNT_SHARED)
+            self.emit(*_COUNT_SHARED)
             return
         skip = self.label("nocount")
-        self.emit(key, *_COUNT_LOOKUP, E.jmp(E.JEQ, R0, 0, skip), *_COUNT_ADD, Label(skip))
+        self.emit(*_COUNT_LOOKUP, E.jmp(E.JEQ, R0, 0, skip), *_COUNT_ADD, Label(skip))
 
     def _hotdrop_tail(self, hot: str, nxt: str) -> tuple:
         """An entry's end: its hotdrop exit (labelled `hot`), then the next entry's label."""
@@ -995,15 +1010,23 @@ class _ChainCompiler:
             if inv:
                 self.emit(E.ja(fail, empty_text))
             return
+        # one word (a name of up to 7 characters, a prefix of up to /64) is its own result; a
+        # mask word of all ones needs no AND, and a value below 2^31 is an immediate (an ALU64
+        # immediate is sign-extended): fewer instructions for the verifier and the JIT
+        out = R1 if len(words) == 1 else R4
         for k, (i, want, m) in enumerate(words):
-            self.emit(E.ldx(E.DW, R1, FP, slot + i, text if k == 0 else ""),
-                      E.ld_imm64(R2, m), E.alu(E.AND, R1, R2),
-                      E.ld_imm64(R3, want), E.alu(E.XOR, R1, R3))
-            self.emit(E.mov(R4, R1) if k == 0 else E.alu(E.OR, R4, R1))
-        self.emit(E.mov(R1, R4))
+            self.emit(E.ldx(E.DW, R1, FP, slot + i, text if k == 0 else ""))
+            if m != _ALL64:
+                self.emit(*((E.alu(E.AND, R1, m),) if m < _IMM_MAX else
+                            (E.ld_imm64(R2, m), E.alu(E.AND, R1, R2))))
+            if want:
+                self.emit(*((E.alu(E.XOR, R1, want),) if want < _IMM_MAX else
+                            (E.ld_imm64(R3, want), E.alu(E.XOR, R1, R3))))
+            if out == R4:
+                self.emit(E.mov(R4, R1) if k == 0 else E.alu(E.OR, R4, R1))
         if inv:
-            self._nz(invert=True)
-        self._acc()
+            self._nz(out, invert=True)
+        self._acc(out)
 
     # ---- matches ----
     def _match(self, m, rule: Rule, chain: str, pos: int, fail: str, hot: str):

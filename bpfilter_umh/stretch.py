@@ -20,8 +20,8 @@ answers:
   FN_CONTINUE   no rule of the piece decided: go on with the rule after it
   FN_RETURN     a RETURN rule matched: the chain returns (the caller's `ret`)
   ACCEPT / DROP a verdict (a matched ACCEPT or DROP rule, or a hotdrop)
-Counting is the rule code's own (the entry's key in the main frame's S_KEY, then the counting
-subprogram or the map lookup), so counters stay per entry. The cuts follow the entries'
+A matched rule stores its entry's key in the main frame's S_KEY and answers; the caller counts
+that entry (_call), so counters stay per entry. The cuts follow the entries'
 contents (_cut), and a piece whose rules a later compile finds again is kept with its counter
 keys moved (_piece): an edit compiles the pieces around it only.
 
@@ -239,18 +239,27 @@ def _make_piece(cc, chain, lo: int, hi: int, ret: str, path: list, where: str, e
 
 
 def _call(cc, head: str, ret: str, what: str):
-    """The main program's side: the call, then the answer."""
+    """The main program's side: the call, then the answer, counted here. The piece stores the
+    matched entry's key in S_KEY and leaves (compile._count), so the counting subprogram's
+    code is verified at the three answers of each call, not at each of the piece's rules (a
+    static subprogram is verified again at every call site: it was half of the instructions a
+    10 000-rule chain's pieces made the verifier process). S_KEY starts past the counters'
+    end, so a hotdrop, which stores no key, counts nothing (ipt_do_table)."""
+    from .compile import S_KEY
     fl = cc.fl
     nc, nr, vd, go = (cc.label(x) for x in ("fn_nc", "fn_nr", "fn_drop", "fn_go"))
-    cc.emit(E.mov(R1, FP), E.alu(E.ADD, R1, -classify.FRAME_LO, comment="arg: the slots"),
+    cc.emit(E.mov(R1, -1), E.stx(E.W, FP, S_KEY, R1, "no entry matched yet"),
+            E.mov(R1, FP), E.alu(E.ADD, R1, -classify.FRAME_LO, comment="arg: the slots"),
             E.mov(R2, 0),
             E.call_local(head, f"global function: {what}"),
             E.jmp(E.JNE, R0, classify.FN_CONTINUE, nc), E.ja(go, "no rule decided"),
-            Label(nc), E.jmp(E.JNE, R0, classify.FN_RETURN, nr), E.ja(ret, "RETURN"),
-            Label(nr), E.jmp(E.JNE, R0, fl.ACCEPT, vd), E.mov(R0, fl.ACCEPT),
-            E.exit_("ACCEPT"),
-            Label(vd), E.mov(R0, fl.DROP), E.exit_("DROP"),
-            Label(go))
+            Label(nc), E.jmp(E.JNE, R0, classify.FN_RETURN, nr))
+    cc.count_key()
+    cc.emit(E.ja(ret, "RETURN"), Label(nr), E.jmp(E.JNE, R0, fl.ACCEPT, vd))
+    cc.count_key()
+    cc.emit(E.mov(R0, fl.ACCEPT), E.exit_("ACCEPT"), Label(vd))
+    cc.count_key()
+    cc.emit(E.mov(R0, fl.DROP), E.exit_("DROP"), Label(go))
 
 
 def _via_r9(items: list) -> list:

@@ -139,3 +139,31 @@ def test_pieces_of_a_chain():
     finally:
         del os.environ["BPFILTER_STRETCH_MIN"]
     assert not cp0.global_labels
+
+
+def test_pieces_leave_counting_to_their_caller():
+    """A piece's rules store their entry's key and answer; the counting subprogram is called
+    only by the main program after the answer (stretch._call). A static subprogram is verified
+    again at each call site, so counting in the pieces made the verifier process ~40
+    instructions a rule of `-i IFACE -s PREFIX` (6.18); now ~15, and the chain's counters are
+    still the kernel's (test_edited_linear_chain)."""
+    import ruleset_bench as RB
+    from bpfilter_umh.compile import COUNT_SUB
+    n = 2000
+    table = RB.table_of(rulesets.iface_chain(n).text)
+    prog, cnt, cp, _secs = RB.load_chain(table, "INPUT")
+    try:
+        verified = prog.info()["verified_insns"]
+    finally:
+        prog.close()
+        cnt.close()
+    heads = set(cp.global_labels)
+    assert heads, "no pieces"
+    inside, calls = None, []
+    for it in cp.items:
+        if it.__class__.__name__ == "Label":
+            inside = it.name if it.name in heads else inside
+        elif inside and getattr(it, "target", None) == COUNT_SUB:
+            calls.append(inside)
+    assert not calls, f"pieces calling {COUNT_SUB}: {sorted(set(calls))[:3]}"
+    assert verified < 20 * n, f"{verified} instructions verified for {n} rules"
