@@ -167,3 +167,21 @@ def test_pieces_leave_counting_to_their_caller():
             calls.append(inside)
     assert not calls, f"pieces calling {COUNT_SUB}: {sorted(set(calls))[:3]}"
     assert verified < 20 * n, f"{verified} instructions verified for {n} rules"
+
+
+def test_pieces_kept_when_the_prologue_grows():
+    """The table's first rule that reads ports, appended to a long interface chain, makes the
+    prologue parse the L4 header: the pieces, which read only their own rules' slots, are
+    kept (their key holds no program-wide flag: stretch._piece_key)."""
+    import ruleset_bench as RB
+    text = rulesets.iface_chain(1200).text
+    before = RB.table_of(text)
+    after = RB.table_of(text.replace("COMMIT", "-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT"))
+    facts = KernelFacts.fake()
+    classify._FN_CACHE.clear()
+    compile_table(before, facts)
+    made, reused = classify.FN_STATS["made"], classify.FN_STATS["reused"]
+    cp = next(p for p in compile_table(after, facts).programs if p.chain == "INPUT")
+    made, reused = classify.FN_STATS["made"] - made, classify.FN_STATS["reused"] - reused
+    assert cp.global_labels and made <= 1 and reused >= len(cp.global_labels) - 1, \
+        f"pieces compiled {made}, kept {reused}"
