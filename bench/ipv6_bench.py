@@ -1,7 +1,9 @@
-"""`make bench-ipv6`: an IPv6 prefix blocklist (ip6tables INPUT, `-s PREFIX -j DROP|ACCEPT`), kernel
-ip6tables-legacy against bpfilter, side by side: what classify.py's IPv6 prefix runs (lpm6) give.
+"""`make bench-ipv6`: IPv6 rulesets in ip6tables INPUT, kernel ip6tables-legacy against bpfilter,
+side by side: what classify.py's IPv6 runs give. Shapes:
+  blocklist6   `-s PREFIX -j DROP|ACCEPT` (prefix runs, lpm6)
+  ports6       `-p tcp|udp --dport PORT[:PORT] -j DROP|ACCEPT` (port runs, hash6)
 
-For N in 10, 100, 1000, 10 000:
+For each shape and N in 10, 100, 1000, 10 000:
   test-run     BPF_PROG_TEST_RUN ns/packet of the compiled INPUT (nf) for a packet no rule
                matches (every rule consulted), classifier on, and off for N <= 1000 (linear code)
   side by side the empty program, N=10 and N=10 000 test-run in turn, round after round (as
@@ -10,7 +12,7 @@ For N in 10, 100, 1000, 10 000:
                to the running helper, one `ip6tables-legacy -A` on the loaded table, 3 runs each
                (kernel first and bpfilter first in turn), the restores' ratio per run
 
-    python bench/ipv6_bench.py [--n 10,100,1000,10000] [--repeat 3]
+    python bench/ipv6_bench.py [--n 10,100,1000,10000] [--repeat 3] [--shapes blocklist6,ports6]
 Needs root. Runs only in namespaces it creates and removes.
 """
 from __future__ import annotations
@@ -59,6 +61,33 @@ def blocklist6(n: int, seed: int = 1) -> str:
         "".join(x + "\n" for x in lines) + "COMMIT\n"
 
 
+def ports6(n: int, seed: int = 1) -> str:
+    """n rules: tcp and udp ports 1024-65535 (a tenth of them ranges of up to 16 ports, DROP),
+    and 200 hot ones among 20 ports with either verdict at random places among them; the
+    flood's udp port 7 is no rule's."""
+    rnd = random.Random(seed)
+
+    def line(port: str, verdict: str) -> str:
+        p = rnd.choice(["tcp", "udp"])
+        return f"-A INPUT -p {p} -m {p} --dport {port} -j {verdict}"
+
+    def cold():
+        lo = rnd.randrange(1024, 65520)
+        return line(f"{lo}:{lo + rnd.randrange(1, 16)}" if rnd.random() < 0.1 else str(lo),
+                    "DROP")
+    hot_ports = [rnd.randrange(1024, 2048) for _ in range(20)]
+    hots = [line(str(rnd.choice(hot_ports)), "ACCEPT" if rnd.random() < 0.33 else "DROP")
+            for _ in range(min(200, max(1, n // 4)))]
+    lines = [cold() for _ in range(n - len(hots))]
+    for h in hots:
+        lines.insert(rnd.randrange(len(lines) + 1), h)
+    return "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" + \
+        "".join(x + "\n" for x in lines) + "COMMIT\n"
+
+
+SHAPES = {"blocklist6": blocklist6, "ports6": ports6}
+
+
 def flood_frame6() -> bytes:
     from test_compile_ipv6_util import NH_UDP, ipv6, udp6
     return b"\x02\0\0\0\0\x01\x02\0\0\0\0\x02\x86\xdd" + ipv6(FLOOD_SRC, FLOOD_DST, NH_UDP,
@@ -82,20 +111,26 @@ def main():
     ap.add_argument("--n", default="10,100,1000,10000")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-control", action="store_true")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("ipv6_bench: needs root (namespaces, BPF)")
     ns_list = [int(x) for x in args.n.split(",")]
     print(f"machine: {RB.machine()}", flush=True)
+    for shape in args.shapes.split(","):
+        run_shape(shape, ns_list, args)
+
+
+def run_shape(shape: str, ns_list: list, args) -> None:
     ends = {}
     for n in ns_list:
-        text = blocklist6(n)
+        text = SHAPES[shape](n)
         table = table6(text)
         if n in (min(ns_list), max(ns_list)):
             ends[n] = table
         runs = [t for ts in classify.describe(table).values() for t in ts]
         cls = test_run(table)
-        s = (f"blocklist6 N={n:<6} runs {len(runs)} | test-run {cls['ns']:.1f} ns "
+        s = (f"{shape:10} N={n:<6} runs {len(runs)} | test-run {cls['ns']:.1f} ns "
              f"({cls['insns']} insns, {cls['maps']} maps, load {cls['load_s'] * 1e3:.0f} ms)")
         if n <= 1000:
             lin = test_run(table, 0)
@@ -119,7 +154,7 @@ def main():
         print(s, flush=True)
     if len(ends) > 1:
         side = RB.side_by_side(ends, empty=table6(EMPTY6), frame=flood_frame6(), nf_ctx=NF_CTX6)
-        print(RB.side_line("blocklist6", side), flush=True)
+        print(RB.side_line(shape, side), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ Shapes (decided per rule by rule_shape(); a run ends at the first rule of anothe
                       is a key no longer than it), so its value is the first match.
   lpm6 src / lpm6 dst the same in an IPv6 table (key {prefixlen, 16-byte addr}); a rule with
                       any flag (IP6T_F_PROTO: -p, even -p all), interface, match or jump stays
-                      linear. IPv6 tables get no hash or multi runs.
+                      linear.
+  hash6               an IPv6 table's port rules: `-p tcp|udp` with one tcp/udp match (ports
+                      or ranges), no address, interface or other match: `-p tcp --dport 22 -j
+                      ACCEPT`. BPF_MAP_TYPE_HASH keyed {u8 proto; u8 0; u16 sport; u16 dport;
+                      u16 0} (the second word of the IPv4 hash key), filled as hash runs are.
+                      A failed extension-header walk hotdrops (ip6_packet_match: the run's
+                      first rule walks); then the tcp/udp checks as below. IPv6 tables get no
+                      address hash runs nor multi runs.
   hash                same masks for every rule of the run: source/destination with fixed netmasks,
                       protocol, tcp/udp source and destination port (single port, range, or any;
                       ranges are expanded into keys); `-d 10.0.0.7 -p tcp --dport 443 -j ACCEPT`.
@@ -105,7 +112,7 @@ BPF_F_NO_PREALLOC = 1          # LPM tries must be created with it (kernel/bpf/l
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 LINEAR_NS = 1.2                # per rule of linear code (design.md §5, compile.py's author)
-LOOKUP_NS = {"lpm": 60.0, "lpm6": 60.0, "hash": 40.0}
+LOOKUP_NS = {"lpm": 60.0, "lpm6": 60.0, "hash": 40.0, "hash6": 40.0}
 MAX_KEYS = 1 << 20             # expanded port ranges of one run; beyond that the run stays linear
 
 ACT_DROP, ACT_ACCEPT, ACT_RETURN = 0, 1, 2
@@ -155,7 +162,7 @@ class MapSpec:
 
 @dataclass
 class Run:
-    kind: str                  # "lpm" or "hash"
+    kind: str                  # "lpm", "hash", "lpm6", "hash6" or "multi"
     start: int                 # index in chain.rules of the first rule of the run
     rules: list                # the rules, in order
     sig: tuple                 # the shape all rules share
@@ -180,7 +187,7 @@ class Run:
             "daddr prefix" if self.sig[1:] == ("dst",) else _hash_text(self.sig)
         jumps = f", {len(self.cases)} of them jumps" if self.cases else ""
         return (f"rules {self.start + 1}..{self.end} of {chain or 'chain'} ({len(self.rules)} "
-                f"rules{jumps}): one {'hash' if self.kind == 'hash' else 'LPM trie'} lookup on "
+                f"rules{jumps}): one {'hash' if self.kind in _HASHES else 'LPM trie'} lookup on "
                 f"{what}")
 
 
@@ -332,14 +339,19 @@ def _plen6(mask) -> int:
 
 
 def _rule_class6(rule: Rule) -> tuple:
-    """An ip6t_ip6 rule's class: the lpm6 shapes only, a source or a destination prefix and
-    nothing else (no interface, no flags: IP6T_F_PROTO makes even `-p all` walk the extension
-    headers and hotdrop a failed walk; no match but comments; ACCEPT, DROP or RETURN). IPv6
-    tables get no hash or multi runs: a 5-tuple key of two 16-byte addresses is another layout
-    than the IPv4 one these read from the entries' bytes (not done, issue #7's note)."""
+    """An ip6t_ip6 rule's class: a source or a destination prefix and nothing else (lpm6: no
+    interface, no flags: IP6T_F_PROTO makes even `-p all` walk the extension headers and
+    hotdrop a failed walk; no match but comments), or `-p tcp|udp` and its ports and nothing
+    else (hash6); ACCEPT, DROP or RETURN. IPv6 tables get no address hash runs nor multi runs:
+    a 5-tuple key of two 16-byte addresses is another layout than the IPv4 one these read
+    from the entries' bytes (not done, issue #7's note)."""
     ip = rule.ip
-    if ip.invflags or ip.flags or any(ip.iniface_mask) or any(ip.outiface_mask) \
-            or _matches(rule) or _action(rule.target) not in (ACT_DROP, ACT_ACCEPT, ACT_RETURN):
+    if ip.invflags or any(ip.iniface_mask) or any(ip.outiface_mask) \
+            or _action(rule.target) not in (ACT_DROP, ACT_ACCEPT, ACT_RETURN):
+        return _NO_CLASS
+    if ip.flags:
+        return _rule_class6_ports(rule)
+    if _matches(rule):
         return _NO_CLASS
     sp, dp = _plen6(ip.smsk), _plen6(ip.dmsk)
     if dp == 0 and sp >= 0:
@@ -347,6 +359,24 @@ def _rule_class6(rule: Rule) -> tuple:
     if sp == 0 and dp >= 0:
         return ("lpm6", "dst"), False, 0
     return _NO_CLASS
+
+
+def _rule_class6_ports(rule: Rule) -> tuple:
+    """hash6: IP6T_F_PROTO alone, protocol tcp or udp, no address (a zero mask: the address
+    bits are masked away, ipv6_masked_addr_cmp), its one tcp/udp match (_l4). The shape reads
+    as an IPv4 hash shape's without addresses, so the port rules of both families share the
+    key counting and the run text."""
+    from .family import IP6T_F_PROTO
+    ip = rule.ip
+    if ip.flags != IP6T_F_PROTO or int(ip.smsk) or int(ip.dmsk):
+        return _NO_CLASS
+    l4 = _l4(rule)
+    if l4 is None:
+        return _NO_CLASS
+    sp, dp = _ports_kind(*l4[1]["spts"]), _ports_kind(*l4[1]["dpts"])
+    shape = ("hash6", 0, 0, True, True, "any" if sp == "any" else "port",
+             "any" if dp == "any" else "port")
+    return shape, False, len(_port_values(l4[1], "spts")) * len(_port_values(l4[1], "dpts"))
 
 
 def _shape(ip, t, a: int, sm: int, dm: int, ms: list, l4):
@@ -1185,7 +1215,7 @@ def _run_prefix(run: Run, m: int, vec=None) -> Run:
     out = Run(run.kind, run.start, run.rules[:m], run.sig)
     if run.kind == "multi":
         return out
-    if run.kind == "hash" and run.sig[4]:
+    if run.kind in _HASHES and run.sig[4]:
         out.protos = tuple(sorted(set(map(_IP_PROTO, out.rules))))
     out.cases = _cases(out.rules, vec, run.start)
     return out
@@ -1236,10 +1266,10 @@ STRETCH_STEPS = 64             # stretches walked one by one before _stretches t
 def _plain_run(rules: list, i: int, j: int, sig, vec):
     """The run of rules[i:j] (all of shape sig), or None when its tcp/udp keys are too many."""
     run = Run(sig[0], i, rules[i:j], sig)
-    if run.kind == "hash" and sig[4]:
+    if run.kind in _HASHES and sig[4]:
         run.protos = tuple(sorted(set(map(_IP_PROTO, run.rules))))
     run.cases = _cases(run.rules, vec, i)
-    if run.kind != "hash" or (sum(vec.l4keys[i:j]) if vec is not None and sig[4]
+    if run.kind not in _HASHES or (sum(vec.l4keys[i:j]) if vec is not None and sig[4]
                              else _key_count(run)) <= MAX_KEYS:
         return run
     return None
@@ -1650,6 +1680,24 @@ def lpm6_entries(run: Run) -> list:
             _lpm_first_slow(prefixes, range(len(prefixes)), 128)]
 
 
+_HASH6_KEY = struct.Struct("<BBHHH")     # {proto, 0, sport, dport, 0}: _key's second word
+
+
+def hash6_entries(run: Run) -> list:
+    """A hash6 run's (key, value): each rule's keys (its port ranges expanded), the first rule
+    holding a key keeps it, so the value is the first match."""
+    _, _, _, _, _, sp, dp = run.sig
+    vals, seen = _values(run), {}
+    pack = _HASH6_KEY.pack
+    for pos, r in enumerate(run.rules):
+        d = _l4(r)[1]
+        proto = r.ip.proto
+        for s in (_port_values(d, "spts") if sp != "any" else range(1)):
+            for t in (_port_values(d, "dpts") if dp != "any" else range(1)):
+                seen.setdefault(pack(proto, 0, s, t, 0), vals[pos])
+    return list(seen.items())
+
+
 def _port_values(d, name) -> range:
     lo, hi = d[name]
     return range(0, 1) if lo == 0 and hi >= 0xffff else range(lo, hi + 1)
@@ -2021,6 +2069,8 @@ def _map_spec(run: Run, name: str) -> MapSpec:
     if run.kind == "lpm6":
         return MapSpec(name, BPF_MAP_TYPE_LPM_TRIE, 20, 8, lpm6_entries(run), BPF_F_NO_PREALLOC,
                        "bpfilter_lpm6")
+    if run.kind == "hash6":
+        return MapSpec(name, BPF_MAP_TYPE_HASH, 8, 8, hash6_entries(run), 0, "bpfilter_hash6")
     return MapSpec(name, BPF_MAP_TYPE_HASH, 16, 8, hash_entries(run), 0, "bpfilter_hash")
 
 
@@ -2076,6 +2126,8 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
         cc.emit(E.st(E.W, FP, S_CLS_KEY, 32, "LPM key: prefixlen 32"),
                 E.ldx(E.DW, R1, FP, slot, f"{run.sig[1]} address"),
                 E.stx(E.W, FP, S_CLS_KEY + 4, R1))
+    elif run.kind == "hash6":
+        _hash6_key_code(cc, run, miss, hot, C)
     elif run.kind == "lpm6":
         from .family import S_DADDR6, S_SADDR6
         slot = S_SADDR6 if run.sig[1] == "src" else S_DADDR6
@@ -2100,8 +2152,13 @@ def emit_run(cc, run: Run, chain: str, ret: str, where: str, path: list = ()):
 
 
 def _run_slots(run: Run) -> tuple:
-    """(key slot, action slot) of a plain run's lookup: an IPv6 run's are its own (S_CLS_KEY6)."""
-    return (S_CLS_KEY6, S_CLS_ACT6) if run.kind == "lpm6" else (S_CLS_KEY, S_CLS_ACT)
+    """(key slot, action slot) of a plain run's lookup: an IPv6 run's are its own (S_CLS_KEY6;
+    hash6's 8-byte key at the 8-aligned S_CLS_KEY6 + 4)."""
+    if run.kind == "lpm6":
+        return S_CLS_KEY6, S_CLS_ACT6
+    if run.kind == "hash6":
+        return S_CLS_KEY6 + 4, S_CLS_ACT6
+    return S_CLS_KEY, S_CLS_ACT
 
 
 GROUP_SLOTS = 12000   # instructions of inlined jump cases between two hops (see _dispatch)
@@ -3554,36 +3611,55 @@ def _case_body(cc, run: Run, pos: int, chain: str, ret: str, where: str, path: l
             cc.emit(E.ja(statics[nxt]))
 
 
+def _hash6_key_code(cc, run: Run, after: str, hot: str, C):
+    """hash6: every rule of the run has IP6T_F_PROTO and nothing before it, so the run's first
+    rule walks the extension headers and hotdrops a failed walk (ip6_packet_match: protohdr <
+    0 with no fragment offset); then the tcp/udp checks of the first rule whose protocol is
+    the packet's (_l4_checks), then the key {proto, sport, dport} stored as one u64."""
+    from .family import S_WALKERR
+    cc.emit(E.ldx(E.DW, R1, FP, S_WALKERR, "ipv6_find_hdr() failed: the first rule hotdrops"),
+            E.jmp(E.JNE, R1, 0, hot))
+    _l4_checks(cc, run, after, hot, C)
+    _, _, _, _, _, sp, dp = run.sig
+    _fields_in(cc, R2, [(C.S_PROTO, None, 0, "protocol")] +
+               [(C.S_SPORT, None, 16, "sport")] * (sp != "any") +
+               [(C.S_DPORT, None, 32, "dport")] * (dp != "any"), "hash key")
+    cc.emit(E.stx(E.DW, FP, _run_slots(run)[0], R2))
+
+
 def _hash_key_code(cc, run: Run, after: str, hot: str, C):
-    _, smsk, dmsk, has_proto, l4, sp, dp = run.sig
-    if l4:
-        # tcp_mt/udp_mt run only for a rule whose ip part matched (ip_packet_match first): a
-        # non-first fragment matches no rule of the run, and a tcp fragment at offset 8 bytes or
-        # a truncated header is hotdropped by the first rule whose ip part matches, if any
-        chk, abn = cc.label("run_l4"), cc.label("run_abnormal")
-        cc.emit(E.ldx(E.DW, R2, FP, C.S_PROTO, f"protocols of the run: {run.protos}"))
-        for p in run.protos:
-            cc.emit(E.jmp(E.JEQ, R2, p, f"{chk}_{p}"))
-        cc.emit(E.ja(after))
-        ok = cc.label("run_l4ok")
-        for p in run.protos:
-            need = 20 if p == IPPROTO_TCP else 8
-            cc.emit(Label(f"{chk}_{p}"),
-                    E.ldx(E.DW, R1, FP, C.S_FRAGOFF))
-            if p == IPPROTO_TCP:
-                cc.emit(E.jmp(E.JEQ, R1, 1, abn, comment="tcp fragment at offset 8 bytes"))
-            cc.emit(E.jmp(E.JNE, R1, 0, after, comment="fragments never match"),
-                    E.ldx(E.DW, R1, FP, C.S_L4LEN),
-                    E.jmp(E.JLT, R1, need, abn, comment="truncated header"),
-                    E.ja(ok))
-        cc.emit(Label(abn))
-        if _needs_ippart(run):
-            _key(cc, run, C, ippart=True)
-            cc.emit(E.ld_map_fd(R1, f"cls_{run.chain}_{run.start}"), E.mov(R2, FP),
-                    E.alu(E.ADD, R2, S_CLS_KEY), E.call(E.BPF_FUNC_map_lookup_elem),
-                    E.jmp(E.JEQ, R0, 0, after, comment="no rule's ip part matches"))
-        cc.emit(E.ja(hot), Label(ok))
+    if run.sig[4]:
+        _l4_checks(cc, run, after, hot, C)
     _key(cc, run, C)
+
+
+def _l4_checks(cc, run: Run, after: str, hot: str, C):
+    """tcp_mt/udp_mt run only for a rule whose ip part matched (ip_packet_match first): a
+    non-first fragment matches no rule of the run, and a tcp fragment at offset 8 bytes or a
+    truncated header is hotdropped by the first rule whose ip part matches, if any."""
+    chk, abn = cc.label("run_l4"), cc.label("run_abnormal")
+    cc.emit(E.ldx(E.DW, R2, FP, C.S_PROTO, f"protocols of the run: {run.protos}"))
+    for p in run.protos:
+        cc.emit(E.jmp(E.JEQ, R2, p, f"{chk}_{p}"))
+    cc.emit(E.ja(after))
+    ok = cc.label("run_l4ok")
+    for p in run.protos:
+        need = 20 if p == IPPROTO_TCP else 8
+        cc.emit(Label(f"{chk}_{p}"),
+                E.ldx(E.DW, R1, FP, C.S_FRAGOFF))
+        if p == IPPROTO_TCP:
+            cc.emit(E.jmp(E.JEQ, R1, 1, abn, comment="tcp fragment at offset 8 bytes"))
+        cc.emit(E.jmp(E.JNE, R1, 0, after, comment="fragments never match"),
+                E.ldx(E.DW, R1, FP, C.S_L4LEN),
+                E.jmp(E.JLT, R1, need, abn, comment="truncated header"),
+                E.ja(ok))
+    cc.emit(Label(abn))
+    if _needs_ippart(run):
+        _key(cc, run, C, ippart=True)
+        cc.emit(E.ld_map_fd(R1, f"cls_{run.chain}_{run.start}"), E.mov(R2, FP),
+                E.alu(E.ADD, R2, S_CLS_KEY), E.call(E.BPF_FUNC_map_lookup_elem),
+                E.jmp(E.JEQ, R0, 0, after, comment="no rule's ip part matches"))
+    cc.emit(E.ja(hot), Label(ok))
 
 
 def _key(cc, run: Run, C, ippart: bool = False, gid: int = 0):
@@ -3661,6 +3737,7 @@ K_PORT, K_DEFAULT, K_NONL4, K_IPPART = 0, 1, 2, 3
 MULTI_NS_BASE, MULTI_NS_PER_WORD = 200.0, 3.0     # 4-5 lookups + the AND loop per 64 rules
 MAX_PORTS_PER_RULE = 1024
 _IP_PROTO = attrgetter("ip.proto")
+_HASHES = ("hash", "hash6")
 # compile.py's S_OPT (-248..-200) holds TCP options only while one rule tests --tcp-option;
 # between rules (where a run is) it is free
 S_M = (-248, -240, -232, -224)                      # the four bitmap pointers
