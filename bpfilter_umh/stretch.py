@@ -7,8 +7,9 @@ linear program grows faster than its length on 6.18 (`-i IFACE -s PREFIX` rules,
 through one subprogram: 1 000 rules 0.66 s to compile and load, 3 000 rules 4.3 s for 3x the
 processed instructions, 10 000 rules 17-20 s), and every `iptables -A` on such a table paid it
 again.
-In pieces: 0.63, 0.77 and 3.1 s with the compile; an edit of the 10 000-rule chain (append,
-insert at the top, delete in the middle) 0.55-0.59 s through the door (bench/linear_bench.py).
+In pieces, with the caller counting (_call): 0.34, 0.35 and 1.4 s with the first compile; an
+edit of the 10 000-rule chain (append, insert at the top, delete in the middle) 0.27-0.38 s
+through the door, ~0.2 s of it the verifier's walk of every piece (bench/linear_bench.py).
 
 A global function (BTF_FUNC_GLOBAL) is verified once, on its own, with its arguments as its BTF
 says (btf_check_subprog_call, do_check_subprogs), not once per call site and not inside its
