@@ -76,6 +76,20 @@ def noise_entries(table: Table) -> set:
     return {r.index for c in table.chains if c.builtin for r in c.rules[:len(NOISE)]}
 
 
+def assert_same_steps(want: list, got: list, names: list, table: Table, per_step: int) -> None:
+    """Each step's [(outcomes by probe name, entry counters)] of the kernel (`want`) and of
+    bpfilter (`got`) equal, but for the NOISE rules' counters; step k's table has `per_step`
+    more entries than `table` per step (the appended rules)."""
+    skip = noise_entries(table)
+    for step, ((want_out, want_cnt), (got_out, got_cnt)) in enumerate(zip(want, got)):
+        diffs = [f"{n}: kernel {want_out[n]} bpfilter {got_out[n]}" for n in names
+                 if want_out[n] != got_out[n]]
+        assert len(got_cnt) == len(want_cnt) == len(table.entries()) + per_step * step
+        diffs += [f"entry {i}: kernel {w} bpfilter {g}" for i, (w, g) in
+                  enumerate(zip(want_cnt, got_cnt)) if i not in skip and w != g]
+        assert not diffs, f"step {step}:\n" + "\n".join(diffs[:40])
+
+
 def blob_of(text: str):
     """The Table ip6tables-legacy-restore builds from `text` (its IP6T_SO_GET_ENTRIES blob read
     back in a scratch netns and decoded)."""
