@@ -351,7 +351,7 @@ def _payload(m) -> dict:
     # a tcp/udp match a template read (model._PortsMatch) parses its payload into a Container
     # when `data` is first read (~6 us); its bytes answer alike: 10 000 IPv6 port rules'
     # classes 0.26 -> 0.1 s
-    data = m.__dict__.get("data")
+    data = getattr(m, "__dict__", {}).get("data")
     if data is None:
         data = getattr(m, "raw", None)
         if not isinstance(data, (bytes, bytearray)):
