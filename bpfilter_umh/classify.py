@@ -666,6 +666,77 @@ def _class_of(r, key: bytes):
     return got if got.rep is not None else None
 
 
+# An IPv6 entry's key (model._entry_key: ip6t_entry without comefrom and counters): ip6t_ip6's
+# src 0..16, dst 16..32, then masks, interfaces, proto, flags (the template) up to 136,
+# nfcache, target_offset at 140, next_offset at 142, the 4 bytes after comefrom, elems from
+# 148. Its classes are made rule by rule (no byte columns): the template is the key without
+# the addresses and the tcp/udp ports and comment text, the value class whether src and dst
+# are zero (compile._reads) and the ports' _port_class. _rule_class6 reads no address bit:
+# the IPv6 masked compare (ipv6_masked_addr_cmp) has no never-matching address.
+_KEY6_TOFF, _KEY6_NOFF, _KEY6_ELEMS = 140, 142, 148
+_Z16 = bytes(16)
+
+
+def _class6_of(r, key: bytes):
+    """The _Class of IPv6 rule r (key: its cache_key), or None (asked of the rule itself)."""
+    n = len(key)
+    if n < _KEY6_ELEMS + _XT_HDR or (key[_KEY6_NOFF] | key[_KEY6_NOFF + 1] << 8) != n + _KEY_CUT:
+        return None
+    end = (key[_KEY6_TOFF] | key[_KEY6_TOFF + 1] << 8) - _KEY_CUT     # the target's offset
+    if end < _KEY6_ELEMS or end + _XT_HDR > n:
+        return None
+    pieces, at, off = [], 32, _KEY6_ELEMS
+    vc = [key[:16] != _Z16, key[16:32] != _Z16]
+    while off < end:
+        size = key[off] | key[off + 1] << 8
+        if size < _XT_HDR or off + size > end:
+            return None
+        name, rev = key[off + 2:off + 31], key[off + 31]
+        if rev == 0 and size == _XT_HDR + 16 and name in _PORT_MATCHES:
+            a, b, c, e = _PORTS(key, off + _XT_HDR)
+            vc += (_port_class(a, b), _port_class(c, e))
+            pieces.append(key[at:off + _XT_HDR])
+            at = off + _XT_HDR + 8
+        elif rev == 0 and name == _COMMENT:
+            pieces.append(key[at:off + _XT_HDR])
+            at = off + size
+        off += size
+    pieces.append(key[at:])
+    k = ("ip6", tuple(pieces), tuple(vc))
+    got = _CLASSES.get(k)
+    if got is None:
+        if len(_CLASSES) >= TPL_MAX:
+            _CLASSES.clear()
+        got = _CLASSES[k] = _Class(r, _rule_facts(r), None) if _key_is_rule6(r, key) \
+            else _Class(None, None, None)
+    return got if got.rep is not None else None
+
+
+def _classes6(rules: list, keys: list) -> list:
+    """[_class6_of(rule, key)] of an IPv6 chain's rules."""
+    return list(map(_class6_of, rules, keys))
+
+
+def _key_is_rule6(r, key: bytes) -> bool:
+    """Does the key read as IPv6 rule r's entry where its key fields are?"""
+    ip = r.ip
+    if ip.src.packed != key[:16] or ip.dst.packed != key[16:32]:
+        return False
+    from .compile import _payload
+    got, want = [], []
+    off, end = _KEY6_ELEMS, (key[_KEY6_TOFF] | key[_KEY6_TOFF + 1] << 8) - _KEY_CUT
+    while off < end:
+        size = key[off] | key[off + 1] << 8
+        if key[off + 31] == 0 and size == _XT_HDR + 16 and key[off + 2:off + 31] in _PORT_MATCHES:
+            want.append(_PORTS(key, off + _XT_HDR))
+        off += size
+    for m in r.matches:
+        if m.revision == 0 and m.name in ("tcp", "udp"):
+            d = _payload(m)
+            got.append(tuple(d["spts"]) + tuple(d["dpts"]))
+    return got == want
+
+
 def _key_is_rule(r, key: bytes, lay: _Layout) -> bool:
     """Does the key read as rule r's entry (an IPv4 one) where its key fields are?"""
     ip = r.ip
@@ -1074,9 +1145,10 @@ def vectors(rules: list):
                 break
     v = _Vecs(keys)
     v.cold = best is None
-    # the keys are read as IPv4 entries' (a table, so a chain, has one family)
+    # the keys are read as IPv4 entries' or IPv6 ones' (a table, so a chain, has one family)
     midc = _classes(rules[bp:n - bs], keys[bp:n - bs]) \
-        if isinstance(rules[0].ip.src, ipaddress.IPv4Address) else [None] * (n - bs - bp)
+        if isinstance(rules[0].ip.src, ipaddress.IPv4Address) else \
+        _classes6(rules[bp:n - bs], keys[bp:n - bs])
     mid = _facts_of(rules[bp:n - bs], midc)
     v.cls = midc if best is None else \
         best.cls[:bp] + midc + (best.cls[len(best.cls) - bs:] if bs else [])
@@ -1689,13 +1761,34 @@ def hash6_entries(run: Run) -> list:
     _, _, _, _, _, sp, dp = run.sig
     vals, seen = _values(run), {}
     pack = _HASH6_KEY.pack
+    got = _run_classes(run)
+    cls, keys = got if got is not None else ((None,) * len(run.rules), None)
     for pos, r in enumerate(run.rules):
-        d = _l4(r)[1]
+        c = cls[pos]
+        if c is not None:           # the ports from the key, where the class's layout has them
+            off = c.more.get("ports6")
+            if off is None:
+                off = c.more["ports6"] = _ports6_at(keys[pos])
+            a, b, e, f = _PORTS(keys[pos], off)
+        else:
+            d = _l4(r)[1]
+            (a, b), (e, f) = d["spts"], d["dpts"]
         proto = r.ip.proto
-        for s in (_port_values(d, "spts") if sp != "any" else range(1)):
-            for t in (_port_values(d, "dpts") if dp != "any" else range(1)):
+        for s in (range(1) if sp == "any" or (a == 0 and b >= 0xffff) else range(a, b + 1)):
+            for t in (range(1) if dp == "any" or (e == 0 and f >= 0xffff) else range(e, f + 1)):
                 seen.setdefault(pack(proto, 0, s, t, 0), vals[pos])
     return list(seen.items())
+
+
+def _ports6_at(key: bytes) -> int:
+    """Where the spts/dpts of the one tcp/udp match of an IPv6 rule's key are."""
+    off, end = _KEY6_ELEMS, (key[_KEY6_TOFF] | key[_KEY6_TOFF + 1] << 8) - _KEY_CUT
+    while off < end:
+        size = key[off] | key[off + 1] << 8
+        if key[off + 31] == 0 and size == _XT_HDR + 16 and key[off + 2:off + 31] in _PORT_MATCHES:
+            return off + _XT_HDR
+        off += size
+    raise ValueError("no tcp/udp match in the key")
 
 
 def _port_values(d, name) -> range:

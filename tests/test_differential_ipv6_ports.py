@@ -147,3 +147,21 @@ def test_ipv6_port_runs_against_kernel(candidate):
     assert not fate["truncated tcp header"] and not fate["failed walk: routing header cut short"]
     name = f"tcp-miss:{miss}"
     assert not fate[name] and any(p for p, _ in want[1][0][name][:3])
+
+
+def test_hash6_entries_from_the_keys():
+    """A long chain's rules have classes (classify._classes6: a template of the IPv6 key without
+    addresses, ports and comment text), and hash6_entries reads the ports from the keys then:
+    the same entries as read from each rule's match."""
+    from bpfilter_umh import classify
+    text, _held = _ruleset(3000)
+    rules = blob_of(text).chain("p6").rules
+    runs = [r for r in classify.find_runs(rules) if r.kind == "hash6"]
+    assert runs
+    for run in runs:
+        cls = classify._run_classes(run)
+        assert cls is not None and None not in cls[0]
+        assert len(set(cls[0])) < len(run.rules) // 4       # few templates: shared answers
+        fast = classify.hash6_entries(run)
+        run.cls = None
+        assert classify.hash6_entries(run) == fast
