@@ -1745,8 +1745,21 @@ def lpm6_entries(run: Run) -> list:
     ipv6_masked_addr_cmp(), which ignores the rule's address bits outside its mask, so the
     network is address & mask (IPv4's rule with such bits never matches and is no run's)."""
     field = "src" if run.sig[1] == "src" else "dst"
-    prefixes = [(int(a) & int(m), _plen6(m)) for a, m in
-                ((getattr(r.ip, field), getattr(r.ip, field[0] + "msk")) for r in run.rules)]
+    got = _run_classes(run)
+    if got is not None and None not in got[0]:
+        # the mask is its class's (the template's), the address its key's bytes 0..16 or 16..32
+        at = 0 if field == "src" else 16
+        masks = {}
+        for c in set(got[0]):
+            m = getattr(c.rep.ip, field[0] + "msk")
+            masks[c] = (int(m), _plen6(m))
+        frm = int.from_bytes
+        prefixes = [(frm(k[at:at + 16], "big") & m, plen)
+                    for k, (m, plen) in zip(got[1], map(masks.__getitem__, got[0]))]
+    else:
+        prefixes = [(int(a) & int(m), _plen6(m)) for a, m in
+                    ((getattr(r.ip, field), getattr(r.ip, field[0] + "msk"))
+                     for r in run.rules)]
     vals = _values(run)
     return [(k, vals[best]) for k, best in
             _lpm_first_slow(prefixes, range(len(prefixes)), 128)]

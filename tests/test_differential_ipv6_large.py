@@ -151,3 +151,21 @@ def test_ipv6_prefix_runs_against_kernel(candidate):
     assert hit >= 20, hit
     name = next(n for n, *_ in probes if n.endswith(":" + miss))
     assert not any(p for p, _ in want[0][0][name][:3]) and any(p for p, _ in want[1][0][name][:3])
+
+
+def test_lpm6_entries_from_the_keys():
+    """A long chain's prefix rules have classes (classify._classes6), and lpm6_entries reads
+    each address from its key and the mask from its class then: the same trie entries as read
+    from each rule."""
+    from bpfilter_umh import classify
+    text, _sp, _dp = _ruleset(3000)
+    table = blob_of(text)
+    for name in ("src6", "dst6"):
+        runs = [r for r in classify.find_runs(table.chain(name).rules) if r.kind == "lpm6"]
+        assert runs
+        for run in runs:
+            cls = classify._run_classes(run)
+            assert cls is not None and None not in cls[0]
+            fast = classify.lpm6_entries(run)
+            run.cls = None
+            assert classify.lpm6_entries(run) == fast
