@@ -55,6 +55,7 @@ parse time, bench/results.md):
                                   [--pkg DIR]     (import bpfilter_umh from DIR: compare trees)
                                   [--to-input]    (FORWARD rules on INPUT, as ruleset_bench.py)
                                   [--floors]
+                                  [--ipv6]        (ipv6_bench.py's shapes through ip6tables)
 Needs root. Touches only the namespaces it creates and removes (the engine is flushed first).
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ import struct
 import sys
 import threading
 import time
-from socket import AF_INET
+from socket import AF_INET, AF_INET6
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -79,6 +80,8 @@ def _setup_path(pkg):
 
 
 APPEND = "-A INPUT -s 203.0.113.{k}/32 -p udp -m udp --dport 4 -j DROP"
+APPEND6 = "-A INPUT -s 2001:db8:ffff::{k}/128 -p udp -m udp --dport 4 -j DROP"
+FAMILY = AF_INET   # --ipv6: AF_INET6, the shapes of bench/ipv6_bench.py through ip6tables
 PHASES = ("decode", "compile", "maps", "load", "counters", "state", "swap", "rcu", "gc",
           "sockopt", "get", "other", "total", "cpu", "after")
 # phases that do not overlap (get holds a counters read; rcu and gc run side by side)
@@ -175,14 +178,19 @@ def kernel_blobs(text: str, appends: int):
     import lab
     from nsutil import Netns
     out = []
+    v6 = FAMILY == AF_INET6
     with Netns("cb") as ns:
-        lab.restore(ns, text)
+        if v6:
+            ns.run(["ip6tables-legacy-restore"], input=text)
+        else:
+            lab.restore(ns, text)
         with ns.inside():
-            out.append(kx.snapshot(AF_INET))
+            out.append(kx.snapshot(FAMILY))
         for k in range(appends):
-            ns.run(["iptables-legacy"] + APPEND.format(k=99 - k).split())
+            ns.run(["ip6tables-legacy" if v6 else "iptables-legacy"] +
+                   (APPEND6 if v6 else APPEND).format(k=99 - k).split())
             with ns.inside():
-                out.append(kx.snapshot(AF_INET))
+                out.append(kx.snapshot(FAMILY))
     _KERNEL_BLOBS[text] = out
     return out
 
@@ -190,7 +198,7 @@ def kernel_blobs(text: str, appends: int):
 def restore_blob(blob: bytes) -> bytes:
     """iptables-restore sends comefrom 0 and zero counters (libiptc builds the blob anew)."""
     import kernel_xt as kx
-    return kx.restored(blob, AF_INET)
+    return kx.restored(blob, FAMILY)
 
 
 def appended_blob(info, blob: bytes) -> bytes:
@@ -198,8 +206,8 @@ def appended_blob(info, blob: bytes) -> bytes:
     the policies, the user chains' RETURN entries and the new rule (INPUT's last, before its
     policy) with comefrom 0, and sends the other rules as GET_ENTRIES showed them."""
     import kernel_xt as kx
-    new = next(o for o, n, _, _ in kx.entries(blob, AF_INET) if o + n == info.underflow[1])
-    return kx.libiptc_appended(info, blob, new, AF_INET)
+    new = next(o for o, n, _, _ in kx.entries(blob, FAMILY) if o + n == info.underflow[1])
+    return kx.libiptc_appended(info, blob, new, FAMILY)
 
 
 # ---- libiptc's request sequence, served in-process -----------------------------------------------
@@ -222,7 +230,7 @@ def commit(d, be, info, blob: bytes, counters_for):
     counters_for(old counters) -> the counters it adds back."""
     from bpfilter_umh import sockopt as S
     from bpfilter_umh.frames import Request
-    pid, fam = os.getpid(), 2
+    pid, fam = os.getpid(), FAMILY
     c = Caller()
 
     def serve(cmd, is_set, data, size=None):
@@ -266,16 +274,20 @@ def run_shape(shape: str, n: int, appends: int, to_input: bool = False) -> dict:
     from nsutil import Netns
     from bpfilter_umh import engine
     from bpfilter_umh.sockopt import Dispatcher
-    rs = rulesets.make(shape, n)
+    if FAMILY == AF_INET6:
+        import ipv6_bench
+        text = ipv6_bench.SHAPES[shape](n)
+    else:
+        text = rulesets.make(shape, n).text
     # --to-input: every rule on INPUT (as ruleset_bench.py floods it), so the appends land at the
     # end of the large chain instead of moving a FORWARD chain's entries
-    blobs = kernel_blobs(rs.text.replace("-A FORWARD ", "-A INPUT ") if to_input else rs.text,
+    blobs = kernel_blobs(text.replace("-A FORWARD ", "-A INPUT ") if to_input else text,
                          appends)
     rows = {"restore": [], "append": []}
     with Netns("cp") as ns:
         with ns.inside():
             d = Dispatcher()
-            be = lambda: d.backend(d.home_cookie, 2)  # noqa: E731
+            be = lambda: d.backend(d.home_cookie, FAMILY)  # noqa: E731
             try:
                 for k, (info, blob) in enumerate(blobs):
                     if k == 0:
@@ -484,7 +496,16 @@ def main(argv=None) -> int:
                     help="the shape's FORWARD rules on INPUT, where the appends go")
     ap.add_argument("--floors", action="store_true",
                     help="what a cold restore's decode costs at the least, per shape")
+    ap.add_argument("--ipv6", action="store_true",
+                    help="bench/ipv6_bench.py's shapes (blocklist6, ports6) through ip6tables")
     a = ap.parse_args(argv)
+    if a.ipv6:
+        global FAMILY
+        FAMILY = AF_INET6
+        if a.floors:
+            ap.error("--floors reads IPv4 entries only")
+        if a.shapes == ap.get_default("shapes"):
+            a.shapes = "blocklist6,ports6"
     _setup_path(a.pkg)
     import bpfilter_umh
     from bpfilter_umh import engine
