@@ -85,9 +85,22 @@ def run_lab(installer):
         return outcomes, lab.filter.counters()
 
 
-def test_generated_exthdr_chains_against_kernel():
+_KERNEL = {}
+
+
+@pytest.mark.parametrize("runs", [False, True], ids=["linear", "port-runs"])
+def test_generated_exthdr_chains_against_kernel(runs, monkeypatch):
+    """runs: the two port rules at the top of each chain as one hash lookup (classify.py
+    hash6, BPFILTER_CLASSIFY_MIN_RUN=2): its walk, fragment and truncated-header checks met by
+    every probe before any port is read."""
+    from bpfilter_umh import classify
+    monkeypatch.setenv("BPFILTER_CLASSIFY_MIN_RUN", "2" if runs else "0")
     table = blob_of(RULESET)
-    want_out, want_cnt = run_lab(KernelFilter)
+    kinds = {r.kind for c in table.chains for r in classify.find_runs(c.rules)}
+    assert kinds == ({"hash6"} if runs else set()), kinds
+    if "k" not in _KERNEL:
+        _KERNEL["k"] = run_lab(KernelFilter)
+    want_out, want_cnt = _KERNEL["k"]
     got_out, got_cnt = run_lab(BpfilterFilter)
     assert len(got_cnt) == len(want_cnt) == len(table.entries())
     diffs = [f"{n} ({pk[0].hex()}): kernel {want_out[n]} bpfilter {got_out[n]}"
