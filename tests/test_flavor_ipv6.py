@@ -342,3 +342,23 @@ def test_xdp_serves_both_families_through_one_root(net6):
         root = os.path.join(os.path.dirname(attach.L2Attachment.directory("xdp", "ipv6")),
                             attach.XDP_ROOT_DIR)
         assert not os.path.exists(root)
+
+
+@pytest.mark.parametrize("flavor", ["tc", "xdp"])
+def test_ipv6_port_runs_on_flavors(flavor, monkeypatch):
+    """The generated extension-header probes (test_differential_ipv6_generated) with each
+    chain's two port rules as one hash lookup (classify.py hash6, BPFILTER_CLASSIFY_MIN_RUN=2)
+    on tc and xdp, against the kernel; probes the IPv6 layer drops before any hook (a
+    hop-by-hop header it rejects) are left out, as tc/xdp see them."""
+    import test_differential_ipv6_generated as G
+    from bpfilter_umh import classify
+    monkeypatch.setenv("BPFILTER_CLASSIFY_MIN_RUN", "2")
+    text = G.RULESET if flavor == "tc" else without_output_rules(G.RULESET)
+    assert "hash6" in {r.kind for c in blob_of(text).chains for r in classify.find_runs(c.rules)}
+    probes = [p for p in G.PROBES if not hopopts_rejected(p[2][0]) and
+              (flavor == "tc" or p[1] != "out")]
+    want = run(KernelFilter, text, probes)
+    got = run(flavor_filter(flavor), text, probes)
+    columns = 3 if flavor == "tc" else 2
+    diffs = compare(text, want, got, columns, skip_chains=() if flavor == "tc" else ("OUTPUT",))
+    assert not diffs, "\n".join(diffs)
