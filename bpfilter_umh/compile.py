@@ -971,6 +971,17 @@ class _ChainCompiler:
                 continue
             self._load(slot, f"{'! ' if inv & flag else ''}{what} {addr}/{msk}",
                        m if m != 0xffffffff else None)
+            if self.first_cond and not inv & flag and m != 0xffffffff:
+                # the rule's first condition leaves on its own branch (_acc): the masked
+                # address compared as a 32-bit value, one instruction less than XOR and test.
+                # Not an unmasked one: r1 would still be the slot's copy (the same id), and
+                # the compare would make the slot a known value on the matched path, so the
+                # later rules' tests on it are decided, their registers precise and no state
+                # prunes (kernel/bpf/verifier.c sync_linked_regs): generated 2 000-rule
+                # rulesets went past the verifier's limits (E2BIG)
+                self.first_cond = False
+                self.emit(E.jmp(E.JNE, R1, E._s32(a), fail, bits=32))
+                continue
             self.emit(E.alu(E.XOR, R1, E._s32(a), bits=32))
             if inv & flag:
                 self._nz(invert=True)
