@@ -677,38 +677,52 @@ _KEY6_TOFF, _KEY6_NOFF, _KEY6_ELEMS = 140, 142, 148
 _Z16 = bytes(16)
 
 
-def _class6_of(r, key: bytes):
-    """The _Class of IPv6 rule r (key: its cache_key), or None (asked of the rule itself)."""
+def _walk6(key: bytes):
+    """(offsets of the tcp/udp matches' spts in the key, (start, end) of each rev-0 comment's
+    text) of an IPv6 rule's key, or None when its offsets do not read as an entry's."""
     n = len(key)
     if n < _KEY6_ELEMS + _XT_HDR or (key[_KEY6_NOFF] | key[_KEY6_NOFF + 1] << 8) != n + _KEY_CUT:
         return None
     end = (key[_KEY6_TOFF] | key[_KEY6_TOFF + 1] << 8) - _KEY_CUT     # the target's offset
     if end < _KEY6_ELEMS or end + _XT_HDR > n:
         return None
-    pieces, at, off = [], 32, _KEY6_ELEMS
-    vc = [key[:16] != _Z16, key[16:32] != _Z16]
+    ports, comments, off = [], [], _KEY6_ELEMS
     while off < end:
         size = key[off] | key[off + 1] << 8
         if size < _XT_HDR or off + size > end:
             return None
         name, rev = key[off + 2:off + 31], key[off + 31]
         if rev == 0 and size == _XT_HDR + 16 and name in _PORT_MATCHES:
-            a, b, c, e = _PORTS(key, off + _XT_HDR)
-            vc += (_port_class(a, b), _port_class(c, e))
-            pieces.append(key[at:off + _XT_HDR])
-            at = off + _XT_HDR + 8
+            ports.append(off + _XT_HDR)
         elif rev == 0 and name == _COMMENT:
-            pieces.append(key[at:off + _XT_HDR])
-            at = off + size
+            comments.append((off + _XT_HDR, off + size))
         off += size
+    return ports, comments
+
+
+def _class6_of(r, key: bytes):
+    """The _Class of IPv6 rule r (key: its cache_key), or None (asked of the rule itself)."""
+    walk = _walk6(key)
+    if walk is None:
+        return None
+    ports, comments = walk
+    vc = [key[:16] != _Z16, key[16:32] != _Z16]
+    cuts = [(p, p + 8) for p in ports]
+    for p in ports:
+        a, b, c, e = _PORTS(key, p)
+        vc += (_port_class(a, b), _port_class(c, e))
+    pieces, at = [], 32
+    for lo, hi in sorted(cuts + comments):
+        pieces.append(key[at:lo])
+        at = hi
     pieces.append(key[at:])
     k = ("ip6", tuple(pieces), tuple(vc))
     got = _CLASSES.get(k)
     if got is None:
         if len(_CLASSES) >= TPL_MAX:
             _CLASSES.clear()
-        got = _CLASSES[k] = _Class(r, _rule_facts(r), None) if _key_is_rule6(r, key) \
-            else _Class(None, None, None)
+        got = _CLASSES[k] = _Class(r, _rule_facts(r), None) \
+            if _key_is_rule6(r, key, ports) else _Class(None, None, None)
     return got if got.rep is not None else None
 
 
@@ -717,24 +731,15 @@ def _classes6(rules: list, keys: list) -> list:
     return list(map(_class6_of, rules, keys))
 
 
-def _key_is_rule6(r, key: bytes) -> bool:
-    """Does the key read as IPv6 rule r's entry where its key fields are?"""
+def _key_is_rule6(r, key: bytes, ports: list) -> bool:
+    """Does the key read as IPv6 rule r's entry where its key fields are (ports: _walk6's)?"""
     ip = r.ip
     if ip.src.packed != key[:16] or ip.dst.packed != key[16:32]:
         return False
     from .compile import _payload
-    got, want = [], []
-    off, end = _KEY6_ELEMS, (key[_KEY6_TOFF] | key[_KEY6_TOFF + 1] << 8) - _KEY_CUT
-    while off < end:
-        size = key[off] | key[off + 1] << 8
-        if key[off + 31] == 0 and size == _XT_HDR + 16 and key[off + 2:off + 31] in _PORT_MATCHES:
-            want.append(_PORTS(key, off + _XT_HDR))
-        off += size
-    for m in r.matches:
-        if m.revision == 0 and m.name in ("tcp", "udp"):
-            d = _payload(m)
-            got.append(tuple(d["spts"]) + tuple(d["dpts"]))
-    return got == want
+    got = [tuple(d["spts"]) + tuple(d["dpts"]) for d in
+           (_payload(m) for m in r.matches if m.revision == 0 and m.name in ("tcp", "udp"))]
+    return got == [_PORTS(key, p) for p in ports]
 
 
 def _key_is_rule(r, key: bytes, lay: _Layout) -> bool:
@@ -1780,8 +1785,8 @@ def hash6_entries(run: Run) -> list:
         c = cls[pos]
         if c is not None:           # the ports from the key, where the class's layout has them
             off = c.more.get("ports6")
-            if off is None:
-                off = c.more["ports6"] = _ports6_at(keys[pos])
+            if off is None:             # the one tcp/udp match (the shape has it)
+                off = c.more["ports6"] = _walk6(keys[pos])[0][0]
             a, b, e, f = _PORTS(keys[pos], off)
         else:
             d = _l4(r)[1]
@@ -1791,17 +1796,6 @@ def hash6_entries(run: Run) -> list:
             for t in (range(1) if dp == "any" or (e == 0 and f >= 0xffff) else range(e, f + 1)):
                 seen.setdefault(pack(proto, 0, s, t, 0), vals[pos])
     return list(seen.items())
-
-
-def _ports6_at(key: bytes) -> int:
-    """Where the spts/dpts of the one tcp/udp match of an IPv6 rule's key are."""
-    off, end = _KEY6_ELEMS, (key[_KEY6_TOFF] | key[_KEY6_TOFF + 1] << 8) - _KEY_CUT
-    while off < end:
-        size = key[off] | key[off + 1] << 8
-        if key[off + 31] == 0 and size == _XT_HDR + 16 and key[off + 2:off + 31] in _PORT_MATCHES:
-            return off + _XT_HDR
-        off += size
-    raise ValueError("no tcp/udp match in the key")
 
 
 def _port_values(d, name) -> range:
