@@ -55,6 +55,7 @@ parse time, bench/results.md):
                                   [--pkg DIR]     (import bpfilter_umh from DIR: compare trees)
                                   [--to-input]    (FORWARD rules on INPUT, as ruleset_bench.py)
                                   [--floors]
+                                  [--series K]    (a helper through 2K restores, see series)
                                   [--ipv6]        (ipv6_bench.py's shapes through ip6tables)
 Needs root. Touches only the namespaces it creates and removes (the engine is flushed first).
 """
@@ -478,6 +479,60 @@ def floors(shape: str, n: int) -> dict:
     return out
 
 
+# ---- --series: a helper that lives through many restores ---------------------------------------
+
+def _one_changed(text: str, k: int) -> str:
+    """`text` with the verdict of one rule turned round (the k-th choice, spread over the
+    rules): one kube-proxy-like resync."""
+    lines = text.splitlines()
+    idx = [i for i, ln in enumerate(lines) if ln.startswith("-A ") and
+           (ln.endswith(" DROP") or ln.endswith(" ACCEPT"))]
+    i = idx[(k * 7919) % len(idx)]
+    lines[i] = lines[i][:-4] + "ACCEPT" if lines[i].endswith("DROP") else lines[i][:-6] + "DROP"
+    return "\n".join(lines) + "\n"
+
+
+def series(shape: str, n: int, k: int) -> list:
+    """One served namespace, 2k restores in a row, as a long-lived helper gets them: k of
+    other rulesets of the shape (seeds 1..k: a host given other rules), then k of the last
+    with one rule's verdict changed each time (kube-proxy's periodic resyncs). Per restore:
+    (what, ms of the helper's total, decode, compile, the process's resident MiB after it)."""
+    import gc
+    import rulesets
+    from nsutil import Netns
+    from bpfilter_umh import engine
+    from bpfilter_umh.sockopt import Dispatcher
+    texts = [("other", rulesets.make(shape, n, seed).text) for seed in range(1, k + 1)]
+    texts += [("resync", _one_changed(texts[-1][1], j)) for j in range(k)]
+    blobs = [(what, kernel_blobs(t, 0)[0]) for what, t in texts]
+    out = []
+    with Netns("cs") as ns:
+        with ns.inside():
+            d = Dispatcher()
+            be = lambda: d.backend(d.home_cookie, FAMILY)  # noqa: E731
+            try:
+                for what, (info, blob) in blobs:
+                    gc.collect()
+                    T.clear()
+                    gc.disable()
+                    try:
+                        commit(d, be, info, restore_blob(blob),
+                               lambda old, m=info.num_entries: [(0, 0)] * m)
+                    finally:
+                        gc.enable()
+                    seen = dict(T)
+                    if getattr(engine, "AFTER_REPLY", None) is not None:
+                        engine.run_after_reply()
+                    with open("/proc/self/statm") as f:
+                        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+                    out.append((what, seen.get("total", 0) * 1e3, seen.get("decode", 0) * 1e3,
+                                seen.get("compile", 0) * 1e3, rss))
+            finally:
+                be().engine.flush()
+                be().engine.close()
+    return out
+
+
 def _cell(vals) -> str:
     med = statistics.median(vals)
     lo, hi = min(vals), max(vals)
@@ -498,6 +553,9 @@ def main(argv=None) -> int:
                     help="what a cold restore's decode costs at the least, per shape")
     ap.add_argument("--ipv6", action="store_true",
                     help="bench/ipv6_bench.py's shapes (blocklist6, ports6) through ip6tables")
+    ap.add_argument("--series", type=int, default=0, metavar="K",
+                    help="per shape, K restores of other rulesets then K resyncs with one "
+                         "rule changed, in one namespace: ms and resident MiB after each")
     a = ap.parse_args(argv)
     if a.ipv6:
         global FAMILY
@@ -535,6 +593,15 @@ def main(argv=None) -> int:
             if rows[step]:
                 print(f"| {shape} | {step} | " + " | ".join(
                     _cell([r[p] for r in rows[step]]) for p in PHASES) + " |", flush=True)
+    if a.series:
+        print(f"\n# series: {a.series} restores of other rulesets (seeds 1..{a.series}), then "
+              f"{a.series} resyncs of the last with one rule changed; ms, resident MiB after")
+        print("| shape | restore | what | total | decode | compile | MiB |")
+        print("|---|---|---|---|---|---|---|", flush=True)
+        for shape in a.shapes.split(","):
+            for i, (what, tot, dec, comp, rss) in enumerate(series(shape, a.n, a.series), 1):
+                print(f"| {shape} | {i} | {what} | {tot:.1f} | {dec:.1f} | {comp:.1f} | {rss} |",
+                      flush=True)
     if a.floors:
         print(f"\n# floors: ms, the best of {FLOOR_RUNS}; n/a: not one prefix run")
         print("| shape | entries | objects | columns | fill |")

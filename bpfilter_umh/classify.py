@@ -2348,6 +2348,32 @@ FN_STATS = {"made": 0, "reused": 0}   # functions compiled / taken from _FN_CACH
 _ST_KEY = E.BPF_ST | E.BPF_MEM | E.W
 
 
+def sweep_caches(live: set, specs: set, templates: set) -> None:
+    """Keep in this module's caches only what the installed programs use (engine._sweep_caches,
+    after an install's reply): `live` their entries' cache keys (model.live_keys), `specs` the
+    ids of their MapSpecs (the engine's classifier maps), `templates` the ids of their global
+    functions' templates. Each cache is a memo (what is dropped is made again when asked), and
+    each was bounded by its count only: a kube-proxy-like resync of a 10 000-rule chain with one
+    rule changed left one more 10 000-entry MapSpec in _RUN_SPECS every time (+2 MiB a resync,
+    up to 256 of them), and the compile slowed with the heap (7 -> 25 ms by the fortieth)."""
+    if _MEMO:
+        kept = {k: v for k, v in _MEMO.items() if k[1] in live}
+        if len(kept) < len(_MEMO):
+            _MEMO.clear()
+            _MEMO.update(kept)
+    sup = live.issuperset
+    for d, alive in ((_SEEN_RUNS, sup),
+                     (_RUN_SPECS, lambda s: id(s) in specs),
+                     (_FN_CACHE, lambda t: id(t) in templates)):
+        for k in [k for k, v in d.items() if not alive(v)]:
+            del d[k]
+    for seen, keys_of in ((_LPM_SEEN, _RULES_KEYS), (_VECS, _VEC_KEYS)):
+        seen[:] = [s for s in seen if keys_of(s) is None or sup(keys_of(s))]
+
+
+_RULES_KEYS, _VEC_KEYS = attrgetter("rules_keys"), attrgetter("keys")
+
+
 class _FnTemplate:
     __slots__ = ("head", "items", "relocs", "where", "_code", "case_slots")
 

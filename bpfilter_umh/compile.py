@@ -1647,6 +1647,25 @@ _PROG_CACHE: dict = {}          # key -> (bases, CompiledProgram, slots of its i
 _CHAIN_FACTS: dict = {}         # (entries' cache_keys, policy's) -> positions of jumps, or None
 _SCAN_FACTS: dict = {}          # (entries' cache_keys, policy's) -> what _scan ORs of their _reads
 CHAIN_FACTS_MAX = 1 << 16
+
+
+def sweep_caches(live: set, programs: set) -> None:
+    """Keep only what the installed programs use (engine._sweep_caches, after an install's
+    reply, with classify.sweep_caches): `programs` the ids of their _PROG_CACHE copies, `live`
+    their entries' cache keys (model.live_keys). A chain's facts hold its 10 000 keys; they
+    and the kept programs of replaced tables stayed until the count bound (65 536 and 64)."""
+    for k in [k for k, v in _PROG_CACHE.items() if id(v[1]) not in programs]:
+        del _PROG_CACHE[k]
+    sup = live.issuperset
+    for facts in (_CHAIN_FACTS, _SCAN_FACTS):
+        for k in [k for k in facts if k[1] not in live or not sup(k[0])]:
+            del facts[k]
+
+
+def kept_copy(cp):
+    """The _PROG_CACHE copy an installed program is (or was moved from), or None."""
+    kept = cp.__dict__.get("_kept")
+    return kept[0] if kept is not None else cp.__dict__.get("_kept_copy")
 # walks_moved: keys made by _moved_program_key; walks_spliced: walks _splice_behind ended;
 # walks_leaf: those of them with a changed leaf chain made anew (_changed_leaf)
 PROG_STATS = {"made": 0, "reused": 0, "walks_moved": 0, "walks_spliced": 0, "walks_leaf": 0}

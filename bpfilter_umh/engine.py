@@ -76,6 +76,7 @@ import re
 import struct
 import sys
 import threading
+import weakref
 
 from . import attach
 from . import daemons
@@ -301,6 +302,7 @@ class Engine:
         self._late = None               # _LateCounts of the last install (a helper's)
         self._base_nz = None            # (base, its nonzero entries): counters_nonzero
         self._fresh_before = frozenset()    # _after_install: chains the last install compiled
+        _ENGINES.add(self)
 
     # ---- open / persist ----
     @classmethod
@@ -1110,6 +1112,7 @@ class Engine:
         if later:
             after_reply(self._after_install)
         else:
+            _sweep_caches()
             if not collected:
                 gc.collect()
             gc.freeze()
@@ -1367,6 +1370,7 @@ class Engine:
                  if "_kept_copy" in cp.__dict__]
         encode_kept(cp for cp in fresh if _chain_key(cp) not in self._fresh_before)
         self._fresh_before = frozenset(map(_chain_key, fresh))
+        _sweep_caches()
         _collect_and_freeze()
         self._make_spare()
         if self._map is not None:
@@ -2960,6 +2964,34 @@ def _peak_rss() -> int:
     import resource
     from . import heap
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - heap.reserve_kib()
+
+
+# every Engine of this process (a helper's backends: one per namespace and family), whose
+# installed tables and programs the compile caches keep (_sweep_caches)
+_ENGINES = weakref.WeakSet()
+
+
+def _sweep_caches():
+    """After an install: the decode and compile caches keep what the installed tables and
+    programs of every engine use, and drop what only replaced ones did (model.sweep_entries,
+    classify.sweep_caches, compile.sweep_caches: each a memo, so dropping costs a later
+    compile time, never a verdict). Their bounds were counts of items, some of which hold a
+    whole chain: a helper given other rulesets in turn, or kube-proxy's resyncs, grew by
+    megabytes each time and slowed with its heap. ~1-3 ms at 10 000 rules, after the reply."""
+    from . import classify
+    from . import compile as C
+    engines = list(_ENGINES)
+    live = _model.live_keys([e.table for e in engines])
+    specs, templates, programs = set(), set(), set()
+    for e in engines:
+        specs.update(id(spec) for spec, _m in e._cls_maps.values())
+        for ct in getattr(e, "_compiled_tables", ()):
+            for cp in ct.programs:
+                templates.update(id(tpl) for tpl, _v in cp.fn_parts)
+                programs.add(id(C.kept_copy(cp)))
+    _model.sweep_entries(live)
+    C.sweep_caches(live, programs)
+    classify.sweep_caches(live, specs, templates)
 
 
 def _collect_and_freeze():

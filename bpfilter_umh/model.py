@@ -852,6 +852,56 @@ def _remember(raws, family, shared: bool = False):
     return got
 
 
+def live_keys(tables) -> set:
+    """The _ENTRY_CACHE keys (Rule.cache_key) of every entry of `tables`. A moved chain whose
+    entries are not made yet (_MovedChain) is read through its source, whose entries are its
+    own: the walk makes none."""
+    out = set()
+    for t in tables:
+        ents = [t.tail_entry]
+        for c in t.chains:
+            while getattr(c, "_src", None) is not None:
+                c = c._src
+            ents.append(c.head_entry)
+            ents += c.rules
+            ents.append(c.policy_entry)
+            ents += c.trailer
+        out.update(getattr(e, "cache_key", None) for e in ents)
+    out.discard(None)
+    return out
+
+
+# what _ENTRY_CACHE and _ADDR_INTS / _ADDRESSES may hold beyond the installed tables' entries
+# before sweep_entries drops the rest (an append leaves one or two entries behind; a restore of
+# other rules, all of the old table's)
+SWEEP_SLACK = 4096
+
+
+def sweep_entries(live: set) -> int:
+    """Keep in _ENTRY_CACHE only the entries of the installed tables (`live`: live_keys), once
+    it holds SWEEP_SLACK more; the interned addresses are emptied at the same point (a decode
+    makes them again where it needs them: no identity of theirs is relied on, the caches were
+    already emptied when full). The cache is there for the next decode, which starts from an
+    installed table (an append sends it back, a resync of kube-proxy mostly repeats it); the
+    entries only a replaced table had stayed until ENTRY_CACHE_MAX (2^18), and a helper
+    restoring other 10 000-rule rulesets in turn grew by megabytes each time and served
+    slower (bench/cplane_bench.py --series 8: 52 -> 70 ms a restore by the eighth, 113 -> 174
+    MiB). Returns how many entries were dropped."""
+    global _SHARED_CACHED
+    n = len(_ENTRY_CACHE)
+    if n <= len(live) + SWEEP_SLACK:
+        return 0
+    kept = {k: v for k, v in _ENTRY_CACHE.items() if k in live}
+    _ENTRY_CACHE.clear()            # (not a new dict: functions bind its methods)
+    _ENTRY_CACHE.update(kept)
+    if not kept:
+        _SHARED_CACHED = False
+    if len(_ADDR_INTS) + len(_ADDRESSES) > 2 * len(live) + SWEEP_SLACK:
+        _ADDR_INTS.clear()
+        _ADDRESSES.clear()
+    return n - len(kept)
+
+
 def _placed(rule, i: int, off: int, comefrom: int):
     """A previous decode's Rule at entry index i, offset off, with `comefrom` (_Moved; its
     target the same object: _build gives a jump whose landing changed a Jump of its own)."""
@@ -4235,6 +4285,18 @@ def _unplaced_jump(offset: int, goto: int) -> Jump:
 # _make_rules' `cached` where no read-only table's entry is cached (Table._decode:
 # _SHARED_CACHED), so that nothing is looked up
 _OWN_VALUES = ("own values",)
+# a read-only decode that walks at least this many entries anew, more than half of its table,
+# most of them not cached (_uncached), takes _OWN_VALUES (Table._decode's `later`)
+LATER_MID_MIN = 256
+
+
+def _uncached(raws, samples: int = 32) -> bool:
+    """Whether fewer than half of `samples` entries spread over `raws` are in _ENTRY_CACHE:
+    a table of other rules than those decoded before, but for some (bench/rulesets.py's
+    blocklists of two seeds: 7-9 of 33 samples, their hot prefixes). A table cached before,
+    but not the previous one, shares its objects: the lookups are worth their cost there."""
+    some = [r.key for r in raws[::max(1, len(raws) // samples)] if r.key is not None]
+    return 2 * sum(k in _ENTRY_CACHE for k in some) < len(some)
 
 
 def _make_rules(raws, todo: range, rules: list, comefrom, lay, share: bool,
@@ -4863,13 +4925,16 @@ class Table:
                             for h in range(NF_INET_NUMHOOKS))
         # the reused entries were checked and remembered by an earlier decode
         _find_check(mid, family, runs)
-        later = share and not (_ENTRY_CACHE and _SHARED_CACHED)
+        later = share and (not (_ENTRY_CACHE and _SHARED_CACHED) or
+                           len(mid) >= LATER_MID_MIN and 2 * len(mid) > n and _uncached(mid))
         if later:
             # no entry of a read-only table cached (a new helper's first restore; its empty
-            # tables' few entries at most): each entry's cache value is taken to be a raw of
-            # this walk (_make_rules: _OWN_VALUES, each raw its own; an entry an editable
-            # table cached shares its values, not its objects), and only a later decode reads
-            # the values: the cache is filled after the reply (~1.5 ms of a 10 000-entry
+            # tables' few entries at most), or most of the table walked anew and not cached (a
+            # restore of other rules: looking each entry up took ~3 ms of a 10 000-entry
+            # restore more than a first restore's decode): each entry's cache value is taken
+            # to be a raw of this walk (_make_rules: _OWN_VALUES, each raw its own; an entry
+            # cached before shares its values, not its objects), and only a later decode
+            # reads the values: the cache is filled after the reply (~1.5 ms of a 10 000-entry
             # restore)
             cached = None
         else:

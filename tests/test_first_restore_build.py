@@ -65,14 +65,17 @@ def _sent(t: Table, family: int) -> bytes:
 
 def _with_lookups(buf: bytes, family: int, q=None):
     """The decode with _ENTRY_CACHE lookups (the path of a helper that has cached entries:
-    one unrelated key in the cache), its facts and the cache values' (matches, target)."""
+    one unrelated key in the cache, and no size of a table walked anew taken as one of other
+    rules, LATER_MID_MIN), its facts and the cache values' (matches, target)."""
     _clear()
     model._ENTRY_CACHE[b"unrelated"] = None
     shared, model._SHARED_CACHED = model._SHARED_CACHED, True
+    least, model.LATER_MID_MIN = model.LATER_MID_MIN, 1 << 30
     try:
         t = decode_replace(buf, family)[1]
     finally:
         model._SHARED_CACHED = shared
+        model.LATER_MID_MIN = least
     raws = model._LAST_WALK[family][1]
     built = [model._ENTRY_CACHE[r.key].built_norm for r in raws]
     facts = _facts(t)
