@@ -109,3 +109,34 @@ def test_an_append_after_a_sweep_reuses_the_installed_trie_and_programs(eng):
     assert set(trie.values()) & set(after.values()), "the append made the trie again"
     assert C.PROG_STATS["made"] - made <= 1, "more than the changed chain compiled anew"
     _assert_only_installed(eng)
+
+
+def test_the_other_familys_install_keeps_this_ones_caches(eng):
+    """One helper serves both families (an engine each): the sweep after the IPv6 install keeps
+    what the IPv4 table uses, and the IPv4 append after it still finds its trie and programs."""
+    from socket import AF_INET6
+    from ipv6_bench import blocklist6, table6
+    t6 = table6(blocklist6(600))
+    text = _text(3)
+    eng.install(decoded(text))
+    v4_specs = {id(s) for s, _m in eng._cls_maps.values()}
+    trie = {m.info()["id"] for _s, m in eng._cls_maps.values()}
+    e6 = engine.Engine.open(AF_INET6)
+    try:
+        e6.install(t6)
+        assert e6._cls_maps, "the IPv6 blocklist has no trie"
+        kept = {id(s) for s in classify._RUN_SPECS.values()}
+        assert v4_specs <= kept, "the IPv6 install swept the IPv4 table's MapSpec"
+        assert {id(s) for s, _m in e6._cls_maps.values()} <= kept
+        made = C.PROG_STATS["made"]
+        lines = text.splitlines()
+        at = max(i for i, ln in enumerate(lines) if ln.startswith("-A INPUT "))
+        lines.insert(at + 1, "-A INPUT -s 203.0.113.99/32 -p udp -m udp --dport 4 -j DROP")
+        eng.install(decoded("\n".join(lines) + "\n"))
+        assert trie & {m.info()["id"] for _s, m in eng._cls_maps.values()}
+        assert C.PROG_STATS["made"] - made <= 1
+        assert {id(s) for s, _m in e6._cls_maps.values()} <= \
+            {id(s) for s in classify._RUN_SPECS.values()}, "the IPv4 append swept IPv6's"
+    finally:
+        e6.flush()
+        e6.close()
