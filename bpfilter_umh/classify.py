@@ -94,7 +94,8 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, and_, attrgetter, eq, ge, gt, is_, itemgetter, ne, or_, sub, truth
+from operator import (add, and_, attrgetter, eq, ge, getitem, gt, is_, itemgetter, ne, or_,
+                      sub, truth)
 from typing import Any, Optional
 
 from . import ebpf as E
@@ -727,8 +728,30 @@ def _class6_of(r, key: bytes):
 
 
 def _classes6(rules: list, keys: list) -> list:
-    """[_class6_of(rule, key)] of an IPv6 chain's rules."""
-    return list(map(_class6_of, rules, keys))
+    """[_class6_of(rule, key)] of an IPv6 chain's rules. Rules whose keys are equal past the
+    addresses, and whose src and dst are zero alike, have one class (_class6_of cuts the
+    addresses out and reads nothing else of them): that class is asked of the first rule of
+    each such group only, the groups found by C loops over the keys. A 10 000-prefix
+    blocklist: a dozen groups, where each rule's _walk6 and class key took ~3 ms."""
+    n = len(keys)
+    if n < CLASSES6_GROUPED_MIN or 4 * len(set(map(getitem, keys[::n // 64],
+                                                    repeat(_FROM_32)))) > len(keys[::n // 64]):
+        # (most of 64 keys spread over the chain differ past the addresses: ports6's rules)
+        return list(map(_class6_of, rules, keys))
+    groups = list(zip(map(getitem, keys, repeat(_FROM_32)),
+                      map(ne, map(getitem, keys, repeat(_SRC6)), repeat(_Z16)),
+                      map(ne, map(getitem, keys, repeat(_DST6)), repeat(_Z16))))
+    # each group's first rule: a dict made from the end keeps the first index of each
+    first = dict(zip(reversed(groups), range(n - 1, -1, -1)))
+    if 4 * len(first) > n:          # most rules a group of their own (ports6): one by one
+        return list(map(_class6_of, rules, keys))
+    # (in the rules' order, as _class6_of one by one makes each class of its first rule)
+    cls = {g: _class6_of(rules[i], keys[i]) for g, i in sorted(first.items(), key=_ITEM1)}
+    return list(map(cls.__getitem__, groups))
+
+
+CLASSES6_GROUPED_MIN = 64
+_FROM_32, _SRC6, _DST6 = slice(32, None), slice(0, 16), slice(16, 32)
 
 
 def _key_is_rule6(r, key: bytes, ports: list) -> bool:

@@ -258,3 +258,41 @@ def test_ipv6_chain_classes(monkeypatch):
         m.setattr(classify, "VEC_MIN", 1 << 30)
         C._PROG_CACHE.clear()
         assert _compiled(t, facts) == fast
+
+
+def test_ipv6_classes_grouped_as_one_by_one():
+    """classify._classes6 asks the class of each group of rules equal past the addresses (and
+    zero alike) of its first rule: the classes are those _class6_of gives rule by rule, the
+    same objects, over a chain of prefixes with zero and non-zero addresses, both verdicts,
+    tcp ports (a group per port value) and comments (the text cut out of the class)."""
+    from test_compile_ipv6_util import rule6, table6
+    from bpfilter_umh.model import AF_INET6
+
+    rnd = random.Random(11)
+    rules = []
+    for k in range(900):
+        pick = rnd.random()
+        kw = {rnd.choice(["src", "dst"]): f"2001:db8:{k:x}::/{rnd.choice([48, 64, 128])}"} \
+            if pick < 0.8 else {}
+        ms = [tcp(dport=(k % 7, k % 7))] if 0.6 < pick < 0.9 else []
+        if rnd.random() < 0.2:
+            ms.append(Match("comment", 0, {"comment": f"c{k % 3}".encode().ljust(256, b"\0")}))
+        rules.append(rule6(rnd.choice([ACCEPT, DROP]), *ms, proto=6 if ms and
+                           ms[0].name == "tcp" else 0, **kw))
+    t = table6({"FORWARD": (ACCEPT, rules)})
+    blob = t.encode()
+    buf = kx.replace_buffer("filter", t.valid_hooks, len(t.entries()), len(blob), t.hook_entry,
+                            t.underflow, 4, 0, blob)
+    chain = decode_replace(buf, AF_INET6)[1].chain("FORWARD").rules
+    keys = [r.cache_key for r in chain]
+    # few enough groups that _classes6 groups them
+    assert 4 * len({(k[32:], k[:16] != bytes(16), k[16:32] != bytes(16)) for k in keys}) <= len(keys)
+    classify._CLASSES.clear()
+    grouped = classify._classes6(chain, keys)
+    classify._CLASSES.clear()
+    one_by_one = list(map(classify._class6_of, chain, keys))
+    assert [c is None for c in grouped] == [c is None for c in one_by_one]
+    assert sum(c is not None for c in grouped) > 800
+    # the same classes: the same rule represents each, and the rules share them alike
+    assert [c and c.rep for c in grouped] == [c and c.rep for c in one_by_one]
+    assert len({id(c) for c in grouped}) == len({id(c) for c in one_by_one})
