@@ -93,8 +93,8 @@ import weakref
 import zlib
 from array import array
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import (add, and_, attrgetter, eq, ge, getitem, gt, is_, itemgetter, ne, or_,
+from itertools import accumulate, compress, repeat
+from operator import (add, and_, attrgetter, eq, ge, getitem, gt, is_, itemgetter, le, ne, or_,
                       sub, truth)
 from typing import Any, Optional
 
@@ -1747,24 +1747,43 @@ def _prefix_masks(masks: list) -> bool:
 def _lpm_first_slow(prefixes: list, positions, bits: int = 32) -> list:
     """_lpm_columns as [(LPM key, position)], over (network, length) tuples (a length may be
     -1: a mask that is not a prefix, which the shapes of lpm runs exclude; kept as it always
-    was). bits: 128 for IPv6 prefixes (lpm6_entries)."""
-    first = {}                              # (network int, plen) -> position
-    for pos, k in zip(positions, prefixes):
-        first.setdefault(k, pos)
-    out, stack = [], []
+    was). bits: 128 for IPv6 prefixes (lpm6_entries). In network order, each prefix's
+    position is the least of its own and those of the prefixes holding it."""
+    first = dict(zip(reversed(prefixes), reversed(positions)))    # each prefix's first position
+    keys = sorted(first)
+    nets, lens = list(map(_ITEM0, keys)), list(map(_ITEM1, keys))
+    bests = list(map(first.__getitem__, keys))
     plens = _PLEN_LE if bits == 32 else _PLEN_LE6
-    for (net, plen), best in sorted(first.items()):
-        while stack and stack[-1][0] <= net:
-            stack.pop()
-        if stack and stack[-1][1] < best:
-            best = stack[-1][1]
-        stack.append((net + (1 << (bits - plen)), best))
-        out.append((plens[plen] + net.to_bytes(bits // 8, "big"), best))
-    return out
+    if -1 in lens:
+        clusters = [(0, len(keys))]
+        ends = [net + (1 << (bits - plen)) for net, plen in keys]
+    else:
+        # a prefix outside every one before it (in network order: the running end of those
+        # before is at or below its network) starts a cluster; only the prefixes of a cluster
+        # of more than one can take another's position (a blocklist's cold prefixes are
+        # clusters of one: C loops, not the stack below, for 10 000 IPv6 prefixes ~6 ms)
+        ends = list(map(add, nets, map((_SPAN4 if bits == 32 else _SPAN6).__getitem__, lens)))
+        starts = list(compress(range(1, len(keys)), map(le, accumulate(ends, max), nets[1:])))
+        cuts = [0] + starts + [len(keys)]
+        clusters = [(a, b) for a, b in zip(cuts, cuts[1:]) if b - a > 1]
+    for lo, hi in clusters:
+        stack = []
+        for i in range(lo, hi):
+            net, best = nets[i], bests[i]
+            while stack and stack[-1][0] <= net:
+                stack.pop()
+            if stack and stack[-1][1] < best:
+                best = bests[i] = stack[-1][1]
+            stack.append((ends[i], best))
+    nb = bits // 8
+    return list(zip(map(add, map(plens.__getitem__, lens),
+                        map(int.to_bytes, nets, repeat(nb), repeat("big"))), bests))
 
 
 _PLEN_LE = [struct.pack("<I", n) for n in range(33)]     # an LPM key's u32 prefixlen
 _PLEN_LE6 = [struct.pack("<I", n) for n in range(129)]
+_SPAN4 = [1 << (32 - n) for n in range(33)]              # the addresses a prefix length spans
+_SPAN6 = [1 << (128 - n) for n in range(129)]
 
 
 def lpm6_entries(run: Run) -> list:
@@ -3409,7 +3428,7 @@ def _shared_function(cc, run: Run, chain: str, where: str, path: list, pos: int,
 
 _CASE_VALUE = struct.Struct("<IIII")
 _U32_KEY = struct.Struct("<I").pack
-_ITEM1 = itemgetter(1)
+_ITEM0, _ITEM1 = itemgetter(0), itemgetter(1)
 
 
 def _case_map(run: Run, name: str, bodies: dict, anchors: dict, nexts: dict = None) -> MapSpec:
