@@ -98,9 +98,10 @@ bench-ipv6: deps launcher
 bench-linear: deps launcher
 	$(PYTHON) bench/linear_bench.py
 
-# where one SET_REPLACE's time goes at 10 000 rules, per shape (restore, then appends)
+# where one SET_REPLACE's time goes at 10 000 rules, per shape (restore, then appends); then a
+# helper through restores of other rulesets and resyncs (time and resident size after each)
 bench-cplane: deps
-	$(PYTHON) bench/cplane_bench.py
+	$(PYTHON) bench/cplane_bench.py --series 6
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
