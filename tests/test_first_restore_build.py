@@ -445,3 +445,32 @@ def test_the_chains_spans_as_a_loop_of_the_starts_gives_them(case):
     # a second decode's spans: the names cached by the first, the same objects
     again = model._spans(raws, hook_start, bounds)
     assert again == got and all(x[4] is y[4] for x, y in zip(again[0], got[0]))
+
+
+@FAMILIES
+def test_a_restore_of_other_rules_over_a_table(family, queue):
+    """A restore whose rules are all others than the installed table's (only the policies
+    reused: the walk's tail, their comefrom sent 0 where the kept blob has the hooks'): every
+    entry was sent with comefrom and the counters zero, so the kept blob writes each one's
+    comefrom as a first restore does (_kept_zeroed, the headers set after the reply), and
+    the decode notes the blob as sent zeroed (the next restore of the same table compares
+    with it). The kept blob is what the kernel keeps, the headers say its comefrom, and a
+    restore of the same text again decodes alike."""
+    def blocklist(first):
+        t = copy.deepcopy(Table.empty("filter", family))
+        t.chain("INPUT").rules = [Rule(_hdr(family, src=_addr(family, first + k)),
+                                       target=Verdict(DROP)) for k in range(600)]
+        t.layout()
+        return t
+    buf1, buf2 = _sent(blocklist(0), family), _sent(blocklist(5000), family)
+    decode_replace(buf1, family)
+    _run(queue)
+    second = decode_replace(buf2, family)[1]
+    walk = model._LAST_WALK[family]
+    assert walk[4].zeroed is not None, "the blob sent zeroed was not taken as such"
+    assert second.kept_blob == second.encode()
+    _run(queue)
+    assert _kept_comefrom_of_headers(second, walk[1], family)
+    third = decode_replace(buf2, family)[1]
+    _run(queue)
+    assert _facts(third) == _facts(second) and third.kept_blob == second.kept_blob
