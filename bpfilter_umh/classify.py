@@ -734,8 +734,9 @@ def _classes6(rules: list, keys: list) -> list:
     each such group only, the groups found by C loops over the keys. A 10 000-prefix
     blocklist: a dozen groups, where each rule's _walk6 and class key took ~3 ms."""
     n = len(keys)
-    if n < CLASSES6_GROUPED_MIN or 4 * len(set(map(getitem, keys[::n // 64],
-                                                    repeat(_FROM_32)))) > len(keys[::n // 64]):
+    sample = keys[::max(1, n // 64)]
+    if n < CLASSES6_GROUPED_MIN or \
+            4 * len(set(map(getitem, sample, repeat(_FROM_32)))) > len(sample):
         # (most of 64 keys spread over the chain differ past the addresses: ports6's rules)
         return list(map(_class6_of, rules, keys))
     groups = list(zip(map(getitem, keys, repeat(_FROM_32)),
